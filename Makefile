@@ -1,0 +1,45 @@
+# cohort's build entry points. `make test` is the command the README and CI run.
+GO      ?= go
+BIN     := bin
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.0.0-dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+STATICCHECK_VERSION := v0.8.2
+
+.PHONY: all build test lint fuzz bench deb vmtest run clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+
+# The whole suite: lint, unit and integration tests, short fuzz runs, then
+# the end-to-end tests under a real systemd.
+test: lint
+	$(GO) test -count=1 -race -timeout 15m ./...
+	$(MAKE) vmtest
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo 'gofmt: files above need formatting'; exit 1; }
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+# Short coverage-guided runs of every fuzz target (the seed corpora also run
+# in `go test`).
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 20s ./generator/config
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+deb:
+	packaging/build-deb.sh $(VERSION)
+
+vmtest:
+	COHORT_VMTEST=1 $(GO) test -count=1 -timeout 20m -v ./vmtests/
+
+# The README's "main job": the example worker on 127.0.0.1:8080, one per CPU.
+run: build
+	$(BIN)/cohort run examples/hello.toml
+
+clean:
+	rm -rf $(BIN) dist

@@ -1,0 +1,84 @@
+// Command cohort runs, checks and inspects cohort apps: per-core worker
+// clusters for programs in any language, supervised by systemd.
+//
+// systemd runs `cohort dispatch FILE` from the generated service; people run
+// the other subcommands. `cohort help` lists them.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+)
+
+// command is one subcommand. run gets the arguments after the subcommand's
+// name and returns the process exit code.
+type command struct {
+	summary string
+	run     func(ctx context.Context, env *environment, args []string) int
+}
+
+// environment is what a subcommand may touch of the process, so tests can
+// run subcommands in-process with their own streams.
+type environment struct {
+	stdout, stderr io.Writer
+	// searchPath overrides the app-file search path (tests); nil means the
+	// system one.
+	searchPath []string
+}
+
+func commands() map[string]command {
+	return map[string]command{
+		"check":    {"validate app files (default: every app on the search path)", cmdCheck},
+		"generate": {"render the units for app files, or write them into a directory", cmdGenerate},
+		"version":  {"print cohort's version", cmdVersion},
+		"run":      {"run an app in the foreground, binding its sockets itself", cmdRun},
+		"dispatch": {"the dispatcher that a generated service runs (not for people)", cmdDispatch},
+	}
+}
+
+func main() {
+	// Signals become a cancelled context here and nowhere else in this
+	// binary; the dispatcher takes its own signals (see dispatch.go).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:])
+	stop()
+	os.Exit(code)
+}
+
+func runMain(ctx context.Context, env *environment, args []string) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		usage(env.stdout)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	if args[0] == "--version" {
+		args[0] = "version"
+	}
+	cmd, ok := commands()[args[0]]
+	if !ok {
+		fmt.Fprintf(env.stderr, "cohort: unknown command %q (see 'cohort help')\n", args[0])
+		return 2
+	}
+	return cmd.run(ctx, env, args[1:])
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: cohort COMMAND [ARGS…]\n\ncommands:")
+	cmds := commands()
+	names := make([]string, 0, len(cmds))
+	for name := range cmds {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		fmt.Fprintf(w, "  %-10s %s\n", name, cmds[name].summary)
+	}
+	fmt.Fprintln(w, "\n'cohort COMMAND --help' describes one command.")
+}

@@ -1,0 +1,180 @@
+// Package config is cohort's app model: one TOML file per app, decoded
+// strictly, validated, and reported as file:line:col errors.
+//
+// Both the generator (which renders units from an App) and the dispatcher
+// (which runs workers from an App, and re-reads it on reload) use this
+// package; it knows nothing of unit files or processes.
+package config
+
+import (
+	"syscall"
+	"time"
+)
+
+// Mode is how connections reach workers.
+type Mode string
+
+// The modes. See docs/config.md.
+const (
+	// ModeShared hands every worker the same listening sockets; workers
+	// accept on their own.
+	ModeShared Mode = "shared"
+	// ModeRoundRobin has the dispatcher accept and pass each connection fd
+	// to the next ready worker over a unix socket (SCM_RIGHTS).
+	ModeRoundRobin Mode = "round-robin"
+	// ModeReusePort gives every worker its own SO_REUSEPORT socket, all bound
+	// by systemd, so the kernel spreads connections.
+	ModeReusePort Mode = "reuseport"
+)
+
+// ReadyKind says when a freshly started worker counts as ready.
+type ReadyKind string
+
+// The readiness kinds.
+const (
+	ReadyNotify ReadyKind = "notify" // the worker sends READY=1 to NOTIFY_SOCKET
+	ReadyExec   ReadyKind = "exec"   // ready as soon as the command was exec'd
+	ReadyDelay  ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
+)
+
+// Hardening profiles for the generated service.
+const (
+	HardeningDefault = "default" // safe for Node.js, Python, Go; see docs/config.md
+	HardeningStrict  = "strict"  // default plus MemoryDenyWriteExecute and friends
+	HardeningNone    = "none"    // no sandboxing directives at all
+)
+
+// App is one validated app file. Every field is filled: defaults are applied
+// by Parse, so consumers never re-derive them.
+type App struct {
+	Name string // the file stem; a valid unit-name prefix
+	Path string // the file the App was read from (SourcePath= of the units)
+
+	Command          []string
+	Environment      map[string]string
+	EnvironmentFiles []string // systemd's "-" prefix (optional file) is kept
+	WorkingDirectory string
+	User             string // empty: DynamicUser=yes
+	Group            string
+
+	Workers     Workers
+	Mode        Mode
+	CPUAffinity bool
+
+	Ready        Readiness
+	ReadyTimeout time.Duration
+	StopSignal   syscall.Signal
+	StopTimeout  time.Duration
+	Restart      Restart
+	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
+	// once and then stays silent this long is killed. Zero disables it.
+	Watchdog time.Duration
+
+	// ReloadBatch is how many worker slots a rolling reload replaces at once.
+	ReloadBatch int
+	// MaxPending is, in round-robin mode, how many passed connections a
+	// worker may have unacknowledged before it is skipped.
+	MaxPending int
+	// Balance is the round-robin policy: "round-robin" or "least-connections".
+	Balance string
+
+	Enable    bool
+	Hardening string
+
+	Listen []Listener
+
+	// Pass-through directives, validated only for syntax, rendered verbatim
+	// into the [Unit], [Service] and [Socket] sections. Order is the file's.
+	Unit    []Directive
+	Service []Directive
+	Socket  []Directive
+}
+
+// Workers is the worker count: Auto means one per CPU the dispatcher may run
+// on (its affinity mask, read when it starts).
+type Workers struct {
+	Auto bool
+	N    int // 1..1024 when !Auto
+}
+
+// Readiness says when a worker counts as ready.
+type Readiness struct {
+	Kind  ReadyKind
+	Delay time.Duration // only for ReadyDelay
+}
+
+// Restart is the backoff policy for workers that exit.
+type Restart struct {
+	Initial   time.Duration // first delay before a restart
+	Max       time.Duration // the delay doubles up to this
+	MinUptime time.Duration // a worker that ran this long resets the delay
+}
+
+// ListenKind is the address family of a listener.
+type ListenKind string
+
+// The listener kinds.
+const (
+	ListenTCP      ListenKind = "tcp"      // host:port, [v6]:port, :port
+	ListenUnix     ListenKind = "unix"     // /path.sock
+	ListenAbstract ListenKind = "abstract" // @name
+)
+
+// Listener is one [[listen]] entry: a stream socket systemd binds.
+type Listener struct {
+	Name    string     // FileDescriptorName=; unique within the app
+	Address string     // as written, normalised for ListenStream=
+	Kind    ListenKind // derived from Address
+	Backlog int        // 0: systemd's default
+
+	ReusePort bool
+	NoDelay   bool
+	KeepAlive bool
+
+	// Only for ListenUnix.
+	SocketUser  string
+	SocketGroup string
+	SocketMode  uint32 // 0: systemd's default (0666)
+}
+
+// Directive is one pass-through key = value for a unit section. A TOML array
+// becomes several directives with the same key.
+type Directive struct {
+	Key   string
+	Value string
+}
+
+// Defaults for keys an app file leaves out. Documented in docs/config.md.
+const (
+	DefaultReadyTimeout   = 30 * time.Second
+	DefaultStopTimeout    = 30 * time.Second
+	DefaultRestartInitial = 100 * time.Millisecond
+	DefaultRestartMax     = 10 * time.Second
+	DefaultMinUptime      = 5 * time.Second
+	DefaultMaxPending     = 64
+	MaxWorkers            = 1024
+)
+
+// New returns an App named name with every default applied and no command
+// or listeners. `cohort run --listen … -- CMD` builds its App from it.
+func New(name string) *App {
+	return &App{
+		Name:         name,
+		Environment:  map[string]string{},
+		Workers:      Workers{Auto: true},
+		Mode:         ModeShared,
+		Ready:        Readiness{Kind: ReadyExec},
+		ReadyTimeout: DefaultReadyTimeout,
+		StopSignal:   syscall.SIGTERM,
+		StopTimeout:  DefaultStopTimeout,
+		Restart: Restart{
+			Initial:   DefaultRestartInitial,
+			Max:       DefaultRestartMax,
+			MinUptime: DefaultMinUptime,
+		},
+		ReloadBatch: 1,
+		MaxPending:  DefaultMaxPending,
+		Balance:     "round-robin",
+		Hardening:   HardeningDefault,
+	}
+}
