@@ -1,7 +1,105 @@
 package main
 
-import "context"
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
 
-func cmdCheck(ctx context.Context, env *environment, args []string) int { return 1 }
+	"github.com/cohort-dev/cohort/generator"
+	"github.com/cohort-dev/cohort/generator/config"
+)
 
-func cmdGenerate(ctx context.Context, env *environment, args []string) int { return 1 }
+// newFlags makes a subcommand's flag set that prints its usage to stderr
+// and returns errors instead of exiting.
+func newFlags(env *environment, name, args, about string) *flag.FlagSet {
+	fs := flag.NewFlagSet("cohort "+name, flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(env.stderr, "usage: cohort %s %s\n\n%s\n", name, args, about)
+		if hasFlags(fs) {
+			fmt.Fprintln(env.stderr, "\noptions:")
+			fs.PrintDefaults()
+		}
+	}
+	return fs
+}
+
+func hasFlags(fs *flag.FlagSet) bool {
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	return n > 0
+}
+
+// parseFlags parses args; done is true when the command should return code
+// right away (--help, or a bad flag).
+func parseFlags(fs *flag.FlagSet, args []string) (code int, done bool) {
+	switch err := fs.Parse(args); {
+	case err == flag.ErrHelp:
+		return 0, true
+	case err != nil:
+		return 2, true
+	}
+	return 0, false
+}
+
+// appFiles returns the files named on the command line, or every app file
+// on the search path.
+func appFiles(env *environment, args []string) ([]string, error) {
+	if len(args) > 0 {
+		return args, nil
+	}
+	path := env.searchPath
+	if path == nil {
+		path = config.SearchPath()
+	}
+	files, err := config.Discover(path)
+	if err == nil && len(files) == 0 {
+		err = fmt.Errorf("no app files in %v", path)
+	}
+	return files, err
+}
+
+func cmdCheck(ctx context.Context, env *environment, args []string) int {
+	fs := newFlags(env, "check", "[FILE.toml…]",
+		"Validate app files: every error is printed as file:line:col, and the exit\n"+
+			"status is 1 when any file has one. Without FILE, checks every app on the\n"+
+			"search path (/etc/cohort, /run/cohort, /usr/lib/cohort).")
+	quiet := fs.Bool("quiet", false, "print errors only")
+	if code, done := parseFlags(fs, args); done {
+		return code
+	}
+	files, err := appFiles(env, fs.Args())
+	code := 0
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort check: %v\n", err)
+		code = 1
+	}
+	for _, path := range files {
+		app, err := config.ParseFile(path)
+		if err == nil {
+			_, err = generator.Render(app, generator.Options{})
+		}
+		if err != nil {
+			fmt.Fprintln(env.stderr, err)
+			code = 1
+			continue
+		}
+		if !*quiet {
+			describeApp(env.stdout, app)
+		}
+	}
+	return code
+}
+
+func describeApp(w io.Writer, app *config.App) {
+	workers := "auto"
+	if !app.Workers.Auto {
+		workers = fmt.Sprint(app.Workers.N)
+	}
+	fmt.Fprintf(w, "%s: ok (app %s, %s workers, %s mode, %d listener", app.Path, app.Name, workers, app.Mode, len(app.Listen))
+	if len(app.Listen) != 1 {
+		fmt.Fprint(w, "s")
+	}
+	fmt.Fprintln(w, ")")
+}

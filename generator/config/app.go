@@ -22,9 +22,6 @@ const (
 	// ModeRoundRobin has the dispatcher accept and pass each connection fd
 	// to the next ready worker over a unix socket (SCM_RIGHTS).
 	ModeRoundRobin Mode = "round-robin"
-	// ModeReusePort gives every worker its own SO_REUSEPORT socket, all bound
-	// by systemd, so the kernel spreads connections.
-	ModeReusePort Mode = "reuseport"
 )
 
 // ReadyKind says when a freshly started worker counts as ready.

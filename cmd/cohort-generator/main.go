@@ -1,0 +1,50 @@
+// Command cohort-generator is the systemd generator for cohort apps. systemd
+// runs it at boot and on every `systemctl daemon-reload` as
+//
+//	cohort-generator NORMAL_DIR EARLY_DIR LATE_DIR
+//
+// and it writes <app>.socket and <app>.service for every app file on the
+// search path (/etc/cohort, /run/cohort, /usr/lib/cohort) into NORMAL_DIR.
+// A bad app file is reported on stderr, which systemd logs, and skipped;
+// the exit status is 1 when any file was skipped. See cohort-generator(8).
+//
+// For tests, COHORT_SEARCH_PATH and COHORT_UNIT_DIRS (colon-separated)
+// replace the app search path and the unit directories checked for clashes.
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cohort-dev/cohort/generator"
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) != 1 && len(args) != 3 {
+		fmt.Fprintln(os.Stderr, "usage: cohort-generator NORMAL_DIR [EARLY_DIR LATE_DIR]")
+		return 2
+	}
+	g := &generator.Generator{
+		SearchPath: pathList("COHORT_SEARCH_PATH", config.SearchPath()),
+		Options:    generator.Options{UnitDirs: pathList("COHORT_UNIT_DIRS", generator.UnitDirs())},
+		Log:        os.Stderr,
+	}
+	if err := g.Run(args[0]); err != nil {
+		fmt.Fprintf(os.Stderr, "cohort-generator: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func pathList(env string, def []string) []string {
+	if v, ok := os.LookupEnv(env); ok {
+		return filepath.SplitList(v)
+	}
+	return def
+}

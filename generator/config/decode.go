@@ -1,0 +1,658 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"golang.org/x/sys/unix"
+)
+
+// ParseFile reads and validates the app file at path. The app's name is the
+// file's stem. The error, when not nil, is an Errors listing every problem
+// of the file, or a plain error when the file could not be read.
+func ParseFile(path string) (*App, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read app file: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse validates the app file contents data, read from path. It never
+// panics, whatever data holds; on error it returns nil and an Errors.
+func Parse(path string, data []byte) (*App, error) {
+	d := &decoder{file: path}
+	app := New(AppName(path))
+	app.Path = path
+
+	var raw map[string]any
+	if _, err := toml.Decode(string(data), &raw); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			d.errs = append(d.errs, &Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
+		} else {
+			d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
+		}
+		return nil, d.errs
+	}
+	d.idx = locate(string(data))
+
+	if err := CheckAppName(app.Name); err != nil {
+		d.errs = append(d.errs, &Error{File: path, Msg: err.Error()})
+	}
+	d.app(raw, app)
+	d.validate(app)
+	if len(d.errs) > 0 {
+		sort.SliceStable(d.errs, func(i, j int) bool {
+			a, b := d.errs[i], d.errs[j]
+			return a.Line < b.Line || a.Line == b.Line && a.Col < b.Col
+		})
+		return nil, d.errs
+	}
+	return app, nil
+}
+
+// AppName is the app name for an app file: its base name without ".toml".
+func AppName(path string) string {
+	return strings.TrimSuffix(filepath.Base(path), ".toml")
+}
+
+// appNameRE is what systemd accepts in a unit name prefix, less '@' (which
+// would make the units templates) and '\' (escapes nobody wants in an app
+// name).
+var appNameRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
+
+// CheckAppName reports whether name can prefix systemd unit names.
+func CheckAppName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("empty app name")
+	case len(name) > 200:
+		return fmt.Errorf("app name %q is longer than 200 characters", name)
+	case !appNameRE.MatchString(name):
+		return fmt.Errorf("app name %q (the file name) may hold only letters, digits and _ . : -", name)
+	case strings.HasPrefix(name, "-") || strings.HasPrefix(name, "."):
+		return fmt.Errorf("app name %q must not start with %q", name, name[:1])
+	}
+	return nil
+}
+
+type decoder struct {
+	file string
+	idx  keyIndex
+	errs Errors
+}
+
+// errorAt records an error about the key at path.
+func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
+	p := d.idx.at(path)
+	d.errs = append(d.errs, &Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
+}
+
+// The keys of each table, for unknown-key suggestions.
+var (
+	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
+		"workers", "mode", "cpu_affinity", "ready", "ready_timeout", "stop_signal", "stop_timeout",
+		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket"}
+	restartKeys = []string{"initial", "max", "min_uptime"}
+	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
+		"socket_user", "socket_group", "socket_mode"}
+)
+
+// sortedKeys returns m's keys in file order, so errors come out in order.
+func (d *decoder) sortedKeys(prefix string, m map[string]any) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		a, b := d.idx.at(joinPath(prefix, keys[i])), d.idx.at(joinPath(prefix, keys[j]))
+		if a != b {
+			return a.line < b.line || a.line == b.line && a.col < b.col
+		}
+		return keys[i] < keys[j]
+	})
+	return keys
+}
+
+func (d *decoder) unknown(path, key string, known []string) {
+	d.errorAt(path, suggest(key, known), "unknown key %q", key)
+}
+
+func (d *decoder) app(raw map[string]any, app *App) {
+	for _, k := range d.sortedKeys("", raw) {
+		v := raw[k]
+		switch k {
+		case "command":
+			app.Command = d.stringList(k, v, false)
+		case "environment":
+			app.Environment = d.environment(k, v)
+		case "environment_file":
+			app.EnvironmentFiles = d.stringList(k, v, true)
+		case "working_directory":
+			app.WorkingDirectory, _ = d.str(k, v)
+		case "user":
+			app.User, _ = d.str(k, v)
+		case "group":
+			app.Group, _ = d.str(k, v)
+		case "workers":
+			app.Workers = d.workers(k, v)
+		case "mode":
+			if s, ok := d.str(k, v); ok {
+				app.Mode = Mode(s)
+			}
+		case "cpu_affinity":
+			app.CPUAffinity, _ = d.boolean(k, v)
+		case "ready":
+			app.Ready = d.ready(k, v)
+		case "ready_timeout":
+			app.ReadyTimeout = d.duration(k, v, app.ReadyTimeout)
+		case "stop_signal":
+			app.StopSignal = d.signal(k, v)
+		case "stop_timeout":
+			app.StopTimeout = d.duration(k, v, app.StopTimeout)
+		case "restart":
+			d.restart(k, v, &app.Restart)
+		case "watchdog":
+			app.Watchdog = d.duration(k, v, 0)
+		case "enable":
+			app.Enable, _ = d.boolean(k, v)
+		case "hardening":
+			app.Hardening, _ = d.str(k, v)
+		case "listen":
+			app.Listen = d.listeners(k, v)
+		case "unit":
+			app.Unit = d.directives(k, v)
+		case "service":
+			app.Service = d.directives(k, v)
+		case "socket":
+			app.Socket = d.directives(k, v)
+		default:
+			d.unknown(k, k, appKeys)
+		}
+	}
+}
+
+// typeName names a decoded TOML value's type the way the TOML spec does.
+func typeName(v any) string {
+	switch v.(type) {
+	case string:
+		return "string"
+	case int64:
+		return "integer"
+	case float64:
+		return "float"
+	case bool:
+		return "boolean"
+	case map[string]any:
+		return "table"
+	case []map[string]any, []any:
+		return "array"
+	case time.Time:
+		return "date-time"
+	}
+	return fmt.Sprintf("%T", v)
+}
+
+func (d *decoder) str(path string, v any) (string, bool) {
+	s, ok := v.(string)
+	if !ok {
+		d.errorAt(path, "", "%s: want a string, got %s", path, typeName(v))
+	}
+	return s, ok
+}
+
+func (d *decoder) boolean(path string, v any) (bool, bool) {
+	b, ok := v.(bool)
+	if !ok {
+		d.errorAt(path, "", "%s: want true or false, got %s", path, typeName(v))
+	}
+	return b, ok
+}
+
+// stringList accepts an array of strings; with single, a lone string too.
+func (d *decoder) stringList(path string, v any, single bool) []string {
+	if s, ok := v.(string); ok && single {
+		return []string{s}
+	}
+	items, ok := v.([]any)
+	if !ok {
+		if single {
+			d.errorAt(path, "", "%s: want a string or an array of strings, got %s", path, typeName(v))
+		} else {
+			d.errorAt(path, "", "%s: want an array of strings, got %s", path, typeName(v))
+		}
+		return nil
+	}
+	out := make([]string, 0, len(items))
+	for i, item := range items {
+		s, ok := item.(string)
+		if !ok {
+			d.errorAt(fmt.Sprintf("%s.%d", path, i), "", "%s[%d]: want a string, got %s", path, i, typeName(item))
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+var envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+func (d *decoder) environment(path string, v any) map[string]string {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "%s: want a table of NAME = \"value\", got %s", path, typeName(v))
+		return map[string]string{}
+	}
+	env := make(map[string]string, len(m))
+	for _, k := range d.sortedKeys(path, m) {
+		kp := joinPath(path, k)
+		if !envNameRE.MatchString(k) {
+			d.errorAt(kp, "", "environment variable name %q may hold only letters, digits and _ and must not start with a digit", k)
+			continue
+		}
+		switch val := m[k].(type) {
+		case string:
+			env[k] = val
+		case int64, float64, bool:
+			d.errorAt(kp, "", "%s: want a string, got %s (write %q)", kp, typeName(val), fmt.Sprint(val))
+		default:
+			d.errorAt(kp, "", "%s: want a string, got %s", kp, typeName(val))
+		}
+	}
+	return env
+}
+
+func (d *decoder) workers(path string, v any) Workers {
+	switch val := v.(type) {
+	case string:
+		if val == "auto" {
+			return Workers{Auto: true}
+		}
+		if n, err := strconv.Atoi(val); err == nil {
+			d.errorAt(path, "", "workers: want \"auto\" or a number, got the string %q (write workers = %d)", val, n)
+			return Workers{Auto: true}
+		}
+		d.errorAt(path, suggest(val, []string{"auto"}), "workers: want \"auto\" or a number from 1 to %d, got %q", MaxWorkers, val)
+	case int64:
+		if val < 1 || val > MaxWorkers {
+			d.errorAt(path, "", "workers: %d is out of range 1..%d", val, MaxWorkers)
+			break
+		}
+		return Workers{N: int(val)}
+	default:
+		d.errorAt(path, "", "workers: want \"auto\" or a number from 1 to %d, got %s", MaxWorkers, typeName(v))
+	}
+	return Workers{Auto: true}
+}
+
+func (d *decoder) ready(path string, v any) Readiness {
+	s, ok := d.str(path, v)
+	if !ok {
+		return Readiness{Kind: ReadyExec}
+	}
+	switch ReadyKind(s) {
+	case ReadyNotify, ReadyExec:
+		return Readiness{Kind: ReadyKind(s)}
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, suggest(s, []string{"notify", "exec"}), "ready: want \"notify\", \"exec\" or a duration such as \"2s\", got %q", s)
+		return Readiness{Kind: ReadyExec}
+	}
+	return Readiness{Kind: ReadyDelay, Delay: dur}
+}
+
+// duration reads a positive duration string; on error it returns def.
+func (d *decoder) duration(path string, v any, def time.Duration) time.Duration {
+	s, ok := v.(string)
+	if !ok {
+		hint := ""
+		if n, isInt := v.(int64); isInt {
+			hint = fmt.Sprintf(" (write \"%ds\")", n)
+		}
+		d.errorAt(path, "", "%s: want a duration such as \"30s\" or \"1min 30s\", got %s%s", path, typeName(v), hint)
+		return def
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, "", "%s: %v", path, err)
+		return def
+	}
+	if dur <= 0 {
+		d.errorAt(path, "", "%s: must be longer than 0", path)
+		return def
+	}
+	return dur
+}
+
+var signalNames = []string{"SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGKILL"}
+
+func (d *decoder) signal(path string, v any) syscall.Signal {
+	s, ok := d.str(path, v)
+	if !ok {
+		return syscall.SIGTERM
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	sig := unix.SignalNum(name)
+	if sig == 0 {
+		d.errorAt(path, suggest(s, signalNames), "stop_signal: unknown signal %q", s)
+		return syscall.SIGTERM
+	}
+	return sig
+}
+
+func (d *decoder) restart(path string, v any, r *Restart) {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "restart: want a table ([restart]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, m) {
+		kp := joinPath(path, k)
+		switch k {
+		case "initial":
+			r.Initial = d.duration(kp, m[k], r.Initial)
+		case "max":
+			r.Max = d.duration(kp, m[k], r.Max)
+		case "min_uptime":
+			r.MinUptime = d.duration(kp, m[k], r.MinUptime)
+		default:
+			d.unknown(kp, k, restartKeys)
+		}
+	}
+	if r.Initial > r.Max {
+		d.errorAt(path, "", "restart: initial (%v) is longer than max (%v)", r.Initial, r.Max)
+	}
+}
+
+func (d *decoder) listeners(path string, v any) []Listener {
+	var tables []map[string]any
+	switch val := v.(type) {
+	case []map[string]any:
+		tables = val
+	case []any:
+		for i, item := range val {
+			t, ok := item.(map[string]any)
+			if !ok {
+				d.errorAt(fmt.Sprintf("%s.%d", path, i), "", "listen[%d]: want a table, got %s", i, typeName(item))
+				continue
+			}
+			tables = append(tables, t)
+		}
+	default:
+		d.errorAt(path, "", "listen: want [[listen]] tables, got %s", typeName(v))
+		return nil
+	}
+	out := make([]Listener, 0, len(tables))
+	for i, t := range tables {
+		out = append(out, d.listener(fmt.Sprintf("%s.%d", path, i), t))
+	}
+	return out
+}
+
+var fdNameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+
+func (d *decoder) listener(path string, t map[string]any) Listener {
+	var l Listener
+	for _, k := range d.sortedKeys(path, t) {
+		kp := joinPath(path, k)
+		v := t[k]
+		switch k {
+		case "name":
+			l.Name, _ = d.str(kp, v)
+			if l.Name != "" && !fdNameRE.MatchString(l.Name) {
+				d.errorAt(kp, "", "listen name %q may hold only letters, digits and _ . - (at most 64)", l.Name)
+			} else if strings.HasPrefix(l.Name, "cohort-") {
+				d.errorAt(kp, "", "listen name %q: names starting with \"cohort-\" are reserved", l.Name)
+			}
+		case "address":
+			if s, ok := d.str(kp, v); ok {
+				l.Address = s
+				kind, hint, err := ParseAddress(s)
+				if err != nil {
+					d.errorAt(kp, hint, "%v", err)
+				}
+				l.Kind = kind
+			}
+		case "backlog":
+			n, ok := v.(int64)
+			if !ok || n < 1 || n > 65535 {
+				d.errorAt(kp, "", "backlog: want a number from 1 to 65535, got %s", describe(v))
+			}
+			l.Backlog = int(n)
+		case "reuse_port":
+			l.ReusePort, _ = d.boolean(kp, v)
+		case "nodelay":
+			l.NoDelay, _ = d.boolean(kp, v)
+		case "keepalive":
+			l.KeepAlive, _ = d.boolean(kp, v)
+		case "socket_user":
+			l.SocketUser, _ = d.str(kp, v)
+		case "socket_group":
+			l.SocketGroup, _ = d.str(kp, v)
+		case "socket_mode":
+			l.SocketMode = d.fileMode(kp, v)
+		default:
+			d.unknown(kp, k, listenKeys)
+		}
+	}
+	if l.Name == "" {
+		d.errorAt(path, "", "[[listen]] needs a name (the socket's FileDescriptorName=, e.g. name = \"http\")")
+	}
+	if l.Address == "" {
+		d.errorAt(path, "", "[[listen]] needs an address (\"127.0.0.1:8080\", \"[::1]:8080\", \":8080\", \"/run/app.sock\" or \"@abstract\")")
+	}
+	if l.Kind == ListenTCP {
+		for key, set := range map[string]bool{"socket_user": l.SocketUser != "", "socket_group": l.SocketGroup != "", "socket_mode": l.SocketMode != 0} {
+			if set {
+				d.errorAt(joinPath(path, key), "", "%s applies only to unix socket paths, not to %q", key, l.Address)
+			}
+		}
+	} else if l.Kind != "" {
+		for key, set := range map[string]bool{"nodelay": l.NoDelay, "keepalive": l.KeepAlive} {
+			if set {
+				d.errorAt(joinPath(path, key), "", "%s applies only to TCP addresses, not to %q", key, l.Address)
+			}
+		}
+	}
+	return l
+}
+
+// describe prints a value for an error message: strings quoted, others as
+// their type and value.
+func describe(v any) string {
+	switch val := v.(type) {
+	case string:
+		return strconv.Quote(val)
+	case int64, float64, bool:
+		return fmt.Sprintf("%s %v", typeName(v), val)
+	}
+	return typeName(v)
+}
+
+func (d *decoder) fileMode(path string, v any) uint32 {
+	s, ok := v.(string)
+	if !ok {
+		d.errorAt(path, "", "%s: want an octal mode as a string, e.g. \"0660\", got %s", path, describe(v))
+		return 0
+	}
+	m, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || m > 0o7777 {
+		d.errorAt(path, "", "%s: %q is not an octal file mode such as \"0660\"", path, s)
+		return 0
+	}
+	return uint32(m)
+}
+
+// ParseAddress checks a listen address and says what kind it is. On error,
+// hint may hold a corrected address to suggest.
+func ParseAddress(s string) (kind ListenKind, hint string, err error) {
+	switch {
+	case s == "":
+		return "", "", fmt.Errorf("empty address")
+	case strings.HasPrefix(s, "@"):
+		if len(s) < 2 || len(s) > 107 {
+			return "", "", fmt.Errorf("abstract socket name %q must have 1 to 106 characters after @", s)
+		}
+		return ListenAbstract, "", nil
+	case strings.HasPrefix(s, "/"):
+		if len(s) > 107 {
+			return "", "", fmt.Errorf("unix socket path %q is longer than 107 bytes", s)
+		}
+		if filepath.Clean(s) != s {
+			return "", filepath.Clean(s), fmt.Errorf("unix socket path %q is not clean", s)
+		}
+		return ListenUnix, "", nil
+	}
+	host, port, err := splitHostPort(s)
+	if err != nil {
+		return "", "", fmt.Errorf("address %q: %v", s, err)
+	}
+	n, perr := strconv.Atoi(port)
+	if perr != nil || n < 1 || n > 65535 {
+		return "", "", fmt.Errorf("address %q: port %q is not a number from 1 to 65535", s, port)
+	}
+	if host != "" && !isIPLiteral(host) {
+		if host == "localhost" {
+			hint = "127.0.0.1:" + port
+		}
+		return "", hint, fmt.Errorf("address %q: host must be an IP address (systemd binds addresses, it does not resolve names)", s)
+	}
+	return ListenTCP, "", nil
+}
+
+func splitHostPort(s string) (host, port string, err error) {
+	if strings.HasPrefix(s, "[") {
+		end := strings.Index(s, "]")
+		if end < 0 || !strings.HasPrefix(s[end+1:], ":") {
+			return "", "", fmt.Errorf("want [v6address]:port")
+		}
+		host, port = s[1:end], s[end+2:]
+		if !strings.Contains(host, ":") {
+			return "", "", fmt.Errorf("brackets are for IPv6 addresses")
+		}
+		return host, port, nil
+	}
+	i := strings.LastIndex(s, ":")
+	if i < 0 {
+		return "", "", fmt.Errorf("want host:port, [v6]:port, :port, /path.sock or @abstract")
+	}
+	host, port = s[:i], s[i+1:]
+	if strings.Contains(host, ":") {
+		return "", "", fmt.Errorf("IPv6 addresses need brackets: [%s]:%s", host, port)
+	}
+	return host, port, nil
+}
+
+func isIPLiteral(host string) bool {
+	if strings.Contains(host, ":") {
+		// IPv6, possibly with a %zone.
+		h, _, _ := strings.Cut(host, "%")
+		for _, c := range h {
+			if !(c == ':' || c == '.' || c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+		return strings.Count(h, ":") >= 2
+	}
+	parts := strings.Split(host, ".")
+	if len(parts) != 4 {
+		return false
+	}
+	for _, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 0 || n > 255 || len(p) > 1 && p[0] == '0' {
+			return false
+		}
+	}
+	return true
+}
+
+var directiveRE = regexp.MustCompile(`^[A-Z][A-Za-z0-9]*$`)
+
+// reserved are directives cohort writes itself; setting them through a
+// pass-through table would fight the generated unit.
+var reserved = map[string]map[string]string{
+	"unit": {"SourcePath": "it always names the app file"},
+	"service": {
+		"Type": "cohort's dispatcher speaks sd_notify", "ExecStart": "use command", "ExecReload": "cohort reloads itself",
+		"NotifyAccess": "cohort sets it", "KillMode": "cohort stops its workers itself",
+		"User": "use the top-level user key", "Group": "use the top-level group key", "DynamicUser": "leave user unset for DynamicUser=yes",
+		"WorkingDirectory": "use working_directory", "TimeoutStopSec": "use stop_timeout",
+	},
+	"socket": {
+		"ListenStream": "use [[listen]]", "FileDescriptorName": "use [[listen]] name", "Service": "cohort sets it",
+		"Backlog": "use [[listen]] backlog", "ReusePort": "use [[listen]] reuse_port", "NoDelay": "use [[listen]] nodelay",
+		"KeepAlive": "use [[listen]] keepalive", "SocketUser": "use [[listen]] socket_user",
+		"SocketGroup": "use [[listen]] socket_group", "SocketMode": "use [[listen]] socket_mode",
+	},
+}
+
+// directives reads a pass-through table: Directive = "value", a number, a
+// boolean (yes/no) or an array of those (the directive repeated).
+func (d *decoder) directives(section string, v any) []Directive {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(section, "", "%s: want a table ([%s]) of systemd directives, got %s", section, section, typeName(v))
+		return nil
+	}
+	var out []Directive
+	for _, k := range d.sortedKeys(section, m) {
+		kp := joinPath(section, k)
+		if !directiveRE.MatchString(k) {
+			d.errorAt(kp, "", "[%s] %q is not a systemd directive name (CamelCase letters and digits, e.g. LimitNOFILE)", section, k)
+			continue
+		}
+		if why, ok := reserved[section][k]; ok {
+			d.errorAt(kp, "", "[%s] %s is set by cohort: %s", section, k, why)
+			continue
+		}
+		values := []any{m[k]}
+		if list, isList := m[k].([]any); isList {
+			values = list
+		}
+		for _, val := range values {
+			s, ok := directiveValue(val)
+			if !ok {
+				d.errorAt(kp, "", "[%s] %s: want a string, number, boolean or an array of them, got %s", section, k, typeName(val))
+				continue
+			}
+			if strings.ContainsAny(s, "\n\r") {
+				d.errorAt(kp, "", "[%s] %s: a value must fit on one line", section, k)
+				continue
+			}
+			out = append(out, Directive{Key: k, Value: s})
+		}
+	}
+	return out
+}
+
+func directiveValue(v any) (string, bool) {
+	switch val := v.(type) {
+	case string:
+		return val, true
+	case int64:
+		return strconv.FormatInt(val, 10), true
+	case float64:
+		return strconv.FormatFloat(val, 'f', -1, 64), true
+	case bool:
+		if val {
+			return "yes", true
+		}
+		return "no", true
+	}
+	return "", false
+}

@@ -1,0 +1,79 @@
+package config
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strings"
+)
+
+// userNameRE is systemd's "relaxed" user and group name check, the one
+// User= and Group= apply; numeric IDs are accepted too.
+var userNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?$|^[0-9]+$`)
+
+// validate checks what a key's type alone cannot: required keys, paths,
+// names, and agreement between keys.
+func (d *decoder) validate(app *App) {
+	if len(app.Command) == 0 {
+		if _, written := d.idx["command"]; written {
+			d.errorAt("command", "", "command: must name a program, e.g. [\"/usr/bin/node\", \"server.js\"]")
+		} else {
+			d.errorAt("", "", "missing required key \"command\" (e.g. command = [\"/usr/bin/node\", \"server.js\"])")
+		}
+	} else if prog := app.Command[0]; prog == "" || strings.Contains(prog, "/") && !filepath.IsAbs(prog) {
+		d.errorAt("command.0", "", "command[0] %q must be an absolute path or a program name looked up in $PATH", prog)
+	}
+	for i, f := range app.EnvironmentFiles {
+		if !filepath.IsAbs(strings.TrimPrefix(f, "-")) {
+			d.errorAt(fmt.Sprintf("environment_file.%d", i), "", "environment_file %q must be an absolute path (a leading \"-\" makes it optional)", f)
+		}
+	}
+	if app.WorkingDirectory != "" && !filepath.IsAbs(app.WorkingDirectory) {
+		d.errorAt("working_directory", "", "working_directory %q must be an absolute path", app.WorkingDirectory)
+	}
+	for key, name := range map[string]string{"user": app.User, "group": app.Group} {
+		if name != "" && !userNameRE.MatchString(name) {
+			d.errorAt(key, "", "%s %q is not a valid user or group name", key, name)
+		}
+	}
+	for i, l := range app.Listen {
+		for key, name := range map[string]string{"socket_user": l.SocketUser, "socket_group": l.SocketGroup} {
+			if name != "" && !userNameRE.MatchString(name) {
+				d.errorAt(fmt.Sprintf("listen.%d.%s", i, key), "", "%s %q is not a valid user or group name", key, name)
+			}
+		}
+	}
+	modes := []string{string(ModeShared), string(ModeRoundRobin)}
+	if !contains(modes, string(app.Mode)) {
+		d.errorAt("mode", suggest(string(app.Mode), modes), "mode: want \"shared\" or \"round-robin\", got %q", app.Mode)
+	}
+	profiles := []string{HardeningDefault, HardeningStrict, HardeningNone}
+	if !contains(profiles, app.Hardening) {
+		d.errorAt("hardening", suggest(app.Hardening, profiles), "hardening: want \"default\", \"strict\" or \"none\", got %q", app.Hardening)
+	}
+	if len(app.Listen) == 0 {
+		if _, written := d.idx["listen"]; !written {
+			d.errorAt("", "", "missing [[listen]]: an app needs at least one listening socket")
+		}
+	}
+	names, addrs := map[string]int{}, map[string]int{}
+	for i, l := range app.Listen {
+		if j, dup := names[l.Name]; dup && l.Name != "" {
+			d.errorAt(fmt.Sprintf("listen.%d.name", i), "", "listen name %q is already used by listener %d", l.Name, j+1)
+		}
+		names[l.Name] = i
+		if j, dup := addrs[l.Address]; dup && l.Address != "" {
+			d.errorAt(fmt.Sprintf("listen.%d.address", i), "", "address %q is already used by listener %d", l.Address, j+1)
+		}
+		addrs[l.Address] = i
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

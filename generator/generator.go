@@ -1,0 +1,258 @@
+// Package generator turns cohort app files into systemd units: it is the
+// body of cohort-generator (which systemd runs at boot and on every
+// daemon-reload) and of `cohort generate`.
+//
+// Like systemd's own generators it writes only into the output directory it
+// is given, logs one line per problem and skips a bad app file, and never
+// lets one app stop the others.
+package generator
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/units"
+)
+
+// DefaultCohortPath is where the package installs the cohort binary, which
+// generated services run as `cohort dispatch FILE`.
+const DefaultCohortPath = "/usr/bin/cohort"
+
+// UnitDirs are the directories whose units an app must not shadow or be
+// shadowed by: the administrator's and the vendors'.
+func UnitDirs() []string {
+	return []string{"/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"}
+}
+
+// How much longer than the dispatcher's own deadlines systemd waits.
+const (
+	startMargin = 15 * time.Second
+	stopMargin  = 10 * time.Second
+)
+
+// Options says where the generator looks.
+type Options struct {
+	CohortPath string   // the binary in ExecStart=; DefaultCohortPath when empty
+	UnitDirs   []string // checked for name clashes; none when empty
+}
+
+// Units are the unit files of one app, and the socket units that
+// sockets.target should want when the app is enabled.
+type Units struct {
+	Files []units.File
+	Wants []string
+}
+
+// Render builds the units of a validated app.
+func Render(app *config.App, opts Options) (*Units, error) {
+	cohort := opts.CohortPath
+	if cohort == "" {
+		cohort = DefaultCohortPath
+	}
+	service := app.Name + ".service"
+	socketNames := SocketUnitNames(app)
+
+	out := &Units{}
+	for i, l := range app.Listen {
+		s := &units.Socket{
+			Name:               socketNames[i],
+			Description:        fmt.Sprintf("cohort app %s: listener %s on %s", app.Name, l.Name, l.Address),
+			SourcePath:         app.Path,
+			Service:            service,
+			ListenStream:       listenStream(l),
+			FileDescriptorName: l.Name,
+			Backlog:            l.Backlog,
+			ReusePort:          l.ReusePort,
+			NoDelay:            l.NoDelay,
+			KeepAlive:          l.KeepAlive,
+			SocketUser:         l.SocketUser,
+			SocketGroup:        l.SocketGroup,
+			SocketMode:         l.SocketMode,
+			ExtraUnit:          options(app.Unit),
+			ExtraSocket:        options(app.Socket),
+		}
+		if i == 0 {
+			s.Wants = socketNames[1:]
+		} else {
+			s.PartOf = socketNames[0]
+		}
+		out.Files = append(out.Files, s.Render())
+	}
+
+	svc := &units.Service{
+		Name:             service,
+		Description:      fmt.Sprintf("cohort app %s (%s workers, %s mode)", app.Name, workersText(app.Workers), app.Mode),
+		SourcePath:       app.Path,
+		Sockets:          socketNames,
+		ExecStart:        []string{cohort, "dispatch", app.Path},
+		User:             app.User,
+		Group:            app.Group,
+		RuntimeDirectory: "cohort/" + app.Name,
+		// The dispatcher reports READY=1 after ready_timeout at the latest,
+		// and kills workers after stop_timeout: systemd waits a little
+		// longer so that it never cuts the dispatcher short.
+		TimeoutStartSec: app.ReadyTimeout + startMargin,
+		TimeoutStopSec:  app.StopTimeout + stopMargin,
+		Hardening:       app.Hardening,
+		ExtraUnit:       options(app.Unit),
+		ExtraService:    options(app.Service),
+	}
+	f, err := svc.Render()
+	if err != nil {
+		return nil, err
+	}
+	out.Files = append(out.Files, f)
+	if app.Enable {
+		out.Wants = socketNames
+	}
+	return out, nil
+}
+
+// SocketUnitNames names an app's socket units, one per listener: the first
+// is <app>.socket (what people start and enable), the others
+// <app>-<listener>.socket.
+func SocketUnitNames(app *config.App) []string {
+	names := make([]string, len(app.Listen))
+	for i, l := range app.Listen {
+		if i == 0 {
+			names[i] = app.Name + ".socket"
+		} else {
+			names[i] = app.Name + "-" + l.Name + ".socket"
+		}
+	}
+	return names
+}
+
+// listenStream renders an address for ListenStream=: ":8080" becomes
+// "8080", which systemd binds on all addresses, IPv4 and IPv6.
+func listenStream(l config.Listener) string {
+	if l.Kind == config.ListenTCP && strings.HasPrefix(l.Address, ":") {
+		return l.Address[1:]
+	}
+	return l.Address
+}
+
+func workersText(w config.Workers) string {
+	if w.Auto {
+		return "auto"
+	}
+	return fmt.Sprint(w.N)
+}
+
+func options(ds []config.Directive) []units.Option {
+	out := make([]units.Option, len(ds))
+	for i, d := range ds {
+		out[i] = units.Option{Key: d.Key, Value: d.Value}
+	}
+	return out
+}
+
+// Generator reads every app on a search path and writes their units.
+type Generator struct {
+	SearchPath []string
+	Options    Options
+	// Log receives one line per problem ("file:line:col: message"); systemd
+	// sends a generator's stderr to the journal.
+	Log io.Writer
+}
+
+// ErrBadApps is returned (wrapped) by Run when at least one app file was
+// skipped; the units of every other app were still written.
+var ErrBadApps = errors.New("some app files were skipped")
+
+// Run writes the units of every valid app into dir, and the wants-symlinks
+// of enabled apps into dir/sockets.target.wants. It reports each bad file on
+// g.Log and goes on with the others.
+func (g *Generator) Run(dir string) error {
+	files, err := config.Discover(g.SearchPath)
+	bad := 0
+	if err != nil {
+		fmt.Fprintf(g.Log, "cohort-generator: %v\n", err)
+		bad++
+	}
+	owner := map[string]string{} // unit name → app file that produced it
+	for _, path := range files {
+		if err := g.one(dir, path, owner); err != nil {
+			fmt.Fprintln(g.Log, err)
+			fmt.Fprintf(g.Log, "cohort-generator: skipped %s: no units generated for it\n", path)
+			bad++
+		}
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d of %d app files: %w", bad, len(files), ErrBadApps)
+	}
+	return nil
+}
+
+func (g *Generator) one(dir, path string, owner map[string]string) error {
+	app, err := config.ParseFile(path)
+	if err != nil {
+		return err
+	}
+	us, err := Render(app, g.Options)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	for _, f := range us.Files {
+		if other, taken := owner[f.Name]; taken {
+			return fmt.Errorf("%s: unit %s is already generated for %s; rename one of the apps or listeners", path, f.Name, other)
+		}
+		if existing := findUnit(g.Options.UnitDirs, f.Name); existing != "" {
+			return fmt.Errorf("%s: unit %s already exists as %s; rename the app file (or remove that unit)", path, f.Name, existing)
+		}
+	}
+	return Write(dir, us, func(name string) { owner[name] = path })
+}
+
+// Write writes an app's unit files and wants-symlinks into dir, calling
+// written for each unit name.
+func Write(dir string, us *Units, written func(name string)) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("output directory: %w", err)
+	}
+	for _, f := range us.Files {
+		if err := os.WriteFile(filepath.Join(dir, f.Name), f.Content, 0o644); err != nil {
+			return fmt.Errorf("write unit: %w", err)
+		}
+		if written != nil {
+			written(f.Name)
+		}
+	}
+	if len(us.Wants) == 0 {
+		return nil
+	}
+	wants := filepath.Join(dir, "sockets.target.wants")
+	if err := os.MkdirAll(wants, 0o755); err != nil {
+		return fmt.Errorf("create wants directory: %w", err)
+	}
+	for _, name := range us.Wants {
+		link := filepath.Join(wants, name)
+		if err := os.Symlink(filepath.Join(dir, name), link); err != nil && !errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("enable %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// findUnit returns the path of a unit file named name in dirs, ignoring
+// masks (a symlink to /dev/null is the administrator saying "not this one").
+func findUnit(dirs []string, name string) string {
+	for _, d := range dirs {
+		p := filepath.Join(d, name)
+		if target, err := os.Readlink(p); err == nil && target == os.DevNull {
+			continue
+		}
+		if _, err := os.Lstat(p); err == nil {
+			return p
+		}
+	}
+	return ""
+}

@@ -1,0 +1,65 @@
+package units
+
+import (
+	"fmt"
+	"time"
+)
+
+// Service is the model of an app's <app>.service: the dispatcher, started by
+// its sockets, speaking sd_notify.
+type Service struct {
+	Name        string // unit name, "web.service"
+	Description string
+	SourcePath  string   // the app file
+	Sockets     []string // socket units it requires and is ordered after
+	ExecStart   []string // argv of the dispatcher
+	// User and Group run the dispatcher and its workers; an empty User
+	// means DynamicUser=yes.
+	User, Group string
+	// RuntimeDirectory is created by systemd under /run for the
+	// dispatcher (notify and control sockets).
+	RuntimeDirectory string
+	TimeoutStartSec  time.Duration
+	TimeoutStopSec   time.Duration
+	Hardening        string // "default", "strict" or "none"
+	ExtraUnit        []Option
+	ExtraService     []Option
+}
+
+// Render returns the unit file. It fails only for an unknown hardening
+// profile.
+func (s *Service) Render() (File, error) {
+	sandbox, ok := hardening(s.Hardening)
+	if !ok {
+		return File{}, fmt.Errorf("render %s: unknown hardening profile %q", s.Name, s.Hardening)
+	}
+	var o options
+	o.add("Unit", "Description", s.Description)
+	o.add("Unit", "Documentation", "man:cohort.toml(5)")
+	o.add("Unit", "SourcePath", s.SourcePath)
+	for _, sock := range s.Sockets {
+		o.add("Unit", "Requires", sock)
+		o.add("Unit", "After", sock)
+	}
+	o.addAll("Unit", s.ExtraUnit)
+
+	o.add("Service", "Type", "notify")
+	o.add("Service", "NotifyAccess", "main")
+	o.add("Service", "ExecStart", QuoteCommand(s.ExecStart))
+	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
+	// gracefully; stragglers get SIGKILL from systemd at the end.
+	o.add("Service", "KillMode", "mixed")
+	o.add("Service", "Restart", "on-failure")
+	o.addIf(s.TimeoutStartSec > 0, "Service", "TimeoutStartSec", Seconds(s.TimeoutStartSec))
+	o.addIf(s.TimeoutStopSec > 0, "Service", "TimeoutStopSec", Seconds(s.TimeoutStopSec))
+	if s.User == "" {
+		o.add("Service", "DynamicUser", "yes")
+	} else {
+		o.add("Service", "User", s.User)
+	}
+	o.addIf(s.Group != "", "Service", "Group", s.Group)
+	o.addIf(s.RuntimeDirectory != "", "Service", "RuntimeDirectory", s.RuntimeDirectory)
+	o.addAll("Service", sandbox)
+	o.addAll("Service", s.ExtraService)
+	return render(s.Name, generatedHeader(s.SourcePath), o), nil
+}
