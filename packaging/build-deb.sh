@@ -1,0 +1,181 @@
+#!/bin/sh
+# build-deb.sh builds cohort's .deb with nfpm from nfpm.yaml.
+#
+#   packaging/build-deb.sh [VERSION [ARCH]]
+#   packaging/build-deb.sh --debian-version VERSION
+#
+# VERSION is what `git describe --tags --always --dirty` prints (`make deb`
+# passes it; default: run git describe here). It becomes a Debian version:
+#
+#   v1.2.0                 1.2.0
+#   v1.2.0-rc1             1.2.0~rc1                (sorts before 1.2.0)
+#   v1.2.0-3-gabc1234      1.2.0+git3.abc1234       (after 1.2.0)
+#   abc1234 (no tag yet)   0.0.0~git<N>.abc1234     (N: commits on HEAD)
+#   …-dirty                …+dirty
+#
+# ARCH is a Debian architecture, amd64 or arm64 (default: $DEB_ARCH, else
+# the Go host architecture). Binaries are built with CGO_ENABLED=0, so every
+# architecture is cross-built the same way.
+#
+# Writes dist/cohort_<debversion>_<arch>.deb and prints its path as the last
+# line. Tools (nfpm, go-md2man) come from the pinned module in
+# packaging/tools and are built into .cache/packaging/ once; nothing is
+# downloaded except through the Go module proxy.
+set -eu
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+die() {
+	echo "build-deb.sh: $*" >&2
+	exit 1
+}
+
+# --debian-version VERSION: print the Debian version and stop (for tests).
+version_only=
+if [ "${1:-}" = --debian-version ]; then
+	version_only=1
+	shift
+fi
+
+raw=${1:-$(git describe --tags --always --dirty 2>/dev/null || echo 0.0.0-dev)}
+arch=${2:-${DEB_ARCH:-$(go env GOHOSTARCH)}}
+
+case "$arch" in
+amd64 | arm64) goarch=$arch ;;
+*) die "unsupported architecture '$arch' (amd64 or arm64)" ;;
+esac
+
+# debian_version turns a git describe string into a Debian version.
+debian_version() {
+	v=$1
+	dirty=
+	case "$v" in
+	*-dirty)
+		v=${v%-dirty}
+		dirty=+dirty
+		;;
+	esac
+	v=${v#v}
+	if expr "$v" : '.*-[0-9][0-9]*-g[0-9a-f][0-9a-f]*$' >/dev/null; then
+		# TAG-N-gSHA: N commits after the tag TAG.
+		sha=${v##*-g}
+		rest=${v%-g*}
+		n=${rest##*-}
+		tag=${rest%-*}
+		v=$(echo "$tag" | tr - '~')+git$n.$sha
+	elif expr "$v" : '[0-9a-f]\{4,40\}$' >/dev/null &&
+		! git rev-parse -q --verify "refs/tags/$1" >/dev/null 2>&1; then
+		# A bare abbreviated hash (and not a tag of that name): no tag yet.
+		n=$(git rev-list --count HEAD 2>/dev/null || echo 0)
+		v=0.0.0~git$n.$v
+	else
+		# A tag (1.2.0, 1.2.0-rc1) or the fallback 0.0.0-dev.
+		v=$(echo "$v" | tr - '~')
+	fi
+	v=$v$dirty
+	# Debian upstream versions start with a digit and use only these.
+	expr "$v" : '[0-9][A-Za-z0-9.+~]*$' >/dev/null ||
+		die "cannot make a Debian version of '$1' (got '$v')"
+	echo "$v"
+}
+
+debver=$(debian_version "$raw")
+if [ -n "$version_only" ]; then
+	echo "$debver"
+	exit 0
+fi
+stage=$root/dist/stage-$arch
+tools=$root/.cache/packaging
+out=$root/dist/cohort_${debver}_${arch}.deb
+
+# Reproducible dates: the commit's, unless the caller fixed one.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+	SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
+fi
+export SOURCE_DATE_EPOCH
+
+for d in cmd/cohort cmd/cohort-generator; do
+	ls "$d"/*.go >/dev/null 2>&1 || die "$d has no Go files yet: cannot build the package"
+done
+for f in docs/cohort.1.md docs/cohort-generator.8.md docs/config.md; do
+	[ -f "$f" ] || die "$f is missing: it is needed for the man pages"
+done
+
+rm -rf "$stage"
+mkdir -p "$stage/man" "$tools" "$root/dist"
+
+# The tools run on the build host, whatever ARCH is.
+(
+	cd packaging/tools
+	unset GOOS GOARCH
+	CGO_ENABLED=0 go build -trimpath -o "$tools/nfpm" ./nfpm
+	CGO_ENABLED=0 go build -trimpath -o "$tools/go-md2man" github.com/cpuguy83/go-md2man/v2
+) || die "building the packaging tools failed"
+
+CGO_ENABLED=0 GOOS=linux GOARCH=$goarch go build -trimpath -buildvcs=false \
+	-ldflags "-s -w -X main.version=$raw" -o "$stage/" ./cmd/cohort ./cmd/cohort-generator ||
+	die "building the binaries for $arch failed"
+
+date_long=$(LC_ALL=C date -u -d "@$SOURCE_DATE_EPOCH" '+%B %Y')
+date_rfc=$(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")
+
+# man_page MD NAME SECTION: render MD, stamp the title line with the date
+# and version, and write $stage/man/NAME.SECTION.gz.
+man_page() {
+	"$tools/go-md2man" -in "$1" -out "$stage/man/$2.$3" ||
+		die "go-md2man failed on $1"
+	grep -q '^\.TH ' "$stage/man/$2.$3" ||
+		die "$1: no title line (the first '#' heading or a '===' underlined line)"
+	sed -i "s|^\.TH .*|.TH \"$(echo "$2" | tr '[:lower:]' '[:upper:]')\" \"$3\" \"$date_long\" \"cohort $debver\" \"cohort manual\"|" \
+		"$stage/man/$2.$3"
+	gzip -9n "$stage/man/$2.$3"
+}
+
+man_page docs/cohort.1.md cohort 1
+man_page docs/cohort-generator.8.md cohort-generator 8
+
+# docs/config.md is the reference on the web too, so it has no man header:
+# give it a title line and a NAME section, drop its own top heading, and
+# lift its other headings one level so that its sections are man sections
+# (upper case, as man sections are).
+{
+	printf 'cohort.toml 5 "" "cohort" "cohort manual"\n'
+	printf '=========================================\n\n'
+	printf '# NAME\n\ncohort.toml - cohort app files: one TOML file per app\n\n'
+	printf '# SYNOPSIS\n\n*/etc/cohort/NAME.toml*, */run/cohort/NAME.toml*, */usr/lib/cohort/NAME.toml*\n\n'
+	printf '# DESCRIPTION\n\n'
+	awk '
+		/^(```|~~~)/ { fence = !fence; print; next }
+		fence { print; next }
+		!seen && /^# / { seen = 1; next }
+		/^## / { print "# " toupper(substr($0, 4)); next }
+		/^###+ / { sub(/^#/, ""); print; next }
+		{ print }
+	' docs/config.md
+	printf '\n# SEE ALSO\n\n**cohort**(1), **cohort-generator**(8), **systemd.socket**(5), **systemd.service**(5), **systemd.exec**(5)\n'
+} >"$stage/cohort.toml.5.md"
+man_page "$stage/cohort.toml.5.md" cohort.toml 5
+
+# The Debian changelog: packaging/changelog holds the released versions;
+# a build of anything else gets a generated entry on top.
+{
+	if ! head -n1 packaging/changelog 2>/dev/null | grep -q "^cohort ($debver) "; then
+		echo "cohort ($debver) unstable; urgency=medium"
+		echo
+		echo "  * Build of $raw."
+		last=$(git describe --tags --abbrev=0 2>/dev/null || true)
+		git log --no-merges --format='%s' ${last:+"$last"..}HEAD 2>/dev/null |
+			head -n 50 | cut -c1-72 | sed 's/^/    - /'
+		echo
+		echo " -- cohort developers <cohort-dev@users.noreply.github.com>  $date_rfc"
+		[ -s packaging/changelog ] && echo
+	fi
+	if [ -s packaging/changelog ]; then cat packaging/changelog; fi
+} | gzip -9n >"$stage/changelog.gz"
+
+rm -f "$out"
+COHORT_DEB_VERSION=$debver COHORT_DEB_ARCH=$arch COHORT_STAGE=$stage \
+	"$tools/nfpm" -f nfpm.yaml -p deb -t "$out" >/dev/null ||
+	die "nfpm failed"
+echo "$out"
