@@ -1,0 +1,332 @@
+package rr
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// tcpConns returns n connected pairs over 127.0.0.1: the client side and
+// the accepted side as an *os.File (as the dispatcher holds it).
+func tcpConns(t testing.TB, n int) (clients []net.Conn, files []*os.File) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for range n {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := s.(*net.TCPConn).File()
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+		files = append(files, f)
+	}
+	return clients, files
+}
+
+func newPair(t testing.TB) (*Channel, *Worker) {
+	t.Helper()
+	ch, wf, err := NewPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewWorker(wf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		w.Close()
+		left, _ := ch.Close()
+		for _, c := range left {
+			c.File.Close()
+		}
+	})
+	return ch, w
+}
+
+func TestSendRecvAckClosedReject(t *testing.T) {
+	ch, w := newPair(t)
+	const n = MaxFDs + 8
+	clients, files := tcpConns(t, n+2)
+	conns := make([]Conn, n)
+	for i := range conns {
+		conns[i] = Conn{ID: uint64(100 + i), Listener: uint16(i % 2), File: files[i]}
+	}
+	if err := ch.Send(conns...); err != nil {
+		t.Fatal(err)
+	}
+	if got := ch.Unacked(); got != n {
+		t.Fatalf("Unacked = %d, want %d", got, n)
+	}
+	var got []Delivery
+	for len(got) < n {
+		ds, err := w.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ds) > MaxFDs {
+			t.Fatalf("got %d conns in one message, max %d", len(ds), MaxFDs)
+		}
+		got = append(got, ds...)
+	}
+	var ids []uint64
+	for i, d := range got {
+		if d.ID != conns[i].ID || d.Listener != conns[i].Listener {
+			t.Fatalf("delivery %d = {%d %d}, want {%d %d}", i, d.ID, d.Listener, conns[i].ID, conns[i].Listener)
+		}
+		// The worker's copy is the real connection: write through it.
+		c, err := net.FileConn(d.File)
+		d.File.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "conn %d\n", d.ID)
+		c.Close()
+		ids = append(ids, d.ID)
+	}
+	if err := w.Send(TypeAck, ids); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := ch.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev.Type != TypeAck || !slices.Equal(ev.IDs, ids) {
+		t.Fatalf("event = %v %v, want ACK %v", ev.Type, ev.IDs, ids)
+	}
+	// The dispatcher closed its copies on ACK and the worker closed its
+	// own: the client sees its line, then end of stream.
+	for i, c := range clients[:n] {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil || string(b) != fmt.Sprintf("conn %d\n", 100+i) {
+			t.Fatalf("client %d read %q, %v", i, b, err)
+		}
+	}
+	if ch.Unacked() != 0 || ch.Open() != n {
+		t.Fatalf("Unacked, Open = %d, %d, want 0, %d", ch.Unacked(), ch.Open(), n)
+	}
+	if err := w.Send(TypeClosed, ids[:3]); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := ch.Recv(); err != nil || ev.Type != TypeClosed || ch.Open() != n-3 {
+		t.Fatalf("after CLOSED: %v, %v, Open = %d", ev, err, ch.Open())
+	}
+
+	// REJECT hands the dispatcher's copies back.
+	if err := ch.Send(Conn{ID: 1, File: files[n]}, Conn{ID: 2, File: files[n+1]}); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := w.Recv()
+	if err != nil || len(ds) != 2 {
+		t.Fatalf("Recv = %v, %v", ds, err)
+	}
+	for _, d := range ds {
+		d.File.Close()
+	}
+	if err := w.Send(TypeReject, []uint64{1, 2}); err != nil {
+		t.Fatal(err)
+	}
+	ev, err = ch.Recv()
+	if err != nil || ev.Type != TypeReject || len(ev.Rejected) != 2 || ev.Rejected[0].File != files[n] {
+		t.Fatalf("after REJECT: %+v, %v", ev, err)
+	}
+	for _, c := range ev.Rejected {
+		c.File.Close()
+	}
+	if ch.Unacked() != 0 {
+		t.Fatalf("Unacked = %d after REJECT", ch.Unacked())
+	}
+}
+
+func TestSendInvalid(t *testing.T) {
+	ch, _ := newPair(t)
+	_, files := tcpConns(t, 1)
+	defer files[0].Close()
+	for _, conns := range [][]Conn{
+		{{ID: 1}},
+		{{ID: 1, File: files[0]}, {ID: 1, File: files[0]}},
+	} {
+		if err := ch.Send(conns...); !errors.Is(err, ErrInvalidConn) {
+			t.Errorf("Send(%v) = %v, want ErrInvalidConn", conns, err)
+		}
+	}
+	if ch.Unacked() != 0 {
+		t.Fatalf("Unacked = %d after invalid sends", ch.Unacked())
+	}
+}
+
+// A worker that exits leaves its unacknowledged conns to the dispatcher,
+// which gets them back from Close in send order.
+func TestWorkerExitReturnsUnacked(t *testing.T) {
+	ch, w := newPair(t)
+	_, files := tcpConns(t, 5)
+	var conns []Conn
+	for i, f := range files {
+		conns = append(conns, Conn{ID: uint64(i), File: f})
+	}
+	if err := ch.Send(conns...); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := w.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Send(TypeAck, []uint64{ds[1].ID}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range ds {
+		d.File.Close()
+	}
+	w.Close()
+	if ev, err := ch.Recv(); err != nil || ev.Type != TypeAck {
+		t.Fatalf("Recv = %v, %v, want the ACK", ev, err)
+	}
+	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Recv after worker exit = %v, want net.ErrClosed", err)
+	}
+	if err := ch.Send(Conn{ID: 9, File: files[1]}); err == nil {
+		t.Fatal("Send to an exited worker succeeded")
+	}
+	left, err := ch.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []uint64
+	for _, c := range left {
+		ids = append(ids, c.ID)
+		c.File.Close()
+	}
+	if want := []uint64{0, 2, 3, 4, 9}; !slices.Equal(ids, want) {
+		t.Fatalf("Close returned %v, want %v", ids, want)
+	}
+	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Recv after Close = %v, want net.ErrClosed", err)
+	}
+}
+
+func countFDs(t testing.TB) int {
+	t.Helper()
+	es, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// rawPair returns a raw peer fd and the other end as a Worker and as a
+// Channel's socket, for sending hand-made messages.
+func rawPair(t *testing.T) (raw int, other *os.File) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fds[0]) })
+	return fds[0], os.NewFile(uintptr(fds[1]), FDName)
+}
+
+// Every malformed message is refused and every fd that came with it is
+// closed, on both ends.
+func TestMalformedMessagesLeakNoFDs(t *testing.T) {
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devnull.Close()
+	dn := int(devnull.Fd())
+	fdsOf := func(n int) []int { return slices.Repeat([]int{dn}, n) }
+	good := func(n int) []byte {
+		es := make([]entry, n)
+		for i := range es {
+			es[i].id = uint64(i)
+		}
+		return appendConns(nil, es)
+	}
+	bad := func(b []byte, i int, v byte) []byte { b = slices.Clone(b); b[i] = v; return b }
+	cases := []struct {
+		name string
+		msg  []byte
+		fds  []int
+	}{
+		{"short", []byte{1, 1, 1}, fdsOf(1)},
+		{"empty with fds", nil, fdsOf(2)},
+		{"version", bad(good(2), 0, 9), fdsOf(2)},
+		{"type", bad(good(2), 1, 9), fdsOf(2)},
+		{"reserved", bad(good(2), 5, 1), fdsOf(2)},
+		{"entry reserved", bad(good(2), HeaderSize+12, 1), fdsOf(2)},
+		{"count mismatch", bad(good(2), 2, 3), fdsOf(2)},
+		{"fewer fds", good(3), fdsOf(2)},
+		{"more fds", good(2), fdsOf(3)},
+		{"ack with fds", appendIDs(nil, TypeAck, []uint64{1}), fdsOf(1)},
+		{"too many fds (MSG_CTRUNC)", good(MaxFDs), fdsOf(MaxFDs + 10)},
+		{"too long (MSG_TRUNC)", append(good(1), make([]byte, MaxMessage)...), fdsOf(1)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, wf := rawPair(t)
+			w, err := NewWorker(wf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close()
+			before := countFDs(t)
+			if err := unix.Sendmsg(raw, tc.msg, unix.UnixRights(tc.fds...), nil, 0); err != nil {
+				t.Fatal(err)
+			}
+			w.SetReadDeadline(time.Now().Add(5 * time.Second))
+			ds, err := w.Recv()
+			if !errors.Is(err, ErrProtocol) {
+				t.Fatalf("Recv = %v, %v, want ErrProtocol", ds, err)
+			}
+			if after := countFDs(t); after != before {
+				t.Fatalf("%d fds before, %d after", before, after)
+			}
+		})
+	}
+	t.Run("dispatcher end", func(t *testing.T) {
+		ch, w := newPair(t)
+		before := countFDs(t)
+		// A worker must not send fds; reach under Worker.Send to do it.
+		if err := sendMsg(w.c, appendIDs(nil, TypeAck, []uint64{1}), fdsOf(3)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ch.Recv(); !errors.Is(err, ErrProtocol) {
+			t.Fatalf("Recv = %v, want ErrProtocol", err)
+		}
+		if after := countFDs(t); after != before {
+			t.Fatalf("%d fds before, %d after", before, after)
+		}
+	})
+}
+
+// The worker's end is a LISTEN_FDS entry; it must be SOCK_SEQPACKET.
+func TestNewWorkerRejectsStreamSocket(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	if _, err := NewWorker(os.NewFile(uintptr(fds[0]), FDName)); err == nil {
+		t.Fatal("NewWorker accepted a SOCK_STREAM socket")
+	}
+}

@@ -1,0 +1,155 @@
+package rr
+
+// The only two functions that touch SCM_RIGHTS. Every fd has one owner:
+// sendMsg never closes the fds it sends; recvMsg hands every fd it received to
+// its caller on success and closes all of them on any error.
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// oobSize fits one SCM_RIGHTS message with MaxFDs fds, plus room to notice
+// when a peer sends more (the kernel then sets MSG_CTRUNC).
+var oobSize = unix.CmsgSpace((MaxFDs + 1) * 4)
+
+// sendMsg writes b as one message with fds attached as SCM_RIGHTS. The fds
+// stay owned by the caller.
+func sendMsg(c *net.UnixConn, b []byte, fds []int) error {
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
+	n, oobn, err := c.WriteMsgUnix(b, oob, nil)
+	if err != nil {
+		return fmt.Errorf("sendmsg: %w", err)
+	}
+	if n != len(b) || oobn != len(oob) {
+		return fmt.Errorf("sendmsg: short write (%d of %d bytes, %d of %d control bytes)", n, len(b), oobn, len(oob))
+	}
+	return nil
+}
+
+// errEOF is returned by recvMsg when the peer closed its end.
+var errEOF = errors.New("peer closed the channel")
+
+// recvMsg reads one message into b, using oob (at least oobSize bytes) for
+// control data. It returns the payload and the received fds, opened
+// close-on-exec, which the caller then owns. On any error, including a
+// truncated message or control data (MSG_TRUNC, MSG_CTRUNC), it closes every
+// fd it received and returns none. At end of stream it returns errEOF.
+func recvMsg(c *net.UnixConn, b, oob []byte) ([]byte, []int, error) {
+	n, oobn, flags, _, err := c.ReadMsgUnix(b, oob)
+	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
+	switch {
+	case errors.Is(err, io.EOF) && len(fds) == 0:
+		err = errEOF
+	case err != nil:
+		err = fmt.Errorf("recvmsg: %w", err)
+	case perr != nil:
+		err = fmt.Errorf("recvmsg: %w: %w", ErrProtocol, perr)
+	case flags&unix.MSG_CTRUNC != 0:
+		err = fmt.Errorf("recvmsg: %w: control data truncated (more than %d fds?)", ErrProtocol, MaxFDs)
+	case flags&unix.MSG_TRUNC != 0:
+		err = fmt.Errorf("recvmsg: %w: message longer than %d bytes", ErrProtocol, len(b))
+	case n == 0 && len(fds) == 0:
+		err = errEOF
+	case n == 0:
+		err = fmt.Errorf("recvmsg: %w: empty message with %d fds", ErrProtocol, len(fds))
+	}
+	if err != nil {
+		closeFDs(fds)
+		return nil, nil, err
+	}
+	return b[:n], fds, nil
+}
+
+// parseRights returns every fd in every SCM_RIGHTS message of oob. It keeps
+// going past a bad message so that the caller can close all fds.
+func parseRights(oob []byte) ([]int, error) {
+	if len(oob) == 0 {
+		return nil, nil
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, fmt.Errorf("parse control messages: %w", err)
+	}
+	var fds []int
+	var firstErr error
+	for i := range msgs {
+		if msgs[i].Header.Level != unix.SOL_SOCKET || msgs[i].Header.Type != unix.SCM_RIGHTS {
+			if firstErr == nil {
+				firstErr = fmt.Errorf("unexpected control message level %d type %d", msgs[i].Header.Level, msgs[i].Header.Type)
+			}
+			continue
+		}
+		got, err := unix.ParseUnixRights(&msgs[i])
+		if err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("parse SCM_RIGHTS: %w", err)
+		}
+		fds = append(fds, got...)
+	}
+	return fds, firstErr
+}
+
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+// rawFD returns f's descriptor without switching it to blocking mode (as
+// f.Fd would, for the open file description shared with every copy of it).
+// The caller must own f and keep it open while using the result.
+func rawFD(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// socketpair returns a connected SOCK_SEQPACKET pair, both ends close-on-exec.
+func socketpair() (a, b *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "cohort-rr-dispatcher"), os.NewFile(uintptr(fds[1]), FDName), nil
+}
+
+// unixConn turns f (a connected unix SOCK_SEQPACKET socket) into a
+// *net.UnixConn. It always closes f; the returned conn holds its own copy.
+func unixConn(f *os.File) (*net.UnixConn, error) {
+	defer f.Close()
+	fd, err := rawFD(f)
+	if err != nil {
+		return nil, fmt.Errorf("round-robin channel %s: %w", f.Name(), err)
+	}
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return nil, fmt.Errorf("round-robin channel %s: getsockopt SO_TYPE: %w", f.Name(), err)
+	}
+	if typ != unix.SOCK_SEQPACKET {
+		return nil, fmt.Errorf("round-robin channel %s: socket type %d, want SOCK_SEQPACKET", f.Name(), typ)
+	}
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("round-robin channel %s: %w", f.Name(), err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("round-robin channel %s: not a unix socket", f.Name())
+	}
+	return uc, nil
+}
