@@ -178,8 +178,9 @@ func (g *Generator) Run(dir string) error {
 		bad++
 	}
 	owner := map[string]string{} // unit name → app file that produced it
+	existing := indexUnits(g.Options.UnitDirs)
 	for _, path := range files {
-		if err := g.one(dir, path, owner); err != nil {
+		if err := g.one(dir, path, owner, existing); err != nil {
 			fmt.Fprintln(g.Log, err)
 			fmt.Fprintf(g.Log, "cohort-generator: skipped %s: no units generated for it\n", path)
 			bad++
@@ -191,7 +192,7 @@ func (g *Generator) Run(dir string) error {
 	return nil
 }
 
-func (g *Generator) one(dir, path string, owner map[string]string) error {
+func (g *Generator) one(dir, path string, owner, existing map[string]string) error {
 	app, err := config.ParseFile(path)
 	if err != nil {
 		return err
@@ -204,8 +205,8 @@ func (g *Generator) one(dir, path string, owner map[string]string) error {
 		if other, taken := owner[f.Name]; taken {
 			return fmt.Errorf("%s: unit %s is already generated for %s; rename one of the apps or listeners", path, f.Name, other)
 		}
-		if existing := findUnit(g.Options.UnitDirs, f.Name); existing != "" {
-			return fmt.Errorf("%s: unit %s already exists as %s; rename the app file (or remove that unit)", path, f.Name, existing)
+		if other, ok := existing[f.Name]; ok {
+			return fmt.Errorf("%s: unit %s already exists as %s; rename the app file (or remove that unit)", path, f.Name, other)
 		}
 	}
 	return Write(dir, us, func(name string) { owner[name] = path })
@@ -242,17 +243,33 @@ func Write(dir string, us *Units, written func(name string)) error {
 	return nil
 }
 
-// findUnit returns the path of a unit file named name in dirs, ignoring
-// masks (a symlink to /dev/null is the administrator saying "not this one").
-func findUnit(dirs []string, name string) string {
+// indexUnits maps the unit files in dirs to their paths (the first
+// directory wins), reading each directory once: the generator runs at every
+// boot, and a stat per unit per directory adds up. Masks (symlinks to
+// /dev/null) are left out: they are the administrator saying "not this
+// one", and do not clash.
+func indexUnits(dirs []string) map[string]string {
+	units := map[string]string{}
+	masked := map[string]bool{}
 	for _, d := range dirs {
-		p := filepath.Join(d, name)
-		if target, err := os.Readlink(p); err == nil && target == os.DevNull {
-			continue
+		entries, err := os.ReadDir(d)
+		if err != nil {
+			continue // a missing vendor directory is normal
 		}
-		if _, err := os.Lstat(p); err == nil {
-			return p
+		for _, e := range entries {
+			name := e.Name()
+			if _, seen := units[name]; seen || masked[name] || e.IsDir() {
+				continue
+			}
+			p := filepath.Join(d, name)
+			if e.Type()&fs.ModeSymlink != 0 {
+				if target, err := os.Readlink(p); err == nil && target == os.DevNull {
+					masked[name] = true
+					continue
+				}
+			}
+			units[name] = p
 		}
 	}
-	return ""
+	return units
 }

@@ -92,6 +92,18 @@ type decoder struct {
 	errs Errors
 }
 
+// label is how a key is named in a message: its path, less any array
+// element prefix (the position already says which element).
+func label(path string) string {
+	parts := strings.Split(path, ".")
+	for i := len(parts) - 1; i >= 0; i-- {
+		if _, err := strconv.Atoi(parts[i]); err == nil {
+			return strings.Join(parts[i+1:], ".")
+		}
+	}
+	return path
+}
+
 // errorAt records an error about the key at path.
 func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 	p := d.idx.at(path)
@@ -206,7 +218,7 @@ func typeName(v any) string {
 func (d *decoder) str(path string, v any) (string, bool) {
 	s, ok := v.(string)
 	if !ok {
-		d.errorAt(path, "", "%s: want a string, got %s", path, typeName(v))
+		d.errorAt(path, "", "%s: want a string, got %s", label(path), typeName(v))
 	}
 	return s, ok
 }
@@ -214,7 +226,7 @@ func (d *decoder) str(path string, v any) (string, bool) {
 func (d *decoder) boolean(path string, v any) (bool, bool) {
 	b, ok := v.(bool)
 	if !ok {
-		d.errorAt(path, "", "%s: want true or false, got %s", path, typeName(v))
+		d.errorAt(path, "", "%s: want true or false, got %s", label(path), typeName(v))
 	}
 	return b, ok
 }
@@ -320,16 +332,16 @@ func (d *decoder) duration(path string, v any, def time.Duration) time.Duration 
 		if n, isInt := v.(int64); isInt {
 			hint = fmt.Sprintf(" (write \"%ds\")", n)
 		}
-		d.errorAt(path, "", "%s: want a duration such as \"30s\" or \"1min 30s\", got %s%s", path, typeName(v), hint)
+		d.errorAt(path, "", "%s: want a duration such as \"30s\" or \"1min 30s\", got %s%s", label(path), typeName(v), hint)
 		return def
 	}
 	dur, err := ParseDuration(s)
 	if err != nil {
-		d.errorAt(path, "", "%s: %v", path, err)
+		d.errorAt(path, "", "%s: %v", label(path), err)
 		return def
 	}
 	if dur <= 0 {
-		d.errorAt(path, "", "%s: must be longer than 0", path)
+		d.errorAt(path, "", "%s: must be longer than 0", label(path))
 		return def
 	}
 	return dur
@@ -486,12 +498,12 @@ func describe(v any) string {
 func (d *decoder) fileMode(path string, v any) uint32 {
 	s, ok := v.(string)
 	if !ok {
-		d.errorAt(path, "", "%s: want an octal mode as a string, e.g. \"0660\", got %s", path, describe(v))
+		d.errorAt(path, "", "%s: want an octal mode as a string, e.g. \"0660\", got %s", label(path), describe(v))
 		return 0
 	}
 	m, err := strconv.ParseUint(s, 8, 32)
 	if err != nil || m > 0o7777 {
-		d.errorAt(path, "", "%s: %q is not an octal file mode such as \"0660\"", path, s)
+		d.errorAt(path, "", "%s: %q is not an octal file mode such as \"0660\"", label(path), s)
 		return 0
 	}
 	return uint32(m)

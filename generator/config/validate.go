@@ -14,15 +14,7 @@ var userNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?$|^[0-9]+$
 // validate checks what a key's type alone cannot: required keys, paths,
 // names, and agreement between keys.
 func (d *decoder) validate(app *App) {
-	if len(app.Command) == 0 {
-		if _, written := d.idx["command"]; written {
-			d.errorAt("command", "", "command: must name a program, e.g. [\"/usr/bin/node\", \"server.js\"]")
-		} else {
-			d.errorAt("", "", "missing required key \"command\" (e.g. command = [\"/usr/bin/node\", \"server.js\"])")
-		}
-	} else if prog := app.Command[0]; prog == "" || strings.Contains(prog, "/") && !filepath.IsAbs(prog) {
-		d.errorAt("command.0", "", "command[0] %q must be an absolute path or a program name looked up in $PATH", prog)
-	}
+	d.checkCommand(app.Command)
 	for i, f := range app.EnvironmentFiles {
 		if !filepath.IsAbs(strings.TrimPrefix(f, "-")) {
 			d.errorAt(fmt.Sprintf("environment_file.%d", i), "", "environment_file %q must be an absolute path (a leading \"-\" makes it optional)", f)
@@ -76,4 +68,18 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+func (d *decoder) checkCommand(command []string) {
+	_, written := d.idx["command"]
+	switch {
+	case command == nil && written:
+		return // not an array of strings: already reported
+	case len(command) == 0 && written:
+		d.errorAt("command", "", "command: must name a program, e.g. [\"/usr/bin/node\", \"server.js\"]")
+	case len(command) == 0:
+		d.errorAt("", "", "missing required key \"command\" (e.g. command = [\"/usr/bin/node\", \"server.js\"])")
+	case command[0] == "" || strings.Contains(command[0], "/") && !filepath.IsAbs(command[0]):
+		d.errorAt("command.0", "", "command[0] %q must be an absolute path or a program name looked up in $PATH", command[0])
+	}
 }

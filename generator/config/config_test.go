@@ -1,0 +1,374 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const minimal = `command = ["/usr/bin/node", "server.js"]
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+`
+
+func TestParseGood(t *testing.T) {
+	tests := []struct {
+		name  string
+		src   string
+		check func(t *testing.T, app *App)
+	}{
+		{"defaults", minimal, func(t *testing.T, app *App) {
+			want := New("web")
+			want.Path = "/etc/cohort/web.toml"
+			want.Command = []string{"/usr/bin/node", "server.js"}
+			want.Listen = []Listener{{Name: "http", Address: "127.0.0.1:8080", Kind: ListenTCP}}
+			if !reflect.DeepEqual(app, want) {
+				t.Errorf("got  %+v\nwant %+v", app, want)
+			}
+		}},
+		{"everything", `
+command = ["node", "server.js", "--port=0"]
+environment = { NODE_ENV = "production", PORT = "8080" }
+environment_file = ["-/etc/default/web", "/etc/web.env"]
+working_directory = "/srv/web"
+user = "web"
+group = "www-data"
+workers = 4
+mode = "round-robin"
+cpu_affinity = true
+ready = "notify"
+ready_timeout = "1min 30s"
+stop_signal = "INT"
+stop_timeout = "10s"
+watchdog = "5s"
+enable = true
+hardening = "strict"
+
+[restart]
+initial = "250ms"
+max = "1m"
+min_uptime = "2 s"
+
+[[listen]]
+name = "http"
+address = "[::1]:8080"
+backlog = 1024
+reuse_port = true
+nodelay = true
+keepalive = true
+
+[[listen]]
+name = "admin"
+address = "/run/web/admin.sock"
+socket_user = "web"
+socket_group = "adm"
+socket_mode = "0660"
+
+[[listen]]
+name = "abstract"
+address = "@web-private"
+
+[unit]
+After = ["postgresql.service", "redis.service"]
+
+[service]
+LimitNOFILE = 65536
+MemoryMax = "1G"
+PrivateNetwork = false
+
+[socket]
+Accept = false
+`, func(t *testing.T, app *App) {
+			if got := app.Command; !reflect.DeepEqual(got, []string{"node", "server.js", "--port=0"}) {
+				t.Errorf("command = %q", got)
+			}
+			if app.Environment["NODE_ENV"] != "production" || app.Environment["PORT"] != "8080" {
+				t.Errorf("environment = %v", app.Environment)
+			}
+			if !reflect.DeepEqual(app.EnvironmentFiles, []string{"-/etc/default/web", "/etc/web.env"}) {
+				t.Errorf("environment_file = %q", app.EnvironmentFiles)
+			}
+			if app.Workers != (Workers{N: 4}) || app.Mode != ModeRoundRobin || !app.CPUAffinity {
+				t.Errorf("workers %+v mode %q affinity %v", app.Workers, app.Mode, app.CPUAffinity)
+			}
+			if app.Ready != (Readiness{Kind: ReadyNotify}) || app.ReadyTimeout != 90*time.Second {
+				t.Errorf("ready %+v timeout %v", app.Ready, app.ReadyTimeout)
+			}
+			if app.StopSignal != syscall.SIGINT || app.StopTimeout != 10*time.Second || app.Watchdog != 5*time.Second {
+				t.Errorf("stop %v %v watchdog %v", app.StopSignal, app.StopTimeout, app.Watchdog)
+			}
+			if app.Restart != (Restart{Initial: 250 * time.Millisecond, Max: time.Minute, MinUptime: 2 * time.Second}) {
+				t.Errorf("restart %+v", app.Restart)
+			}
+			if !app.Enable || app.Hardening != HardeningStrict || app.User != "web" || app.Group != "www-data" {
+				t.Errorf("enable %v hardening %q user %q group %q", app.Enable, app.Hardening, app.User, app.Group)
+			}
+			wantListen := []Listener{
+				{Name: "http", Address: "[::1]:8080", Kind: ListenTCP, Backlog: 1024, ReusePort: true, NoDelay: true, KeepAlive: true},
+				{Name: "admin", Address: "/run/web/admin.sock", Kind: ListenUnix, SocketUser: "web", SocketGroup: "adm", SocketMode: 0o660},
+				{Name: "abstract", Address: "@web-private", Kind: ListenAbstract},
+			}
+			if !reflect.DeepEqual(app.Listen, wantListen) {
+				t.Errorf("listen = %+v", app.Listen)
+			}
+			wantUnit := []Directive{{"After", "postgresql.service"}, {"After", "redis.service"}}
+			wantService := []Directive{{"LimitNOFILE", "65536"}, {"MemoryMax", "1G"}, {"PrivateNetwork", "no"}}
+			if !reflect.DeepEqual(app.Unit, wantUnit) || !reflect.DeepEqual(app.Service, wantService) ||
+				!reflect.DeepEqual(app.Socket, []Directive{{"Accept", "no"}}) {
+				t.Errorf("pass-through: unit %v service %v socket %v", app.Unit, app.Service, app.Socket)
+			}
+		}},
+		{"ready delay and any-port listener", `command = ["/bin/app"]
+ready = "1.5s"
+[[listen]]
+name = "http"
+address = ":8080"
+`, func(t *testing.T, app *App) {
+			if app.Ready != (Readiness{Kind: ReadyDelay, Delay: 1500 * time.Millisecond}) {
+				t.Errorf("ready = %+v", app.Ready)
+			}
+			if app.Listen[0].Kind != ListenTCP {
+				t.Errorf("kind = %q", app.Listen[0].Kind)
+			}
+		}},
+		{"listen as inline array", `command = ["/bin/app"]
+listen = [{ name = "a", address = "127.0.0.1:1" }, { name = "b", address = "127.0.0.1:2" }]
+`, func(t *testing.T, app *App) {
+			if len(app.Listen) != 2 || app.Listen[1].Name != "b" {
+				t.Errorf("listen = %+v", app.Listen)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			app, err := Parse("/etc/cohort/web.toml", []byte(tt.src))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			tt.check(t, app)
+		})
+	}
+}
+
+func TestParseBad(t *testing.T) {
+	tests := []struct {
+		name string
+		src  string
+		want []string // every error line, in order
+	}{
+		{"typo", "command = [\"/bin/app\"]\nworkers = 2\nwokers = 4\n" + listenHTTP,
+			[]string{`web.toml:3:1: unknown key "wokers" (did you mean "workers"?)`}},
+		{"syntax", "command = [\"/bin/app\"\n",
+			[]string{`web.toml:1:22: TOML syntax: expected a comma`}},
+		{"missing everything", "# nothing\n",
+			[]string{`web.toml:1:1: missing required key "command"`, `web.toml:1:1: missing [[listen]]`}},
+		{"all errors of a file, in order", `command = "node server.js"
+workers = 0
+mode = "roundrobin"
+ready_timeout = 30
+stop_signal = "SIGTREM"
+hardening = "paranoid"
+` + listenHTTP,
+			[]string{
+				`web.toml:1:1: command: want an array of strings, got string`,
+				`web.toml:2:1: workers: 0 is out of range 1..1024`,
+				`web.toml:3:1: mode: want "shared" or "round-robin", got "roundrobin" (did you mean "round-robin"?)`,
+				`web.toml:4:1: ready_timeout: want a duration such as "30s" or "1min 30s", got integer (write "30s")`,
+				`web.toml:5:1: stop_signal: unknown signal "SIGTREM" (did you mean "SIGTERM"?)`,
+				`web.toml:6:1: hardening: want "default", "strict" or "none", got "paranoid"`,
+			}},
+		{"workers as string number", "command = [\"/bin/app\"]\nworkers = \"4\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: workers: want "auto" or a number, got the string "4" (write workers = 4)`}},
+		{"workers auto typo", "command = [\"/bin/app\"]\nworkers = \"atuo\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: workers: want "auto" or a number from 1 to 1024, got "atuo" (did you mean "auto"?)`}},
+		{"relative paths", `command = ["./server"]
+working_directory = "srv"
+environment_file = "web.env"
+` + listenHTTP,
+			[]string{
+				`web.toml:1:12: command[0] "./server" must be an absolute path or a program name looked up in $PATH`,
+				`web.toml:2:1: working_directory "srv" must be an absolute path`,
+				`web.toml:3:1: environment_file "web.env" must be an absolute path (a leading "-" makes it optional)`,
+			}},
+		{"environment values", "command = [\"/bin/app\"]\n[environment]\nPORT = 8080\n\"BAD-NAME\" = \"x\"\n" + listenHTTP,
+			[]string{
+				`web.toml:3:1: environment.PORT: want a string, got integer (write "8080")`,
+				`web.toml:4:1: environment variable name "BAD-NAME" may hold only letters, digits and _ and must not start with a digit`,
+			}},
+		{"bad users", "command = [\"/bin/app\"]\nuser = \"we b\"\ngroup = \"-x\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: user "we b" is not a valid user or group name`, `web.toml:3:1: group "-x" is not a valid user or group name`}},
+		{"restart", "command = [\"/bin/app\"]\n[restart]\ninitial = \"5s\"\nmax = \"1s\"\nmin_uptime = \"-1s\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: restart: initial (5s) is longer than max (1s)`,
+				`web.toml:5:1: restart.min_uptime: negative duration "-1s"`,
+			}},
+		{"durations", "command = [\"/bin/app\"]\nstop_timeout = \"0s\"\nwatchdog = \"5 parsecs\"\nready = \"soon\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: stop_timeout: must be longer than 0`,
+				`web.toml:3:1: watchdog: invalid unit in duration "5 parsecs" (units: us, ms, s, min, h, d, w)`,
+				`web.toml:4:1: ready: want "notify", "exec" or a duration such as "2s", got "soon"`,
+			}},
+		{"listeners", `command = ["/bin/app"]
+[[listen]]
+name = "http"
+address = "localhost:8080"
+[[listen]]
+name = "http"
+address = "127.0.0.1:70000"
+[[listen]]
+adress = "/run/a.sock"
+[[listen]]
+name = "sock"
+address = "/run/a.sock"
+nodelay = true
+socket_mode = 660
+[[listen]]
+name = "tcp"
+address = "10.0.0.1:80"
+socket_mode = "0600"
+backlog = 0
+[[listen]]
+name = "v6"
+address = "::1:80"
+[[listen]]
+name = "cohort-rr"
+address = "@x"
+`,
+			[]string{
+				`web.toml:4:1: address "localhost:8080": host must be an IP address (systemd binds addresses, it does not resolve names) (did you mean "127.0.0.1:8080"?)`,
+				`web.toml:6:1: listen name "http" is already used by listener 1`,
+				`web.toml:7:1: address "127.0.0.1:70000": port "70000" is not a number from 1 to 65535`,
+				`web.toml:8:1: [[listen]] needs a name`,
+				`web.toml:8:1: [[listen]] needs an address`,
+				`web.toml:9:1: unknown key "adress" (did you mean "address"?)`,
+				`web.toml:13:1: nodelay applies only to TCP addresses, not to "/run/a.sock"`,
+				`web.toml:14:1: socket_mode: want an octal mode as a string, e.g. "0660", got integer 660`,
+				`web.toml:18:1: socket_mode applies only to unix socket paths, not to "10.0.0.1:80"`,
+				`web.toml:19:1: backlog: want a number from 1 to 65535, got integer 0`,
+				`web.toml:22:1: address "::1:80": IPv6 addresses need brackets: [::1]:80`,
+				`web.toml:24:1: listen name "cohort-rr": names starting with "cohort-" are reserved`,
+			}},
+		{"pass-through", `command = ["/bin/app"]
+[service]
+ExecStart = "/bin/other"
+limitNOFILE = 10
+Environment = { A = "b" }
+[socket]
+ListenStream = "9090"
+[unit]
+Description = "multi\nline"
+` + listenHTTP,
+			[]string{
+				`web.toml:3:1: [service] ExecStart is set by cohort: use command`,
+				`web.toml:4:1: [service] "limitNOFILE" is not a systemd directive name`,
+				`web.toml:5:1: [service] Environment: want a string, number, boolean or an array of them, got table`,
+				`web.toml:7:1: [socket] ListenStream is set by cohort: use [[listen]]`,
+				`web.toml:9:1: [unit] Description: a value must fit on one line`,
+			}},
+		{"unknown table key", "command = [\"/bin/app\"]\n[restart]\nmin_uptim = \"1s\"\n" + listenHTTP,
+			[]string{`web.toml:3:1: unknown key "min_uptim" (did you mean "min_uptime"?)`}},
+		{"dotted key position", "command = [\"/bin/app\"]\nrestart.intial = \"1s\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: unknown key "intial" (did you mean "initial"?)`}},
+		{"inline table position", "command = [\"/bin/app\"]\nrestart = { max = \"1s\", intial = \"1s\" }\n" + listenHTTP,
+			[]string{`web.toml:2:25: unknown key "intial" (did you mean "initial"?)`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			app, err := Parse("/etc/cohort/web.toml", []byte(tt.src))
+			if err == nil {
+				t.Fatalf("Parse accepted it: %+v", app)
+			}
+			var errs Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("error is %T, want Errors: %v", err, err)
+			}
+			if len(errs) != len(tt.want) {
+				t.Fatalf("got %d errors, want %d:\n%v", len(errs), len(tt.want), err)
+			}
+			for i, e := range errs {
+				if got := e.Error(); !strings.HasPrefix(got, "/etc/cohort/"+tt.want[i]) {
+					t.Errorf("error %d:\n got %s\nwant /etc/cohort/%s…", i, got, tt.want[i])
+				}
+			}
+		})
+	}
+}
+
+const listenHTTP = "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"
+
+func TestAppNames(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"web": true, "my-app_2.v1": true, "a:b": true,
+		"": false, "web@1": false, "-web": false, ".web": false, "we b": false, strings.Repeat("x", 201): false,
+	} {
+		if err := CheckAppName(name); (err == nil) != ok {
+			t.Errorf("CheckAppName(%q) = %v, want ok=%v", name, err, ok)
+		}
+	}
+	_, err := Parse("/etc/cohort/web@1.toml", []byte(minimal))
+	if err == nil || !strings.Contains(err.Error(), `app name "web@1"`) {
+		t.Errorf("bad app name not reported: %v", err)
+	}
+}
+
+func TestParseDuration(t *testing.T) {
+	good := map[string]time.Duration{
+		"500ms": 500 * time.Millisecond, "1m30s": 90 * time.Second, "1min 30s": 90 * time.Second,
+		"90": 90 * time.Second, "2 h": 2 * time.Hour, "1.5s": 1500 * time.Millisecond, "1d": 24 * time.Hour,
+		"100 msec": 100 * time.Millisecond, "3 minutes": 3 * time.Minute, "5us": 5 * time.Microsecond, "1w 1d": 8 * 24 * time.Hour,
+	}
+	for in, want := range good {
+		if got, err := ParseDuration(in); err != nil || got != want {
+			t.Errorf("ParseDuration(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1s", "5x", "s", "1 parsec", "5sx", "--1"} {
+		if got, err := ParseDuration(in); err == nil {
+			t.Errorf("ParseDuration(%q) = %v, want an error", in, got)
+		}
+	}
+}
+
+func TestSuggest(t *testing.T) {
+	known := []string{"workers", "mode", "command", "ready_timeout"}
+	for word, want := range map[string]string{
+		"wokers": "workers", "mdoe": "mode", "comand": "command", "ready_timout": "ready_timeout", "xyz": "", "banana": "",
+	} {
+		if got := suggest(word, known); got != want {
+			t.Errorf("suggest(%q) = %q, want %q", word, got, want)
+		}
+	}
+}
+
+func TestDiscover(t *testing.T) {
+	etc, run, lib := t.TempDir(), t.TempDir(), t.TempDir()
+	write := func(dir, name, body string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(etc, "web.toml", minimal)
+	write(run, "web.toml", "overridden")
+	write(lib, "api.toml", minimal)
+	write(lib, "masked.toml", minimal)
+	write(etc, "notes.txt", "not an app")
+	write(etc, ".#web.toml", "editor backup")
+	if err := os.Symlink(os.DevNull, filepath.Join(run, "masked.toml")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Discover([]string{etc, run, lib, filepath.Join(etc, "missing")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{filepath.Join(lib, "api.toml"), filepath.Join(etc, "web.toml")}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Discover = %q, want %q", got, want)
+	}
+}

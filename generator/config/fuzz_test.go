@@ -1,0 +1,51 @@
+package config
+
+import (
+	"errors"
+	"testing"
+)
+
+// FuzzParse feeds arbitrary bytes to the parser: it must never panic, must
+// return either a complete App or a non-empty Errors, and every error must
+// carry a position inside the file. The committed corpus is in
+// testdata/fuzz/FuzzParse.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(minimal))
+	f.Add([]byte("command = [\"/bin/app\"]\nrestart = { max = \"1s\", intial = \"1s\" }\n" + listenHTTP))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		app, err := Parse("/etc/cohort/fuzz.toml", data)
+		if err == nil {
+			if app == nil || len(app.Command) == 0 || len(app.Listen) == 0 {
+				t.Fatalf("accepted an incomplete app: %+v", app)
+			}
+			return
+		}
+		var errs Errors
+		if !errors.As(err, &errs) || len(errs) == 0 {
+			t.Fatalf("error is not a non-empty Errors: %T %v", err, err)
+		}
+		lines := 1
+		for _, c := range data {
+			if c == '\n' {
+				lines++
+			}
+		}
+		for _, e := range errs {
+			if e.Line < 1 || e.Line > lines || e.Col < 1 {
+				t.Fatalf("error outside the file (%d lines): %v", lines, e)
+			}
+		}
+	})
+}
+
+// FuzzParseDuration: no panics, and accepted durations are never negative.
+func FuzzParseDuration(f *testing.F) {
+	for _, s := range []string{"1min 30s", "500ms", "90", "1.5 h", "2w3d", "-1s"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if d, err := ParseDuration(s); err == nil && d < 0 {
+			t.Fatalf("ParseDuration(%q) = %v", s, d)
+		}
+	})
+}
