@@ -1,0 +1,113 @@
+package vmtests
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestSystemd runs the same scenarios on every release, one container per
+// release, the releases in parallel. The subtests of one release share its
+// container and run in order; a failed install skips what depends on it.
+func TestSystemd(t *testing.T) {
+	Require(t)
+	for _, r := range SelectedReleases() {
+		t.Run(r.Name, func(t *testing.T) {
+			t.Parallel()
+			c := Boot(t, r)
+			t.Run("version", func(t *testing.T) { testVersion(t, c) })
+			if !t.Run("install", func(t *testing.T) { InstallCohort(t, c) }) {
+				t.Fatal("cohort is not installed; skipping the scenarios that need it")
+			}
+			t.Run("generator", func(t *testing.T) { testGenerator(t, c) })
+		})
+	}
+}
+
+// testVersion: the container runs the systemd its release promises, so
+// that a pass on "bookworm" really means systemd 252.
+func testVersion(t *testing.T, c *Container) {
+	first, _, _ := strings.Cut(c.Run(t, "systemctl", "--version"), "\n")
+	f := strings.Fields(first) // systemd 257 (257.13-1~deb13u1)
+	if len(f) < 2 || f[0] != "systemd" {
+		t.Fatalf("systemctl --version: %q", first)
+	}
+	v, err := strconv.Atoi(f[1])
+	if err != nil || v != c.Release.Systemd {
+		t.Errorf("%s runs %q; want systemd %d", c.Release.Name, first, c.Release.Systemd)
+	}
+	t.Logf("%s: %s, booted in %v", c.Release.Name, first, c.BootTime.Round(time.Millisecond))
+}
+
+// testGenerator: under a real systemd, daemon-reload runs cohort-generator,
+// which turns a valid app file into a socket and a service that systemd
+// loads, verifies and (enable = true) starts with sockets.target, and a
+// bad app file into one file:line:col journal line without stopping the
+// good one.
+func testGenerator(t *testing.T, c *Container) {
+	c.Watch(t, "web.socket", "web.service")
+	port := FreePort(t)
+	c.WriteFile(t, "/etc/cohort/web.toml", []byte(fmt.Sprintf(`# a valid app
+command = ["/usr/bin/python3", "-m", "http.server"]
+enable = true
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:%d"
+`, port)), 0o644)
+	c.WriteFile(t, "/etc/cohort/bad.toml", []byte(`# a typo on line 3
+command = ["/usr/bin/python3", "-m", "http.server"]
+wokers = 4
+`), 0o644)
+	c.Run(t, "systemctl", "daemon-reload")
+
+	for _, u := range []string{"web.socket", "web.service"} {
+		if got := c.Property(t, u, "LoadState"); got != "loaded" {
+			t.Fatalf("%s: LoadState=%s; want loaded (generator output:\n%s)", u, got, c.Exec(t, "ls", "-lR", "/run/systemd/generator").Stdout)
+		}
+		if got := c.Property(t, u, "SourcePath"); got != "/etc/cohort/web.toml" {
+			t.Errorf("%s: SourcePath=%q; want /etc/cohort/web.toml", u, got)
+		}
+	}
+	units := c.Run(t, "systemctl", "cat", "web.socket", "web.service")
+	if !regexp.MustCompile(`(?m)^ExecStart=\S*cohort dispatch /etc/cohort/web\.toml\b`).MatchString(units) {
+		t.Errorf("web.service has no ExecStart running `cohort dispatch /etc/cohort/web.toml`:\n%s", units)
+	}
+	if !strings.Contains(units, fmt.Sprintf("ListenStream=127.0.0.1:%d", port)) {
+		t.Errorf("web.socket does not listen on 127.0.0.1:%d:\n%s", port, units)
+	}
+
+	// systemd-analyze verify loads the generated files as systemd would and
+	// checks every directive, the ExecStart binary included.
+	paths := []string{c.Property(t, "web.socket", "FragmentPath"), c.Property(t, "web.service", "FragmentPath")}
+	if res := c.Exec(t, append([]string{"systemd-analyze", "verify", "--man=no"}, paths...)...); res.Code != 0 || strings.TrimSpace(res.Stderr) != "" {
+		t.Errorf("systemd-analyze verify %s: %s", strings.Join(paths, " "), res)
+	}
+
+	// The bad file: one precise line in the journal, and no units.
+	t.Logf("journal: %s", c.WaitJournal(t, 10*time.Second, `/etc/cohort/bad.toml:3:1: unknown key "wokers"`))
+	if got := c.Property(t, "bad.service", "LoadState"); got != "not-found" {
+		t.Errorf("bad.service: LoadState=%s; want not-found (a bad file emits no units)", got)
+	}
+
+	// enable = true: wanted by sockets.target, and started with it.
+	if got := c.Property(t, "web.socket", "WantedBy"); !contains(strings.Fields(got), "sockets.target") {
+		t.Errorf("web.socket: WantedBy=%q; want sockets.target", got)
+	}
+	c.Run(t, "systemctl", "start", "sockets.target")
+	Eventually(t, 10*time.Second, "web.socket listening", func() error {
+		state := c.Property(t, "web.socket", "ActiveState") + "/" + c.Property(t, "web.socket", "SubState")
+		if state != "active/listening" {
+			return fmt.Errorf("web.socket is %s", state)
+		}
+		return nil
+	})
+	// Listening in the (shared) network namespace: seen without connecting,
+	// which would start web.service.
+	if out := c.Run(t, "ss", "-Hltn", fmt.Sprintf("sport = :%d", port)); !strings.Contains(out, "LISTEN") {
+		t.Errorf("nothing listens on 127.0.0.1:%d after web.socket started: %q", port, out)
+	}
+}

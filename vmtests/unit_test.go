@@ -1,0 +1,130 @@
+package vmtests
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// These tests check the harness's own logic; they run in every `go test`.
+
+func TestPickMirror(t *testing.T) {
+	deb822 := `Types: deb
+# a comment
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+`
+	oneLine := `# deb http://commented.example/debian bookworm main
+deb [arch=amd64 signed-by=/k.gpg] http://other.example/debian/ trixie main contrib
+deb-src http://src.example/debian trixie main
+`
+	tests := []struct {
+		name    string
+		sources []aptSource
+		want    string
+		ok      bool
+	}{
+		{"deb822", parseDeb822Sources(deb822), "http://mirror.example/debian", true},
+		{"one-line with options", parseOneLineSources(oneLine), "http://other.example/debian", true},
+		{"security only", parseDeb822Sources(strings.SplitN(deb822, "\n\n", 2)[1]), "", false},
+		{"disabled", parseDeb822Sources("Enabled: no\n" + deb822[:strings.Index(deb822, "\n\n")]), "", false},
+		{"none", nil, "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := pickMirror(tt.sources)
+			if got != tt.want || ok != tt.ok {
+				t.Errorf("pickMirror(%+v) = %q, %v; want %q, %v", tt.sources, got, ok, tt.want, tt.ok)
+			}
+		})
+	}
+}
+
+func TestLoadCounts(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/fail" {
+			http.Error(w, "no", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok"))
+	}))
+	defer srv.Close()
+
+	res, err := Load(context.Background(), LoadOptions{URL: srv.URL + "/", Requests: 50, Duration: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Sent != 50 || res.OK != 50 || res.Failed() != 0 {
+		t.Errorf("against a healthy server: %v; want 50 sent, 50 ok", res)
+	}
+
+	res, err = Load(context.Background(), LoadOptions{URL: srv.URL + "/fail", Requests: 20, Duration: 10 * time.Second, KeepAlive: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Non2xx != 20 || res.Status[http.StatusServiceUnavailable] != 20 {
+		t.Errorf("against /fail: %v; want 20 non-2xx 503", res)
+	}
+}
+
+func TestLoadCountsErrors(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens there now: every request is refused
+
+	res, err := Load(context.Background(), LoadOptions{URL: "http://" + addr + "/", Requests: 10, Duration: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Errors != 10 || len(res.Samples) == 0 {
+		t.Errorf("against a closed port: %v; want 10 errors with samples", res)
+	}
+}
+
+func TestLoadIsBoundedByTime(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok"))
+	}))
+	defer srv.Close()
+	start := time.Now()
+	res, err := Load(context.Background(), LoadOptions{URL: srv.URL, Requests: 1 << 30, Duration: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Load with Duration 200ms took %v", d)
+	}
+	if res.OK == 0 || res.Failed() != 0 {
+		t.Errorf("time-bounded load: %v; want some ok and none failed", res)
+	}
+}
+
+func TestLoadRefusesNonLoopback(t *testing.T) {
+	for _, u := range []string{"http://192.0.2.1/", "http://example.com/", "https://127.0.0.1/", "http://10.0.0.1:80/"} {
+		if _, err := Load(context.Background(), LoadOptions{URL: u, Requests: 1, Duration: time.Second}); err == nil {
+			t.Errorf("Load(%q) sent requests; want refused", u)
+		}
+	}
+	for _, u := range []string{"http://127.0.0.1:1/", "http://[::1]:1/", "http://localhost:1/"} {
+		if err := checkLoopback(u); err != nil {
+			t.Errorf("checkLoopback(%q) = %v; want nil", u, err)
+		}
+	}
+	if _, err := Load(context.Background(), LoadOptions{URL: "http://127.0.0.1:1/"}); err == nil {
+		t.Error("Load without bounds ran; want an error")
+	}
+}
