@@ -40,8 +40,8 @@ func TestServiceRender(t *testing.T) {
 	base := Service{Name: "web.service", Description: "d", SourcePath: "/etc/cohort/web.toml",
 		Sockets: []string{"web.socket"}, ExecStart: []string{"/usr/bin/cohort", "dispatch", "/etc/cohort/web.toml"}}
 	tests := []struct {
-		name      string
-		edit      func(*Service)
+		name       string
+		edit       func(*Service)
 		has, lacks []string
 	}{
 		{"dynamic user and default hardening", func(s *Service) { s.Hardening = "default" },
