@@ -157,10 +157,32 @@ man_page docs/cohort-generator.8.md cohort-generator 8
 } >"$stage/cohort.toml.5.md"
 man_page "$stage/cohort.toml.5.md" cohort.toml 5
 
-# The Debian changelog: packaging/changelog holds the released versions;
-# a build of anything else gets a generated entry on top.
-{
-	if ! head -n1 packaging/changelog 2>/dev/null | grep -q "^cohort ($debver) "; then
+# The Debian changelog: packaging/changelog holds the released versions,
+# newest first (when tagging vX.Y.Z, add "cohort (X.Y.Z) unstable; …" on
+# top). A build of anything else gets a generated entry listing the commits
+# since the last tag; entries newer than the build or UNRELEASED are left
+# out, so that versions go down the file.
+released() {
+	[ -s packaging/changelog ] || return 0
+	keep=
+	while IFS= read -r line; do
+		case "$line" in
+		"cohort ("*)
+			v=${line#cohort (}
+			v=${v%%)*}
+			keep=1
+			case "$line" in *" UNRELEASED;"*) keep= ;; esac
+			if [ -n "$keep" ] && ! dpkg --compare-versions "$v" le "$debver" 2>/dev/null; then
+				keep=
+			fi
+			;;
+		esac
+		if [ -n "$keep" ]; then printf '%s\n' "$line"; fi
+	done <packaging/changelog
+}
+released >"$stage/changelog.released"
+if ! head -n1 "$stage/changelog.released" | grep -q "^cohort ($debver) "; then
+	{
 		echo "cohort ($debver) unstable; urgency=medium"
 		echo
 		echo "  * Build of $raw."
@@ -169,10 +191,11 @@ man_page "$stage/cohort.toml.5.md" cohort.toml 5
 			head -n 50 | cut -c1-72 | sed 's/^/    - /'
 		echo
 		echo " -- cohort developers <cohort-dev@users.noreply.github.com>  $date_rfc"
-		[ -s packaging/changelog ] && echo
-	fi
-	if [ -s packaging/changelog ]; then cat packaging/changelog; fi
-} | gzip -9n >"$stage/changelog.gz"
+		if [ -s "$stage/changelog.released" ]; then echo; fi
+	} >"$stage/changelog"
+fi
+cat "$stage/changelog.released" >>"$stage/changelog"
+gzip -9n <"$stage/changelog" >"$stage/changelog.gz"
 
 rm -f "$out"
 COHORT_DEB_VERSION=$debver COHORT_DEB_ARCH=$arch COHORT_STAGE=$stage \
