@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.0.
 LDFLAGS := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build test lint fuzz bench deb vmtest run clean
+.PHONY: all build deps test lint fuzz bench deb vmtest run clean
 
 all: build
 
@@ -14,9 +14,13 @@ build:
 
 # The whole suite: lint, unit and integration tests, short fuzz runs, then
 # the end-to-end tests under a real systemd.
-test: lint
+test: deps lint
 	$(GO) test -count=1 -race -timeout 15m ./...
 	$(MAKE) vmtest
+
+# Debian packages the tests use (systemd-analyze, python3, node, debootstrap, …).
+deps:
+	.ci/deps
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo 'gofmt: files above need formatting'; exit 1; }

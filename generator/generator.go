@@ -98,11 +98,11 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		// The dispatcher reports READY=1 after ready_timeout at the latest,
 		// and kills workers after stop_timeout: systemd waits a little
 		// longer so that it never cuts the dispatcher short.
-		TimeoutStartSec: app.ReadyTimeout + startMargin,
-		TimeoutStopSec:  app.StopTimeout + stopMargin,
-		Hardening:       app.Hardening,
-		ExtraUnit:       options(app.Unit),
-		ExtraService:    options(app.Service),
+		StartTimeout: app.ReadyTimeout + startMargin,
+		StopTimeout:  app.StopTimeout + stopMargin,
+		Hardening:    app.Hardening,
+		ExtraUnit:    options(app.Unit),
+		ExtraService: options(app.Service),
 	}
 	f, err := svc.Render()
 	if err != nil {

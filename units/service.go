@@ -19,9 +19,9 @@ type Service struct {
 	// RuntimeDirectory is created by systemd under /run for the
 	// dispatcher (notify and control sockets).
 	RuntimeDirectory string
-	TimeoutStartSec  time.Duration
-	TimeoutStopSec   time.Duration
-	Hardening        string // "default", "strict" or "none"
+	StartTimeout     time.Duration // TimeoutStartSec=
+	StopTimeout      time.Duration // TimeoutStopSec=
+	Hardening        string        // "default", "strict" or "none"
 	ExtraUnit        []Option
 	ExtraService     []Option
 }
@@ -50,8 +50,8 @@ func (s *Service) Render() (File, error) {
 	// gracefully; stragglers get SIGKILL from systemd at the end.
 	o.add("Service", "KillMode", "mixed")
 	o.add("Service", "Restart", "on-failure")
-	o.addIf(s.TimeoutStartSec > 0, "Service", "TimeoutStartSec", Seconds(s.TimeoutStartSec))
-	o.addIf(s.TimeoutStopSec > 0, "Service", "TimeoutStopSec", Seconds(s.TimeoutStopSec))
+	o.addIf(s.StartTimeout > 0, "Service", "TimeoutStartSec", Seconds(s.StartTimeout))
+	o.addIf(s.StopTimeout > 0, "Service", "TimeoutStopSec", Seconds(s.StopTimeout))
 	if s.User == "" {
 		o.add("Service", "DynamicUser", "yes")
 	} else {
