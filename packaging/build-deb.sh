@@ -19,7 +19,7 @@
 #
 # Writes dist/cohort_<debversion>_<arch>.deb and prints its path as the last
 # line. Tools (nfpm, go-md2man) come from the pinned module in
-# packaging/tools and are built into .cache/packaging/ once; nothing is
+# packaging/tools (Go's build cache makes rebuilding them cheap); nothing is
 # downloaded except through the Go module proxy.
 set -eu
 
@@ -85,8 +85,6 @@ if [ -n "$version_only" ]; then
 	echo "$debver"
 	exit 0
 fi
-stage=$root/dist/stage-$arch
-tools=$root/.cache/packaging
 out=$root/dist/cohort_${debver}_${arch}.deb
 
 # Reproducible dates: the commit's, unless the caller fixed one.
@@ -102,8 +100,15 @@ for f in docs/cohort.1.md docs/cohort-generator.8.md docs/config.md; do
 	[ -f "$f" ] || die "$f is missing: it is needed for the man pages"
 done
 
-rm -rf "$stage"
-mkdir -p "$stage/man" "$tools" "$root/dist"
+# Everything is built in a private staging directory and the package is
+# moved into place at the end, so that concurrent builds (the package test,
+# vmtests, make deb) never see each other's half-written files.
+mkdir -p "$root/dist"
+stage=$(mktemp -d "$root/dist/.stage-$arch.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+trap 'exit 1' HUP INT TERM
+tools=$stage/tools
+mkdir -p "$stage/man" "$tools"
 
 # The tools run on the build host, whatever ARCH is.
 (
@@ -197,8 +202,8 @@ fi
 cat "$stage/changelog.released" >>"$stage/changelog"
 gzip -9n <"$stage/changelog" >"$stage/changelog.gz"
 
-rm -f "$out"
 COHORT_DEB_VERSION=$debver COHORT_DEB_ARCH=$arch COHORT_STAGE=$stage \
-	"$tools/nfpm" -f nfpm.yaml -p deb -t "$out" >/dev/null ||
+	"$tools/nfpm" -f nfpm.yaml -p deb -t "$stage/package.deb" >/dev/null ||
 	die "nfpm failed"
+mv -f "$stage/package.deb" "$out"
 echo "$out"

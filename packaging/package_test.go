@@ -108,8 +108,8 @@ var (
 )
 
 // buildDeb runs build-deb.sh for arch once per test binary and returns the
-// package. Tools are cached in .cache/packaging, so after the first run this
-// takes seconds.
+// package. Go's build cache keeps the tools and binaries, so after the
+// first run this takes seconds.
 func buildDeb(t *testing.T, arch string) *built {
 	t.Helper()
 	if testing.Short() {
