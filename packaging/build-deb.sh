@@ -126,13 +126,38 @@ date_long=$(LC_ALL=C date -u -d "@$SOURCE_DATE_EPOCH" '+%B %Y')
 date_rfc=$(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")
 
 # man_page MD NAME SECTION: render MD, stamp the title line with the date
-# and version, and write $stage/man/NAME.SECTION.gz.
+# and version, left-align the text (.ad l: narrow table columns cannot be
+# justified), and write $stage/man/NAME.SECTION.gz.
 man_page() {
 	"$tools/go-md2man" -in "$1" -out "$stage/man/$2.$3" ||
 		die "go-md2man failed on $1"
+	# go-md2man leaves some long table cells on one line, which tbl cannot
+	# fit ("table wider than line width"): let the last column, the prose,
+	# take the width the others leave (x), and put its long cells in text
+	# blocks (T{ … T}), which tbl fills to that width.
+	awk -v FS='\t' -v OFS='\t' '
+		/^\.TS/ { table = 1; format = 1; print; next }
+		/^\.TE/ { table = 0; print; next }
+		table && format && /;$/ { print; next }
+		table && format {
+			# The last column (the prose) takes the width left over.
+			last = /\.$/
+			sub(/ *\.?$/, "")
+			print $0 "x" (last ? " ." : "")
+			if (last) format = 0
+			next
+		}
+		table && block { if (/^T}/) block = 0; print; next }
+		table && /T\{$/ { block = 1; print; next }
+		table {
+			if (NF > 1 && length($NF) > 24 && $NF !~ /^T[{}]/) $NF = "T{\n" $NF "\nT}"
+			print; next
+		}
+		{ print }
+	' "$stage/man/$2.$3" >"$stage/man/$2.$3.tbl" && mv "$stage/man/$2.$3.tbl" "$stage/man/$2.$3"
 	grep -q '^\.TH ' "$stage/man/$2.$3" ||
 		die "$1: no title line (the first '#' heading or a '===' underlined line)"
-	sed -i "s|^\.TH .*|.TH \"$(echo "$2" | tr '[:lower:]' '[:upper:]')\" \"$3\" \"$date_long\" \"cohort $debver\" \"cohort manual\"|" \
+	sed -i "s|^\.TH .*|.TH \"$(echo "$2" | tr '[:lower:]' '[:upper:]')\" \"$3\" \"$date_long\" \"cohort $debver\" \"cohort manual\"\\n.ad l|" \
 		"$stage/man/$2.$3"
 	gzip -9n "$stage/man/$2.$3"
 }
