@@ -25,7 +25,7 @@ const ShareDir = "/cohort-vmtest"
 // Timeouts of the container life cycle.
 const (
 	bootTimeout     = 90 * time.Second // nspawn start to is-system-running
-	poweroffTimeout = 30 * time.Second // SIGTERM to nspawn's exit
+	poweroffTimeout = 20 * time.Second // SIGTERM to nspawn's exit
 	execTimeout     = 2 * time.Minute  // default for one command inside
 )
 
@@ -209,7 +209,9 @@ func (c *Container) waitRunning(ctx context.Context) (string, error) {
 		case "running", "degraded":
 			last = nil
 			return nil
-		case "initializing", "starting", "":
+		case "initializing", "starting", "offline", "":
+			// "offline": systemd has just been exec'd and has not yet
+			// created /run/systemd/system.
 			last = fmt.Errorf("system state %q: %s", state, strings.TrimSpace(res.Stderr))
 			return last
 		}
@@ -350,8 +352,19 @@ func (c *Container) Journal(t testing.TB, args ...string) string {
 
 // WaitJournal polls the journal (journald reads stdout asynchronously)
 // until a line contains want, and returns that line; t fails after
-// timeout with the journal's tail.
+// timeout with the journal's tail. args are extra journalctl arguments.
 func (c *Container) WaitJournal(t testing.TB, timeout time.Duration, want string, args ...string) string {
+	t.Helper()
+	line, err := c.FindJournal(t, timeout, want, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return line
+}
+
+// FindJournal is WaitJournal returning an error (with the journal's tail)
+// instead of failing t, for checks that should not stop the test.
+func (c *Container) FindJournal(t testing.TB, timeout time.Duration, want string, args ...string) (string, error) {
 	t.Helper()
 	var line, last string
 	err := EventuallyErr(timeout, func() error {
@@ -365,9 +378,9 @@ func (c *Container) WaitJournal(t testing.TB, timeout time.Duration, want string
 		return fmt.Errorf("no journal line contains %q", want)
 	})
 	if err != nil {
-		t.Fatalf("journal %v: %v\njournal tail:\n%s", args, err, tail(last, 30))
+		return "", fmt.Errorf("journalctl -b %s: %w\njournal tail:\n%s", strings.Join(args, " "), err, tail(last, 30))
 	}
-	return line
+	return line, nil
 }
 
 // Property returns one property of a unit, as `systemctl show -P`.
@@ -442,23 +455,62 @@ func (c *Container) cleanup() {
 		c.diagnose(t)
 	}
 	if c.cmd != nil && c.cmd.Process != nil {
-		start := time.Now()
-		_ = c.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-c.exited:
-			t.Logf("%s: powered off in %v", c.Name, time.Since(start).Round(time.Millisecond))
-		case <-time.After(poweroffTimeout):
-			t.Errorf("%s: nspawn did not exit within %v of SIGTERM; killing it", c.Name, poweroffTimeout)
-			_ = c.cmd.Process.Kill()
-			c.cg.kill()
-			select {
-			case <-c.exited:
-			case <-time.After(10 * time.Second):
-				t.Errorf("%s: nspawn (pid %d) survived SIGKILL", c.Name, c.cmd.Process.Pid)
-			}
-		}
+		c.poweroff(t)
 	}
 	if err := c.cg.remove(context.Background()); err != nil {
 		t.Errorf("%s: %v", c.Name, err)
 	}
+}
+
+// poweroff sends nspawn SIGTERM, which halts the container cleanly; then,
+// if it is still there after poweroffTimeout, a second SIGTERM (nspawn's
+// "immediate termination"), and last SIGKILL to nspawn and everything in
+// the container's cgroups. Only that last step fails t.
+func (c *Container) poweroff(t testing.TB) {
+	start := time.Now()
+	wait := func(d time.Duration) bool {
+		select {
+		case <-c.exited:
+			return true
+		case <-time.After(d):
+			return false
+		}
+	}
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	if wait(poweroffTimeout) {
+		t.Logf("%s: powered off in %v", c.Name, time.Since(start).Round(time.Millisecond))
+		return
+	}
+	t.Logf("%s: still running %v after SIGTERM; sending nspawn SIGTERM again\nprocesses: %s\nconsole:\n%s",
+		c.Name, poweroffTimeout, c.processes(), c.consoleTail(20))
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	if wait(5 * time.Second) {
+		return
+	}
+	t.Errorf("%s: nspawn ignored two SIGTERMs; killing the container", c.Name)
+	_ = c.cmd.Process.Kill()
+	c.cg.kill()
+	if !wait(10 * time.Second) {
+		t.Errorf("%s: nspawn (pid %d) survived SIGKILL", c.Name, c.cmd.Process.Pid)
+	}
+}
+
+// processes describes the processes in the container's cgroups (pid,
+// state, name), to see what a container that does not stop is doing.
+func (c *Container) processes() string {
+	var out []string
+	for _, pid := range c.cg.pids() {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state …; comm may contain spaces and parentheses.
+		s := string(stat)
+		i, j := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if i < 0 || j < i || j+3 > len(s) {
+			continue
+		}
+		out = append(out, fmt.Sprintf("%d %s %c", pid, s[i+1:j], s[j+2]))
+	}
+	return strings.Join(out, "; ")
 }
