@@ -1,0 +1,80 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/dispatcher/control"
+)
+
+type stubDispatcher struct{ scaled int }
+
+func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
+	started := time.Now().Add(-90 * time.Second)
+	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
+		Workers: []control.Worker{
+			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 1, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
+			{Index: 1, Generation: 2, State: "backoff"},
+		}}, nil
+}
+func (s *stubDispatcher) Reload(ctx context.Context) error { return nil }
+func (s *stubDispatcher) Scale(ctx context.Context, n int) error {
+	s.scaled = n
+	return nil
+}
+func (s *stubDispatcher) RestartWorker(ctx context.Context, i int) error {
+	return errors.New("not here")
+}
+
+// The control socket is real; the dispatcher behind it is a stub, because
+// what is tested here is the command's request and its table.
+func TestStatusAndScale(t *testing.T) {
+	srv, err := control.Listen(filepath.Join(t.TempDir(), control.SocketName), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	stub := &stubDispatcher{}
+	go func() { done <- srv.Serve(ctx, stub) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	code, out, errOut := runCohort(t, nil, "status", "--socket", srv.Path())
+	if code != 0 {
+		t.Fatalf("status: %d %s", code, errOut)
+	}
+	for _, want := range []string{
+		"web: 2/2 workers ready · gen 2 · round-robin · 1 restart\n",
+		"WORKER  PID  GEN  STATE    UPTIME  RESTARTS  CONNS  RSS    CPU%",
+		"0       101  2    ready    1m30s   1         3/500  30.0M  12.5",
+		"1       -    2    backoff  -       0         0/0    -      0.0",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	code, out, _ = runCohort(t, nil, "status", "--json", "--socket", srv.Path())
+	if code != 0 || !strings.Contains(out, `"rss_bytes": 31457280`) {
+		t.Errorf("status --json: %d\n%s", code, out)
+	}
+	if code, _, errOut := runCohort(t, nil, "scale", "--socket", srv.Path(), "web", "3"); code != 0 || stub.scaled != 3 {
+		t.Errorf("scale: %d %s (scaled %d)", code, errOut, stub.scaled)
+	}
+	if code, _, errOut := runCohort(t, nil, "scale", "web", "0"); code != 2 || !strings.Contains(errOut, "N must be a number from 1 to 1024") {
+		t.Errorf("scale 0: %d %s", code, errOut)
+	}
+}
+
+func TestStatusWithoutDispatcher(t *testing.T) {
+	code, _, errOut := runCohort(t, nil, "status", "--socket", filepath.Join(t.TempDir(), "none.sock"), "web")
+	if code != 1 || !strings.Contains(errOut, "connect to control socket") || !strings.Contains(errOut, "systemctl status web") {
+		t.Errorf("status of a stopped app: %d %s", code, errOut)
+	}
+	if code, _, errOut := runCohort(t, nil, "status", "../etc"); code != 2 || !strings.Contains(errOut, "app name") {
+		t.Errorf("status of a bad name: %d %s", code, errOut)
+	}
+}
