@@ -16,7 +16,7 @@ import (
 // user would, and fails t when that does not work.
 //
 // The method is defaultInstall: "deb" (`make deb`, then `apt-get install`
-// inside, with no downloads: the root holds every dependency) or "bin" (the
+// inside; the root must hold every dependency) or "bin" (the
 // bare binaries, where the package puts them). COHORT_VMTEST_INSTALL=deb
 // or =bin overrides it. Either way the
 // build happens once per test process and is shared by all containers.
@@ -34,9 +34,9 @@ func InstallCohort(t testing.TB, c *Container) {
 }
 
 // defaultInstall is how InstallCohort installs cohort unless
-// COHORT_VMTEST_INSTALL says otherwise: "bin" until `make deb` builds, then
-// "deb" for good (the package is what users install).
-const defaultInstall = "bin"
+// COHORT_VMTEST_INSTALL says otherwise: the package, which is what users
+// install. ("bin" served until `make deb` built.)
+const defaultInstall = "deb"
 
 func installMethod() string {
 	if m := os.Getenv(envInstall); m != "" {
@@ -46,8 +46,7 @@ func installMethod() string {
 }
 
 // installDeb installs the package from `make deb` with apt, as the README
-// tells users to. --no-download proves that the root (and so a Debian
-// machine with systemd) already satisfies the package's Depends.
+// tells users to.
 func installDeb(t testing.TB, c *Container) {
 	t.Helper()
 	deb, err := buildDeb()
@@ -59,7 +58,16 @@ func installDeb(t testing.TB, c *Container) {
 		t.Fatalf("install the .deb: %v", err)
 	}
 	inside := c.Share(t, filepath.Base(deb), data)
-	c.Run(t, "apt-get", "install", "-y", "--no-download", inside)
+	// A dry run first: cohort must be the only package apt installs, so
+	// that the install needs no download (and a minimal Debian with systemd
+	// satisfies Depends). --no-download itself would refuse the local file.
+	sim := c.Run(t, "apt-get", "install", "--simulate", "--no-install-recommends", inside)
+	for _, line := range strings.Split(sim, "\n") {
+		if strings.HasPrefix(line, "Inst ") && !strings.HasPrefix(line, "Inst cohort ") {
+			t.Errorf("installing the .deb would pull in another package (add it to rootPackages if that is intended): %s", line)
+		}
+	}
+	c.Run(t, "apt-get", "install", "-y", "--no-install-recommends", inside)
 }
 
 // installBinaries puts the binaries where the package would, for use until
