@@ -1,0 +1,595 @@
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+	"golang.org/x/sys/unix"
+)
+
+// Options configure one Run. App and, when the app has [[listen]]
+// entries, Listeners are required; the rest has defaults.
+type Options struct {
+	// App is the app to run. Run does not modify it.
+	App *config.App
+	// Listeners are the listening sockets in App.Listen order (see
+	// MatchListeners and Bind). Run puts them in blocking mode, passes
+	// them to every worker and never closes them: the caller owns them.
+	Listeners []*os.File
+
+	// Self is the executable that runs Trampoline when argv[1] is
+	// TrampolineArg; "" means /proc/self/exe.
+	Self string
+	// Environ is the environment workers inherit (minus the dispatcher's
+	// private variables, see the package doc); nil means os.Environ().
+	Environ []string
+	// CPUs are the CPUs workers = "auto" counts and cpu_affinity pins to;
+	// nil means AllowedCPUs().
+	CPUs []int
+	// RuntimeDir holds the notify socket; "" means $RUNTIME_DIRECTORY (its
+	// first entry) from Environ, else a private directory under
+	// os.TempDir() that Run removes.
+	RuntimeDir string
+
+	// Stdout receives worker output, one "[app.N] line" at a time; Stderr
+	// receives the dispatcher's own log lines. nil means os.Stdout and
+	// os.Stderr.
+	Stdout, Stderr io.Writer
+	// Journal sends worker lines to the journal with COHORT_WORKER,
+	// COHORT_PID and COHORT_GENERATION fields (falling back to Stdout when
+	// the journal refuses them) and prefixes log lines on Stderr with
+	// syslog priorities, for a Stderr that is a journal stream.
+	Journal bool
+
+	// Notify sends one sd_notify message toward systemd (READY=1,
+	// STATUS=…, WATCHDOG=1, STOPPING=1); nil sends nothing. Errors are
+	// the callee's to log or drop: notification is best effort.
+	Notify func(state string)
+	// Watchdog is systemd's watchdog interval for the dispatcher
+	// (daemon.SdWatchdogEnabled); WATCHDOG=1 is sent every half of it
+	// from the supervision loop. Zero disables it.
+	Watchdog time.Duration
+
+	// HandleSignals makes Run stop gracefully on SIGTERM and SIGINT (a
+	// second one kills the workers at once). Without it only ctx stops Run.
+	HandleSignals bool
+
+	// Observe, when set, is called from the supervision loop for every
+	// Event. It must return quickly and must not call back into Run.
+	Observe func(Event)
+}
+
+// errNotImplemented marks app settings this dispatcher does not run yet.
+var errNotImplemented = errors.New("not implemented yet")
+
+// Run supervises opt.App's workers until ctx is cancelled or, with
+// HandleSignals, a SIGTERM or SIGINT arrives; then it stops them
+// gracefully (stop_signal, stop_timeout, SIGKILL) and returns nil once all
+// have been reaped. It returns an error without starting any worker when
+// the options are unusable (no command, command not found, an environment
+// file that cannot be read, a mode it does not implement).
+//
+// Run locks its goroutine to one OS thread for its whole life: workers are
+// forked from that thread, whose exit would deliver their
+// PR_SET_PDEATHSIG.
+func Run(ctx context.Context, opt Options) error {
+	d, err := newDispatcher(opt)
+	if err != nil {
+		return err
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+
+	// SIGCHLD before the first fork, so no exit goes unnoticed.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGCHLD)
+	if opt.HandleSignals {
+		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	}
+	defer signal.Stop(sigs)
+
+	if err := d.open(); err != nil {
+		d.close()
+		return err
+	}
+	defer d.close()
+
+	goCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d.goCtx = goCtx
+	d.wg.Go(func() {
+		d.notify.serve(goCtx, func(m notifyMsg) bool {
+			select {
+			case d.notifyCh <- m:
+				return true
+			case <-goCtx.Done():
+				return false
+			}
+		})
+	})
+	return d.loop(ctx, sigs)
+}
+
+// dispatcher is the state of one Run. Only the loop goroutine touches it,
+// except the fields documented otherwise.
+type dispatcher struct {
+	opt  Options
+	app  *config.App
+	out  *output
+	self string
+
+	env  []string // base worker environment
+	path string   // the resolved command
+	dir  string   // working directory ("" inherits)
+	cpus []int
+
+	listenFDs   []uintptr
+	listenNames string
+
+	slots []*slot
+	procs map[int]*worker // live (unreaped) workers by pid
+	gen   int
+
+	devnull    *os.File
+	notify     *notifySocket
+	tempDir    string // removed by close when set
+	notifyPath string
+
+	goCtx    context.Context // cancelled when Run returns; for helper goroutines
+	wg       sync.WaitGroup  // every goroutine Run started
+	notifyCh chan notifyMsg
+	execCh   chan execResult
+
+	readersMu sync.Mutex
+	readers   map[*os.File]struct{} // pipes being read by goroutines
+
+	// Toward systemd.
+	started       time.Time
+	readyDeadline time.Time
+	sentReady     bool
+	lastStatus    string
+	wdNext        time.Time
+	stopping      bool
+	restarts      int
+	foreign       int
+}
+
+// execResult is what a worker's exec-status pipe said: "" when the
+// command was exec'd (or the trampoline died before saying anything).
+type execResult struct {
+	pid int
+	err string
+}
+
+func newDispatcher(opt Options) (*dispatcher, error) {
+	app := opt.App
+	if app == nil {
+		return nil, errors.New("dispatcher: no app")
+	}
+	if len(app.Command) == 0 {
+		return nil, fmt.Errorf("app %s: no command", app.Name)
+	}
+	if app.Mode != config.ModeShared {
+		return nil, fmt.Errorf("app %s: mode %q: %w (only %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared)
+	}
+	if len(opt.Listeners) != len(app.Listen) {
+		return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
+	}
+	d := &dispatcher{
+		opt:      opt,
+		app:      app,
+		self:     opt.Self,
+		dir:      app.WorkingDirectory,
+		procs:    map[int]*worker{},
+		gen:      1,
+		notifyCh: make(chan notifyMsg, 64),
+		execCh:   make(chan execResult, 64),
+		readers:  map[*os.File]struct{}{},
+	}
+	if d.self == "" {
+		d.self = "/proc/self/exe"
+	}
+	d.out = &output{app: app.Name, stdout: opt.Stdout, stderr: opt.Stderr, journal: opt.Journal}
+	if d.out.stdout == nil {
+		d.out.stdout = os.Stdout
+	}
+	if d.out.stderr == nil {
+		d.out.stderr = os.Stderr
+	}
+	inherited := opt.Environ
+	if inherited == nil {
+		inherited = os.Environ()
+	}
+	env, err := baseEnv(inherited, app)
+	if err != nil {
+		return nil, fmt.Errorf("app %s: %w", app.Name, err)
+	}
+	d.env = env
+	cwd := d.dir
+	if cwd == "" {
+		if cwd, err = os.Getwd(); err != nil {
+			return nil, fmt.Errorf("app %s: %w", app.Name, err)
+		}
+	}
+	if d.path, err = lookPath(app.Command[0], envValue(env, "PATH"), cwd); err != nil {
+		return nil, fmt.Errorf("app %s: command: %w", app.Name, err)
+	}
+	d.cpus = opt.CPUs
+	if d.cpus == nil {
+		if d.cpus, err = AllowedCPUs(); err != nil {
+			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
+		}
+	}
+	n := app.Workers.N
+	if app.Workers.Auto {
+		n = len(d.cpus)
+	}
+	if n < 1 {
+		return nil, fmt.Errorf("app %s: %d workers", app.Name, n)
+	}
+	for i := range n {
+		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
+	}
+	names := make([]string, len(app.Listen))
+	for i, l := range app.Listen {
+		names[i] = l.Name
+	}
+	d.listenNames = strings.Join(names, ":")
+	return d, nil
+}
+
+// open acquires what the loop needs: /dev/null, the notify socket, and
+// blocking mode on the listeners (workers share their file description).
+func (d *dispatcher) open() error {
+	for _, f := range d.opt.Listeners {
+		fd := f.Fd()
+		if err := unix.SetNonblock(int(fd), false); err != nil {
+			return fmt.Errorf("listener %s: set blocking: %w", f.Name(), err)
+		}
+		d.listenFDs = append(d.listenFDs, fd)
+	}
+	var err error
+	if d.devnull, err = os.Open(os.DevNull); err != nil {
+		return err
+	}
+	dir := d.opt.RuntimeDir
+	if dir == "" {
+		if rd := envValue(d.opt.Environ, "RUNTIME_DIRECTORY"); d.opt.Environ != nil && rd != "" {
+			dir, _, _ = strings.Cut(rd, ":")
+		} else if d.opt.Environ == nil && os.Getenv("RUNTIME_DIRECTORY") != "" {
+			dir, _, _ = strings.Cut(os.Getenv("RUNTIME_DIRECTORY"), ":")
+		}
+	}
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "cohort-"); err != nil {
+			return fmt.Errorf("runtime directory: %w", err)
+		}
+		d.tempDir = dir
+	}
+	d.notifyPath = filepath.Join(dir, fmt.Sprintf("notify-%d-%08x.sock", os.Getpid(), rand.Uint32()))
+	if len(d.notifyPath) > 107 {
+		return fmt.Errorf("notify socket path %s: longer than 107 bytes", d.notifyPath)
+	}
+	d.notify, err = listenNotify(d.notifyPath)
+	return err
+}
+
+// close releases what open acquired, after the goroutines that use it.
+// It is called once every worker has been reaped.
+func (d *dispatcher) close() {
+	if d.notify != nil {
+		d.notify.Close()
+	}
+	// Let output readers drain what the workers wrote last, but not wait
+	// on a pipe that some escaped process still holds.
+	d.readersMu.Lock()
+	for f := range d.readers {
+		f.SetReadDeadline(time.Now().Add(time.Second))
+	}
+	d.readersMu.Unlock()
+	d.wg.Wait()
+	if d.devnull != nil {
+		d.devnull.Close()
+	}
+	if d.tempDir != "" {
+		os.RemoveAll(d.tempDir)
+	}
+}
+
+// loop is the supervision loop: every signal, notify datagram, exec
+// result and deadline becomes a call of transition here.
+func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
+	now := time.Now()
+	d.started = now
+	d.readyDeadline = now.Add(d.app.ReadyTimeout)
+	if d.opt.Watchdog > 0 {
+		d.wdNext = now.Add(d.opt.Watchdog / 2)
+	}
+	mode := "shared"
+	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, readyString(d.app.Ready), d.gen, strings.Join(d.app.Command, " "))
+	for _, s := range d.slots {
+		d.spawn(s, now)
+	}
+	d.report(now)
+
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	done := ctx.Done()
+	for {
+		select {
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGCHLD:
+				d.reap()
+			default:
+				if !d.stopping {
+					d.stop(fmt.Sprintf("got %s", sig))
+				} else {
+					d.out.warnf("got %s again: killing the workers now", sig)
+					for _, w := range d.procs {
+						d.transition(w, trKill, 0)
+					}
+				}
+			}
+		case m := <-d.notifyCh:
+			d.onNotify(m)
+		case r := <-d.execCh:
+			if w := d.procs[r.pid]; w != nil {
+				if r.err != "" {
+					d.out.warnf("worker %d (pid %d): %s", w.slot.index, w.pid, r.err)
+				} else {
+					d.transition(w, trExeced, 0)
+				}
+			}
+		case <-timer.C:
+		case <-done:
+			done = nil
+			d.stop("stop requested")
+		}
+		now := time.Now()
+		d.fireDeadlines(now)
+		d.report(now)
+		if d.stopping && len(d.procs) == 0 {
+			d.out.infof("all workers ended")
+			return nil
+		}
+		timer.Reset(d.nextDeadline(now).Sub(now))
+	}
+}
+
+// stop begins the graceful stop: STOPPING=1, stop_signal to every worker.
+func (d *dispatcher) stop(why string) {
+	d.stopping = true
+	d.out.infof("stopping (%s): %s to %d workers, SIGKILL after %s", why, d.app.StopSignal, len(d.procs), d.app.StopTimeout)
+	d.sendNotify("STOPPING=1")
+	d.observe(Event{Kind: Stopping, Worker: -1})
+	for _, s := range d.slots {
+		s.restartAt = time.Time{}
+	}
+	for _, w := range d.procs {
+		d.transition(w, trStop, 0)
+	}
+}
+
+// reap collects every worker that has exited. Before a worker is reaped
+// (while its pid cannot be reused) what is left of its process group is
+// killed.
+func (d *dispatcher) reap() {
+	for pid, w := range d.procs {
+		var info unix.Siginfo
+		if err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); err != nil || info.Signo == 0 {
+			continue
+		}
+		unix.Kill(-pid, unix.SIGKILL)
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		if err != nil || got != pid {
+			continue
+		}
+		d.transition(w, trExited, ws)
+	}
+}
+
+// onNotify attributes a datagram to its worker and acts on it.
+func (d *dispatcher) onNotify(m notifyMsg) {
+	w := d.procs[m.pid]
+	if w == nil {
+		d.foreign++
+		if d.foreign&(d.foreign-1) == 0 { // 1, 2, 4, 8…: log without flooding
+			d.out.warnf("ignored a notify message from pid %d, which is no worker (%d so far)", m.pid, d.foreign)
+		}
+		d.observe(Event{Kind: ForeignNotify, Worker: -1, PID: m.pid, Foreign: d.foreign})
+		return
+	}
+	if m.fds > 0 {
+		d.out.warnf("worker %d (pid %d) sent %d fds to the notify socket; closed them", w.slot.index, w.pid, m.fds)
+	}
+	if m.err != nil {
+		d.out.warnf("worker %d (pid %d): %v", w.slot.index, w.pid, m.err)
+		return
+	}
+	n := m.n
+	if n.HasStatus {
+		w.status = n.Status
+	}
+	if n.Watchdog {
+		d.transition(w, trWatchdogPing, 0)
+	}
+	if n.Ready {
+		d.transition(w, trReadyMsg, 0)
+	}
+	if n.WatchdogTrigger {
+		d.transition(w, trWatchdogTrigger, 0)
+	}
+	if n.Stopping {
+		d.transition(w, trStopping, 0)
+	}
+}
+
+// fireDeadlines feeds every due deadline to transition, refills slots
+// whose backoff has elapsed and pings systemd's watchdog.
+func (d *dispatcher) fireDeadlines(now time.Time) {
+	for _, w := range d.procs {
+		if !w.readyAt.IsZero() && !now.Before(w.readyAt) {
+			w.readyAt = time.Time{}
+			d.transition(w, trDelay, 0)
+		}
+		if !w.deadline.IsZero() && !now.Before(w.deadline) {
+			d.transition(w, trDeadline, 0)
+		}
+	}
+	if !d.stopping {
+		for _, s := range d.slots {
+			if s.cur == nil && !s.restartAt.IsZero() && !now.Before(s.restartAt) {
+				s.restartAt = time.Time{}
+				d.spawn(s, now)
+			}
+		}
+	}
+	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
+		d.sendNotify("WATCHDOG=1")
+		d.wdNext = now.Add(d.opt.Watchdog / 2)
+	}
+}
+
+// nextDeadline is when the loop must wake up next without an event.
+func (d *dispatcher) nextDeadline(now time.Time) time.Time {
+	next := now.Add(time.Hour)
+	consider := func(t time.Time) {
+		if !t.IsZero() && t.Before(next) {
+			next = t
+		}
+	}
+	for _, w := range d.procs {
+		consider(w.readyAt)
+		consider(w.deadline)
+	}
+	for _, s := range d.slots {
+		consider(s.restartAt)
+	}
+	consider(d.wdNext)
+	if !d.sentReady && !d.stopping {
+		consider(d.readyDeadline)
+	}
+	return next
+}
+
+// report sends READY=1 once the workers are ready and STATUS= whenever
+// the status line changes.
+func (d *dispatcher) report(now time.Time) {
+	ready := d.readyCount()
+	var msgs []string
+	if !d.sentReady && !d.stopping && ready > 0 {
+		switch {
+		case ready == len(d.slots):
+			d.sentReady = true
+			d.out.infof("all %d workers ready after %s", ready, now.Sub(d.started).Round(time.Millisecond))
+		case !now.Before(d.readyDeadline):
+			d.sentReady = true
+			d.out.warnf("only %d of %d workers ready after ready_timeout (%s); reporting ready anyway", ready, len(d.slots), d.app.ReadyTimeout)
+		}
+		if d.sentReady {
+			msgs = append(msgs, "READY=1")
+		}
+	}
+	status := d.statusLine(now)
+	if status != d.lastStatus {
+		d.lastStatus = status
+		msgs = append(msgs, "STATUS="+status)
+	}
+	if len(msgs) > 0 {
+		d.sendNotify(strings.Join(msgs, "\n"))
+	}
+	if msgs != nil && msgs[0] == "READY=1" {
+		d.observe(Event{Kind: Ready, Worker: -1})
+	}
+}
+
+func (d *dispatcher) readyCount() int {
+	n := 0
+	for _, s := range d.slots {
+		if s.cur != nil && s.cur.state == stReady {
+			n++
+		}
+	}
+	return n
+}
+
+// statusLine is the one line systemctl status shows, e.g.
+// "4/4 workers ready · gen 1 · shared · 0 restarts".
+func (d *dispatcher) statusLine(now time.Time) string {
+	var b strings.Builder
+	if d.stopping {
+		fmt.Fprintf(&b, "stopping · %d workers left", len(d.procs))
+		return b.String()
+	}
+	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
+	var looping []string
+	for _, s := range d.slots {
+		if s.crashLooping() {
+			looping = append(looping, fmt.Sprint(s.index))
+		}
+	}
+	if len(looping) > 0 {
+		fmt.Fprintf(&b, " · crash loop: worker%s %s", plural(len(looping)), strings.Join(looping, ","))
+	}
+	return b.String()
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
+}
+
+func readyString(r config.Readiness) string {
+	if r.Kind == config.ReadyDelay {
+		return r.Delay.String()
+	}
+	return string(r.Kind)
+}
+
+func (d *dispatcher) sendNotify(state string) {
+	if d.opt.Notify != nil {
+		d.opt.Notify(state)
+	}
+}
+
+func (d *dispatcher) observe(e Event) {
+	if d.opt.Observe == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now()
+	}
+	e.Restarts = d.restarts
+	e.Status = d.lastStatus
+	d.opt.Observe(e)
+}
+
+// track registers a pipe read by a helper goroutine, so close can bound
+// how long it waits for it; untrack is called by the goroutine when done.
+func (d *dispatcher) track(f *os.File) {
+	d.readersMu.Lock()
+	d.readers[f] = struct{}{}
+	d.readersMu.Unlock()
+}
+
+func (d *dispatcher) untrack(f *os.File) {
+	d.readersMu.Lock()
+	delete(d.readers, f)
+	d.readersMu.Unlock()
+}

@@ -1,0 +1,67 @@
+// Package dispatcher is cohort's supervisor: it runs one app's workers,
+// hands them the listening sockets, watches their readiness and liveness,
+// restarts them with backoff, and reports the whole to systemd.
+//
+// One call to [Run] is the whole life of a dispatcher:
+//
+//	files := activation.Files(true)                // what systemd passed
+//	listeners, err := dispatcher.MatchListeners(app, files)
+//	...
+//	err = dispatcher.Run(ctx, dispatcher.Options{
+//		App:           app,
+//		Listeners:     listeners,
+//		Notify:        func(s string) { daemon.SdNotify(false, s) },
+//		HandleSignals: true,
+//	})
+//
+// Run returns when the workers have all ended after a stop (SIGTERM, SIGINT
+// or a cancelled context). Nothing it started outlives it: every goroutine
+// is waited for, every worker is reaped, every fd it opened is closed.
+//
+// # Workers
+//
+// Each worker is a process started through a re-exec trampoline: the
+// dispatcher forks /proc/self/exe with argv[1] = [TrampolineArg]; the
+// trampoline sets LISTEN_PID (and WATCHDOG_PID) to its own pid, pins itself
+// to a CPU when asked, and execs the app's command in place. The program
+// therefore sees the standard socket-activation environment:
+//
+//   - fds 3.. are the app's listeners in [[listen]] order, with LISTEN_FDS,
+//     LISTEN_FDNAMES and LISTEN_PID (its own pid) set;
+//   - NOTIFY_SOCKET is the dispatcher's notify socket (see below);
+//   - WATCHDOG_USEC/WATCHDOG_PID are set when the app has a watchdog;
+//   - COHORT_APP, COHORT_WORKER (0-based index) and COHORT_GENERATION;
+//   - everything else is the dispatcher's own environment (what systemd
+//     gave the service, or the shell's for `cohort run`), without the
+//     dispatcher's LISTEN_*, NOTIFY_SOCKET, WATCHDOG_*, JOURNAL_STREAM and
+//     SYSTEMD_EXEC_PID, then the app's environment, then its
+//     environment_file entries (last wins, as in systemd).
+//
+// stdin is /dev/null; stdout and stderr share one pipe read by the
+// dispatcher line by line, so output is never interleaved mid-line.
+//
+// Each worker leads its own process group. stop_signal and the final
+// SIGKILL go to the whole group (systemd's KillMode=control-group, for one
+// worker), and whatever is left of a group when its leader exits is
+// killed, so a worker's children never outlive it. Workers get
+// PR_SET_PDEATHSIG=SIGKILL, set from the one OS thread that forks them all,
+// so they die with the dispatcher.
+//
+// # Readiness and notify
+//
+// All workers share one notify socket (in $RUNTIME_DIRECTORY, else a
+// private temporary directory) with SO_PASSCRED: a datagram is attributed
+// to a worker by the sender's pid, which the kernel vouches for. Datagrams
+// from any other pid, including a worker's own children, are ignored and
+// counted (systemd's NotifyAccess=main). Fds sent along are closed.
+// READY=1, STATUS=, WATCHDOG=1, WATCHDOG=trigger and STOPPING=1 are
+// understood; other assignments are ignored.
+//
+// # The state machine
+//
+// Each worker process goes starting → ready → draining → exited; the
+// transitions are all in one method (dispatcher.transition). A slot (worker
+// index) whose process exited is refilled after a backoff delay that
+// doubles from Restart.Initial up to Restart.Max and is reset by a worker
+// that ran at least Restart.MinUptime.
+package dispatcher

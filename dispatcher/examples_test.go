@@ -1,0 +1,86 @@
+package dispatcher
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// serveExample runs the example worker command under the dispatcher in
+// shared mode with two workers and checks that both answer with want.
+func serveExample(t *testing.T, ready config.Readiness, want string, command ...string) {
+	t.Helper()
+	app := config.New("ex")
+	app.Command = command
+	app.Workers = config.Workers{N: 2}
+	app.Ready = ready
+	app.WorkingDirectory = repoRoot(t)
+	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.StopTimeout = 10 * time.Second
+	l, addr := tcpListener(t, "http")
+	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+	rec.waitNotify(t, 30*time.Second, "READY=1")
+	seen := map[string]bool{}
+	deadline := time.Now().Add(15 * time.Second)
+	for len(seen) < 2 && time.Now().Before(deadline) {
+		body, err := get("http://" + addr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(body, want) {
+			t.Fatalf("answer %q, want %q…", body, want)
+		}
+		seen[strings.Fields(strings.TrimPrefix(body, want))[0]] = true
+	}
+	if len(seen) < 2 {
+		t.Errorf("only workers %v answered", seen)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range rec.events {
+		if e.Kind == WorkerExited && (e.ExitCode != 0 || e.RestartIn != 0) {
+			t.Errorf("worker %d (pid %d) ended with %+v, want a graceful exit 0 on stop", e.Worker, e.PID, e)
+		}
+	}
+}
+
+func TestPythonWorker(t *testing.T) {
+	t.Parallel()
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not on PATH")
+	}
+	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from python worker ",
+		py, filepath.Join("examples", "python", "shared_worker.py"))
+}
+
+func TestNodeWorker(t *testing.T) {
+	t.Parallel()
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Skip("node not on PATH")
+	}
+	serveExample(t, config.Readiness{Kind: config.ReadyExec}, "hello from node worker ",
+		node, filepath.Join("examples", "node", "server.js"))
+}
+
+// TestGoExampleWorker builds examples/hello and serves it.
+func TestGoExampleWorker(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("builds examples/hello")
+	}
+	bin := filepath.Join(t.TempDir(), "cohort-hello")
+	cmd := exec.Command("go", "build", "-o", bin, "./examples/hello")
+	cmd.Dir = repoRoot(t)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from worker ", bin)
+}

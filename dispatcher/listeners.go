@@ -1,0 +1,244 @@
+package dispatcher
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/cohort-dev/cohort/generator/config"
+	"golang.org/x/sys/unix"
+)
+
+// ErrListeners is wrapped by MatchListeners when the fds systemd passed do
+// not match the app's [[listen]] entries.
+var ErrListeners = errors.New("listening sockets do not match the app file")
+
+// MatchListeners orders files (the fds systemd passed, named from
+// LISTEN_FDNAMES, as go-systemd's activation.Files returns them) like
+// app.Listen, matching them by name. A listener without an fd, or an fd
+// without a listener, is an error (wrapping ErrListeners) that names both
+// sides. When no fd has a name at all (LISTEN_FDNAMES unset) and the
+// counts agree, fds are matched by position.
+//
+// The returned files are the same *os.File values; the caller keeps owning
+// them (and files that matched nothing) and closes them after Run.
+func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
+	unnamed := true
+	for i, f := range files {
+		if f.Name() != "LISTEN_FD_"+strconv.Itoa(3+i) {
+			unnamed = false
+		}
+	}
+	if unnamed && len(files) == len(app.Listen) && len(files) > 0 {
+		return append([]*os.File(nil), files...), nil
+	}
+	var (
+		out  = make([]*os.File, len(app.Listen))
+		used = make([]bool, len(files))
+		errs []string
+	)
+	passed := make([]string, len(files))
+	for i, f := range files {
+		passed[i] = fmt.Sprintf("%q (fd %d)", f.Name(), 3+i)
+	}
+	wanted := make([]string, len(app.Listen))
+	for i, l := range app.Listen {
+		wanted[i] = strconv.Quote(l.Name)
+	}
+	for i, l := range app.Listen {
+		for j, f := range files {
+			if !used[j] && f.Name() == l.Name {
+				out[i], used[j] = f, true
+				break
+			}
+		}
+		if out[i] == nil {
+			errs = append(errs, fmt.Sprintf("[[listen]] %q (%s) has no fd from systemd (passed: %s)",
+				l.Name, l.Address, listOrNone(passed)))
+		}
+	}
+	for j, f := range files {
+		if !used[j] {
+			errs = append(errs, fmt.Sprintf("systemd passed fd %d named %q, which matches no [[listen]] (app has: %s)",
+				3+j, f.Name(), listOrNone(wanted)))
+		}
+	}
+	if len(errs) > 0 {
+		where := app.Path
+		if where == "" {
+			where = "app " + app.Name
+		}
+		return nil, fmt.Errorf("%s: %w: %s", where, ErrListeners, strings.Join(errs, "; "))
+	}
+	return out, nil
+}
+
+func listOrNone(s []string) string {
+	if len(s) == 0 {
+		return "none"
+	}
+	return strings.Join(s, ", ")
+}
+
+// Bind creates and binds the app's listening sockets itself, as systemd
+// would from the generated .socket unit (`cohort run` uses it in place of
+// socket activation). The sockets are blocking, CLOEXEC, in [[listen]]
+// order, and named after their listener. The caller owns them: it closes
+// them and calls cleanup (which removes the unix socket files Bind
+// created) when done. On error nothing is left open.
+func Bind(app *config.App) (files []*os.File, cleanup func(), err error) {
+	var paths []string
+	cleanup = func() {
+		for _, p := range paths {
+			os.Remove(p)
+		}
+	}
+	defer func() {
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			files = nil
+			cleanup()
+		}
+	}()
+	for _, l := range app.Listen {
+		f, path, err := bindOne(l)
+		if err != nil {
+			return files, cleanup, fmt.Errorf("listen %q on %s: %w", l.Name, l.Address, err)
+		}
+		files = append(files, f)
+		if path != "" {
+			paths = append(paths, path)
+		}
+	}
+	return files, cleanup, nil
+}
+
+// bindOne binds one listener and returns it, with the filesystem path it
+// created for a unix socket.
+func bindOne(l config.Listener) (*os.File, string, error) {
+	var (
+		sa     unix.Sockaddr
+		family int
+		path   string
+	)
+	switch l.Kind {
+	case config.ListenUnix, config.ListenAbstract:
+		family = unix.AF_UNIX
+		name := l.Address
+		if l.Kind == config.ListenAbstract {
+			name = "\x00" + strings.TrimPrefix(name, "@")
+		} else {
+			path = name
+			if err := removeStaleSocket(path); err != nil {
+				return nil, "", err
+			}
+		}
+		sa = &unix.SockaddrUnix{Name: name}
+	default:
+		addr, err := resolveTCP(l.Address)
+		if err != nil {
+			return nil, "", err
+		}
+		if ip4 := addr.IP.To4(); ip4 != nil && addr.IP != nil {
+			family = unix.AF_INET
+			s := &unix.SockaddrInet4{Port: addr.Port}
+			copy(s.Addr[:], ip4)
+			sa = s
+		} else {
+			family = unix.AF_INET6
+			s := &unix.SockaddrInet6{Port: addr.Port}
+			if addr.IP != nil {
+				copy(s.Addr[:], addr.IP.To16())
+			}
+			sa = s
+		}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, "", fmt.Errorf("socket: %w", err)
+	}
+	fail := func(op string, err error) (*os.File, string, error) {
+		unix.Close(fd)
+		return nil, "", fmt.Errorf("%s: %w", op, err)
+	}
+	if family != unix.AF_UNIX {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fail("setsockopt SO_REUSEADDR", err)
+		}
+		if family == unix.AF_INET6 {
+			// systemd's BindIPv6Only=default: "[::]:port" takes IPv4 too.
+			_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+		}
+		if l.ReusePort {
+			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+				return fail("setsockopt SO_REUSEPORT", err)
+			}
+		}
+		if l.NoDelay {
+			if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+				return fail("setsockopt TCP_NODELAY", err)
+			}
+		}
+		if l.KeepAlive {
+			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1); err != nil {
+				return fail("setsockopt SO_KEEPALIVE", err)
+			}
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fail("bind", err)
+	}
+	if path != "" && l.SocketMode != 0 {
+		if err := os.Chmod(path, os.FileMode(l.SocketMode)); err != nil {
+			os.Remove(path)
+			return fail("chmod", err)
+		}
+	}
+	backlog := l.Backlog
+	if backlog <= 0 {
+		backlog = unix.SOMAXCONN // systemd's default Backlog=
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		if path != "" {
+			os.Remove(path)
+		}
+		return fail("listen", err)
+	}
+	return os.NewFile(uintptr(fd), l.Name), path, nil
+}
+
+// resolveTCP accepts what ListenStream= accepts for TCP ("host:port",
+// "[v6]:port", ":port", "port") plus host names such as localhost.
+func resolveTCP(addr string) (*net.TCPAddr, error) {
+	if _, err := strconv.Atoi(addr); err == nil {
+		addr = ":" + addr
+	}
+	a, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// removeStaleSocket removes a unix socket file that nobody listens on any
+// more, as systemd does before binding. A live socket is an error.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket", path)
+	}
+	c, err := net.Dial("unix", path)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("%s: another process is listening on it", path)
+	}
+	return os.Remove(path)
+}

@@ -1,0 +1,358 @@
+package dispatcher
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+	"golang.org/x/sys/unix"
+)
+
+// state is where a worker process is in its life.
+type state int
+
+const (
+	stStarting state = iota // forked; not ready yet
+	stReady                 // counted as serving
+	stDraining              // told to stop (or stopping on its own); SIGKILL at deadline
+	stExited                // reaped
+)
+
+var stateNames = [...]string{"starting", "ready", "draining", "exited"}
+
+func (s state) String() string { return stateNames[s] }
+
+// trigger is what happened to a worker; transition maps (state, trigger)
+// to the next state.
+type trigger int
+
+const (
+	trExeced          trigger = iota // the trampoline exec'd the command
+	trReadyMsg                       // READY=1
+	trDelay                          // the ready delay elapsed
+	trWatchdogPing                   // WATCHDOG=1
+	trWatchdogTrigger                // WATCHDOG=trigger
+	trStopping                       // STOPPING=1: leaving on its own
+	trDeadline                       // the state's deadline passed
+	trStop                           // the dispatcher stops
+	trKill                           // stop now
+	trExited                         // reaped; the WaitStatus comes along
+)
+
+// crashLoopAfter is how many quick exits in a row make a slot "crash
+// looping" in the status line.
+const crashLoopAfter = 3
+
+// slot is one worker index: it holds the current process, if any, and
+// the restart policy's memory.
+type slot struct {
+	index      int
+	cur        *worker       // nil while waiting for a restart
+	restartAt  time.Time     // when to fork again (zero: not scheduled)
+	delay      time.Duration // the next backoff delay
+	quickExits int           // exits before min_uptime, in a row
+}
+
+func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
+
+// worker is one worker process.
+type worker struct {
+	slot    *slot
+	pid     int
+	gen     int
+	state   state
+	started time.Time
+
+	readyAt  time.Time // ready = "DURATION": becomes ready at this time
+	deadline time.Time // starting: ready_timeout; ready: watchdog; draining: SIGKILL
+
+	lastPing  time.Time // last WATCHDOG=1; zero: watchdog not armed
+	signalled bool      // stop_signal (or SIGABRT) was sent
+	killed    bool      // SIGKILL was sent
+	status    string    // last STATUS=
+}
+
+// transition is the worker state machine: every state change of every
+// worker happens here, with its side effects (signals, log lines,
+// events, restart scheduling).
+func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
+	now := time.Now()
+	app := d.app
+
+	toReady := func() {
+		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
+		if app.Watchdog > 0 && !w.lastPing.IsZero() {
+			w.deadline = w.lastPing.Add(app.Watchdog)
+		}
+		d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
+		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+	}
+	toDraining := func(sig syscall.Signal, group bool) {
+		w.state, w.readyAt = stDraining, time.Time{}
+		w.deadline = now.Add(app.StopTimeout)
+		if sig != 0 {
+			w.signalled = true
+			target := w.pid
+			if group {
+				target = -w.pid
+			}
+			unix.Kill(target, sig)
+		}
+	}
+	kill := func() {
+		if !w.killed {
+			w.killed = true
+			unix.Kill(-w.pid, unix.SIGKILL)
+		}
+		w.deadline = time.Time{}
+	}
+
+	if tr == trExited {
+		d.exited(w, ws, now)
+		return
+	}
+	switch w.state {
+	case stStarting:
+		switch tr {
+		case trExeced:
+			switch app.Ready.Kind {
+			case config.ReadyExec:
+				toReady()
+			case config.ReadyDelay:
+				w.readyAt = now.Add(app.Ready.Delay)
+			}
+		case trReadyMsg, trDelay:
+			toReady()
+		case trWatchdogPing:
+			w.lastPing = now
+		case trWatchdogTrigger:
+			d.out.warnf("worker %d (pid %d) asked to be treated as hung (WATCHDOG=trigger) before ready; sending SIGABRT", w.slot.index, w.pid)
+			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			toDraining(syscall.SIGABRT, false)
+		case trStopping:
+			toDraining(0, false)
+		case trDeadline:
+			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
+			toDraining(app.StopSignal, true)
+		case trStop:
+			toDraining(app.StopSignal, true)
+		case trKill:
+			toDraining(0, false)
+			kill()
+		}
+	case stReady:
+		switch tr {
+		case trWatchdogPing:
+			w.lastPing = now
+			if app.Watchdog > 0 {
+				w.deadline = now.Add(app.Watchdog)
+			}
+		case trDeadline, trWatchdogTrigger:
+			why := fmt.Sprintf("missed its watchdog (%s)", app.Watchdog)
+			if tr == trWatchdogTrigger {
+				why = "asked to be treated as hung (WATCHDOG=trigger)"
+			}
+			d.out.warnf("worker %d (pid %d) %s; sending SIGABRT", w.slot.index, w.pid, why)
+			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			toDraining(syscall.SIGABRT, false)
+		case trStopping:
+			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
+			toDraining(0, false)
+		case trStop:
+			toDraining(app.StopSignal, true)
+		case trKill:
+			toDraining(0, false)
+			kill()
+		}
+	case stDraining:
+		switch tr {
+		case trStop:
+			if !w.signalled {
+				w.signalled = true
+				unix.Kill(-w.pid, app.StopSignal)
+			}
+		case trDeadline:
+			d.out.warnf("worker %d (pid %d) still running %s after it was told to stop; sending SIGKILL", w.slot.index, w.pid, app.StopTimeout)
+			kill()
+		case trKill:
+			kill()
+		}
+	}
+}
+
+// exited moves a reaped worker to stExited, logs how it ended and
+// schedules its slot's restart with backoff unless the dispatcher stops.
+func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
+	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
+	delete(d.procs, w.pid)
+	s := w.slot
+	if s.cur == w {
+		s.cur = nil
+	}
+	uptime := now.Sub(w.started)
+	ev := Event{Kind: WorkerExited, Worker: s.index, PID: w.pid, Gen: w.gen, Uptime: uptime, ExitCode: -1}
+	how := describeExit(ws)
+	if ws.Signaled() {
+		ev.Signal = ws.Signal()
+	} else {
+		ev.ExitCode = ws.ExitStatus()
+	}
+	if d.stopping {
+		d.out.infof("worker %d (pid %d) %s after %s", s.index, w.pid, how, uptime.Round(time.Millisecond))
+		d.observe(ev)
+		return
+	}
+	ev.RestartIn = d.scheduleRestart(s, uptime, now)
+	msg := fmt.Sprintf("worker %d (pid %d) %s after %s; restarting in %s", s.index, w.pid, how, uptime.Round(time.Millisecond), ev.RestartIn)
+	if s.crashLooping() {
+		d.out.warnf("%s (crash loop: %d quick exits in a row)", msg, s.quickExits)
+	} else {
+		d.out.warnf("%s", msg)
+	}
+	d.observe(ev)
+}
+
+// scheduleRestart applies the backoff policy to a slot whose process
+// ended after uptime and returns the delay before the next fork.
+func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, now time.Time) time.Duration {
+	r := d.app.Restart
+	if uptime >= r.MinUptime {
+		s.delay, s.quickExits = r.Initial, 0
+	} else {
+		s.quickExits++
+	}
+	wait := s.delay
+	s.delay = min(2*max(s.delay, time.Millisecond), r.Max)
+	s.restartAt = now.Add(wait)
+	d.restarts++
+	return wait
+}
+
+func describeExit(ws unix.WaitStatus) string {
+	switch {
+	case ws.Signaled():
+		s := fmt.Sprintf("was killed by signal %d (%s)", ws.Signal(), ws.Signal())
+		if ws.CoreDump() {
+			s += ", core dumped"
+		}
+		return s
+	case ws.ExitStatus() == 0:
+		return "exited with status 0"
+	default:
+		return fmt.Sprintf("exited with status %d", ws.ExitStatus())
+	}
+}
+
+// spawn forks a worker for slot s through the trampoline. On failure the
+// slot is scheduled for a restart as if the worker had exited at once.
+func (d *dispatcher) spawn(s *slot, now time.Time) {
+	pid, outR, statusR, err := d.fork(s)
+	if err != nil {
+		wait := d.scheduleRestart(s, 0, now)
+		d.out.warnf("worker %d: %v; retrying in %s", s.index, err, wait)
+		d.observe(Event{Kind: WorkerSpawnFailed, Worker: s.index, Err: err, RestartIn: wait})
+		return
+	}
+	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now}
+	w.deadline = now.Add(d.app.ReadyTimeout)
+	s.cur = w
+	d.procs[pid] = w
+	tag := workerTag{index: s.index, pid: pid, gen: d.gen}
+	d.track(outR)
+	d.track(statusR)
+	d.wg.Go(func() {
+		defer d.untrack(outR)
+		d.out.copyLines(tag, outR)
+	})
+	d.wg.Go(func() {
+		defer d.untrack(statusR)
+		defer statusR.Close()
+		b, _ := io.ReadAll(io.LimitReader(statusR, 4096))
+		select {
+		case d.execCh <- execResult{pid: pid, err: string(b)}:
+		case <-d.goCtx.Done():
+		}
+	})
+	d.observe(Event{Kind: WorkerStarted, Worker: s.index, PID: pid, Gen: d.gen})
+}
+
+// fork starts the trampoline for slot s with the listeners at fds 3..,
+// and returns its pid with the read ends of its output pipe and its
+// exec-status pipe (both owned by the caller). Nothing stays open on error.
+func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) {
+	outR, outW, err := pipe()
+	if err != nil {
+		return 0, nil, nil, fmt.Errorf("output pipe: %w", err)
+	}
+	statusR, statusW, err := pipe()
+	if err != nil {
+		outR.Close()
+		unix.Close(outW)
+		return 0, nil, nil, fmt.Errorf("status pipe: %w", err)
+	}
+	n := len(d.listenFDs)
+	files := make([]uintptr, 0, 4+n)
+	files = append(files, d.devnull.Fd(), uintptr(outW), uintptr(outW))
+	files = append(files, d.listenFDs...)
+	files = append(files, uintptr(statusW))
+
+	cpu := -1
+	if d.app.CPUAffinity {
+		cpu = d.cpus[s.index%len(d.cpus)]
+	}
+	argv := make([]string, 0, 5+len(d.app.Command))
+	argv = append(argv, d.self, TrampolineArg, strconv.Itoa(3+n), strconv.Itoa(cpu), d.path)
+	argv = append(argv, d.app.Command...)
+
+	env := make([]string, 0, len(d.env)+8)
+	env = append(env, d.env...)
+	if n > 0 {
+		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+d.listenNames)
+	}
+	env = append(env,
+		"NOTIFY_SOCKET="+d.notifyPath,
+		"COHORT_APP="+d.app.Name,
+		"COHORT_WORKER="+strconv.Itoa(s.index),
+		"COHORT_GENERATION="+strconv.Itoa(d.gen),
+	)
+	if d.app.Watchdog > 0 {
+		env = append(env, "WATCHDOG_USEC="+strconv.FormatInt(d.app.Watchdog.Microseconds(), 10))
+	}
+
+	pid, err = syscall.ForkExec(d.self, argv, &syscall.ProcAttr{
+		Dir:   d.dir,
+		Env:   env,
+		Files: files,
+		Sys: &syscall.SysProcAttr{
+			Setpgid:   true,
+			Pdeathsig: syscall.SIGKILL,
+		},
+	})
+	unix.Close(outW)
+	unix.Close(statusW)
+	if err != nil {
+		outR.Close()
+		statusR.Close()
+		return 0, nil, nil, fmt.Errorf("fork %s: %w", d.self, err)
+	}
+	return pid, outR, statusR, nil
+}
+
+// pipe returns a CLOEXEC pipe: a pollable read end owned by an *os.File
+// and a blocking raw write end the caller closes.
+func pipe() (*os.File, int, error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return nil, -1, fmt.Errorf("pipe2: %w", err)
+	}
+	if err := unix.SetNonblock(p[0], true); err != nil {
+		unix.Close(p[0])
+		unix.Close(p[1])
+		return nil, -1, fmt.Errorf("pipe: set nonblocking: %w", err)
+	}
+	return os.NewFile(uintptr(p[0]), "|0"), p[1], nil
+}
