@@ -72,7 +72,7 @@ type Worker struct {
 	Handed     uint64    `json:"handed"` // round-robin: connections passed to it
 	Active     int       `json:"active"` // round-robin: passed and not yet closed
 	RSS        int64     `json:"rss_bytes"`
-	CPUPercent float64   `json:"cpu_percent"` // since the worker started
+	CPUPercent float64   `json:"cpu_percent"`      // since the worker started
 	Status     string    `json:"status,omitempty"` // the worker's own STATUS=
 }
 

@@ -105,7 +105,9 @@ func TestRequests(t *testing.T) {
 	if _, err := Call(ctx(t), s.Path(), Request{Cmd: CmdRestartWorker, Worker: &nine}); err == nil || err.Error() != "no worker 9 (there are 4)" {
 		t.Errorf("restart-worker 9: %v", err)
 	}
-	h.reload = func(ctx context.Context) error { return errors.New("worker 1 of generation 2 exited with status 1 before it was ready") }
+	h.reload = func(ctx context.Context) error {
+		return errors.New("worker 1 of generation 2 exited with status 1 before it was ready")
+	}
 	if _, err := Call(ctx(t), s.Path(), Request{Cmd: CmdReload}); err == nil || !strings.Contains(err.Error(), "before it was ready") {
 		t.Errorf("failed reload reported as %v", err)
 	}
