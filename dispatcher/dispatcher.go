@@ -63,7 +63,8 @@ type Options struct {
 	Watchdog time.Duration
 
 	// HandleSignals makes Run stop gracefully on SIGTERM and SIGINT (a
-	// second one kills the workers at once). Without it only ctx stops Run.
+	// second one kills the workers at once) and keeps SIGHUP from killing
+	// the process. Without it only ctx stops Run.
 	HandleSignals bool
 
 	// Observe, when set, is called from the supervision loop for every
@@ -96,7 +97,7 @@ func Run(ctx context.Context, opt Options) error {
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGCHLD)
 	if opt.HandleSignals {
-		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	}
 	defer signal.Stop(sigs)
 
@@ -333,6 +334,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			switch sig {
 			case syscall.SIGCHLD:
 				d.reap()
+			case syscall.SIGHUP:
+				d.out.warnf("got SIGHUP: rolling reload is not implemented yet; ignored")
 			default:
 				if !d.stopping {
 					d.stop(fmt.Sprintf("got %s", sig))
@@ -356,7 +359,9 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		case <-timer.C:
 		case <-done:
 			done = nil
-			d.stop("stop requested")
+			if !d.stopping {
+				d.stop("stop requested")
+			}
 		}
 		now := time.Now()
 		d.fireDeadlines(now)

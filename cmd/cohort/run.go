@@ -2,11 +2,179 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"net"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/cohort-dev/cohort/dispatcher"
+	"github.com/cohort-dev/cohort/generator/config"
 )
 
-// cmdRun is replaced by the dispatcher work (issue: dispatcher).
+const runArgs = `[OPTIONS] FILE.toml
+       cohort run --listen [NAME=]ADDRESS [--listen …] [OPTIONS] -- COMMAND [ARGS…]`
+
+const runAbout = `Run an app in the foreground, binding its sockets itself (like
+systemd-socket-activate) and supervising its workers as the service would:
+worker output is printed with an "[app.N]" prefix, Ctrl-C stops the workers
+gracefully (a second Ctrl-C kills them). Options override the file.`
+
+// cmdRun is `cohort run`: the dispatcher in the foreground, with
+// listeners it binds itself.
 func cmdRun(ctx context.Context, env *environment, args []string) int {
-	fmt.Fprintln(env.stderr, "cohort run: not implemented yet")
-	return 1
+	fs := newFlags(env, "run", runArgs, runAbout)
+	var listens listFlag
+	fs.Var(&listens, "listen", "a socket to listen on, `[NAME=]ADDRESS` (host:port, [v6]:port, /path.sock, @abstract); repeatable")
+	workers := fs.String("workers", "", "`N` or \"auto\" (one per CPU); default: the file's, else auto")
+	mode := fs.String("mode", "", "\"shared\" (default)")
+	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: notify, exec or a duration")
+	name := fs.String("name", "", "the app's name in output and COHORT_APP (default: the file's or the command's base name)")
+	affinity := fs.Bool("cpu-affinity", false, "pin worker i to the i-th CPU this process may run on")
+	if code, done := parseFlags(fs, args); done {
+		return code
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+
+	app, err := runApp(fs.Args(), listens)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 2
+	}
+	if err := applyRunFlags(app, set, *workers, *mode, *ready, *name, *affinity); err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 2
+	}
+
+	files, cleanup, err := dispatcher.Bind(app)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 1
+	}
+	defer cleanup()
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for i, f := range files {
+		fmt.Fprintf(env.stderr, "[%s] listening on %s (%s)\n", app.Name, boundAddr(f.Fd(), app.Listen[i].Address), app.Listen[i].Name)
+	}
+	err = dispatcher.Run(ctx, dispatcher.Options{
+		App:           app,
+		Listeners:     files,
+		Stdout:        env.stdout,
+		Stderr:        env.stderr,
+		Notify:        sdNotify,
+		HandleSignals: true,
+	})
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 1
+	}
+	return 0
 }
+
+// runApp builds the app from FILE.toml, or from --listen flags and a
+// command after "--".
+func runApp(args []string, listens listFlag) (*config.App, error) {
+	if len(listens) == 0 {
+		if len(args) != 1 {
+			return nil, fmt.Errorf("want FILE.toml, or --listen ADDRESS -- COMMAND (see 'cohort run --help')")
+		}
+		return config.ParseFile(args[0])
+	}
+	if len(args) == 0 {
+		return nil, fmt.Errorf("--listen needs a command: cohort run --listen %s -- COMMAND [ARGS…]", listens[0])
+	}
+	app := config.New(filepath.Base(args[0]))
+	app.Command = args
+	seen := map[string]bool{}
+	for i, l := range listens {
+		name, addr, ok := strings.Cut(l, "=")
+		if !ok {
+			name, addr = "listen"+strconv.Itoa(i), l
+		}
+		if seen[name] {
+			return nil, fmt.Errorf("--listen %s: name %q used twice", l, name)
+		}
+		seen[name] = true
+		kind, hint, err := config.ParseAddress(addr)
+		switch {
+		case err == nil:
+		case strings.HasPrefix(addr, "localhost:") && hint != "":
+			addr, kind = hint, config.ListenTCP
+		case strings.HasSuffix(addr, ":0"): // any free port, printed at start
+			kind = config.ListenTCP
+		default:
+			return nil, fmt.Errorf("--listen %s: %v", l, err)
+		}
+		app.Listen = append(app.Listen, config.Listener{Name: name, Address: addr, Kind: kind})
+	}
+	return app, nil
+}
+
+func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, name string, affinity bool) error {
+	if set["workers"] {
+		if workers == "auto" {
+			app.Workers = config.Workers{Auto: true}
+		} else {
+			n, err := strconv.Atoi(workers)
+			if err != nil || n < 1 || n > config.MaxWorkers {
+				return fmt.Errorf("--workers %q: want \"auto\" or 1 to %d", workers, config.MaxWorkers)
+			}
+			app.Workers = config.Workers{N: n}
+		}
+	}
+	if set["mode"] {
+		app.Mode = config.Mode(mode)
+	}
+	if set["ready"] {
+		switch ready {
+		case "notify":
+			app.Ready = config.Readiness{Kind: config.ReadyNotify}
+		case "exec":
+			app.Ready = config.Readiness{Kind: config.ReadyExec}
+		default:
+			d, err := config.ParseDuration(ready)
+			if err != nil {
+				return fmt.Errorf("--ready %q: want notify, exec or a duration: %v", ready, err)
+			}
+			app.Ready = config.Readiness{Kind: config.ReadyDelay, Delay: d}
+		}
+	}
+	if set["name"] {
+		if err := config.CheckAppName(name); err != nil {
+			return fmt.Errorf("--name: %v", err)
+		}
+		app.Name = name
+	}
+	if set["cpu-affinity"] {
+		app.CPUAffinity = affinity
+	}
+	return nil
+}
+
+// boundAddr is the address a listener actually got (the port for ":0").
+func boundAddr(fd uintptr, fallback string) string {
+	sa, err := syscall.Getsockname(int(fd))
+	if err != nil {
+		return fallback
+	}
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *syscall.SockaddrInet6:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	}
+	return fallback
+}
+
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }

@@ -1,0 +1,180 @@
+package dispatcher
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// BenchmarkSpawnToReady measures how long a restarted worker takes from
+// fork to ready: through the trampoline to a Go program's READY=1
+// (notify), and to exec of a program (exec).
+func BenchmarkSpawnToReady(b *testing.B) {
+	for _, tc := range []struct {
+		name  string
+		ready config.ReadyKind
+	}{{"notify-go-worker", config.ReadyNotify}, {"exec-sleep", config.ReadyExec}} {
+		b.Run(tc.name, func(b *testing.B) {
+			app := testApp(b, 1, map[string]string{"HELPER_READY": "1"})
+			if tc.ready == config.ReadyExec {
+				app.Command = []string{"/bin/sleep", "60"}
+			}
+			app.Ready = config.Readiness{Kind: tc.ready}
+			app.Restart = config.Restart{Initial: time.Millisecond, Max: time.Millisecond, MinUptime: time.Hour}
+			l, _ := tcpListener(b, "http")
+			rec, _ := startRun(b, Options{App: app, Listeners: []*os.File{l}})
+			from := 0
+			var total time.Duration
+			b.ResetTimer()
+			for range b.N {
+				st := rec.wait(b, &from, 20*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })
+				r := rec.wait(b, &from, 20*time.Second, "ready", func(e Event) bool { return e.Kind == WorkerReady && e.PID == st.PID })
+				total += r.Time.Sub(st.Time)
+				syscall.Kill(r.PID, syscall.SIGKILL)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(total.Microseconds())/float64(b.N)/1000, "ms/spawn-to-ready")
+		})
+	}
+}
+
+// BenchmarkSharedMode runs the same Go worker alone and under a
+// dispatcher process in shared mode (1 and 2 workers), puts each under the
+// same keep-alive load in interleaved rounds (the machine may be busy with
+// other work: interleaving spreads that noise evenly), and reports
+// requests per second, the ratios to "alone", and the CPU time the
+// dispatcher used meanwhile. Then ns/op is one keep-alive request through
+// the 2-worker dispatcher.
+func BenchmarkSharedMode(b *testing.B) {
+	const (
+		rounds = 3
+		dur    = time.Second
+		conns  = 8
+	)
+	type target struct {
+		name string
+		addr string
+		pid  int // the dispatcher, or 0
+		rps  float64
+		cpu  time.Duration
+	}
+	// Alone: the worker socket-activated by the test, as systemd would.
+	l, addr := tcpListener(b, "http")
+	alone := startActivated(b, []string{"COHORT_TEST_HELPER=worker"}, []*os.File{l})
+	targets := []*target{{name: "alone", addr: addr}}
+	for _, n := range []int{1, 2} {
+		app := testApp(b, n, map[string]string{"HELPER_READY": "1"})
+		app.Ready = config.Readiness{Kind: config.ReadyNotify}
+		l, addr := tcpListener(b, "http")
+		d := startDispatcherProc(b, app, []*os.File{l})
+		d.waitLine(b, 20*time.Second, fmt.Sprintf("all %d workers ready", n))
+		targets = append(targets, &target{name: fmt.Sprintf("cohort%d", n), addr: addr, pid: d.cmd.Process.Pid})
+	}
+	for _, t := range targets {
+		waitAnswer(b, t.addr)
+	}
+	for range rounds {
+		for _, t := range targets {
+			var before time.Duration
+			if t.pid != 0 {
+				before = procCPU(b, t.pid)
+			}
+			t.rps += load(b, t.addr, conns, dur) / rounds
+			if t.pid != 0 {
+				t.cpu += procCPU(b, t.pid) - before
+			}
+		}
+	}
+	a, c1, c2 := targets[0], targets[1], targets[2]
+	loadTime := rounds * dur
+	b.Logf("%d conns keep-alive, %d rounds of %s: alone %.0f req/s; shared 1 worker %.0f req/s (%.2fx), 2 workers %.0f req/s (%.2fx); dispatcher CPU %s (1 worker) and %s (2 workers) in %s of load (%.4f%% of a core)",
+		conns, rounds, dur, a.rps, c1.rps, c1.rps/a.rps, c2.rps, c2.rps/a.rps, c1.cpu, c2.cpu, loadTime, 100*c2.cpu.Seconds()/loadTime.Seconds())
+
+	c := &http.Client{Timeout: 5 * time.Second}
+	defer c.CloseIdleConnections()
+	for b.Loop() {
+		resp, err := c.Get("http://" + c2.addr + "/")
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	b.StopTimer()
+	// After b.Loop: it resets the timer, which drops reported metrics.
+	b.ReportMetric(a.rps, "alone-req/s")
+	b.ReportMetric(c1.rps, "cohort1-req/s")
+	b.ReportMetric(c2.rps, "cohort2-req/s")
+	b.ReportMetric(c1.rps/a.rps, "cohort1/alone")
+	b.ReportMetric(c2.rps/a.rps, "cohort2/alone")
+	b.ReportMetric(float64(c2.cpu.Microseconds())/1000, "dispatcher-cpu-ms")
+	b.ReportMetric(100*c2.cpu.Seconds()/loadTime.Seconds(), "dispatcher-cpu-%")
+	_ = alone
+}
+
+// waitAnswer waits until addr answers HTTP.
+func waitAnswer(b testing.TB, addr string) {
+	waitFor(b, 20*time.Second, "first answer from "+addr, func() bool {
+		_, err := get("http://" + addr + "/")
+		return err == nil
+	})
+}
+
+// load runs conns keep-alive clients against addr for dur and returns the
+// requests per second answered.
+func load(b testing.TB, addr string, conns int, dur time.Duration) float64 {
+	var ok atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	deadline := start.Add(dur)
+	for range conns {
+		wg.Go(func() {
+			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+			defer c.CloseIdleConnections()
+			for time.Now().Before(deadline) {
+				resp, err := c.Get("http://" + addr + "/")
+				if err != nil {
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					ok.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ok.Load()) / time.Since(start).Seconds()
+}
+
+// procCPU is the CPU time pid's threads have used, from schedstat (ns).
+func procCPU(b testing.TB, pid int) time.Duration {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total int64
+	for _, e := range ents {
+		s, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, e.Name()))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(s))
+		if len(f) > 0 {
+			n, _ := strconv.ParseInt(f[0], 10, 64)
+			total += n
+		}
+	}
+	return time.Duration(total)
+}
