@@ -366,3 +366,27 @@ func TestCPUAffinity(t *testing.T) {
 		}
 	}
 }
+
+// TestSystemdProtocol: WATCHDOG=1 reaches systemd at half its interval
+// from the loop, a ready delay is honoured, and a stop says STOPPING=1.
+func TestSystemdProtocol(t *testing.T) {
+	t.Parallel()
+	app := config.New("sd")
+	app.Command = []string{"/bin/sleep", "60"}
+	app.Workers = config.Workers{N: 2}
+	app.Ready = config.Readiness{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond}
+	rec, stop := startRun(t, Options{App: app, Watchdog: 100 * time.Millisecond})
+	from := 0
+	st := rec.wait(t, &from, 10*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })
+	r := rec.wait(t, &from, 10*time.Second, "ready", func(e Event) bool { return e.Kind == WorkerReady && e.PID == st.PID })
+	if d := r.Time.Sub(st.Time); d < 200*time.Millisecond {
+		t.Errorf("ready after %s, before the 200ms delay", d)
+	}
+	rec.waitNotify(t, 5*time.Second, "READY=1")
+	rec.waitNotify(t, 5*time.Second, "WATCHDOG=1")
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitNotify(t, time.Second, "STOPPING=1")
+	rec.waitNotify(t, time.Second, "STATUS=stopping")
+}
