@@ -1,0 +1,68 @@
+package activation
+
+import (
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+)
+
+var ready struct {
+	mu   sync.Mutex
+	sent bool
+	auto sync.Once
+}
+
+// Ready tells the service manager (systemd, or cohort's dispatcher for a
+// worker) that the process is ready: it sends READY=1 to NOTIFY_SOCKET. It
+// sends at most once per process: after a successful Ready, later calls and
+// the automatic one on the first Accept do nothing. Without NOTIFY_SOCKET
+// it does nothing and returns nil; it returns an error when sending fails.
+func Ready() error {
+	ready.mu.Lock()
+	defer ready.mu.Unlock()
+	if ready.sent {
+		return nil
+	}
+	if err := notify(daemon.SdNotifyReady); err != nil {
+		return err
+	}
+	ready.sent = true
+	return nil
+}
+
+// autoReady is called by every Accept: the first call sends READY=1 unless
+// Ready already has. A failure is not retried (there is nobody to tell).
+func autoReady() {
+	ready.auto.Do(func() { _ = Ready() })
+}
+
+// Status sends STATUS=s, a one-line message for `systemctl status` and
+// `cohort status`; newlines in s become spaces. It returns an error when
+// sending fails, nil without NOTIFY_SOCKET.
+func Status(s string) error {
+	return notify("STATUS=" + strings.ReplaceAll(s, "\n", " "))
+}
+
+// Stopping sends STOPPING=1: the process has begun a graceful shutdown. It
+// returns an error when sending fails, nil without NOTIFY_SOCKET.
+func Stopping() error {
+	return notify(daemon.SdNotifyStopping)
+}
+
+func notify(state string) error {
+	if _, err := daemon.SdNotify(false, state); err != nil {
+		return fmt.Errorf("sd_notify %s: %w", state, err)
+	}
+	return nil
+}
+
+// readyListener sends READY=1 on the first Accept of the process.
+type readyListener struct{ net.Listener }
+
+func (l readyListener) Accept() (net.Conn, error) {
+	autoReady()
+	return l.Listener.Accept()
+}

@@ -1,0 +1,306 @@
+package activation
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation/rr"
+)
+
+// ackEvery is the most connections Accept hands out before it acknowledges
+// them; it also acknowledges whenever the queue runs empty.
+const ackEvery = 16
+
+// demux reads the round-robin channel on behalf of all round-robin
+// listeners of a process. It has no goroutine of its own: whichever Accept
+// finds its queue empty reads the channel (one at a time) and queues what
+// arrives for each listener.
+type demux struct {
+	w *rr.Worker
+
+	mu          sync.Mutex
+	cond        *sync.Cond // signalled when reading or flushing ends, or a listener closes
+	queues      [][]rr.Delivery
+	listening   []*rrListener // open listener by index, or nil
+	open        int           // number of open listeners
+	queued      int           // total queued deliveries
+	reading     *rrListener   // the listener whose Accept is reading, or nil
+	interrupted bool          // a read deadline was set to wake the reader
+	err         error         // set once reading has ended for good
+	flushing    bool
+	sockClosed  bool
+	ack         []uint64 // taken, not yet acknowledged
+	closed      []uint64 // closed by the application, not yet reported
+	reject      []uint64 // not taken, fds closed, not yet reported
+}
+
+func newDemux(w *rr.Worker, n int) *demux {
+	d := &demux{w: w, queues: make([][]rr.Delivery, n), listening: make([]*rrListener, n)}
+	d.cond = sync.NewCond(&d.mu)
+	return d
+}
+
+func (d *demux) listen(i int, name string) (*rrListener, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.sockClosed {
+		return nil, fmt.Errorf("round-robin channel: %w", net.ErrClosed)
+	}
+	l := &rrListener{d: d, index: i, addr: rrAddr(name)}
+	d.listening[i] = l
+	d.open++
+	return l, nil
+}
+
+// accept implements rrListener.Accept.
+func (d *demux) accept(l *rrListener) (net.Conn, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for {
+		if l.closed {
+			return nil, fmt.Errorf("accept on %s: %w", l.addr, net.ErrClosed)
+		}
+		if q := d.queues[l.index]; len(q) > 0 {
+			dl := q[0]
+			q[0] = rr.Delivery{}
+			d.queues[l.index] = q[1:]
+			d.queued--
+			d.ack = append(d.ack, dl.ID)
+			if d.queued == 0 || len(d.ack) >= ackEvery {
+				d.flushLocked()
+			}
+			c, err := d.conn(dl)
+			if err != nil {
+				continue // acknowledged and dropped: handing it to another worker would fail too
+			}
+			return c, nil
+		}
+		if d.err != nil {
+			return nil, fmt.Errorf("accept on %s: %w", l.addr, d.err)
+		}
+		if d.reading != nil {
+			d.cond.Wait()
+			continue
+		}
+		d.flushLocked() // the queue is empty: acknowledge before waiting
+		if d.interrupted {
+			d.w.SetReadDeadline(time.Time{})
+			d.interrupted = false
+		}
+		d.reading = l
+		d.mu.Unlock()
+		ds, err := d.w.Recv()
+		d.mu.Lock()
+		d.reading = nil
+		d.cond.Broadcast()
+		switch {
+		case err == nil:
+			d.deliverLocked(ds)
+		case errors.Is(err, os.ErrDeadlineExceeded) && !d.sockClosed:
+			// woken by Close; loop to look at l.closed
+		case errors.Is(err, net.ErrClosed):
+			// The dispatcher is gone (or we closed the channel): nobody
+			// would get what we reject, so what is queued is still served.
+			if d.err == nil {
+				d.err = err
+			}
+		default:
+			if d.err == nil {
+				d.err = err
+			}
+			d.shutdownLocked()
+		}
+	}
+}
+
+// deliverLocked queues ds for their listeners and rejects the ones no open
+// listener takes.
+func (d *demux) deliverLocked(ds []rr.Delivery) {
+	for _, dl := range ds {
+		i := int(dl.Listener)
+		if i < len(d.listening) && d.listening[i] != nil && d.err == nil {
+			d.queues[i] = append(d.queues[i], dl)
+			d.queued++
+			continue
+		}
+		dl.File.Close()
+		d.reject = append(d.reject, dl.ID)
+	}
+	if len(d.reject) > 0 {
+		d.flushLocked()
+	}
+}
+
+// conn turns a taken delivery into a net.Conn that reports its Close.
+func (d *demux) conn(dl rr.Delivery) (net.Conn, error) {
+	c, err := net.FileConn(dl.File)
+	dl.File.Close()
+	if err != nil {
+		return nil, err
+	}
+	onClose := func() { d.connClosed(dl.ID) }
+	if tc, ok := c.(*net.TCPConn); ok {
+		return &tcpConn{TCPConn: tc, onClose: onClose}, nil
+	}
+	return &otherConn{Conn: c, onClose: onClose}, nil
+}
+
+func (d *demux) connClosed(id uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.sockClosed {
+		return
+	}
+	d.closed = append(d.closed, id)
+	d.flushLocked()
+}
+
+// flushLocked sends pending ACK, REJECT and CLOSED ids, in that order,
+// unless another goroutine is already sending (it then sends ours too). It
+// is called and returns with d.mu held, and releases it while sending.
+func (d *demux) flushLocked() {
+	if d.flushing {
+		return
+	}
+	d.flushing = true
+	for !d.sockClosed && len(d.ack)+len(d.reject)+len(d.closed) > 0 {
+		ack, reject, closed := d.ack, d.reject, d.closed
+		d.ack, d.reject, d.closed = nil, nil, nil
+		d.mu.Unlock()
+		err := d.w.Send(rr.TypeAck, ack)
+		if err == nil {
+			err = d.w.Send(rr.TypeReject, reject)
+		}
+		if err == nil {
+			err = d.w.Send(rr.TypeClosed, closed)
+		}
+		d.mu.Lock()
+		if err != nil {
+			// The dispatcher is gone or the channel broke: it can no
+			// longer learn anything, so stop reporting and stop reading
+			// (what is queued is still served).
+			if d.err == nil {
+				d.err = fmt.Errorf("round-robin channel: %w: %w", err, net.ErrClosed)
+			}
+			d.ack, d.reject, d.closed = nil, nil, nil
+			d.sockClosed = true
+			d.w.Close()
+		}
+	}
+	d.flushing = false
+	d.cond.Broadcast()
+}
+
+// shutdownLocked rejects everything queued, reports it and closes the
+// channel, so that the dispatcher hands what the worker did not take to
+// another worker.
+func (d *demux) shutdownLocked() {
+	for i, q := range d.queues {
+		for _, dl := range q {
+			dl.File.Close()
+			d.reject = append(d.reject, dl.ID)
+		}
+		d.queues[i] = nil
+	}
+	d.queued = 0
+	for d.flushing {
+		d.cond.Wait()
+	}
+	d.flushLocked()
+	if !d.sockClosed {
+		d.sockClosed = true
+		d.w.Close()
+	}
+	d.cond.Broadcast()
+}
+
+// close implements rrListener.Close.
+func (d *demux) close(l *rrListener) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("close %s: %w", l.addr, net.ErrClosed)
+	}
+	l.closed = true
+	d.listening[l.index] = nil
+	d.open--
+	for _, dl := range d.queues[l.index] {
+		dl.File.Close()
+		d.reject = append(d.reject, dl.ID)
+	}
+	d.queued -= len(d.queues[l.index])
+	d.queues[l.index] = nil
+	if d.open == 0 {
+		if d.err == nil {
+			d.err = fmt.Errorf("round-robin channel: all listeners closed: %w", net.ErrClosed)
+		}
+		d.shutdownLocked() // also wakes a blocked reader: its Recv fails
+		return nil
+	}
+	if d.reading == l && !d.interrupted {
+		d.w.SetReadDeadline(time.Now())
+		d.interrupted = true
+	}
+	d.flushLocked()
+	d.cond.Broadcast()
+	return nil
+}
+
+// rrListener is a round-robin listener: a net.Listener over the channel.
+type rrListener struct {
+	d      *demux
+	index  int
+	addr   rrAddr
+	closed bool // under d.mu
+}
+
+// Accept returns the next connection the dispatcher handed over for this
+// listener. The first Accept of the process sends READY=1.
+func (l *rrListener) Accept() (net.Conn, error) {
+	autoReady()
+	return l.d.accept(l)
+}
+
+// Close stops this listener: connections queued for it are rejected (the
+// dispatcher hands them to another worker) and a blocked Accept returns.
+func (l *rrListener) Close() error { return l.d.close(l) }
+
+// Addr returns the listener's name, with network "cohort-rr".
+func (l *rrListener) Addr() net.Addr { return l.addr }
+
+// rrAddr is the address of a round-robin listener: its name.
+type rrAddr string
+
+func (a rrAddr) Network() string { return rr.FDName }
+func (a rrAddr) String() string  { return string(a) }
+
+// tcpConn is a handed-over TCP connection; embedding keeps *net.TCPConn's
+// methods (ReadFrom for sendfile, CloseWrite, keep-alive settings).
+type tcpConn struct {
+	*net.TCPConn
+	once    sync.Once
+	onClose func()
+}
+
+func (c *tcpConn) Close() error {
+	err := c.TCPConn.Close()
+	c.once.Do(c.onClose)
+	return err
+}
+
+// otherConn is a handed-over connection of another kind (a unix socket).
+type otherConn struct {
+	net.Conn
+	once    sync.Once
+	onClose func()
+}
+
+func (c *otherConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.onClose)
+	return err
+}
