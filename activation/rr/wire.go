@@ -67,6 +67,7 @@ const (
 	TypeReject Type = 4
 )
 
+// String returns the name used in docs/protocol.md, such as "ACK".
 func (t Type) String() string {
 	switch t {
 	case TypeConns:
