@@ -42,8 +42,11 @@ function serve() {
     'Content-Type': 'text/plain',
     'Content-Length': Buffer.byteLength(body),
   };
+  const closing = { ...headers, Connection: 'close' };
+  // Once the server is closing (reload, stop), busy keep-alive connections
+  // are told to go away after their current response, as Go's Shutdown does.
   const server = http.createServer((req, res) => {
-    res.writeHead(200, headers);
+    res.writeHead(200, server.listening ? headers : closing);
     res.end(body);
   });
   server.keepAliveTimeout = 30000;
@@ -71,6 +74,7 @@ function primary(n) {
   let generation = 1;
   let reloading = false;
   let pending = false;
+  let stopping = false;
 
   function fork(slot) {
     const w = cluster.fork({ BENCH_SLOT: String(slot) });
@@ -103,7 +107,9 @@ function primary(n) {
         old.replaced = true;
         const gone = new Promise((resolve) => old.once('exit', resolve));
         old.disconnect(); // closes its server: in-flight requests finish
+        const timer = setTimeout(() => old.process.kill('SIGKILL'), 10000);
         await gone;
+        clearTimeout(timer);
       }
     }
     console.log(`reload done gen=${generation} in ${Date.now() - start} ms`);
@@ -114,7 +120,6 @@ function primary(n) {
     }
   }
 
-  let stopping = false;
   function stop() {
     stopping = true;
     for (const w of Object.values(cluster.workers)) w.process.kill('SIGTERM');

@@ -1,0 +1,244 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestSmoke runs the harness for real on two Node rows (the app alone and
+// Node's cluster) for a second each and checks the table and the chart.
+func TestSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts node processes and loads them for a few seconds")
+	}
+	if _, err := exec.LookPath("node"); err != nil {
+		t.Skip("node is not installed")
+	}
+	out := t.TempDir()
+	var log bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
+	defer cancel()
+	rep, err := Run(ctx, Config{
+		Root:     "../..",
+		Work:     t.TempDir(),
+		Out:      out,
+		Workers:  2,
+		Conns:    8,
+		Warmup:   200 * time.Millisecond,
+		Duration: time.Second,
+		BasePort: 18700,
+		Only:     []string{"node-alone", "node-cluster-rr"},
+		Log:      &log,
+	})
+	if err != nil {
+		t.Fatalf("Run: %v\n%s", err, log.String())
+	}
+	if len(rep.Rows) != 2 {
+		t.Fatalf("got %d rows, want 2", len(rep.Rows))
+	}
+	for _, r := range rep.Rows {
+		if r.NA != "" {
+			t.Fatalf("%s: %s\n%s", r.ID, r.NA, log.String())
+		}
+		for _, m := range []*Measurement{r.KeepAlive, r.Close} {
+			if !m.ok() || m.RPS <= 0 || m.Requests == 0 {
+				t.Errorf("%s: no requests measured: %+v", r.ID, m)
+			}
+		}
+	}
+	if w := len(rep.Rows[1].KeepAlive.PerWorker); w != 2 {
+		t.Errorf("cluster row: %d workers answered, want 2: %v", w, rep.Rows[1].KeepAlive.PerWorker)
+	}
+
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"Node alone (1 process)", "Node cluster SCHED_RR"} {
+		line := tableLine(string(md), name)
+		if line == "" {
+			t.Fatalf("results.md has no row %q:\n%s", name, md)
+		}
+		cells := strings.Split(line, "|")
+		if len(cells) < 8 || strings.TrimSpace(cells[2]) == "0" || strings.TrimSpace(cells[7]) == "0" {
+			t.Errorf("row %q has no req/s: %s", name, line)
+		}
+	}
+	svg, err := os.ReadFile(filepath.Join(out, "results.svg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if root, err := parseXML(svg); err != nil || root != "svg" {
+		t.Errorf("results.svg: root %q, err %v", root, err)
+	}
+}
+
+func tableLine(md, name string) string {
+	for _, l := range strings.Split(md, "\n") {
+		if strings.HasPrefix(l, "| "+name+" |") {
+			return l
+		}
+	}
+	return ""
+}
+
+// parseXML checks that b is well-formed XML and returns its root element.
+func parseXML(b []byte) (string, error) {
+	d := xml.NewDecoder(bytes.NewReader(b))
+	root := ""
+	for {
+		tok, err := d.Token()
+		if errors.Is(err, io.EOF) {
+			return root, nil
+		}
+		if err != nil {
+			return root, err
+		}
+		if se, ok := tok.(xml.StartElement); ok && root == "" {
+			root = se.Name.Local
+		}
+	}
+}
+
+// serveHello serves "worker <i>" bodies from n servers sharing one
+// listener, closing a keep-alive connection after every closeEvery
+// responses if closeEvery > 0 (without telling the client).
+func serveHello(t *testing.T, n int) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		body := fmt.Sprintf("worker %d\n", i)
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+			io.WriteString(w, body)
+		})}
+		go srv.Serve(ln) // stopped by the cleanup below
+		t.Cleanup(func() { srv.Close() })
+	}
+	return ln.Addr().String()
+}
+
+func TestApply(t *testing.T) {
+	addr := serveHello(t, 2)
+	for _, keep := range []bool{true, false} {
+		res, err := Apply(context.Background(), Load{Addr: addr, Conns: 4, KeepAlive: keep, Warmup: 50 * time.Millisecond, Duration: 300 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Requests == 0 || res.Errors.Total() != 0 || res.P50 <= 0 || res.P99 < res.P50 {
+			t.Fatalf("keep-alive %v: %+v", keep, res)
+		}
+		var sum int64
+		for k, n := range res.PerWorker {
+			if !strings.HasPrefix(k, "worker ") {
+				t.Errorf("worker key %q", k)
+			}
+			sum += n
+		}
+		if sum != res.Requests {
+			t.Errorf("per-worker counts add up to %d, want %d", sum, res.Requests)
+		}
+	}
+}
+
+func TestApplyOnlyLoopback(t *testing.T) {
+	for _, addr := range []string{"10.0.0.1:80", "localhost:80", "[::1]:80", "127.0.0.1:x", "example.com:80"} {
+		if _, err := Apply(context.Background(), Load{Addr: addr, Conns: 1, Duration: time.Millisecond}); err == nil {
+			t.Errorf("Apply(%q) did not refuse", addr)
+		}
+	}
+}
+
+// TestApplyRetriesClosedKeepAlive: a server that closes idle keep-alive
+// connections without "Connection: close" costs retries, not errors.
+func TestApplyRetriesClosedKeepAlive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var served atomic.Int64
+	go func() { // stopped by ln.Close
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { // ends with the connection
+				defer c.Close()
+				buf := make([]byte, 4096)
+				for range 3 { // three responses, then a silent close
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+					served.Add(1)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}()
+		}
+	}()
+	res, err := Apply(context.Background(), Load{Addr: ln.Addr().String(), Conns: 2, KeepAlive: true, Duration: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Requests == 0 || res.Errors.Retried == 0 || res.Errors.Total() != 0 {
+		t.Fatalf("got %+v, want requests, retries and no errors", res)
+	}
+}
+
+func TestSpread(t *testing.T) {
+	r := Result{PerWorker: map[string]int64{"a": 110, "b": 100}}
+	if s := r.Spread(2); math.Abs(s-1.1) > 1e-9 {
+		t.Errorf("spread %v, want 1.1", s)
+	}
+	if s := r.Spread(3); !math.IsInf(s, 1) {
+		t.Errorf("spread with an idle worker %v, want +Inf", s)
+	}
+}
+
+func TestTargets(t *testing.T) {
+	m := func(rps float64) *Measurement {
+		return &Measurement{Result: Result{RPS: rps}, Spread: 1.05}
+	}
+	rows := []Row{
+		{ID: "node-cluster-none", KeepAlive: m(100), Close: m(100)},
+		{ID: "node-cluster-rr", KeepAlive: m(90), Close: m(50)},
+		{ID: "pm2", KeepAlive: m(80), Close: m(40)},
+		{ID: "cohort-shared-node", KeepAlive: m(99), Close: m(120)},
+		{ID: "cohort-shared-go", KeepAlive: m(100), Close: m(100)},
+		{ID: "cohort-rr-go", NA: "not available in this build: no"},
+		{ID: "reload-cohort", Reload: true, KeepAlive: m(1), Close: m(1)},
+	}
+	got := map[string]string{}
+	for _, tg := range targets(rows) {
+		got[tg.Name] = tg.Result()
+	}
+	for name, want := range map[string]string{
+		"cohort round-robin ≥ 85 % of shared (Go, new-conn)":  "n/a",
+		"cohort shared (Node) ≥ Node SCHED_NONE, keep-alive":  "MISS",
+		"cohort shared (Node) ≥ Node SCHED_NONE, new-conn":    "PASS",
+		"cohort shared (Node) ≥ PM2, keep-alive":              "PASS",
+		"cohort reload: 0 errors under load (both workloads)": "PASS",
+	} {
+		if got[name] != want {
+			t.Errorf("%s: %s, want %s (all: %v)", name, got[name], want, got)
+		}
+	}
+}

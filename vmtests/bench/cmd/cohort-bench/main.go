@@ -1,0 +1,71 @@
+// Command cohort-bench runs cohort's load benchmark (package
+// vmtests/bench) and writes the markdown table, SVG chart and JSON into
+// -out. It prints each target with PASS or MISS; a MISS does not fail the
+// command, only a harness error does.
+//
+//	go run ./vmtests/bench/cmd/cohort-bench -cohort bin/cohort -out docs/bench
+//	go run ./vmtests/bench/cmd/cohort-bench -only node-alone,node-cluster-rr -duration 2s
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/vmtests/bench"
+)
+
+func main() {
+	var cfg bench.Config
+	var only string
+	flag.StringVar(&cfg.Root, "root", ".", "the repository root")
+	flag.StringVar(&cfg.Out, "out", "", "write results.md, results.svg and results.json into `dir`")
+	flag.StringVar(&cfg.Cohort, "cohort", "", "the cohort `binary` (default: built from ./cmd/cohort)")
+	flag.IntVar(&cfg.Workers, "workers", 0, "workers per cluster (default: the number of CPUs)")
+	flag.IntVar(&cfg.Conns, "conns", 64, "concurrent connections")
+	flag.DurationVar(&cfg.Warmup, "warmup", time.Second, "warm-up before each measured window")
+	flag.DurationVar(&cfg.Duration, "duration", 5*time.Second, "measured window per row and workload")
+	flag.DurationVar(&cfg.Reload, "reload", 6*time.Second, "measured window of a reload row")
+	flag.IntVar(&cfg.LoadProcs, "load-procs", 0, "GOMAXPROCS of the load generator (default: half the CPUs)")
+	flag.IntVar(&cfg.BasePort, "port", 18300, "first port; each row uses the next one")
+	flag.StringVar(&only, "only", "", "comma-separated setup `ids` to run (default: all; -list shows them)")
+	list := flag.Bool("list", false, "list the setups and exit")
+	flag.Parse()
+	if *list {
+		for _, s := range bench.Setups() {
+			fmt.Printf("%-20s %s\n", s[0], s[1])
+		}
+		return
+	}
+	if only != "" {
+		cfg.Only = strings.Split(only, ",")
+	}
+	cfg.Log = os.Stderr
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	start := time.Now()
+	rep, err := bench.Run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "cohort-bench:", err)
+		os.Exit(1)
+	}
+	fmt.Print(rep.Markdown())
+	fmt.Println()
+	for _, t := range rep.Targets {
+		fmt.Printf("%-4s %-14s %s", t.Result(), t.RatioText, t.Name)
+		if t.Why != "" {
+			fmt.Printf("  — %s", t.Why)
+		}
+		fmt.Println()
+	}
+	fmt.Fprintf(os.Stderr, "cohort-bench: done in %v", time.Since(start).Round(time.Second))
+	if cfg.Out != "" {
+		fmt.Fprintf(os.Stderr, "; results in %s", cfg.Out)
+	}
+	fmt.Fprintln(os.Stderr)
+}

@@ -1,0 +1,192 @@
+package bench
+
+import (
+	"fmt"
+	"slices"
+)
+
+// Target is one of the issue's goals, stated as a ratio of two rows of
+// the same run.
+type Target struct {
+	Name      string  `json:"name"`
+	Ratio     float64 `json:"ratio"` // 0 when not measured (NA)
+	RatioText string  `json:"ratio_text"`
+	Pass      bool    `json:"pass"`
+	NA        bool    `json:"na,omitempty"`
+	Why       string  `json:"why,omitempty"`
+}
+
+// Result is "PASS", "MISS" or "n/a".
+func (t Target) Result() string {
+	switch {
+	case t.NA:
+		return "n/a"
+	case t.Pass:
+		return "PASS"
+	}
+	return "MISS"
+}
+
+// noise is the run-to-run variation of a throughput ratio on a small
+// machine where the load generator shares the CPUs; a MISS within it says
+// so.
+const noise = 0.05
+
+func find(rows []Row, id string) *Row {
+	for i := range rows {
+		if rows[i].ID == id {
+			return &rows[i]
+		}
+	}
+	return nil
+}
+
+// pick returns a workload of a row, or why it is missing.
+func pick(rows []Row, id string, keep bool) (*Measurement, string) {
+	r := find(rows, id)
+	switch {
+	case r == nil:
+		return nil, id + " was not run"
+	case r.NA != "":
+		return nil, r.Name + ": " + r.NA
+	}
+	m := r.Close
+	if keep {
+		m = r.KeepAlive
+	}
+	if !m.ok() {
+		if m == nil {
+			return nil, r.Name + " was not measured"
+		}
+		return nil, r.Name + ": " + m.NA
+	}
+	return m, ""
+}
+
+func workload(keep bool) string {
+	if keep {
+		return "keep-alive"
+	}
+	return "new-conn"
+}
+
+// targets evaluates the issue's targets on rows.
+func targets(rows []Row) []Target {
+	var ts []Target
+	na := func(name, why string) Target {
+		return Target{Name: name, RatioText: "—", NA: true, Why: why}
+	}
+
+	// Round-robin penalty: cohort's (Go app) against Node's (Node app),
+	// new-connection load, where the hop costs most.
+	{
+		name := "cohort round-robin penalty < Node's: (cohort rr ÷ shared, Go) > (Node SCHED_RR ÷ SCHED_NONE), new-conn"
+		rr, why1 := pick(rows, "cohort-rr-go", false)
+		sh, why2 := pick(rows, "cohort-shared-go", false)
+		nrr, why3 := pick(rows, "node-cluster-rr", false)
+		nnone, why4 := pick(rows, "node-cluster-none", false)
+		if why := firstOf(why1, why2, why3, why4); why != "" {
+			ts = append(ts, na(name, why))
+		} else {
+			c, n := rr.RPS/sh.RPS, nrr.RPS/nnone.RPS
+			t := Target{Name: name, Ratio: c / n, RatioText: fmt.Sprintf("%.2f vs %.2f", c, n), Pass: c > n}
+			if !t.Pass {
+				t.Why = fmt.Sprintf("cohort loses %.0f %% to the hop, Node %.0f %%", 100*(1-c), 100*(1-n))
+			}
+			ts = append(ts, t)
+		}
+	}
+	{
+		name := "cohort round-robin ≥ 85 % of shared (Go, new-conn)"
+		rr, why1 := pick(rows, "cohort-rr-go", false)
+		sh, why2 := pick(rows, "cohort-shared-go", false)
+		if why := firstOf(why1, why2); why != "" {
+			ts = append(ts, na(name, why))
+		} else {
+			ts = append(ts, atLeast(name, rr.RPS/sh.RPS, 0.85, "the dispatcher's accept+SCM_RIGHTS hop costs more than 15 % here"))
+		}
+	}
+	for _, base := range []struct{ id, name string }{{"node-cluster-none", "Node SCHED_NONE"}, {"pm2", "PM2"}} {
+		for _, keep := range []bool{true, false} {
+			name := fmt.Sprintf("cohort shared (Node) ≥ %s, %s", base.name, workload(keep))
+			c, why1 := pick(rows, "cohort-shared-node", keep)
+			b, why2 := pick(rows, base.id, keep)
+			if why := firstOf(why1, why2); why != "" {
+				ts = append(ts, na(name, why))
+				continue
+			}
+			ts = append(ts, atLeast(name, c.RPS/b.RPS, 1, ""))
+		}
+	}
+	for _, keep := range []bool{true, false} {
+		name := "cohort round-robin spread max/min ≤ 1.1, " + workload(keep)
+		m, why := pick(rows, "cohort-rr-go", keep)
+		if why != "" {
+			ts = append(ts, na(name, why))
+			continue
+		}
+		t := Target{Name: name, Ratio: m.Spread, RatioText: spread(m.Spread), Pass: m.Spread > 0 && m.Spread <= 1.1}
+		if !t.Pass {
+			t.Why = perWorkerText(m)
+		}
+		ts = append(ts, t)
+	}
+	{
+		name := "cohort reload: 0 errors under load (both workloads)"
+		var errs Errors
+		var why string
+		for _, keep := range []bool{true, false} {
+			m, w := pick(rows, "reload-cohort", keep)
+			if w != "" {
+				why = firstOf(why, w)
+				continue
+			}
+			errs.add(m.Errors)
+		}
+		if why != "" {
+			ts = append(ts, na(name, why))
+		} else {
+			t := Target{Name: name, Ratio: float64(errs.Total()), RatioText: fmt.Sprint(errs.Total()), Pass: errs.Total() == 0}
+			if !t.Pass {
+				t.Why = "errors: " + errs.String()
+			}
+			ts = append(ts, t)
+		}
+	}
+	return ts
+}
+
+// atLeast is a throughput-ratio target; a MISS within noise says so.
+func atLeast(name string, ratio, want float64, why string) Target {
+	t := Target{Name: name, Ratio: ratio, RatioText: fmt.Sprintf("%.2f", ratio), Pass: ratio >= want}
+	if !t.Pass {
+		if ratio >= want-noise {
+			t.Why = fmt.Sprintf("within %.0f %% of the target: run-to-run noise with the load generator on the same %s", 100*noise, "CPUs")
+		} else {
+			t.Why = why
+		}
+	}
+	return t
+}
+
+func perWorkerText(m *Measurement) string {
+	s := "requests per worker:"
+	keys := make([]string, 0, len(m.PerWorker))
+	for k := range m.PerWorker {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		s += fmt.Sprintf(" %s: %d;", k, m.PerWorker[k])
+	}
+	return s
+}
+
+func firstOf(s ...string) string {
+	for _, x := range s {
+		if x != "" {
+			return x
+		}
+	}
+	return ""
+}
