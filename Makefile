@@ -11,6 +11,7 @@ all: build
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/cohort-hello ./examples/hello
 
 # The whole suite: lint, unit and integration tests, short fuzz runs, then
 # the end-to-end tests under a real systemd.
@@ -30,7 +31,11 @@ lint:
 # Short coverage-guided runs of every fuzz target (the seed corpora also run
 # in `go test`).
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 20s ./generator/config
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./generator/config
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDuration$$' -fuzztime 10s ./generator/config
+	$(GO) test -run '^$$' -fuzz '^FuzzParseNotification$$' -fuzztime 20s ./dispatcher
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime 10s ./dispatcher/control
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
@@ -42,8 +47,9 @@ vmtest:
 	COHORT_VMTEST=1 $(GO) test -count=1 -timeout 20m -v ./vmtests/
 
 # The README's "main job": the example worker on 127.0.0.1:8080, one per CPU.
+# examples/hello.toml runs "cohort-hello", found on PATH.
 run: build
-	$(BIN)/cohort run examples/hello.toml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cohort run examples/hello.toml
 
 clean:
 	rm -rf $(BIN) dist

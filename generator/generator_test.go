@@ -169,7 +169,7 @@ func TestGeneratorBinary(t *testing.T) {
 
 	normal, early, late := t.TempDir(), t.TempDir(), t.TempDir()
 	cmd := exec.Command(bin, normal, early, late)
-	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir)
+	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	err := cmd.Run()
@@ -214,7 +214,7 @@ func TestGeneratorBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd = exec.Command(bin, t.TempDir(), early, late)
-	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir)
+	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr")
 	if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
 		t.Errorf("good files only: %v\n%s", err, out)
 	}

@@ -5,11 +5,13 @@
 //
 // and it writes <app>.socket and <app>.service for every app file on the
 // search path (/etc/cohort, /run/cohort, /usr/lib/cohort) into NORMAL_DIR.
-// A bad app file is reported on stderr, which systemd logs, and skipped;
-// the exit status is 1 when any file was skipped. See cohort-generator(8).
+// A bad app file is reported in the kernel log or the journal (systemd gives
+// generators no stderr; see log.go) and on stderr, and skipped; the exit
+// status is 1 when any file was skipped. See cohort-generator(8).
 //
 // For tests, COHORT_SEARCH_PATH and COHORT_UNIT_DIRS (colon-separated)
-// replace the app search path and the unit directories checked for clashes.
+// replace the app search path and the unit directories checked for clashes,
+// and COHORT_GENERATOR_LOG=stderr keeps the report off the system's logs.
 package main
 
 import (
@@ -30,13 +32,14 @@ func run(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: cohort-generator NORMAL_DIR [EARLY_DIR LATE_DIR]")
 		return 2
 	}
+	log := newSystemLog(os.Stderr, os.Getenv("COHORT_GENERATOR_LOG") == "stderr")
 	g := &generator.Generator{
 		SearchPath: pathList("COHORT_SEARCH_PATH", config.SearchPath()),
 		Options:    generator.Options{UnitDirs: pathList("COHORT_UNIT_DIRS", generator.UnitDirs())},
-		Log:        os.Stderr,
+		Log:        log,
 	}
 	if err := g.Run(args[0]); err != nil {
-		fmt.Fprintf(os.Stderr, "cohort-generator: %v\n", err)
+		fmt.Fprintf(log, "cohort-generator: %v\n", err)
 		return 1
 	}
 	return 0

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/coreos/go-systemd/v22/journal"
+)
+
+// systemLog carries the generator's report lines to where an administrator
+// finds them. systemd runs generators with stderr on /dev/null, so like
+// systemd's own generators it writes to the kernel log (/dev/kmsg, which
+// journald reads, and which exists even at early boot); where there is no
+// kmsg (a container) it sends to journald directly. Lines are copied to
+// stderr too, for people running the generator by hand.
+type systemLog struct {
+	kmsg    io.Writer // nil when /dev/kmsg cannot be opened
+	journal bool
+	stderr  io.Writer
+	pid     int
+	partial []byte
+}
+
+func newSystemLog(stderr io.Writer, stderrOnly bool) *systemLog {
+	l := &systemLog{stderr: stderr, pid: os.Getpid()}
+	if stderrOnly {
+		return l
+	}
+	l.journal = journal.Enabled()
+	if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
+		l.kmsg = f
+	}
+	return l
+}
+
+// Write splits p into lines and logs each complete one.
+func (l *systemLog) Write(p []byte) (int, error) {
+	l.partial = append(l.partial, p...)
+	for {
+		i := bytes.IndexByte(l.partial, '\n')
+		if i < 0 {
+			return len(p), nil
+		}
+		l.line(string(l.partial[:i]))
+		l.partial = l.partial[i+1:]
+	}
+}
+
+// facilityDaemon is LOG_DAEMON, the facility systemd's generators log with.
+const facilityDaemon = 3 << 3
+
+func (l *systemLog) line(msg string) {
+	fmt.Fprintln(l.stderr, msg)
+	prio := journal.PriErr
+	if strings.HasPrefix(msg, "cohort-generator: skipped") {
+		prio = journal.PriWarning
+	}
+	msg = strings.TrimPrefix(msg, "cohort-generator: ")
+	switch {
+	case l.kmsg != nil:
+		// One write is one kernel log record.
+		fmt.Fprintf(l.kmsg, "<%d>cohort-generator[%d]: %s\n", facilityDaemon|int(prio), l.pid, msg)
+	case l.journal:
+		_ = journal.Send(msg, prio, map[string]string{"SYSLOG_IDENTIFIER": "cohort-generator"})
+	}
+}
