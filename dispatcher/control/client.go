@@ -34,10 +34,14 @@ func Call(ctx context.Context, path string, req Request) (*Reply, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := conn.Write(append(b, '\n')); err != nil {
-		return nil, fmt.Errorf("send %s request: %w", req.Cmd, err)
-	}
+	// A server that refuses the peer answers and hangs up at once, maybe
+	// before the request is written: then the write fails, but the
+	// refusal is waiting to be read, and it says more than EPIPE.
+	_, writeErr := conn.Write(append(b, '\n'))
 	line, err := bufio.NewReader(conn).ReadBytes('\n')
+	if err != nil && writeErr != nil {
+		return nil, fmt.Errorf("send %s request: %w", req.Cmd, writeErr)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%s: %w", req.Cmd, ctx.Err())
