@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -39,6 +40,9 @@ type Config struct {
 	// Warmup and Duration of every row; Reload is the measured window of
 	// a reload row (the reload starts one second into it).
 	Warmup, Duration, Reload time.Duration
+	// Repeat runs every throughput row this many times, in interleaved
+	// rounds, and reports the median (default 1).
+	Repeat int
 	// LoadProcs is GOMAXPROCS while the load runs (0: half the CPUs, at
 	// least 1), so the generator leaves CPU to the servers.
 	LoadProcs int
@@ -76,6 +80,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Reload <= 0 {
 		c.Reload = max(c.Duration, 6*time.Second)
+	}
+	if c.Repeat <= 0 {
+		c.Repeat = 1
 	}
 	if c.LoadProcs <= 0 {
 		c.LoadProcs = max(1, runtime.NumCPU()/2)
@@ -168,6 +175,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep := &Report{
 		Date:     time.Now(),
+		LoadAvg:  loadavg(),
 		Machine:  machine(cfg.Root, r.versions),
 		Workers:  cfg.Workers,
 		Conns:    cfg.Conns,
@@ -175,16 +183,36 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Duration: cfg.Duration,
 		Reload:   cfg.Reload,
 		Procs:    cfg.LoadProcs,
+		Repeat:   cfg.Repeat,
+	}
+	// Throughput rows run Repeat times in interleaved rounds, so that a
+	// slow spell of the machine hits every setup alike; each workload
+	// keeps its median run. Reload rows run once, at the end.
+	runs := map[string][]Row{}
+	for round := range cfg.Repeat {
+		r.logf("round %d/%d", round+1, cfg.Repeat)
+		for _, s := range setups {
+			if !r.selected(s) || s.reload {
+				continue
+			}
+			runs[s.id] = append(runs[s.id], r.row(ctx, s))
+			if err := ctx.Err(); err != nil {
+				return nil, fmt.Errorf("benchmark interrupted at %s: %w", s.id, err)
+			}
+		}
 	}
 	for _, s := range setups {
-		if len(cfg.Only) > 0 && !slices.Contains(cfg.Only, s.id) {
+		if !r.selected(s) {
 			continue
 		}
-		row := r.row(ctx, s)
+		if !s.reload {
+			rep.Rows = append(rep.Rows, medianRow(runs[s.id]))
+			continue
+		}
+		rep.Rows = append(rep.Rows, r.row(ctx, s))
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("benchmark interrupted at %s: %w", s.id, err)
 		}
-		rep.Rows = append(rep.Rows, row)
 	}
 	rep.Targets = targets(rep.Rows)
 	if cfg.Out != "" {
@@ -329,6 +357,44 @@ func (r *runner) row(ctx context.Context, s setup) Row {
 	return row
 }
 
+// medianRow merges the runs of one setup: per workload the run with the
+// median req/s, with every run's req/s in Runs. A setup is not available
+// only if no run worked.
+func medianRow(runs []Row) Row {
+	var out Row
+	for _, r := range runs {
+		if out.ID == "" || (out.NA != "" && r.NA == "") {
+			out = r
+		}
+	}
+	if out.NA != "" {
+		return out
+	}
+	for _, keep := range []bool{true, false} {
+		var ms []*Measurement
+		for _, r := range runs {
+			if m := r.get(keep); r.NA == "" && m.ok() {
+				ms = append(ms, m)
+			}
+		}
+		if len(ms) == 0 {
+			continue
+		}
+		slices.SortFunc(ms, func(a, b *Measurement) int { return cmp.Compare(a.RPS, b.RPS) })
+		med := *ms[(len(ms)-1)/2]
+		med.Runs = nil
+		for _, m := range ms {
+			med.Runs = append(med.Runs, m.RPS)
+		}
+		if keep {
+			out.KeepAlive = &med
+		} else {
+			out.Close = &med
+		}
+	}
+	return out
+}
+
 // notAvailable phrases a setup's failure to start.
 func notAvailable(s setup, err error) string {
 	if s.cohort {
@@ -409,10 +475,12 @@ func (r *runner) measureReload(ctx context.Context, addr string, inst *instance,
 // errUnavailable marks a reload the build does not support.
 var errUnavailable = errors.New("reload not supported")
 
-func procAlive(p *proc) func() error {
+// procAlive reports p's exit with the last lines of its log (cohort's
+// own error is its last line; Node's is above its version line).
+func procAlive(p *proc, lines int) func() error {
 	return func() error {
 		if p.exited() {
-			return fmt.Errorf("%w (%v): %s", errExited, p.err, p.tail(2))
+			return fmt.Errorf("%s (%w: %v)", p.tail(lines), errExited, p.err)
 		}
 		return nil
 	}
@@ -423,7 +491,7 @@ func (r *runner) nodeAlone(addr string) (*instance, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &instance{alive: procAlive(p)}, nil
+	return &instance{alive: procAlive(p, 2)}, nil
 }
 
 // nodeCluster runs hello.js as a cluster primary with Node's scheduling
@@ -436,7 +504,7 @@ func nodeCluster(policy string) func(r *runner, addr string) (*instance, error) 
 		if err != nil {
 			return nil, err
 		}
-		inst := &instance{alive: procAlive(p)}
+		inst := &instance{alive: procAlive(p, 2)}
 		inst.reload = func(ctx context.Context) (string, error) {
 			before := strings.Count(readFile(p.log), "reload done")
 			if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
@@ -463,7 +531,7 @@ func (r *runner) goAlone(addr string) (*instance, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &instance{alive: procAlive(p)}, nil
+	return &instance{alive: procAlive(p, 2)}, nil
 }
 
 func (r *runner) goReuseport(addr string) (*instance, error) {
@@ -471,7 +539,7 @@ func (r *runner) goReuseport(addr string) (*instance, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &instance{alive: procAlive(p)}, nil
+	return &instance{alive: procAlive(p, 2)}, nil
 }
 
 // cohortRun runs the hello app under `cohort run` in mode. SIGHUP to the
@@ -488,7 +556,7 @@ func cohortRun(mode, app string) func(r *runner, addr string) (*instance, error)
 		if err != nil {
 			return nil, err
 		}
-		inst := &instance{alive: procAlive(p)}
+		inst := &instance{alive: procAlive(p, 1)}
 		inst.reload = func(ctx context.Context) (string, error) {
 			return cohortReload(ctx, p, addr, r.cfg.Workers)
 		}
@@ -592,6 +660,9 @@ func (r *runner) installPM2() error {
 		_ = json.Unmarshal(b, &pkg)
 	}
 	if pkg.Version != PM2Version {
+		if _, err := exec.LookPath("npm"); err != nil {
+			return fmt.Errorf("install pm2: npm is needed (vmtests/bench/deps.sh installs it): %w", err)
+		}
 		r.logf("installing pm2@%s into %s (npm)", PM2Version, prefix)
 		cmd := exec.Command("npm", "install", "--prefix", prefix, "--no-audit", "--no-fund", "--loglevel=error", "pm2@"+PM2Version)
 		if b, err := cmd.CombinedOutput(); err != nil {

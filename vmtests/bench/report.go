@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -24,6 +25,8 @@ type Report struct {
 	Duration time.Duration `json:"duration_ns"`
 	Reload   time.Duration `json:"reload_ns"`
 	Procs    int           `json:"load_gomaxprocs"`
+	Repeat   int           `json:"repeat"`
+	LoadAvg  string        `json:"loadavg"` // of the machine when the run started
 	Rows     []Row         `json:"rows"`
 	Targets  []Target      `json:"targets"`
 }
@@ -57,6 +60,19 @@ type Measurement struct {
 	Spread float64 `json:"spread"` // max/min requests per worker; +Inf: an idle worker
 	Note   string  `json:"note,omitempty"`
 	NA     string  `json:"na,omitempty"`
+	// Runs holds the req/s of every run when the row was repeated; the
+	// rest of the Measurement is the median run.
+	Runs []float64 `json:"runs,omitempty"`
+}
+
+// rpsText is req/s, with ±half the range of the runs when repeated.
+func (m *Measurement) rpsText() string {
+	s := fmt.Sprintf("%.0f", m.RPS)
+	if len(m.Runs) > 1 && m.RPS > 0 {
+		lo, hi := slices.Min(m.Runs), slices.Max(m.Runs)
+		s += fmt.Sprintf(" ±%.0f%%", 50*(hi-lo)/m.RPS)
+	}
+	return s
 }
 
 // MarshalJSON writes an infinite spread as -1 (JSON has no Inf).
@@ -137,6 +153,19 @@ func machine(root string, versions map[string]string) Machine {
 	return m
 }
 
+// loadavg is /proc/loadavg's 1, 5 and 15 minute averages.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
 // Write writes results.md, results.svg and results.json into dir.
 func (rep *Report) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -186,10 +215,11 @@ func (rep *Report) Markdown() string {
 	p("![requests per second by setup](results.svg)\n\n")
 	p("The same hello app (one Node.js file, one Go program, both in `vmtests/bench/hello/`) under each setup, N = %d workers; "+
 		"%d concurrent connections from the Go load generator in `vmtests/bench`, on 127.0.0.1 of the same machine "+
-		"(GOMAXPROCS=%d, so it competes with the servers for the %d CPUs); %v warm-up, then %v measured per workload. "+
+		"(GOMAXPROCS=%d, so it competes with the servers for the %d CPUs); %v warm-up, then %v measured per workload, "+
+		"%s. "+
 		"**keep-alive**: each connection sends requests back to back; **new-conn**: a new connection per request (`Connection: close`; latency includes the connect). "+
 		"Spread: max/min of the requests each worker served (the app answers with its worker id and pid).\n\n",
-		rep.Workers, rep.Conns, rep.Procs, rep.Machine.Cores, rep.Warmup, rep.Duration)
+		rep.Workers, rep.Conns, rep.Procs, rep.Machine.Cores, rep.Warmup, rep.Duration, repeatText(rep.Repeat))
 	p("| setup | keep-alive req/s | p50 | p99 | errors | spread | new-conn req/s | p50 | p99 | errors | spread |\n")
 	p("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, r := range rep.Rows {
@@ -237,8 +267,16 @@ func (rep *Report) Markdown() string {
 			p("| %s | %s | %s | %s |\n", mdEscape(t.Name), t.RatioText, t.Result(), mdEscape(t.Why))
 		}
 	}
-	p("\nMachine: %s  \nVersions: %s  \nDate: %s\n", rep.MachineLine(), rep.VersionLine(), rep.Date.UTC().Format("2006-01-02 15:04 UTC"))
+	p("\nMachine: %s  \nVersions: %s  \nDate: %s, load average %s when the run started (other work on the machine shows up as noise)\n",
+		rep.MachineLine(), rep.VersionLine(), rep.Date.UTC().Format("2006-01-02 15:04 UTC"), rep.LoadAvg)
 	return b.String()
+}
+
+func repeatText(n int) string {
+	if n <= 1 {
+		return "one run per row"
+	}
+	return fmt.Sprintf("%d runs per row in interleaved rounds; req/s is the median run, ± half the range of the runs, and the other columns are from the median run", n)
 }
 
 func cells(m *Measurement, workers int) string {
@@ -253,7 +291,7 @@ func cells(m *Measurement, workers int) string {
 	if m.Note != "" {
 		errs += " (" + mdEscape(m.Note) + ")"
 	}
-	return fmt.Sprintf("%.0f | %s | %s | %s | %s", m.RPS, ms(m.P50), ms(m.P99), errs, sp)
+	return fmt.Sprintf("%s | %s | %s | %s | %s", m.rpsText(), ms(m.P50), ms(m.P99), errs, sp)
 }
 
 func mdEscape(s string) string {

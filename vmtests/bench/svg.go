@@ -6,17 +6,18 @@ import (
 	"strings"
 )
 
-// SVG renders requests per second of every throughput row as a horizontal
-// bar chart, keep-alive and new-conn side by side, with the machine and
-// versions underneath. Rows that did not run show why.
+// SVG renders requests per second of every throughput row as two bar
+// charts side by side, keep-alive and new-conn, each on its own scale (a
+// new connection per request is several times slower), with the machine
+// and versions underneath. Rows that did not run say why.
 func (rep *Report) SVG() string {
 	const (
 		width  = 960
-		labelW = 250 // left column: setup names
-		valueW = 90  // right of the longest bar: its value
-		barH   = 14
-		gap    = 12 // between setups
-		top    = 64
+		labelW = 230 // left column: setup names
+		panelW = 355 // one chart, value text included
+		valueW = 60  // room for the value right of the longest bar
+		rowH   = 24
+		top    = 70
 	)
 	var rows []Row
 	for _, r := range rep.Rows {
@@ -24,16 +25,7 @@ func (rep *Report) SVG() string {
 			rows = append(rows, r)
 		}
 	}
-	peak := 1.0
-	for _, r := range rows {
-		for _, m := range []*Measurement{r.KeepAlive, r.Close} {
-			if m.ok() {
-				peak = max(peak, m.RPS)
-			}
-		}
-	}
-	scale := float64(width-labelW-valueW-20) / peak
-	height := top + len(rows)*(2*barH+gap) + 60
+	height := top + len(rows)*rowH + 56
 
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
@@ -41,43 +33,58 @@ func (rep *Report) SVG() string {
 	p(`<rect width="100%%" height="100%%" fill="#ffffff"/>` + "\n")
 	p(`<text x="10" y="22" font-size="16" font-weight="bold">%s</text>`+"\n",
 		esc(fmt.Sprintf("Requests per second, hello app, N = %d workers, %d connections (higher is better)", rep.Workers, rep.Conns)))
-	// Legend.
-	p(`<rect x="10" y="36" width="12" height="12" fill="%s"/><text x="27" y="46">keep-alive</text>`+"\n", colorKeep)
-	p(`<rect x="110" y="36" width="12" height="12" fill="%s"/><text x="127" y="46">new connection per request</text>`+"\n", colorClose)
-	y := top
-	for _, r := range rows {
-		p(`<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", labelW-8, y+barH+4, esc(r.Name))
-		if r.NA != "" {
-			p(`<text x="%d" y="%d" fill="#777777">%s</text>`+"\n", labelW, y+barH+4, esc(clip(r.NA, 100)))
+	for i, r := range rows {
+		p(`<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", labelW-8, top+i*rowH+15, esc(r.Name))
+	}
+	for panel, keep := range []bool{true, false} {
+		x0 := labelW + panel*(panelW+15)
+		color, title := colorClose, "new connection per request"
+		if keep {
+			color, title = colorKeep, "keep-alive"
 		}
-		for i, m := range []*Measurement{r.KeepAlive, r.Close} {
-			by := y + i*barH
-			color := colorKeep
-			if i == 1 {
-				color = colorClose
+		peak := 1.0
+		for _, r := range rows {
+			if m := r.get(keep); m.ok() {
+				peak = max(peak, m.RPS)
 			}
+		}
+		scale := float64(panelW-valueW) / peak
+		p(`<rect x="%d" y="40" width="12" height="12" fill="%s"/><text x="%d" y="50" font-weight="bold">%s</text>`+"\n", x0, color, x0+17, esc(title))
+		p(`<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999999"/>`+"\n", x0, top-4, x0, top+len(rows)*rowH)
+		for i, r := range rows {
+			y := top + i*rowH
+			m := r.get(keep)
 			switch {
+			case r.NA != "" && panel == 0:
+				p(`<text x="%d" y="%d" fill="#777777">%s</text>`+"\n", x0+4, y+15, esc(clip(r.NA, 110)))
 			case r.NA != "":
 			case !m.ok():
 				na := "not measured"
 				if m != nil {
 					na = m.NA
 				}
-				p(`<text x="%d" y="%d" fill="#777777" font-size="10">%s</text>`+"\n", labelW, by+barH-3, esc(clip(na, 100)))
+				p(`<text x="%d" y="%d" fill="#777777" font-size="10">%s</text>`+"\n", x0+4, y+15, esc(clip(na, 55)))
 			default:
-				w := int(m.RPS*scale + 0.5)
+				w := max(int(m.RPS*scale+0.5), 1)
 				p(`<rect x="%d" y="%d" width="%d" height="%d" fill="%s"><title>%s</title></rect>`+"\n",
-					labelW, by, max(w, 1), barH-2, color, esc(fmt.Sprintf("%s, %s: %.0f req/s, p99 %s", r.Name, workload(i == 0), m.RPS, ms(m.P99))))
-				p(`<text x="%d" y="%d" font-size="10">%.0f</text>`+"\n", labelW+w+4, by+barH-3, m.RPS)
+					x0, y+3, w, rowH-8, color, esc(fmt.Sprintf("%s, %s: %.0f req/s, p99 %s, errors %s", r.Name, workload(keep), m.RPS, ms(m.P99), m.Errors)))
+				p(`<text x="%d" y="%d" font-size="11">%.0f</text>`+"\n", x0+w+4, y+15, m.RPS)
 			}
 		}
-		y += 2*barH + gap
 	}
-	p(`<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999999"/>`+"\n", labelW, top-4, labelW, y-gap+4)
-	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+14, esc("Machine: "+rep.MachineLine()))
-	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+30, esc("Versions: "+rep.VersionLine()+" · load generator on the same CPUs · "+rep.Date.UTC().Format("2006-01-02")))
+	y := top + len(rows)*rowH
+	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+24, esc("Machine: "+rep.MachineLine()+" · the load generator runs on the same CPUs"))
+	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+40, esc("Versions: "+rep.VersionLine()+" · "+rep.Date.UTC().Format("2006-01-02")))
 	p("</svg>\n")
 	return b.String()
+}
+
+// get returns the keep-alive or the new-conn measurement.
+func (r Row) get(keep bool) *Measurement {
+	if keep {
+		return r.KeepAlive
+	}
+	return r.Close
 }
 
 const (
