@@ -81,6 +81,24 @@ func TestGenerate(t *testing.T) {
 	}
 }
 
+// A relative file name still gives units with absolute paths: systemd
+// ignores a relative SourcePath= and runs ExecStart= from /.
+func TestGenerateRelativePath(t *testing.T) {
+	dir := t.TempDir()
+	writeApp(t, dir, "web.toml", goodApp)
+	t.Chdir(dir)
+	code, out, errOut := runCohort(t, nil, "generate", "web.toml")
+	if code != 0 {
+		t.Fatalf("generate: %d %s", code, errOut)
+	}
+	abs := filepath.Join(dir, "web.toml")
+	for _, want := range []string{"SourcePath=" + abs + "\n", "ExecStart=/usr/bin/cohort dispatch " + abs + "\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+}
+
 func TestUsageAndVersion(t *testing.T) {
 	if code, out, _ := runCohort(t, nil, "help"); code != 0 || !strings.Contains(out, "check") {
 		t.Errorf("help: %d %s", code, out)

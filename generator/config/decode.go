@@ -19,12 +19,23 @@ import (
 // ParseFile reads and validates the app file at path. The app's name is the
 // file's stem. The error, when not nil, is an Errors listing every problem
 // of the file, or a plain error when the file could not be read.
+//
+// Errors name the file as given; the App records its absolute path, because
+// units (SourcePath=, ExecStart=) and a dispatcher started elsewhere must
+// find it again.
 func ParseFile(path string) (*App, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read app file: %w", err)
 	}
-	return Parse(path, data)
+	app, err := Parse(path, data)
+	if err != nil {
+		return nil, err
+	}
+	if app.Path, err = filepath.Abs(path); err != nil {
+		return nil, fmt.Errorf("app file %s: %w", path, err)
+	}
+	return app, nil
 }
 
 // Parse validates the app file contents data, read from path. It never
