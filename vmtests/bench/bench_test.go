@@ -33,16 +33,17 @@ func TestSmoke(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
 	defer cancel()
 	rep, err := Run(ctx, Config{
-		Root:     "../..",
-		Work:     t.TempDir(),
-		Out:      out,
-		Workers:  2,
-		Conns:    8,
-		Warmup:   200 * time.Millisecond,
-		Duration: time.Second,
-		BasePort: 18700,
-		Only:     []string{"node-alone", "node-cluster-rr"},
-		Log:      &log,
+		Root:      "../..",
+		Work:      t.TempDir(),
+		Out:       out,
+		Workers:   2,
+		Conns:     8,
+		Warmup:    200 * time.Millisecond,
+		Duration:  time.Second,
+		BasePort:  18700,
+		QuietWait: -1,
+		Only:      []string{"node-alone", "node-cluster-rr"},
+		Log:       &log,
 	})
 	if err != nil {
 		t.Fatalf("Run: %v\n%s", err, log.String())

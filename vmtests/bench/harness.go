@@ -46,6 +46,11 @@ type Config struct {
 	// LoadProcs is GOMAXPROCS while the load runs (0: half the CPUs, at
 	// least 1), so the generator leaves CPU to the servers.
 	LoadProcs int
+	// QuietWait is how long each row waits, before it starts, for the
+	// machine to be quiet (other processes using under 10 % of the CPUs
+	// over one second); the row runs anyway afterwards. 0: 60 s; negative:
+	// do not wait.
+	QuietWait time.Duration
 	// BasePort is the first port; every row gets its own.
 	BasePort int
 	// Only limits the run to these setup IDs (see Setups); empty: all.
@@ -80,6 +85,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Reload <= 0 {
 		c.Reload = max(c.Duration, 6*time.Second)
+	}
+	if c.QuietWait == 0 {
+		c.QuietWait = time.Minute
 	}
 	if c.Repeat <= 0 {
 		c.Repeat = 1
@@ -318,6 +326,7 @@ func (r *runner) row(ctx context.Context, s setup) Row {
 		row.Workers = 1
 	}
 	defer r.procs.stopAll(5 * time.Second)
+	r.waitQuiet(ctx, s.id)
 	addr := r.nextAddr()
 	r.logf("%-20s starting on %s", s.id, addr)
 	inst, err := s.start(r, addr)
@@ -395,6 +404,36 @@ func medianRow(runs []Row) Row {
 	return out
 }
 
+// waitQuiet waits up to cfg.QuietWait until other processes use less than
+// 10 % of the CPUs over a second, so that other work on the machine does
+// not land in the figures; each row also reports what it saw (Other).
+func (r *runner) waitQuiet(ctx context.Context, id string) {
+	if r.cfg.QuietWait < 0 {
+		return
+	}
+	deadline := time.Now().Add(r.cfg.QuietWait)
+	for waited := false; ctx.Err() == nil; waited = true {
+		cpu := cpuMeter{roots: r.procs.roots}
+		cpu.start()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+		o := cpu.other()
+		if o < 0.10 {
+			return
+		}
+		if time.Now().After(deadline) {
+			r.logf("%-20s the machine is busy (other processes use %.0f %% of the CPUs): measuring anyway", id, 100*o)
+			return
+		}
+		if !waited {
+			r.logf("%-20s waiting up to %v for the machine to be quiet (other processes use %.0f %% of the CPUs)", id, r.cfg.QuietWait, 100*o)
+		}
+	}
+}
+
 // notAvailable phrases a setup's failure to start.
 func notAvailable(s setup, err error) string {
 	if s.cohort {
@@ -411,11 +450,13 @@ func (r *runner) load(ctx context.Context, l Load) (Result, error) {
 }
 
 func (r *runner) measure(ctx context.Context, addr string, keep bool, workers int) *Measurement {
+	cpu := cpuMeter{roots: r.procs.roots}
+	cpu.start()
 	res, err := r.load(ctx, Load{Addr: addr, Conns: r.cfg.Conns, KeepAlive: keep, Warmup: r.cfg.Warmup, Duration: r.cfg.Duration})
 	if err != nil {
 		return &Measurement{NA: "failed: " + err.Error()}
 	}
-	return &Measurement{Result: res, Spread: res.Spread(workers)}
+	return &Measurement{Result: res, Spread: res.Spread(workers), Other: cpu.other()}
 }
 
 // measureReload loads addr for cfg.Reload and reloads the instance one
@@ -425,6 +466,8 @@ func (r *runner) measureReload(ctx context.Context, addr string, inst *instance,
 		res Result
 		err error
 	}
+	cpu := cpuMeter{roots: r.procs.roots}
+	cpu.start()
 	done := make(chan loaded, 1)
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -455,6 +498,7 @@ func (r *runner) measureReload(ctx context.Context, addr string, inst *instance,
 		return &Measurement{NA: "failed: " + l.err.Error()}
 	}
 	m.Result = l.res
+	m.Other = cpu.other()
 	replaced := 0
 	for k := range l.res.PerWorker {
 		if !before[k] {
@@ -637,6 +681,7 @@ func (r *runner) pm2(addr string) (*instance, error) {
 	if pid <= 0 {
 		return nil, errors.New("pm2: no daemon pid in PM2_HOME")
 	}
+	r.procs.addRoot(pid)
 	inst := &instance{alive: func() error {
 		if syscall.Kill(pid, 0) != nil {
 			return fmt.Errorf("pm2 daemon %d: %w", pid, errExited)
@@ -695,11 +740,13 @@ func killDaemon(home string) {
 	if err != nil || !strings.Contains(string(cmdline), "PM2") {
 		return
 	}
+	below := descendants(allProcs(), pid)
 	if pgid, err := syscall.Getpgid(pid); err == nil && pgid == pid {
 		_ = syscall.Kill(-pid, syscall.SIGKILL)
 	} else {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
+	killSurvivors(below, 0)
 }
 
 func readFile(path string) string {

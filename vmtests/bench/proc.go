@@ -31,7 +31,27 @@ type procs struct {
 	mu       sync.Mutex
 	list     []*proc
 	cleanups []func()
+	extra    []int // roots the harness did not start (PM2's daemon)
 	logDir   string
+}
+
+// addRoot tracks a process the harness did not start, for CPU accounting
+// and for killing its descendants that outlive it.
+func (ps *procs) addRoot(pid int) {
+	ps.mu.Lock()
+	ps.extra = append(ps.extra, pid)
+	ps.mu.Unlock()
+}
+
+// roots are the harness itself and every process it tracks.
+func (ps *procs) roots() []int {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	out := append([]int{os.Getpid()}, ps.extra...)
+	for _, p := range ps.list {
+		out = append(out, p.cmd.Process.Pid)
+	}
+	return out
 }
 
 // start runs argv with env added to the harness's environment, output to a
@@ -78,7 +98,7 @@ func (ps *procs) onStop(f func()) {
 func (ps *procs) stopAll(grace time.Duration) {
 	ps.mu.Lock()
 	list, cleanups := ps.list, ps.cleanups
-	ps.list, ps.cleanups = nil, nil
+	ps.list, ps.cleanups, ps.extra = nil, nil, nil
 	ps.mu.Unlock()
 	for i := len(list) - 1; i >= 0; i-- {
 		list[i].stop(grace)
@@ -89,17 +109,42 @@ func (ps *procs) stopAll(grace time.Duration) {
 }
 
 // stop signals p's process group with SIGTERM, waits up to grace for p to
-// exit, then kills what is left of the group.
+// exit, then kills what is left of the group, and then every descendant
+// of p seen before the stop that is still alive (a supervisor may put its
+// workers in process groups of their own), each by its pid.
 func (p *proc) stop(grace time.Duration) {
-	pgid := p.cmd.Process.Pid
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	pid := p.cmd.Process.Pid
+	below := descendants(allProcs(), pid)
+	_ = syscall.Kill(-pid, syscall.SIGTERM)
 	select {
 	case <-p.done:
 	case <-time.After(grace):
 	}
-	// Workers may outlive their parent: the group goes either way.
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	_ = syscall.Kill(-pid, syscall.SIGKILL)
 	<-p.done
+	killSurvivors(below, grace)
+}
+
+// killSurvivors waits up to grace for the processes of a snapshot to exit
+// and kills the ones that did not, by pid, if the pid still names the same
+// process (same start time).
+func killSurvivors(snapshot map[int]pstat, grace time.Duration) {
+	deadline := time.Now().Add(grace)
+	for {
+		alive := 0
+		for pid, st := range snapshot {
+			if now, ok := readProc(pid); ok && now.start == st.start {
+				alive++
+				if time.Now().After(deadline) {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+		if alive == 0 || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // exited reports whether p has exited.

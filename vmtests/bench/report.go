@@ -60,6 +60,9 @@ type Measurement struct {
 	Spread float64 `json:"spread"` // max/min requests per worker; +Inf: an idle worker
 	Note   string  `json:"note,omitempty"`
 	NA     string  `json:"na,omitempty"`
+	// Other is the share of the machine's CPU time that processes outside
+	// the benchmark used while it ran: the noise on this figure.
+	Other float64 `json:"other_cpu"`
 	// Runs holds the req/s of every run when the row was repeated; the
 	// rest of the Measurement is the median run.
 	Runs []float64 `json:"runs,omitempty"`
@@ -95,7 +98,7 @@ func (m *Measurement) summary(keep bool, workers int) string {
 	if !m.ok() {
 		return w + " " + m.NA
 	}
-	s := fmt.Sprintf("%s %9.0f req/s  p50 %s  p99 %s  errors %s  spread %s", w, m.RPS, ms(m.P50), ms(m.P99), m.Errors, m.spreadText(workers))
+	s := fmt.Sprintf("%s %9.0f req/s  p50 %s  p99 %s  errors %s  spread %s  other CPU %.0f %%", w, m.RPS, ms(m.P50), ms(m.P99), m.Errors, m.spreadText(workers), 100*m.Other)
 	if m.Note != "" {
 		s += "  (" + m.Note + ")"
 	}
@@ -220,17 +223,18 @@ func (rep *Report) Markdown() string {
 		"**keep-alive**: each connection sends requests back to back; **new-conn**: a new connection per request (`Connection: close`; latency includes the connect). "+
 		"Spread: max/min of the requests each worker served (the app answers with its worker id and pid).\n\n",
 		rep.Workers, rep.Conns, rep.Procs, rep.Machine.Cores, rep.Warmup, rep.Duration, repeatText(rep.Repeat))
-	p("| setup | keep-alive req/s | p50 | p99 | errors | spread | new-conn req/s | p50 | p99 | errors | spread |\n")
-	p("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+	p("**Other CPU**: the share of the machine's CPU time used by processes outside the benchmark while it measured (the higher of the two workloads); above a few %% the row is noisy.\n\n")
+	p("| setup | keep-alive req/s | p50 | p99 | errors | spread | new-conn req/s | p50 | p99 | errors | spread | other CPU |\n")
+	p("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, r := range rep.Rows {
 		if r.Reload {
 			continue
 		}
 		if r.NA != "" {
-			p("| %s | %s |%s\n", r.Name, mdEscape(r.NA), strings.Repeat(" |", 9))
+			p("| %s | %s |%s\n", r.Name, mdEscape(r.NA), strings.Repeat(" |", 10))
 			continue
 		}
-		p("| %s | %s | %s |\n", r.Name, cells(r.KeepAlive, r.Workers), cells(r.Close, r.Workers))
+		p("| %s | %s | %s | %s |\n", r.Name, cells(r.KeepAlive, r.Workers), cells(r.Close, r.Workers), otherText(r.KeepAlive, r.Close))
 	}
 	reloads := false
 	for _, r := range rep.Rows {
@@ -238,13 +242,13 @@ func (rep *Report) Markdown() string {
 	}
 	if reloads {
 		p("\n## Reloads under load\n\nThe workers are replaced one by one while the load runs (%v window, reload %v after the warm-up); errors are those of the whole window.\n\n", rep.Reload, time.Second)
-		p("| reload | workload | req/s | p99 | errors | note |\n|---|---|--:|--:|--:|---|\n")
+		p("| reload | workload | req/s | p99 | errors | other CPU | note |\n|---|---|--:|--:|--:|--:|---|\n")
 		for _, r := range rep.Rows {
 			if !r.Reload {
 				continue
 			}
 			if r.NA != "" {
-				p("| %s | | | | | %s |\n", r.Name, mdEscape(r.NA))
+				p("| %s | | | | | | %s |\n", r.Name, mdEscape(r.NA))
 				continue
 			}
 			for _, w := range []struct {
@@ -254,9 +258,9 @@ func (rep *Report) Markdown() string {
 				switch {
 				case w.m == nil:
 				case !w.m.ok():
-					p("| %s | %s | | | | %s |\n", r.Name, w.n, mdEscape(w.m.NA))
+					p("| %s | %s | | | | | %s |\n", r.Name, w.n, mdEscape(w.m.NA))
 				default:
-					p("| %s | %s | %.0f | %s | %s | %s |\n", r.Name, w.n, w.m.RPS, ms(w.m.P99), w.m.Errors, mdEscape(w.m.Note))
+					p("| %s | %s | %.0f | %s | %s | %s | %s |\n", r.Name, w.n, w.m.RPS, ms(w.m.P99), w.m.Errors, otherText(w.m), mdEscape(w.m.Note))
 				}
 			}
 		}
@@ -270,6 +274,20 @@ func (rep *Report) Markdown() string {
 	p("\nMachine: %s  \nVersions: %s  \nDate: %s, load average %s when the run started (other work on the machine shows up as noise)\n",
 		rep.MachineLine(), rep.VersionLine(), rep.Date.UTC().Format("2006-01-02 15:04 UTC"), rep.LoadAvg)
 	return b.String()
+}
+
+// otherText is the highest Other of ms, as a percentage.
+func otherText(ms ...*Measurement) string {
+	o, any := 0.0, false
+	for _, m := range ms {
+		if m.ok() {
+			o, any = max(o, m.Other), true
+		}
+	}
+	if !any {
+		return ""
+	}
+	return fmt.Sprintf("%.0f %%", 100*o)
 }
 
 func repeatText(n int) string {

@@ -33,6 +33,7 @@ func main() {
 	flag.DurationVar(&cfg.Reload, "reload", 6*time.Second, "measured window of a reload row")
 	flag.IntVar(&cfg.Repeat, "repeat", 3, "runs of every throughput row, in interleaved rounds (the median is reported)")
 	flag.IntVar(&cfg.LoadProcs, "load-procs", 0, "GOMAXPROCS of the load generator (default: half the CPUs)")
+	flag.DurationVar(&cfg.QuietWait, "quiet-wait", time.Minute, "before each row, wait up to this long for other processes to leave the CPUs (negative: never wait)")
 	flag.IntVar(&cfg.BasePort, "port", 18300, "first port; each row uses the next one")
 	flag.StringVar(&only, "only", "", "comma-separated setup `ids` to run (default: all; -list shows them)")
 	list := flag.Bool("list", false, "list the setups and exit")
