@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"time"
 )
 
 // Conn is one accepted connection on the dispatcher side.
@@ -44,6 +45,7 @@ var ErrInvalidConn = errors.New("invalid connection")
 // keeps the dispatcher's copy of every connection it sent until the worker
 // acknowledges it. Send, Recv, Unacked, Open and Close may be called from
 // different goroutines; Recv must not be called concurrently with itself.
+// SetReadDeadline bounds Recv.
 type Channel struct {
 	c *net.UnixConn
 
@@ -150,8 +152,9 @@ func (ch *Channel) register(conns []Conn) error {
 // IDs). When the worker has closed its end (it exited, or closed all its
 // round-robin listeners) Recv returns an error wrapping net.ErrClosed; after
 // a malformed message it returns an error wrapping ErrProtocol, and any fds
-// the worker attached are closed. After any error the caller should Close
-// the Channel and re-send what Close returns.
+// the worker attached are closed. After any other error than a timeout
+// (see SetReadDeadline) the caller should Close the Channel and re-send
+// what Close returns.
 func (ch *Channel) Recv() (Event, error) {
 	b, fds, err := recvMsg(ch.c, ch.rbuf, ch.roob)
 	if errors.Is(err, errEOF) {
@@ -205,6 +208,14 @@ func (ch *Channel) compact() {
 		_, ok := ch.unacked[id]
 		return !ok
 	})
+}
+
+// SetReadDeadline makes a blocked or later Recv return an error wrapping
+// os.ErrDeadlineExceeded at t; the zero time means no deadline. A Recv
+// that times out has read nothing: the Channel stays usable, and Recv
+// can be called again (after moving the deadline).
+func (ch *Channel) SetReadDeadline(t time.Time) error {
+	return ch.c.SetReadDeadline(t)
 }
 
 // Unacked reports how many connections were sent (or are being sent) and

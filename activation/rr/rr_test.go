@@ -60,7 +60,29 @@ func newPair(t testing.TB) (*Channel, *Worker) {
 			c.File.Close()
 		}
 	})
+	if _, bench := t.(*testing.B); !bench {
+		// A lost message fails the test with a timeout instead of hanging it.
+		deadline := time.Now().Add(10 * time.Second)
+		ch.SetReadDeadline(deadline)
+		w.SetReadDeadline(deadline)
+	}
 	return ch, w
+}
+
+// A Recv that times out reads nothing: the Channel is still usable.
+func TestChannelReadDeadline(t *testing.T) {
+	ch, w := newPair(t)
+	ch.SetReadDeadline(time.Now())
+	if _, err := ch.Recv(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Recv past the deadline = %v, want os.ErrDeadlineExceeded", err)
+	}
+	if err := w.Send(TypeClosed, []uint64{5}); err != nil {
+		t.Fatal(err)
+	}
+	ch.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if ev, err := ch.Recv(); err != nil || ev.Type != TypeClosed || !slices.Equal(ev.IDs, []uint64{5}) {
+		t.Fatalf("Recv after a timeout = %+v, %v, want CLOSED [5]", ev, err)
+	}
 }
 
 func TestSendRecvAckClosedReject(t *testing.T) {
