@@ -11,10 +11,6 @@ import (
 	"github.com/cohort-dev/cohort/activation/rr"
 )
 
-// ackEvery is the most connections Accept hands out before it acknowledges
-// them; it also acknowledges whenever the queue runs empty.
-const ackEvery = 16
-
 // demux reads the round-robin channel on behalf of all round-robin
 // listeners of a process. It has no goroutine of its own: whichever Accept
 // finds its queue empty reads the channel (one at a time) and queues what
@@ -33,6 +29,8 @@ type demux struct {
 	err         error         // set once reading has ended for good
 	flushing    bool
 	sockClosed  bool
+	acked       uint64   // number of ids appended to ack so far
+	ackSent     uint64   // how many of those are written (or the channel broke)
 	ack         []uint64 // taken, not yet acknowledged
 	closed      []uint64 // closed by the application, not yet reported
 	reject      []uint64 // not taken, fds closed, not yet reported
@@ -57,6 +55,11 @@ func (d *demux) listen(i int, name string) (*rrListener, error) {
 }
 
 // accept implements rrListener.Accept.
+//
+// Invariant: ids are pending in ack, reject or closed only while a
+// flushLocked is running, which sends them before it returns; so a reader
+// never has to flush, and never releases d.mu between deciding to read
+// and marking itself as the reader (Close relies on seeing it).
 func (d *demux) accept(l *rrListener) (net.Conn, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -69,10 +72,7 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 			q[0] = rr.Delivery{}
 			d.queues[l.index] = q[1:]
 			d.queued--
-			d.ack = append(d.ack, dl.ID)
-			if d.queued == 0 || len(d.ack) >= ackEvery {
-				d.flushLocked()
-			}
+			d.takeLocked(dl.ID)
 			c, err := d.conn(dl)
 			if err != nil {
 				continue // acknowledged and dropped: handing it to another worker would fail too
@@ -86,7 +86,6 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 			d.cond.Wait()
 			continue
 		}
-		d.flushLocked() // the queue is empty: acknowledge before waiting
 		if d.interrupted {
 			d.w.SetReadDeadline(time.Time{})
 			d.interrupted = false
@@ -114,6 +113,21 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 			}
 			d.shutdownLocked()
 		}
+	}
+}
+
+// takeLocked acknowledges id and returns once the ACK is written (or the
+// channel is broken, when nobody could hand the connection to anyone
+// else): the protocol lets a worker use a connection only after its ACK.
+// Acks of connections taken at the same time by several goroutines go out
+// together.
+func (d *demux) takeLocked(id uint64) {
+	d.ack = append(d.ack, id)
+	d.acked++
+	mine := d.acked
+	d.flushLocked()
+	for d.ackSent < mine && !d.sockClosed {
+		d.cond.Wait() // another goroutine's flushLocked is sending it
 	}
 }
 
@@ -179,6 +193,7 @@ func (d *demux) flushLocked() {
 			err = d.w.Send(rr.TypeClosed, closed)
 		}
 		d.mu.Lock()
+		d.ackSent += uint64(len(ack))
 		if err != nil {
 			// The dispatcher is gone or the channel broke: it can no
 			// longer learn anything, so stop reporting and stop reading
@@ -190,6 +205,7 @@ func (d *demux) flushLocked() {
 			d.sockClosed = true
 			d.w.Close()
 		}
+		d.cond.Broadcast() // takeLocked waits for its ACK
 	}
 	d.flushing = false
 	d.cond.Broadcast()
@@ -259,7 +275,10 @@ type rrListener struct {
 }
 
 // Accept returns the next connection the dispatcher handed over for this
-// listener. The first Accept of the process sends READY=1.
+// listener, after the dispatcher has been sent its ACK (so that, should
+// this process die, the connection is not handed to another worker while
+// this one may have used it). The first Accept of the process sends
+// READY=1.
 func (l *rrListener) Accept() (net.Conn, error) {
 	autoReady()
 	return l.d.accept(l)

@@ -2,6 +2,7 @@ package activation
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -58,7 +59,7 @@ func sendConns(t *testing.T, ch *rr.Channel, idx uint16, first uint64, n int) []
 	var clients []net.Conn
 	var conns []rr.Conn
 	for i := range n {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), wait)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -81,24 +82,69 @@ func sendConns(t *testing.T, ch *rr.Channel, idx uint16, first uint64, n int) []
 	return clients
 }
 
-// recvIDs collects ids of events of type typ until it has want of them.
-func recvIDs(t *testing.T, ch *rr.Channel, typ rr.Type, want int) []uint64 {
+// wait bounds every blocking step of these tests: a lost message fails
+// the test, naming what it waited for, instead of hanging it.
+const wait = 10 * time.Second
+
+// recvUntil applies events from ch until done reports true, for at most
+// wait, and returns them; rejected connections are closed. what says what
+// the test is waiting for.
+func recvUntil(t *testing.T, ch *rr.Channel, what string, done func(evs []rr.Event) bool) []rr.Event {
 	t.Helper()
-	var ids []uint64
-	for len(ids) < want {
+	ch.SetReadDeadline(time.Now().Add(wait))
+	defer ch.SetReadDeadline(time.Time{})
+	var evs []rr.Event
+	for !done(evs) {
 		ev, err := ch.Recv()
 		if err != nil {
-			t.Fatalf("waiting for %d %v ids, got %v: %v", want, typ, ids, err)
-		}
-		if ev.Type == typ {
-			ids = append(ids, ev.IDs...)
+			t.Fatalf("waiting for %s (got %v): %v", what, evs, err)
 		}
 		for _, c := range ev.Rejected {
 			c.File.Close()
 		}
+		evs = append(evs, ev)
 	}
+	return evs
+}
+
+// recvIDs collects ids of events of type typ until it has want of them;
+// other events are applied and dropped.
+func recvIDs(t *testing.T, ch *rr.Channel, typ rr.Type, want int) []uint64 {
+	t.Helper()
+	var ids []uint64
+	recvUntil(t, ch, fmt.Sprintf("%d %v ids", want, typ), func(evs []rr.Event) bool {
+		ids = ids[:0]
+		for _, ev := range evs {
+			if ev.Type == typ {
+				ids = append(ids, ev.IDs...)
+			}
+		}
+		return len(ids) >= want
+	})
 	slices.Sort(ids)
 	return ids
+}
+
+// acceptWithin calls l.Accept and fails the test if it does not return
+// within wait.
+func acceptWithin(t *testing.T, l net.Listener) (net.Conn, error) {
+	t.Helper()
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	r := make(chan result, 1)
+	go func() { // ends when Accept returns; at the latest when the test's cleanup closes the channel
+		c, err := l.Accept()
+		r <- result{c, err}
+	}()
+	select {
+	case res := <-r:
+		return res.c, res.err
+	case <-time.After(wait):
+		t.Fatalf("Accept on %s did not return within %v", l.Addr(), wait)
+		return nil, nil
+	}
 }
 
 func TestRoundRobinListeners(t *testing.T) {
@@ -123,7 +169,7 @@ func TestRoundRobinListeners(t *testing.T) {
 	sendConns(t, ch, 1, 20, 2)
 
 	for i, client := range webClients {
-		c, err := web.Accept()
+		c, err := acceptWithin(t, web)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +187,7 @@ func TestRoundRobinListeners(t *testing.T) {
 		}
 	}
 	for range 2 {
-		c, err := admin.Accept()
+		c, err := acceptWithin(t, admin)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -150,12 +196,9 @@ func TestRoundRobinListeners(t *testing.T) {
 	if got := recvIDs(t, ch, rr.TypeReject, 2); !slices.Equal(got, []uint64{30, 40}) {
 		t.Fatalf("rejected %v", got)
 	}
-	for ch.Unacked() > 0 {
-		recvIDs(t, ch, rr.TypeAck, 1)
-	}
-	for ch.Open() > 0 {
-		recvIDs(t, ch, rr.TypeClosed, 1)
-	}
+	// Every Accept acknowledged before it returned, and every Close was
+	// reported: 5 ACK ids, then 5 CLOSED ids (in any interleaving).
+	recvUntil(t, ch, "5 acked and closed conns", func([]rr.Event) bool { return ch.Unacked() == 0 && ch.Open() == 0 })
 }
 
 // Close wakes a blocked Accept; queued conns of a closed listener are
@@ -178,23 +221,24 @@ func TestRoundRobinClose(t *testing.T) {
 		if !errors.Is(err, net.ErrClosed) {
 			t.Fatalf("Accept after Close = %v, want net.ErrClosed", err)
 		}
-	case <-time.After(10 * time.Second):
+	case <-time.After(wait):
 		t.Fatal("Close did not wake Accept")
 	}
-	c, err := b.Accept()
+	c, err := acceptWithin(t, b)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
 	b.Close() // the last listener: ack 1, reject 2 (queued), close
 	var acked, rejected []uint64
+	ch.SetReadDeadline(time.Now().Add(wait))
 	for {
 		ev, err := ch.Recv()
 		if errors.Is(err, net.ErrClosed) {
 			break
 		}
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("waiting for the worker to close the channel (acked %v, rejected %v): %v", acked, rejected, err)
 		}
 		switch ev.Type {
 		case rr.TypeAck:
@@ -209,7 +253,7 @@ func TestRoundRobinClose(t *testing.T) {
 	if !slices.Equal(acked, []uint64{1}) || !slices.Equal(rejected, []uint64{2}) || ch.Unacked() != 0 {
 		t.Fatalf("acked %v, rejected %v, unacked %d", acked, rejected, ch.Unacked())
 	}
-	if _, err := b.Accept(); !errors.Is(err, net.ErrClosed) {
+	if _, err := acceptWithin(t, b); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Accept on closed listener = %v", err)
 	}
 	if _, err := d.listen(0, "a"); !errors.Is(err, net.ErrClosed) {
@@ -250,7 +294,7 @@ func TestRoundRobinProtocolError(t *testing.T) {
 		}
 	}
 	before := countFDs(t)
-	if _, err := l.Accept(); !errors.Is(err, rr.ErrProtocol) {
+	if _, err := acceptWithin(t, l); !errors.Is(err, rr.ErrProtocol) {
 		t.Fatalf("Accept = %v, want ErrProtocol", err)
 	}
 	if after := countFDs(t); after != before-1 { // the channel itself is closed
@@ -264,6 +308,117 @@ func TestRoundRobinProtocolError(t *testing.T) {
 	}
 	if n, err := unix.Read(raw, b); n != 0 || err != nil {
 		t.Fatalf("read %x, %v, want end of stream", b[:n], err)
+	}
+}
+
+// The protocol lets a worker use a connection only after acknowledging it
+// (otherwise, should the worker die, the dispatcher hands it to another
+// one, and it is served twice). Accept acknowledges each connection before
+// returning it, also when more are queued behind it; before, the ACK of a
+// connection with others queued waited for a later Accept, which might
+// never come.
+func TestRoundRobinAckBeforeUse(t *testing.T) {
+	ch, d := rrSetup(t, 1)
+	l, _ := d.listen(0, "web")
+	sendConns(t, ch, 0, 1, 2) // one message: 2 stays queued while 1 is used
+	c, err := acceptWithin(t, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := recvIDs(t, ch, rr.TypeAck, 1); !slices.Equal(got, []uint64{1}) {
+		t.Fatalf("acked %v, want [1]", got)
+	}
+	if n := ch.Unacked(); n != 1 {
+		t.Fatalf("Unacked = %d, want 1 (the queued one)", n)
+	}
+	c2, err := acceptWithin(t, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if got := recvIDs(t, ch, rr.TypeAck, 1); !slices.Equal(got, []uint64{2}) {
+		t.Fatalf("acked %v, want [2]", got)
+	}
+}
+
+// Close wakes an Accept of its listener whatever that Accept is doing,
+// while other listeners stay open; several goroutines accept on each
+// listener (Accept is called concurrently, as by http.Server and by
+// programs that accept in a pool). The race detector checks that only one
+// goroutine reads the channel at a time.
+func TestRoundRobinCloseWhileAccepting(t *testing.T) {
+	for i := range 50 {
+		ch, d := rrSetup(t, 2)
+		a, _ := d.listen(0, "a")
+		b, _ := d.listen(1, "b")
+		ended := make(chan error, 3)
+		for range cap(ended) {
+			go func() { // ends when a is closed
+				for {
+					c, err := a.Accept()
+					if err != nil {
+						ended <- err
+						return
+					}
+					c.Close()
+				}
+			}()
+		}
+		// Conns for both listeners in each message, so that taking one
+		// for a leaves others queued.
+		for id := uint64(1); id < 20; id += 4 {
+			sendMixed(t, ch, id)
+		}
+		a.Close()
+		for range cap(ended) {
+			select {
+			case err := <-ended:
+				if !errors.Is(err, net.ErrClosed) {
+					t.Fatalf("round %d: Accept on closed a = %v", i, err)
+				}
+			case <-time.After(wait):
+				t.Fatalf("round %d: Close(a) did not wake every Accept on a within %v", i, wait)
+			}
+		}
+		// b still works: what was queued for it is served, and acked.
+		c, err := acceptWithin(t, b)
+		if err != nil {
+			t.Fatalf("round %d: Accept on b after Close(a) = %v", i, err)
+		}
+		c.Close()
+	}
+}
+
+// sendMixed sends ids id..id+3 in one message, alternating listeners 0
+// and 1.
+func sendMixed(t *testing.T, ch *rr.Channel, id uint64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns []rr.Conn
+	for i := range uint64(4) {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), wait)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := s.(*net.TCPConn).File()
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, rr.Conn{ID: id + i, Listener: uint16(i % 2), File: f})
+	}
+	if err := ch.Send(conns...); err != nil {
+		t.Fatal(err)
 	}
 }
 
