@@ -36,7 +36,7 @@ func TestSharedModeChild(t *testing.T) {
 	if msg := next(); msg != "STOPPING=1" {
 		t.Fatalf("notify message %q, want STOPPING=1", msg)
 	}
-	if err := c.wait(t, 10*time.Second); err != nil {
+	if err := c.wait(t, childWait); err != nil {
 		t.Fatalf("child exited with %v", err)
 	}
 }
@@ -48,7 +48,7 @@ func TestInheritOtherPID(t *testing.T) {
 	self, _ := os.Executable()
 	c := startChild(t, "report", []string{"/bin/sh", "-c", `LISTEN_PID=1 exec "$0"`, self}, []*os.File{lnFile},
 		activation.Environ("http")...)
-	if err := c.wait(t, 10*time.Second); err != nil {
+	if err := c.wait(t, childWait); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := c.out.String(), "activated=false names=[] env=\"\"\n"; got != want {
@@ -59,14 +59,15 @@ func TestInheritOtherPID(t *testing.T) {
 func TestInheritReportsNames(t *testing.T) {
 	a, _ := listenerFile(t)
 	b, _ := listenerFile(t)
-	_, w, err := rr.NewPair()
+	ch, w, err := rr.NewPair()
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer ch.Close()
 	defer w.Close()
 	c := startChild(t, "report", nil, []*os.File{a, w, b},
 		append(activation.Environ("http", rr.FDName, "http"), rr.ListenersEnv+"=web:admin")...)
-	if err := c.wait(t, 10*time.Second); err != nil {
+	if err := c.wait(t, childWait); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := c.out.String(), "activated=true names=[http http web admin] env=\"\"\n"; got != want {
@@ -96,6 +97,17 @@ func dispatch(t *testing.T, ln net.Listener, ch *rr.Channel, listener uint16) {
 	}
 }
 
+// waitDispatch waits for dispatch to end after its listener was closed.
+// (dispatch can block only in Channel.Send, when the worker stops reading
+// while its receive buffer is full.)
+func waitDispatch(t *testing.T, dispatched <-chan struct{}) {
+	select {
+	case <-dispatched:
+	case <-time.After(childWait):
+		t.Errorf("dispatch did not end within %v after its listener was closed", childWait)
+	}
+}
+
 // Round-robin mode: the same helper program, unchanged, gets its
 // connections from a Channel. Acks and close notifications come back; when
 // the dispatcher goes away, Accept fails with net.ErrClosed.
@@ -104,6 +116,12 @@ func TestRoundRobinModeChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { // on failure; the test closes ch itself
+		left, _ := ch.Close()
+		for _, c := range left {
+			c.File.Close()
+		}
+	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +138,7 @@ func TestRoundRobinModeChild(t *testing.T) {
 		defer close(dispatched)
 		dispatch(t, ln, ch, 1)
 	}()
-	t.Cleanup(func() { ln.Close(); <-dispatched })
+	t.Cleanup(func() { ln.Close(); waitDispatch(t, dispatched) })
 
 	events := make(chan rr.Event, 100)
 	recvErr := make(chan error, 1)
@@ -143,7 +161,7 @@ func TestRoundRobinModeChild(t *testing.T) {
 		}
 	}
 	acked, closed := 0, 0
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(childWait)
 	for acked < n || closed < n {
 		select {
 		case ev := <-events:
@@ -158,7 +176,7 @@ func TestRoundRobinModeChild(t *testing.T) {
 		case err := <-recvErr:
 			t.Fatal(err)
 		case <-deadline:
-			t.Fatalf("after 10s: %d acked, %d closed, want %d", acked, closed, n)
+			t.Fatalf("after %v: %d acked, %d closed, want %d", childWait, acked, closed, n)
 		}
 	}
 	if ch.Unacked() != 0 || ch.Open() != 0 {
@@ -170,7 +188,7 @@ func TestRoundRobinModeChild(t *testing.T) {
 	if err != nil || len(left) != 0 {
 		t.Fatalf("Close = %v, %v", left, err)
 	}
-	err = c.wait(t, 10*time.Second)
+	err = c.wait(t, childWait)
 	if code := c.cmd.ProcessState.ExitCode(); code != 3 || c.out.String() != "dispatcher gone\n" {
 		t.Fatalf("child exited %d (%v) printing %q, want 3 and \"dispatcher gone\"", code, err, c.out.String())
 	}

@@ -35,7 +35,8 @@ func Example() {
 	served := make(chan error, 1)
 	go func() { served <- activation.Serve(ctx, srv, ln, 5*time.Second) }()
 
-	resp, err := http.Get("http://" + ln.Addr().String() + "/")
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Get("http://" + ln.Addr().String() + "/")
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -128,10 +128,19 @@ func startChild(t *testing.T, next string, argv []string, files []*os.File, env 
 	}()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		<-c.done
+		select {
+		case <-c.done:
+		case <-time.After(childWait):
+			// Wait also waits for the child's stdout to reach end of
+			// file: a process the child started may still hold it.
+			t.Errorf("child %d (%s) killed, but Wait did not return within %v", cmd.Process.Pid, next, childWait)
+		}
 	})
 	return c
 }
+
+// childWait bounds every wait for a child process or for what it sends.
+const childWait = 10 * time.Second
 
 // wait waits for the child to exit, at most d.
 func (c *child) wait(t *testing.T, d time.Duration) error {
@@ -157,7 +166,7 @@ func (l *lockedWriter) Write(b []byte) (int, error) {
 }
 
 // notifySocket makes a NOTIFY_SOCKET and returns its address and a
-// function that waits (at most 10s) for the next datagram.
+// function that waits (at most childWait) for the next datagram.
 func notifySocket(t *testing.T) (string, func() string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "notify")
@@ -168,7 +177,7 @@ func notifySocket(t *testing.T) (string, func() string) {
 	t.Cleanup(func() { c.Close() })
 	return path, func() string {
 		t.Helper()
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		c.SetReadDeadline(time.Now().Add(childWait))
 		b := make([]byte, 4096)
 		n, err := c.Read(b)
 		if err != nil {
@@ -180,7 +189,7 @@ func notifySocket(t *testing.T) (string, func() string) {
 
 func get(t *testing.T, addr string) string {
 	t.Helper()
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	client := &http.Client{Timeout: childWait, Transport: &http.Transport{DisableKeepAlives: true}}
 	resp, err := client.Get("http://" + addr + "/")
 	if err != nil {
 		t.Fatal(err)

@@ -71,7 +71,9 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 	if err := ch.Send(rr.Conn{ID: 99, Listener: 0, File: f}); err != nil {
 		t.Fatal(err)
 	}
+	ch.SetReadDeadline(time.Now().Add(childWait))
 	ev, err := ch.Recv()
+	ch.SetReadDeadline(time.Time{})
 	if err != nil || ev.Type != rr.TypeReject || len(ev.Rejected) != 1 || ev.Rejected[0].ID != 99 {
 		t.Fatalf("Recv = %+v, %v, want REJECT 99", ev, err)
 	}
@@ -82,7 +84,7 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 		defer close(dispatched)
 		dispatch(t, ln, ch, 1)
 	}()
-	t.Cleanup(func() { ln.Close(); <-dispatched })
+	t.Cleanup(func() { ln.Close(); waitDispatch(t, dispatched) })
 	events := make(chan rr.Event, 100)
 	go func() { // ends when the channel is closed
 		defer close(events)
@@ -101,10 +103,13 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 		}
 	}
 	acked, closed := 0, 0
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(childWait)
 	for acked < n || closed < n {
 		select {
-		case ev := <-events:
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("channel closed after %d acked, %d closed, want %d", acked, closed, n)
+			}
 			switch ev.Type {
 			case rr.TypeAck:
 				acked += len(ev.IDs)
@@ -112,14 +117,14 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 				closed += len(ev.IDs)
 			}
 		case <-deadline:
-			t.Fatalf("after 10s: %d acked, %d closed, want %d", acked, closed, n)
+			t.Fatalf("after %v: %d acked, %d closed, want %d", childWait, acked, closed, n)
 		}
 	}
 	if ch.Unacked() != 0 || ch.Open() != 0 {
 		t.Fatalf("Unacked, Open = %d, %d", ch.Unacked(), ch.Open())
 	}
 	ch.Close()
-	if err := c.wait(t, 10*time.Second); err != nil {
+	if err := c.wait(t, childWait); err != nil {
 		t.Fatalf("python worker exited with %v after the dispatcher went away", err)
 	}
 }
