@@ -47,6 +47,7 @@ ready_timeout = "1min 30s"
 stop_signal = "INT"
 stop_timeout = "10s"
 watchdog = "5s"
+reload_batch = 2
 enable = true
 hardening = "strict"
 
@@ -93,6 +94,9 @@ Accept = false
 			}
 			if !reflect.DeepEqual(app.EnvironmentFiles, []string{"-/etc/default/web", "/etc/web.env"}) {
 				t.Errorf("environment_file = %q", app.EnvironmentFiles)
+			}
+			if app.ReloadBatch != 2 {
+				t.Errorf("reload_batch = %d, want 2", app.ReloadBatch)
 			}
 			if app.Workers != (Workers{N: 4}) || app.Mode != ModeRoundRobin || !app.CPUAffinity {
 				t.Errorf("workers %+v mode %q affinity %v", app.Workers, app.Mode, app.CPUAffinity)
@@ -183,6 +187,12 @@ hardening = "paranoid"
 				`web.toml:5:1: stop_signal: unknown signal "SIGTREM" (did you mean "SIGTERM"?)`,
 				`web.toml:6:1: hardening: want "default", "strict" or "none", got "paranoid"`,
 			}},
+		{"reload_batch out of range", "command = [\"/bin/app\"]\nreload_batch = 0\n" + listenHTTP,
+			[]string{`web.toml:2:1: reload_batch: want a number from 1 to 1024, got integer 0`}},
+		{"reload_batch too big", "command = [\"/bin/app\"]\nreload_batch = 1025\n" + listenHTTP,
+			[]string{`web.toml:2:1: reload_batch: want a number from 1 to 1024, got integer 1025`}},
+		{"reload_batch as string", "command = [\"/bin/app\"]\nreload_batch = \"2\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: reload_batch: want a number from 1 to 1024, got "2"`}},
 		{"workers as string number", "command = [\"/bin/app\"]\nworkers = \"4\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: workers: want "auto" or a number, got the string "4" (write workers = 4)`}},
 		{"workers auto typo", "command = [\"/bin/app\"]\nworkers = \"atuo\"\n" + listenHTTP,

@@ -125,7 +125,8 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "cpu_affinity", "ready", "ready_timeout", "stop_signal", "stop_timeout",
-		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket"}
+		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
+		"reload_batch"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
@@ -187,6 +188,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			d.restart(k, v, &app.Restart)
 		case "watchdog":
 			app.Watchdog = d.duration(k, v, 0)
+		case "reload_batch":
+			app.ReloadBatch = d.reloadBatch(k, v)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -316,6 +319,16 @@ func (d *decoder) workers(path string, v any) Workers {
 		d.errorAt(path, "", "workers: want \"auto\" or a number from 1 to %d, got %s", MaxWorkers, typeName(v))
 	}
 	return Workers{Auto: true}
+}
+
+// reloadBatch reads how many slots a rolling reload replaces at once.
+func (d *decoder) reloadBatch(path string, v any) int {
+	n, ok := v.(int64)
+	if !ok || n < 1 || n > MaxWorkers {
+		d.errorAt(path, "", "reload_batch: want a number from 1 to %d, got %s", MaxWorkers, describe(v))
+		return 1
+	}
+	return int(n)
 }
 
 func (d *decoder) ready(path string, v any) Readiness {
