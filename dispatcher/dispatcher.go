@@ -70,6 +70,13 @@ type Options struct {
 	// Observe, when set, is called from the supervision loop for every
 	// Event. It must return quickly and must not call back into Run.
 	Observe func(Event)
+
+	// Load re-reads the app for a reload (SIGHUP or the control socket);
+	// nil re-reads App.Path, or reuses App when it has no Path.
+	Load func() (*config.App, error)
+	// JournalSocket is journald's native socket, for Journal; ""
+	// means /run/systemd/journal/socket.
+	JournalSocket string
 }
 
 // errNotImplemented marks app settings this dispatcher does not run yet.
@@ -120,6 +127,7 @@ func Run(ctx context.Context, opt Options) error {
 			}
 		})
 	})
+	d.serveControl(goCtx, filepath.Dir(d.notifyPath)) // control.go
 	return d.loop(ctx, sigs)
 }
 
@@ -155,6 +163,8 @@ type dispatcher struct {
 
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
+
+	ctl ctlState // reloads and control requests (reload.go, control.go)
 
 	// Toward systemd.
 	started       time.Time
@@ -198,11 +208,15 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
 		readers:  map[*os.File]struct{}{},
+		ctl:      ctlState{reqs: make(chan ctlRequest)},
 	}
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
 	d.out = &output{app: app.Name, stdout: opt.Stdout, stderr: opt.Stderr, journal: opt.Journal}
+	if opt.Journal {
+		d.out.jw = newJournalSender(opt.JournalSocket)
+	}
 	if d.out.stdout == nil {
 		d.out.stdout = os.Stdout
 	}
@@ -304,6 +318,9 @@ func (d *dispatcher) close() {
 	if d.devnull != nil {
 		d.devnull.Close()
 	}
+	if d.out.jw != nil {
+		d.out.jw.close()
+	}
 	if d.tempDir != "" {
 		os.RemoveAll(d.tempDir)
 	}
@@ -335,7 +352,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			case syscall.SIGCHLD:
 				d.reap()
 			case syscall.SIGHUP:
-				d.out.warnf("got SIGHUP: rolling reload is not implemented yet; ignored")
+				d.startReload("SIGHUP", time.Now(), nil)
 			default:
 				if !d.stopping {
 					d.stop(fmt.Sprintf("got %s", sig))
@@ -356,6 +373,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 					d.transition(w, trExeced, 0)
 				}
 			}
+		case req := <-d.ctl.reqs:
+			d.onControl(req, time.Now())
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -365,6 +384,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		}
 		now := time.Now()
 		d.fireDeadlines(now)
+		d.stepReplace(now)
 		d.report(now)
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
@@ -377,6 +397,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 // stop begins the graceful stop: STOPPING=1, stop_signal to every worker.
 func (d *dispatcher) stop(why string) {
 	d.stopping = true
+	d.abortReplace()
 	d.out.infof("stopping (%s): %s to %d workers, SIGKILL after %s", why, d.app.StopSignal, len(d.procs), d.app.StopTimeout)
 	d.sendNotify("STOPPING=1")
 	d.observe(Event{Kind: Stopping, Worker: -1})
@@ -541,6 +562,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 		return b.String()
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
+	b.WriteString(d.replaceStatus())
 	var looping []string
 	for _, s := range d.slots {
 		if s.crashLooping() {

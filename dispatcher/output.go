@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"sync"
 
@@ -14,8 +13,12 @@ import (
 )
 
 // maxLine is the longest worker output line passed on in one piece;
-// longer lines are split, as journald splits at its LineMax.
-const maxLine = 16 << 10
+// longer lines are split every maxLine bytes. journald's LineMax (48K by
+// default) applies to stdout streams, not to the native protocol the
+// dispatcher uses, so a long line (a JSON log record, a stack trace in one
+// line) stays one journal entry; one bigger than a datagram goes through
+// a memfd (see journalSender).
+const maxLine = 1 << 20
 
 // output is where worker lines and the dispatcher's own log lines go. It
 // serializes writers so lines never interleave.
@@ -25,6 +28,7 @@ type output struct {
 	stdout  io.Writer // worker lines, in terminal mode
 	stderr  io.Writer // the dispatcher's log
 	journal bool
+	jw      *journalSender // set when journal
 }
 
 // workerTag identifies the worker a line comes from.
@@ -59,13 +63,15 @@ func (o *output) workerLine(t workerTag, line []byte) {
 		if len(line) >= 3 && line[0] == '<' && line[2] == '>' && line[1] >= '0' && line[1] <= '7' {
 			prio, msg = journal.Priority(line[1]-'0'), line[3:]
 		}
-		err := journal.Send(string(msg), prio, map[string]string{
-			"SYSLOG_IDENTIFIER": o.app,
-			"SYSLOG_PID":        strconv.Itoa(t.pid),
-			"COHORT_APP":        o.app,
-			"COHORT_WORKER":     strconv.Itoa(t.index),
-			"COHORT_PID":        strconv.Itoa(t.pid),
-			"COHORT_GENERATION": strconv.Itoa(t.gen),
+		err := o.jw.send([]journalField{
+			{"MESSAGE", msg},
+			{"PRIORITY", []byte{'0' + byte(prio)}},
+			{"SYSLOG_IDENTIFIER", []byte(o.app)},
+			{"SYSLOG_PID", strconv.AppendInt(nil, int64(t.pid), 10)},
+			{"COHORT_APP", []byte(o.app)},
+			{"COHORT_WORKER", strconv.AppendInt(nil, int64(t.index), 10)},
+			{"COHORT_PID", strconv.AppendInt(nil, int64(t.pid), 10)},
+			{"COHORT_GENERATION", strconv.AppendInt(nil, int64(t.gen), 10)},
 		})
 		if err == nil {
 			return
@@ -81,17 +87,36 @@ func (o *output) workerLine(t workerTag, line []byte) {
 }
 
 // copyLines reads r line by line until EOF or an error (a read deadline
-// set by the owner) and passes each line to o. A last line without a
-// newline is passed on too. It closes r.
-func (o *output) copyLines(t workerTag, r *os.File) {
+// set by the owner) and passes each line to o: what a worker wrote before
+// it died is still in the pipe and is passed on, and so is a last line
+// without a newline. Lines longer than maxLine are split. It closes r.
+func (o *output) copyLines(t workerTag, r io.ReadCloser) {
 	defer r.Close()
-	br := bufio.NewReaderSize(r, maxLine)
+	br := bufio.NewReaderSize(r, 64<<10)
+	var long []byte // a line longer than br's buffer, so far
 	for {
 		line, err := br.ReadSlice('\n')
-		if len(line) > 0 {
-			o.workerLine(t, bytes.TrimSuffix(line, []byte{'\n'}))
+		if errors.Is(err, bufio.ErrBufferFull) {
+			long = append(long, line...)
+			for len(long) >= maxLine {
+				o.workerLine(t, long[:maxLine])
+				long = append(long[:0], long[maxLine:]...)
+			}
+			continue
 		}
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+		if len(long) > 0 {
+			line = append(long, line...)
+			long = long[:0]
+		}
+		line = bytes.TrimSuffix(line, []byte{'\n'})
+		for len(line) > maxLine {
+			o.workerLine(t, line[:maxLine])
+			line = line[maxLine:]
+		}
+		if len(line) > 0 || err == nil {
+			o.workerLine(t, line)
+		}
+		if err != nil {
 			return
 		}
 	}

@@ -55,6 +55,7 @@ type slot struct {
 	restartAt  time.Time     // when to fork again (zero: not scheduled)
 	delay      time.Duration // the next backoff delay
 	quickExits int           // exits before min_uptime, in a row
+	restarts   int           // restarts of this slot, for status
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -190,6 +191,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
 	delete(d.procs, w.pid)
 	s := w.slot
+	detached := s.cur != w // a reload's candidate or a retired worker (reload.go)
 	if s.cur == w {
 		s.cur = nil
 	}
@@ -203,6 +205,11 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	}
 	if d.stopping {
 		d.out.infof("worker %d (pid %d) %s after %s", s.index, w.pid, how, uptime.Round(time.Millisecond))
+		d.observe(ev)
+		return
+	}
+	if detached {
+		d.detachedExited(w, how, uptime)
 		d.observe(ev)
 		return
 	}
@@ -229,6 +236,7 @@ func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, now time.Tim
 	s.delay = min(2*max(s.delay, time.Millisecond), r.Max)
 	s.restartAt = now.Add(wait)
 	d.restarts++
+	s.restarts++
 	return wait
 }
 

@@ -1,0 +1,238 @@
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cohort-dev/cohort/dispatcher/control"
+)
+
+// The control socket: $RUNTIME_DIRECTORY/control.sock (or the private
+// runtime directory of `cohort run`, logged at start). Its server runs in
+// a goroutine of Run; each request becomes a ctlRequest that the loop
+// carries out, so the dispatcher's state has one owner.
+
+// ctlRequest is one control request handed to the loop.
+type ctlRequest struct {
+	cmd   string
+	n     int           // scale: workers; restart-worker: index
+	reply chan ctlReply // buffered, capacity 1
+}
+
+// ctlReply is the loop's answer.
+type ctlReply struct {
+	err    error
+	status *statusSnapshot
+}
+
+// statusSnapshot is the loop's view for a status request; the handler
+// adds what it reads from /proc, outside the loop.
+type statusSnapshot struct {
+	st    control.Status
+	procs []int // pid of st.Workers[i], 0 for none
+}
+
+// serveControl creates the control socket in dir and serves it until ctx
+// is done. A socket that cannot be created is logged, not fatal: the
+// workers serve without it (but reloads through ExecReload= then fail).
+func (d *dispatcher) serveControl(ctx context.Context, dir string) {
+	path := filepath.Join(dir, control.SocketName)
+	srv, err := control.Listen(path, nil)
+	if err != nil {
+		d.out.warnf("control socket %s: %v; 'cohort status', 'cohort scale' and reloads through it will not work", path, err)
+		return
+	}
+	d.ctl.socketPath = path
+	if d.tempDir != "" {
+		d.out.infof("control socket: %s (cohort status --socket %s)", path, path)
+	}
+	h := &ctlHandler{reqs: d.ctl.reqs}
+	d.wg.Go(func() {
+		defer srv.Close()
+		if err := srv.Serve(ctx, h); err != nil {
+			d.out.warnf("control socket: %v", err)
+		}
+	})
+}
+
+// ctlHandler implements control.Handler by asking the loop.
+type ctlHandler struct {
+	reqs chan<- ctlRequest
+}
+
+var _ control.Handler = (*ctlHandler)(nil)
+
+// errGone is returned when the dispatcher stopped before answering.
+var errGone = errors.New("the dispatcher is stopping")
+
+func (h *ctlHandler) ask(ctx context.Context, cmd string, n int) (ctlReply, error) {
+	req := ctlRequest{cmd: cmd, n: n, reply: make(chan ctlReply, 1)}
+	select {
+	case h.reqs <- req:
+	case <-ctx.Done():
+		return ctlReply{}, errGone
+	}
+	select {
+	case rep := <-req.reply:
+		return rep, rep.err
+	case <-ctx.Done():
+		return ctlReply{}, errGone
+	}
+}
+
+// Status returns the dispatcher's view of every worker, with RSS and CPU
+// read from /proc.
+func (h *ctlHandler) Status(ctx context.Context) (*control.Status, error) {
+	rep, err := h.ask(ctx, control.CmdStatus, 0)
+	if err != nil {
+		return nil, err
+	}
+	snap := rep.status
+	now := time.Now()
+	for i, pid := range snap.procs {
+		if pid == 0 {
+			continue
+		}
+		w := &snap.st.Workers[i]
+		w.RSS, w.CPUPercent = procUsage(pid, now.Sub(w.Started))
+	}
+	return &snap.st, nil
+}
+
+// Reload runs a rolling reload and returns when it has finished.
+func (h *ctlHandler) Reload(ctx context.Context) error {
+	_, err := h.ask(ctx, control.CmdReload, 0)
+	return err
+}
+
+// Scale changes the number of workers.
+func (h *ctlHandler) Scale(ctx context.Context, workers int) error {
+	_, err := h.ask(ctx, control.CmdScale, workers)
+	return err
+}
+
+// RestartWorker gracefully replaces one worker and returns when the new
+// one serves and the old one has ended.
+func (h *ctlHandler) RestartWorker(ctx context.Context, index int) error {
+	_, err := h.ask(ctx, control.CmdRestartWorker, index)
+	return err
+}
+
+// onControl carries out a control request in the loop.
+func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
+	switch req.cmd {
+	case control.CmdStatus:
+		req.reply <- ctlReply{status: d.snapshot(now)}
+	case control.CmdReload:
+		d.startReload("control socket", now, req.reply)
+	case control.CmdScale:
+		req.reply <- ctlReply{err: d.scale(req.n, now)}
+	case control.CmdRestartWorker:
+		d.startRestartWorker(req.n, now, req.reply)
+	default:
+		req.reply <- ctlReply{err: fmt.Errorf("unknown command %q", req.cmd)}
+	}
+}
+
+// snapshot describes every slot's current worker and, during a
+// replacement, the candidates and retiring workers too (same index, their
+// own generation), sorted by index.
+func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
+	st := control.Status{
+		App:        d.app.Name,
+		Mode:       string(d.app.Mode),
+		Generation: d.gen,
+		Line:       d.statusLine(now),
+		Since:      d.started,
+	}
+	switch {
+	case d.stopping:
+		st.State = "stopping"
+	case d.ctl.cur != nil && d.ctl.cur.kind == kindReload:
+		st.State = "reloading"
+	case !d.sentReady:
+		st.State = "starting"
+	default:
+		st.State = "ready"
+	}
+	snap := &statusSnapshot{}
+	add := func(s *slot, w *worker) {
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff"}
+		pid := 0
+		if w != nil {
+			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
+			pid = w.pid
+		}
+		st.Workers = append(st.Workers, cw)
+		snap.procs = append(snap.procs, pid)
+	}
+	seen := map[*worker]bool{}
+	for _, s := range d.slots {
+		add(s, s.cur)
+		seen[s.cur] = true
+	}
+	for _, w := range d.procs {
+		if !seen[w] {
+			add(w.slot, w)
+		}
+	}
+	idx := make([]int, len(st.Workers))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.SliceStable(idx, func(a, b int) bool {
+		wa, wb := st.Workers[idx[a]], st.Workers[idx[b]]
+		if wa.Index != wb.Index {
+			return wa.Index < wb.Index
+		}
+		return wa.Generation < wb.Generation
+	})
+	ws, ps := make([]control.Worker, len(idx)), make([]int, len(idx))
+	for i, j := range idx {
+		ws[i], ps[i] = st.Workers[j], snap.procs[j]
+	}
+	st.Workers, snap.procs = ws, ps
+	snap.st = st
+	return snap
+}
+
+// clockTick is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
+// Linux architecture cohort runs on.
+const clockTick = 100
+
+// procUsage reads a process's resident memory (statm) and its CPU time
+// (stat: utime + stime) as a percentage of one CPU over uptime. Zero for
+// what cannot be read (the process is gone).
+func procUsage(pid int, uptime time.Duration) (rss int64, cpu float64) {
+	if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 1 {
+			pages, _ := strconv.ParseInt(f[1], 10, 64)
+			rss = pages * int64(os.Getpagesize())
+		}
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil || uptime <= 0 {
+		return rss, 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')') // the command may contain spaces
+	if i < 0 {
+		return rss, 0
+	}
+	f := strings.Fields(s[i+1:])
+	// After ")": state(3) ppid(4) … utime(14) stime(15): f[0] is field 3.
+	if len(f) < 13 {
+		return rss, 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	secs := float64(utime+stime) / clockTick
+	return rss, 100 * secs / uptime.Seconds()
+}
