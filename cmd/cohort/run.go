@@ -63,8 +63,18 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	for i, f := range files {
 		fmt.Fprintf(env.stderr, "[%s] listening on %s (%s)\n", app.Name, boundAddr(f.Fd(), app.Listen[i].Address), app.Listen[i].Name)
 	}
+	// A reload (SIGHUP, or the control socket) re-reads the file and
+	// applies the same flags again.
+	load := func() (*config.App, error) {
+		a, err := runApp(fs.Args(), listens)
+		if err == nil {
+			err = applyRunFlags(a, set, *workers, *mode, *ready, *name, *affinity)
+		}
+		return a, err
+	}
 	err = dispatcher.Run(ctx, dispatcher.Options{
 		App:           app,
+		Load:          load,
 		Listeners:     files,
 		Stdout:        env.stdout,
 		Stderr:        env.stderr,
