@@ -13,6 +13,10 @@ type Service struct {
 	SourcePath  string   // the app file
 	Sockets     []string // socket units it requires and is ordered after
 	ExecStart   []string // argv of the dispatcher
+	// ExecReload is the argv of the reload command, which must wait for
+	// the reload to finish and exit non-zero when it failed; nil renders
+	// no ExecReload=.
+	ExecReload []string
 	// User and Group run the dispatcher and its workers; an empty User
 	// means DynamicUser=yes.
 	User, Group string
@@ -46,6 +50,7 @@ func (s *Service) Render() (File, error) {
 	o.add("Service", "Type", "notify")
 	o.add("Service", "NotifyAccess", "main")
 	o.add("Service", "ExecStart", QuoteCommand(s.ExecStart))
+	o.addIf(len(s.ExecReload) > 0, "Service", "ExecReload", QuoteCommand(s.ExecReload))
 	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
 	// gracefully; stragglers get SIGKILL from systemd at the end.
 	o.add("Service", "KillMode", "mixed")
