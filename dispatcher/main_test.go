@@ -1,18 +1,19 @@
 package dispatcher
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	cohort "github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -30,6 +31,8 @@ func TestMain(m *testing.M) {
 		os.Exit(helperWorker())
 	case "dispatcher":
 		os.Exit(helperDispatcher())
+	case "printer":
+		os.Exit(helperPrinter())
 	}
 	os.Exit(m.Run())
 }
@@ -40,6 +43,7 @@ func TestMain(m *testing.M) {
 //	HELPER_CTRL=file   exit 3 at once if the file says "exit"
 //	HELPER_READY=1     send READY=1 (with a STATUS=) to NOTIFY_SOCKET
 //	HELPER_WATCHDOG=1  send WATCHDOG=1 once, right after READY=1
+//	HELPER_START_DELAY=D  sleep D before serving and READY=1 (a slow start)
 //
 // It answers "/" with its identity, "/slow?ms=N" after N ms (printing
 // "slow-start" first), and stops gracefully on SIGTERM.
@@ -55,6 +59,9 @@ func helperWorker() int {
 		fmt.Fprintf(os.Stderr, "helper worker: no listeners (LISTEN_PID=%s pid=%d): %v\n", os.Getenv("LISTEN_PID"), os.Getpid(), err)
 		return 4
 	}
+	if d, err := time.ParseDuration(os.Getenv("HELPER_START_DELAY")); err == nil {
+		time.Sleep(d)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "worker=%s pid=%d gen=%s listen_pid=%s notify=%s watchdog_usec=%s fdnames=%s\n",
@@ -68,27 +75,33 @@ func helperWorker() int {
 		fmt.Fprintf(w, "slow done by pid %d\n", os.Getpid())
 	})
 	srv := &http.Server{Handler: mux}
-	term := make(chan os.Signal, 1)
-	signal.Notify(term, syscall.SIGTERM)
-	go srv.Serve(ls[0])
 	if os.Getenv("HELPER_READY") == "1" {
 		daemon.SdNotify(false, "READY=1\nSTATUS=serving")
 	}
 	if os.Getenv("HELPER_WATCHDOG") == "1" {
 		daemon.SdNotify(false, "WATCHDOG=1")
 	}
-	<-term
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	srv.Shutdown(ctx)
+	// cohort's own library: stops on SIGTERM without dropping a request.
+	if err := cohort.Serve(context.Background(), srv, ls[0], 10*time.Second); err != nil {
+		fmt.Fprintln(os.Stderr, "helper worker:", err)
+		return 1
+	}
 	return 0
 }
 
 // helperDispatcher is `cohort dispatch` in miniature: the app comes as
-// JSON in COHORT_TEST_APP, the listeners by socket activation.
+// JSON in COHORT_TEST_APP, or from the file COHORT_TEST_APPFILE (which a
+// reload re-reads), the listeners by socket activation.
 func helperDispatcher() int {
 	var app config.App
-	if err := json.Unmarshal([]byte(os.Getenv("COHORT_TEST_APP")), &app); err != nil {
+	if file := os.Getenv("COHORT_TEST_APPFILE"); file != "" {
+		a, err := config.ParseFile(file)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "helper dispatcher:", err)
+			return 2
+		}
+		app = *a
+	} else if err := json.Unmarshal([]byte(os.Getenv("COHORT_TEST_APP")), &app); err != nil {
 		fmt.Fprintln(os.Stderr, "helper dispatcher:", err)
 		return 2
 	}
@@ -105,4 +118,25 @@ func helperDispatcher() int {
 		return 1
 	}
 	return 0
+}
+
+// helperPrinter writes the lines of HELPER_LINES (separated by "|") to
+// stdout, a line of HELPER_LONG bytes when set, and HELPER_TAIL without a
+// newline; then it exits with HELPER_EXIT, or kills itself with SIGKILL
+// when HELPER_EXIT is "kill" (output written just before a crash).
+func helperPrinter() int {
+	w := bufio.NewWriter(os.Stdout)
+	for _, l := range strings.Split(os.Getenv("HELPER_LINES"), "|") {
+		fmt.Fprintln(w, l)
+	}
+	if n, _ := strconv.Atoi(os.Getenv("HELPER_LONG")); n > 0 {
+		w.WriteString(strings.Repeat("x", n-1) + "y\n")
+	}
+	w.WriteString(os.Getenv("HELPER_TAIL"))
+	w.Flush()
+	if os.Getenv("HELPER_EXIT") == "kill" {
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
+	code, _ := strconv.Atoi(os.Getenv("HELPER_EXIT"))
+	return code
 }

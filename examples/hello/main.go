@@ -18,11 +18,10 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strconv"
-	"syscall"
 	"time"
 
+	cohort "github.com/cohort-dev/cohort/activation"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
@@ -48,25 +47,14 @@ func main() {
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
 	log.Printf("worker %s (pid %d) serving on %s", worker, os.Getpid(), ln.Addr())
 	daemon.SdNotify(false, "READY=1\nSTATUS=serving on "+ln.Addr().String())
-
-	select {
-	case err := <-errc:
-		log.Fatal(err)
-	case <-ctx.Done():
-	}
-	daemon.SdNotify(false, "STOPPING=1")
-	log.Printf("worker %s (pid %d) stopping", worker, os.Getpid())
-	sctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// Serve stops on SIGTERM without dropping a request: it stops
+	// accepting first and answers what it accepted.
+	if err := cohort.Serve(context.Background(), srv, ln, 25*time.Second); err != nil {
 		log.Fatal(err)
 	}
+	log.Printf("worker %s (pid %d) stopped", worker, os.Getpid())
 }
 
 // listener returns the socket-activated listener, or one of its own when
