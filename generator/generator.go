@@ -92,20 +92,6 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		SourcePath:       app.Path,
 		Sockets:          socketNames,
 		ExecStart:        []string{cohort, "dispatch", app.Path},
-		// Type=notify with an ExecReload= that waits, on every systemd
-		// version: the generator does not need to know which one runs.
-		// systemd ≥ 253 has Type=notify-reload (SIGHUP, then RELOADING=1
-		// … READY=1), but it has no way for the service to say that a
-		// reload failed: only a timeout fails it (systemd.service(5),
-		// TimeoutStartSec=), so `systemctl reload` would succeed after a
-		// rolling reload that kept the old workers. ExecReload= is a
-		// control process whose exit status systemd takes as the reload's
-		// result, on 252 as on 257. `cohort dispatch-reload` asks the
-		// dispatcher over its control socket and exits 1 on failure;
-		// `kill -HUP $MAINPID` would return at once. The dispatcher's
-		// RELOADING=1/READY=1 (also sent for a SIGHUP that did not come
-		// from systemd) keep the unit's state "reloading" meanwhile.
-		ExecReload: []string{cohort, "dispatch-reload", app.Path},
 		User:             app.User,
 		Group:            app.Group,
 		RuntimeDirectory: "cohort/" + app.Name,
@@ -118,6 +104,20 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
 	}
+	// Type=notify with an ExecReload= that waits, on every systemd
+	// version: the generator does not need to know which one runs.
+	// systemd ≥ 253 has Type=notify-reload (SIGHUP, then RELOADING=1
+	// … READY=1), but it has no way for the service to say that a
+	// reload failed: only a timeout fails it (systemd.service(5),
+	// TimeoutStartSec=), so `systemctl reload` would succeed after a
+	// rolling reload that kept the old workers. ExecReload= is a
+	// control process whose exit status systemd takes as the reload's
+	// result, on 252 as on 257. `cohort dispatch-reload` asks the
+	// dispatcher over its control socket and exits 1 on failure;
+	// `kill -HUP $MAINPID` would return at once. The dispatcher's
+	// RELOADING=1/READY=1 (also sent for a SIGHUP that did not come
+	// from systemd) keep the unit's state "reloading" meanwhile.
+	svc.ExecReload = []string{cohort, "dispatch-reload", app.Path}
 	f, err := svc.Render()
 	if err != nil {
 		return nil, err
