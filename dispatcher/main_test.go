@@ -121,13 +121,16 @@ func helperDispatcher() int {
 }
 
 // helperPrinter writes the lines of HELPER_LINES (separated by "|") to
-// stdout, a line of HELPER_LONG bytes when set, and HELPER_TAIL without a
+// stdout (HELPER_REPEAT times), a line of HELPER_LONG bytes when set, and HELPER_TAIL without a
 // newline; then it exits with HELPER_EXIT, or kills itself with SIGKILL
 // when HELPER_EXIT is "kill" (output written just before a crash).
 func helperPrinter() int {
 	w := bufio.NewWriter(os.Stdout)
-	for _, l := range strings.Split(os.Getenv("HELPER_LINES"), "|") {
-		fmt.Fprintln(w, l)
+	repeat, _ := strconv.Atoi(os.Getenv("HELPER_REPEAT"))
+	for range max(repeat, 1) {
+		for _, l := range strings.Split(os.Getenv("HELPER_LINES"), "|") {
+			fmt.Fprintln(w, l)
+		}
 	}
 	if n, _ := strconv.Atoi(os.Getenv("HELPER_LONG")); n > 0 {
 		w.WriteString(strings.Repeat("x", n-1) + "y\n")

@@ -83,7 +83,7 @@ type reloadFixture struct {
 	stop             func() error
 }
 
-func startFromFile(t *testing.T, a appFile) *reloadFixture {
+func startFromFile(t testing.TB, a appFile) *reloadFixture {
 	t.Helper()
 	l, addr := tcpListener(t, "http")
 	a.addr = addr
@@ -106,7 +106,7 @@ func (f *reloadFixture) rewrite(t *testing.T, a appFile) {
 	writeFile(t, f.file, a.toml(t))
 }
 
-func (f *reloadFixture) call(t *testing.T, timeout time.Duration, req control.Request) (*control.Reply, error) {
+func (f *reloadFixture) call(t testing.TB, timeout time.Duration, req control.Request) (*control.Reply, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
