@@ -25,6 +25,7 @@ func TestSystemd(t *testing.T) {
 			InstallCohort(t, c)
 			t.Run("generator", func(t *testing.T) { testGenerator(t, c) })
 			t.Run("serve", func(t *testing.T) { testServe(t, c) })
+			t.Run("reload", func(t *testing.T) { testReload(t, c) })
 		})
 	}
 }

@@ -18,10 +18,18 @@ const busTimeout = 10 * time.Second
 // connectSystemd opens the system bus, or systemd's private socket when
 // there is no bus daemon (root only), and says clearly when neither works.
 func connectSystemd(ctx context.Context) (*sddbus.Conn, error) {
-	ctx, cancel := context.WithTimeout(ctx, busTimeout)
-	defer cancel()
+	// The context given to NewWithContext lives as long as the connection
+	// (godbus closes the connection when it is done), so the connect's
+	// deadline is a timer that cancels it only while connecting.
+	ctx, cancel := context.WithCancel(ctx)
+	timer := time.AfterFunc(busTimeout, cancel)
 	conn, err := sddbus.NewWithContext(ctx)
+	if !timer.Stop() && err == nil {
+		conn.Close()
+		err = fmt.Errorf("connect timed out after %v", busTimeout)
+	}
 	if err != nil {
+		cancel()
 		return nil, fmt.Errorf("cannot talk to systemd over D-Bus (is systemd running, and is the system bus up?): %w", err)
 	}
 	return conn, nil
