@@ -86,6 +86,14 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		sendReply(reply, ctlReply{err: errors.New("reload refused: the dispatcher is stopping")})
 		return
 	}
+	if !d.sentReady {
+		// READY=1 at the end of a reload would tell systemd the service
+		// is up before its first workers are.
+		err := errors.New("reload refused: the first workers are not ready yet")
+		d.out.warnf("%s: %v", why, err)
+		sendReply(reply, ctlReply{err: err})
+		return
+	}
 	if r := d.ctl.cur; r != nil {
 		err := fmt.Errorf("reload refused: a %s started %s ago is still running", r.what(), now.Sub(r.started).Round(time.Millisecond))
 		d.out.warnf("%s: %v", why, err)
