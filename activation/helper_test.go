@@ -139,8 +139,10 @@ func startChild(t *testing.T, next string, argv []string, files []*os.File, env 
 	return c
 }
 
-// childWait bounds every wait for a child process or for what it sends.
-const childWait = 10 * time.Second
+// childWait bounds every wait for a child process or for what it sends;
+// generous, since starting one (python3 through a pyenv shim, say) takes
+// seconds on a loaded machine.
+const childWait = 30 * time.Second
 
 // wait waits for the child to exit, at most d.
 func (c *child) wait(t *testing.T, d time.Duration) error {
