@@ -6,8 +6,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/activation"
+	"golang.org/x/sys/unix"
 )
 
 func TestNotActivated(t *testing.T) {
@@ -73,5 +75,37 @@ func TestNotify(t *testing.T) {
 	t.Setenv("NOTIFY_SOCKET", filepath.Join(t.TempDir(), "nobody"))
 	if err := activation.Stopping(); err == nil {
 		t.Fatal("Stopping to a missing socket succeeded")
+	}
+}
+
+// A service manager that does not read its socket must not block the
+// worker: once the socket's queue is full, sending gives up with an error
+// (before, the first Accept blocked for good in READY=1).
+func TestNotifyFullSocket(t *testing.T) {
+	path, _ := notifySocket(t) // never read
+	t.Setenv("NOTIFY_SOCKET", path)
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	for {
+		err := unix.Sendto(fd, []byte("X"), 0, &unix.SockaddrUnix{Name: path})
+		if errors.Is(err, unix.EAGAIN) {
+			break // the queue is full
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- activation.Status("stuck?") }() // ends within the notify timeout
+	select {
+	case err := <-done:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("Status to a full socket = %v, want a timeout", err)
+		}
+	case <-time.After(childWait):
+		t.Fatalf("Status to a full socket did not return within %v", childWait)
 	}
 }

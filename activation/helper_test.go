@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation"
+	"github.com/cohort-dev/cohort/activation/rr"
 )
 
 // The test binary re-executes itself as a child process: COHORT_TEST_HELPER
@@ -29,6 +30,12 @@ import (
 func TestMain(m *testing.M) {
 	switch os.Getenv("COHORT_TEST_HELPER") {
 	case "":
+		// The tests (and the children they start) must not talk to
+		// whatever started go test: an inherited NOTIFY_SOCKET whose
+		// reader is busy made the first Accept block.
+		for _, k := range []string{"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", rr.ListenersEnv} {
+			os.Unsetenv(k)
+		}
 		os.Exit(m.Run())
 	case "shim":
 		env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "COHORT_TEST_HELPER=") })

@@ -3,8 +3,10 @@ package activation
 import (
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 )
@@ -19,7 +21,9 @@ var ready struct {
 // worker) that the process is ready: it sends READY=1 to NOTIFY_SOCKET. It
 // sends at most once per process: after a successful Ready, later calls and
 // the automatic one on the first Accept do nothing. Without NOTIFY_SOCKET
-// it does nothing and returns nil; it returns an error when sending fails.
+// it does nothing and returns nil; it returns an error when sending fails,
+// also when the message cannot be queued within 2 seconds (the manager does
+// not read its socket).
 func Ready() error {
 	ready.mu.Lock()
 	defer ready.mu.Unlock()
@@ -52,9 +56,26 @@ func Stopping() error {
 	return notify(daemon.SdNotifyStopping)
 }
 
+// notifyTimeout bounds sending one message. A datagram to a service
+// manager that does not read its socket (its queue is full) would wait for
+// room forever, and Accept with it; the message is dropped instead.
+const notifyTimeout = 2 * time.Second
+
+// notify sends state to NOTIFY_SOCKET (a path, or @name for an abstract
+// socket), as daemon.SdNotify does but within notifyTimeout.
 func notify(state string) error {
-	if _, err := daemon.SdNotify(false, state); err != nil {
+	addr := os.Getenv("NOTIFY_SOCKET")
+	if addr == "" {
+		return nil
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err != nil {
 		return fmt.Errorf("sd_notify %s: %w", state, err)
+	}
+	defer c.Close()
+	c.SetWriteDeadline(time.Now().Add(notifyTimeout))
+	if _, err := c.Write([]byte(state)); err != nil {
+		return fmt.Errorf("sd_notify %s to %s: %w", state, addr, err)
 	}
 	return nil
 }
