@@ -88,6 +88,36 @@ func (m Measurement) MarshalJSON() ([]byte, error) {
 	return json.Marshal(p)
 }
 
+// UnmarshalJSON reads what MarshalJSON wrote.
+func (m *Measurement) UnmarshalJSON(b []byte) error {
+	type plain Measurement
+	var p plain
+	if err := json.Unmarshal(b, &p); err != nil {
+		return err
+	}
+	if p.Spread < 0 {
+		p.Spread = math.Inf(1)
+	}
+	*m = Measurement(p)
+	return nil
+}
+
+// ReadReport reads a results.json that Write wrote and evaluates the
+// targets again, so the markdown and the chart can be rendered anew
+// without measuring again.
+func ReadReport(path string) (*Report, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read report: %w", err)
+	}
+	var rep Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return nil, fmt.Errorf("read report %s: %w", path, err)
+	}
+	rep.Targets = targets(rep.Rows)
+	return &rep, nil
+}
+
 func (m *Measurement) ok() bool { return m != nil && m.NA == "" }
 
 func (m *Measurement) summary(keep bool, workers int) string {
@@ -224,6 +254,9 @@ func (rep *Report) Markdown() string {
 		"Spread: max/min of the requests each worker served (the app answers with its worker id and pid).\n\n",
 		rep.Workers, rep.Conns, rep.Procs, rep.Machine.Cores, rep.Warmup, rep.Duration, repeatText(rep.Repeat))
 	p("**Other CPU**: the share of the machine's CPU time used by processes outside the benchmark while it measured (the higher of the two workloads); above a few %% the row is noisy.\n\n")
+	if worst := rep.worstOther(); worst > 0.10 {
+		p("**This run was measured on a busy machine**: other processes used up to %.0f %% of the CPUs during some rows, so those figures and the ratios built on them are noisy. Run `make bench` on a quiet machine for figures to compare.\n\n", 100*worst)
+	}
 	p("| setup | keep-alive req/s | p50 | p99 | errors | spread | new-conn req/s | p50 | p99 | errors | spread | other CPU |\n")
 	p("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, r := range rep.Rows {
@@ -274,6 +307,19 @@ func (rep *Report) Markdown() string {
 	p("\nMachine: %s  \nVersions: %s  \nDate: %s, load average %s when the run started (other work on the machine shows up as noise)\n",
 		rep.MachineLine(), rep.VersionLine(), rep.Date.UTC().Format("2006-01-02 15:04 UTC"), rep.LoadAvg)
 	return b.String()
+}
+
+// worstOther is the highest Other of all measurements.
+func (rep *Report) worstOther() float64 {
+	worst := 0.0
+	for _, r := range rep.Rows {
+		for _, m := range []*Measurement{r.KeepAlive, r.Close} {
+			if m.ok() {
+				worst = max(worst, m.Other)
+			}
+		}
+	}
+	return worst
 }
 
 // otherText is the highest Other of ms, as a percentage.

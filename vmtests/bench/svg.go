@@ -25,7 +25,7 @@ func (rep *Report) SVG() string {
 			rows = append(rows, r)
 		}
 	}
-	height := top + len(rows)*rowH + 56
+	height := top + len(rows)*rowH + 72
 
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
@@ -75,6 +75,10 @@ func (rep *Report) SVG() string {
 	y := top + len(rows)*rowH
 	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+24, esc("Machine: "+rep.MachineLine()+" · the load generator runs on the same CPUs"))
 	p(`<text x="10" y="%d" font-size="11" fill="#444444">%s</text>`+"\n", y+40, esc("Versions: "+rep.VersionLine()+" · "+rep.Date.UTC().Format("2006-01-02")))
+	if worst := rep.worstOther(); worst > 0.10 {
+		p(`<text x="10" y="%d" font-size="11" fill="#b22222">%s</text>`+"\n", y+56,
+			esc(fmt.Sprintf("Measured on a busy machine: other processes used up to %.0f %% of the CPUs during some rows; the figures are noisy.", 100*worst)))
+	}
 	p("</svg>\n")
 	return b.String()
 }

@@ -37,11 +37,24 @@ func main() {
 	flag.IntVar(&cfg.BasePort, "port", 18300, "first port; each row uses the next one")
 	flag.StringVar(&only, "only", "", "comma-separated setup `ids` to run (default: all; -list shows them)")
 	list := flag.Bool("list", false, "list the setups and exit")
+	render := flag.String("render", "", "do not measure: render `results.json` of an earlier run again into -out")
 	flag.Parse()
 	if *list {
 		for _, s := range bench.Setups() {
 			fmt.Printf("%-20s %s\n", s[0], s[1])
 		}
+		return
+	}
+	if *render != "" {
+		rep, err := bench.ReadReport(*render)
+		if err == nil && cfg.Out != "" {
+			err = rep.Write(cfg.Out)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "cohort-bench:", err)
+			os.Exit(1)
+		}
+		printReport(rep)
 		return
 	}
 	if only != "" {
@@ -56,6 +69,16 @@ func main() {
 		fmt.Fprintln(os.Stderr, "cohort-bench:", err)
 		os.Exit(1)
 	}
+	printReport(rep)
+	fmt.Fprintf(os.Stderr, "cohort-bench: done in %v", time.Since(start).Round(time.Second))
+	if cfg.Out != "" {
+		fmt.Fprintf(os.Stderr, "; results in %s", cfg.Out)
+	}
+	fmt.Fprintln(os.Stderr)
+}
+
+// printReport writes the report and then each target with PASS, MISS or n/a.
+func printReport(rep *bench.Report) {
 	fmt.Print(rep.Markdown())
 	fmt.Println()
 	for _, t := range rep.Targets {
@@ -65,9 +88,4 @@ func main() {
 		}
 		fmt.Println()
 	}
-	fmt.Fprintf(os.Stderr, "cohort-bench: done in %v", time.Since(start).Round(time.Second))
-	if cfg.Out != "" {
-		fmt.Fprintf(os.Stderr, "; results in %s", cfg.Out)
-	}
-	fmt.Fprintln(os.Stderr)
 }
