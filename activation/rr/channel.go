@@ -41,6 +41,13 @@ type Event struct {
 // caller then still owns every File it passed.
 var ErrInvalidConn = errors.New("invalid connection")
 
+// ErrNotSent is wrapped by Send's error when it sent nothing and took
+// nothing: the caller still owns every File it passed. It distinguishes a
+// Channel that was already closed (also net.ErrClosed) from a sendmsg that
+// failed because the channel broke or was closed meanwhile (also
+// net.ErrClosed, but the Channel then owns the Files).
+var ErrNotSent = errors.New("nothing sent")
+
 // Channel is the dispatcher's end of one worker's round-robin channel. It
 // keeps the dispatcher's copy of every connection it sent until the worker
 // acknowledges it. Send, Recv, Unacked, Open and Close may be called from
@@ -89,8 +96,8 @@ func NewPair() (ch *Channel, worker *os.File, err error) {
 //
 // If a Conn has no File, a duplicate ID or an ID the Channel already holds,
 // Send returns an error wrapping ErrInvalidConn and sends nothing; after
-// Close it returns an error wrapping net.ErrClosed. In both cases the caller
-// keeps ownership of every File. Otherwise the Channel owns all the Files,
+// Close it returns an error wrapping net.ErrClosed. Both errors also wrap
+// ErrNotSent: the caller keeps ownership of every File. Otherwise the Channel owns all the Files,
 // whether or not sending succeeds: it closes each when the worker
 // acknowledges it, returns it in an Event when the worker rejects it, and
 // returns the rest from Close (so after a failed Send, typically because
@@ -126,16 +133,16 @@ func (ch *Channel) register(conns []Conn) error {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if ch.closed {
-		return fmt.Errorf("send: %w", net.ErrClosed)
+		return fmt.Errorf("send: %w: %w", ErrNotSent, net.ErrClosed)
 	}
 	seen := make(map[uint64]bool, len(conns))
 	for _, c := range conns {
 		_, held := ch.unacked[c.ID]
 		switch {
 		case c.File == nil:
-			return fmt.Errorf("send conn %d: %w: no file", c.ID, ErrInvalidConn)
+			return fmt.Errorf("send conn %d: %w: %w: no file", c.ID, ErrNotSent, ErrInvalidConn)
 		case held || seen[c.ID]:
-			return fmt.Errorf("send conn %d: %w: id already in flight", c.ID, ErrInvalidConn)
+			return fmt.Errorf("send conn %d: %w: %w: id already in flight", c.ID, ErrNotSent, ErrInvalidConn)
 		}
 		seen[c.ID] = true
 	}

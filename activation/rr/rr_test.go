@@ -188,8 +188,8 @@ func TestSendInvalid(t *testing.T) {
 		{{ID: 1}},
 		{{ID: 1, File: files[0]}, {ID: 1, File: files[0]}},
 	} {
-		if err := ch.Send(conns...); !errors.Is(err, ErrInvalidConn) {
-			t.Errorf("Send(%v) = %v, want ErrInvalidConn", conns, err)
+		if err := ch.Send(conns...); !errors.Is(err, ErrInvalidConn) || !errors.Is(err, ErrNotSent) {
+			t.Errorf("Send(%v) = %v, want ErrInvalidConn and ErrNotSent", conns, err)
 		}
 	}
 	if ch.Unacked() != 0 {
@@ -226,8 +226,8 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Recv after worker exit = %v, want net.ErrClosed", err)
 	}
-	if err := ch.Send(Conn{ID: 9, File: files[1]}); err == nil {
-		t.Fatal("Send to an exited worker succeeded")
+	if err := ch.Send(Conn{ID: 9, File: files[1]}); err == nil || errors.Is(err, ErrNotSent) {
+		t.Fatalf("Send to an exited worker = %v, want a failed sendmsg (the Channel owns the File)", err)
 	}
 	left, err := ch.Close()
 	if err != nil {
@@ -243,6 +243,9 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	}
 	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Recv after Close = %v, want net.ErrClosed", err)
+	}
+	if err := ch.Send(Conn{ID: 10, File: files[0]}); !errors.Is(err, ErrNotSent) || !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Send after Close = %v, want ErrNotSent and net.ErrClosed", err)
 	}
 }
 
