@@ -117,6 +117,9 @@ func Run(ctx context.Context, opt Options) error {
 	goCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d.goCtx = goCtx
+	if err := d.rrStart(); err != nil {
+		return fmt.Errorf("app %s: round-robin: %w", d.app.Name, err)
+	}
 	d.wg.Go(func() {
 		d.notify.serve(goCtx, func(m notifyMsg) bool {
 			select {
@@ -146,6 +149,7 @@ type dispatcher struct {
 
 	listenFDs   []uintptr
 	listenNames string
+	rr          *roundRobin // round-robin mode; nil in shared mode
 
 	slots []*slot
 	procs map[int]*worker // live (unreaped) workers by pid
@@ -192,8 +196,8 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 	if len(app.Command) == 0 {
 		return nil, fmt.Errorf("app %s: no command", app.Name)
 	}
-	if app.Mode != config.ModeShared {
-		return nil, fmt.Errorf("app %s: mode %q: %w (only %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared)
+	if app.Mode != config.ModeShared && app.Mode != config.ModeRoundRobin {
+		return nil, fmt.Errorf("app %s: mode %q: %w (only %q and %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared, config.ModeRoundRobin)
 	}
 	if len(opt.Listeners) != len(app.Listen) {
 		return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
@@ -314,6 +318,7 @@ func (d *dispatcher) close() {
 		f.SetReadDeadline(time.Now().Add(time.Second))
 	}
 	d.readersMu.Unlock()
+	d.rrClose()
 	d.wg.Wait()
 	if d.devnull != nil {
 		d.devnull.Close()
@@ -335,7 +340,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 	if d.opt.Watchdog > 0 {
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
 	}
-	mode := "shared"
+	mode := string(d.app.Mode)
 	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, readyString(d.app.Ready), d.gen, strings.Join(d.app.Command, " "))
 	for _, s := range d.slots {
 		d.spawn(s, now)
@@ -385,6 +390,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		now := time.Now()
 		d.fireDeadlines(now)
 		d.stepReplace(now)
+		d.rrSync()
 		d.report(now)
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")

@@ -16,14 +16,15 @@ import (
 // privateEnv are variables of the dispatcher's own environment that
 // describe the dispatcher, not its workers; they are never passed on.
 var privateEnv = map[string]bool{
-	"LISTEN_PID":       true,
-	"LISTEN_FDS":       true,
-	"LISTEN_FDNAMES":   true,
-	"NOTIFY_SOCKET":    true,
-	"WATCHDOG_USEC":    true,
-	"WATCHDOG_PID":     true,
-	"JOURNAL_STREAM":   true, // the workers' stdout is a pipe to the dispatcher
-	"SYSTEMD_EXEC_PID": true,
+	"LISTEN_PID":          true,
+	"LISTEN_FDS":          true,
+	"LISTEN_FDNAMES":      true,
+	"NOTIFY_SOCKET":       true,
+	"WATCHDOG_USEC":       true,
+	"WATCHDOG_PID":        true,
+	"JOURNAL_STREAM":      true, // the workers' stdout is a pipe to the dispatcher
+	"SYSTEMD_EXEC_PID":    true,
+	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
 }
 
 // baseEnv is the environment every worker of app starts from: inherited

@@ -33,6 +33,8 @@ func TestMain(m *testing.M) {
 		os.Exit(helperDispatcher())
 	case "printer":
 		os.Exit(helperPrinter())
+	case "cohort-worker":
+		os.Exit(helperCohortWorker())
 	}
 	os.Exit(m.Run())
 }

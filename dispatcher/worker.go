@@ -258,7 +258,7 @@ func describeExit(ws unix.WaitStatus) string {
 // spawn forks a worker for slot s through the trampoline. On failure the
 // slot is scheduled for a restart as if the worker had exited at once.
 func (d *dispatcher) spawn(s *slot, now time.Time) {
-	pid, outR, statusR, err := d.fork(s)
+	pid, outR, statusR, err := d.forkWorker(s)
 	if err != nil {
 		wait := d.scheduleRestart(s, 0, now)
 		d.out.warnf("worker %d: %v; retrying in %s", s.index, err, wait)

@@ -1,0 +1,443 @@
+package dispatcher
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation"
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// helperCohortWorker is a Go worker on cohort's activation library, so
+// the same program serves in shared and in round-robin mode: it listens
+// on the socket named "http" and answers like helperWorker ("/" with its
+// identity, "/slow?ms=N" after N ms). The first Accept sends READY=1;
+// SIGTERM shuts it down gracefully.
+func helperCohortWorker() int {
+	files, err := activation.Inherit()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper cohort worker:", err)
+		return 4
+	}
+	ln, err := files.Listen("http", "")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper cohort worker:", err)
+		return 4
+	}
+	files.Close()
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "worker=%s pid=%d gen=%s listener=%s\n",
+			os.Getenv("COHORT_WORKER"), os.Getpid(), os.Getenv("COHORT_GENERATION"), ln.Addr().Network())
+	})
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		fmt.Println("slow-start")
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		fmt.Fprintf(w, "worker=%s slow done by pid %d\n", os.Getenv("COHORT_WORKER"), os.Getpid())
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second}
+	if err := activation.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
+		fmt.Fprintln(os.Stderr, "helper cohort worker:", err)
+		return 1
+	}
+	return 0
+}
+
+// rrApp is an app of n helperCohortWorker processes in round-robin mode.
+func rrApp(t testing.TB, n int) *config.App {
+	t.Helper()
+	app := testApp(t, n, nil)
+	app.Environment["COHORT_TEST_HELPER"] = "cohort-worker"
+	app.Mode = config.ModeRoundRobin
+	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	return app
+}
+
+// pythonRRWorker returns the command of examples/python/rr_worker.py, or
+// skips the test without python3.
+func pythonRRWorker(t testing.TB) []string {
+	t.Helper()
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not on PATH")
+	}
+	return []string{py, filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
+}
+
+// workerOf returns the worker index an answer names: "worker=N" (the
+// helpers) or "hello from worker N" (the examples).
+func workerOf(body string) string {
+	if w := field(body, "worker"); w != "" {
+		return w
+	}
+	if rest, ok := strings.CutPrefix(body, "hello from worker "); ok {
+		if f := strings.Fields(rest); len(f) > 0 {
+			return f[0]
+		}
+	}
+	return ""
+}
+
+// spread sends n requests, each on a new connection, from conc clients and
+// counts the answers per worker. Every request must succeed.
+func spread(t testing.TB, addr string, n, conc int) map[string]int {
+	t.Helper()
+	var (
+		mu     sync.Mutex
+		counts = map[string]int{}
+		errs   []error
+		wg     sync.WaitGroup
+		next   = make(chan struct{}, n)
+	)
+	for range n {
+		next <- struct{}{}
+	}
+	close(next)
+	for range conc {
+		wg.Go(func() {
+			c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			for range next {
+				body, err := getWith(c, "http://"+addr+"/")
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, err)
+				} else {
+					counts[workerOf(body)]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		t.Fatalf("%d of %d requests failed, first: %v", len(errs), n, errs[0])
+	}
+	return counts
+}
+
+func getWith(c *http.Client, url string) (string, error) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != 200 {
+		err = fmt.Errorf("status %s", resp.Status)
+	}
+	return string(b), err
+}
+
+// maxMin is the largest count over the smallest, over want workers.
+func maxMin(counts map[string]int, want int) float64 {
+	if len(counts) < want {
+		return 0
+	}
+	lo, hi := -1, 0
+	for _, c := range counts {
+		if lo < 0 || c < lo {
+			lo = c
+		}
+		hi = max(hi, c)
+	}
+	if lo <= 0 {
+		return 0
+	}
+	return float64(hi) / float64(lo)
+}
+
+// TestRoundRobinServes: the same Go program (cohort's activation library)
+// and the Python example each serve in round-robin mode: every worker
+// answers, the STATUS= line names the mode, and a stop is graceful.
+func TestRoundRobinServes(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		command func(t *testing.T) []string
+	}{
+		{"go", nil},
+		{"python", func(t *testing.T) []string { return pythonRRWorker(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			app := rrApp(t, 2)
+			if tc.command != nil {
+				app.Command = tc.command(t)
+			}
+			l, addr := tcpListener(t, "http")
+			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+			rec.waitNotify(t, 20*time.Second, "READY=1")
+			rec.waitNotify(t, time.Second, "STATUS=2/2 workers ready · gen 1 · round-robin · 0 restarts")
+			counts := spread(t, addr, 40, 4)
+			if counts["0"] != 20 || counts["1"] != 20 {
+				t.Errorf("answers per worker %v, want 20 each", counts)
+			}
+			if err := stop(); err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range rec.events {
+				if e.Kind == WorkerExited && (e.ExitCode != 0 || e.RestartIn != 0) {
+					t.Errorf("worker %d (pid %d) ended with %+v, want a graceful exit 0 on stop", e.Worker, e.PID, e)
+				}
+			}
+		})
+	}
+}
+
+// TestRoundRobinKillQueued: a worker that stops reading its channel (here:
+// SIGSTOP) gets at most max_pending connections, the others get the rest;
+// when it is killed with SIGKILL the connections queued for it go to
+// another worker, and every client gets a full answer. Go and Python
+// workers alike.
+func TestRoundRobinKillQueued(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		command func(t *testing.T) []string
+	}{
+		{"go", nil},
+		{"python", func(t *testing.T) []string { return pythonRRWorker(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			const (
+				n          = 20
+				maxPending = 4
+			)
+			app := rrApp(t, 2)
+			app.MaxPending = maxPending
+			if tc.command != nil {
+				app.Command = tc.command(t)
+			}
+			l, addr := tcpListener(t, "http")
+			rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+			rec.waitNotify(t, 20*time.Second, "READY=1")
+			spread(t, addr, 4, 1) // both workers took connections: they are past start-up
+
+			from := 0
+			victim := rec.wait(t, &from, time.Second, "worker 1 ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == 1 })
+			if err := syscall.Kill(victim.PID, syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { syscall.Kill(victim.PID, syscall.SIGKILL) })
+
+			type result struct {
+				body string
+				err  error
+			}
+			results := make(chan result, n)
+			for range n {
+				go func() {
+					c := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+					b, err := getWith(c, "http://"+addr+"/")
+					results <- result{b, err}
+				}()
+			}
+			var bodies []string
+			collect := func(k int, within time.Duration) {
+				deadline := time.After(within)
+				for range k {
+					select {
+					case r := <-results:
+						if r.err != nil {
+							t.Fatalf("request failed: %v", r.err)
+						}
+						bodies = append(bodies, r.body)
+					case <-deadline:
+						t.Fatalf("%d answers within %s, want %d (the rest queued for the stopped worker)", len(bodies), within, n-maxPending)
+					}
+				}
+			}
+			collect(n-maxPending, 15*time.Second)
+			for _, b := range bodies {
+				if workerOf(b) != "0" {
+					t.Errorf("answer from the stopped worker: %q", b)
+				}
+			}
+			select {
+			case r := <-results:
+				t.Fatalf("answer %q (%v) although %d connections should be queued for the stopped worker", r.body, r.err, maxPending)
+			case <-time.After(100 * time.Millisecond):
+			}
+			if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			collect(maxPending, 15*time.Second)
+			rec.wait(t, &from, 10*time.Second, "the victim's exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == victim.PID })
+		})
+	}
+}
+
+// TestRoundRobinSlowClients: the dispatcher never reads from a
+// connection, so clients that connect and send nothing delay nobody, even
+// with max_pending = 1.
+func TestRoundRobinSlowClients(t *testing.T) {
+	t.Parallel()
+	app := rrApp(t, 2)
+	app.MaxPending = 1
+	l, addr := tcpListener(t, "http")
+	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+	rec.waitNotify(t, 20*time.Second, "READY=1")
+	for range 20 {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	start := time.Now()
+	counts := spread(t, addr, 20, 2)
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("20 requests behind 20 silent connections took %s", took)
+	}
+	if len(counts) != 2 {
+		t.Errorf("answers per worker %v, want both", counts)
+	}
+}
+
+// TestRoundRobinFairness: 10,000 short requests, each on its own
+// connection, over 4 workers: the busiest worker serves at most 10% more
+// than the idlest. The same load in shared mode is logged for comparison.
+func TestRoundRobinFairness(t *testing.T) {
+	t.Parallel()
+	n := 10000
+	if testing.Short() {
+		n = 2000
+	}
+	run := func(mode config.Mode) map[string]int {
+		app := rrApp(t, 4)
+		app.Mode = mode
+		l, addr := tcpListener(t, "http")
+		rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+		defer stop()
+		rec.waitNotify(t, 20*time.Second, "READY=1")
+		return spread(t, addr, n, 8)
+	}
+	rr := run(config.ModeRoundRobin)
+	ratio := maxMin(rr, 4)
+	t.Logf("round-robin: %d requests over 4 workers: %s, max/min %.3f", n, countsString(rr), ratio)
+	if ratio == 0 || ratio > 1.1 {
+		t.Errorf("round-robin max/min = %.3f (%s), want ≤ 1.1", ratio, countsString(rr))
+	}
+	if testing.Short() {
+		return
+	}
+	sh := run(config.ModeShared)
+	t.Logf("shared: %d requests over 4 workers: %s, max/min %.3f", n, countsString(sh), maxMin(sh, 4))
+}
+
+func countsString(counts map[string]int) string {
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for i, k := range keys {
+		if i > 0 {
+			b.WriteString(" ")
+		}
+		fmt.Fprintf(&b, "%s:%d", k, counts[k])
+	}
+	return b.String()
+}
+
+// TestRoundRobinFDsReturn: after a few thousand connections the
+// dispatcher (its own process) has as many fds open as before: every
+// passed connection's copy is closed once acknowledged.
+func TestRoundRobinFDsReturn(t *testing.T) {
+	t.Parallel()
+	app := rrApp(t, 2)
+	l, addr := tcpListener(t, "http")
+	d := startDispatcherProc(t, app, []*os.File{l})
+	d.waitLine(t, 20*time.Second, "all 2 workers ready")
+	spread(t, addr, 10, 2)
+	pid := d.cmd.Process.Pid
+	base := fdCount(t, pid)
+	spread(t, addr, 3000, 8)
+	waitFor(t, 5*time.Second, "fd count back to baseline", func() bool { return fdCount(t, pid) <= base })
+}
+
+// fdCount is the number of open fds of pid.
+func fdCount(t testing.TB, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// rssKB is pid's resident set size in kB.
+func rssKB(t testing.TB, pid int) int {
+	t.Helper()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.Fields(rest)[0])
+			return n
+		}
+	}
+	return 0
+}
+
+// TestRoundRobinLeastConnections: with balance = "least-connections" a
+// worker busy with a long request gets few new connections while the
+// other is idle.
+func TestRoundRobinLeastConnections(t *testing.T) {
+	t.Parallel()
+	app := rrApp(t, 2)
+	app.Balance = balanceLeastConns
+	l, addr := tcpListener(t, "http")
+	logs := &syncBuffer{}
+	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stdout: logs})
+	rec.waitNotify(t, 20*time.Second, "READY=1")
+	slow := make(chan string, 1)
+	go func() {
+		c := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		b, _ := getWith(c, "http://"+addr+"/slow?ms=3000")
+		slow <- b
+	}()
+	waitFor(t, 10*time.Second, "the slow request to start", func() bool {
+		return strings.Contains(logs.String(), "slow-start")
+	})
+	counts := spread(t, addr, 20, 1)
+	busy := workerOf(<-slow)
+	// Round-robin would give it 10. A CLOSED notification can arrive just
+	// after the next connection was placed, so a tie now and then sends
+	// one to the busy worker.
+	if counts[busy] > 5 {
+		t.Errorf("busy worker %s got %d of 20 connections (%s), want at most 5", busy, counts[busy], countsString(counts))
+	}
+}
+
+// TestRunModeRejectsUnknown: Run refuses modes it does not know.
+func TestRunModeRejectsUnknown(t *testing.T) {
+	app := rrApp(t, 1)
+	app.Mode = "reuseport"
+	l, _ := tcpListener(t, "http")
+	err := Run(context.Background(), Options{App: app, Listeners: []*os.File{l}})
+	if err == nil || !strings.Contains(err.Error(), "not implemented") {
+		t.Fatalf("Run with mode %q = %v, want not implemented", app.Mode, err)
+	}
+}
