@@ -36,12 +36,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Balance policies (config.App.Balance).
-const (
-	balanceRoundRobin = "round-robin"
-	balanceLeastConns = "least-connections"
-)
-
 // roundRobin is the state of round-robin mode. Fields under mu are shared by
 // the acceptors, the receivers and the loop; the others belong to the loop.
 type roundRobin struct {
@@ -93,7 +87,7 @@ func (d *dispatcher) rrStart() error {
 	r := &roundRobin{
 		out:        d.out,
 		maxPending: max(1, d.app.MaxPending),
-		leastConns: d.app.Balance == balanceLeastConns,
+		leastConns: d.app.Balance == config.BalanceLeastConnections,
 		maxRejects: 2 * len(d.slots),
 		ctx:        ctx,
 		cancel:     cancel,

@@ -407,7 +407,7 @@ func rssKB(t testing.TB, pid int) int {
 func TestRoundRobinLeastConnections(t *testing.T) {
 	t.Parallel()
 	app := rrApp(t, 2)
-	app.Balance = balanceLeastConns
+	app.Balance = config.BalanceLeastConnections
 	l, addr := tcpListener(t, "http")
 	logs := &syncBuffer{}
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stdout: logs})
@@ -439,5 +439,38 @@ func TestRunModeRejectsUnknown(t *testing.T) {
 	err := Run(context.Background(), Options{App: app, Listeners: []*os.File{l}})
 	if err == nil || !strings.Contains(err.Error(), "not implemented") {
 		t.Fatalf("Run with mode %q = %v, want not implemented", app.Mode, err)
+	}
+}
+
+// TestGoExampleRoundRobin: examples/hello, built as is, serves in
+// round-robin mode too: both workers answer in turn, and they stop
+// gracefully.
+func TestGoExampleRoundRobin(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("builds examples/hello")
+	}
+	bin := filepath.Join(t.TempDir(), "cohort-hello")
+	cmd := exec.Command("go", "build", "-o", bin, "./examples/hello")
+	cmd.Dir = repoRoot(t)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	app := rrApp(t, 2)
+	app.Command = []string{bin}
+	l, addr := tcpListener(t, "http")
+	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+	rec.waitNotify(t, 30*time.Second, "READY=1")
+	counts := spread(t, addr, 10, 1)
+	if counts["0"] != 5 || counts["1"] != 5 {
+		t.Errorf("answers per worker %v, want 5 each in turn", counts)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range rec.events {
+		if e.Kind == WorkerExited && (e.ExitCode != 0 || e.RestartIn != 0) {
+			t.Errorf("worker %d (pid %d) ended with %+v, want a graceful exit 0 on stop", e.Worker, e.PID, e)
+		}
 	}
 }

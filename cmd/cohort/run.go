@@ -29,7 +29,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	var listens listFlag
 	fs.Var(&listens, "listen", "a socket to listen on, `[NAME=]ADDRESS` (host:port, [v6]:port, /path.sock, @abstract); repeatable")
 	workers := fs.String("workers", "", "`N` or \"auto\" (one per CPU); default: the file's, else auto")
-	mode := fs.String("mode", "", "\"shared\" (default)")
+	mode := fs.String("mode", "", "\"shared\" (default) or \"round-robin\"")
 	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: notify, exec or a duration")
 	name := fs.String("name", "", "the app's name in output and COHORT_APP (default: the file's or the command's base name)")
 	affinity := fs.Bool("cpu-affinity", false, "pin worker i to the i-th CPU this process may run on")

@@ -98,6 +98,36 @@ func httpGet(t *testing.T, url string) string {
 	return string(b)
 }
 
+// TestRunRoundRobin: `cohort run --mode round-robin` serves from every
+// worker, each connection handed over by the dispatcher (the Python
+// example speaks the round-robin protocol), and stops with status 0.
+func TestRunRoundRobin(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not on PATH")
+	}
+	script := filepath.Join("..", "..", "examples", "python", "rr_worker.py")
+	_, stderr, stop := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--mode", "round-robin", "--ready", "notify", "--name", "py", "--", py, script)
+	addr := waitListening(t, stderr, "all 2 workers ready")
+	counts := map[string]int{}
+	for range 10 {
+		body := httpGet(t, "http://"+addr+"/")
+		if !strings.HasPrefix(body, "hello from worker ") {
+			t.Fatalf("answer %q", body)
+		}
+		counts[strings.Fields(body)[3]]++
+	}
+	if counts["0"] != 5 || counts["1"] != 5 {
+		t.Errorf("answers per worker %v, want 5 each in turn", counts)
+	}
+	if !strings.Contains(stderr.String(), "round-robin mode") {
+		t.Errorf("log does not name the mode:\n%s", stderr)
+	}
+	if code := stop(); code != 0 {
+		t.Errorf("exit status %d", code)
+	}
+}
+
 // TestRunListenCommand: `cohort run --listen … --workers 2 -- CMD` binds
 // the socket, serves from both workers, prefixes their output and stops
 // with exit status 0.

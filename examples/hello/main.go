@@ -1,10 +1,14 @@
 // Command cohort-hello is cohort's example worker: a tiny HTTP server that
 // says which worker served the request.
 //
-// Under cohort (or systemd socket activation) it serves the first socket
-// it was handed (fd 3, LISTEN_FDS) and reports READY=1 to NOTIFY_SOCKET;
-// run alone, it listens on $HELLO_ADDR (default 127.0.0.1:8080). SIGTERM
-// stops it gracefully: requests in flight are answered first.
+// It uses cohort's activation library, so the same program runs unchanged
+// under plain systemd socket activation, under cohort in shared mode (it
+// accepts on the inherited socket) and in round-robin mode (the dispatcher
+// hands it connections over the "cohort-rr" channel). It serves the socket
+// named $HELLO_LISTEN, by default the first one it was handed; run alone,
+// it listens on $HELLO_ADDR (default 127.0.0.1:8080). The first accept
+// reports READY=1 to NOTIFY_SOCKET; SIGTERM stops it gracefully: requests
+// in flight are answered first.
 //
 //	make run                       # bin/cohort run examples/hello.toml
 //	curl http://127.0.0.1:8080/    # hello from worker 1 (pid 4242, gen 1)
@@ -12,18 +16,14 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log"
 	"net"
 	"net/http"
 	"os"
-	"strconv"
 	"time"
 
-	cohort "github.com/cohort-dev/cohort/activation"
-	"github.com/coreos/go-systemd/v22/activation"
-	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/cohort-dev/cohort/activation"
 )
 
 func main() {
@@ -47,32 +47,29 @@ func main() {
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
-	log.Printf("worker %s (pid %d) serving on %s", worker, os.Getpid(), ln.Addr())
-	daemon.SdNotify(false, "READY=1\nSTATUS=serving on "+ln.Addr().String())
-	// Serve stops on SIGTERM without dropping a request: it stops
-	// accepting first and answers what it accepted.
-	if err := cohort.Serve(context.Background(), srv, ln, 25*time.Second); err != nil {
+	log.Printf("worker %s (pid %d) serving on %s %s", worker, os.Getpid(), ln.Addr().Network(), ln.Addr())
+	activation.Status("serving on " + ln.Addr().String())
+	if err := activation.Serve(context.Background(), srv, ln, 25*time.Second); err != nil {
 		log.Fatal(err)
 	}
 	log.Printf("worker %s (pid %d) stopped", worker, os.Getpid())
 }
 
-// listener returns the socket-activated listener, or one of its own when
-// the program runs alone.
+// listener returns the socket named $HELLO_LISTEN (default: the first one
+// passed), or one of its own on $HELLO_ADDR when the program runs alone.
 func listener() (net.Listener, error) {
-	if n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS")); n > 0 {
-		ls, err := activation.Listeners()
-		if err != nil {
-			return nil, fmt.Errorf("socket activation: %w", err)
-		}
-		if len(ls) == 0 || ls[0] == nil {
-			return nil, errors.New("socket activation: fd 3 is not a listening socket (is LISTEN_PID this process?)")
-		}
-		return ls[0], nil
+	files, err := activation.Inherit()
+	if err != nil {
+		return nil, err
+	}
+	defer files.Close() // the sockets it does not serve
+	name := os.Getenv("HELLO_LISTEN")
+	if names := files.Names(); name == "" && len(names) > 0 {
+		name = names[0]
 	}
 	addr := os.Getenv("HELLO_ADDR")
 	if addr == "" {
 		addr = "127.0.0.1:8080"
 	}
-	return net.Listen("tcp", addr)
+	return files.Listen(name, addr)
 }

@@ -24,6 +24,15 @@ const (
 	ModeRoundRobin Mode = "round-robin"
 )
 
+// The policies of round-robin mode (App.Balance).
+const (
+	// BalanceRoundRobin hands connections to the ready workers in turn.
+	BalanceRoundRobin = "round-robin"
+	// BalanceLeastConnections hands each connection to the ready worker
+	// with the fewest open (and unacknowledged) connections.
+	BalanceLeastConnections = "least-connections"
+)
+
 // ReadyKind says when a freshly started worker counts as ready.
 type ReadyKind string
 
@@ -70,9 +79,10 @@ type App struct {
 	// ReloadBatch is how many worker slots a rolling reload replaces at once.
 	ReloadBatch int
 	// MaxPending is, in round-robin mode, how many passed connections a
-	// worker may have unacknowledged before it is skipped.
+	// worker may have unacknowledged before it is skipped (1..MaxMaxPending).
 	MaxPending int
-	// Balance is the round-robin policy: "round-robin" or "least-connections".
+	// Balance is the round-robin mode's policy: BalanceRoundRobin or
+	// BalanceLeastConnections.
 	Balance string
 
 	Enable    bool
@@ -149,6 +159,7 @@ const (
 	DefaultRestartMax     = 10 * time.Second
 	DefaultMinUptime      = 5 * time.Second
 	DefaultMaxPending     = 64
+	MaxMaxPending         = 65535
 	MaxWorkers            = 1024
 )
 
@@ -171,7 +182,7 @@ func New(name string) *App {
 		},
 		ReloadBatch: 1,
 		MaxPending:  DefaultMaxPending,
-		Balance:     "round-robin",
+		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
 	}
 }

@@ -41,6 +41,8 @@ user = "web"
 group = "www-data"
 workers = 4
 mode = "round-robin"
+max_pending = 16
+balance = "least-connections"
 cpu_affinity = true
 ready = "notify"
 ready_timeout = "1min 30s"
@@ -100,6 +102,9 @@ Accept = false
 			}
 			if app.Workers != (Workers{N: 4}) || app.Mode != ModeRoundRobin || !app.CPUAffinity {
 				t.Errorf("workers %+v mode %q affinity %v", app.Workers, app.Mode, app.CPUAffinity)
+			}
+			if app.MaxPending != 16 || app.Balance != BalanceLeastConnections {
+				t.Errorf("max_pending %d balance %q", app.MaxPending, app.Balance)
 			}
 			if app.Ready != (Readiness{Kind: ReadyNotify}) || app.ReadyTimeout != 90*time.Second {
 				t.Errorf("ready %+v timeout %v", app.Ready, app.ReadyTimeout)
@@ -280,6 +285,17 @@ Description = "multi\nline"
 				`web.toml:5:1: [service] Environment: want a string, number, boolean or an array of them, got table`,
 				`web.toml:7:1: [socket] ListenStream is set by cohort: use [[listen]]`,
 				`web.toml:9:1: [unit] Description: a value must fit on one line`,
+			}},
+		{"round-robin knobs", "command = [\"/bin/app\"]\nmax_pending = 0\nbalance = \"least-connection\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: max_pending: want a number from 1 to 65535, got integer 0`,
+				`web.toml:3:1: balance: want "round-robin" or "least-connections", got "least-connection" (did you mean "least-connections"?)`,
+			}},
+		{"round-robin knob types", "command = [\"/bin/app\"]\nmax_pending = \"64\"\nbalance = 1\nmax_pendng = 3\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: max_pending: want a number from 1 to 65535, got "64"`,
+				`web.toml:3:1: balance: want a string, got integer`,
+				`web.toml:4:1: unknown key "max_pendng" (did you mean "max_pending"?)`,
 			}},
 		{"unknown table key", "command = [\"/bin/app\"]\n[restart]\nmin_uptim = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:3:1: unknown key "min_uptim" (did you mean "min_uptime"?)`}},

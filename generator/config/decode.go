@@ -124,7 +124,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "cpu_affinity", "ready", "ready_timeout", "stop_signal", "stop_timeout",
+		"workers", "mode", "max_pending", "balance", "cpu_affinity", "ready", "ready_timeout", "stop_signal", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -173,6 +173,17 @@ func (d *decoder) app(raw map[string]any, app *App) {
 		case "mode":
 			if s, ok := d.str(k, v); ok {
 				app.Mode = Mode(s)
+			}
+		case "max_pending":
+			n, ok := v.(int64)
+			if !ok || n < 1 || n > MaxMaxPending {
+				d.errorAt(k, "", "max_pending: want a number from 1 to %d, got %s", MaxMaxPending, describe(v))
+				break
+			}
+			app.MaxPending = int(n)
+		case "balance":
+			if s, ok := d.str(k, v); ok {
+				app.Balance = s
 			}
 		case "cpu_affinity":
 			app.CPUAffinity, _ = d.boolean(k, v)

@@ -39,6 +39,10 @@ func (d *decoder) validate(app *App) {
 	if !contains(modes, string(app.Mode)) {
 		d.errorAt("mode", suggest(string(app.Mode), modes), "mode: want \"shared\" or \"round-robin\", got %q", app.Mode)
 	}
+	balances := []string{BalanceRoundRobin, BalanceLeastConnections}
+	if !contains(balances, app.Balance) {
+		d.errorAt("balance", suggest(app.Balance, balances), "balance: want \"round-robin\" or \"least-connections\", got %q", app.Balance)
+	}
 	profiles := []string{HardeningDefault, HardeningStrict, HardeningNone}
 	if !contains(profiles, app.Hardening) {
 		d.errorAt("hardening", suggest(app.Hardening, profiles), "hardening: want \"default\", \"strict\" or \"none\", got %q", app.Hardening)
