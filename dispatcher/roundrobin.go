@@ -235,10 +235,10 @@ func (r *roundRobin) accept(index int, f *os.File) {
 		var aerr error
 		err := rc.Read(func(fd uintptr) bool {
 			for len(batch) < room {
-				nfd, _, err := unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+				nfd, err := accept4(fd)
 				switch err {
-				case nil:
-					batch = append(batch, rr.Conn{Listener: uint16(index), File: os.NewFile(uintptr(nfd), "conn")})
+				case 0:
+					batch = append(batch, rr.Conn{Listener: uint16(index), File: os.NewFile(nfd, "conn")})
 					continue
 				case unix.EAGAIN:
 					return len(batch) > 0 // nothing at all: wait for the poller
@@ -270,6 +270,17 @@ func (r *roundRobin) accept(index int, f *os.File) {
 			}
 		}
 	}
+}
+
+// accept4 accepts one connection on the listening socket fd, close-on-exec
+// and without asking for the peer's address. The connection is left in
+// blocking mode: os.NewFile then keeps it out of the dispatcher's
+// netpoller (which would watch, for nothing, every connection until the
+// worker acknowledges it), and the worker sets the mode it wants, as
+// net.FileConn and Python's socket timeouts do.
+func accept4(fd uintptr) (uintptr, unix.Errno) {
+	nfd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, fd, 0, 0, unix.SOCK_CLOEXEC, 0, 0)
+	return nfd, errno
 }
 
 // waitRoom waits until ready workers can take more connections than are

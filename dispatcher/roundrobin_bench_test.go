@@ -1,0 +1,156 @@
+package dispatcher
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// BenchmarkRoundRobinMode compares, with a new connection per request
+// (HTTP Connection: close), the same Go worker (cohort's activation
+// library) alone, under a dispatcher process in shared mode and in
+// round-robin mode, 2 workers each, in interleaved rounds. It logs requests
+// per second, the ratios (round-robin/shared is the figure to watch) and
+// the dispatchers' CPU time. Then ns/op is one request on a new connection
+// through the round-robin dispatcher.
+func BenchmarkRoundRobinMode(b *testing.B) {
+	const (
+		rounds  = 3
+		dur     = 2 * time.Second
+		clients = 8
+	)
+	type target struct {
+		name string
+		addr string
+		pid  int // the dispatcher, or 0
+		rps  float64
+		cpu  time.Duration
+	}
+	l, addr := tcpListener(b, "http")
+	startActivated(b, []string{"COHORT_TEST_HELPER=cohort-worker"}, []*os.File{l})
+	targets := []*target{{name: "alone", addr: addr}}
+	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin} {
+		app := rrApp(b, 2)
+		app.Mode = mode
+		l, addr := tcpListener(b, "http")
+		d := startDispatcherProc(b, app, []*os.File{l})
+		d.waitLine(b, 20*time.Second, "all 2 workers ready")
+		targets = append(targets, &target{name: string(mode), addr: addr, pid: d.cmd.Process.Pid})
+	}
+	for _, t := range targets {
+		waitAnswer(b, t.addr)
+	}
+	for range rounds {
+		for _, t := range targets {
+			var before time.Duration
+			if t.pid != 0 {
+				before = procCPU(b, t.pid)
+			}
+			t.rps += loadNewConns(t.addr, clients, dur) / rounds
+			if t.pid != 0 {
+				t.cpu += procCPU(b, t.pid) - before
+			}
+		}
+	}
+	a, sh, rr := targets[0], targets[1], targets[2]
+	loadTime := rounds * dur
+	b.Logf("new connection per request, %d clients, %d rounds of %s: alone %.0f req/s; shared 2 workers %.0f req/s (%.2fx alone); round-robin 2 workers %.0f req/s (%.2fx alone, %.1f%% of shared); dispatcher CPU shared %s, round-robin %s in %s of load (%.1f%% of a core)",
+		clients, rounds, dur, a.rps, sh.rps, sh.rps/a.rps, rr.rps, rr.rps/a.rps, 100*rr.rps/sh.rps,
+		sh.cpu.Round(time.Millisecond), rr.cpu.Round(time.Millisecond), loadTime, 100*rr.cpu.Seconds()/loadTime.Seconds())
+
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for b.Loop() {
+		if _, err := getWith(c, "http://"+rr.addr+"/"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(a.rps, "alone-req/s")
+	b.ReportMetric(sh.rps, "shared-req/s")
+	b.ReportMetric(rr.rps, "rr-req/s")
+	b.ReportMetric(rr.rps/sh.rps, "rr/shared")
+	b.ReportMetric(rr.rps/a.rps, "rr/alone")
+	b.ReportMetric(100*rr.cpu.Seconds()/loadTime.Seconds(), "rr-dispatcher-cpu-%")
+}
+
+// loadNewConns runs clients that each send requests on a new connection
+// every time, for dur, and returns the requests per second answered.
+func loadNewConns(addr string, clients int, dur time.Duration) float64 {
+	var ok atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	deadline := start.Add(dur)
+	for range clients {
+		wg.Go(func() {
+			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			for time.Now().Before(deadline) {
+				resp, err := c.Get("http://" + addr + "/")
+				if err != nil {
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					ok.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ok.Load()) / time.Since(start).Seconds()
+}
+
+// BenchmarkRoundRobinFDs passes 100,000 connections through a round-robin
+// dispatcher process with 2 workers and fails unless the dispatcher's fd
+// count returns to what it was before; it reports the fd counts and the
+// RSS before and after. It takes long enough to run once (ns/op is the
+// whole run; ns/conn one connection's share).
+func BenchmarkRoundRobinFDs(b *testing.B) {
+	const total = 100000
+	app := rrApp(b, 2)
+	l, addr := tcpListener(b, "http")
+	d := startDispatcherProc(b, app, []*os.File{l})
+	d.waitLine(b, 20*time.Second, "all 2 workers ready")
+	waitAnswer(b, addr)
+	pid := d.cmd.Process.Pid
+	fds0, rss0 := fdCount(b, pid), rssKB(b, pid)
+
+	start := time.Now()
+	var done atomic.Int64
+	var failed atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			for done.Add(1) <= total {
+				if _, err := getWith(c, "http://"+addr+"/"); err != nil {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	var fds1 int
+	waitFor(b, 10*time.Second, "fd count back to baseline", func() bool {
+		fds1 = fdCount(b, pid)
+		return fds1 <= fds0
+	})
+	rss1 := rssKB(b, pid)
+	b.Logf("%d connections in %s (%.0f/s, %d failed): dispatcher fds %d before, %d after; RSS %d kB before, %d kB after",
+		total, took.Round(time.Millisecond), total/took.Seconds(), failed.Load(), fds0, fds1, rss0, rss1)
+	if failed.Load() > 0 {
+		b.Errorf("%d of %d requests failed", failed.Load(), total)
+	}
+	b.ReportMetric(float64(fds0), "fds-before")
+	b.ReportMetric(float64(fds1), "fds-after")
+	b.ReportMetric(float64(rss0), "rss-kB-before")
+	b.ReportMetric(float64(rss1), "rss-kB-after")
+	b.ReportMetric(float64(took.Nanoseconds())/total, "ns/conn")
+}
