@@ -26,6 +26,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("generator", func(t *testing.T) { testGenerator(t, c) })
 			t.Run("serve", func(t *testing.T) { testServe(t, c) })
 			t.Run("reload", func(t *testing.T) { testReload(t, c) })
+			t.Run("roundrobin", func(t *testing.T) { testRoundRobin(t, c) })
 		})
 	}
 }
