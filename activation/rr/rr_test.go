@@ -249,6 +249,42 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	}
 }
 
+// A worker that acknowledges connections and then exits with a CONNS
+// message unread makes the kernel report ECONNRESET on the dispatcher's
+// end before the ACK it sent; Recv must still return that ACK first, or
+// the dispatcher would hand acknowledged connections to a second worker.
+func TestAckBeforeResetIsRead(t *testing.T) {
+	ch, w := newPair(t)
+	_, files := tcpConns(t, 2)
+	if err := ch.Send(Conn{ID: 1, File: files[0]}); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := w.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds[0].File.Close()
+	if err := ch.Send(Conn{ID: 2, File: files[1]}); err != nil { // never read
+		t.Fatal(err)
+	}
+	if err := w.Send(TypeAck, []uint64{1}); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	ev, err := ch.Recv()
+	if err != nil || ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{1}) {
+		t.Fatalf("Recv = %+v, %v; want the ACK of 1", ev, err)
+	}
+	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Recv after the ACK = %v, want net.ErrClosed", err)
+	}
+	left, _ := ch.Close()
+	if len(left) != 1 || left[0].ID != 2 {
+		t.Fatalf("Close returned %+v, want only conn 2", left)
+	}
+	left[0].File.Close()
+}
+
 func countFDs(t testing.TB) int {
 	t.Helper()
 	es, err := os.ReadDir("/proc/self/fd")

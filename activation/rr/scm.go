@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -45,6 +46,13 @@ var errEOF = errors.New("peer closed the channel")
 // fd it received and returns none. At end of stream it returns errEOF.
 func recvMsg(c *net.UnixConn, b, oob []byte) ([]byte, []int, error) {
 	n, oobn, flags, _, err := c.ReadMsgUnix(b, oob)
+	// A peer that closes its end with messages it did not read makes the
+	// kernel report ECONNRESET once, before the messages it sent that we
+	// have not read yet (an ACK, say). Read on: they follow, then end of
+	// stream.
+	for i := 0; i < 4 && errors.Is(err, syscall.ECONNRESET); i++ {
+		n, oobn, flags, _, err = c.ReadMsgUnix(b, oob)
+	}
 	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
 	switch {
 	case errors.Is(err, io.EOF) && len(fds) == 0:
