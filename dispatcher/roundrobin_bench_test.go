@@ -21,8 +21,8 @@ import (
 // through the round-robin dispatcher.
 func BenchmarkRoundRobinMode(b *testing.B) {
 	const (
-		rounds  = 3
-		dur     = 2 * time.Second
+		rounds  = 6
+		dur     = time.Second
 		clients = 8
 	)
 	type target struct {

@@ -201,17 +201,20 @@ func TestRoundRobinServes(t *testing.T) {
 
 // TestRoundRobinKillQueued: a worker that stops reading its channel (here:
 // SIGSTOP) gets at most max_pending connections, the others get the rest;
-// when it is killed with SIGKILL the connections queued for it go to
-// another worker, and every client gets a full answer. Go and Python
-// workers alike.
+// when it is killed with SIGKILL, or drains on SIGTERM (closing its
+// channel), the connections queued for it go to another worker, and every
+// client gets a full answer. Go and Python workers alike.
 func TestRoundRobinKillQueued(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		command func(t *testing.T) []string
+		sig     syscall.Signal
 	}{
-		{"go", nil},
-		{"python", func(t *testing.T) []string { return pythonRRWorker(t) }},
+		{"go-kill", nil, syscall.SIGKILL},
+		{"go-term", nil, syscall.SIGTERM},
+		{"python-kill", func(t *testing.T) []string { return pythonRRWorker(t) }, syscall.SIGKILL},
+		{"python-term", func(t *testing.T) []string { return pythonRRWorker(t) }, syscall.SIGTERM},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -235,6 +238,9 @@ func TestRoundRobinKillQueued(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { syscall.Kill(victim.PID, syscall.SIGKILL) })
+			// kill returns before the group stop is complete: a thread
+			// may still run until it is scheduled and stops.
+			waitFor(t, 5*time.Second, "every thread of the victim stopped", func() bool { return allStopped(victim.PID) })
 
 			type result struct {
 				body string
@@ -274,13 +280,36 @@ func TestRoundRobinKillQueued(t *testing.T) {
 				t.Fatalf("answer %q (%v) although %d connections should be queued for the stopped worker", r.body, r.err, maxPending)
 			case <-time.After(100 * time.Millisecond):
 			}
-			if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
+			if err := syscall.Kill(victim.PID, tc.sig); err != nil {
 				t.Fatal(err)
+			}
+			if tc.sig != syscall.SIGKILL {
+				syscall.Kill(victim.PID, syscall.SIGCONT)
 			}
 			collect(maxPending, 15*time.Second)
 			rec.wait(t, &from, 10*time.Second, "the victim's exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == victim.PID })
 		})
 	}
+}
+
+// allStopped reports whether every thread of pid is stopped (state T).
+func allStopped(pid int) bool {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil || len(ents) == 0 {
+		return false
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, e.Name()))
+		if err != nil {
+			return false
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 || i+2 >= len(s) || s[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }
 
 // TestRoundRobinSlowClients: the dispatcher never reads from a
