@@ -48,9 +48,7 @@ type roundRobin struct {
 	cancel    context.CancelFunc
 	listeners []*os.File // non-blocking duplicates of the app's listeners, owned here
 
-	byPID      map[int]*rrWorker // loop only
-	pendingCh  *rr.Channel       // loop only: between rrPrepare and rrForked
-	pendingEnd *os.File
+	byPID map[int]*rrWorker // loop only
 
 	mu      sync.Mutex
 	workers []*rrWorker // live channels, in start order
@@ -200,9 +198,6 @@ func (d *dispatcher) rrClose() {
 	r.cancel()
 	for _, f := range r.listeners {
 		f.Close() // wakes an acceptor blocked in RawConn.Read
-	}
-	if r.pendingEnd != nil {
-		r.pendingEnd.Close()
 	}
 	r.mu.Lock()
 	r.closed = true
