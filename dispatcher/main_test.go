@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -56,9 +57,9 @@ func helperWorker() int {
 		}
 	}
 	listenPID, fdNames := os.Getenv("LISTEN_PID"), os.Getenv("LISTEN_FDNAMES")
-	ls, err := activation.Listeners()
-	if err != nil || len(ls) == 0 {
-		fmt.Fprintf(os.Stderr, "helper worker: no listeners (LISTEN_PID=%s pid=%d): %v\n", os.Getenv("LISTEN_PID"), os.Getpid(), err)
+	ln, err := helperListener()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "helper worker: no listeners (LISTEN_PID=%s pid=%d): %v\n", listenPID, os.Getpid(), err)
 		return 4
 	}
 	if d, err := time.ParseDuration(os.Getenv("HELPER_START_DELAY")); err == nil {
@@ -84,11 +85,37 @@ func helperWorker() int {
 		daemon.SdNotify(false, "WATCHDOG=1")
 	}
 	// cohort's own library: stops on SIGTERM without dropping a request.
-	if err := cohort.Serve(context.Background(), srv, ls[0], 10*time.Second); err != nil {
+	if err := cohort.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
 		fmt.Fprintln(os.Stderr, "helper worker:", err)
 		return 1
 	}
 	return 0
+}
+
+// helperListener returns the first socket passed (go-systemd, which sends
+// no READY=1 of its own) or, in round-robin mode, the first round-robin
+// listener of cohort's library (whose first Accept sends READY=1).
+func helperListener() (net.Listener, error) {
+	if !strings.Contains(os.Getenv("LISTEN_FDNAMES"), "cohort-rr") {
+		ls, err := activation.Listeners()
+		if err == nil && len(ls) == 0 {
+			err = fmt.Errorf("no sockets")
+		}
+		if err != nil {
+			return nil, err
+		}
+		return ls[0], nil
+	}
+	files, err := cohort.Inherit()
+	if err != nil {
+		return nil, err
+	}
+	defer files.Close()
+	names := files.Names()
+	if len(names) == 0 {
+		return nil, fmt.Errorf("no round-robin listeners")
+	}
+	return files.Listen(names[0], "")
 }
 
 // helperDispatcher is `cohort dispatch` in miniature: the app comes as

@@ -286,7 +286,7 @@ func (d *dispatcher) retire(w *worker, r *replacement) {
 // this to take w out of the rotation (its pending connections stay with
 // it until it has acknowledged them).
 func (d *dispatcher) drain(w *worker) {
-	_ = w
+	d.rrDrain(w)
 }
 
 // detachedExited handles the exit of a worker that is not its slot's

@@ -27,7 +27,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +46,7 @@ type roundRobin struct {
 	ctx       context.Context // cancelled by rrClose
 	cancel    context.CancelFunc
 	listeners []*os.File // non-blocking duplicates of the app's listeners, owned here
+	env       []string   // what workers get besides LISTEN_*: COHORT_RR_LISTENERS
 
 	byPID map[int]*rrWorker // loop only
 
@@ -108,19 +108,38 @@ func (d *dispatcher) rrStart() error {
 		}
 		r.listeners = append(r.listeners, os.NewFile(uintptr(fd), d.app.Listen[i].Name))
 	}
-	env := d.env[:0:0]
-	for _, kv := range d.env {
-		if !strings.HasPrefix(kv, rr.ListenersEnv+"=") {
-			env = append(env, kv)
-		}
-	}
-	d.env = append(env, rr.ListenersEnv+"="+d.listenNames)
+	r.env = []string{rr.ListenersEnv + "=" + d.listenNames}
 	d.listenFDs, d.listenNames = nil, rr.FDName
 	d.wg.Go(r.flusher)
 	for i, f := range r.listeners {
 		d.wg.Go(func() { r.accept(i, f) })
 	}
 	return nil
+}
+
+// rrEnv is what a worker's environment needs in round-robin mode beyond
+// LISTEN_FDS: COHORT_RR_LISTENERS; nothing in shared mode.
+func (d *dispatcher) rrEnv() []string {
+	if d.rr == nil {
+		return nil
+	}
+	return d.rr.env
+}
+
+// rrDrain takes w out of the rotation at once, before the state machine
+// moves it to draining: nothing new is sent to it; what it has not
+// acknowledged yet stays with it until it acknowledges, rejects, or closes
+// its channel (then it goes to another worker).
+func (d *dispatcher) rrDrain(w *worker) {
+	r := d.rr
+	if r == nil {
+		return
+	}
+	if rw := r.byPID[w.pid]; rw != nil {
+		r.mu.Lock()
+		rw.ready = false
+		r.mu.Unlock()
+	}
 }
 
 // forkWorker is fork, with a fresh round-robin channel at fd 3 in

@@ -321,6 +321,7 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 	if n > 0 {
 		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+d.listenNames)
 	}
+	env = append(env, d.rrEnv()...)
 	env = append(env,
 		"NOTIFY_SOCKET="+d.notifyPath,
 		"COHORT_APP="+d.app.Name,
