@@ -25,8 +25,10 @@ type Options struct {
 	// App is the app to run. Run does not modify it.
 	App *config.App
 	// Listeners are the listening sockets in App.Listen order (see
-	// MatchListeners and Bind). Run puts them in blocking mode, passes
-	// them to every worker and never closes them: the caller owns them.
+	// MatchListeners and Bind). In shared mode Run puts them in blocking
+	// mode and passes them to every worker; in round-robin mode it accepts
+	// on duplicates of them, in non-blocking mode. It never closes them:
+	// the caller owns them.
 	Listeners []*os.File
 
 	// Self is the executable that runs Trampoline when argv[1] is

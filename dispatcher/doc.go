@@ -64,4 +64,18 @@
 // index) whose process exited is refilled after a backoff delay that
 // doubles from Restart.Initial up to Restart.Max and is reset by a worker
 // that ran at least Restart.MinUptime.
+//
+// # Round-robin mode
+//
+// With mode = "round-robin" the dispatcher accepts the connections itself
+// (one goroutine per listener, accept4 until EAGAIN on the listener's
+// RawConn) and hands them to the ready workers in turn, or to the one with
+// the fewest open connections (balance = "least-connections"), over one
+// activation/rr channel per worker: fd 3 of the worker, named "cohort-rr",
+// with COHORT_RR_LISTENERS naming the listeners. A worker with max_pending
+// connections it has not acknowledged is skipped; when all are, accepting
+// stops and the kernel's backlog holds the rest. Connections a worker
+// rejects, or had not acknowledged when it died or closed its channel
+// (draining), go to another worker. The dispatcher never reads from a
+// connection. See roundrobin.go and docs/protocol.md.
 package dispatcher
