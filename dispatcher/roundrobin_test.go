@@ -430,33 +430,45 @@ func rssKB(t testing.TB, pid int) int {
 	return 0
 }
 
-// TestRoundRobinLeastConnections: with balance = "least-connections" a
-// worker busy with a long request gets few new connections while the
-// other is idle.
+// TestRoundRobinLeastConnections: with balance = "least-connections" new
+// connections go to the worker with fewer open ones. Worker 1 is stopped
+// while 6 silent connections arrive, so that it takes one (then it is
+// full: max_pending = 1) and worker 0 the other 5; once worker 1 runs
+// again, short requests go to it, where round-robin would alternate.
 func TestRoundRobinLeastConnections(t *testing.T) {
 	t.Parallel()
 	app := rrApp(t, 2)
 	app.Balance = config.BalanceLeastConnections
+	app.MaxPending = 1
 	l, addr := tcpListener(t, "http")
-	logs := &syncBuffer{}
-	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stdout: logs})
+	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
-	slow := make(chan string, 1)
-	go func() {
-		c := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-		b, _ := getWith(c, "http://"+addr+"/slow?ms=3000")
-		slow <- b
-	}()
-	waitFor(t, 10*time.Second, "the slow request to start", func() bool {
-		return strings.Contains(logs.String(), "slow-start")
-	})
-	counts := spread(t, addr, 20, 1)
-	busy := workerOf(<-slow)
-	// Round-robin would give it 10. A CLOSED notification can arrive just
-	// after the next connection was placed, so a tie now and then sends
-	// one to the busy worker.
-	if counts[busy] > 5 {
-		t.Errorf("busy worker %s got %d of 20 connections (%s), want at most 5", busy, counts[busy], countsString(counts))
+	spread(t, addr, 2, 1) // both past start-up
+	from := 0
+	w0 := rec.wait(t, &from, time.Second, "worker 0 ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == 0 })
+	from = 0
+	w1 := rec.wait(t, &from, time.Second, "worker 1 ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == 1 })
+	if err := syscall.Kill(w1.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(w1.PID, syscall.SIGCONT) })
+	waitFor(t, 5*time.Second, "worker 1 stopped", func() bool { return allStopped(w1.PID) })
+	base := fdCount(t, w0.PID)
+	for range 6 {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	waitFor(t, 10*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
+	syscall.Kill(w1.PID, syscall.SIGCONT)
+
+	counts := spread(t, addr, 10, 1)
+	// Worker 1 has 1 open connection plus those of these requests that
+	// linger (a server that closes first waits a moment), worker 0 has 5.
+	if counts["0"] > 2 {
+		t.Errorf("worker 0 (5 open connections) got %d of 10 new ones (%s); want at most 2", counts["0"], countsString(counts))
 	}
 }
 
