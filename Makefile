@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.0.
 LDFLAGS := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build deps test lint fuzz bench deb vmtest run clean
+.PHONY: all build deps test lint fuzz bench bench-micro deb vmtest run clean
 
 all: build
 
@@ -37,7 +37,16 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime 10s ./dispatcher/control
 
-bench:
+# The load benchmark (vmtests/bench): the hello app alone and under Node
+# cluster, PM2 and cohort, keep-alive and new-connection load; writes
+# docs/bench/results.{md,svg,json} and prints each target with PASS/MISS.
+bench: build
+	vmtests/bench/deps.sh
+	$(GO) run ./vmtests/bench/cmd/cohort-bench -cohort $(BIN)/cohort -out docs/bench
+
+# Go micro-benchmarks beside the code (BenchmarkPassFD, BenchmarkGenerate100, …),
+# each printing its ratio against a baseline from the same run.
+bench-micro:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
 
 deb:

@@ -406,7 +406,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 func (d *dispatcher) stop(why string) {
 	d.stopping = true
 	d.abortReplace()
-	d.out.infof("stopping (%s): %s to %d workers, SIGKILL after %s", why, d.app.StopSignal, len(d.procs), d.app.StopTimeout)
+	d.out.infof("stopping (%s): sending %s to %d workers, SIGKILL after %s", why, unix.SignalName(d.app.StopSignal), len(d.procs), d.app.StopTimeout)
 	d.sendNotify("STOPPING=1")
 	d.observe(Event{Kind: Stopping, Worker: -1})
 	for _, s := range d.slots {
