@@ -38,15 +38,19 @@ func Listen(path string, allowed func(uid uint32) bool) (*Server, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("remove stale control socket: %w", err)
 	}
-	// The umask makes the socket file 0600 from the start: there is no
-	// window in which it is open to others.
-	old := unix.Umask(0o177)
+	// Not umask: it is per process, and every child forked and every file
+	// created by another goroutine meanwhile would get 0177 too. Until the
+	// chmod the mode is what the umask allows (others need write access to
+	// connect), and serveConn refuses peers that are not allowed anyway.
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	unix.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listen on control socket: %w", err)
 	}
 	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod control socket: %w", err)
+	}
 	return &Server{ln: ln, path: path, allowed: allowed}, nil
 }
 
