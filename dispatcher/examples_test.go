@@ -1,10 +1,12 @@
 package dispatcher
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -70,17 +72,62 @@ func TestNodeWorker(t *testing.T) {
 		node, filepath.Join("examples", "node", "server.js"))
 }
 
-// TestGoExampleWorker builds examples/hello and serves it.
+// TestGoExampleWorker serves examples/hello, built once per test binary.
 func TestGoExampleWorker(t *testing.T) {
 	t.Parallel()
+	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from worker ", helloBinary(t))
+}
+
+// hello is examples/hello built into a directory of this test binary's
+// own, which TestMain removes.
+var hello struct {
+	once sync.Once
+	dir  string
+	bin  string
+	err  error
+}
+
+// helloBinary builds examples/hello once and returns its path; every
+// caller waits for the one build, so nobody execs a file still being
+// written. It skips the test with -short.
+func helloBinary(t testing.TB) string {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("builds examples/hello")
 	}
-	bin := filepath.Join(t.TempDir(), "cohort-hello")
-	cmd := exec.Command("go", "build", "-o", bin, "./examples/hello")
-	cmd.Dir = repoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	root := repoRoot(t)
+	hello.once.Do(func() {
+		if hello.dir, hello.err = os.MkdirTemp("", "cohort-dispatcher-test-"); hello.err != nil {
+			return
+		}
+		bin := filepath.Join(hello.dir, "cohort-hello")
+		cmd := exec.Command("go", "build", "-o", bin, "./examples/hello")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			hello.err = fmt.Errorf("go build ./examples/hello: %v\n%s", err, out)
+			return
+		}
+		// go build has exited, so the file is complete and closed; check
+		// what lookPath will check.
+		fi, err := os.Stat(bin)
+		if err == nil && fi.Mode()&0o111 == 0 {
+			err = fmt.Errorf("mode %v, want an executable", fi.Mode())
+		}
+		if err != nil {
+			hello.err = fmt.Errorf("go build ./examples/hello: %w", err)
+			return
+		}
+		hello.bin = bin
+	})
+	if hello.err != nil {
+		t.Fatal(hello.err)
 	}
-	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from worker ", bin)
+	return hello.bin
+}
+
+// removeHello removes what helloBinary built; TestMain calls it.
+func removeHello() {
+	if hello.dir != "" {
+		os.RemoveAll(hello.dir)
+	}
 }

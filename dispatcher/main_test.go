@@ -37,7 +37,9 @@ func TestMain(m *testing.M) {
 	case "cohort-worker":
 		os.Exit(helperCohortWorker())
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	removeHello()
+	os.Exit(code)
 }
 
 // helperWorker is a Go worker that serves HTTP on the socket-activated fd

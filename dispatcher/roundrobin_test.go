@@ -488,15 +488,7 @@ func TestRunModeRejectsUnknown(t *testing.T) {
 // gracefully.
 func TestGoExampleRoundRobin(t *testing.T) {
 	t.Parallel()
-	if testing.Short() {
-		t.Skip("builds examples/hello")
-	}
-	bin := filepath.Join(t.TempDir(), "cohort-hello")
-	cmd := exec.Command("go", "build", "-o", bin, "./examples/hello")
-	cmd.Dir = repoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := helloBinary(t)
 	app := rrApp(t, 2)
 	app.Command = []string{bin}
 	l, addr := tcpListener(t, "http")
