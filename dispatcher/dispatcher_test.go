@@ -101,24 +101,24 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 		})
 	}
 	defer func() { close(stop); wg.Wait() }()
-	waitFor(t, 10*time.Second, "load running", func() bool { return ok.Load() > 50 })
+	waitFor(t, 30*time.Second, "load running", func() bool { return ok.Load() > 50 })
 
 	from := 0
 	victim := rec.wait(t, &from, time.Second, "a ready worker", func(e Event) bool { return e.Kind == WorkerReady })
 	syscall.Kill(victim.PID, syscall.SIGKILL)
-	ex := rec.wait(t, &from, 10*time.Second, "the exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == victim.PID })
+	ex := rec.wait(t, &from, 30*time.Second, "the exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == victim.PID })
 	if ex.Signal != syscall.SIGKILL || ex.RestartIn <= 0 {
 		t.Errorf("exit event %+v, want SIGKILL and a restart", ex)
 	}
-	repl := rec.wait(t, &from, 20*time.Second, "the replacement ready", func(e Event) bool {
+	repl := rec.wait(t, &from, 30*time.Second, "the replacement ready", func(e Event) bool {
 		return e.Kind == WorkerReady && e.Worker == victim.Worker
 	})
 	if repl.PID == victim.PID {
 		t.Fatal("replacement has the victim's pid")
 	}
 	base := ok.Load()
-	waitFor(t, 10*time.Second, "more answers after the replacement", func() bool { return ok.Load() > base+100 })
-	rec.waitNotify(t, time.Second, "2/2 workers ready · gen 1 · shared · 1 restart")
+	waitFor(t, 30*time.Second, "more answers after the replacement", func() bool { return ok.Load() > base+100 })
+	rec.waitNotify(t, 10*time.Second, "2/2 workers ready · gen 1 · shared · 1 restart")
 	t.Logf("answers %d, failed %d (connections cut by the kill)", ok.Load(), failed.Load())
 }
 
@@ -244,16 +244,24 @@ func TestWorkerWatchdog(t *testing.T) {
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	from := 0
 	first := rec.wait(t, &from, 20*time.Second, "ready", func(e Event) bool { return e.Kind == WorkerReady })
-	if body, err := get("http://" + addr + "/"); err != nil || field(body, "watchdog_usec") != "300000" {
-		t.Errorf("worker sees WATCHDOG_USEC=%q (%v), want 300000", field(body, "watchdog_usec"), err)
+	// The worker may be killed by the watchdog while it answers (a loaded
+	// machine can take 300ms for that): ask until some worker answers.
+	var body string
+	waitFor(t, 30*time.Second, "an answer", func() bool {
+		var err error
+		body, err = get("http://" + addr + "/")
+		return err == nil
+	})
+	if got := field(body, "watchdog_usec"); got != "300000" {
+		t.Errorf("worker sees WATCHDOG_USEC=%q, want 300000", got)
 	}
-	rec.wait(t, &from, 5*time.Second, "watchdog", func(e Event) bool { return e.Kind == WorkerWatchdog && e.PID == first.PID })
-	ex := rec.wait(t, &from, 10*time.Second, "exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == first.PID })
+	rec.wait(t, &from, 30*time.Second, "watchdog", func(e Event) bool { return e.Kind == WorkerWatchdog && e.PID == first.PID })
+	ex := rec.wait(t, &from, 30*time.Second, "exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == first.PID })
 	// Go turns SIGABRT into exit status 2 after a traceback.
 	if ex.Signal != syscall.SIGABRT && ex.ExitCode != 2 {
 		t.Errorf("exit %+v, want SIGABRT", ex)
 	}
-	rec.wait(t, &from, 20*time.Second, "replacement", func(e Event) bool { return e.Kind == WorkerReady })
+	rec.wait(t, &from, 30*time.Second, "replacement", func(e Event) bool { return e.Kind == WorkerReady })
 }
 
 // TestReadyTimeout: a notify worker that never says READY=1 is stopped

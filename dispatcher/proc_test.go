@@ -40,7 +40,7 @@ func TestSIGTERMLetsInflightFinish(t *testing.T) {
 	}()
 	d.waitLine(t, 10*time.Second, "] slow-start")
 	d.cmd.Process.Signal(syscall.SIGTERM)
-	d.waitLine(t, 5*time.Second, "stopping (got terminated)")
+	d.waitLine(t, 30*time.Second, "stopping (got terminated)")
 	r := <-res
 	if r.err != nil || !strings.HasPrefix(r.body, "slow done") {
 		t.Errorf("in-flight request: %q, %v", r.body, r.err)
@@ -50,7 +50,7 @@ func TestSIGTERMLetsInflightFinish(t *testing.T) {
 		if d.err != nil {
 			t.Errorf("dispatcher exited with %v, want 0\n%s", d.err, d.out.String())
 		}
-	case <-time.After(15 * time.Second):
+	case <-time.After(30 * time.Second):
 		t.Fatal("dispatcher did not exit")
 	}
 	for _, w := range workers {

@@ -467,14 +467,14 @@ func TestReloadZeroDrop(t *testing.T) {
 				stop := make(chan struct{})
 				ld := startLoad(f.addr, 8, 200000, stop)
 				defer func() { close(stop); ld.wg.Wait() }()
-				waitFor(t, 10*time.Second, "load under way", func() bool { return ld.ok.Load() > 50 })
+				waitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 50 })
 				start := time.Now()
 				if _, err := f.call(t, 60*time.Second, control.Request{Cmd: control.CmdReload}); err != nil {
 					t.Fatalf("reload: %v", err)
 				}
 				took := time.Since(start)
 				before := ld.ok.Load()
-				waitFor(t, 10*time.Second, "load after the reload", func() bool { return ld.ok.Load() > before+50 })
+				waitFor(t, 30*time.Second, "load after the reload", func() bool { return ld.ok.Load() > before+50 })
 				close(stop)
 				ld.wg.Wait()
 				stop = make(chan struct{})

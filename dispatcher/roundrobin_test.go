@@ -240,7 +240,7 @@ func TestRoundRobinKillQueued(t *testing.T) {
 			t.Cleanup(func() { syscall.Kill(victim.PID, syscall.SIGKILL) })
 			// kill returns before the group stop is complete: a thread
 			// may still run until it is scheduled and stops.
-			waitFor(t, 5*time.Second, "every thread of the victim stopped", func() bool { return allStopped(victim.PID) })
+			waitFor(t, 30*time.Second, "every thread of the victim stopped", func() bool { return allStopped(victim.PID) })
 
 			type result struct {
 				body string
@@ -399,7 +399,7 @@ func TestRoundRobinFDsReturn(t *testing.T) {
 	pid := d.cmd.Process.Pid
 	base := fdCount(t, pid)
 	spread(t, addr, 3000, 8)
-	waitFor(t, 5*time.Second, "fd count back to baseline", func() bool { return fdCount(t, pid) <= base })
+	waitFor(t, 30*time.Second, "fd count back to baseline", func() bool { return fdCount(t, pid) <= base })
 }
 
 // fdCount is the number of open fds of pid.
@@ -452,7 +452,7 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { syscall.Kill(w1.PID, syscall.SIGCONT) })
-	waitFor(t, 5*time.Second, "worker 1 stopped", func() bool { return allStopped(w1.PID) })
+	waitFor(t, 30*time.Second, "worker 1 stopped", func() bool { return allStopped(w1.PID) })
 	base := fdCount(t, w0.PID)
 	for range 6 {
 		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
@@ -461,7 +461,7 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 	}
-	waitFor(t, 10*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
+	waitFor(t, 30*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
 	syscall.Kill(w1.PID, syscall.SIGCONT)
 
 	counts := spread(t, addr, 10, 1)
