@@ -225,21 +225,69 @@ func TestTargets(t *testing.T) {
 		{ID: "cohort-shared-node", KeepAlive: m(99), Close: m(120)},
 		{ID: "cohort-shared-go", KeepAlive: m(100), Close: m(100)},
 		{ID: "cohort-rr-go", NA: "not available in this build: no"},
+		{ID: "cohort-reuseport-go", KeepAlive: m(80), Close: m(97)},
 		{ID: "reload-cohort", Reload: true, KeepAlive: m(1), Close: m(1)},
+		{ID: "reload-cohort-reuseport-node", Name: "rp node", Reload: true, KeepAlive: m(1), Close: m(1)},
+		{ID: "reload-cohort-reuseport-go", Name: "rp go", Reload: true, KeepAlive: m(1), Close: m(1)},
 	}
-	got := map[string]string{}
+	rows[len(rows)-1].Close.Errors.Connect = 3
+	got, why := map[string]string{}, map[string]string{}
 	for _, tg := range targets(rows) {
-		got[tg.Name] = tg.Result()
+		got[tg.Name], why[tg.Name] = tg.Result(), tg.Why
 	}
+	reuseportReload := "cohort reload, reuseport: 0 errors under load (Node and Go, both workloads)"
 	for name, want := range map[string]string{
-		"cohort round-robin ≥ 85 % of shared (Go, new-conn)":  "n/a",
-		"cohort shared (Node) ≥ Node SCHED_NONE, keep-alive":  "MISS",
-		"cohort shared (Node) ≥ Node SCHED_NONE, new-conn":    "PASS",
-		"cohort shared (Node) ≥ PM2, keep-alive":              "PASS",
-		"cohort reload: 0 errors under load (both workloads)": "PASS",
+		"cohort round-robin ≥ 85 % of shared (Go, new-conn)":   "n/a",
+		"cohort shared (Node) ≥ Node SCHED_NONE, keep-alive":   "MISS",
+		"cohort shared (Node) ≥ Node SCHED_NONE, new-conn":     "PASS",
+		"cohort shared (Node) ≥ PM2, keep-alive":               "PASS",
+		"cohort reload: 0 errors under load (both workloads)":  "PASS",
+		"cohort reuseport spread max/min ≤ 1.2 (Go, new-conn)": "PASS",
+		"cohort reuseport ≥ 95 % of shared (Go, new-conn)":     "PASS",
+		"cohort reuseport ≥ 95 % of shared (Go, keep-alive)":   "MISS",
+		reuseportReload: "MISS",
 	} {
 		if got[name] != want {
 			t.Errorf("%s: %s, want %s (all: %v)", name, got[name], want, got)
 		}
+	}
+	if w := why[reuseportReload]; !strings.Contains(w, "rp go, new-conn: 3 connect") || strings.Contains(w, "rp node") {
+		t.Errorf("reuseport reload MISS says %q, want only the Go row's new-conn errors", w)
+	}
+
+	// Without the Go reuseport reload row the target is not measured, not
+	// passed on the Node row alone.
+	for _, tg := range targets(rows[:len(rows)-1]) {
+		if tg.Name == reuseportReload && !tg.NA {
+			t.Errorf("reuseport reload without the Go row: %s, want n/a", tg.Result())
+		}
+	}
+}
+
+// TestModesMarkdown: the modes table puts shared, round-robin and reuseport
+// of one app side by side with ratios to shared, and leaves out an app
+// with its shared row only.
+func TestModesMarkdown(t *testing.T) {
+	m := func(rps, spread float64) *Measurement {
+		return &Measurement{Result: Result{RPS: rps}, Spread: spread}
+	}
+	rep := &Report{Rows: []Row{
+		{ID: "cohort-shared-node", Name: "cohort shared (Node)", Workers: 2, KeepAlive: m(100, 1), Close: m(100, 1)},
+		{ID: "cohort-shared-go", Name: "cohort shared (Go)", Workers: 2, KeepAlive: m(200, 3), Close: m(100, 1.5)},
+		{ID: "cohort-rr-go", Name: "cohort round-robin (Go)", Workers: 2, NA: "not available in this build: x"},
+		{ID: "cohort-reuseport-go", Name: "cohort reuseport (Go)", Workers: 2, KeepAlive: m(190, 1.3), Close: m(98, 1.01)},
+	}}
+	md := rep.modesMarkdown()
+	for _, want := range []string{
+		"| cohort shared (Go) | 100 | 1.00 | 1.50 | 200 | 1.00 | 3.00 |",
+		"| cohort round-robin (Go) | not available in this build: x |",
+		"| cohort reuseport (Go) | 98 | 0.98 | 1.01 | 190 | 0.95 | 1.30 |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("modes table lacks %q:\n%s", want, md)
+		}
+	}
+	if strings.Contains(md, "Node") {
+		t.Errorf("modes table has a Node table without a second Node mode:\n%s", md)
 	}
 }

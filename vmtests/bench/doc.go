@@ -1,15 +1,15 @@
 // Package bench is cohort's load benchmark: the same trivial HTTP hello app
 // (hello/hello.js and the Go program in hello/) run alone, under Node's
 // cluster (SCHED_RR and SCHED_NONE), PM2's cluster mode, a Go prefork
-// SO_REUSEPORT server and cohort (shared and round-robin modes), loaded by
-// a Go load generator (Apply) with keep-alive and with a new connection per
-// request; plus reloads under load (pm2 reload, a Node rolling restart,
-// cohort's reload).
+// SO_REUSEPORT server and cohort (shared, round-robin and reuseport modes),
+// loaded by a Go load generator (Apply) with keep-alive and with a new
+// connection per request; plus reloads under load (pm2 reload, a Node
+// rolling restart, cohort's reload in shared and reuseport mode).
 //
 // Run measures every row in one go and returns a Report, which renders
 // itself as markdown (Markdown), an SVG bar chart (SVG) and JSON, and
 // evaluates the targets as ratios of rows of the same run. Rows
-// that the cohort build cannot run yet (round-robin mode, reload) say
+// that the cohort build cannot run yet (a mode, reload) say
 // "not available in this build" and start measuring as soon as they work.
 //
 //	make bench     # go run ./vmtests/bench/cmd/cohort-bench -out docs/bench

@@ -140,13 +140,17 @@ var setups = []setup{
 	{id: "node-cluster-rr", name: "Node cluster SCHED_RR", app: "node", start: nodeCluster("rr")},
 	{id: "pm2", name: "PM2 cluster -i N", app: "node", start: (*runner).pm2},
 	{id: "cohort-shared-node", name: "cohort shared (Node)", app: "node", cohort: true, start: cohortRun("shared", "node")},
+	{id: "cohort-reuseport-node", name: "cohort reuseport (Node)", app: "node", cohort: true, start: cohortRun("reuseport", "node")},
 	{id: "go-alone", name: "Go alone (1 process)", app: "go", single: true, start: (*runner).goAlone},
 	{id: "go-reuseport", name: "Go prefork SO_REUSEPORT", app: "go", start: (*runner).goReuseport},
 	{id: "cohort-shared-go", name: "cohort shared (Go)", app: "go", cohort: true, start: cohortRun("shared", "go")},
 	{id: "cohort-rr-go", name: "cohort round-robin (Go)", app: "go", cohort: true, start: cohortRun("round-robin", "go")},
+	{id: "cohort-reuseport-go", name: "cohort reuseport (Go)", app: "go", cohort: true, start: cohortRun("reuseport", "go")},
 	{id: "reload-node", name: "Node rolling restart (SIGHUP)", app: "node", reload: true, start: nodeCluster("rr")},
 	{id: "reload-pm2", name: "pm2 reload", app: "node", reload: true, start: (*runner).pm2},
 	{id: "reload-cohort", name: "cohort reload, shared (Node)", app: "node", reload: true, cohort: true, start: cohortRun("shared", "node")},
+	{id: "reload-cohort-reuseport-node", name: "cohort reload, reuseport (Node)", app: "node", reload: true, cohort: true, start: cohortRun("reuseport", "node")},
+	{id: "reload-cohort-reuseport-go", name: "cohort reload, reuseport (Go)", app: "go", reload: true, cohort: true, start: cohortRun("reuseport", "go")},
 }
 
 // runner carries one Run's state.

@@ -269,6 +269,7 @@ func (rep *Report) Markdown() string {
 		}
 		p("| %s | %s | %s | %s |\n", r.Name, cells(r.KeepAlive, r.Workers), cells(r.Close, r.Workers), otherText(r.KeepAlive, r.Close))
 	}
+	p("%s", rep.modesMarkdown())
 	reloads := false
 	for _, r := range rep.Rows {
 		reloads = reloads || r.Reload
@@ -306,6 +307,63 @@ func (rep *Report) Markdown() string {
 	}
 	p("\nMachine: %s  \nVersions: %s  \nDate: %s, load average %s when the run started (other work on the machine shows up as noise)\n",
 		rep.MachineLine(), rep.VersionLine(), rep.Date.UTC().Format("2006-01-02 15:04 UTC"), rep.LoadAvg)
+	return b.String()
+}
+
+// modeRows are cohort's three modes for one app, shared first: the
+// baseline of the ratios in the modes table.
+var modeRows = []struct {
+	name string
+	ids  []string
+}{
+	{"Go", []string{"cohort-shared-go", "cohort-rr-go", "cohort-reuseport-go"}},
+	{"Node", []string{"cohort-shared-node", "cohort-reuseport-node"}},
+}
+
+// modesMarkdown puts cohort's modes side by side per app, each with its
+// req/s as a ratio of shared mode's in the same run (issue #9 asks for
+// throughput and spread of the three modes from one run). Empty when no
+// app has its shared row and another mode.
+func (rep *Report) modesMarkdown() string {
+	var b strings.Builder
+	for _, app := range modeRows {
+		base := find(rep.Rows, app.ids[0])
+		var lines []string
+		for _, id := range app.ids {
+			r := find(rep.Rows, id)
+			if r == nil {
+				continue
+			}
+			if r.NA != "" {
+				lines = append(lines, fmt.Sprintf("| %s | %s | | | | | |", r.Name, mdEscape(r.NA)))
+				continue
+			}
+			line := "| " + r.Name
+			for _, keep := range []bool{false, true} {
+				m := r.get(keep)
+				if !m.ok() {
+					line += " | — | | "
+					continue
+				}
+				ratio := "—"
+				if bm := base.get(keep); base != nil && base.NA == "" && bm.ok() && bm.RPS > 0 {
+					ratio = fmt.Sprintf("%.2f", m.RPS/bm.RPS)
+				}
+				line += fmt.Sprintf(" | %s | %s | %s", m.rpsText(), ratio, m.spreadText(r.Workers))
+			}
+			lines = append(lines, line+" |")
+		}
+		if base == nil || len(lines) < 2 {
+			continue
+		}
+		if b.Len() == 0 {
+			b.WriteString("\n## cohort's modes side by side\n\nThe rows above, per app; ratio: req/s ÷ shared mode's req/s in this run.\n\n")
+		} else {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "| %s app | new-conn req/s | ratio | spread | keep-alive req/s | ratio | spread |\n|---|--:|--:|--:|--:|--:|--:|\n", app.name)
+		b.WriteString(strings.Join(lines, "\n") + "\n")
+	}
 	return b.String()
 }
 

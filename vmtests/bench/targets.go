@@ -132,29 +132,68 @@ func targets(rows []Row) []Target {
 		}
 		ts = append(ts, t)
 	}
+	ts = append(ts, reloadErrors("cohort reload: 0 errors under load (both workloads)", rows, "reload-cohort"))
+
+	// Issue #9, reuseport mode. The kernel picks a socket by a hash of the
+	// connection's 4-tuple, so with a new source port per request the
+	// spread should be close to 1; keep-alive pins 64 connections to
+	// sockets once, which is a coin toss per connection and no target.
 	{
-		name := "cohort reload: 0 errors under load (both workloads)"
-		var errs Errors
-		var why string
+		name := "cohort reuseport spread max/min ≤ 1.2 (Go, new-conn)"
+		m, why := pick(rows, "cohort-reuseport-go", false)
+		if why != "" {
+			ts = append(ts, na(name, why))
+		} else {
+			t := Target{Name: name, Ratio: m.Spread, RatioText: spread(m.Spread), Pass: m.Spread > 0 && m.Spread <= 1.2}
+			if !t.Pass {
+				t.Why = perWorkerText(m)
+			}
+			ts = append(ts, t)
+		}
+	}
+	// Like shared mode, reuseport has no hop through the dispatcher: only
+	// the accept queue differs, so it should keep up with shared.
+	for _, keep := range []bool{false, true} {
+		name := "cohort reuseport ≥ 95 % of shared (Go, " + workload(keep) + ")"
+		rp, why1 := pick(rows, "cohort-reuseport-go", keep)
+		sh, why2 := pick(rows, "cohort-shared-go", keep)
+		if why := firstOf(why1, why2); why != "" {
+			ts = append(ts, na(name, why))
+			continue
+		}
+		ts = append(ts, busy(atLeast(name, rp.RPS/sh.RPS, 0.95, "reuseport is slower than shared mode beyond the noise"), rp, sh))
+	}
+	ts = append(ts, reloadErrors("cohort reload, reuseport: 0 errors under load (Node and Go, both workloads)", rows, "reload-cohort-reuseport-node", "reload-cohort-reuseport-go"))
+	return ts
+}
+
+// reloadErrors is a target of no failed request during the reloads of the
+// rows ids, both workloads; it is n/a unless every one of them was measured.
+func reloadErrors(name string, rows []Row, ids ...string) Target {
+	var errs Errors
+	var why string
+	var where []string // which reload failed how, for the Why of a MISS
+	for _, id := range ids {
 		for _, keep := range []bool{true, false} {
-			m, w := pick(rows, "reload-cohort", keep)
+			m, w := pick(rows, id, keep)
 			if w != "" {
 				why = firstOf(why, w)
 				continue
 			}
 			errs.add(m.Errors)
-		}
-		if why != "" {
-			ts = append(ts, na(name, why))
-		} else {
-			t := Target{Name: name, Ratio: float64(errs.Total()), RatioText: fmt.Sprint(errs.Total()), Pass: errs.Total() == 0}
-			if !t.Pass {
-				t.Why = "errors: " + errs.String()
+			if m.Errors.Total() > 0 {
+				where = append(where, fmt.Sprintf("%s, %s: %s", find(rows, id).Name, workload(keep), m.Errors))
 			}
-			ts = append(ts, t)
 		}
 	}
-	return ts
+	if why != "" {
+		return Target{Name: name, RatioText: "—", NA: true, Why: why}
+	}
+	t := Target{Name: name, Ratio: float64(errs.Total()), RatioText: fmt.Sprint(errs.Total()), Pass: errs.Total() == 0}
+	if !t.Pass {
+		t.Why = "errors: " + strings.Join(where, "; ")
+	}
+	return t
 }
 
 // atLeast is a throughput-ratio target; a MISS within noise says so.

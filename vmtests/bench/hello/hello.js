@@ -11,8 +11,10 @@
 //                                      wait for 'listening', then disconnect
 //                                      the old one.
 //   pm2 start hello.js -i N            PM2 cluster mode (NODE_APP_INSTANCE)
-//   cohort run ... -- node hello.js    shared mode: the socket at fd 3
-//                                      (LISTEN_FDS, LISTEN_PID = own pid)
+//   cohort run ... -- node hello.js    shared or reuseport mode: the socket
+//                                      at fd 3 (LISTEN_FDS, LISTEN_PID =
+//                                      own pid); in reuseport mode each
+//                                      worker's own SO_REUSEPORT socket
 'use strict';
 
 const cluster = require('node:cluster');

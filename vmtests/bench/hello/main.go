@@ -7,7 +7,8 @@
 //	                      SO_REUSEPORT (the kernel spreads connections)
 //	cohort run ... -- hello
 //	                      under cohort: the socket-activated listener
-//	                      (LISTEN_FDS), in shared or round-robin mode
+//	                      (LISTEN_FDS), in shared, round-robin or
+//	                      reuseport mode
 //
 // SIGTERM or SIGINT stops it gracefully.
 package main
