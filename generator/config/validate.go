@@ -73,7 +73,7 @@ func (d *decoder) validate(app *App) {
 // abstract name can be bound once).
 func (d *decoder) checkReusePort(app *App) {
 	for i, l := range app.Listen {
-		if l.Kind != ListenTCP && l.Address != "" {
+		if l.Kind == ListenUnix || l.Kind == ListenAbstract {
 			d.errorAt(fmt.Sprintf("listen.%d.address", i), "",
 				"mode = \"reuseport\" binds every listener once per worker, which only TCP allows; %q is a unix socket (use mode = \"shared\" or \"round-robin\")", l.Address)
 		}
