@@ -30,6 +30,14 @@ type Options struct {
 	// on duplicates of them, in non-blocking mode. It never closes them:
 	// the caller owns them.
 	Listeners []*os.File
+	// SlotListeners are, in reuseport mode (and only there), each worker
+	// slot's own listening sockets, SlotListeners[i] in App.Listen order
+	// (see MatchSlotListeners and BindSlots): one worker runs per entry,
+	// and worker i is handed only SlotListeners[i]. Run keeps them all
+	// open while workers come and go, so connections that the kernel
+	// steers to a slot whose worker is being replaced wait in its queue.
+	// The caller owns them.
+	SlotListeners [][]*os.File
 
 	// Self is the executable that runs Trampoline when argv[1] is
 	// TrampolineArg; "" means /proc/self/exe.
@@ -150,6 +158,7 @@ type dispatcher struct {
 	cpus []int
 
 	listenFDs   []uintptr
+	slotFDs     [][]uintptr // reuseport mode: each slot's listeners
 	listenNames string
 	rr          *roundRobin // round-robin mode; nil in shared mode
 
@@ -198,11 +207,22 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 	if len(app.Command) == 0 {
 		return nil, fmt.Errorf("app %s: no command", app.Name)
 	}
-	if app.Mode != config.ModeShared && app.Mode != config.ModeRoundRobin {
-		return nil, fmt.Errorf("app %s: mode %q: %w (only %q and %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared, config.ModeRoundRobin)
-	}
-	if len(opt.Listeners) != len(app.Listen) {
-		return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
+	switch app.Mode {
+	case config.ModeShared, config.ModeRoundRobin:
+		if len(opt.Listeners) != len(app.Listen) {
+			return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
+		}
+	case config.ModeReusePort:
+		if len(opt.SlotListeners) == 0 || len(app.Listen) == 0 {
+			return nil, fmt.Errorf("app %s: reuseport mode: no listening sockets", app.Name)
+		}
+		for i, ls := range opt.SlotListeners {
+			if len(ls) != len(app.Listen) {
+				return nil, fmt.Errorf("app %s: reuseport mode: worker %d has %d listening sockets for %d [[listen]] entries", app.Name, i, len(ls), len(app.Listen))
+			}
+		}
+	default:
+		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
 	}
 	d := &dispatcher{
 		opt:      opt,
@@ -253,9 +273,16 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
 		}
 	}
-	n := app.Workers.N
-	if app.Workers.Auto {
-		n = len(d.cpus)
+	n := app.Workers.Count(len(d.cpus))
+	if app.Mode == config.ModeReusePort {
+		// A socket without a worker would hold its share of the
+		// connections forever, and a worker without a socket of its
+		// own has nothing to accept: one worker per socket set.
+		if sets := len(opt.SlotListeners); sets != n {
+			d.out.warnf("workers = %s means %d workers here, but there are %d reuseport socket sets: running %d (%s)",
+				workersSetting(app.Workers), n, sets, sets, recountHint)
+			n = sets
+		}
 	}
 	if n < 1 {
 		return nil, fmt.Errorf("app %s: %d workers", app.Name, n)
@@ -274,12 +301,30 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 // open acquires what the loop needs: /dev/null, the notify socket, and
 // blocking mode on the listeners (workers share their file description).
 func (d *dispatcher) open() error {
-	for _, f := range d.opt.Listeners {
+	blocking := func(f *os.File) (uintptr, error) {
 		fd := f.Fd()
 		if err := unix.SetNonblock(int(fd), false); err != nil {
-			return fmt.Errorf("listener %s: set blocking: %w", f.Name(), err)
+			return 0, fmt.Errorf("listener %s: set blocking: %w", f.Name(), err)
+		}
+		return fd, nil
+	}
+	for _, f := range d.opt.Listeners {
+		fd, err := blocking(f)
+		if err != nil {
+			return err
 		}
 		d.listenFDs = append(d.listenFDs, fd)
+	}
+	for _, set := range d.opt.SlotListeners {
+		fds := make([]uintptr, len(set))
+		for i, f := range set {
+			fd, err := blocking(f)
+			if err != nil {
+				return err
+			}
+			fds[i] = fd
+		}
+		d.slotFDs = append(d.slotFDs, fds)
 	}
 	var err error
 	if d.devnull, err = os.Open(os.DevNull); err != nil {
@@ -588,6 +633,13 @@ func plural(n int) string {
 		return ""
 	}
 	return "s"
+}
+
+func workersSetting(w config.Workers) string {
+	if w.Auto {
+		return `"auto"`
+	}
+	return fmt.Sprint(w.N)
 }
 
 func readyString(r config.Readiness) string {

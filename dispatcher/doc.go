@@ -78,4 +78,15 @@
 // rejects, or had not acknowledged when it died or closed its channel
 // (draining), go to another worker. The dispatcher never reads from a
 // connection. See roundrobin.go and docs/protocol.md.
+//
+// # Reuseport mode
+//
+// With mode = "reuseport" systemd binds one SO_REUSEPORT socket per
+// listener and worker slot (Options.SlotListeners, matched by
+// MatchSlotListeners from the "<listener>.<slot>" fd names the generator
+// gives them), and worker i is forked with only slot i's sockets, under
+// the listeners' plain names. The dispatcher holds them all for its whole
+// life: a slot whose worker died or is being replaced keeps its socket and
+// its queue. The number of slots is the number of socket sets, whatever
+// the file says (with a warning), for a reload and for scale too.
 package dispatcher

@@ -44,10 +44,6 @@ func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
 	for i, f := range files {
 		passed[i] = fmt.Sprintf("%q (fd %d)", f.Name(), 3+i)
 	}
-	wanted := make([]string, len(app.Listen))
-	for i, l := range app.Listen {
-		wanted[i] = strconv.Quote(l.Name)
-	}
 	for i, l := range app.Listen {
 		for j, f := range files {
 			if !used[j] && f.Name() == l.Name {
@@ -63,17 +59,75 @@ func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
 	for j, f := range files {
 		if !used[j] {
 			errs = append(errs, fmt.Sprintf("systemd passed fd %d named %q, which matches no [[listen]] (app has: %s)",
-				3+j, f.Name(), listOrNone(wanted)))
+				3+j, f.Name(), listenerNames(app)))
 		}
 	}
 	if len(errs) > 0 {
-		where := app.Path
-		if where == "" {
-			where = "app " + app.Name
-		}
-		return nil, fmt.Errorf("%s: %w: %s", where, ErrListeners, strings.Join(errs, "; "))
+		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrListeners, strings.Join(errs, "; "))
 	}
 	return out, nil
+}
+
+// MatchSlotListeners is MatchListeners for reuseport mode: systemd passes
+// one socket per listener and worker slot, named "<listener>.<slot>"
+// (config.SlotFDName). It returns them by slot, each slot's in
+// app.Listen order. Every slot from 0 up to the highest passed must have
+// a socket for every listener; anything else is an error (wrapping
+// ErrListeners) that names what is missing or unknown.
+func MatchSlotListeners(app *config.App, files []*os.File) ([][]*os.File, error) {
+	index := map[string]int{}
+	for i, l := range app.Listen {
+		index[l.Name] = i
+	}
+	var (
+		slots [][]*os.File
+		errs  []string
+	)
+	for j, f := range files {
+		name, slot, ok := config.ParseSlotFDName(f.Name())
+		k, known := index[name]
+		if !ok || !known {
+			errs = append(errs, fmt.Sprintf("systemd passed fd %d named %q, which is no <listener>.<worker> of this app (listeners: %s)", 3+j, f.Name(), listenerNames(app)))
+			continue
+		}
+		for len(slots) <= slot {
+			slots = append(slots, make([]*os.File, len(app.Listen)))
+		}
+		if slots[slot][k] != nil {
+			errs = append(errs, fmt.Sprintf("systemd passed two fds named %q", f.Name()))
+			continue
+		}
+		slots[slot][k] = f
+	}
+	for i, set := range slots {
+		for k, f := range set {
+			if f == nil {
+				errs = append(errs, fmt.Sprintf("no fd %q for worker %d of [[listen]] %q (%s)", config.SlotFDName(app.Listen[k].Name, i), i, app.Listen[k].Name, app.Listen[k].Address))
+			}
+		}
+	}
+	if len(slots) == 0 && len(errs) == 0 {
+		errs = append(errs, fmt.Sprintf("no sockets passed (want %s, …)", config.SlotFDName(app.Listen[0].Name, 0)))
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrListeners, strings.Join(errs, "; "))
+	}
+	return slots, nil
+}
+
+func listenerNames(app *config.App) string {
+	names := make([]string, len(app.Listen))
+	for i, l := range app.Listen {
+		names[i] = strconv.Quote(l.Name)
+	}
+	return listOrNone(names)
+}
+
+func appWhere(app *config.App) string {
+	if app.Path == "" {
+		return "app " + app.Name
+	}
+	return app.Path
 }
 
 func listOrNone(s []string) string {
@@ -116,6 +170,66 @@ func Bind(app *config.App) (files []*os.File, cleanup func(), err error) {
 		}
 	}
 	return files, cleanup, nil
+}
+
+// BindSlots is Bind for reuseport mode: it binds n sets of the app's
+// listeners, all with SO_REUSEPORT, set i before set i+1, as the socket
+// units systemd would bind. A listener on port 0 gets the port its first
+// socket got in every set. The caller owns the sockets. On error nothing
+// is left open.
+func BindSlots(app *config.App, n int) (slots [][]*os.File, err error) {
+	defer func() {
+		if err != nil {
+			for _, set := range slots {
+				for _, f := range set {
+					f.Close()
+				}
+			}
+			slots = nil
+		}
+	}()
+	listen := append([]config.Listener(nil), app.Listen...)
+	for i := range n {
+		set := make([]*os.File, 0, len(listen))
+		for k := range listen {
+			l := &listen[k]
+			if l.Kind != config.ListenTCP {
+				return slots, fmt.Errorf("listen %q on %s: reuseport mode needs TCP listeners", l.Name, l.Address)
+			}
+			l.ReusePort = true
+			f, _, err := bindOne(*l)
+			if err != nil {
+				for _, f := range set {
+					f.Close()
+				}
+				return slots, fmt.Errorf("listen %q on %s (worker %d): %w", l.Name, l.Address, i, err)
+			}
+			set = append(set, f)
+			if i == 0 {
+				// Later sets join this socket's group: same address,
+				// same port even when the first bind picked it.
+				l.Address = BoundAddr(f)
+			}
+		}
+		slots = append(slots, set)
+	}
+	return slots, nil
+}
+
+// BoundAddr is the host:port a TCP socket is bound to (the port that
+// ":0" got), or "" for other sockets.
+func BoundAddr(f *os.File) string {
+	sa, err := unix.Getsockname(int(f.Fd()))
+	if err != nil {
+		return ""
+	}
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *unix.SockaddrInet6:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	}
+	return ""
 }
 
 // bindOne binds one listener and returns it, with the filesystem path it

@@ -49,6 +49,8 @@ func TestMain(m *testing.M) {
 //	HELPER_READY=1     send READY=1 (with a STATUS=) to NOTIFY_SOCKET
 //	HELPER_WATCHDOG=1  send WATCHDOG=1 once, right after READY=1
 //	HELPER_START_DELAY=D  sleep D before serving and READY=1 (a slow start)
+//	HELPER_DIE_FILE=file  serve one connection at a time (helperSequential),
+//	                      and SIGKILL itself once file exists
 //
 // It answers "/" with its identity, "/slow?ms=N" after N ms (printing
 // "slow-start" first), and stops gracefully on SIGTERM.
@@ -86,12 +88,45 @@ func helperWorker() int {
 	if os.Getenv("HELPER_WATCHDOG") == "1" {
 		daemon.SdNotify(false, "WATCHDOG=1")
 	}
+	if die := os.Getenv("HELPER_DIE_FILE"); die != "" {
+		return helperSequential(ln, die, listenPID, fdNames)
+	}
 	// cohort's own library: stops on SIGTERM without dropping a request.
 	if err := cohort.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
 		fmt.Fprintln(os.Stderr, "helper worker:", err)
 		return 1
 	}
 	return 0
+}
+
+// helperSequential serves HTTP one connection at a time: accept, read the
+// request, answer, close. After closing a connection, if dieFile exists,
+// it removes the file and SIGKILLs itself: a kill -9 at the one point
+// where the worker holds no connection, so that every connection the
+// kernel queued for it meanwhile must be served by its replacement.
+func helperSequential(ln net.Listener, dieFile, listenPID, fdNames string) int {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "helper worker: accept:", err)
+			return 1
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil || line == "\r\n" {
+				break
+			}
+		}
+		body := fmt.Sprintf("worker=%s pid=%d gen=%s listen_pid=%s fdnames=%s\n",
+			os.Getenv("COHORT_WORKER"), os.Getpid(), os.Getenv("COHORT_GENERATION"), listenPID, fdNames)
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		c.Close()
+		if os.Remove(dieFile) == nil {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		}
+	}
 }
 
 // helperListener returns the first socket passed (go-systemd, which sends

@@ -119,9 +119,11 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 	// the count `cohort scale` may have set.
 	n := len(d.slots)
 	if next.app.Workers != prev.app.Workers {
-		n = next.app.Workers.N
-		if next.app.Workers.Auto {
-			n = len(d.cpus)
+		n = next.app.Workers.Count(len(d.cpus))
+		if d.slotFDs != nil {
+			d.out.warnf("workers changed to %s, but reuseport mode runs one worker per socket set, and there are %d: keeping %d workers (%s)",
+				workersSetting(next.app.Workers), len(d.slotFDs), len(d.slots), recountHint)
+			n = len(d.slots)
 		}
 	}
 	for i := len(d.slots); i < n; i++ {
@@ -380,6 +382,10 @@ func (d *dispatcher) abortReplace() {
 	}
 }
 
+// recountHint says how to change the number of workers of a reuseport
+// app: its sockets are bound per worker before the dispatcher starts.
+const recountHint = "to change the count, change workers in the app file and restart the app; under systemd: systemctl stop APP.socket APP, then daemon-reload, then systemctl start APP.socket"
+
 // scale changes the number of slots at once (no reload): new slots start
 // workers now, surplus slots' workers are retired.
 func (d *dispatcher) scale(n int, now time.Time) error {
@@ -390,6 +396,8 @@ func (d *dispatcher) scale(n int, now time.Time) error {
 		return fmt.Errorf("scale refused: a %s is running; try again when it has finished", d.ctl.cur.what())
 	case n < 1 || n > config.MaxWorkers:
 		return fmt.Errorf("scale: want 1 to %d workers, got %d", config.MaxWorkers, n)
+	case d.slotFDs != nil && n != len(d.slots):
+		return fmt.Errorf("scale refused: reuseport mode runs one worker per socket set, and there are %d (%s)", len(d.slots), recountHint)
 	}
 	old := len(d.slots)
 	switch {

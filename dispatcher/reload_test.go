@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -81,23 +80,52 @@ type reloadFixture struct {
 	file, sock, addr string
 	rec              *recorder
 	stop             func() error
+	logs             *syncBuffer
+	slots            [][]*os.File // reuseport mode: the sockets of each slot
 }
 
 func startFromFile(t testing.TB, a appFile) *reloadFixture {
 	t.Helper()
-	l, addr := tcpListener(t, "http")
-	a.addr = addr
 	dir := t.TempDir()
 	file := filepath.Join(dir, "t.toml")
+	opt := Options{RuntimeDir: t.TempDir(), Stderr: &syncBuffer{}}
+	if a.mode == string(config.ModeReusePort) {
+		// Bind first (the port 0 picks is the app's address), as the
+		// sockets systemd binds exist before the dispatcher starts.
+		app := config.New("t")
+		app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+		var err error
+		if opt.SlotListeners, err = BindSlots(app, a.workers); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			for _, set := range opt.SlotListeners {
+				for _, f := range set {
+					f.Close()
+				}
+			}
+		})
+		a.addr = BoundAddr(opt.SlotListeners[0][0])
+	} else {
+		var l *os.File
+		l, a.addr = tcpListener(t, "http")
+		opt.Listeners = []*os.File{l}
+	}
 	writeFile(t, file, a.toml(t))
 	app, err := config.ParseFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt := t.TempDir()
-	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: rt})
+	opt.App = app
+	rec, stop := startRun(t, opt)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("dispatcher log:\n%s", opt.Stderr.(*syncBuffer).String())
+		}
+	})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
-	return &reloadFixture{file: file, sock: filepath.Join(rt, control.SocketName), addr: addr, rec: rec, stop: stop}
+	return &reloadFixture{file: file, sock: filepath.Join(opt.RuntimeDir, control.SocketName), addr: a.addr, rec: rec, stop: stop,
+		logs: opt.Stderr.(*syncBuffer), slots: opt.SlotListeners}
 }
 
 func (f *reloadFixture) rewrite(t *testing.T, a appFile) {
@@ -432,22 +460,12 @@ func startLoad(addr string, conc int, max int64, stop <-chan struct{}) *httpLoad
 	return ld
 }
 
-// roundRobinSupported reports whether this dispatcher runs round-robin
-// mode (issue 4): the zero-drop test covers it once it does.
-func roundRobinSupported(t *testing.T) bool {
-	app := testApp(t, 1, nil)
-	app.Mode = config.ModeRoundRobin
-	l, _ := tcpListener(t, "http")
-	_, err := newDispatcher(Options{App: app, Listeners: []*os.File{l}})
-	return !errors.Is(err, errNotImplemented)
-}
-
 // TestReloadZeroDrop: a bounded load through a reload of 4 workers sees
 // no connection error and no non-2xx answer, in every mode, also when new
 // workers take 2 s to become ready.
 func TestReloadZeroDrop(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin} {
+	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin, config.ModeReusePort} {
 		for _, slow := range []bool{false, true} {
 			name := string(mode)
 			if slow {
@@ -455,9 +473,6 @@ func TestReloadZeroDrop(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				t.Parallel()
-				if mode == config.ModeRoundRobin && !roundRobinSupported(t) {
-					t.Skip("the dispatcher does not run round-robin mode yet")
-				}
 				a := appFile{workers: 4, mode: string(mode)}
 				f := startFromFile(t, a)
 				if slow {

@@ -472,14 +472,20 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 	}
 }
 
-// TestRunModeRejectsUnknown: Run refuses modes it does not know.
+// TestRunModeRejectsUnknown: Run refuses modes it does not know, and
+// reuseport mode without its per-worker sockets.
 func TestRunModeRejectsUnknown(t *testing.T) {
-	app := rrApp(t, 1)
-	app.Mode = "reuseport"
 	l, _ := tcpListener(t, "http")
-	err := Run(context.Background(), Options{App: app, Listeners: []*os.File{l}})
-	if err == nil || !strings.Contains(err.Error(), "not implemented") {
-		t.Fatalf("Run with mode %q = %v, want not implemented", app.Mode, err)
+	for mode, want := range map[config.Mode]string{
+		"stolen-work":        `mode "stolen-work": not implemented yet`,
+		config.ModeReusePort: "reuseport mode: no listening sockets",
+	} {
+		app := rrApp(t, 1)
+		app.Mode = mode
+		err := Run(context.Background(), Options{App: app, Listeners: []*os.File{l}})
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Run with mode %q = %v, want %q", mode, err, want)
+		}
 	}
 }
 

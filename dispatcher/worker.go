@@ -288,7 +288,8 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	d.observe(Event{Kind: WorkerStarted, Worker: s.index, PID: pid, Gen: d.gen})
 }
 
-// fork starts the trampoline for slot s with the listeners at fds 3..,
+// fork starts the trampoline for slot s with the listeners at fds 3..
+// (in reuseport mode, the slot's own),
 // and returns its pid with the read ends of its output pipe and its
 // exec-status pipe (both owned by the caller). Nothing stays open on error.
 func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) {
@@ -302,10 +303,14 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 		unix.Close(outW)
 		return 0, nil, nil, fmt.Errorf("status pipe: %w", err)
 	}
-	n := len(d.listenFDs)
+	listeners := d.listenFDs
+	if d.slotFDs != nil {
+		listeners = d.slotFDs[s.index]
+	}
+	n := len(listeners)
 	files := make([]uintptr, 0, 4+n)
 	files = append(files, d.devnull.Fd(), uintptr(outW), uintptr(outW))
-	files = append(files, d.listenFDs...)
+	files = append(files, listeners...)
 	files = append(files, uintptr(statusW))
 
 	cpu := -1

@@ -19,6 +19,7 @@ import (
 
 	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/units"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultCohortPath is where the package installs the cohort binary, which
@@ -41,6 +42,10 @@ const (
 type Options struct {
 	CohortPath string   // the binary in ExecStart=; DefaultCohortPath when empty
 	UnitDirs   []string // checked for name clashes; none when empty
+	// CPUs is how many workers `workers = "auto"` means in reuseport mode,
+	// where the generator must emit one socket set per worker; 0 counts
+	// the CPUs this process may run on (see AvailableCPUs).
+	CPUs int
 }
 
 // Units are the unit files of one app, and the socket units that
@@ -57,19 +62,27 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		cohort = DefaultCohortPath
 	}
 	service := app.Name + ".service"
-	socketNames := SocketUnitNames(app)
+	sockets, err := Sockets(app, opts.CPUs)
+	if err != nil {
+		return nil, err
+	}
+	socketNames := make([]string, len(sockets))
+	for i, s := range sockets {
+		socketNames[i] = s.Unit
+	}
 
 	out := &Units{}
-	for i, l := range app.Listen {
+	for i, sock := range sockets {
+		l := sock.Listener
 		s := &units.Socket{
-			Name:               socketNames[i],
+			Name:               sock.Unit,
 			Description:        fmt.Sprintf("cohort app %s: listener %s on %s", app.Name, l.Name, l.Address),
 			SourcePath:         app.Path,
 			Service:            service,
 			ListenStream:       listenStream(l),
-			FileDescriptorName: l.Name,
+			FileDescriptorName: sock.FDName,
 			Backlog:            l.Backlog,
-			ReusePort:          l.ReusePort,
+			ReusePort:          l.ReusePort || app.Mode == config.ModeReusePort,
 			NoDelay:            l.NoDelay,
 			KeepAlive:          l.KeepAlive,
 			SocketUser:         l.SocketUser,
@@ -77,6 +90,9 @@ func Render(app *config.App, opts Options) (*Units, error) {
 			SocketMode:         l.SocketMode,
 			ExtraUnit:          options(app.Unit),
 			ExtraSocket:        options(app.Socket),
+		}
+		if sock.Slot >= 0 {
+			s.Description = fmt.Sprintf("cohort app %s: listener %s on %s for worker %d", app.Name, l.Name, l.Address, sock.Slot)
 		}
 		if i == 0 {
 			s.Wants = socketNames[1:]
@@ -86,9 +102,13 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		out.Files = append(out.Files, s.Render())
 	}
 
+	workers := workersText(app.Workers)
+	if app.Mode == config.ModeReusePort {
+		workers = fmt.Sprint(len(sockets) / len(app.Listen))
+	}
 	svc := &units.Service{
 		Name:             service,
-		Description:      fmt.Sprintf("cohort app %s (%s workers, %s mode)", app.Name, workersText(app.Workers), app.Mode),
+		Description:      fmt.Sprintf("cohort app %s (%s workers, %s mode)", app.Name, workers, app.Mode),
 		SourcePath:       app.Path,
 		Sockets:          socketNames,
 		ExecStart:        []string{cohort, "dispatch", app.Path},
@@ -129,19 +149,69 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	return out, nil
 }
 
-// SocketUnitNames names an app's socket units, one per listener: the first
-// is <app>.socket (what people start and enable), the others
-// <app>-<listener>.socket.
-func SocketUnitNames(app *config.App) []string {
-	names := make([]string, len(app.Listen))
-	for i, l := range app.Listen {
-		if i == 0 {
-			names[i] = app.Name + ".socket"
-		} else {
-			names[i] = app.Name + "-" + l.Name + ".socket"
+// Socket is one socket unit of an app: which listener it binds, for which
+// worker slot, and the names systemd and the dispatcher know it by.
+type Socket struct {
+	Unit     string // "web.socket", "web-admin.socket", "web-http-1.socket"
+	FDName   string // FileDescriptorName=: the listener's name, or "http.1" in reuseport mode
+	Listener config.Listener
+	Slot     int // the worker slot in reuseport mode; -1 otherwise
+}
+
+// Sockets lists an app's socket units. The first is always <app>.socket,
+// the unit people start and enable; it wants the others.
+//
+// In shared and round-robin mode there is one per listener, the others
+// named <app>-<listener>.socket. In reuseport mode there is one per
+// listener and worker slot, all bound to the same address with
+// ReusePort=yes: slot i of listener L is <app>-<L>-<i>.socket, with
+// FileDescriptorName=<L>.<i> so that the dispatcher can tell the sets
+// apart. cpus is what workers = "auto" counts (0: AvailableCPUs).
+func Sockets(app *config.App, cpus int) ([]Socket, error) {
+	if app.Mode != config.ModeReusePort {
+		out := make([]Socket, len(app.Listen))
+		for i, l := range app.Listen {
+			out[i] = Socket{Unit: app.Name + "-" + l.Name + ".socket", FDName: l.Name, Listener: l, Slot: -1}
+		}
+		if len(out) > 0 {
+			out[0].Unit = app.Name + ".socket"
+		}
+		return out, nil
+	}
+	if app.Workers.Auto && cpus == 0 {
+		n, err := AvailableCPUs()
+		if err != nil {
+			return nil, fmt.Errorf("%s: workers = \"auto\": %w", app.Path, err)
+		}
+		cpus = n
+	}
+	n := app.Workers.Count(cpus)
+	out := make([]Socket, 0, n*len(app.Listen))
+	for _, l := range app.Listen {
+		for i := range n {
+			out = append(out, Socket{
+				Unit:     fmt.Sprintf("%s-%s-%d.socket", app.Name, l.Name, i),
+				FDName:   config.SlotFDName(l.Name, i),
+				Listener: l,
+				Slot:     i,
+			})
 		}
 	}
-	return names
+	if len(out) > 0 {
+		out[0].Unit = app.Name + ".socket"
+	}
+	return out, nil
+}
+
+// AvailableCPUs counts the CPUs this process may run on. systemd runs
+// generators with its own affinity, which services inherit unless they set
+// CPUAffinity=, so it is the count the service's "auto" will see.
+func AvailableCPUs() (int, error) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return 0, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	return set.Count(), nil
 }
 
 // listenStream renders an address for ListenStream=: ":8080" becomes

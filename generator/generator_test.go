@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -43,7 +44,7 @@ func goldenApps(t testing.TB) map[string]*config.App {
 func TestGolden(t *testing.T) {
 	for name, app := range goldenApps(t) {
 		t.Run(name, func(t *testing.T) {
-			us, err := Render(app, Options{})
+			us, err := Render(app, Options{CPUs: 3})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -308,4 +309,56 @@ func BenchmarkGenerate100(b *testing.B) {
 	b.ReportMetric(float64(generate.Microseconds())/1000/n, "ms/100apps")
 	b.ReportMetric(float64(read.Microseconds())/1000/n, "ms/read-only")
 	b.ReportMetric(float64(generate)/float64(read), "x-read-only")
+}
+
+// TestSocketsReusePort: reuseport mode names one socket per listener and
+// worker slot, each with a FileDescriptorName= the dispatcher parses back
+// to its listener and slot; "auto" counts the CPUs given, or this
+// process's own.
+func TestSocketsReusePort(t *testing.T) {
+	app := config.New("web")
+	app.Mode = config.ModeReusePort
+	app.Listen = []config.Listener{
+		{Name: "http", Address: "127.0.0.1:8080", Kind: config.ListenTCP},
+		{Name: "v1.admin", Address: "127.0.0.1:9000", Kind: config.ListenTCP},
+	}
+	for _, tc := range []struct {
+		workers config.Workers
+		cpus    int
+		want    []string
+	}{
+		{config.Workers{N: 1}, 8, []string{"web.socket=http.0", "web-v1.admin-0.socket=v1.admin.0"}},
+		{config.Workers{N: 2}, 8, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
+		{config.Workers{Auto: true}, 2, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
+	} {
+		app.Workers = tc.workers
+		socks, err := Sockets(app, tc.cpus)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, s := range socks {
+			got = append(got, s.Unit+"="+s.FDName)
+			l, slot, ok := config.ParseSlotFDName(s.FDName)
+			if !ok || l != s.Listener.Name || slot != s.Slot {
+				t.Errorf("ParseSlotFDName(%q) = %q, %d, %v; want %q, %d", s.FDName, l, slot, ok, s.Listener.Name, s.Slot)
+			}
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("workers %+v, %d CPUs: sockets %q; want %q", tc.workers, tc.cpus, got, tc.want)
+		}
+	}
+
+	app.Workers = config.Workers{Auto: true}
+	n, err := AvailableCPUs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	socks, err := Sockets(app, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(socks) != 2*n {
+		t.Errorf("workers = auto on %d CPUs: %d sockets; want %d", n, len(socks), 2*n)
+	}
 }

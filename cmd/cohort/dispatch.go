@@ -40,7 +40,18 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 			f.Close()
 		}
 	}()
-	listeners, err := dispatcher.MatchListeners(app, files)
+	opts := dispatcher.Options{
+		App:           app,
+		Stdout:        env.stdout,
+		Stderr:        env.stderr,
+		Notify:        sdNotify,
+		HandleSignals: true,
+	}
+	if app.Mode == config.ModeReusePort {
+		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
+	} else {
+		opts.Listeners, err = dispatcher.MatchListeners(app, files)
+	}
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)
 		return 1
@@ -49,17 +60,9 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: watchdog: %v (ignored)\n", err)
 	}
-	toJournal, _ := journal.StderrIsJournalStream()
-	err = dispatcher.Run(ctx, dispatcher.Options{
-		App:           app,
-		Listeners:     listeners,
-		Stdout:        env.stdout,
-		Stderr:        env.stderr,
-		Journal:       toJournal,
-		Notify:        sdNotify,
-		Watchdog:      watchdog,
-		HandleSignals: true,
-	})
+	opts.Journal, _ = journal.StderrIsJournalStream()
+	opts.Watchdog = watchdog
+	err = dispatcher.Run(ctx, opts)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)
 		return 1

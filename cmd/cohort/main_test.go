@@ -40,7 +40,7 @@ func TestCheck(t *testing.T) {
 	}
 	code, _, errOut = runCohort(t, nil, "check", good, bad)
 	want := bad + ":3:1: unknown key \"wokers\" (did you mean \"workers\"?)\n" +
-		bad + ":4:1: mode: want \"shared\" or \"round-robin\", got \"sharde\" (did you mean \"shared\"?)\n"
+		bad + ":4:1: mode: want \"shared\", \"round-robin\" or \"reuseport\", got \"sharde\" (did you mean \"shared\"?)\n"
 	if code != 1 || errOut != want {
 		t.Errorf("check bad: code %d\nstderr %s\nwant   %s", code, errOut, want)
 	}

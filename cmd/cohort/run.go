@@ -4,11 +4,10 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator/config"
@@ -29,7 +28,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	var listens listFlag
 	fs.Var(&listens, "listen", "a socket to listen on, `[NAME=]ADDRESS` (host:port, [v6]:port, /path.sock, @abstract); repeatable")
 	workers := fs.String("workers", "", "`N` or \"auto\" (one per CPU); default: the file's, else auto")
-	mode := fs.String("mode", "", "\"shared\" (default) or \"round-robin\"")
+	mode := fs.String("mode", "", "\"shared\" (default), \"round-robin\" or \"reuseport\"")
 	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: notify, exec or a duration")
 	name := fs.String("name", "", "the app's name in output and COHORT_APP (default: the file's or the command's base name)")
 	affinity := fs.Bool("cpu-affinity", false, "pin worker i to the i-th CPU this process may run on")
@@ -49,19 +48,34 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 
-	files, cleanup, err := dispatcher.Bind(app)
-	if err != nil {
-		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
-		return 1
-	}
-	defer cleanup()
-	defer func() {
-		for _, f := range files {
-			f.Close()
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true}
+	if app.Mode == config.ModeReusePort {
+		cpus, err := dispatcher.AllowedCPUs()
+		if err != nil {
+			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+			return 1
 		}
-	}()
-	for i, f := range files {
-		fmt.Fprintf(env.stderr, "[%s] listening on %s (%s)\n", app.Name, boundAddr(f.Fd(), app.Listen[i].Address), app.Listen[i].Name)
+		n := app.Workers.Count(len(cpus))
+		if opts.SlotListeners, err = dispatcher.BindSlots(app, n); err != nil {
+			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+			return 1
+		}
+		defer closeAll(opts.SlotListeners...)
+		for i, f := range opts.SlotListeners[0] {
+			fmt.Fprintf(env.stderr, "[%s] listening on %s (%s, %d reuseport sockets)\n", app.Name, listenAddr(f, app.Listen[i].Address), app.Listen[i].Name, n)
+		}
+	} else {
+		files, cleanup, err := dispatcher.Bind(app)
+		if err != nil {
+			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+			return 1
+		}
+		defer cleanup()
+		defer closeAll(files)
+		for i, f := range files {
+			fmt.Fprintf(env.stderr, "[%s] listening on %s (%s)\n", app.Name, listenAddr(f, app.Listen[i].Address), app.Listen[i].Name)
+		}
+		opts.Listeners = files
 	}
 	// A reload (SIGHUP, or the control socket) re-reads the file and
 	// applies the same flags again.
@@ -72,15 +86,8 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		}
 		return a, err
 	}
-	err = dispatcher.Run(ctx, dispatcher.Options{
-		App:           app,
-		Load:          load,
-		Listeners:     files,
-		Stdout:        env.stdout,
-		Stderr:        env.stderr,
-		Notify:        sdNotify,
-		HandleSignals: true,
-	})
+	opts.Load = load
+	err = dispatcher.Run(ctx, opts)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 		return 1
@@ -140,7 +147,12 @@ func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, n
 		}
 	}
 	if set["mode"] {
-		app.Mode = config.Mode(mode)
+		switch m := config.Mode(mode); m {
+		case config.ModeShared, config.ModeRoundRobin, config.ModeReusePort:
+			app.Mode = m
+		default:
+			return fmt.Errorf("--mode %q: want %q, %q or %q", mode, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
+		}
 	}
 	if set["ready"] {
 		switch ready {
@@ -168,19 +180,21 @@ func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, n
 	return nil
 }
 
-// boundAddr is the address a listener actually got (the port for ":0").
-func boundAddr(fd uintptr, fallback string) string {
-	sa, err := syscall.Getsockname(int(fd))
-	if err != nil {
-		return fallback
-	}
-	switch a := sa.(type) {
-	case *syscall.SockaddrInet4:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-	case *syscall.SockaddrInet6:
-		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+// listenAddr is the address a listener actually got (the port for ":0").
+func listenAddr(f *os.File, fallback string) string {
+	if a := dispatcher.BoundAddr(f); a != "" {
+		return a
 	}
 	return fallback
+}
+
+// closeAll closes sets of files.
+func closeAll(sets ...[]*os.File) {
+	for _, set := range sets {
+		for _, f := range set {
+			f.Close()
+		}
+	}
 }
 
 // listFlag is a repeatable string flag.

@@ -163,6 +163,41 @@ func TestRunListenCommand(t *testing.T) {
 	}
 }
 
+// TestRunReusePort: `cohort run --mode reuseport` binds one SO_REUSEPORT
+// socket per worker on the same port (port 0: the one the first got), an
+// unmodified socket-activated worker accepts on its own, and the kernel
+// spreads connections over them; all of them are closed at the end.
+func TestRunReusePort(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not on PATH")
+	}
+	script := filepath.Join("..", "..", "examples", "python", "shared_worker.py")
+	_, stderr, stop := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--mode", "reuseport", "--ready", "notify", "--name", "py", "--", py, script)
+	addr := waitListening(t, stderr, "all 2 workers ready")
+	if !strings.Contains(stderr.String(), "listening on "+addr+" (http, 2 reuseport sockets)") {
+		t.Errorf("log does not say how many sockets:\n%s", stderr)
+	}
+	seen := map[string]int{}
+	for range 100 {
+		body := httpGet(t, "http://"+addr+"/")
+		if !strings.HasPrefix(body, "hello from python worker ") {
+			t.Fatalf("answer %q", body)
+		}
+		seen[strings.Fields(body)[4]]++
+	}
+	// Kernel hashing of 100 source ports: both sockets get some.
+	if len(seen) != 2 {
+		t.Errorf("answers per worker %v; want both workers", seen)
+	}
+	if code := stop(); code != 0 {
+		t.Errorf("exit status %d", code)
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Error("a socket is still open after cohort run returned")
+	}
+}
+
 // TestRunFile: `cohort run FILE.toml` with the Node example when node is
 // installed (else a shell worker), on a free port.
 func TestRunFile(t *testing.T) {
@@ -191,7 +226,7 @@ func TestRunFile(t *testing.T) {
 }
 
 func TestRunUsage(t *testing.T) {
-	for _, args := range [][]string{{"run"}, {"run", "--listen", "127.0.0.1:1"}, {"run", "--listen", "nope:x", "--", "true"}, {"run", "--workers", "0", "x.toml"}} {
+	for _, args := range [][]string{{"run"}, {"run", "--listen", "127.0.0.1:1"}, {"run", "--listen", "nope:x", "--", "true"}, {"run", "--workers", "0", "x.toml"}, {"run", "--mode", "reuse", "--listen", "127.0.0.1:1", "--", "true"}} {
 		code, _, errOut := runCohort(t, nil, args...)
 		if code != 2 || !strings.HasPrefix(errOut, "cohort run: ") || strings.Count(errOut, "\n") != 1 {
 			t.Errorf("%q: code %d, stderr %q; want 2 and one line", args, code, errOut)

@@ -7,6 +7,8 @@
 package config
 
 import (
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -22,6 +24,10 @@ const (
 	// ModeRoundRobin has the dispatcher accept and pass each connection fd
 	// to the next ready worker over a unix socket (SCM_RIGHTS).
 	ModeRoundRobin Mode = "round-robin"
+	// ModeReusePort gives every worker its own listening sockets, all
+	// bound to the same address with SO_REUSEPORT: the kernel spreads
+	// connections over them, with no hop through the dispatcher.
+	ModeReusePort Mode = "reuseport"
 )
 
 // The policies of round-robin mode (App.Balance).
@@ -104,6 +110,15 @@ type Workers struct {
 	N    int // 1..1024 when !Auto
 }
 
+// Count is the number of workers on a machine where cpus CPUs are
+// available.
+func (w Workers) Count(cpus int) int {
+	if w.Auto {
+		return cpus
+	}
+	return w.N
+}
+
 // Readiness says when a worker counts as ready.
 type Readiness struct {
 	Kind  ReadyKind
@@ -142,6 +157,32 @@ type Listener struct {
 	SocketUser  string
 	SocketGroup string
 	SocketMode  uint32 // 0: systemd's default (0666)
+}
+
+// SlotFDName is, in reuseport mode, the FileDescriptorName= of worker
+// slot's socket for a listener: "http.0", "http.1"… The generator names
+// the sockets so and the dispatcher takes them apart with ParseSlotFDName.
+func SlotFDName(listener string, slot int) string {
+	return listener + "." + strconv.Itoa(slot)
+}
+
+// ParseSlotFDName splits a name made by SlotFDName. The slot is what
+// follows the last dot, so listener names that contain dots stay
+// unambiguous.
+func ParseSlotFDName(name string) (listener string, slot int, ok bool) {
+	i := strings.LastIndexByte(name, '.')
+	if i <= 0 {
+		return "", 0, false
+	}
+	digits := name[i+1:]
+	if digits == "" || len(digits) > 4 || strings.TrimLeft(digits, "0123456789") != "" || len(digits) > 1 && digits[0] == '0' {
+		return "", 0, false
+	}
+	slot, err := strconv.Atoi(digits)
+	if err != nil {
+		return "", 0, false
+	}
+	return name[:i], slot, true
 }
 
 // Directive is one pass-through key = value for a unit section. A TOML array

@@ -187,10 +187,30 @@ hardening = "paranoid"
 			[]string{
 				`web.toml:1:1: command: want an array of strings, got string`,
 				`web.toml:2:1: workers: 0 is out of range 1..1024`,
-				`web.toml:3:1: mode: want "shared" or "round-robin", got "roundrobin" (did you mean "round-robin"?)`,
+				`web.toml:3:1: mode: want "shared", "round-robin" or "reuseport", got "roundrobin" (did you mean "round-robin"?)`,
 				`web.toml:4:1: ready_timeout: want a duration such as "30s" or "1min 30s", got integer (write "30s")`,
 				`web.toml:5:1: stop_signal: unknown signal "SIGTREM" (did you mean "SIGTERM"?)`,
 				`web.toml:6:1: hardening: want "default", "strict" or "none", got "paranoid"`,
+			}},
+		{"reuseport typo", "command = [\"/bin/app\"]\nmode = \"reuse-port\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: mode: want "shared", "round-robin" or "reuseport", got "reuse-port" (did you mean "reuseport"?)`}},
+		{"reuseport needs tcp", `command = ["/bin/app"]
+mode = "reuseport"
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+[[listen]]
+name = "sock"
+address = "/run/web.sock"
+[[listen]]
+name = "abs"
+address = "@web"
+reuse_port = false
+`,
+			[]string{
+				`web.toml:8:1: mode = "reuseport" binds every listener once per worker, which only TCP allows; "/run/web.sock" is a unix socket (use mode = "shared" or "round-robin")`,
+				`web.toml:11:1: mode = "reuseport" binds every listener once per worker, which only TCP allows; "@web" is a unix socket (use mode = "shared" or "round-robin")`,
+				`web.toml:12:1: reuse_port = false contradicts mode = "reuseport", which sets ReusePort=yes on every socket`,
 			}},
 		{"reload_batch out of range", "command = [\"/bin/app\"]\nreload_batch = 0\n" + listenHTTP,
 			[]string{`web.toml:2:1: reload_batch: want a number from 1 to 1024, got integer 0`}},
@@ -396,5 +416,33 @@ func TestDiscover(t *testing.T) {
 	want := []string{filepath.Join(lib, "api.toml"), filepath.Join(etc, "web.toml")}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Discover = %q, want %q", got, want)
+	}
+}
+
+func TestParseSlotFDName(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		listener string
+		slot     int
+		ok       bool
+	}{
+		{"http.0", "http", 0, true},
+		{"http.12", "http", 12, true},
+		{"v1.admin.3", "v1.admin", 3, true},
+		{"http", "", 0, false},
+		{"http.", "", 0, false},
+		{".1", "", 0, false},
+		{"http.01", "", 0, false},
+		{"http.-1", "", 0, false},
+		{"http.1x", "", 0, false},
+		{"http.99999", "", 0, false},
+	} {
+		l, slot, ok := ParseSlotFDName(tc.name)
+		if l != tc.listener || slot != tc.slot || ok != tc.ok {
+			t.Errorf("ParseSlotFDName(%q) = %q, %d, %v; want %q, %d, %v", tc.name, l, slot, ok, tc.listener, tc.slot, tc.ok)
+		}
+		if ok && SlotFDName(l, slot) != tc.name {
+			t.Errorf("SlotFDName(%q, %d) = %q; want %q", l, slot, SlotFDName(l, slot), tc.name)
+		}
 	}
 }

@@ -35,9 +35,12 @@ func (d *decoder) validate(app *App) {
 			}
 		}
 	}
-	modes := []string{string(ModeShared), string(ModeRoundRobin)}
+	modes := []string{string(ModeShared), string(ModeRoundRobin), string(ModeReusePort)}
 	if !contains(modes, string(app.Mode)) {
-		d.errorAt("mode", suggest(string(app.Mode), modes), "mode: want \"shared\" or \"round-robin\", got %q", app.Mode)
+		d.errorAt("mode", suggest(string(app.Mode), modes), "mode: want \"shared\", \"round-robin\" or \"reuseport\", got %q", app.Mode)
+	}
+	if app.Mode == ModeReusePort {
+		d.checkReusePort(app)
 	}
 	balances := []string{BalanceRoundRobin, BalanceLeastConnections}
 	if !contains(balances, app.Balance) {
@@ -62,6 +65,22 @@ func (d *decoder) validate(app *App) {
 			d.errorAt(fmt.Sprintf("listen.%d.address", i), "", "address %q is already used by listener %d", l.Address, j+1)
 		}
 		addrs[l.Address] = i
+	}
+}
+
+// checkReusePort refuses what reuseport mode cannot do: it binds every
+// listener once per worker, which only TCP allows (a unix socket path or
+// abstract name can be bound once).
+func (d *decoder) checkReusePort(app *App) {
+	for i, l := range app.Listen {
+		if l.Kind == ListenUnix || l.Kind == ListenAbstract {
+			d.errorAt(fmt.Sprintf("listen.%d.address", i), "",
+				"mode = \"reuseport\" binds every listener once per worker, which only TCP allows; %q is a unix socket (use mode = \"shared\" or \"round-robin\")", l.Address)
+		}
+		key := fmt.Sprintf("listen.%d.reuse_port", i)
+		if _, written := d.idx[key]; written && !l.ReusePort {
+			d.errorAt(key, "", "reuse_port = false contradicts mode = \"reuseport\", which sets ReusePort=yes on every socket")
+		}
 	}
 }
 

@@ -1,0 +1,307 @@
+package dispatcher
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/generator/config"
+	"golang.org/x/sys/unix"
+)
+
+// TestMatchSlotListeners: the fds systemd passes in reuseport mode are
+// grouped by the slot in their name; a missing, unknown or doubled name
+// is an error that says which.
+func TestMatchSlotListeners(t *testing.T) {
+	app := config.New("web")
+	app.Mode = config.ModeReusePort
+	app.Listen = []config.Listener{
+		{Name: "http", Address: "127.0.0.1:80", Kind: config.ListenTCP},
+		{Name: "v1.admin", Address: "127.0.0.1:81", Kind: config.ListenTCP},
+	}
+	files := func(names ...string) []*os.File {
+		out := make([]*os.File, len(names))
+		for i, n := range names {
+			// Real fds, named as activation.Files names them; only the
+			// names matter to the matching. Each *os.File owns its fd: a
+			// second File on one fd would close it from its finalizer,
+			// under the feet of whatever reused the number.
+			fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f := os.NewFile(uintptr(fd), n)
+			t.Cleanup(func() { f.Close() })
+			out[i] = f
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name    string
+		passed  []string
+		want    [][]string // names by slot
+		wantErr []string
+	}{
+		{"in order", []string{"http.0", "v1.admin.0", "http.1", "v1.admin.1"},
+			[][]string{{"http.0", "v1.admin.0"}, {"http.1", "v1.admin.1"}}, nil},
+		{"any order", []string{"v1.admin.2", "http.1", "http.0", "v1.admin.0", "http.2", "v1.admin.1"},
+			[][]string{{"http.0", "v1.admin.0"}, {"http.1", "v1.admin.1"}, {"http.2", "v1.admin.2"}}, nil},
+		{"missing", []string{"http.0", "v1.admin.0", "http.2", "v1.admin.2"}, nil,
+			[]string{`no fd "http.1" for worker 1 of [[listen]] "http" (127.0.0.1:80)`, `no fd "v1.admin.1" for worker 1`}},
+		{"unknown and shared-mode names", []string{"http.0", "v1.admin.0", "http", "metrics.0"}, nil,
+			[]string{`fd 5 named "http", which is no <listener>.<worker> of this app (listeners: "http", "v1.admin")`, `fd 6 named "metrics.0"`}},
+		{"doubled", []string{"http.0", "v1.admin.0", "http.0"}, nil, []string{`two fds named "http.0"`}},
+		{"none", nil, nil, []string{`no sockets passed (want http.0, …)`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			slots, err := MatchSlotListeners(app, files(tc.passed...))
+			if tc.wantErr != nil {
+				if !errors.Is(err, ErrListeners) {
+					t.Fatalf("err = %v; want ErrListeners", err)
+				}
+				for _, w := range tc.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("error %q\ndoes not say %q", err, w)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got [][]string
+			for _, set := range slots {
+				var names []string
+				for _, f := range set {
+					names = append(names, f.Name())
+				}
+				got = append(got, names)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("slots %q; want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestBindSlots: cohort run binds n listening sockets per listener, all
+// with SO_REUSEPORT on the port the first one got, and the kernel
+// accepts them as one group (a second bind without SO_REUSEPORT fails).
+func TestBindSlots(t *testing.T) {
+	app := config.New("web")
+	app.Listen = []config.Listener{
+		{Name: "a", Address: "127.0.0.1:0", Kind: config.ListenTCP},
+		{Name: "b", Address: "[::1]:0", Kind: config.ListenTCP},
+	}
+	slots, err := BindSlots(app, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, set := range slots {
+			for _, f := range set {
+				f.Close()
+			}
+		}
+	}()
+	if len(slots) != 3 {
+		t.Fatalf("%d slots; want 3", len(slots))
+	}
+	for k := range app.Listen {
+		first := BoundAddr(slots[0][k])
+		if strings.HasSuffix(first, ":0") || first == "" {
+			t.Fatalf("listener %d bound to %q", k, first)
+		}
+		for i, set := range slots {
+			if got := BoundAddr(set[k]); got != first {
+				t.Errorf("slot %d listener %d on %s; want %s", i, k, got, first)
+			}
+			if v, err := unix.GetsockoptInt(int(set[k].Fd()), unix.SOL_SOCKET, unix.SO_REUSEPORT); err != nil || v != 1 {
+				t.Errorf("slot %d listener %d: SO_REUSEPORT = %d, %v", i, k, v, err)
+			}
+			if set[k].Name() != app.Listen[k].Name {
+				t.Errorf("slot %d listener %d named %q", i, k, set[k].Name())
+			}
+		}
+	}
+	abstract := []config.Listener{{Name: "a", Address: "@cohort-test-bindslots", Kind: config.ListenAbstract}}
+	if _, err := BindSlots(&config.App{Listen: abstract}, 2); err == nil || !strings.Contains(err.Error(), "needs TCP") {
+		t.Errorf("BindSlots of an abstract socket: %v; want a 'needs TCP' error", err)
+	}
+}
+
+// socketInode is the inode of a socket fd, as /proc/PID/fd/N shows it
+// ("socket:[INODE]").
+func socketInode(t *testing.T, f *os.File) string {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("socket:[%d]", st.Ino)
+}
+
+// TestReusePortOwnSockets: worker i is handed exactly slot i's socket,
+// through the plain LISTEN_FDS protocol (the listener's own name, its own
+// pid), and holds no other slot's socket; after a reload, the new worker
+// of slot i has the same socket.
+func TestReusePortOwnSockets(t *testing.T) {
+	t.Parallel()
+	f := startFromFile(t, appFile{workers: 3, mode: "reuseport"})
+	inodes := map[string]int{} // socket inode → slot
+	for i, set := range f.slots {
+		inodes[socketInode(t, set[0])] = i
+	}
+	check := func(when string) {
+		st := f.status(t)
+		if len(st.Workers) != 3 {
+			t.Fatalf("%s: %d workers; want 3", when, len(st.Workers))
+		}
+		for _, w := range st.Workers {
+			// The worker's library may have moved the socket off fd 3;
+			// what matters is which sockets it holds.
+			var held []int
+			fds, _ := filepath.Glob(fmt.Sprintf("/proc/%d/fd/*", w.PID))
+			for _, p := range fds {
+				l, _ := os.Readlink(p)
+				if slot, ok := inodes[l]; ok {
+					held = append(held, slot)
+				}
+			}
+			if len(held) != 1 || held[0] != w.Index {
+				t.Errorf("%s: worker %d (pid %d) holds the sockets of slots %v; want only its own (%d)", when, w.Index, w.PID, held, w.Index)
+			}
+		}
+		// What the worker saw: its own LISTEN_PID, the listener's name.
+		seen := map[string]bool{}
+		waitFor(t, 20*time.Second, "every worker to answer", func() bool {
+			body, err := get("http://" + f.addr + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if field(body, "fdnames") != "http" || field(body, "listen_pid") != field(body, "pid") {
+				t.Fatalf("%s: worker answered %q; want fdnames=http and listen_pid=its pid", when, body)
+			}
+			seen[field(body, "worker")] = true
+			return len(seen) == 3
+		})
+	}
+	check("at start")
+	if _, err := f.call(t, 30*time.Second, control.Request{Cmd: control.CmdReload}); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	check("after a reload")
+}
+
+// TestReusePortKilledWorkerQueue: a worker dies of SIGKILL under load
+// (at a point where it holds no connection, so that nothing of its own is
+// lost). The connections the kernel steers to its socket meanwhile wait
+// in that socket's queue, which the dispatcher keeps open, and its
+// replacement serves them: not one request fails.
+func TestReusePortKilledWorkerQueue(t *testing.T) {
+	t.Parallel()
+	die := filepath.Join(t.TempDir(), "die")
+	// A slow start keeps the slot without a worker long enough for a
+	// queue to build up.
+	f := startFromFile(t, appFile{workers: 3, mode: "reuseport", env: map[string]string{
+		"HELPER_DIE_FILE": die, "HELPER_START_DELAY": "300ms"}})
+	stop := make(chan struct{})
+	ld := startLoad(f.addr, 32, 1<<40, stop)
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		ld.wg.Wait()
+	}()
+	waitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 100 })
+	from := len(f.rec.events)
+	writeFile(t, die, "")
+	dead := f.rec.wait(t, &from, 20*time.Second, "a worker killed by SIGKILL", func(e Event) bool {
+		return e.Kind == WorkerExited && e.Signal == syscall.SIGKILL
+	})
+	// Connections pile up in the dead worker's socket.
+	queued := 0
+	waitFor(t, 10*time.Second, "connections queued in the dead worker's socket", func() bool {
+		sock := f.slots[dead.Worker][0]
+		info, err := unix.GetsockoptTCPInfo(int(sock.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			l, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", sock.Fd()))
+			t.Fatalf("slot %d socket fd %d (%s): %v", dead.Worker, sock.Fd(), l, err)
+		}
+		queued = max(queued, int(info.Unacked)) // a listener's accept queue length
+		return queued > 0
+	})
+	f.rec.wait(t, &from, 20*time.Second, "the replacement ready", func(e Event) bool {
+		return e.Kind == WorkerReady && e.Worker == dead.Worker
+	})
+	before := ld.ok.Load()
+	waitFor(t, 30*time.Second, "load after the replacement", func() bool { return ld.ok.Load() > before+300 })
+	close(stop)
+	ld.wg.Wait()
+	t.Logf("worker %d (pid %d) killed; %d connections queued in its socket at most; load: %d ok, %d errors, %d non-2xx",
+		dead.Worker, dead.PID, queued, ld.ok.Load(), ld.errs.Load(), ld.non2xx.Load())
+	if ld.errs.Load() != 0 || ld.non2xx.Load() != 0 {
+		t.Errorf("%d connection errors (first: %v), %d non-2xx; want 0 and 0", ld.errs.Load(), ld.firstErr, ld.non2xx.Load())
+	}
+	// The queue was served by the replacement, not lost with the worker.
+	waitFor(t, 10*time.Second, "the dead worker's queue to drain", func() bool {
+		info, _ := unix.GetsockoptTCPInfo(int(f.slots[dead.Worker][0].Fd()), unix.IPPROTO_TCP, unix.TCP_INFO)
+		return info != nil && info.Unacked == 0
+	})
+}
+
+// TestReusePortWorkerCount: the sockets decide the worker count. A file
+// that asks for fewer workers than there are socket sets gets one per set,
+// with a warning; reload keeps the count and scale is refused, both
+// saying how to change it.
+func TestReusePortWorkerCount(t *testing.T) {
+	t.Parallel()
+	a := appFile{workers: 3, mode: "reuseport"}
+	f := startFromFile(t, a)
+	a.workers = 2
+	f.rewrite(t, a)
+	if _, err := f.call(t, 30*time.Second, control.Request{Cmd: control.CmdReload}); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	st := f.status(t)
+	if len(st.Workers) != 3 || st.Generation != 2 {
+		t.Errorf("after a reload to workers = 2: %d workers of generation %d; want 3 of generation 2", len(st.Workers), st.Generation)
+	}
+	if log := f.logs.String(); !strings.Contains(log, "workers changed to 2, but reuseport mode runs one worker per socket set, and there are 3: keeping 3 workers") {
+		t.Errorf("no warning about the worker count in:\n%s", log)
+	}
+	_, err := f.call(t, 5*time.Second, control.Request{Cmd: control.CmdScale, Workers: 4})
+	if err == nil || !strings.Contains(err.Error(), "scale refused: reuseport mode runs one worker per socket set, and there are 3") {
+		t.Errorf("scale to 4: %v; want a refusal", err)
+	}
+
+	// At start: 2 sets for an app that asks for 3 workers.
+	app := testApp(t, 3, nil)
+	app.Mode = config.ModeReusePort
+	slots, err := BindSlots(app, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, set := range slots {
+			set[0].Close()
+		}
+	})
+	logs := &syncBuffer{}
+	rec, _ := startRun(t, Options{App: app, SlotListeners: slots, Stderr: logs})
+	rec.waitNotify(t, 20*time.Second, "READY=1")
+	if n := rec.count(WorkerStarted); n != 2 {
+		t.Errorf("%d workers started for 2 socket sets; want 2", n)
+	}
+	if !strings.Contains(logs.String(), "workers = 3 means 3 workers here, but there are 2 reuseport socket sets: running 2") {
+		t.Errorf("no warning about the worker count in:\n%s", logs)
+	}
+}
