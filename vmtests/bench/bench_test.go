@@ -266,7 +266,7 @@ func TestTargets(t *testing.T) {
 
 // TestModesMarkdown: the modes table puts shared, round-robin and reuseport
 // of one app side by side with ratios to shared, and leaves out an app
-// with its shared row only.
+// with its shared row only or without it.
 func TestModesMarkdown(t *testing.T) {
 	m := func(rps, spread float64) *Measurement {
 		return &Measurement{Result: Result{RPS: rps}, Spread: spread}
@@ -289,5 +289,10 @@ func TestModesMarkdown(t *testing.T) {
 	}
 	if strings.Contains(md, "Node") {
 		t.Errorf("modes table has a Node table without a second Node mode:\n%s", md)
+	}
+	// Without the shared row (-only) there is no baseline: no table.
+	rep = &Report{Rows: []Row{{ID: "cohort-reuseport-node", Name: "cohort reuseport (Node)", Workers: 2, KeepAlive: m(1, 1), Close: m(1, 1)}}}
+	if md := rep.modesMarkdown(); md != "" {
+		t.Errorf("modes table without shared rows:\n%s", md)
 	}
 }

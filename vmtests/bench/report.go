@@ -328,6 +328,9 @@ func (rep *Report) modesMarkdown() string {
 	var b strings.Builder
 	for _, app := range modeRows {
 		base := find(rep.Rows, app.ids[0])
+		if base == nil {
+			continue // no baseline for the ratios
+		}
 		var lines []string
 		for _, id := range app.ids {
 			r := find(rep.Rows, id)
@@ -346,14 +349,14 @@ func (rep *Report) modesMarkdown() string {
 					continue
 				}
 				ratio := "—"
-				if bm := base.get(keep); base != nil && base.NA == "" && bm.ok() && bm.RPS > 0 {
+				if bm := base.get(keep); base.NA == "" && bm.ok() && bm.RPS > 0 {
 					ratio = fmt.Sprintf("%.2f", m.RPS/bm.RPS)
 				}
 				line += fmt.Sprintf(" | %s | %s | %s", m.rpsText(), ratio, m.spreadText(r.Workers))
 			}
 			lines = append(lines, line+" |")
 		}
-		if base == nil || len(lines) < 2 {
+		if len(lines) < 2 {
 			continue
 		}
 		if b.Len() == 0 {
