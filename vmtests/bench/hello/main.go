@@ -10,12 +10,12 @@
 //	                      (LISTEN_FDS), in shared, round-robin or
 //	                      reuseport mode
 //
-// SIGTERM or SIGINT stops it gracefully.
+// SIGTERM or SIGINT stops it gracefully (activation.Serve): it stops
+// accepting and answers every connection it accepted before it exits.
 package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/activation"
 	"golang.org/x/sys/unix"
 )
 
@@ -117,22 +118,15 @@ func serve(addr string) error {
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }() // owned by serve: drained below
 	log.Printf("go worker %s pid %d serving on %s", id, os.Getpid(), ln.Addr())
-	select {
-	case err := <-served:
-		return fmt.Errorf("serve on %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	err = srv.Shutdown(sctx)
-	<-served
-	if err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("shutdown: %w", err)
+	// activation.Serve, not srv.Shutdown: on SIGTERM Shutdown closes,
+	// unanswered, a connection accepted just before whose request it reads
+	// after the shutdown began, which in a rolling reload under load (the
+	// other workers keep serving) is a failed request that is the app's,
+	// not the supervisor's. Serve stops accepting, answers what it
+	// accepted, then shuts down. Every Go row runs this same code.
+	if err := activation.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
+		return fmt.Errorf("serve: %w", err)
 	}
 	return nil
 }
