@@ -186,7 +186,7 @@ func testReusePort(t *testing.T, c *Container) {
 		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
 	}
 	const app = "rp"
-	sockets := []string{"rp.socket", "rp-http-1.socket", "rp-http-2.socket"}
+	sockets := rpSocketUnits(app, rpWorkers)
 	c.WriteFile(t, rpWorkerPath, rpWorkerPy, 0o755)
 	port := FreePort(t)
 	rpApp(t, c, app, strconv.Itoa(rpWorkers), port)
@@ -257,8 +257,10 @@ func testReusePort(t *testing.T, c *Container) {
 		}
 	})
 
+	t.Run("recount", func(t *testing.T) { rpRecount(t, c, app, port) })
+
 	removeApp(t, c, app)
-	for _, u := range append(sockets, app+".service") {
+	for _, u := range append(rpSocketUnits(app, rpWorkers+1), app+".service") {
 		if got := c.Property(t, u, "LoadState"); got != "not-found" {
 			t.Errorf("%s: LoadState=%s after the app file was removed; want not-found", u, got)
 		}
@@ -310,6 +312,80 @@ func rpAuto(t *testing.T, c *Container) {
 		t.Errorf("%d sockets listen on port %d; want %d", n, port, svcNproc)
 	}
 	t.Logf("%d workers: %+v", len(st.Workers), st.Workers)
+}
+
+// rpSocketUnits names the socket units of a reuseport app with one
+// listener "http" and n workers.
+func rpSocketUnits(app string, n int) []string {
+	units := []string{app + ".socket"}
+	for i := 1; i < n; i++ {
+		units = append(units, fmt.Sprintf("%s-http-%d.socket", app, i))
+	}
+	return units
+}
+
+// rpRecount: a changed worker count in the file cannot be applied by a
+// reload or a restart of the service, since systemd binds one socket per
+// worker: both keep the 3 workers and say so in the journal. The way the
+// warning gives (stop the sockets and the service, daemon-reload, start
+// the sockets) then brings up 4 sockets and 4 workers.
+func rpRecount(t *testing.T, c *Container, app string, port int) {
+	rpApp(t, c, app, strconv.Itoa(rpWorkers+1), port)
+	before, err := rpStatus(t, c, app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := c.Exec(t, "systemctl", "reload", app)
+	if res.Code != 0 {
+		t.Errorf("systemctl reload %s with workers = %d: %s", app, rpWorkers+1, res)
+	}
+	line := c.WaitJournal(t, 10*time.Second, fmt.Sprintf("workers changed to %d, but reuseport mode runs one worker per socket set, and there are %d: keeping %d workers", rpWorkers+1, rpWorkers, rpWorkers), "-u", app+".service")
+	t.Logf("reload: %s", line)
+	waitRPReady(t, c, app, rpWorkers, 20*time.Second, func(st rpStatusJSON) error {
+		if st.Generation != before.Generation+1 {
+			return fmt.Errorf("generation %d; want %d", st.Generation, before.Generation+1)
+		}
+		return nil
+	})
+
+	// systemctl warns that the app file changed on disk (it is the
+	// units' SourcePath=): that is the point here.
+	res = c.Exec(t, "systemctl", "restart", app+".service")
+	t.Logf("systemctl restart %s.service: exit %d %s", app, res.Code, strings.TrimSpace(res.Stderr))
+	if res.Code != 0 {
+		t.Fatalf("systemctl restart %s.service: %s", app, res)
+	}
+	line = c.WaitJournal(t, 10*time.Second, fmt.Sprintf("workers = %d means %d workers here, but there are %d reuseport socket sets: running %d", rpWorkers+1, rpWorkers+1, rpWorkers, rpWorkers), "-u", app+".service")
+	t.Logf("restart: %s", line)
+	waitRPReady(t, c, app, rpWorkers, 20*time.Second, nil)
+
+	// The way out the message names.
+	c.Run(t, "systemctl", "stop", app+".socket", app)
+	for _, u := range rpSocketUnits(app, rpWorkers) {
+		if state := c.Property(t, u, "ActiveState"); state != "inactive" {
+			t.Errorf("%s is %s after systemctl stop %s.socket %s; want inactive (PartOf=)", u, state, app, app)
+		}
+	}
+	if n := len(listenInodes(t, c, port)); n != 0 {
+		t.Errorf("%d sockets listen on port %d after systemctl stop; want 0", n, port)
+	}
+	c.Run(t, "systemctl", "daemon-reload")
+	sockets := rpSocketUnits(app, rpWorkers+1)
+	c.Run(t, "systemctl", "start", app+".socket")
+	for _, u := range sockets {
+		if state := c.Property(t, u, "ActiveState") + "/" + c.Property(t, u, "SubState"); state != "active/listening" {
+			t.Errorf("%s is %s; want active/listening", u, state)
+		}
+	}
+	inodes := listenInodes(t, c, port)
+	if len(inodes) != len(sockets) {
+		t.Fatalf("%d sockets listen on port %d; want %d", len(inodes), port, len(sockets))
+	}
+	if _, failed, first := spreadRequests(fmt.Sprintf("http://127.0.0.1:%d/", port), 1, 1); failed > 0 {
+		t.Fatalf("first request after the recount: %v", first)
+	}
+	waitRPReady(t, c, app, len(sockets), 20*time.Second, nil)
+	rpCheckFDs(t, c, app, inodes)
 }
 
 // rpCheckUnits checks what systemd loaded for the app and, after
@@ -481,6 +557,11 @@ func rpKillWorker(t *testing.T, c *Container, app string, port int) {
 	res, kinds := load.Stop()
 	t.Logf("worker %d (pid %d) killed with SIGKILL; pid %d ready in its slot within %v", slot, victim.PID, after.Workers[slot].PID, replaced.Round(time.Millisecond))
 	checkLoss(t, "load through the worker's SIGKILL", 1, res, kinds)
+	// Tighter than checkLoss: rpworker.py holds one connection at most,
+	// and the ones queued in its socket wait for the replacement.
+	if lost := kinds.Reset + kinds.Closed; lost > 1 {
+		t.Errorf("%d requests reset or closed; rpworker.py had at most 1 in flight", lost)
+	}
 	if w := after.Workers[slot]; w.Restarts != victim.Restarts+1 {
 		t.Errorf("worker %d after the kill: %+v; want restarts %d", slot, w, victim.Restarts+1)
 	}
