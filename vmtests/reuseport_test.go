@@ -180,7 +180,10 @@ func environ(t *testing.T, c *Container, pid int) map[string]string {
 // the sockets. A worker that dies leaves its socket to the dispatcher (and
 // systemd), so the connections queued in it wait for the replacement
 // instead of being reset; a rolling reload drops nothing either. The
-// worker is rpworker.py: plain Python, serving one connection at a time.
+// worker count is fixed by the sockets (scale is refused, a changed file
+// warns until the sockets are recreated), and workers = "auto" is counted
+// by the generator. The worker is rpworker.py: plain Python, serving one
+// connection at a time.
 func testReusePort(t *testing.T, c *Container) {
 	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
 		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
