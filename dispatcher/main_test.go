@@ -174,12 +174,18 @@ func helperDispatcher() int {
 	os.Unsetenv("COHORT_TEST_APP")
 	os.Unsetenv("COHORT_TEST_HELPER")
 	files := activation.Files(true)
-	listeners, err := MatchListeners(&app, files)
+	opt := Options{App: &app, HandleSignals: true}
+	var err error
+	if app.Mode == config.ModeReusePort {
+		opt.SlotListeners, err = MatchSlotListeners(&app, files)
+	} else {
+		opt.Listeners, err = MatchListeners(&app, files)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper dispatcher:", err)
 		return 2
 	}
-	if err := Run(context.Background(), Options{App: &app, Listeners: listeners, HandleSignals: true}); err != nil {
+	if err := Run(context.Background(), opt); err != nil {
 		fmt.Fprintln(os.Stderr, "helper dispatcher:", err)
 		return 1
 	}

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -303,5 +304,95 @@ func TestReusePortWorkerCount(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "workers = 3 means 3 workers here, but there are 2 reuseport socket sets: running 2") {
 		t.Errorf("no warning about the worker count in:\n%s", logs)
+	}
+}
+
+// TestReusePortGroupOrder records why reuseport mode does not steer
+// connections to the worker on the receiving CPU with a classic BPF
+// program (docs/config.md, Modes): such a program picks a socket by its
+// index in the kernel's reuseport group, and that index is the order in
+// which the sockets started listening (not bound), reshuffled when one
+// closes (the last moves into its place). Under systemd the listen order
+// is the order in which socket units happened to start. If a kernel ever
+// changes this, the reasoning in the docs must be revisited.
+func TestReusePortGroupOrder(t *testing.T) {
+	open := map[int]bool{} // closed at the end unless closed before
+	t.Cleanup(func() {
+		for fd := range open {
+			unix.Close(fd)
+		}
+	})
+	socket := func(port int) int {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		open[fd] = true
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+			t.Fatal(err)
+		}
+		return fd
+	}
+	listen := func(fd int) {
+		if err := unix.Listen(fd, 16); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// order steers one connection to each group index in turn (a program
+	// that returns the constant k) and says which socket received it.
+	order := func(port int, socks map[string]int) string {
+		var got []string
+		for k := range len(socks) {
+			prog := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: uint32(k)}}
+			for _, fd := range socks {
+				if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF, &unix.SockFprog{Len: 1, Filter: &prog[0]}); err != nil {
+					t.Fatal(err)
+				}
+				break // the program belongs to the group
+			}
+			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			who := "?"
+			waitFor(t, 5*time.Second, fmt.Sprintf("the connection steered to index %d", k), func() bool {
+				for name, fd := range socks {
+					if nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC); err == nil {
+						unix.Close(nfd)
+						who = name
+						return true
+					}
+				}
+				return false
+			})
+			c.Close()
+			got = append(got, who)
+		}
+		return strings.Join(got, ",")
+	}
+
+	a := socket(0)
+	sa, err := unix.Getsockname(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := sa.(*unix.SockaddrInet4).Port
+	b, c := socket(port), socket(port)
+	// Bound a, b, c; listening c, a, b.
+	listen(c)
+	listen(a)
+	listen(b)
+	if got := order(port, map[string]int{"a": a, "b": b, "c": c}); got != "c,a,b" {
+		t.Errorf("group order %s; want c,a,b (listen order)", got)
+	}
+	unix.Close(c)
+	delete(open, c)
+	d := socket(port)
+	listen(d)
+	if got := order(port, map[string]int{"a": a, "b": b, "d": d}); got != "b,a,d" {
+		t.Errorf("after closing c and adding d: group order %s; want b,a,d (the last moved into c's place)", got)
 	}
 }

@@ -10,16 +10,17 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"golang.org/x/sys/unix"
 )
 
-// BenchmarkRoundRobinMode compares, with a new connection per request
+// BenchmarkNewConnections compares, with a new connection per request
 // (HTTP Connection: close), the same Go worker (cohort's activation
-// library) alone, under a dispatcher process in shared mode and in
-// round-robin mode, 2 workers each, in interleaved rounds. It logs requests
-// per second, the ratios (round-robin/shared is the figure to watch) and
-// the dispatchers' CPU time. Then ns/op is one request on a new connection
-// through the round-robin dispatcher.
-func BenchmarkRoundRobinMode(b *testing.B) {
+// library) alone and under a dispatcher process in shared, round-robin and
+// reuseport mode, 2 workers each, in interleaved rounds. It logs requests
+// per second, the ratios to shared mode (the baseline: the kernel's own
+// queue, no hop) and the dispatchers' CPU time. Then ns/op is one request
+// on a new connection through the round-robin dispatcher.
+func BenchmarkNewConnections(b *testing.B) {
 	const (
 		rounds  = 6
 		dur     = time.Second
@@ -35,11 +36,21 @@ func BenchmarkRoundRobinMode(b *testing.B) {
 	l, addr := tcpListener(b, "http")
 	startActivated(b, []string{"COHORT_TEST_HELPER=cohort-worker"}, []*os.File{l})
 	targets := []*target{{name: "alone", addr: addr}}
-	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin} {
+	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin, config.ModeReusePort} {
 		app := rrApp(b, 2)
 		app.Mode = mode
-		l, addr := tcpListener(b, "http")
-		d := startDispatcherProc(b, app, []*os.File{l})
+		var (
+			listeners []*os.File
+			addr      string
+		)
+		if mode == config.ModeReusePort {
+			listeners, addr = slotListenersAsActivated(b, app, 2)
+		} else {
+			var l *os.File
+			l, addr = tcpListener(b, "http")
+			listeners = []*os.File{l}
+		}
+		d := startDispatcherProc(b, app, listeners)
 		d.waitLine(b, 20*time.Second, "all 2 workers ready")
 		targets = append(targets, &target{name: string(mode), addr: addr, pid: d.cmd.Process.Pid})
 	}
@@ -58,11 +69,11 @@ func BenchmarkRoundRobinMode(b *testing.B) {
 			}
 		}
 	}
-	a, sh, rr := targets[0], targets[1], targets[2]
+	a, sh, rr, rp := targets[0], targets[1], targets[2], targets[3]
 	loadTime := rounds * dur
-	b.Logf("new connection per request, %d clients, %d rounds of %s: alone %.0f req/s; shared 2 workers %.0f req/s (%.2fx alone); round-robin 2 workers %.0f req/s (%.2fx alone, %.1f%% of shared); dispatcher CPU shared %s, round-robin %s in %s of load (%.1f%% of a core)",
-		clients, rounds, dur, a.rps, sh.rps, sh.rps/a.rps, rr.rps, rr.rps/a.rps, 100*rr.rps/sh.rps,
-		sh.cpu.Round(time.Millisecond), rr.cpu.Round(time.Millisecond), loadTime, 100*rr.cpu.Seconds()/loadTime.Seconds())
+	b.Logf("new connection per request, %d clients, %d rounds of %s, 2 workers: alone %.0f req/s; shared %.0f req/s (%.2fx alone); round-robin %.0f req/s (%.2fx shared); reuseport %.0f req/s (%.2fx shared); dispatcher CPU: shared %s, round-robin %s (%.1f%% of a core), reuseport %s, in %s of load",
+		clients, rounds, dur, a.rps, sh.rps, sh.rps/a.rps, rr.rps, rr.rps/sh.rps, rp.rps, rp.rps/sh.rps,
+		sh.cpu.Round(time.Millisecond), rr.cpu.Round(time.Millisecond), 100*rr.cpu.Seconds()/loadTime.Seconds(), rp.cpu.Round(time.Millisecond), loadTime)
 
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	for b.Loop() {
@@ -74,9 +85,39 @@ func BenchmarkRoundRobinMode(b *testing.B) {
 	b.ReportMetric(a.rps, "alone-req/s")
 	b.ReportMetric(sh.rps, "shared-req/s")
 	b.ReportMetric(rr.rps, "rr-req/s")
+	b.ReportMetric(rp.rps, "reuseport-req/s")
 	b.ReportMetric(rr.rps/sh.rps, "rr/shared")
-	b.ReportMetric(rr.rps/a.rps, "rr/alone")
+	b.ReportMetric(rp.rps/sh.rps, "reuseport/shared")
 	b.ReportMetric(100*rr.cpu.Seconds()/loadTime.Seconds(), "rr-dispatcher-cpu-%")
+}
+
+// slotListenersAsActivated binds n reuseport socket sets for app and
+// returns them named as systemd passes them ("http.0", "http.1"…), for a
+// dispatcher process, with their address. They are closed at cleanup.
+func slotListenersAsActivated(tb testing.TB, app *config.App, n int) ([]*os.File, string) {
+	tb.Helper()
+	bind := *app
+	bind.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	slots, err := BindSlots(&bind, n)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var out []*os.File
+	for i, set := range slots {
+		// A new fd under the systemd name: each *os.File owns its own.
+		fd, err := unix.FcntlInt(set[0].Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		set[0].Close()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		out = append(out, os.NewFile(uintptr(fd), config.SlotFDName("http", i)))
+	}
+	tb.Cleanup(func() {
+		for _, f := range out {
+			f.Close()
+		}
+	})
+	return out, BoundAddr(out[0])
 }
 
 // loadNewConns runs clients that each send requests on a new connection

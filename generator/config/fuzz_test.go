@@ -49,3 +49,17 @@ func FuzzParseDuration(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseSlotFDName: no panics; what it accepts is what SlotFDName
+// makes, so that a name maps to exactly one listener and slot.
+func FuzzParseSlotFDName(f *testing.F) {
+	for _, s := range []string{"http.0", "v1.admin.12", "http", "http.01", ".3", "a.-1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		l, slot, ok := ParseSlotFDName(name)
+		if ok && (slot < 0 || l == "" || SlotFDName(l, slot) != name) {
+			t.Fatalf("ParseSlotFDName(%q) = %q, %d: SlotFDName gives %q", name, l, slot, SlotFDName(l, slot))
+		}
+	})
+}
