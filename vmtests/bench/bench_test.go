@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -294,5 +295,42 @@ func TestModesMarkdown(t *testing.T) {
 	rep = &Report{Rows: []Row{{ID: "cohort-reuseport-node", Name: "cohort reuseport (Node)", Workers: 2, KeepAlive: m(1, 1), Close: m(1, 1)}}}
 	if md := rep.modesMarkdown(); md != "" {
 		t.Errorf("modes table without shared rows:\n%s", md)
+	}
+}
+
+// TestCPUMeterCountsReapedChildren: a child of the harness that burns CPU
+// and exits inside the window is the harness's time, not other processes'
+// (a reload replaces every worker in the middle of its window).
+func TestCPUMeterCountsReapedChildren(t *testing.T) {
+	if os.Getenv("BENCH_BURN_CPU") == "1" {
+		burn(300 * time.Millisecond)
+		return
+	}
+	m := cpuMeter{roots: func() []int { return []int{os.Getpid()} }}
+	m.start()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestCPUMeterCountsReapedChildren$")
+	cmd.Env = append(os.Environ(), "BENCH_BURN_CPU=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("burner: %v\n%s", err, out)
+	}
+	child := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	// /proc counts in USER_HZ ticks, 100 a second on Linux.
+	ours := time.Duration(m.ourCPU()-m.ours) * 10 * time.Millisecond
+	if ours < child*8/10 {
+		t.Errorf("the harness's tree used %v in the window, its reaped child alone %v", ours, child)
+	}
+}
+
+// burn spins until the process has used d of CPU time.
+func burn(d time.Duration) {
+	for x := 0; ; x++ {
+		var ru syscall.Rusage
+		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		if time.Duration(ru.Utime.Nano()+ru.Stime.Nano()) >= d {
+			return
+		}
+		for i := range 1 << 16 {
+			x ^= i
+		}
 	}
 }

@@ -9,7 +9,7 @@ import (
 // pstat is what the harness reads of one process in /proc/<pid>/stat.
 type pstat struct {
 	ppid  int
-	cpu   uint64 // utime + stime, in clock ticks
+	cpu   uint64 // utime + stime + cutime + cstime, in clock ticks
 	start uint64 // start time after boot, in clock ticks: tells pid reuse apart
 }
 
@@ -30,7 +30,11 @@ func readProc(pid int) (pstat, bool) {
 		return pstat{}, false
 	}
 	num := func(k int) uint64 { n, _ := strconv.ParseUint(f[k-3], 10, 64); return n }
-	return pstat{ppid: int(num(4)), cpu: num(14) + num(15), start: num(22)}, true
+	// cutime and cstime are the CPU time of the children it reaped: a
+	// worker that exits during a window (a reload replaces them all)
+	// takes its own time out of /proc, and it reappears here, in its
+	// parent's, instead of counting as other processes' time.
+	return pstat{ppid: int(num(4)), cpu: num(14) + num(15) + num(16) + num(17), start: num(22)}, true
 }
 
 // allProcs reads every process of the machine.
@@ -127,7 +131,9 @@ func (m *cpuMeter) start() {
 
 // other returns the share (0..1) of all CPUs that other processes used
 // since start. Processes of the harness that exited during the window
-// count as other; the rows keep their processes running while measured.
+// count as the harness's once their parent in the tree reaped them (the
+// old workers of a reload: cohort, Node's primary and PM2's daemon reap
+// them); a process whose parent is outside the tree would count as other.
 func (m *cpuMeter) other() float64 {
 	busy, total := machineCPU()
 	ours := m.ourCPU()
