@@ -61,40 +61,19 @@ func BenchmarkSharedMode(b *testing.B) {
 		dur    = time.Second
 		conns  = 8
 	)
-	type target struct {
-		name string
-		addr string
-		pid  int // the dispatcher, or 0
-		rps  float64
-		cpu  time.Duration
-	}
 	// Alone: the worker socket-activated by the test, as systemd would.
 	l, addr := tcpListener(b, "http")
 	alone := startActivated(b, []string{"COHORT_TEST_HELPER=worker"}, []*os.File{l})
-	targets := []*target{{name: "alone", addr: addr}}
+	targets := []*benchTarget{{name: "alone", addr: addr}}
 	for _, n := range []int{1, 2} {
 		app := testApp(b, n, map[string]string{"HELPER_READY": "1"})
 		app.Ready = config.Readiness{Kind: config.ReadyNotify}
 		l, addr := tcpListener(b, "http")
 		d := startDispatcherProc(b, app, []*os.File{l})
 		d.waitLine(b, 20*time.Second, fmt.Sprintf("all %d workers ready", n))
-		targets = append(targets, &target{name: fmt.Sprintf("cohort%d", n), addr: addr, pid: d.cmd.Process.Pid})
+		targets = append(targets, &benchTarget{name: fmt.Sprintf("cohort%d", n), addr: addr, pid: d.cmd.Process.Pid})
 	}
-	for _, t := range targets {
-		waitAnswer(b, t.addr)
-	}
-	for range rounds {
-		for _, t := range targets {
-			var before time.Duration
-			if t.pid != 0 {
-				before = procCPU(b, t.pid)
-			}
-			t.rps += load(b, t.addr, conns, dur) / rounds
-			if t.pid != 0 {
-				t.cpu += procCPU(b, t.pid) - before
-			}
-		}
-	}
+	measureRounds(b, targets, rounds, func(addr string) float64 { return load(b, addr, conns, dur) })
 	a, c1, c2 := targets[0], targets[1], targets[2]
 	loadTime := rounds * dur
 	b.Logf("%d conns keep-alive, %d rounds of %s: alone %.0f req/s; shared 1 worker %.0f req/s (%.2fx), 2 workers %.0f req/s (%.2fx); dispatcher CPU %s (1 worker) and %s (2 workers) in %s of load (%.4f%% of a core)",
@@ -120,6 +99,38 @@ func BenchmarkSharedMode(b *testing.B) {
 	b.ReportMetric(float64(c2.cpu.Microseconds())/1000, "dispatcher-cpu-ms")
 	b.ReportMetric(100*c2.cpu.Seconds()/loadTime.Seconds(), "dispatcher-cpu-%")
 	_ = alone
+}
+
+// benchTarget is one server a benchmark puts under load: the worker
+// alone, or a dispatcher process (pid) with its workers.
+type benchTarget struct {
+	name string
+	addr string
+	pid  int // the dispatcher, or 0
+	rps  float64
+	cpu  time.Duration // the dispatcher's CPU time under load
+}
+
+// measureRounds waits until every target answers, then loads them in
+// turn, rounds times (the machine may be busy with other work:
+// interleaving spreads that noise evenly), averaging the requests per
+// second that run returns and summing the dispatchers' CPU time.
+func measureRounds(b testing.TB, targets []*benchTarget, rounds int, run func(addr string) float64) {
+	for _, t := range targets {
+		waitAnswer(b, t.addr)
+	}
+	for range rounds {
+		for _, t := range targets {
+			var before time.Duration
+			if t.pid != 0 {
+				before = procCPU(b, t.pid)
+			}
+			t.rps += run(t.addr) / float64(rounds)
+			if t.pid != 0 {
+				t.cpu += procCPU(b, t.pid) - before
+			}
+		}
+	}
 }
 
 // waitAnswer waits until addr answers HTTP.

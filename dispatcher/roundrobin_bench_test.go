@@ -26,16 +26,9 @@ func BenchmarkNewConnections(b *testing.B) {
 		dur     = time.Second
 		clients = 8
 	)
-	type target struct {
-		name string
-		addr string
-		pid  int // the dispatcher, or 0
-		rps  float64
-		cpu  time.Duration
-	}
 	l, addr := tcpListener(b, "http")
 	startActivated(b, []string{"COHORT_TEST_HELPER=cohort-worker"}, []*os.File{l})
-	targets := []*target{{name: "alone", addr: addr}}
+	targets := []*benchTarget{{name: "alone", addr: addr}}
 	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin, config.ModeReusePort} {
 		app := rrApp(b, 2)
 		app.Mode = mode
@@ -52,23 +45,9 @@ func BenchmarkNewConnections(b *testing.B) {
 		}
 		d := startDispatcherProc(b, app, listeners)
 		d.waitLine(b, 20*time.Second, "all 2 workers ready")
-		targets = append(targets, &target{name: string(mode), addr: addr, pid: d.cmd.Process.Pid})
+		targets = append(targets, &benchTarget{name: string(mode), addr: addr, pid: d.cmd.Process.Pid})
 	}
-	for _, t := range targets {
-		waitAnswer(b, t.addr)
-	}
-	for range rounds {
-		for _, t := range targets {
-			var before time.Duration
-			if t.pid != 0 {
-				before = procCPU(b, t.pid)
-			}
-			t.rps += loadNewConns(t.addr, clients, dur) / rounds
-			if t.pid != 0 {
-				t.cpu += procCPU(b, t.pid) - before
-			}
-		}
-	}
+	measureRounds(b, targets, rounds, func(addr string) float64 { return loadNewConns(addr, clients, dur) })
 	a, sh, rr, rp := targets[0], targets[1], targets[2], targets[3]
 	loadTime := rounds * dur
 	b.Logf("new connection per request, %d clients, %d rounds of %s, 2 workers: alone %.0f req/s; shared %.0f req/s (%.2fx alone); round-robin %.0f req/s (%.2fx shared); reuseport %.0f req/s (%.2fx shared); dispatcher CPU: shared %s, round-robin %s (%.1f%% of a core), reuseport %s, in %s of load",
