@@ -73,7 +73,7 @@ func BenchmarkSharedMode(b *testing.B) {
 		d.waitLine(b, 20*time.Second, fmt.Sprintf("all %d workers ready", n))
 		targets = append(targets, &benchTarget{name: fmt.Sprintf("cohort%d", n), addr: addr, pid: d.cmd.Process.Pid})
 	}
-	measureRounds(b, targets, rounds, func(addr string) float64 { return load(b, addr, conns, dur) })
+	measureRounds(b, targets, rounds, func(addr string) float64 { return load(addr, conns, dur, true) })
 	a, c1, c2 := targets[0], targets[1], targets[2]
 	loadTime := rounds * dur
 	b.Logf("%d conns keep-alive, %d rounds of %s: alone %.0f req/s; shared 1 worker %.0f req/s (%.2fx), 2 workers %.0f req/s (%.2fx); dispatcher CPU %s (1 worker) and %s (2 workers) in %s of load (%.4f%% of a core)",
@@ -141,16 +141,18 @@ func waitAnswer(b testing.TB, addr string) {
 	})
 }
 
-// load runs conns keep-alive clients against addr for dur and returns the
-// requests per second answered.
-func load(b testing.TB, addr string, conns int, dur time.Duration) float64 {
+// load runs clients against addr for dur and returns the requests per
+// second answered: with keepAlive each client reuses its connection, else
+// every request opens a new one (HTTP Connection: close).
+func load(addr string, clients int, dur time.Duration, keepAlive bool) float64 {
 	var ok atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
 	deadline := start.Add(dur)
-	for range conns {
+	for range clients {
 		wg.Go(func() {
-			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+			tr := &http.Transport{MaxIdleConnsPerHost: 1, DisableKeepAlives: !keepAlive}
+			c := &http.Client{Timeout: 5 * time.Second, Transport: tr}
 			defer c.CloseIdleConnections()
 			for time.Now().Before(deadline) {
 				resp, err := c.Get("http://" + addr + "/")

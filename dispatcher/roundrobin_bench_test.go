@@ -1,7 +1,6 @@
 package dispatcher
 
 import (
-	"io"
 	"net/http"
 	"os"
 	"sync"
@@ -47,7 +46,7 @@ func BenchmarkNewConnections(b *testing.B) {
 		d.waitLine(b, 20*time.Second, "all 2 workers ready")
 		targets = append(targets, &benchTarget{name: string(mode), addr: addr, pid: d.cmd.Process.Pid})
 	}
-	measureRounds(b, targets, rounds, func(addr string) float64 { return loadNewConns(addr, clients, dur) })
+	measureRounds(b, targets, rounds, func(addr string) float64 { return load(addr, clients, dur, false) })
 	a, sh, rr, rp := targets[0], targets[1], targets[2], targets[3]
 	loadTime := rounds * dur
 	b.Logf("new connection per request, %d clients, %d rounds of %s, 2 workers: alone %.0f req/s; shared %.0f req/s (%.2fx alone); round-robin %.0f req/s (%.2fx shared); reuseport %.0f req/s (%.2fx shared); dispatcher CPU: shared %s, round-robin %s (%.1f%% of a core), reuseport %s, in %s of load",
@@ -97,33 +96,6 @@ func slotListenersAsActivated(tb testing.TB, app *config.App, n int) ([]*os.File
 		}
 	})
 	return out, BoundAddr(out[0])
-}
-
-// loadNewConns runs clients that each send requests on a new connection
-// every time, for dur, and returns the requests per second answered.
-func loadNewConns(addr string, clients int, dur time.Duration) float64 {
-	var ok atomic.Int64
-	var wg sync.WaitGroup
-	start := time.Now()
-	deadline := start.Add(dur)
-	for range clients {
-		wg.Go(func() {
-			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-			for time.Now().Before(deadline) {
-				resp, err := c.Get("http://" + addr + "/")
-				if err != nil {
-					continue
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode == 200 {
-					ok.Add(1)
-				}
-			}
-		})
-	}
-	wg.Wait()
-	return float64(ok.Load()) / time.Since(start).Seconds()
 }
 
 // BenchmarkRoundRobinFDs passes 100,000 connections through a round-robin
