@@ -3,7 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -24,7 +23,7 @@ import (
 // units (SourcePath=, ExecStart=) and a dispatcher started elsewhere must
 // find it again.
 func ParseFile(path string) (*App, error) {
-	data, err := os.ReadFile(path)
+	data, err := ReadRegularFile(path, MaxFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("read app file: %w", err)
 	}
