@@ -159,6 +159,8 @@ type dispatcher struct {
 
 	listenFDs   []uintptr
 	slotFDs     [][]uintptr // reuseport mode: each slot's listeners
+	listenIno   []uint64    // the listeners' socket inodes, for ready = "listening"
+	slotIno     [][]uint64  // reuseport mode: each slot's
 	listenNames string
 	rr          *roundRobin // round-robin mode; nil in shared mode
 
@@ -175,6 +177,7 @@ type dispatcher struct {
 	wg       sync.WaitGroup  // every goroutine Run started
 	notifyCh chan notifyMsg
 	execCh   chan execResult
+	probeCh  chan probeResult // ready = "listening" (listening.go)
 
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
@@ -233,6 +236,7 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		gen:      1,
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
+		probeCh:  make(chan probeResult, 64),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
 	}
@@ -327,6 +331,16 @@ func (d *dispatcher) open() error {
 		d.slotFDs = append(d.slotFDs, fds)
 	}
 	var err error
+	if d.listenIno, err = inodes(d.listenFDs); err != nil {
+		return err
+	}
+	for _, fds := range d.slotFDs {
+		ino, err := inodes(fds)
+		if err != nil {
+			return err
+		}
+		d.slotIno = append(d.slotIno, ino)
+	}
 	if d.devnull, err = os.Open(os.DevNull); err != nil {
 		return err
 	}
@@ -425,6 +439,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 					d.transition(w, trExeced, 0)
 				}
 			}
+		case m := <-d.probeCh:
+			d.onProbe(m)
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
 		case <-timer.C:
