@@ -49,8 +49,8 @@ const (
 	// seen in /proc); then it must stay up for App.ReadySettle.
 	ReadyListening ReadyKind = "listening"
 	ReadyNotify    ReadyKind = "notify" // the worker sends READY=1 to NOTIFY_SOCKET
-	ReadyExec   ReadyKind = "exec"   // ready as soon as the command was exec'd
-	ReadyDelay  ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
+	ReadyExec      ReadyKind = "exec"   // ready as soon as the command was exec'd
+	ReadyDelay     ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
 )
 
 // Hardening profiles for the generated service.
