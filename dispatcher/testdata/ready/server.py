@@ -10,7 +10,9 @@ when it accepts. How it waits for connections (argv[1]):
 
 Environment: START_DELAY=seconds sleeps before listening (a slow start);
 DIE_AFTER=seconds exits 3 that long after it started listening (a crash
-just after start). Standard library only.
+just after start). SIGTERM stops it gracefully in the select and poll
+modes (it finishes the connection it serves; the others wake up every
+100 ms to look), at once in the others. Standard library only.
 """
 import asyncio
 import os
@@ -51,7 +53,11 @@ def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         print("server.py: no socket passed", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    stopping = []
+    if how in ("select", "poll"):
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     delay = float(os.environ.get("START_DELAY", "0"))
     if delay:
         threading.Event().wait(delay)
@@ -80,17 +86,18 @@ def main():
     lst.setblocking(False)  # shared: another worker may win the connection
     poller = select.poll()
     poller.register(lst, select.POLLIN)
-    while True:
+    while not stopping:
         if how == "select":
-            select.select([lst], [], [])
+            select.select([lst], [], [], 0.1)
         else:
-            poller.poll()
+            poller.poll(100)
         try:
             conn, _ = lst.accept()
         except BlockingIOError:
             continue
         conn.setblocking(True)
         answer(conn)
+    return 0
 
 
 if __name__ == "__main__":
