@@ -29,6 +29,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("roundrobin", func(t *testing.T) { testRoundRobin(t, c) })
 			t.Run("reuseport", func(t *testing.T) { testReusePort(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
+			t.Run("deploy", func(t *testing.T) { testDeploy(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })
 			t.Run("killdispatcher", func(t *testing.T) { testKillDispatcher(t, c) })
