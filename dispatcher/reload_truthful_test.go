@@ -100,7 +100,7 @@ func startTruth(t *testing.T, command []string, env map[string]string) *truthFix
 
 func (f *truthFixture) reload(t *testing.T) error {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60 * time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	_, err := control.Call(ctx, f.sock, control.Request{Cmd: control.CmdReload})
 	return err
@@ -108,7 +108,7 @@ func (f *truthFixture) reload(t *testing.T) error {
 
 func (f *truthFixture) status(t *testing.T) *control.Status {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5 * time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	rep, err := control.Call(ctx, f.sock, control.Request{Cmd: control.CmdStatus})
 	if err != nil {
