@@ -26,10 +26,12 @@ import (
 // context is cancelled) or the dispatcher stops.
 
 // Probe intervals: frequent at first (most programs listen within a
-// second), then slower, so that a slow starter costs little.
+// second), then slower, so that a slow starter costs little. The look for
+// children that accept (a scan of every /proc/PID/stat) is rarer still.
 const (
 	probeFirst    = 10 * time.Millisecond
 	probeInterval = 100 * time.Millisecond
+	probeChildren = 200 * time.Millisecond
 )
 
 // probeResult is what a worker's probe found: the worker waits on one of
@@ -92,13 +94,18 @@ func (d *dispatcher) startProbe(w *worker) {
 		timer := time.NewTimer(probeFirst)
 		defer timer.Stop()
 		started := time.Now()
+		var lastTree time.Time
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-timer.C:
 			}
-			found, err := probe.Accepting(pid, t)
+			tree := time.Since(lastTree) >= probeChildren
+			if tree {
+				lastTree = time.Now()
+			}
+			found, err := probe.Accepting(pid, t, tree)
 			if err != nil || found.PID != 0 {
 				select {
 				case d.probeCh <- probeResult{w: w, found: found, err: err}:

@@ -153,3 +153,52 @@ func TestListeningReadiness(t *testing.T) {
 		})
 	}
 }
+
+// TestListeningRoundRobin: in round-robin mode ready = "listening" watches
+// the worker's end of its round-robin channel: cohort's Go library (the
+// channel in Go's epoll set) and examples/python/rr_worker.py (recvmsg)
+// both become ready, without READY=1 counting, and serve.
+func TestListeningRoundRobin(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name    string
+		command func(t *testing.T) []string
+	}{
+		{"go", nil},
+		{"python", func(t *testing.T) []string {
+			return []string{needTool(t, "python3"), filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			app := rrApp(t, 2)
+			app.Ready = config.Readiness{Kind: config.ReadyListening}
+			if tt.command != nil {
+				app.Command = tt.command(t)
+			}
+			l, addr := tcpListener(t, "http")
+			logs := &syncBuffer{}
+			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("dispatcher log:\n%s", logs.String())
+				}
+			})
+			rec.waitNotify(t, 30*time.Second, "READY=1")
+			if n := strings.Count(logs.String(), ") accepts ("); n != 2 {
+				t.Errorf("%d \"accepts\" log lines, want one per worker", n)
+			}
+			for _, line := range strings.Split(logs.String(), "\n") {
+				if strings.Contains(line, ") accepts (") {
+					t.Log(strings.TrimSpace(line))
+				}
+			}
+			if counts := spread(t, addr, 20, 4); len(counts) != 2 {
+				t.Errorf("answers per worker %v, want both", counts)
+			}
+			if err := stop(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

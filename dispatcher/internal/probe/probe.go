@@ -62,17 +62,19 @@ type Found struct {
 	How string // "accept4 on fd 3 (thread 1234)", "epoll fd 7 watches fd 3", …
 }
 
-// Accepting reports whether pid, or one of its descendants (when pid
-// itself does not), waits on one of t's sockets. A process that has exited
-// waits on nothing (no error); when pid itself cannot be inspected the
-// error wraps ErrNoAccess. Descendants that cannot be inspected are
-// skipped.
-func Accepting(pid int, t Targets) (Found, error) {
+// Accepting reports whether pid, or with children one of its
+// descendants (when pid itself does not), waits on one of t's sockets. A
+// process that has exited waits on nothing (no error); when pid itself
+// cannot be inspected the error wraps ErrNoAccess. Descendants that cannot
+// be inspected are skipped. Looking for descendants reads every
+// /proc/PID/stat there is, so a caller that checks often asks for them
+// less often.
+func Accepting(pid int, t Targets, children bool) (Found, error) {
 	if len(t.Inodes) == 0 {
 		return Found{}, nil
 	}
 	f, err := inspect(pid, t)
-	if err != nil || f.PID != 0 {
+	if err != nil || f.PID != 0 || !children {
 		return f, err
 	}
 	for _, c := range descendants(pid) {

@@ -159,7 +159,7 @@ func waitFound(t *testing.T, pid int, tg Targets) (Found, error) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		f, err := Accepting(pid, tg)
+		f, err := Accepting(pid, tg, true)
 		if err != nil || f.PID != 0 || time.Now().After(deadline) {
 			return f, err
 		}
@@ -199,12 +199,12 @@ func TestAccepting(t *testing.T) {
 
 			// The same process, asked about another socket: nothing.
 			_, other := listener(t)
-			if found, err := Accepting(pid, Targets{Inodes: []uint64{other}}); err != nil || found.PID != 0 {
+			if found, err := Accepting(pid, Targets{Inodes: []uint64{other}}, true); err != nil || found.PID != 0 {
 				t.Errorf("asked about another socket: %+v, %v; want nothing", found, err)
 			}
 			// As a channel, a listener's accept does not count.
 			if tt.how == "accept" {
-				if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}, Channel: true}); err != nil || found.PID != 0 {
+				if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}, Channel: true}, true); err != nil || found.PID != 0 {
 					t.Errorf("accept on a channel target: %+v, %v; want nothing", found, err)
 				}
 			}
@@ -219,21 +219,22 @@ func TestNotAccepting(t *testing.T) {
 	f, ino := listener(t)
 	pid := startHelper(t, "idle", f)
 	time.Sleep(100 * time.Millisecond) // let it reach its sleep
-	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}); err != nil || found.PID != 0 {
+	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
 		t.Errorf("idle helper: %+v, %v; want nothing", found, err)
 	}
 	syscall.Kill(pid, syscall.SIGKILL)
 	var ws syscall.WaitStatus
 	syscall.Wait4(pid, &ws, 0, nil)
-	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}); err != nil || found.PID != 0 {
+	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
 		t.Errorf("reaped helper: %+v, %v; want nothing, no error", found, err)
 	}
 }
 
 // BenchmarkAccepting is the CPU one check costs, against the baseline of
 // reading one /proc/PID/stat in the same run: "epoll" finds the helper at
-// once; "idle" is the worst case, a full look (fds, threads, then every
-// process in /proc for descendants) that finds nothing.
+// once; "idle" looks at everything of the process (fds, threads) and
+// finds nothing; "idle-children" also looks through every process in
+// /proc for descendants (what the dispatcher does every 200 ms at most).
 func BenchmarkAccepting(b *testing.B) {
 	cpu := func() time.Duration {
 		var ru unix.Rusage
@@ -254,7 +255,12 @@ func BenchmarkAccepting(b *testing.B) {
 			run(b, func() { readBounded(fmt.Sprintf("/proc/%d/stat", pid), maxSmall) })
 		})
 		b.Run(how, func(b *testing.B) {
-			run(b, func() { Accepting(pid, Targets{Inodes: []uint64{ino}}) })
+			run(b, func() { Accepting(pid, Targets{Inodes: []uint64{ino}}, false) })
 		})
+		if how == "idle" {
+			b.Run(how+"-children", func(b *testing.B) {
+				run(b, func() { Accepting(pid, Targets{Inodes: []uint64{ino}}, true) })
+			})
+		}
 	}
 }
