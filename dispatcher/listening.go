@@ -31,7 +31,8 @@ import (
 const (
 	probeFirst    = 10 * time.Millisecond
 	probeInterval = 100 * time.Millisecond
-	probeChildren = 200 * time.Millisecond
+	probeChildren = 200 * time.Millisecond // for the first 2 s
+	probeChildMax = time.Second            // then
 )
 
 // probeResult is what a worker's probe found: the worker waits on one of
@@ -101,7 +102,11 @@ func (d *dispatcher) startProbe(w *worker) {
 				return
 			case <-timer.C:
 			}
-			tree := time.Since(lastTree) >= probeChildren
+			every := probeChildren
+			if time.Since(started) > 2*time.Second {
+				every = probeChildMax
+			}
+			tree := time.Since(lastTree) >= every
 			if tree {
 				lastTree = time.Now()
 			}
