@@ -27,6 +27,16 @@ func needTool(t testing.TB, name string) string {
 	return ""
 }
 
+// python3 is Debian's python3 when there is one (a shim such as pyenv's
+// can take seconds to start on a loaded machine), else python3 on PATH.
+func python3(t testing.TB) string {
+	t.Helper()
+	if _, err := os.Stat("/usr/bin/python3"); err == nil {
+		return "/usr/bin/python3"
+	}
+	return needTool(t, "python3")
+}
+
 // needGunicorn returns Debian's python3 with the gunicorn module
 // (python3-gunicorn), as needTool would.
 func needGunicorn(t testing.TB) string {
@@ -62,16 +72,16 @@ func TestListeningReadiness(t *testing.T) {
 			return []string{needTool(t, "node"), filepath.Join("examples", "node", "server.js")}
 		}, answer: "hello from node worker ", how: "epoll"},
 		{name: "python-blocking", command: func(t *testing.T) []string {
-			return []string{needTool(t, "python3"), script, "blocking"}
+			return []string{python3(t), script, "blocking"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "accept"},
 		{name: "python-select", command: func(t *testing.T) []string {
-			return []string{needTool(t, "python3"), script, "select"}
+			return []string{python3(t), script, "select"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "select"},
 		{name: "python-poll", command: func(t *testing.T) []string {
-			return []string{needTool(t, "python3"), script, "poll"}
+			return []string{python3(t), script, "poll"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "poll"},
 		{name: "python-asyncio", command: func(t *testing.T) []string {
-			return []string{needTool(t, "python3"), script, "asyncio"}
+			return []string{python3(t), script, "asyncio"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "epoll"},
 		{name: "go-net-http", command: func(t *testing.T) []string {
 			self, err := os.Executable()
@@ -95,6 +105,7 @@ func TestListeningReadiness(t *testing.T) {
 			app.Environment = tt.env
 			app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
 			app.StopTimeout = 10 * time.Second
+			app.ReadyTimeout = 90 * time.Second // a loaded machine starts programs slowly
 			if app.Ready.Kind != config.ReadyListening || app.ReadySettle != time.Second {
 				t.Fatalf("default readiness %+v, settle %v; want listening, 1s", app.Ready, app.ReadySettle)
 			}
@@ -106,7 +117,7 @@ func TestListeningReadiness(t *testing.T) {
 					t.Logf("dispatcher log:\n%s", logs.String())
 				}
 			})
-			rec.waitNotify(t, 30*time.Second, "READY=1")
+			rec.waitNotify(t, 90*time.Second, "READY=1")
 			minWait := app.ReadySettle
 			if d, ok := tt.env["START_DELAY"]; ok {
 				delay, err := time.ParseDuration(d + "s")
@@ -166,13 +177,14 @@ func TestListeningRoundRobin(t *testing.T) {
 	}{
 		{"go", nil},
 		{"python", func(t *testing.T) []string {
-			return []string{needTool(t, "python3"), filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
+			return []string{python3(t), filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
 		}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			app := rrApp(t, 2)
 			app.Ready = config.Readiness{Kind: config.ReadyListening}
+			app.ReadyTimeout = 90 * time.Second
 			if tt.command != nil {
 				app.Command = tt.command(t)
 			}
@@ -184,7 +196,7 @@ func TestListeningRoundRobin(t *testing.T) {
 					t.Logf("dispatcher log:\n%s", logs.String())
 				}
 			})
-			rec.waitNotify(t, 30*time.Second, "READY=1")
+			rec.waitNotify(t, 90*time.Second, "READY=1")
 			if n := strings.Count(logs.String(), ") accepts ("); n != 2 {
 				t.Errorf("%d \"accepts\" log lines, want one per worker", n)
 			}

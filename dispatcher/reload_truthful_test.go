@@ -31,7 +31,8 @@ func truthApp(command []string, addr string, env map[string]string) string {
 		}
 		fmt.Fprintf(&b, "%q", c)
 	}
-	fmt.Fprintf(&b, "]\nworkers = 2\nmode = \"shared\"\nstop_timeout = \"10s\"\n")
+	// ready_timeout: a loaded machine starts programs slowly.
+	fmt.Fprintf(&b, "]\nworkers = 2\nmode = \"shared\"\nstop_timeout = \"10s\"\nready_timeout = \"90s\"\n")
 	fmt.Fprintf(&b, "[restart]\ninitial = \"50ms\"\nmax = \"500ms\"\n")
 	if len(env) > 0 {
 		b.WriteString("[environment]\n")
@@ -43,9 +44,13 @@ func truthApp(command []string, addr string, env map[string]string) string {
 	return b.String()
 }
 
-// truthTool is needTool for this file alone (see the comment above).
+// truthTool is needTool for this file alone (see the comment above),
+// preferring Debian's /usr/bin.
 func truthTool(t *testing.T, name string) string {
 	t.Helper()
+	if _, err := os.Stat("/usr/bin/" + name); err == nil {
+		return "/usr/bin/" + name // not a shim that is slow to start
+	}
 	p, err := exec.LookPath(name)
 	if err != nil {
 		if os.Getenv("CI") != "" {
@@ -90,7 +95,7 @@ func startTruth(t *testing.T, command []string, env map[string]string) *truthFix
 			t.Logf("dispatcher log:\n%s", f.logs.String())
 		}
 	})
-	rec.waitNotify(t, 30*time.Second, "READY=1")
+	rec.waitNotify(t, 90*time.Second, "READY=1")
 	// Under a readiness that does not look, READY=1 can come before the
 	// workers accept; wait until they answer, so the test starts from a
 	// serving app whatever the readiness.
