@@ -402,7 +402,11 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
 	}
 	mode := string(d.app.Mode)
-	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, readyString(d.app.Ready), d.gen, strings.Join(d.app.Command, " "))
+	ready := readyString(d.app.Ready)
+	if d.app.Ready.Kind == config.ReadyListening {
+		ready += fmt.Sprintf(" (settle %s)", d.app.ReadySettle)
+	}
+	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, ready, d.gen, strings.Join(d.app.Command, " "))
 	for _, s := range d.slots {
 		d.spawn(s, now)
 	}
