@@ -107,6 +107,11 @@ address = "127.0.0.1:%d"
 	// on the next.
 	pyCmd := fmt.Sprintf(`["/usr/bin/python3", %q]`, dir+"/shared_worker.py")
 	var report []string
+	// The noise floor: the same clients for 5 s with no reload.
+	base := measureStall(t, url, func() { time.Sleep(5 * time.Second) })
+	report = append(report, fmt.Sprintf("%s: no reload (baseline, 5 s): slowest %s (median %s), %d failed of %d",
+		c.Release.Name, base.slowest.Round(time.Millisecond), base.median.Round(time.Millisecond), base.failed, base.sent))
+	t.Log(report[0])
 	for _, m := range []struct{ name, command, ready string }{
 		{"node listening (default)", nodeCmd, ""},
 		{"node exec", nodeCmd, `ready = "exec"`},
@@ -143,6 +148,18 @@ type stall struct {
 // saw. The clients stop when the reload has returned (bounded by its own
 // timeout).
 func reloadStall(t *testing.T, c *Container, app, url string) stall {
+	t.Helper()
+	var res Result
+	s := measureStall(t, url, func() { res = c.Exec(t, "systemctl", "reload", app) })
+	if res.Code != 0 {
+		t.Errorf("systemctl reload %s: %s", app, res)
+	}
+	return s
+}
+
+// measureStall runs action while two clients send requests one after
+// another, and measures the requests sent meanwhile.
+func measureStall(t *testing.T, url string, action func()) stall {
 	t.Helper()
 	client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
 	var (
@@ -181,13 +198,10 @@ func reloadStall(t *testing.T, c *Container, app, url string) stall {
 		})
 	}
 	t0 := time.Now()
-	res := c.Exec(t, "systemctl", "reload", app)
+	action()
 	s.took = time.Since(t0)
 	close(stop)
 	wg.Wait()
-	if res.Code != 0 {
-		t.Errorf("systemctl reload %s: %s", app, res)
-	}
 	for _, d := range lat {
 		s.slowest = max(s.slowest, d)
 	}
