@@ -214,3 +214,56 @@ func TestListeningRoundRobin(t *testing.T) {
 		})
 	}
 }
+
+// TestListeningReusePort: in reuseport mode each worker is watched for its
+// own slot's socket, so a worker counts as ready by accepting on the
+// socket it was given (Python's blocking accept here), and every slot
+// serves.
+func TestListeningReusePort(t *testing.T) {
+	t.Parallel()
+	app := config.New("rp")
+	app.Command = []string{python3(t), filepath.Join("dispatcher", "testdata", "ready", "server.py"), "blocking"}
+	app.WorkingDirectory = repoRoot(t)
+	app.Mode = config.ModeReusePort
+	app.Workers = config.Workers{N: 2}
+	app.ReadyTimeout = 90 * time.Second
+	app.StopTimeout = 10 * time.Second
+	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP, ReusePort: true}}
+	slots, err := BindSlots(app, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, set := range slots {
+			for _, f := range set {
+				f.Close()
+			}
+		}
+	})
+	logs := &syncBuffer{}
+	rec, stop := startRun(t, Options{App: app, SlotListeners: slots, Stderr: logs})
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("dispatcher log:\n%s", logs.String())
+		}
+	})
+	rec.waitNotify(t, 90*time.Second, "READY=1")
+	if n := strings.Count(logs.String(), ") accepts (accept4 on fd 3"); n != 2 {
+		t.Errorf("%d \"accepts (accept4 on fd 3\" log lines, want one per worker", n)
+	}
+	addr := BoundAddr(slots[0][0])
+	seen := map[string]bool{}
+	for i := 0; i < 200 && len(seen) < 2; i++ {
+		body, err := get("http://" + addr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[strings.Fields(strings.TrimPrefix(body, "hello from python worker "))[0]] = true
+	}
+	if len(seen) != 2 {
+		t.Errorf("workers %v answered, want both", seen)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
