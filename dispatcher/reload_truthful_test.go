@@ -254,11 +254,12 @@ func TestReloadTruthfulEarlyCrash(t *testing.T) {
 	t.Logf("%d/%d requests failed, slowest %s", failed, sent, slowest)
 }
 
-// TestReloadTruthfulSlowStart: new code that needs 2 s before it listens
+// TestReloadTruthfulSlowStart: new code that needs 3 s before it listens
 // replaces the old workers only once it accepts, so requests during the
-// reload wait no longer than usual, instead of the 2 s that a readiness
-// that did not look would add (the old worker stopped, the new one not
-// yet accepting).
+// reload wait no longer than usual, instead of the 3 s or more that a
+// readiness that did not look would add (the old worker stopped, the new
+// one not yet accepting). The bound, 2 s, leaves room for a loaded
+// machine's hiccups.
 func TestReloadTruthfulSlowStart(t *testing.T) {
 	t.Parallel()
 	py := truthTool(t, "python3")
@@ -266,13 +267,13 @@ func TestReloadTruthfulSlowStart(t *testing.T) {
 	cmd := []string{py, script, "poll"}
 	f := startTruth(t, cmd, nil)
 	load := startTruthLoad(f.addr)
-	writeFile(t, f.file, truthApp(cmd, f.addr, map[string]string{"START_DELAY": "2"}))
+	writeFile(t, f.file, truthApp(cmd, f.addr, map[string]string{"START_DELAY": "3"}))
 	if err := f.reload(t); err != nil {
 		t.Fatalf("reload onto slow-starting workers: %v", err)
 	}
 	sent, failed, slowest := load.end(t)
 	t.Logf("slow-start reload: %d/%d requests failed, slowest %s", failed, sent, slowest)
-	if slowest > time.Second {
+	if slowest > 2*time.Second {
 		t.Errorf("a request waited %s during the reload: an old worker was stopped before its replacement accepted", slowest)
 	}
 }
