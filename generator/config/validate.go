@@ -119,7 +119,8 @@ func (d *decoder) checkCommand(command []string) {
 // boot, when the directory's file system may not be mounted yet; `cohort
 // check` and the dispatcher (at start and on every reload) do, so that a
 // missing directory is one clear error instead of workers failing to
-// start over and over. The error is an Errors located at the key.
+// start over and over. The error is an Errors located at the key when
+// the App was read from a file.
 func CheckHost(app *App) error {
 	dir := app.WorkingDirectory
 	if dir == "" {
@@ -140,6 +141,9 @@ func CheckHost(app *App) error {
 	}
 	if msg == "" {
 		return nil
+	}
+	if app.Path == "" {
+		return errors.New(msg) // an App built without a file
 	}
 	p := app.workingDirAt
 	return Errors{{File: app.Path, Line: p.line, Col: p.col, Msg: msg}}
