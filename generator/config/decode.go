@@ -641,6 +641,12 @@ func ParseAddress(s string) (kind ListenKind, hint string, err error) {
 	if perr != nil || n < 1 || n > 65535 {
 		return "", "", fmt.Errorf("address %q: port %q is not a number from 1 to 65535", s, port)
 	}
+	if strings.Contains(host, "%") && isIPLiteral(host) {
+		// socket_address_parse() hands what is inside the brackets to
+		// inet_pton(), which knows no zones: systemd refuses the socket
+		// unit, and only `cohort run` could bind it.
+		return "", "", fmt.Errorf("address %q: systemd's ListenStream= takes no IPv6 zone (%%%s); write the address without it and add [socket] BindToDevice = %q", s, host[strings.IndexByte(host, '%')+1:], host[strings.IndexByte(host, '%')+1:])
+	}
 	if host != "" && !isIPLiteral(host) {
 		if host == "localhost" {
 			hint = "127.0.0.1:" + port
@@ -673,17 +679,10 @@ func splitHostPort(s string) (host, port string, err error) {
 	return host, port, nil
 }
 
-// zoneRE is an IPv6 zone: an interface name (at most IFNAMSIZ-1 = 15
-// bytes of the characters interface names use in practice) or index.
-var zoneRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
-
 func isIPLiteral(host string) bool {
 	if strings.Contains(host, ":") {
-		// IPv6, possibly with a %zone.
-		h, zone, hasZone := strings.Cut(host, "%")
-		if hasZone && !zoneRE.MatchString(zone) {
-			return false
-		}
+		// IPv6 (a %zone is refused by ParseAddress).
+		h, _, _ := strings.Cut(host, "%")
 		for _, c := range h {
 			if !(c == ':' || c == '.' || c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
 				return false
