@@ -11,9 +11,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/coreos/go-systemd/v22/unit"
 	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/units"
+	"github.com/coreos/go-systemd/v22/unit"
 )
 
 // FuzzRender parses arbitrary app files, read from arbitrary directories,
