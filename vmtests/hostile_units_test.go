@@ -85,8 +85,14 @@ address = "/run/a.sock\nExecStartPre=/usr/bin/touch /run/pwned"
 	if err != nil || res.OK != 200 || res.Failed() != 0 {
 		t.Errorf("load through goodapp.socket: %v (err %v); want 200 ok, 0 failed", res, err)
 	}
-	if got := c.Property(t, "goodapp.service", "User"); got != "" {
-		t.Errorf("goodapp.service: User=%q; want none (DynamicUser=yes)", got)
+	if got := c.Property(t, "goodapp.service", "DynamicUser"); got != "yes" {
+		t.Errorf("goodapp.service: DynamicUser=%q; want yes", got)
+	}
+	// The dispatcher runs as the dynamic user, not as root.
+	if pid := c.Property(t, "goodapp.service", "MainPID"); pid == "0" {
+		t.Error("goodapp.service has no main process")
+	} else if uid := strings.TrimSpace(c.Run(t, "stat", "-c", "%u", "/proc/"+pid)); uid == "0" {
+		t.Errorf("goodapp.service's dispatcher (pid %s) runs as root", pid)
 	}
 	if res := c.Exec(t, "test", "-e", "/run/pwned"); res.Code == 0 {
 		t.Error("/run/pwned exists")
