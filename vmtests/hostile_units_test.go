@@ -97,4 +97,39 @@ address = "/run/a.sock\nExecStartPre=/usr/bin/touch /run/pwned"
 	if res := c.Exec(t, "test", "-e", "/run/pwned"); res.Code == 0 {
 		t.Error("/run/pwned exists")
 	}
+	testEscapedPath(t, c)
+}
+
+// testEscapedPath: an app file in a directory whose name holds '%', '$',
+// quotes, a backslash and a space reaches systemd as itself: SourcePath=
+// and the ExecStart= argument, as systemd parsed them, are the path (the
+// units are made with `cohort generate` into /run/systemd/system, as the
+// generator only reads /etc/cohort and the other search directories).
+func testEscapedPath(t *testing.T, c *Container) {
+	const dir = `/srv/100%n "q" $HOME\d`
+	const path = dir + "/pct.toml"
+	t.Cleanup(func() {
+		c.Exec(t, "rm", "-rf", dir, "/run/systemd/system/pct.service", "/run/systemd/system/pct.socket")
+		c.Exec(t, "systemctl", "daemon-reload")
+	})
+	c.WriteFile(t, path, []byte(fmt.Sprintf("command = [\"/bin/true\"]\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:%d\"\n", FreePort(t))), 0o644)
+	c.Run(t, "cohort", "generate", "--dir", "/run/systemd/system", path)
+	c.Run(t, "systemctl", "daemon-reload")
+	for _, u := range []string{"pct.socket", "pct.service"} {
+		if got := c.Property(t, u, "SourcePath"); got != path {
+			t.Errorf("%s: SourcePath=%q; want %q", u, got, path)
+		}
+	}
+	// ExecStart={ path=… ; argv[]=/usr/bin/cohort dispatch <path> ; … }:
+	// how systemctl prints argv (quoted or not, "$$" before exec-time
+	// expansion) varies between releases, so check what a specifier
+	// expansion would change.
+	exec := c.Property(t, "pct.service", "ExecStart")
+	t.Logf("pct.service: ExecStart=%s", exec)
+	if !strings.Contains(exec, "argv[]=/usr/bin/cohort dispatch ") || !strings.Contains(exec, "/srv/100%n ") || strings.Contains(exec, "%%") || !strings.Contains(exec, "pct.toml") {
+		t.Errorf("pct.service: ExecStart=%s; want argv[] = /usr/bin/cohort dispatch %s", exec, path)
+	}
+	if res := c.Exec(t, "systemd-analyze", "verify", "--man=no", "/run/systemd/system/pct.socket", "/run/systemd/system/pct.service"); res.Code != 0 || strings.TrimSpace(res.Stderr) != "" {
+		t.Errorf("systemd-analyze verify: %s", res)
+	}
 }
