@@ -18,7 +18,7 @@ import (
 func testHostileUnits(t *testing.T, c *Container) {
 	c.Watch(t, "goodapp.socket", "goodapp.service", "evil.socket", "evil.service")
 	t.Cleanup(func() {
-		c.Exec(t, "systemctl", "stop", "goodapp.socket", "goodapp-admin.socket", "goodapp.service")
+		c.Exec(t, "systemctl", "stop", "goodapp.socket", "goodapp-admin.socket", "goodapp.service", "evil.socket", "evil.service")
 		c.Exec(t, "rm", "-f", "/etc/cohort/goodapp.toml", "/etc/cohort/evil.toml", "/run/pwned")
 		c.Exec(t, "systemctl", "daemon-reload")
 	})
