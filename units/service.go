@@ -53,9 +53,9 @@ func (s *Service) Render() (File, error) {
 
 	o.add("Service", "Type", "notify")
 	o.add("Service", "NotifyAccess", "main")
-	o.addCommand("Service", "ExecStart", s.ExecStart)
+	o.addCommand("Service", "ExecStart", "", s.ExecStart)
 	if len(s.ExecReload) > 0 {
-		o.addCommand("Service", "ExecReload", s.ExecReload)
+		o.addCommand("Service", "ExecReload", "", s.ExecReload)
 	}
 	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
 	// gracefully; stragglers get SIGKILL from systemd at the end.

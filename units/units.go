@@ -171,15 +171,26 @@ func (o *options) addUnit(section, key, name string) {
 	o.add(section, key, name)
 }
 
-// addCommand writes argv as a command line (QuoteCommand): argv[0] must be
-// an absolute path, so that no systemd prefix ("-", "@", "+", "!", ":")
-// can be read into it.
-func (o *options) addCommand(section, key string, argv []string) {
-	if (len(argv) == 0 || !strings.HasPrefix(argv[0], "/")) && o.err == nil {
+// addCommand writes argv as a command line (QuoteCommand) after prefix,
+// one of systemd's executable prefixes ("+" runs with full privileges,
+// "-" ignores failure; systemd.service(5)) or "". argv[0] must be an
+// absolute path, so that no other prefix can be read into it. Do not pass
+// a QuoteCommand result to add: it would escape '%' twice.
+func (o *options) addCommand(section, key, prefix string, argv []string) {
+	if o.err != nil {
+		return
+	}
+	switch {
+	case !commandPrefixes[prefix]:
+		o.err = fmt.Errorf("[%s] %s=: %q is not an executable prefix cohort uses", section, key, prefix)
+	case len(argv) == 0 || !strings.HasPrefix(argv[0], "/"):
 		o.err = fmt.Errorf("[%s] %s=: the program %q must be an absolute path", section, key, argv)
 	}
-	o.put(section, key, QuoteCommand(argv))
+	o.put(section, key, prefix+QuoteCommand(argv))
 }
+
+// commandPrefixes are the executable prefixes addCommand accepts.
+var commandPrefixes = map[string]bool{"": true, "+": true, "-": true, "-+": true}
 
 // addVerbatim writes pass-through directives as the app file gave them:
 // specifiers are the user's to use, but the value is still checked.
