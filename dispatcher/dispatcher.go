@@ -258,6 +258,9 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		return nil, fmt.Errorf("app %s: %w", app.Name, err)
 	}
 	d.env = env
+	if err := checkSpawnable(app, env); err != nil {
+		return nil, fmt.Errorf("app %s: %w", app.Name, err)
+	}
 	cwd := d.dir
 	if cwd == "" {
 		if cwd, err = os.Getwd(); err != nil {
@@ -344,7 +347,7 @@ func (d *dispatcher) open() error {
 		}
 		d.tempDir = dir
 	}
-	d.notifyPath = filepath.Join(dir, fmt.Sprintf("notify-%d-%08x.sock", os.Getpid(), rand.Uint32()))
+	d.notifyPath = filepath.Join(dir, notifyName(os.Getpid(), rand.Uint32()))
 	if len(d.notifyPath) > 107 {
 		return fmt.Errorf("notify socket path %s: longer than 107 bytes", d.notifyPath)
 	}

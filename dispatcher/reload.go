@@ -461,6 +461,9 @@ func (d *dispatcher) loadSpec() (spec, error) {
 	if err != nil {
 		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
 	}
+	if err := checkSpawnable(app, env); err != nil {
+		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
+	}
 	cwd := app.WorkingDirectory
 	if cwd == "" {
 		if cwd, err = os.Getwd(); err != nil {

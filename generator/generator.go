@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -99,7 +100,11 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		} else {
 			s.PartOf = socketNames[0]
 		}
-		out.Files = append(out.Files, s.Render())
+		f, err := s.Render()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", app.Path, err)
+		}
+		out.Files = append(out.Files, f)
 	}
 
 	workers := workersText(app.Workers)
@@ -118,8 +123,8 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		// The dispatcher reports READY=1 after ready_timeout at the latest,
 		// and kills workers after stop_timeout: systemd waits a little
 		// longer so that it never cuts the dispatcher short.
-		StartTimeout: app.ReadyTimeout + startMargin,
-		StopTimeout:  app.StopTimeout + stopMargin,
+		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
+		StopTimeout:  addMargin(app.StopTimeout, stopMargin),
 		Hardening:    app.Hardening,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
@@ -140,13 +145,24 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	svc.ExecReload = []string{cohort, "dispatch-reload", app.Path}
 	f, err := svc.Render()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", app.Path, err)
 	}
 	out.Files = append(out.Files, f)
 	if app.Enable {
 		out.Wants = socketNames
 	}
 	return out, nil
+}
+
+// addMargin is d + margin, saturating at the longest time.Duration: the
+// config bounds durations (config.MaxDuration), and an App built some other
+// way must not wrap around into a negative timeout that drops the
+// directive.
+func addMargin(d, margin time.Duration) time.Duration {
+	if d > math.MaxInt64-margin {
+		return math.MaxInt64
+	}
+	return d + margin
 }
 
 // Socket is one socket unit of an app: which listener it binds, for which

@@ -78,6 +78,11 @@ func cmdCheck(ctx context.Context, env *environment, args []string) int {
 	for _, path := range files {
 		app, err := config.ParseFile(path)
 		if err == nil {
+			// What depends on this host (a working_directory that
+			// does not exist): the generator does not check it.
+			err = config.CheckHost(app)
+		}
+		if err == nil {
 			_, err = generator.Render(app, generator.Options{})
 		}
 		if err != nil {

@@ -101,6 +101,10 @@ type App struct {
 	Unit    []Directive
 	Service []Directive
 	Socket  []Directive
+
+	// workingDirAt is where working_directory is written, for CheckHost;
+	// zero when it is not.
+	workingDirAt position
 }
 
 // Workers is the worker count: Auto means one per CPU the dispatcher may run
