@@ -22,7 +22,10 @@
 // added later) needs a peer outside the worker trees: root, `cohort
 // status`/`cohort scale` in an operator's shell, and the service's
 // ExecReload= (`cohort dispatch-reload`), which systemd forks and which is
-// therefore no descendant of the dispatcher. A peer whose place cannot be
+// therefore no descendant of the dispatcher. Root talking to a dispatcher
+// that is not root is outside without a walk: the workers run as the
+// dispatcher's uid and, in the generated units, can gain no other
+// (NoNewPrivileges=, no capabilities). A peer whose place cannot be
 // established (it exited before it was identified, its /proc entry
 // cannot be read, it is in another pid namespace) counts as a worker.
 //

@@ -54,6 +54,7 @@ func (f *fakeHandler) Scale(ctx context.Context, n int) error {
 	f.scaled = n
 	return nil
 }
+
 // scaledTo is the last scale request carried out.
 func (f *fakeHandler) scaledTo() int {
 	f.mu.Lock()
