@@ -272,6 +272,9 @@ func FuzzParseRequest(f *testing.F) {
 		if err != nil {
 			return
 		}
+		if req.ChangesState() != (req.Cmd != CmdStatus) {
+			t.Fatalf("%q: ChangesState = %v", req.Cmd, req.ChangesState())
+		}
 		switch req.Cmd {
 		case CmdStatus, CmdReload:
 		case CmdScale:
