@@ -20,7 +20,7 @@ if [ "$COHORT_WORKER" = 0 ] && [ "$COHORT_GENERATION" = 1 ]; then
 	out=$(cohort scale --socket "$sock" steer 1 2>&1); echo "steer: worker scale exit $? $out"
 	out=$(cohort dispatch-reload --socket "$sock" /etc/cohort/steer.toml 2>&1); echo "steer: worker reload exit $? $out"
 	out=$(sh -c 'cohort scale --socket "$1" steer 1 2>&1' sh "$sock"); echo "steer: grandchild scale exit $? $out"
-	( setsid sh -c 'sleep 1; out=$(cohort scale --socket "$1" steer 1 2>&1); echo "steer: orphan scale exit $? ppid $(ps -o ppid= -p $$ | tr -d " ") $out"' sh "$sock" & )
+	( setsid sh -c 'sleep 1; out=$(cohort scale --socket "$1" steer 1 2>&1); echo "steer: orphan scale exit $? ppid $(ps -o ppid= -p $$ | tr -d " ") $out"; touch /tmp/steer-done' sh "$sock" & )
 	cohort status --socket "$sock" steer >/dev/null 2>&1; echo "steer: worker status exit $?"
 fi
 if [ "$COHORT_WORKER" = 1 ]; then
@@ -29,10 +29,17 @@ fi
 exec /usr/local/lib/cohort-vmtest/cohort-hello
 `
 
-// hogScript opens 64 control connections, keeps every one that answers
+// hogScript waits for worker 0's attempts, opens 64 control connections, keeps every one that answers
 // busy with a status request a second (so no idle bound frees it), and
 // says how many it holds.
 const hogScript = `import os, socket, sys, time
+# After worker 0's attempts (PrivateTmp= gives the service's processes
+# one /tmp of their own), so that they meet the permission check rather
+# than a full pool.
+for i in range(300):
+    if os.path.exists("/tmp/steer-done"):
+        break
+    time.sleep(0.1)
 held = []
 for i in range(64):
     s = socket.socket(socket.AF_UNIX)

@@ -173,10 +173,10 @@ func (s *Server) Serve(ctx context.Context, h Handler) error {
 			s.hangUp(conn, "permission denied: the control socket is for root and the service's user")
 			continue
 		}
-		if !s.acquire(p) {
+		if full := s.acquire(p); full != "" {
 			n := s.dropped.Add(1)
-			s.note(n, "control socket: no connection slot left for pid %d (%d dropped so far)", p.pid, n)
-			s.hangUp(conn, fmt.Sprintf("too many control connections (pid %d may hold %d)", p.pid, maxPerPeer))
+			s.note(n, "control socket: no connection slot for pid %d: %s (%d dropped so far)", p.pid, full, n)
+			s.hangUp(conn, "too many control connections: "+full)
 			continue
 		}
 		wg.Add(1)
@@ -204,29 +204,32 @@ func (s *Server) hangUp(conn *net.UnixConn, msg string) {
 	conn.Close()
 }
 
-// acquire takes a connection slot for p, or reports that p may not have
-// one now.
-func (s *Server) acquire(p peer) bool {
+// acquire takes a connection slot for p, or says which bound p would
+// exceed.
+func (s *Server) acquire(p peer) (full string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	k := peerKey{p.worker, p.key}
 	if s.per[k] >= maxPerPeer {
-		return false
+		if p.worker && p.key != p.pid {
+			return fmt.Sprintf("the process tree of worker pid %d holds %d", p.key, maxPerPeer)
+		}
+		return fmt.Sprintf("pid %d holds %d", p.pid, maxPerPeer)
 	}
 	switch {
 	case p.worker:
 		if s.conns.workers >= maxWorkerConns {
-			return false
+			return fmt.Sprintf("the workers' processes hold %d, all they may (pid %d is one: %s)", maxWorkerConns, p.pid, p.why)
 		}
 		s.conns.workers++
 	default:
 		if s.conns.operators >= maxOperatorConns && !(p.uid == 0 && s.conns.operators < maxOperatorConns+rootReserve) {
-			return false
+			return fmt.Sprintf("%d are open", s.conns.operators)
 		}
 		s.conns.operators++
 	}
 	s.per[k]++
-	return true
+	return ""
 }
 
 func (s *Server) release(p peer) {
