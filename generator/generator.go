@@ -38,6 +38,13 @@ const (
 	stopMargin  = 10 * time.Second
 )
 
+// MaxAppUnitBytes bounds what the units of one app may hold in all. Every
+// socket unit repeats the [unit] and [socket] pass-through directives, so
+// in reuseport mode a file within config's limits could still render to a
+// gigabyte; Render stops at this budget instead, keeping the generator's
+// memory bounded whatever the file holds.
+const MaxAppUnitBytes = 8 << 20
+
 // Options says where the generator looks.
 type Options struct {
 	CohortPath string   // the binary in ExecStart=; DefaultCohortPath when empty
@@ -72,6 +79,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	}
 
 	out := &Units{}
+	size := 0
 	for i, sock := range sockets {
 		l := sock.Listener
 		s := &units.Socket{
@@ -99,7 +107,11 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		} else {
 			s.PartOf = socketNames[0]
 		}
-		out.Files = append(out.Files, s.Render())
+		f := s.Render()
+		if size += len(f.Content); size > MaxAppUnitBytes {
+			return nil, fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units × the [unit] and [socket] directives); fewer workers, listeners or directives", app.Path, MaxAppUnitBytes, len(sockets))
+		}
+		out.Files = append(out.Files, f)
 	}
 
 	workers := workersText(app.Workers)
@@ -186,6 +198,10 @@ func Sockets(app *config.App, cpus int) ([]Socket, error) {
 		cpus = n
 	}
 	n := app.Workers.Count(cpus)
+	if n*len(app.Listen) > config.MaxReusePortSockets {
+		return nil, fmt.Errorf("%s: mode = \"reuseport\" writes one socket unit per worker and listener: workers = \"auto\" is %d CPUs here × %d listeners = %d, more than %d; set workers",
+			app.Path, n, len(app.Listen), n*len(app.Listen), config.MaxReusePortSockets)
+	}
 	out := make([]Socket, 0, n*len(app.Listen))
 	for _, l := range app.Listen {
 		for i := range n {

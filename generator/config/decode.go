@@ -44,31 +44,50 @@ func Parse(path string, data []byte) (*App, error) {
 	app := New(AppName(path))
 	app.Path = path
 
+	// The decoder's cost grows faster than the file with nesting and
+	// dotted keys: refuse such shapes before it runs.
+	if err := checkShape(path, data); err != nil {
+		return nil, Errors{err}
+	}
 	var raw map[string]any
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			d.errs = append(d.errs, &Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
+			d.add(&Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
 		} else {
-			d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
+			d.add(&Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
 		}
 		return nil, d.errs
 	}
 	d.idx = locate(string(data))
 
 	if err := CheckAppName(app.Name); err != nil {
-		d.errs = append(d.errs, &Error{File: path, Msg: err.Error()})
+		d.add(&Error{File: path, Msg: err.Error()})
 	}
 	d.app(raw, app)
 	d.validate(app)
 	if len(d.errs) > 0 {
-		sort.SliceStable(d.errs, func(i, j int) bool {
-			a, b := d.errs[i], d.errs[j]
-			return a.Line < b.Line || a.Line == b.Line && a.Col < b.Col
-		})
-		return nil, d.errs
+		return nil, d.report()
 	}
 	return app, nil
+}
+
+// MaxErrors is how many errors of one file are reported, the first in file
+// order; one more line counts the rest ("… and N more errors"). A file of
+// 10,000 unknown keys then costs neither 10,000 suggestions nor 10,000 log
+// lines.
+const MaxErrors = 20
+
+// report returns the errors kept, plus one that counts the others.
+func (d *decoder) report() Errors {
+	if d.dropped == 0 {
+		return d.errs
+	}
+	noun := "errors"
+	if d.dropped == 1 {
+		noun = "error"
+	}
+	return append(d.errs, &Error{File: d.file, Msg: fmt.Sprintf("… and %d more %s", d.dropped, noun)})
 }
 
 // AppName is the app name for an app file: its base name without ".toml".
@@ -97,9 +116,41 @@ func CheckAppName(name string) error {
 }
 
 type decoder struct {
-	file string
-	idx  keyIndex
-	errs Errors
+	file    string
+	idx     keyIndex
+	errs    Errors // the first MaxErrors by position, sorted
+	dropped int    // errors found but not kept
+}
+
+// keeps reports whether an error at p would be among the first MaxErrors
+// of the file; when not, it counts it as dropped, and the caller need not
+// build it.
+func (d *decoder) keeps(p position) bool {
+	if len(d.errs) < MaxErrors {
+		return true
+	}
+	last := d.errs[len(d.errs)-1]
+	if p.line < last.Line || p.line == last.Line && p.col < last.Col {
+		return true
+	}
+	d.dropped++
+	return false
+}
+
+// add inserts e in position order, after any at the same position, and
+// drops the last error when more than MaxErrors are kept.
+func (d *decoder) add(e *Error) {
+	i := sort.Search(len(d.errs), func(i int) bool {
+		o := d.errs[i]
+		return o.Line > e.Line || o.Line == e.Line && o.Col > e.Col
+	})
+	d.errs = append(d.errs, nil)
+	copy(d.errs[i+1:], d.errs[i:])
+	d.errs[i] = e
+	if len(d.errs) > MaxErrors {
+		d.errs = d.errs[:MaxErrors]
+		d.dropped++
+	}
 }
 
 // label is how a key is named in a message: its path, less any array
@@ -117,7 +168,10 @@ func label(path string) string {
 // errorAt records an error about the key at path.
 func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 	p := d.idx.at(path)
-	d.errs = append(d.errs, &Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
+	if !d.keeps(p) {
+		return
+	}
+	d.add(&Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
 }
 
 // The keys of each table, for unknown-key suggestions.
@@ -148,6 +202,9 @@ func (d *decoder) sortedKeys(prefix string, m map[string]any) []string {
 }
 
 func (d *decoder) unknown(path, key string, known []string) {
+	if p := d.idx.at(path); !d.keeps(p) {
+		return // not worth a suggestion
+	}
 	d.errorAt(path, suggest(key, known), "unknown key %q", key)
 }
 
@@ -442,6 +499,10 @@ func (d *decoder) listeners(path string, v any) []Listener {
 		d.errorAt(path, "", "listen: want [[listen]] tables, got %s", typeName(v))
 		return nil
 	}
+	if len(tables) > MaxListeners {
+		d.errorAt(fmt.Sprintf("%s.%d", path, MaxListeners), "", "listen: more than %d listeners", MaxListeners)
+		tables = tables[:MaxListeners]
+	}
 	out := make([]Listener, 0, len(tables))
 	for i, t := range tables {
 		out = append(out, d.listener(fmt.Sprintf("%s.%d", path, i), t))
@@ -671,6 +732,10 @@ func (d *decoder) directives(section string, v any) []Directive {
 			values = list
 		}
 		for _, val := range values {
+			if len(out) == MaxDirectives {
+				d.errorAt(kp, "", "[%s]: more than %d directives", section, MaxDirectives)
+				return out
+			}
 			s, ok := directiveValue(val)
 			if !ok {
 				d.errorAt(kp, "", "[%s] %s: want a string, number, boolean or an array of them, got %s", section, k, typeName(val))
