@@ -73,6 +73,12 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Every socket unit repeats the [unit] and [socket] directives:
+	// refuse before rendering what would pass the budget anyway.
+	perSocket := directiveBytes(app.Unit) + directiveBytes(app.Socket)
+	if n := len(sockets) * perSocket; n > MaxAppUnitBytes {
+		return nil, unitBudgetError(app, len(sockets))
+	}
 	socketNames := make([]string, len(sockets))
 	for i, s := range sockets {
 		socketNames[i] = s.Unit
@@ -109,7 +115,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		}
 		f := s.Render()
 		if size += len(f.Content); size > MaxAppUnitBytes {
-			return nil, fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units × the [unit] and [socket] directives); fewer workers, listeners or directives", app.Path, MaxAppUnitBytes, len(sockets))
+			return nil, unitBudgetError(app, len(sockets))
 		}
 		out.Files = append(out.Files, f)
 	}
@@ -244,6 +250,20 @@ func workersText(w config.Workers) string {
 		return "auto"
 	}
 	return fmt.Sprint(w.N)
+}
+
+func unitBudgetError(app *config.App, sockets int) error {
+	return fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units, each with the [unit] and [socket] directives); use fewer workers, listeners or directives",
+		app.Path, MaxAppUnitBytes, sockets)
+}
+
+// directiveBytes is what ds adds to a unit file, at least.
+func directiveBytes(ds []config.Directive) int {
+	n := 0
+	for _, d := range ds {
+		n += len(d.Key) + len(d.Value) + 2 // "=" and "\n"
+	}
+	return n
 }
 
 func options(ds []config.Directive) []units.Option {
