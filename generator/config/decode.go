@@ -23,18 +23,35 @@ import (
 // units (SourcePath=, ExecStart=) and a dispatcher started elsewhere must
 // find it again.
 func ParseFile(path string) (*App, error) {
+	app, _, err := ParseFileSource(path)
+	return app, err
+}
+
+// ParseFileSource is ParseFile that also returns the bytes it read (nil when
+// it could not read them), for a caller that maps later findings about the
+// App back to the file with Position.
+func ParseFileSource(path string) (*App, []byte, error) {
 	data, err := ReadRegularFile(path, MaxFileSize)
 	if err != nil {
-		return nil, fmt.Errorf("read app file: %w", err)
+		return nil, nil, fmt.Errorf("read app file: %w", err)
 	}
 	app, err := Parse(path, data)
 	if err != nil {
-		return nil, err
+		return nil, data, err
 	}
 	if app.Path, err = filepath.Abs(path); err != nil {
-		return nil, fmt.Errorf("app file %s: %w", path, err)
+		return nil, data, fmt.Errorf("app file %s: %w", path, err)
 	}
-	return app, nil
+	return app, data, nil
+}
+
+// Position returns where the key at path is written in src, an app file
+// that Parse accepted: path is dotted, with array items by index
+// ("service.MemoryMax", "command.0", "listen.1.address"). A key that is not
+// written gives the position of its closest written ancestor, or 1:1.
+func Position(src []byte, path string) (line, col int) {
+	p := locate(string(src)).at(path)
+	return p.line, p.col
 }
 
 // Parse validates the app file contents data, read from path. It never
