@@ -157,12 +157,11 @@ func TestGeneratorHostileFiles(t *testing.T) {
 		t.Errorf("exit = %v, want status 1 (files were skipped)", r.err)
 	}
 	// The CPU time is the figure that does not depend on how busy the
-	// machine is; the wall clock gets a looser bound for the same reason.
+	// machine is (the wall clock of a run on a shared 2-core machine
+	// varied from 0.19 s to 3.6 s); runGenerator's 10 s deadline catches
+	// a generator that blocks.
 	if r.cpu > 500*time.Millisecond {
 		t.Errorf("used %v of CPU, want well under a second", r.cpu)
-	}
-	if r.elapsed > 3*time.Second {
-		t.Errorf("took %v", r.elapsed)
 	}
 	if r.maxRSS > 64<<20 {
 		t.Errorf("peak RSS %d bytes, want at most 64 MB", r.maxRSS)
