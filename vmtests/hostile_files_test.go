@@ -46,6 +46,12 @@ ready = "notify"
 name = "http"
 address = "127.0.0.1:%d"
 `, worker, port)), 0o644)
+	// The baseline: daemon-reload with the good app alone, in the same
+	// container, so that the figure below can be read on a busy machine.
+	start := time.Now()
+	c.Run(t, "systemctl", "daemon-reload")
+	baseline := time.Since(start)
+
 	c.Run(t, "mkfifo", "/etc/cohort/hfifo.toml")
 	c.Run(t, "ln", "-s", "/dev/zero", "/etc/cohort/hzero.toml")
 	c.WriteFile(t, "/etc/cohort/hnest.toml", []byte("a = "+strings.Repeat("{b=", 8<<10)+"1"+strings.Repeat("}", 8<<10)+"\n"), 0o644)
@@ -61,15 +67,19 @@ address = "127.0.0.1:%d"
 	since := c.Run(t, "date", "+%Y-%m-%d %H:%M:%S")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	start := time.Now()
+	start = time.Now()
 	res, err := c.ExecContext(ctx, "systemctl", "daemon-reload")
 	took := time.Since(start)
 	if err != nil || res.Code != 0 {
 		t.Fatalf("systemctl daemon-reload with hostile files: %v %s (after %v)", err, res, took)
 	}
-	t.Logf("systemctl daemon-reload with a FIFO, a /dev/zero symlink, a nesting bomb, a dotted-key bomb and 1,000 unknown keys beside a good app: %v", took.Round(time.Millisecond))
-	if took > 5*time.Second {
-		t.Errorf("daemon-reload took %v; want a few seconds at most", took)
+	t.Logf("systemctl daemon-reload with a FIFO, a /dev/zero symlink, a nesting bomb, a dotted-key bomb and 1,000 unknown keys beside a good app: %v; with the good app alone: %v",
+		took.Round(time.Millisecond), baseline.Round(time.Millisecond))
+	// On 57c59ff the FIFO held daemon-reload until systemd killed the
+	// generator after 90 s. The bound leaves room for a busy machine,
+	// where even the baseline can take seconds.
+	if took > 15*time.Second {
+		t.Errorf("daemon-reload took %v (%v with the good app alone); want a few seconds", took, baseline)
 	}
 
 	for name, want := range hostile {
