@@ -70,7 +70,9 @@ func Parse(path string, data []byte) (*App, error) {
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			d.add(&Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
+			// The decoder gives no line for some errors at the end of
+			// the input (`"\` alone): say line 1 rather than none.
+			d.add(&Error{File: path, Line: max(pe.Position.Line, 1), Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
 		} else {
 			d.add(&Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
 		}

@@ -39,7 +39,9 @@ func TestParseRefusesShapes(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			start := time.Now()
 			_, err := Parse("/etc/cohort/web.toml", []byte(tt.src))
-			if elapsed := time.Since(start); elapsed > 100*time.Millisecond {
+			// On 57c59ff these took from 28 s to over 10 min; the
+			// bound leaves room for a busy machine.
+			if elapsed := time.Since(start); elapsed > 2*time.Second {
 				t.Errorf("took %v", elapsed)
 			}
 			if err == nil || err.Error() != tt.want {
