@@ -234,3 +234,24 @@ func BenchmarkGeneratorHostile(b *testing.B) {
 	b.ReportMetric(float64(rssHostile)/(1<<20), "MB-peak-hostile")
 	b.ReportMetric(float64(rssGood)/(1<<20), "MB-peak-good")
 }
+
+// TestSocketsAutoBound: workers = "auto" in reuseport mode is counted
+// against MaxReusePortSockets with the CPUs of this host, which the config
+// cannot know.
+func TestSocketsAutoBound(t *testing.T) {
+	app := config.New("web")
+	app.Path = "/etc/cohort/web.toml"
+	app.Mode = config.ModeReusePort
+	app.Listen = []config.Listener{
+		{Name: "http", Address: "127.0.0.1:8080", Kind: config.ListenTCP},
+		{Name: "admin", Address: "127.0.0.1:9000", Kind: config.ListenTCP},
+	}
+	if _, err := Sockets(app, 512); err != nil {
+		t.Errorf("512 CPUs × 2 listeners: %v", err)
+	}
+	_, err := Sockets(app, 513)
+	want := `/etc/cohort/web.toml: mode = "reuseport" writes one socket unit per worker and listener: workers = "auto" is 513 CPUs here × 2 listeners = 1026, more than 1024; set workers`
+	if err == nil || err.Error() != want {
+		t.Errorf("513 CPUs × 2 listeners: %v\nwant %s", err, want)
+	}
+}
