@@ -28,6 +28,8 @@ func TestSystemd(t *testing.T) {
 			t.Run("reload", func(t *testing.T) { testReload(t, c) })
 			t.Run("roundrobin", func(t *testing.T) { testRoundRobin(t, c) })
 			t.Run("reuseport", func(t *testing.T) { testReusePort(t, c) })
+			t.Run("hostilefiles", func(t *testing.T) { testHostileFiles(t, c) })
+			t.Run("checkhost", func(t *testing.T) { testCheckHost(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })

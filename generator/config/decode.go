@@ -23,18 +23,35 @@ import (
 // units (SourcePath=, ExecStart=) and a dispatcher started elsewhere must
 // find it again.
 func ParseFile(path string) (*App, error) {
+	app, _, err := ParseFileSource(path)
+	return app, err
+}
+
+// ParseFileSource is ParseFile that also returns the bytes it read (nil when
+// it could not read them), for a caller that maps later findings about the
+// App back to the file with Position.
+func ParseFileSource(path string) (*App, []byte, error) {
 	data, err := ReadRegularFile(path, MaxFileSize)
 	if err != nil {
-		return nil, fmt.Errorf("read app file: %w", err)
+		return nil, nil, fmt.Errorf("read app file: %w", err)
 	}
 	app, err := Parse(path, data)
 	if err != nil {
-		return nil, err
+		return nil, data, err
 	}
 	if app.Path, err = filepath.Abs(path); err != nil {
-		return nil, fmt.Errorf("app file %s: %w", path, err)
+		return nil, data, fmt.Errorf("app file %s: %w", path, err)
 	}
-	return app, nil
+	return app, data, nil
+}
+
+// Position returns where the key at path is written in src, an app file
+// that Parse accepted: path is dotted, with array items by index
+// ("service.MemoryMax", "command.0", "listen.1.address"). A key that is not
+// written gives the position of its closest written ancestor, or 1:1.
+func Position(src []byte, path string) (line, col int) {
+	p := locate(string(src)).at(path)
+	return p.line, p.col
 }
 
 // Parse validates the app file contents data, read from path. It never
@@ -44,36 +61,57 @@ func Parse(path string, data []byte) (*App, error) {
 	app := New(AppName(path))
 	app.Path = path
 
+	// The decoder's cost grows faster than the file with nesting and
+	// dotted keys: refuse such shapes before it runs.
+	if err := checkShape(path, data); err != nil {
+		return nil, Errors{err}
+	}
 	var raw map[string]any
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			d.errs = append(d.errs, &Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
+			// The decoder gives no line for some errors at the end of
+			// the input (`"\` alone): say line 1 rather than none.
+			d.add(&Error{File: path, Line: max(pe.Position.Line, 1), Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
 		} else {
-			d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
+			d.add(&Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
 		}
 		return nil, d.errs
 	}
 	d.idx = locate(string(data))
 
 	if err := CheckAppName(app.Name); err != nil {
-		d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: err.Error()})
+		d.add(&Error{File: path, Line: 1, Col: 1, Msg: err.Error()})
 	}
 	if why := badText(path, lineText); why != "" {
 		// The path goes into SourcePath=, the units' header comment and
 		// ExecStart=: a directory named "d\nExecStartPre=…" must not.
-		d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: "the app file's path " + why})
+		d.add(&Error{File: path, Line: 1, Col: 1, Msg: "the app file's path " + why})
 	}
 	d.app(raw, app)
 	d.validate(app)
 	if len(d.errs) > 0 {
-		sort.SliceStable(d.errs, func(i, j int) bool {
-			a, b := d.errs[i], d.errs[j]
-			return a.Line < b.Line || a.Line == b.Line && a.Col < b.Col
-		})
-		return nil, d.errs
+		return nil, d.report()
 	}
 	return app, nil
+}
+
+// MaxErrors is how many errors of one file are reported, the first in file
+// order; one more line counts the rest ("… and N more errors"). A file of
+// 10,000 unknown keys then costs neither 10,000 suggestions nor 10,000 log
+// lines.
+const MaxErrors = 20
+
+// report returns the errors kept, plus one that counts the others.
+func (d *decoder) report() Errors {
+	if d.dropped == 0 {
+		return d.errs
+	}
+	noun := "errors"
+	if d.dropped == 1 {
+		noun = "error"
+	}
+	return append(d.errs, &Error{File: d.file, Msg: fmt.Sprintf("… and %d more %s", d.dropped, noun)})
 }
 
 // AppName is the app name for an app file: its base name without ".toml".
@@ -125,9 +163,41 @@ func CheckAppName(name string) error {
 }
 
 type decoder struct {
-	file string
-	idx  keyIndex
-	errs Errors
+	file    string
+	idx     keyIndex
+	errs    Errors // the first MaxErrors by position, sorted
+	dropped int    // errors found but not kept
+}
+
+// keeps reports whether an error at p would be among the first MaxErrors
+// of the file; when not, it counts it as dropped, and the caller need not
+// build it.
+func (d *decoder) keeps(p position) bool {
+	if len(d.errs) < MaxErrors {
+		return true
+	}
+	last := d.errs[len(d.errs)-1]
+	if p.line < last.Line || p.line == last.Line && p.col < last.Col {
+		return true
+	}
+	d.dropped++
+	return false
+}
+
+// add inserts e in position order, after any at the same position, and
+// drops the last error when more than MaxErrors are kept.
+func (d *decoder) add(e *Error) {
+	i := sort.Search(len(d.errs), func(i int) bool {
+		o := d.errs[i]
+		return o.Line > e.Line || o.Line == e.Line && o.Col > e.Col
+	})
+	d.errs = append(d.errs, nil)
+	copy(d.errs[i+1:], d.errs[i:])
+	d.errs[i] = e
+	if len(d.errs) > MaxErrors {
+		d.errs = d.errs[:MaxErrors]
+		d.dropped++
+	}
 }
 
 // label is how a key is named in a message: its path, less any array
@@ -145,7 +215,10 @@ func label(path string) string {
 // errorAt records an error about the key at path.
 func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 	p := d.idx.at(path)
-	d.errs = append(d.errs, &Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
+	if !d.keeps(p) {
+		return
+	}
+	d.add(&Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
 }
 
 // The keys of each table, for unknown-key suggestions.
@@ -176,6 +249,9 @@ func (d *decoder) sortedKeys(prefix string, m map[string]any) []string {
 }
 
 func (d *decoder) unknown(path, key string, known []string) {
+	if p := d.idx.at(path); !d.keeps(p) {
+		return // not worth a suggestion
+	}
 	d.errorAt(path, suggest(key, known), "unknown key %q", key)
 }
 
@@ -500,6 +576,10 @@ func (d *decoder) listeners(path string, v any) []Listener {
 		d.errorAt(path, "", "listen: want [[listen]] tables, got %s", typeName(v))
 		return nil
 	}
+	if len(tables) > MaxListeners {
+		d.errorAt(fmt.Sprintf("%s.%d", path, MaxListeners), "", "listen: more than %d listeners", MaxListeners)
+		tables = tables[:MaxListeners]
+	}
 	out := make([]Listener, 0, len(tables))
 	for i, t := range tables {
 		out = append(out, d.listener(fmt.Sprintf("%s.%d", path, i), t))
@@ -747,6 +827,10 @@ func (d *decoder) directives(section string, v any) []Directive {
 			values = list
 		}
 		for _, val := range values {
+			if len(out) == MaxDirectives {
+				d.errorAt(kp, "", "[%s]: more than %d directives", section, MaxDirectives)
+				return out
+			}
 			s, ok := directiveValue(val)
 			if !ok {
 				d.errorAt(kp, "", "[%s] %s: want a string, number, boolean or an array of them, got %s", section, k, typeName(val))

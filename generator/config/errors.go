@@ -59,6 +59,11 @@ func (es Errors) Unwrap() []error {
 	return out
 }
 
+// Suggest returns the candidate closest to word by edit distance, when it
+// is close enough to be a plausible typo, else "": the rule behind every
+// "did you mean" of cohort.
+func Suggest(word string, candidates []string) string { return suggest(word, candidates) }
+
 // suggest returns the candidate closest to word by edit distance, when it is
 // close enough to be a plausible typo, else "".
 func suggest(word string, candidates []string) string {

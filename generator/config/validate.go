@@ -77,6 +77,11 @@ func (d *decoder) validate(app *App) {
 // listener once per worker, which only TCP allows (a unix socket path or
 // abstract name can be bound once).
 func (d *decoder) checkReusePort(app *App) {
+	if n := app.Workers.N * len(app.Listen); !app.Workers.Auto && n > MaxReusePortSockets {
+		d.errorAt("workers", "",
+			"mode = \"reuseport\" writes one socket unit per worker and listener: %d workers × %d listeners = %d, more than %d",
+			app.Workers.N, len(app.Listen), n, MaxReusePortSockets)
+	}
 	for i, l := range app.Listen {
 		if l.Kind == ListenUnix || l.Kind == ListenAbstract {
 			d.errorAt(fmt.Sprintf("listen.%d.address", i), "",
