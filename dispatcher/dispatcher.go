@@ -84,6 +84,11 @@ type Options struct {
 	// Load re-reads the app for a reload (SIGHUP or the control socket);
 	// nil re-reads App.Path, or reuses App when it has no Path.
 	Load func() (*config.App, error)
+	// LoadTimeout bounds a reload's reading of the app: Load, the
+	// environment files, the command's lookup. A reload that takes longer
+	// fails and the old workers keep serving; the read goes on off the
+	// supervision loop, which never waits for it. Zero means 10s.
+	LoadTimeout time.Duration
 	// JournalSocket is journald's native socket, for Journal; ""
 	// means /run/systemd/journal/socket.
 	JournalSocket string
@@ -175,6 +180,7 @@ type dispatcher struct {
 	wg       sync.WaitGroup  // every goroutine Run started
 	notifyCh chan notifyMsg
 	execCh   chan execResult
+	loadCh   chan loadResult // a reload's app file, read off the loop (load.go)
 
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
@@ -233,6 +239,7 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		gen:      1,
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
+		loadCh:   make(chan loadResult),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
 	}
@@ -427,6 +434,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			}
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
+		case res := <-d.loadCh:
+			d.onLoaded(res, time.Now())
 		case <-timer.C:
 		case <-done:
 			done = nil
