@@ -115,9 +115,13 @@ func Run(ctx context.Context, opt Options) error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 
-	// SIGCHLD before the first fork, so no exit goes unnoticed.
+	// SIGCHLD before the first fork, so no exit goes unnoticed. SIGPIPE:
+	// a reader of stdout or stderr that goes away (cohort run | head -1)
+	// must not kill the dispatcher and its workers; the write fails with
+	// EPIPE instead (stream.go). Handled rather than ignored, so workers
+	// do not inherit SIG_IGN.
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGCHLD)
+	signal.Notify(sigs, syscall.SIGCHLD, syscall.SIGPIPE)
 	if opt.HandleSignals {
 		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	}
@@ -205,7 +209,7 @@ type execResult struct {
 	err string
 }
 
-func newDispatcher(opt Options) (*dispatcher, error) {
+func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	app := opt.App
 	if app == nil {
 		return nil, errors.New("dispatcher: no app")
@@ -246,16 +250,22 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
-	d.out = &output{app: app.Name, stdout: opt.Stdout, stderr: opt.Stderr, journal: opt.Journal}
+	stdout, stderr := opt.Stdout, opt.Stderr
+	if stdout == nil {
+		stdout = os.Stdout
+	}
+	if stderr == nil {
+		stderr = os.Stderr
+	}
+	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
 	if opt.Journal {
 		d.out.jw = newJournalSender(opt.JournalSocket)
 	}
-	if d.out.stdout == nil {
-		d.out.stdout = os.Stdout
-	}
-	if d.out.stderr == nil {
-		d.out.stderr = os.Stderr
-	}
+	defer func() {
+		if err != nil {
+			d.out.close()
+		}
+	}()
 	inherited := opt.Environ
 	if inherited == nil {
 		inherited = os.Environ()
@@ -377,6 +387,7 @@ func (d *dispatcher) close() {
 	if d.devnull != nil {
 		d.devnull.Close()
 	}
+	d.out.close()
 	if d.out.jw != nil {
 		d.out.jw.close()
 	}
@@ -410,6 +421,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			switch sig {
 			case syscall.SIGCHLD:
 				d.reap()
+			case syscall.SIGPIPE:
+				// A write failed with EPIPE; the stream says so.
 			case syscall.SIGHUP:
 				d.startReload("SIGHUP", time.Now(), nil)
 			default:
