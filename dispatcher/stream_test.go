@@ -66,7 +66,9 @@ func TestOutputPipeNobodyReads(t *testing.T) {
 	rec.wait(t, &from, 5*time.Second, "exit of the killed worker", func(e Event) bool { return e.Kind == WorkerExited && e.PID == st.Workers[1].PID })
 	rec.wait(t, &from, 5*time.Second, "its restart", func(e Event) bool { return e.Kind == WorkerStarted && e.Worker == 1 })
 	status()
-	waitFor(t, 20*time.Second, "lines dropped", func() bool { return strings.Contains(logs.String(), "stdout is not draining: dropping lines of worker") })
+	waitFor(t, 20*time.Second, "lines dropped", func() bool {
+		return strings.Contains(logs.String(), "stdout is not draining: dropping lines of worker")
+	})
 
 	start := time.Now()
 	if err := stop(); err != nil {
