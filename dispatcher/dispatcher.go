@@ -84,6 +84,13 @@ type Options struct {
 	// Load re-reads the app for a reload (SIGHUP or the control socket);
 	// nil re-reads App.Path, or reuses App when it has no Path.
 	Load func() (*config.App, error)
+	// Subreaper makes the process a child subreaper, so that what a
+	// worker forks and leaves behind (a double-forked setsid daemon) is
+	// reparented to it and killed once its worker has exited (see
+	// orphans.go). Set it only when Run owns every child of the process:
+	// Run then reaps any child that exits, and kills at its end any child
+	// left.
+	Subreaper bool
 	// LoadTimeout bounds a reload's reading of the app: Load, the
 	// environment files, the command's lookup. A reload that takes longer
 	// fails and the old workers keep serving; the read goes on off the
@@ -127,6 +134,12 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	defer signal.Stop(sigs)
 
+	if opt.Subreaper {
+		if err := setSubreaper(); err != nil {
+			d.out.close()
+			return fmt.Errorf("app %s: %w", d.app.Name, err)
+		}
+	}
 	if err := d.open(); err != nil {
 		d.close()
 		return err
@@ -189,7 +202,8 @@ type dispatcher struct {
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
 
-	ctl ctlState // reloads and control requests (reload.go, control.go)
+	ctl  ctlState    // reloads and control requests (reload.go, control.go)
+	orph orphanState // with Options.Subreaper (orphans.go)
 
 	// Toward systemd.
 	started       time.Time
@@ -246,6 +260,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		loadCh:   make(chan loadResult),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
+		orph:     orphanState{killed: map[int]bool{}},
 	}
 	if d.self == "" {
 		d.self = "/proc/self/exe"
@@ -463,6 +478,9 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.report(now)
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
+			if d.opt.Subreaper {
+				d.endOrphans(2 * time.Second)
+			}
 			return nil
 		}
 		timer.Reset(d.nextDeadline(now).Sub(now))
@@ -488,6 +506,10 @@ func (d *dispatcher) stop(why string) {
 // (while its pid cannot be reused) what is left of its process group is
 // killed.
 func (d *dispatcher) reap() {
+	if d.opt.Subreaper {
+		d.reapAll() // orphans.go
+		return
+	}
 	for pid, w := range d.procs {
 		var info unix.Siginfo
 		if err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); err != nil || info.Signo == 0 {

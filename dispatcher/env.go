@@ -25,6 +25,7 @@ var privateEnv = map[string]bool{
 	"JOURNAL_STREAM":      true, // the workers' stdout is a pipe to the dispatcher
 	"SYSTEMD_EXEC_PID":    true,
 	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
+	WorkerPIDEnv:          true, // the trampoline sets each worker's own
 }
 
 // baseEnv is the environment every worker of app starts from: inherited

@@ -174,7 +174,8 @@ func helperDispatcher() int {
 	os.Unsetenv("COHORT_TEST_APP")
 	os.Unsetenv("COHORT_TEST_HELPER")
 	files := activation.Files(true)
-	opt := Options{App: &app, HandleSignals: true}
+	// This process owns all its children: it may be their subreaper.
+	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
 	var err error
 	if app.Mode == config.ModeReusePort {
 		opt.SlotListeners, err = MatchSlotListeners(&app, files)
