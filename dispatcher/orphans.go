@@ -210,3 +210,44 @@ func readBounded(path string, limit int64) ([]byte, error) {
 	defer f.Close()
 	return io.ReadAll(io.LimitReader(f, limit))
 }
+
+// SetSubreaper makes the calling process a child subreaper
+// (PR_SET_CHILD_SUBREAPER): processes left by its descendants are
+// reparented to it instead of to init. See EndChildren.
+func SetSubreaper() error { return setSubreaper() }
+
+// EndChildren SIGKILLs every child of the calling process (with its
+// process group when it leads one) and reaps them, over and over as
+// their own children are reparented, until none is left or timeout
+// passes. It returns how many were killed. It is for a subreaper whose
+// job is done (cohort run's parent once the dispatcher has exited); the
+// caller must own every child of the process.
+func EndChildren(timeout time.Duration) int {
+	deadline := time.Now().Add(timeout)
+	killed := map[int]bool{}
+	for {
+		kids := children()
+		for _, pid := range kids {
+			if killed[pid] {
+				continue
+			}
+			killed[pid] = true
+			target := pid
+			if pgid, err := unix.Getpgid(pid); err == nil && pgid == pid {
+				target = -pid
+			}
+			unix.Kill(target, unix.SIGKILL)
+		}
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err != nil || pid <= 0 {
+				break
+			}
+		}
+		if len(kids) == 0 || time.Now().After(deadline) {
+			return len(killed)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
