@@ -53,8 +53,11 @@ type Options struct {
 	// os.TempDir() that Run removes.
 	RuntimeDir string
 
-	// Stdout receives worker output, one "[app.N] line" at a time; Stderr
-	// receives the dispatcher's own log lines. nil means os.Stdout and
+	// Stdout receives worker output, "[app.N] line"s, whole lines in
+	// each write; Stderr receives the dispatcher's own log lines. Each is
+	// written by a goroutine of its own from a bounded queue, so a writer
+	// that blocks never blocks supervision: lines it has no room for are
+	// dropped and counted on Stderr (stream.go). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
 	// Journal sends worker lines to the journal with COHORT_WORKER,

@@ -502,6 +502,9 @@ func (d *dispatcher) defaultLoad() (*config.App, error) {
 
 // replaceStatus is what the status line says about a replacement.
 func (d *dispatcher) replaceStatus() string {
+	if d.ctl.loading != nil {
+		return " · reloading: reading the app file"
+	}
 	if r := d.ctl.cur; r != nil && r.kind == kindReload {
 		return fmt.Sprintf(" · reloading: %d/%d replaced", r.replaced, r.total)
 	}
