@@ -241,3 +241,25 @@ func TestRunStdoutReaderGoes(t *testing.T) {
 		t.Errorf("exit code %d after SIGTERM, want 0 (%v)", code, p.cmd.ProcessState)
 	}
 }
+
+// TestRunStopLeavesNothing (issue 14.7): after `cohort run` stops on
+// SIGTERM, no setsid daemon of a worker keeps the port (at 57c59ff the
+// process group's SIGTERM missed it), and the exit status is 0.
+func TestRunStopLeavesNothing(t *testing.T) {
+	t.Parallel()
+	p := startCohortProc(t, nil, "--listen", "127.0.0.1:0", "--workers", "2", "--ready", "exec", "--", "/bin/sh", "-c", wrapperWorker)
+	port := p.port(t)
+	waitUntil(t, 20*time.Second, "7 holders of the port", func() bool { return len(listenHolders(t, port)) >= 7 })
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("cohort run did not stop on SIGTERM")
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0 (%v)", code, p.cmd.ProcessState)
+	}
+	if h := listenHolders(t, port); len(h) != 0 {
+		t.Errorf("holders of the port after cohort run stopped: %v", h)
+	}
+}
