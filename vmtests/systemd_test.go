@@ -34,6 +34,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })
 			t.Run("killdispatcher", func(t *testing.T) { testKillDispatcher(t, c) })
+			t.Run("escape", func(t *testing.T) { testEscape(t, c) })
 			t.Run("security", func(t *testing.T) { testSecurity(t, c) })
 			t.Run("hostileunits", func(t *testing.T) { testHostileUnits(t, c) })
 			t.Run("control", func(t *testing.T) { testControl(t, c) })
