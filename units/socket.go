@@ -30,21 +30,24 @@ type Socket struct {
 	ExtraSocket []Option
 }
 
-// Render returns the unit file.
-func (s *Socket) Render() File {
+// Render returns the unit file. It fails for any name or value that
+// options.put refuses (see the package doc).
+func (s *Socket) Render() (File, error) {
 	var o options
 	o.add("Unit", "Description", s.Description)
 	o.add("Unit", "Documentation", "man:cohort.toml(5)")
 	o.add("Unit", "SourcePath", s.SourcePath)
 	for _, w := range s.Wants {
-		o.add("Unit", "Wants", w)
+		o.addUnit("Unit", "Wants", w)
 	}
-	o.addIf(s.PartOf != "", "Unit", "PartOf", s.PartOf)
-	o.addAll("Unit", s.ExtraUnit)
+	if s.PartOf != "" {
+		o.addUnit("Unit", "PartOf", s.PartOf)
+	}
+	o.addVerbatim("Unit", s.ExtraUnit)
 
-	o.add("Socket", "ListenStream", EscapeSpecifiers(s.ListenStream))
+	o.add("Socket", "ListenStream", s.ListenStream)
 	o.add("Socket", "FileDescriptorName", s.FileDescriptorName)
-	o.add("Socket", "Service", s.Service)
+	o.addUnit("Socket", "Service", s.Service)
 	o.addIf(s.Backlog > 0, "Socket", "Backlog", strconv.Itoa(s.Backlog))
 	o.addIf(s.ReusePort, "Socket", "ReusePort", yesNo(true))
 	o.addIf(s.NoDelay, "Socket", "NoDelay", yesNo(true))
@@ -52,6 +55,6 @@ func (s *Socket) Render() File {
 	o.addIf(s.SocketUser != "", "Socket", "SocketUser", s.SocketUser)
 	o.addIf(s.SocketGroup != "", "Socket", "SocketGroup", s.SocketGroup)
 	o.addIf(s.SocketMode != 0, "Socket", "SocketMode", fmt.Sprintf("%04o", s.SocketMode))
-	o.addAll("Socket", s.ExtraSocket)
-	return render(s.Name, generatedHeader(s.SourcePath), o)
+	o.addVerbatim("Socket", s.ExtraSocket)
+	return render(s.Name, generatedHeader(s.SourcePath), &o)
 }

@@ -46,6 +46,7 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Stderr:        env.stderr,
 		Notify:        sdNotify,
 		HandleSignals: true,
+		Subreaper:     env.ownsChildren,
 	}
 	if app.Mode == config.ModeReusePort {
 		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
