@@ -90,6 +90,9 @@ func TestListeningReadiness(t *testing.T) {
 			}
 			return []string{self}
 		}, env: map[string]string{"COHORT_TEST_HELPER": "worker"}, answer: "worker=", how: "epoll"},
+		{name: "go-hello", command: func(t *testing.T) []string {
+			return []string{helloBinary(t)} // cohort's library: its READY=1 does not count here
+		}, answer: "hello from worker ", how: "epoll"},
 		{name: "gunicorn", command: func(t *testing.T) []string {
 			return []string{needGunicorn(t), "-m", "gunicorn", "--workers", "2",
 				"--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "ready"), "wsgi:app"}
