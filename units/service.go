@@ -13,9 +13,15 @@ type Service struct {
 	SourcePath  string   // the app file
 	Sockets     []string // socket units it requires and is ordered after
 	ExecStart   []string // argv of the dispatcher
+	// ExecStartPre is the argv of a command run before ExecStart= with
+	// full privileges (systemd's "+" prefix: as root, outside the
+	// sandbox and User=); nil renders none. The generator records the
+	// app's running configuration with it, which only root may write.
+	ExecStartPre []string
 	// ExecReload is the argv of the reload command, which must wait for
 	// the reload to finish and exit non-zero when it failed; nil renders
-	// no ExecReload=.
+	// no ExecReload=. It runs with full privileges ("+") like
+	// ExecStartPre, so that it can record the configuration it reloaded.
 	ExecReload []string
 	// User and Group run the dispatcher and its workers; an empty User
 	// means DynamicUser=yes.
@@ -49,8 +55,9 @@ func (s *Service) Render() (File, error) {
 
 	o.add("Service", "Type", "notify")
 	o.add("Service", "NotifyAccess", "main")
+	o.addIf(len(s.ExecStartPre) > 0, "Service", "ExecStartPre", Privileged(s.ExecStartPre))
 	o.add("Service", "ExecStart", QuoteCommand(s.ExecStart))
-	o.addIf(len(s.ExecReload) > 0, "Service", "ExecReload", QuoteCommand(s.ExecReload))
+	o.addIf(len(s.ExecReload) > 0, "Service", "ExecReload", Privileged(s.ExecReload))
 	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
 	// gracefully; stragglers get SIGKILL from systemd at the end.
 	o.add("Service", "KillMode", "mixed")

@@ -24,10 +24,15 @@ type Socket struct {
 	// Wants are the app's other socket units: starting the main socket
 	// starts them all. PartOf makes a secondary socket follow the main
 	// one on stop and restart.
-	Wants       []string
-	PartOf      string
-	ExtraUnit   []Option
-	ExtraSocket []Option
+	Wants  []string
+	PartOf string
+	// ExecStartPre and ExecStopPost are the argv of commands run before
+	// the socket is bound and after it was closed, with full privileges
+	// ("+"); nil renders none.
+	ExecStartPre []string
+	ExecStopPost []string
+	ExtraUnit    []Option
+	ExtraSocket  []Option
 }
 
 // Render returns the unit file.
@@ -52,6 +57,8 @@ func (s *Socket) Render() File {
 	o.addIf(s.SocketUser != "", "Socket", "SocketUser", s.SocketUser)
 	o.addIf(s.SocketGroup != "", "Socket", "SocketGroup", s.SocketGroup)
 	o.addIf(s.SocketMode != 0, "Socket", "SocketMode", fmt.Sprintf("%04o", s.SocketMode))
+	o.addIf(len(s.ExecStartPre) > 0, "Socket", "ExecStartPre", Privileged(s.ExecStartPre))
+	o.addIf(len(s.ExecStopPost) > 0, "Socket", "ExecStopPost", Privileged(s.ExecStopPost))
 	o.addAll("Socket", s.ExtraSocket)
 	return render(s.Name, generatedHeader(s.SourcePath), o)
 }

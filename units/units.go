@@ -104,3 +104,10 @@ func QuoteCommand(argv []string) string {
 	}
 	return strings.Join(words, " ")
 }
+
+// Privileged renders argv like QuoteCommand, with systemd's "+" prefix:
+// the command runs with full privileges, as root and outside the unit's
+// sandbox, whatever User= and the hardening directives say.
+func Privileged(argv []string) string {
+	return "+" + QuoteCommand(argv)
+}
