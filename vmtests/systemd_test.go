@@ -30,6 +30,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("reuseport", func(t *testing.T) { testReusePort(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
+			t.Run("badedit", func(t *testing.T) { testBadEdit(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })
 			t.Run("killdispatcher", func(t *testing.T) { testKillDispatcher(t, c) })
 			t.Run("security", func(t *testing.T) { testSecurity(t, c) })
