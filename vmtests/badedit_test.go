@@ -25,6 +25,42 @@ func testBadEdit(t *testing.T, c *Container) {
 	for _, mode := range []string{"shared", "reuseport"} {
 		t.Run(mode, func(t *testing.T) { badEdit(t, c, mode) })
 	}
+	t.Run("strict", func(t *testing.T) { badEditStrict(t, c) })
+}
+
+// badEditStrict: with hardening = "strict" (PrivateUsers=yes) the
+// dispatcher sees root's running configuration as owned by the overflow
+// uid, and still runs it.
+func badEditStrict(t *testing.T, c *Container) {
+	const app = "badedit-strict"
+	c.Watch(t, app+".socket", app+".service")
+	bin, err := helloBin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	worker := "/usr/local/lib/cohort-vmtest/" + app + "-worker"
+	c.WriteFile(t, worker, bin, 0o755)
+	port := FreePort(t)
+	defer removeApp(t, c, app)
+	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = [%q]
+workers = %d
+ready = "notify"
+hardening = "strict"
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:%d"
+`, worker, badEditWorkers, port)), 0o644)
+	c.Run(t, "systemctl", "daemon-reload")
+	c.Run(t, "systemctl", "start", app+".socket", app+".service")
+	want := fmt.Sprintf("%d/%d workers ready", badEditWorkers, badEditWorkers)
+	Eventually(t, 30*time.Second, app+" ready", func() error {
+		if text := c.Property(t, app+".service", "StatusText"); !strings.Contains(text, want) {
+			return fmt.Errorf("StatusText=%q (%s)", text, c.Property(t, app+".service", "ActiveState"))
+		}
+		return nil
+	})
+	systemdHolds(t, c, port, 1, "start with hardening = \"strict\"")
 }
 
 // badEditWorkers is the worker count, written on line 2 of the app file

@@ -144,13 +144,21 @@ func checkDir(dir string) error {
 	return trusted(dir, &st, unix.S_IFDIR)
 }
 
+// overflowUID is the owner that files of uids outside a user namespace
+// show inside it (/proc/sys/kernel/overflowuid, 65534 by default): what
+// root's files look like to a dispatcher with PrivateUsers=yes.
+const overflowUID = 65534
+
 // trusted checks that path (st from lstat) is of kind, owned by root or
-// by the caller, and writable by no one else.
+// by the caller, and writable by no one else. A caller other than root
+// also accepts the overflow uid, which is root seen from a user
+// namespace (hardening = "strict" has PrivateUsers=yes).
 func trusted(path string, st *unix.Stat_t, kind uint32) error {
 	if st.Mode&unix.S_IFMT != kind {
 		return fmt.Errorf("%s: not a %s; ignored", path, map[uint32]string{unix.S_IFREG: "regular file", unix.S_IFDIR: "directory"}[kind])
 	}
-	if euid := uint32(os.Geteuid()); st.Uid != 0 && st.Uid != euid {
+	euid := uint32(os.Geteuid())
+	if st.Uid != 0 && st.Uid != euid && (euid == 0 || st.Uid != overflowUID) {
 		return fmt.Errorf("%s: owned by uid %d, not root; ignored", path, st.Uid)
 	}
 	if st.Mode&0o022 != 0 {
