@@ -107,6 +107,9 @@ address = "127.0.0.1:%d"
 		t.Errorf("running configuration differs from the file:\n%s", got)
 	}
 	systemdHolds(t, c, port, sockets, "started")
+	if mode == "shared" {
+		badEditUpgrade(t, c, app, good)
+	}
 
 	load := StartLoad(t, lifeLoad(port))
 	load.WaitOK(t, 200, 30*time.Second)
@@ -281,4 +284,23 @@ func systemdHolds(t *testing.T, c *Container, port, want int, step string) {
 		return
 	}
 	t.Logf("after %s: ss -ltnp: %d socket(s) on :%d, each held by systemd (pid 1)", step, want, port)
+}
+
+// badEditUpgrade: an app started by a cohort without running
+// configurations has none; the package's postinst records it (the units
+// were just rendered from the file), so that the first broken edit after
+// an upgrade keeps the app's sockets too.
+func badEditUpgrade(t *testing.T, c *Container, app, good string) {
+	t.Helper()
+	const postinst = "/var/lib/dpkg/info/cohort.postinst"
+	if installMethod() != "deb" {
+		t.Logf("installed without the package (%s): no postinst to check", installMethod())
+		return
+	}
+	snap := "/run/cohort-running/" + app + ".toml"
+	c.Run(t, "rm", snap)
+	c.Run(t, postinst, "configure")
+	if got := c.Exec(t, "cat", snap).Stdout; got != good {
+		t.Errorf("after %s configure, %s holds %q; want the app file", postinst, snap, got)
+	}
 }
