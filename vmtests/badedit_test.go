@@ -100,13 +100,13 @@ address = "127.0.0.1:%d"
 	c.Run(t, "systemctl", "daemon-reload")
 	c.Run(t, "systemctl", "start", app+".socket", app+".service")
 	before := badEditReady(t, c, app)
-	if got := c.Run(t, "stat", "-c", "%U %a", "/run/cohort-running/"+app+".toml"); strings.TrimSpace(got) != "root 644" {
-		t.Errorf("running configuration: owner and mode %q; want root 644", got)
+	systemdHolds(t, c, port, sockets, "started")
+	if got := c.Exec(t, "stat", "-c", "%U %a", "/run/cohort-running/"+app+".toml"); strings.TrimSpace(got.Stdout) != "root 644" {
+		t.Errorf("running configuration: owner and mode: %s; want root 644", got)
 	}
-	if got := c.Run(t, "cat", "/run/cohort-running/"+app+".toml"); got != good {
+	if got := c.Exec(t, "cat", "/run/cohort-running/"+app+".toml").Stdout; got != good {
 		t.Errorf("running configuration differs from the file:\n%s", got)
 	}
-	systemdHolds(t, c, port, sockets, "started")
 	if mode == "shared" {
 		badEditUpgrade(t, c, app, good)
 	}
@@ -298,8 +298,10 @@ func badEditUpgrade(t *testing.T, c *Container, app, good string) {
 		return
 	}
 	snap := "/run/cohort-running/" + app + ".toml"
-	c.Run(t, "rm", snap)
-	c.Run(t, postinst, "configure")
+	c.Exec(t, "rm", "-f", snap)
+	if res := c.Exec(t, postinst, "configure"); res.Code != 0 {
+		t.Errorf("%s configure: %s", postinst, res)
+	}
 	if got := c.Exec(t, "cat", snap).Stdout; got != good {
 		t.Errorf("after %s configure, %s holds %q; want the app file", postinst, snap, got)
 	}
