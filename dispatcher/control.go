@@ -149,11 +149,12 @@ func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 // own generation), sorted by index.
 func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	st := control.Status{
-		App:        d.app.Name,
-		Mode:       string(d.app.Mode),
-		Generation: d.gen,
-		Line:       d.statusLine(now),
-		Since:      d.started,
+		App:         d.app.Name,
+		Mode:        string(d.app.Mode),
+		Generation:  d.gen,
+		Line:        d.statusLine(now),
+		Since:       d.started,
+		ConfigError: d.fileProblem,
 	}
 	switch {
 	case d.stopping:

@@ -173,6 +173,9 @@ func Run(ctx context.Context, opt Options) error {
 		})
 	})
 	d.serveControl(goCtx, filepath.Dir(d.notifyPath)) // control.go
+	if path := opt.App.Path; path != "" {
+		d.wg.Go(func() { watchAppFile(goCtx, path, d.fileCh) }) // appfile.go
+	}
 	return d.loop(ctx, sigs)
 }
 
@@ -217,6 +220,9 @@ type dispatcher struct {
 
 	ctl  ctlState    // reloads and control requests (reload.go, control.go)
 	orph orphanState // with Options.Subreaper (orphans.go)
+
+	fileCh      chan string // the app file's first problem, from watchAppFile
+	fileProblem string      // "" while the app file validates
 
 	// Toward systemd.
 	started       time.Time
@@ -272,6 +278,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		execCh:   make(chan execResult, 64),
 		probeCh:  make(chan probeResult, 64),
 		loadCh:   make(chan loadResult),
+		fileCh:   make(chan string),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
 		orph:     orphanState{killed: map[int]bool{}},
@@ -497,6 +504,15 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			d.onControl(req, time.Now())
 		case res := <-d.loadCh:
 			d.onLoaded(res, time.Now())
+		case p := <-d.fileCh:
+			if p != d.fileProblem {
+				if p != "" {
+					d.out.warnf("config: %s; running the last good configuration", p)
+				} else {
+					d.out.infof("config: %s validates again", d.opt.App.Path)
+				}
+			}
+			d.fileProblem = p
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -693,6 +709,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())
+	b.WriteString(d.appFileStatus())
 	var looping []string
 	for _, s := range d.slots {
 		if s.crashLooping() {

@@ -100,6 +100,7 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 			SocketUser: l.SocketUser, SocketGroup: l.SocketGroup, SocketMode: l.SocketMode}
 		if i == 0 {
 			ref.Wants = names[1:]
+			ref.ExecStartPre, ref.ExecStopPost = []string{"/x"}, []string{"/x"}
 		} else {
 			ref.PartOf = names[0]
 		}
@@ -120,7 +121,7 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 
 	svc := us.Files[len(sockets)]
 	got := readBack(t, svc)
-	ref := &units.Service{Name: "ref.service", ExecStart: []string{"/x"}, ExecReload: []string{"/x"}, Sockets: names,
+	ref := &units.Service{Name: "ref.service", ExecStartPre: []string{"/x"}, ExecStart: []string{"/x"}, ExecReload: []string{"/x"}, Sockets: names,
 		User: app.User, Group: app.Group, RuntimeDirectory: "x", StartTimeout: 1, StopTimeout: 1, Hardening: app.Hardening}
 	want := expectKeys(t, ref.Render, app.Unit, app.Service, "Service")
 	checkKeys(t, svc.Name, got, want)
@@ -128,14 +129,25 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 		"Unit/SourcePath": app.Path, "Service/User": app.User, "Service/Group": app.Group,
 		"Service/RuntimeDirectory": "cohort/" + app.Name,
 	})
-	for key, argv := range map[string][]string{"ExecStart": {DefaultCohortPath, "dispatch", app.Path}, "ExecReload": {DefaultCohortPath, "dispatch-reload", app.Path}} {
+	// ExecStartPre= and ExecReload= run as root ("+"): they record the
+	// running configuration, which workers must not be able to write.
+	for key, want := range map[string]struct {
+		prefix string
+		argv   []string
+	}{
+		"ExecStartPre": {"+", []string{DefaultCohortPath, "dispatch-prepare", app.Path}},
+		"ExecStart":    {"", []string{DefaultCohortPath, "dispatch", app.Path}},
+		"ExecReload":   {"+", []string{DefaultCohortPath, "dispatch-reload", app.Path}},
+	} {
 		line := ""
 		for _, d := range got {
 			if d.section == "Service" && d.key == key {
 				line = d.value
 			}
 		}
-		if words, err := splitCommand(line); err != nil || !slices.Equal(words, argv) {
+		argv := want.argv
+		rest, ok := strings.CutPrefix(line, want.prefix)
+		if words, err := splitCommand(rest); !ok || err != nil || !slices.Equal(words, argv) {
 			t.Errorf("%s: %s=%s reads back as %q (%v), want %q", svc.Name, key, line, words, err, argv)
 		}
 	}

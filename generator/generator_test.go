@@ -156,7 +156,7 @@ func TestGeneratorBinary(t *testing.T) {
 
 	normal, early, late := t.TempDir(), t.TempDir(), t.TempDir()
 	cmd := exec.Command(bin, normal, early, late)
-	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr")
+	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr", "COHORT_RUNNING_DIR="+t.TempDir())
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	err := cmd.Run()
@@ -201,7 +201,7 @@ func TestGeneratorBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd = exec.Command(bin, t.TempDir(), early, late)
-	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr")
+	cmd.Env = append(os.Environ(), "COHORT_SEARCH_PATH="+etc+":"+lib, "COHORT_UNIT_DIRS="+unitDir, "COHORT_GENERATOR_LOG=stderr", "COHORT_RUNNING_DIR="+t.TempDir())
 	if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
 		t.Errorf("good files only: %v\n%s", err, out)
 	}

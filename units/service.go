@@ -13,9 +13,15 @@ type Service struct {
 	SourcePath  string   // the app file
 	Sockets     []string // socket units it requires and is ordered after
 	ExecStart   []string // argv of the dispatcher
+	// ExecStartPre is the argv of a command run before ExecStart= with
+	// full privileges (systemd's "+" prefix: as root, outside the
+	// sandbox and User=); nil renders none. The generator records the
+	// app's running configuration with it, which only root may write.
+	ExecStartPre []string
 	// ExecReload is the argv of the reload command, which must wait for
 	// the reload to finish and exit non-zero when it failed; nil renders
-	// no ExecReload=.
+	// no ExecReload=. It runs with full privileges ("+") like
+	// ExecStartPre, so that it can record the configuration it reloaded.
 	ExecReload []string
 	// User and Group run the dispatcher and its workers; an empty User
 	// means DynamicUser=yes.
@@ -53,9 +59,12 @@ func (s *Service) Render() (File, error) {
 
 	o.add("Service", "Type", "notify")
 	o.add("Service", "NotifyAccess", "main")
+	if len(s.ExecStartPre) > 0 {
+		o.addCommand("Service", "ExecStartPre", "+", s.ExecStartPre)
+	}
 	o.addCommand("Service", "ExecStart", "", s.ExecStart)
 	if len(s.ExecReload) > 0 {
-		o.addCommand("Service", "ExecReload", "", s.ExecReload)
+		o.addCommand("Service", "ExecReload", "+", s.ExecReload)
 	}
 	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
 	// gracefully; stragglers get SIGKILL from systemd at the end.

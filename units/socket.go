@@ -24,10 +24,15 @@ type Socket struct {
 	// Wants are the app's other socket units: starting the main socket
 	// starts them all. PartOf makes a secondary socket follow the main
 	// one on stop and restart.
-	Wants       []string
-	PartOf      string
-	ExtraUnit   []Option
-	ExtraSocket []Option
+	Wants  []string
+	PartOf string
+	// ExecStartPre and ExecStopPost are the argv of commands run before
+	// the socket is bound and after it was closed, with full privileges
+	// ("+"); nil renders none.
+	ExecStartPre []string
+	ExecStopPost []string
+	ExtraUnit    []Option
+	ExtraSocket  []Option
 }
 
 // Render returns the unit file. It fails for any name or value that
@@ -55,6 +60,12 @@ func (s *Socket) Render() (File, error) {
 	o.addIf(s.SocketUser != "", "Socket", "SocketUser", s.SocketUser)
 	o.addIf(s.SocketGroup != "", "Socket", "SocketGroup", s.SocketGroup)
 	o.addIf(s.SocketMode != 0, "Socket", "SocketMode", fmt.Sprintf("%04o", s.SocketMode))
+	if len(s.ExecStartPre) > 0 {
+		o.addCommand("Socket", "ExecStartPre", "+", s.ExecStartPre)
+	}
+	if len(s.ExecStopPost) > 0 {
+		o.addCommand("Socket", "ExecStopPost", "+", s.ExecStopPost)
+	}
 	o.addVerbatim("Socket", s.ExtraSocket)
 	return render(s.Name, generatedHeader(s.SourcePath), &o)
 }

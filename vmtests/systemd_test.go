@@ -33,6 +33,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
 			t.Run("deploy", func(t *testing.T) { testDeploy(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
+			t.Run("badedit", func(t *testing.T) { testBadEdit(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })
 			t.Run("killdispatcher", func(t *testing.T) { testKillDispatcher(t, c) })
 			t.Run("escape", func(t *testing.T) { testEscape(t, c) })

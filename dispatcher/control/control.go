@@ -92,7 +92,10 @@ type Status struct {
 	State      string    `json:"state"` // "starting", "ready", "reloading", "stopping"
 	Line       string    `json:"line"`  // the STATUS= line systemd shows
 	Since      time.Time `json:"since"` // when the dispatcher started
-	Workers    []Worker  `json:"workers"`
+	// ConfigError is the app file's first problem while it does not
+	// validate (the dispatcher runs the last configuration that did).
+	ConfigError string   `json:"config_error,omitempty"`
+	Workers     []Worker `json:"workers"`
 }
 
 // Worker is one worker slot's current process.
