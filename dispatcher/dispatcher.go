@@ -194,6 +194,8 @@ type dispatcher struct {
 
 	listenFDs   []uintptr
 	slotFDs     [][]uintptr // reuseport mode: each slot's listeners
+	listenIno   []uint64    // the listeners' socket inodes, for ready = "listening"
+	slotIno     [][]uint64  // reuseport mode: each slot's
 	listenNames string
 	rr          *roundRobin // round-robin mode; nil in shared mode
 
@@ -210,7 +212,8 @@ type dispatcher struct {
 	wg       sync.WaitGroup  // every goroutine Run started
 	notifyCh chan notifyMsg
 	execCh   chan execResult
-	loadCh   chan loadResult // a reload's app file, read off the loop (load.go)
+	probeCh  chan probeResult // ready = "listening" (listening.go)
+	loadCh   chan loadResult  // a reload's app file, read off the loop (load.go)
 
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
@@ -273,6 +276,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		gen:      1,
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
+		probeCh:  make(chan probeResult, 64),
 		loadCh:   make(chan loadResult),
 		fileCh:   make(chan string),
 		readers:  map[*os.File]struct{}{},
@@ -379,6 +383,16 @@ func (d *dispatcher) open() error {
 		d.slotFDs = append(d.slotFDs, fds)
 	}
 	var err error
+	if d.listenIno, err = inodes(d.listenFDs); err != nil {
+		return err
+	}
+	for _, fds := range d.slotFDs {
+		ino, err := inodes(fds)
+		if err != nil {
+			return err
+		}
+		d.slotIno = append(d.slotIno, ino)
+	}
 	if d.devnull, err = os.Open(os.DevNull); err != nil {
 		return err
 	}
@@ -441,7 +455,11 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
 	}
 	mode := string(d.app.Mode)
-	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, readyString(d.app.Ready), d.gen, strings.Join(d.app.Command, " "))
+	ready := readyString(d.app.Ready)
+	if d.app.Ready.Kind == config.ReadyListening {
+		ready += fmt.Sprintf(" (settle %s)", d.app.ReadySettle)
+	}
+	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, ready, d.gen, strings.Join(d.app.Command, " "))
 	for _, s := range d.slots {
 		d.spawn(s, now)
 	}
@@ -480,6 +498,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 					d.transition(w, trExeced, 0)
 				}
 			}
+		case m := <-d.probeCh:
+			d.onProbe(m)
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
 		case res := <-d.loadCh:

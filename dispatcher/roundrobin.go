@@ -64,9 +64,10 @@ type roundRobin struct {
 
 // rrWorker is one worker process's channel.
 type rrWorker struct {
-	ch    *rr.Channel
-	pid   int
-	index int
+	ch     *rr.Channel
+	pid    int
+	index  int
+	endIno uint64 // the worker's end of the channel, for ready = "listening"
 
 	// Under roundRobin.mu.
 	ready   bool // the worker is in state ready and the dispatcher not stopping
@@ -154,6 +155,7 @@ func (d *dispatcher) forkWorker(s *slot) (pid int, outR, statusR *os.File, err e
 	if err != nil {
 		return 0, nil, nil, fmt.Errorf("round-robin channel: %w", err)
 	}
+	endIno := fileInode(end) // ready = "listening" watches the worker's end
 	d.listenFDs = []uintptr{end.Fd()}
 	pid, outR, statusR, err = d.fork(s)
 	d.listenFDs = nil
@@ -162,7 +164,7 @@ func (d *dispatcher) forkWorker(s *slot) (pid int, outR, statusR *os.File, err e
 		ch.Close() // nothing was sent on it
 		return 0, nil, nil, err
 	}
-	w := &rrWorker{ch: ch, pid: pid, index: s.index}
+	w := &rrWorker{ch: ch, pid: pid, index: s.index, endIno: endIno}
 	r.byPID[pid] = w
 	r.mu.Lock()
 	r.workers = append(r.workers, w)

@@ -33,6 +33,7 @@ type trigger int
 const (
 	trExeced          trigger = iota // the trampoline exec'd the command
 	trReadyMsg                       // READY=1
+	trListening                      // ready = "listening": seen accepting (listening.go)
 	trDelay                          // the ready delay elapsed
 	trWatchdogPing                   // WATCHDOG=1
 	trWatchdogTrigger                // WATCHDOG=trigger
@@ -75,6 +76,16 @@ type worker struct {
 	signalled bool      // stop_signal (or SIGABRT) was sent
 	killed    bool      // SIGKILL was sent
 	status    string    // last STATUS=
+
+	endProbe func() // stops the ready = "listening" probe; nil when none runs
+}
+
+// stopProbe ends w's ready = "listening" probe, if one runs.
+func (w *worker) stopProbe() {
+	if w.endProbe != nil {
+		w.endProbe()
+		w.endProbe = nil
+	}
 }
 
 // transition is the worker state machine: every state change of every
@@ -85,6 +96,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	app := d.app
 
 	toReady := func() {
+		w.stopProbe()
 		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
 		if app.Watchdog > 0 && !w.lastPing.IsZero() {
 			w.deadline = w.lastPing.Add(app.Watchdog)
@@ -93,6 +105,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
 	}
 	toDraining := func(sig syscall.Signal, group bool) {
+		w.stopProbe()
 		w.state, w.readyAt = stDraining, time.Time{}
 		w.deadline = now.Add(app.StopTimeout)
 		if sig != 0 {
@@ -125,8 +138,18 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 				toReady()
 			case config.ReadyDelay:
 				w.readyAt = now.Add(app.Ready.Delay)
+			case config.ReadyListening:
+				d.startProbe(w)
 			}
-		case trReadyMsg, trDelay:
+		case trListening:
+			d.settle(w, now)
+		case trReadyMsg:
+			if app.Ready.Kind != config.ReadyListening {
+				toReady()
+			}
+			// "listening" believes only what it sees: gunicorn's
+			// master, for one, says READY=1 before its workers accept.
+		case trDelay:
 			toReady()
 		case trWatchdogPing:
 			w.lastPing = now
@@ -188,6 +211,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 // exited moves a reaped worker to stExited, logs how it ended and
 // schedules its slot's restart with backoff unless the dispatcher stops.
 func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
+	w.stopProbe()
 	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
 	delete(d.procs, w.pid)
 	s := w.slot

@@ -29,7 +29,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	fs.Var(&listens, "listen", "a socket to listen on, `[NAME=]ADDRESS` (host:port, [v6]:port, /path.sock, @abstract); repeatable")
 	workers := fs.String("workers", "", "`N` or \"auto\" (one per CPU); default: the file's, else auto")
 	mode := fs.String("mode", "", "\"shared\" (default), \"round-robin\" or \"reuseport\"")
-	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: notify, exec or a duration")
+	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: listening (the default), notify, exec or a duration")
 	name := fs.String("name", "", "the app's name in output and COHORT_APP (default: the file's or the command's base name)")
 	affinity := fs.Bool("cpu-affinity", false, "pin worker i to the i-th CPU this process may run on")
 	if code, done := parseFlags(fs, args); done {
@@ -156,6 +156,8 @@ func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, n
 	}
 	if set["ready"] {
 		switch ready {
+		case "listening":
+			app.Ready = config.Readiness{Kind: config.ReadyListening}
 		case "notify":
 			app.Ready = config.Readiness{Kind: config.ReadyNotify}
 		case "exec":
@@ -163,7 +165,7 @@ func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, n
 		default:
 			d, err := config.ParseDuration(ready)
 			if err != nil {
-				return fmt.Errorf("--ready %q: want notify, exec or a duration: %v", ready, err)
+				return fmt.Errorf("--ready %q: want listening, notify, exec or a duration: %v", ready, err)
 			}
 			app.Ready = config.Readiness{Kind: config.ReadyDelay, Delay: d}
 		}

@@ -2,8 +2,9 @@
 // systemd) passed at fd 3, in shared mode.
 //
 //   command = ["node", "/path/to/server.js"]
-//   ready = "exec"   # Node cannot send a unix datagram to NOTIFY_SOCKET
-//                    # without a native module; "500ms" also works
+//   ready = "listening"   # the default: Node cannot send READY=1 to
+//                         # NOTIFY_SOCKET without a native module, but
+//                         # cohort sees the socket in its epoll set
 //
 // SIGTERM closes the listener and lets requests in flight finish.
 'use strict';

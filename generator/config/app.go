@@ -44,9 +44,13 @@ type ReadyKind string
 
 // The readiness kinds.
 const (
-	ReadyNotify ReadyKind = "notify" // the worker sends READY=1 to NOTIFY_SOCKET
-	ReadyExec   ReadyKind = "exec"   // ready as soon as the command was exec'd
-	ReadyDelay  ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
+	// ReadyListening: the worker (or a process it forked) waits for
+	// connections on one of its sockets (accept, poll, select or epoll,
+	// seen in /proc); then it must stay up for App.ReadySettle.
+	ReadyListening ReadyKind = "listening"
+	ReadyNotify    ReadyKind = "notify" // the worker sends READY=1 to NOTIFY_SOCKET
+	ReadyExec      ReadyKind = "exec"   // ready as soon as the command was exec'd
+	ReadyDelay     ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
 )
 
 // Hardening profiles for the generated service.
@@ -73,7 +77,12 @@ type App struct {
 	Mode        Mode
 	CPUAffinity bool
 
-	Ready        Readiness
+	Ready Readiness
+	// ReadySettle is, for ReadyListening, how long a worker must stay up
+	// after it was seen accepting (or sent READY=1) before it counts as
+	// ready: a program that crashes just after it starts listening fails
+	// a reload instead of replacing a good worker. Zero means at once.
+	ReadySettle  time.Duration
 	ReadyTimeout time.Duration
 	StopSignal   syscall.Signal
 	StopTimeout  time.Duration
@@ -199,6 +208,7 @@ type Directive struct {
 // Defaults for keys an app file leaves out. Documented in docs/config.md.
 const (
 	DefaultReadyTimeout   = 30 * time.Second
+	DefaultReadySettle    = time.Second
 	DefaultStopTimeout    = 30 * time.Second
 	DefaultRestartInitial = 100 * time.Millisecond
 	DefaultRestartMax     = 10 * time.Second
@@ -229,7 +239,8 @@ func New(name string) *App {
 		Environment:  map[string]string{},
 		Workers:      Workers{Auto: true},
 		Mode:         ModeShared,
-		Ready:        Readiness{Kind: ReadyExec},
+		Ready:        Readiness{Kind: ReadyListening},
+		ReadySettle:  DefaultReadySettle,
 		ReadyTimeout: DefaultReadyTimeout,
 		StopSignal:   syscall.SIGTERM,
 		StopTimeout:  DefaultStopTimeout,

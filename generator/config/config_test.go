@@ -146,6 +146,16 @@ address = ":8080"
 				t.Errorf("kind = %q", app.Listen[0].Kind)
 			}
 		}},
+		{"default readiness is listening with a settle window", "command = [\"/bin/app\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if app.Ready != (Readiness{Kind: ReadyListening}) || app.ReadySettle != DefaultReadySettle {
+				t.Errorf("ready = %+v, settle %v; want listening, %v", app.Ready, app.ReadySettle, DefaultReadySettle)
+			}
+		}},
+		{"ready_settle", "command = [\"/bin/app\"]\nready_settle = \"0s\"\nready = \"listening\"\n" + listenHTTP, func(t *testing.T, app *App) {
+			if app.Ready.Kind != ReadyListening || app.ReadySettle != 0 {
+				t.Errorf("ready = %+v, settle %v; want listening, 0", app.Ready, app.ReadySettle)
+			}
+		}},
 		{"listen as inline array", `command = ["/bin/app"]
 listen = [{ name = "a", address = "127.0.0.1:1" }, { name = "b", address = "127.0.0.1:2" }]
 `, func(t *testing.T, app *App) {
@@ -247,8 +257,14 @@ environment_file = "web.env"
 			[]string{
 				`web.toml:2:1: stop_timeout: must be longer than 0`,
 				`web.toml:3:1: watchdog: invalid unit in duration "5 parsecs" (units: us, ms, s, min, h, d, w)`,
-				`web.toml:4:1: ready: want "notify", "exec" or a duration such as "2s", got "soon"`,
+				`web.toml:4:1: ready: want "listening", "notify", "exec" or a duration such as "2s", got "soon"`,
 			}},
+		{"ready_settle", "command = [\"/bin/app\"]\nready = \"notify\"\nready_settle = \"2s\"\n" + listenHTTP,
+			[]string{`web.toml:3:1: ready_settle applies only to ready = "listening" (ready is "notify")`}},
+		{"ready_settle too long", "command = [\"/bin/app\"]\nready_timeout = \"5s\"\nready_settle = \"5s\"\n" + listenHTTP,
+			[]string{`web.toml:3:1: ready_settle (5s) must be shorter than ready_timeout (5s), or no worker would ever be ready`}},
+		{"ready_settle type", "command = [\"/bin/app\"]\nready_settle = 1\n" + listenHTTP,
+			[]string{`web.toml:2:1: ready_settle: want a duration such as "1s" or "0s", got integer`}},
 		{"listeners", `command = ["/bin/app"]
 [[listen]]
 name = "http"

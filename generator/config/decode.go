@@ -224,7 +224,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "balance", "cpu_affinity", "ready", "ready_timeout", "stop_signal", "stop_timeout",
+		"workers", "mode", "max_pending", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -293,6 +293,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.CPUAffinity, _ = d.boolean(k, v)
 		case "ready":
 			app.Ready = d.ready(k, v)
+		case "ready_settle":
+			app.ReadySettle = d.settle(k, v)
 		case "ready_timeout":
 			app.ReadyTimeout = d.duration(k, v, app.ReadyTimeout)
 		case "stop_signal":
@@ -468,24 +470,40 @@ func (d *decoder) reloadBatch(path string, v any) int {
 }
 
 func (d *decoder) ready(path string, v any) Readiness {
+	def := Readiness{Kind: ReadyListening}
 	s, ok := d.str(path, v)
 	if !ok {
-		return Readiness{Kind: ReadyExec}
+		return def
 	}
 	switch ReadyKind(s) {
-	case ReadyNotify, ReadyExec:
+	case ReadyListening, ReadyNotify, ReadyExec:
 		return Readiness{Kind: ReadyKind(s)}
 	}
 	dur, err := ParseDuration(s)
 	if err != nil {
-		d.errorAt(path, suggest(s, []string{"notify", "exec"}), "ready: want \"notify\", \"exec\" or a duration such as \"2s\", got %q", s)
-		return Readiness{Kind: ReadyExec}
+		d.errorAt(path, suggest(s, []string{"listening", "notify", "exec"}), "ready: want \"listening\", \"notify\", \"exec\" or a duration such as \"2s\", got %q", s)
+		return def
 	}
 	if dur > MaxDuration {
 		d.errorAt(path, "", "ready: %q is longer than the longest duration cohort accepts, %s", s, maxDurationText)
 		return Readiness{Kind: ReadyExec}
 	}
 	return Readiness{Kind: ReadyDelay, Delay: dur}
+}
+
+// settle reads ready_settle: a duration, "0s" allowed.
+func (d *decoder) settle(path string, v any) time.Duration {
+	s, ok := v.(string)
+	if !ok {
+		d.errorAt(path, "", "ready_settle: want a duration such as \"1s\" or \"0s\", got %s", typeName(v))
+		return DefaultReadySettle
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, "", "ready_settle: %v", err)
+		return DefaultReadySettle
+	}
+	return dur
 }
 
 // duration reads a positive duration string; on error it returns def.

@@ -47,6 +47,14 @@ func (d *decoder) validate(app *App) {
 	if app.Mode == ModeReusePort {
 		d.checkReusePort(app)
 	}
+	if _, set := d.idx["ready_settle"]; set {
+		switch {
+		case app.Ready.Kind != ReadyListening:
+			d.errorAt("ready_settle", "", "ready_settle applies only to ready = \"listening\" (ready is %q)", readyText(app.Ready))
+		case app.ReadySettle >= app.ReadyTimeout:
+			d.errorAt("ready_settle", "", "ready_settle (%s) must be shorter than ready_timeout (%s), or no worker would ever be ready", app.ReadySettle, app.ReadyTimeout)
+		}
+	}
 	balances := []string{BalanceRoundRobin, BalanceLeastConnections}
 	if !contains(balances, app.Balance) {
 		d.errorAt("balance", suggest(app.Balance, balances), "balance: want \"round-robin\" or \"least-connections\", got %q", app.Balance)
@@ -115,6 +123,14 @@ func (d *decoder) checkCommand(command []string) {
 	case command[0] == "" || strings.Contains(command[0], "/") && !filepath.IsAbs(command[0]):
 		d.errorAt("command.0", "", "command[0] %q must be an absolute path or a program name looked up in $PATH", command[0])
 	}
+}
+
+// readyText is a Readiness as an app file writes it.
+func readyText(r Readiness) string {
+	if r.Kind == ReadyDelay {
+		return r.Delay.String()
+	}
+	return string(r.Kind)
 }
 
 // CheckHost checks what Parse cannot, because it depends on the machine

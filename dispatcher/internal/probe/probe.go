@@ -1,0 +1,276 @@
+// Package probe tells, from /proc alone, whether a process (or one of its
+// descendants) waits for connections on given sockets: a thread blocked in
+// accept or accept4 on one of them, blocked in poll or select with one of
+// them among the fds asked for input, or one of them in an epoll set of
+// the process. It is how the dispatcher's ready = "listening" knows that a
+// worker accepts without any cooperation from the program.
+//
+// What it reads needs the access the kernel gives a tracer: fd links and
+// fdinfo need PTRACE_MODE_READ, /proc/PID/task/TID/syscall and
+// /proc/PID/mem PTRACE_MODE_ATTACH. A supervisor has both over its own
+// children when they run under its uid and stay dumpable (Yama's ptrace
+// scope 1 allows ancestors); no capability is needed.
+//
+// It knows nothing of workers or the dispatcher; a check is a bounded
+// number of small reads (see the max* constants) and never blocks on the
+// inspected process.
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+	"strconv"
+	"syscall"
+)
+
+// Bounds of one check, so that a process with a huge fd table or thread
+// count costs a bounded amount of work.
+const (
+	maxFDs     = 4096      // fds of one process looked at
+	maxTasks   = 1024      // threads of one process looked at
+	maxTree    = 64        // descendants looked at
+	maxProcs   = 1 << 16   // /proc entries scanned for descendants
+	maxFdinfo  = 256 << 10 // bytes of one epoll fdinfo
+	maxPollfds = 4096      // struct pollfd entries read from a process
+	maxSelect  = 1 << 16   // nfds of a select looked at
+	maxSmall   = 4096      // bytes of a syscall or stat file
+)
+
+// ErrNoAccess is returned (wrapped) when the process itself cannot be
+// inspected: another uid, a non-dumpable program, a Yama ptrace scope
+// that forbids it, or a kernel without /proc/PID/syscall.
+var ErrNoAccess = errors.New("cannot inspect the process through /proc")
+
+// Targets are the sockets a check looks for.
+type Targets struct {
+	// Inodes are the sockets' inode numbers (st_ino of an fstat of one
+	// copy of each; every copy in every process has the same).
+	Inodes []uint64
+	// Channel says the sockets are connected ones that the process reads
+	// (round-robin channels: recvmsg, recvfrom, read) instead of
+	// listeners that it accepts on.
+	Channel bool
+}
+
+// Found says who waits, and how, for a log line.
+type Found struct {
+	PID int    // 0: nobody waits
+	How string // "accept4 on fd 3 (thread 1234)", "epoll fd 7 watches fd 3", …
+}
+
+// Accepting reports whether pid, or with children one of its
+// descendants (when pid itself does not), waits on one of t's sockets. A
+// process that has exited waits on nothing (no error); when pid itself
+// cannot be inspected the error wraps ErrNoAccess. Descendants that cannot
+// be inspected are skipped. Looking for descendants reads every
+// /proc/PID/stat there is, so a caller that checks often asks for them
+// less often.
+func Accepting(pid int, t Targets, children bool) (Found, error) {
+	if len(t.Inodes) == 0 {
+		return Found{}, nil
+	}
+	f, err := inspect(pid, t)
+	if err != nil || f.PID != 0 || !children {
+		return f, err
+	}
+	for _, c := range descendants(pid) {
+		if f, err := inspect(c, t); err == nil && f.PID != 0 {
+			return f, nil
+		}
+	}
+	return Found{}, nil
+}
+
+// inspect checks one process.
+func inspect(pid int, t Targets) (Found, error) {
+	base := "/proc/" + strconv.Itoa(pid)
+	fds, epolls, err := targetFDs(base, t.Inodes)
+	if err != nil {
+		return Found{}, accessErr(pid, err)
+	}
+	if len(fds) == 0 {
+		return Found{}, nil // holds none of the sockets (yet)
+	}
+	found := func(how string, args ...any) (Found, error) {
+		return Found{PID: pid, How: fmt.Sprintf(how, args...)}, nil
+	}
+	for _, e := range epolls {
+		b, err := readBounded(base+"/fdinfo/"+strconv.Itoa(e), maxFdinfo)
+		if err != nil {
+			continue
+		}
+		var hit int
+		if epollTargets(b, func(fd int, ino uint64) bool {
+			hit = fd
+			if ino != 0 {
+				return slices.Contains(t.Inodes, ino)
+			}
+			return slices.Contains(fds, fd)
+		}) {
+			return found("epoll fd %d watches fd %d", e, hit)
+		}
+	}
+
+	tasks, err := readNames(base+"/task", maxTasks)
+	if err != nil {
+		return Found{}, accessErr(pid, err)
+	}
+	var mem *os.File
+	defer func() {
+		if mem != nil {
+			mem.Close()
+		}
+	}()
+	read := func(addr uint64, n int) []byte {
+		if mem == nil {
+			var err error
+			if mem, err = os.Open(base + "/mem"); err != nil {
+				return nil
+			}
+		}
+		b := make([]byte, n)
+		if addr > 1<<63-1 {
+			return nil
+		}
+		got, _ := mem.ReadAt(b, int64(addr))
+		return b[:got]
+	}
+	for i, tid := range tasks {
+		b, err := readBounded(base+"/task/"+tid+"/syscall", maxSmall)
+		if err != nil {
+			if i == 0 && errors.Is(err, fs.ErrPermission) {
+				return Found{}, accessErr(pid, err)
+			}
+			continue
+		}
+		s, ok := parseSyscall(b)
+		if !ok {
+			continue
+		}
+		fd := int(int32(s.args[0]))
+		switch k := kindOf(s.nr); {
+		case k == waitAccept && !t.Channel, k == waitRead && t.Channel:
+			if slices.Contains(fds, fd) {
+				return found("%s on fd %d (thread %s)", syscallName(s.nr), fd, tid)
+			}
+		case k == waitPoll:
+			n := min(s.args[1], maxPollfds)
+			if pollWaits(read(s.args[0], int(n)*8), func(fd int) bool { return slices.Contains(fds, fd) }) {
+				return found("%s on one of fds %v (thread %s)", syscallName(s.nr), fds, tid)
+			}
+		case k == waitSelect:
+			nfds := int(min(s.args[0], maxSelect))
+			if s.args[1] != 0 && selectWaits(read(s.args[1], (nfds+63)/64*8), nfds, fds) {
+				return found("%s on one of fds %v (thread %s)", syscallName(s.nr), fds, tid)
+			}
+		}
+	}
+	return Found{}, nil
+}
+
+// accessErr turns a permission error into ErrNoAccess, and "the process
+// is gone" into no error.
+func accessErr(pid int, err error) error {
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ESRCH):
+		return nil
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("pid %d: %w: %v", pid, ErrNoAccess, err)
+	}
+	return fmt.Errorf("pid %d: %w", pid, err)
+}
+
+// targetFDs lists the fds of the process under base that are one of the
+// sockets, and its epoll fds.
+func targetFDs(base string, inodes []uint64) (fds, epolls []int, err error) {
+	names, err := readNames(base+"/fd", maxFDs)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, n := range names {
+		fd, err := strconv.Atoi(n)
+		if err != nil {
+			continue
+		}
+		link, err := os.Readlink(base + "/fd/" + n)
+		if err != nil {
+			continue // closed meanwhile
+		}
+		if link == epollLink {
+			epolls = append(epolls, fd)
+		} else if ino, ok := parseSocketLink(link); ok && slices.Contains(inodes, ino) {
+			fds = append(fds, fd)
+		}
+	}
+	return fds, epolls, nil
+}
+
+// descendants lists pid's descendants (breadth first, at most maxTree) by
+// their parent pids in /proc/*/stat: /proc/PID/task/*/children is not in
+// every kernel. Processes that another uid owns are invisible under
+// ProtectProc=invisible and are no worker's anyway.
+func descendants(pid int) []int {
+	names, err := readNames("/proc", maxProcs)
+	if err != nil {
+		return nil
+	}
+	children := map[int][]int{}
+	for _, n := range names {
+		if n[0] < '0' || n[0] > '9' {
+			continue
+		}
+		p, err := strconv.Atoi(n)
+		if err != nil || p == pid {
+			continue
+		}
+		b, err := readBounded("/proc/"+n+"/stat", maxSmall)
+		if err != nil {
+			continue
+		}
+		if ppid, ok := statPPID(b); ok {
+			children[ppid] = append(children[ppid], p)
+		}
+	}
+	var out []int
+	for queue := []int{pid}; len(queue) > 0 && len(out) < maxTree; queue = queue[1:] {
+		for _, c := range children[queue[0]] {
+			if len(out) < maxTree {
+				out = append(out, c)
+				queue = append(queue, c)
+			}
+		}
+	}
+	return out
+}
+
+// readNames lists at most max entries of a directory, unsorted.
+func readNames(dir string, max int) ([]string, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(max)
+	if err != nil && err != io.EOF {
+		return nil, err
+	}
+	return names, nil
+}
+
+// readBounded reads at most max bytes of a /proc file.
+func readBounded(path string, max int) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, int64(max)))
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
+}
