@@ -45,8 +45,9 @@ type statusSnapshot struct {
 func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	path := filepath.Join(dir, control.SocketName)
 	// Supervisor (this process) is the root of the worker trees, whose
-	// processes get read-only commands only; Run made it the child
-	// subreaper, so a worker's detached daemons stay below it.
+	// processes get read-only commands only. With Options.Subreaper (cohort
+	// dispatch and cohort run set it) a worker's detached daemons are
+	// re-parented here and stay in those trees.
 	srv, err := control.Listen(path, &control.Config{Supervisor: os.Getpid(), Logf: d.out.warnf})
 	if err != nil {
 		d.out.warnf("control socket %s: %v; 'cohort status', 'cohort scale' and reloads through it will not work", path, err)

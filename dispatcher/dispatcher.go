@@ -124,13 +124,6 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	// The child subreaper: what a worker double-forks and detaches
-	// (setsid) is re-parented here, not to init, so it stays in the
-	// worker's tree, where the control socket gives it no command that
-	// changes state (dispatcher/control).
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		return fmt.Errorf("app %s: PR_SET_CHILD_SUBREAPER: %w", d.app.Name, err)
-	}
 
 	// SIGCHLD before the first fork, so no exit goes unnoticed. SIGPIPE:
 	// a reader of stdout or stderr that goes away (cohort run | head -1)

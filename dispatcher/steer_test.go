@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -93,18 +94,23 @@ func helperSteer() int {
 
 // TestWorkerCannotSteer (issue 14 item 6): a worker, its grandchild and a
 // setsid daemon it detached cannot scale, reload or restart workers
-// through the control socket; they may read status. The dispatcher
-// itself, as the operator here, still can.
+// through the control socket; they may read status. The dispatcher runs
+// in a process of its own, the child subreaper as under cohort dispatch;
+// this test process, outside its tree, is the operator and still can.
 func TestWorkerCannotSteer(t *testing.T) {
 	t.Parallel()
 	out := filepath.Join(t.TempDir(), "steer.out")
 	writeFile(t, out, "")
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "steer", "HELPER_STEER_OUT": out})
 	l, _ := tcpListener(t, "http")
-	opt := Options{App: app, Listeners: []*os.File{l}, RuntimeDir: t.TempDir()}
-	rec, stop := startRun(t, opt)
-	defer stop()
-	rec.waitNotify(t, 30*time.Second, "READY=1")
+	js, err := json.Marshal(app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := t.TempDir()
+	p := startActivated(t, []string{"COHORT_TEST_HELPER=dispatcher", "COHORT_TEST_APP=" + string(js), "RUNTIME_DIRECTORY=" + rt}, []*os.File{l})
+	p.waitLine(t, 20*time.Second, "all 1 workers ready")
+	dispatcherPID := p.cmd.Process.Pid
 	var b []byte
 	waitFor(t, 30*time.Second, "the 12 attempts of worker, grandchild and orphan", func() bool {
 		b, _ = os.ReadFile(out)
@@ -119,8 +125,8 @@ func TestWorkerCannotSteer(t *testing.T) {
 			t.Fatalf("bad line %q in:\n%s", l, b)
 		}
 		got[f[0]+" "+f[1]] = f[3]
-		if f[0] == "orphan" && f[2] != fmt.Sprint(os.Getpid()) {
-			t.Errorf("the detached daemon's parent is %s, not the dispatcher (%d): no subreaper", f[2], os.Getpid())
+		if f[0] == "orphan" && f[2] != fmt.Sprint(dispatcherPID) {
+			t.Errorf("the detached daemon's parent is %s, not the dispatcher (%d): no subreaper", f[2], dispatcherPID)
 		}
 	}
 	for _, role := range []string{"worker", "grandchild", "orphan"} {
@@ -133,7 +139,7 @@ func TestWorkerCannotSteer(t *testing.T) {
 			t.Errorf("%s status: %q, want ok", role, res)
 		}
 	}
-	sock := filepath.Join(opt.RuntimeDir, control.SocketName)
+	sock := filepath.Join(rt, control.SocketName)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	rep, err := control.Call(ctx, sock, control.Request{Cmd: control.CmdStatus})
@@ -146,7 +152,5 @@ func TestWorkerCannotSteer(t *testing.T) {
 	if _, err := control.Call(ctx, sock, control.Request{Cmd: control.CmdScale, Workers: 2}); err != nil {
 		t.Errorf("the operator's scale: %v", err)
 	}
-	if err := stop(); err != nil {
-		t.Error(err)
-	}
+	p.waitLine(t, 20*time.Second, "scaled from 1 to 2 workers")
 }
