@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -38,6 +39,13 @@ const (
 	startMargin = 15 * time.Second
 	stopMargin  = 10 * time.Second
 )
+
+// MaxAppUnitBytes bounds what the units of one app may hold in all. Every
+// socket unit repeats the [unit] and [socket] pass-through directives, so
+// in reuseport mode a file within config's limits could still render to a
+// gigabyte; Render stops at this budget instead, keeping the generator's
+// memory bounded whatever the file holds.
+const MaxAppUnitBytes = 8 << 20
 
 // Options says where the generator looks.
 type Options struct {
@@ -72,6 +80,12 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Every socket unit repeats the [unit] and [socket] directives:
+	// refuse before rendering what would pass the budget anyway.
+	perSocket := directiveBytes(app.Unit) + directiveBytes(app.Socket)
+	if n := len(sockets) * perSocket; n > MaxAppUnitBytes {
+		return nil, unitBudgetError(app, len(sockets))
+	}
 	socketNames := make([]string, len(sockets))
 	for i, s := range sockets {
 		socketNames[i] = s.Unit
@@ -79,6 +93,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 
 	prepare := []string{cohort, "dispatch-prepare", app.Path}
 	out := &Units{}
+	size := 0
 	for i, sock := range sockets {
 		l := sock.Listener
 		s := &units.Socket{
@@ -113,7 +128,14 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		} else {
 			s.PartOf = socketNames[0]
 		}
-		out.Files = append(out.Files, s.Render())
+		f, err := s.Render()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", app.Path, err)
+		}
+		if size += len(f.Content); size > MaxAppUnitBytes {
+			return nil, unitBudgetError(app, len(sockets))
+		}
+		out.Files = append(out.Files, f)
 	}
 
 	workers := workersText(app.Workers)
@@ -133,8 +155,8 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		// The dispatcher reports READY=1 after ready_timeout at the latest,
 		// and kills workers after stop_timeout: systemd waits a little
 		// longer so that it never cuts the dispatcher short.
-		StartTimeout: app.ReadyTimeout + startMargin,
-		StopTimeout:  app.StopTimeout + stopMargin,
+		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
+		StopTimeout:  addMargin(app.StopTimeout, stopMargin),
 		Hardening:    app.Hardening,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
@@ -157,13 +179,24 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	svc.ExecReload = []string{cohort, "dispatch-reload", app.Path}
 	f, err := svc.Render()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", app.Path, err)
 	}
 	out.Files = append(out.Files, f)
 	if app.Enable {
 		out.Wants = socketNames
 	}
 	return out, nil
+}
+
+// addMargin is d + margin, saturating at the longest time.Duration: the
+// config bounds durations (config.MaxDuration), and an App built some other
+// way must not wrap around into a negative timeout that drops the
+// directive.
+func addMargin(d, margin time.Duration) time.Duration {
+	if d > math.MaxInt64-margin {
+		return math.MaxInt64
+	}
+	return d + margin
 }
 
 // Socket is one socket unit of an app: which listener it binds, for which
@@ -203,6 +236,10 @@ func Sockets(app *config.App, cpus int) ([]Socket, error) {
 		cpus = n
 	}
 	n := app.Workers.Count(cpus)
+	if n*len(app.Listen) > config.MaxReusePortSockets {
+		return nil, fmt.Errorf("%s: mode = \"reuseport\" writes one socket unit per worker and listener: workers = \"auto\" is %d CPUs here × %d listeners = %d, more than %d; set workers",
+			app.Path, n, len(app.Listen), n*len(app.Listen), config.MaxReusePortSockets)
+	}
 	out := make([]Socket, 0, n*len(app.Listen))
 	for _, l := range app.Listen {
 		for i := range n {
@@ -245,6 +282,20 @@ func workersText(w config.Workers) string {
 		return "auto"
 	}
 	return fmt.Sprint(w.N)
+}
+
+func unitBudgetError(app *config.App, sockets int) error {
+	return fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units, each with the [unit] and [socket] directives); use fewer workers, listeners or directives",
+		app.Path, MaxAppUnitBytes, sockets)
+}
+
+// directiveBytes is what ds adds to a unit file, at least.
+func directiveBytes(ds []config.Directive) int {
+	n := 0
+	for _, d := range ds {
+		n += len(d.Key) + len(d.Value) + 2 // "=" and "\n"
+	}
+	return n
 }
 
 func options(ds []config.Directive) []units.Option {

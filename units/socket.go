@@ -35,21 +35,24 @@ type Socket struct {
 	ExtraSocket  []Option
 }
 
-// Render returns the unit file.
-func (s *Socket) Render() File {
+// Render returns the unit file. It fails for any name or value that
+// options.put refuses (see the package doc).
+func (s *Socket) Render() (File, error) {
 	var o options
 	o.add("Unit", "Description", s.Description)
 	o.add("Unit", "Documentation", "man:cohort.toml(5)")
 	o.add("Unit", "SourcePath", s.SourcePath)
 	for _, w := range s.Wants {
-		o.add("Unit", "Wants", w)
+		o.addUnit("Unit", "Wants", w)
 	}
-	o.addIf(s.PartOf != "", "Unit", "PartOf", s.PartOf)
-	o.addAll("Unit", s.ExtraUnit)
+	if s.PartOf != "" {
+		o.addUnit("Unit", "PartOf", s.PartOf)
+	}
+	o.addVerbatim("Unit", s.ExtraUnit)
 
-	o.add("Socket", "ListenStream", EscapeSpecifiers(s.ListenStream))
+	o.add("Socket", "ListenStream", s.ListenStream)
 	o.add("Socket", "FileDescriptorName", s.FileDescriptorName)
-	o.add("Socket", "Service", s.Service)
+	o.addUnit("Socket", "Service", s.Service)
 	o.addIf(s.Backlog > 0, "Socket", "Backlog", strconv.Itoa(s.Backlog))
 	o.addIf(s.ReusePort, "Socket", "ReusePort", yesNo(true))
 	o.addIf(s.NoDelay, "Socket", "NoDelay", yesNo(true))
@@ -57,8 +60,12 @@ func (s *Socket) Render() File {
 	o.addIf(s.SocketUser != "", "Socket", "SocketUser", s.SocketUser)
 	o.addIf(s.SocketGroup != "", "Socket", "SocketGroup", s.SocketGroup)
 	o.addIf(s.SocketMode != 0, "Socket", "SocketMode", fmt.Sprintf("%04o", s.SocketMode))
-	o.addIf(len(s.ExecStartPre) > 0, "Socket", "ExecStartPre", Privileged(s.ExecStartPre))
-	o.addIf(len(s.ExecStopPost) > 0, "Socket", "ExecStopPost", Privileged(s.ExecStopPost))
-	o.addAll("Socket", s.ExtraSocket)
-	return render(s.Name, generatedHeader(s.SourcePath), o)
+	if len(s.ExecStartPre) > 0 {
+		o.addCommand("Socket", "ExecStartPre", "+", s.ExecStartPre)
+	}
+	if len(s.ExecStopPost) > 0 {
+		o.addCommand("Socket", "ExecStopPost", "+", s.ExecStopPost)
+	}
+	o.addVerbatim("Socket", s.ExtraSocket)
+	return render(s.Name, generatedHeader(s.SourcePath), &o)
 }

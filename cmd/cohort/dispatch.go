@@ -59,6 +59,7 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Notify:        sdNotify,
 		HandleSignals: true,
 		Load:          func() (*config.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
+		Subreaper:     env.ownsChildren,
 	}
 	if app.Mode == config.ModeReusePort {
 		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)

@@ -29,6 +29,10 @@ type environment struct {
 	// searchPath overrides the app-file search path (tests); nil means the
 	// system one.
 	searchPath []string
+	// ownsChildren: every child of the process is the dispatcher's to
+	// reap and kill (the real binary; not tests running subcommands
+	// in-process), see dispatcher.Options.Subreaper.
+	ownsChildren bool
 }
 
 func commands() map[string]command {
@@ -48,10 +52,14 @@ func commands() map[string]command {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "run" && os.Getenv(runChildEnv) == "" {
+		os.Exit(runParent(os.Args[1:]))
+	}
+	os.Unsetenv(runChildEnv)
 	// Signals become a cancelled context here and nowhere else in this
 	// binary; the dispatcher takes its own signals (see dispatch.go).
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:])
+	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr, ownsChildren: true}, os.Args[1:])
 	stop()
 	os.Exit(code)
 }
