@@ -273,8 +273,8 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		gen:      1,
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
-		fileCh:   make(chan string),
 		loadCh:   make(chan loadResult),
+		fileCh:   make(chan string),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
 		orph:     orphanState{killed: map[int]bool{}},
@@ -482,6 +482,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			}
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
+		case res := <-d.loadCh:
+			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
 			if p != d.fileProblem {
 				if p != "" {
@@ -491,8 +493,6 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 				}
 			}
 			d.fileProblem = p
-		case res := <-d.loadCh:
-			d.onLoaded(res, time.Now())
 		case <-timer.C:
 		case <-done:
 			done = nil

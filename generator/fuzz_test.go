@@ -117,12 +117,6 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 		})
 		checkPassThrough(t, us.Files[i].Name, got, "Unit", app.Unit)
 		checkPassThrough(t, us.Files[i].Name, got, "Socket", app.Socket)
-		if i == 0 {
-			checkCommands(t, us.Files[i].Name, got, "Socket", map[string][]string{
-				"ExecStartPre": {"+" + DefaultCohortPath, "dispatch-prepare", app.Path},
-				"ExecStopPost": {"+" + DefaultCohortPath, "dispatch-prepare", "--remove", app.Path},
-			})
-		}
 	}
 
 	svc := us.Files[len(sockets)]
@@ -135,31 +129,30 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 		"Unit/SourcePath": app.Path, "Service/User": app.User, "Service/Group": app.Group,
 		"Service/RuntimeDirectory": "cohort/" + app.Name,
 	})
-	// "+": the running configuration is recorded as root.
-	checkCommands(t, svc.Name, got, "Service", map[string][]string{
-		"ExecStartPre": {"+" + DefaultCohortPath, "dispatch-prepare", app.Path},
-		"ExecStart":    {DefaultCohortPath, "dispatch", app.Path},
-		"ExecReload":   {"+" + DefaultCohortPath, "dispatch-reload", app.Path},
-	})
-	checkPassThrough(t, svc.Name, got, "Unit", app.Unit)
-	checkPassThrough(t, svc.Name, got, "Service", app.Service)
-}
-
-// checkCommands checks that each command line of section reads back as
-// its argv (the first word with its executable prefix).
-func checkCommands(t *testing.T, name string, got []directive, section string, want map[string][]string) {
-	t.Helper()
-	for key, argv := range want {
+	// ExecStartPre= and ExecReload= run as root ("+"): they record the
+	// running configuration, which workers must not be able to write.
+	for key, want := range map[string]struct {
+		prefix string
+		argv   []string
+	}{
+		"ExecStartPre": {"+", []string{DefaultCohortPath, "dispatch-prepare", app.Path}},
+		"ExecStart":    {"", []string{DefaultCohortPath, "dispatch", app.Path}},
+		"ExecReload":   {"+", []string{DefaultCohortPath, "dispatch-reload", app.Path}},
+	} {
 		line := ""
 		for _, d := range got {
-			if d.section == section && d.key == key {
+			if d.section == "Service" && d.key == key {
 				line = d.value
 			}
 		}
-		if words, err := splitCommand(line); err != nil || !slices.Equal(words, argv) {
-			t.Errorf("%s: %s=%s reads back as %q (%v), want %q", name, key, line, words, err, argv)
+		argv := want.argv
+		rest, ok := strings.CutPrefix(line, want.prefix)
+		if words, err := splitCommand(rest); !ok || err != nil || !slices.Equal(words, argv) {
+			t.Errorf("%s: %s=%s reads back as %q (%v), want %q", svc.Name, key, line, words, err, argv)
 		}
 	}
+	checkPassThrough(t, svc.Name, got, "Unit", app.Unit)
+	checkPassThrough(t, svc.Name, got, "Service", app.Service)
 }
 
 // readBack parses a rendered unit with go-systemd. Its header must be

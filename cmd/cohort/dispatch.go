@@ -58,8 +58,8 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Stderr:        env.stderr,
 		Notify:        sdNotify,
 		HandleSignals: true,
-		Load:          func() (*config.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 		Subreaper:     env.ownsChildren,
+		Load:          func() (*config.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
 	if app.Mode == config.ModeReusePort {
 		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
