@@ -19,8 +19,17 @@ func Summary(err error) string {
 	var es Errors
 	if errors.As(err, &es) && len(es) > 0 {
 		s := es[0].Error()
-		if len(es) > 1 {
-			s += fmt.Sprintf(" (and %d more: cohort check %s)", len(es)-1, es[0].File)
+		more := len(es) - 1
+		// Past MaxErrors the last entry counts the rest ("… and N more
+		// errors").
+		var n int
+		if last := es[len(es)-1]; len(es) > 1 && last.Line == 0 {
+			if _, err := fmt.Sscanf(last.Msg, "… and %d more", &n); err == nil {
+				more += n - 1
+			}
+		}
+		if more > 0 {
+			s += fmt.Sprintf(" (and %d more: cohort check %s)", more, es[0].File)
 		}
 		return printable(s)
 	}

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"unicode"
@@ -15,6 +16,14 @@ func TestSummary(t *testing.T) {
 	_, err = Parse("web.toml", []byte("wokers = 2\nmdoe = 1\n"))
 	if got := Summary(err); !strings.HasPrefix(got, `web.toml:1:1: unknown key "wokers"`) || !strings.HasSuffix(got, "more: cohort check web.toml)") {
 		t.Errorf("several errors: %q", got)
+	}
+	var many strings.Builder
+	for i := range MaxErrors + 5 {
+		fmt.Fprintf(&many, "wokers%d = 2\n", i)
+	}
+	_, err = Parse("web.toml", []byte(many.String()))
+	if got := Summary(err); !strings.Contains(got, "and 26 more: ") { // 25 unknown keys, no command, no listen: 27
+		t.Errorf("more than MaxErrors: %q", got)
 	}
 	if got := Summary(errors.New("read app file: open x: no such file\nsecond line")); got != "read app file: open x: no such file" {
 		t.Errorf("plain error: %q", got)
