@@ -11,15 +11,19 @@ import (
 func FuzzParse(f *testing.F) {
 	f.Add(appendConns(nil, []entry{{id: 1, listener: 0}}))
 	f.Add(appendIDs(nil, TypeAck, []uint64{1, 2, 3}))
+	f.Add(appendHello(nil))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := parse(b)
 		if err != nil {
 			return
 		}
 		var again []byte
-		if m.typ == TypeConns {
+		switch m.typ {
+		case TypeConns:
 			again = appendConns(nil, m.entries)
-		} else {
+		case TypeHello:
+			again = appendHello(nil)
+		default:
 			again = appendIDs(nil, m.typ, m.ids)
 		}
 		if !bytes.Equal(again, b) {
