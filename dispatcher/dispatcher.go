@@ -427,6 +427,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			}
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
+		case <-d.rrFaults():
+			d.rrOnFaults()
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -616,6 +618,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())
+	b.WriteString(d.rrStatus())
 	var looping []string
 	for _, s := range d.slots {
 		if s.crashLooping() {
