@@ -134,14 +134,17 @@ func runLogged(t *testing.T, opt Options) (*recorder, *syncBuffer) {
 	return rec, logs
 }
 
-// load sends n requests, each on a new connection, from conc clients with
-// a client timeout, and returns how many failed and the first error, and
-// the answers per worker.
+// loadCount sends n requests, each on a new connection, from conc
+// clients with a client timeout, and returns how many failed and the
+// first error, and the answers per worker. After a minute in all, what is
+// left is not sent and counts as failed, so that a dispatcher that serves
+// nothing fails the test in bounded time.
 func loadCount(addr string, n, conc int, timeout time.Duration) (failed int, first error, counts map[string]int) {
 	var (
-		mu   sync.Mutex
-		wg   sync.WaitGroup
-		next = make(chan struct{}, n)
+		mu       sync.Mutex
+		wg       sync.WaitGroup
+		next     = make(chan struct{}, n)
+		deadline = time.Now().Add(time.Minute)
 	)
 	counts = map[string]int{}
 	for range n {
@@ -152,7 +155,11 @@ func loadCount(addr string, n, conc int, timeout time.Duration) (failed int, fir
 		wg.Go(func() {
 			c := &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true}}
 			for range next {
-				body, err := getWith(c, "http://"+addr+"/")
+				var body string
+				err := fmt.Errorf("not sent: the load's minute is over")
+				if time.Now().Before(deadline) {
+					body, err = getWith(c, "http://"+addr+"/")
+				}
 				mu.Lock()
 				if err != nil {
 					failed++
