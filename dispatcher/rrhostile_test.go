@@ -38,6 +38,7 @@ import (
 //	hoarder  says HELLO, reads every connection and never acknowledges one
 //	hangup   says HELLO, reads one message, closes the channel without an
 //	         ACK and keeps running with its copies of those connections
+//	garbage  says HELLO, then sends a malformed message and keeps running
 //
 // All but crash send READY=1 and wait for SIGTERM, which the hoarder
 // ignores.
@@ -60,7 +61,13 @@ func helperRRHostile() int {
 		return 1
 	}
 	var w *rr.Worker
-	if role != "mute" {
+	if role == "garbage" {
+		// Raw on fd 3: HELLO, then an ACK with an fd attached (no
+		// worker may send fds).
+		syscall.Sendmsg(3, []byte{1, 5, 0, 0, 0, 0, 0, 0}, nil, nil, 0)
+		rawACK := []byte{1, 2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0}
+		syscall.Sendmsg(3, rawACK, syscall.UnixRights(0), nil, 0)
+	} else if role != "mute" {
 		var err error
 		if w, err = rr.NewWorker(os.NewFile(3, rr.FDName)); err != nil {
 			fmt.Fprintln(os.Stderr, "rr-hostile:", err)
@@ -307,6 +314,25 @@ func TestRoundRobinHangup(t *testing.T) {
 	rec.wait(t, &from, 10*time.Second, "its replacement ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == 1 })
 	if !strings.Contains(logs.String(), "closed its round-robin channel; stopping it") {
 		t.Errorf("no log line about the closed channel")
+	}
+}
+
+// TestRoundRobinGarbage: a worker that sends a malformed message is
+// stopped and replaced, and the others serve meanwhile.
+func TestRoundRobinGarbage(t *testing.T) {
+	t.Parallel()
+	app := hostileApp(t, 2, map[string]string{"HELPER_RR_ROLE": "garbage", "HELPER_RR_INDEX": "1", "HELPER_RR_ONCE": onceFile(t)})
+	l, addr := tcpListener(t, "http")
+	rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
+	from := 0
+	bad := rec.wait(t, &from, 20*time.Second, "worker 1 started", func(e Event) bool { return e.Kind == WorkerStarted && e.Worker == 1 })
+	rec.wait(t, &from, 20*time.Second, "the garbage worker marked unhealthy", func(e Event) bool { return e.Kind == WorkerUnhealthy && e.PID == bad.PID })
+	rec.wait(t, &from, 10*time.Second, "its replacement ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == 1 })
+	if !strings.Contains(logs.String(), "broke its round-robin channel (recv: round-robin protocol error: worker sent 1 fds); stopping it") {
+		t.Errorf("no log line about the malformed message")
+	}
+	if counts := spread(t, addr, 20, 2); counts["0"] == 0 || counts["1"] == 0 {
+		t.Errorf("answers per worker %s, want both", countsString(counts))
 	}
 }
 
