@@ -142,11 +142,11 @@ func runLogged(t *testing.T, opt Options) (*recorder, *syncBuffer) {
 }
 
 // loadCount sends n requests, each on a new connection, from conc
-// clients with a client timeout, and returns how many failed and the
-// first error, and the answers per worker. After a minute in all, what is
+// clients with a client timeout, and returns the answers per worker, how
+// many failed and the first error. After a minute in all, what is
 // left is not sent and counts as failed, so that a dispatcher that serves
 // nothing fails the test in bounded time.
-func loadCount(addr string, n, conc int, timeout time.Duration) (failed int, first error, counts map[string]int) {
+func loadCount(addr string, n, conc int, timeout time.Duration) (counts map[string]int, failed int, first error) {
 	var (
 		mu       sync.Mutex
 		wg       sync.WaitGroup
@@ -181,7 +181,7 @@ func loadCount(addr string, n, conc int, timeout time.Duration) (failed int, fir
 		})
 	}
 	wg.Wait()
-	return failed, first, counts
+	return counts, failed, first
 }
 
 // TestRoundRobinDeafWorker: a worker that stops reading its channel
@@ -202,7 +202,7 @@ func TestRoundRobinDeafWorker(t *testing.T) {
 			rec.waitNotify(t, 20*time.Second, "READY=1")
 			const n = 2000
 			start := time.Now()
-			failed, first, counts := loadCount(addr, n, 16, 15*time.Second)
+			counts, failed, first := loadCount(addr, n, 16, 15*time.Second)
 			took := time.Since(start)
 			t.Logf("max_pending %d: %d requests in %s, %d failed, answers per worker %s", maxPending, n, took.Round(time.Millisecond), failed, countsString(counts))
 			if failed > 0 {
@@ -241,7 +241,7 @@ func TestRoundRobinHoarder(t *testing.T) {
 	hoarder := rec.wait(t, &from, 10*time.Second, "worker 1 started", func(e Event) bool { return e.Kind == WorkerStarted && e.Worker == 1 })
 
 	const n = 300
-	failed, first, counts := loadCount(addr, n, 16, 15*time.Second)
+	counts, failed, first := loadCount(addr, n, 16, 15*time.Second)
 	t.Logf("%d requests, %d failed, answers per worker %s", n, failed, countsString(counts))
 	if failed > 0 {
 		t.Fatalf("%d of %d requests failed with a worker that never acknowledges, first: %v", failed, n, first)
@@ -380,7 +380,7 @@ func TestRoundRobinNeverSpoke(t *testing.T) {
 		rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
 		rec.waitNotify(t, 20*time.Second, "READY=1")
 		const n = 200
-		failed, first, counts := loadCount(addr, n, 8, 15*time.Second)
+		counts, failed, first := loadCount(addr, n, 8, 15*time.Second)
 		t.Logf("%d requests, %d failed, answers per worker %s", n, failed, countsString(counts))
 		if failed > 0 || counts["0"] != n {
 			t.Fatalf("%d of %d requests failed (first: %v), answers %s; want all from worker 0", failed, n, first, countsString(counts))
