@@ -276,8 +276,11 @@ func TestReadyTimeout(t *testing.T) {
 	from := 0
 	first := rec.wait(t, &from, 10*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })
 	ex := rec.wait(t, &from, 10*time.Second, "exit", func(e Event) bool { return e.Kind == WorkerExited && e.PID == first.PID })
-	if ex.ExitCode != 0 {
-		t.Errorf("exit %+v, want a graceful exit 0 after stop_signal", ex)
+	// Stopped with stop_signal, not SIGKILL: the worker either handled it
+	// (exit 0) or, on a loaded machine, had not installed its handler yet
+	// when the signal came and died of it.
+	if ex.ExitCode != 0 && ex.Signal != syscall.SIGTERM {
+		t.Errorf("exit %+v, want a graceful exit 0 or SIGTERM (stop_signal), not a kill", ex)
 	}
 	rec.wait(t, &from, 10*time.Second, "restart", func(e Event) bool { return e.Kind == WorkerStarted })
 	if rec.count(Ready) != 0 {
