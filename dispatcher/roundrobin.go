@@ -897,8 +897,12 @@ func (r *roundRobin) retire(w *rrWorker) {
 			r.next = 0
 		}
 	}
+	closing := r.closed
 	r.mu.Unlock()
 	left, _ := w.ch.Close()
+	if len(left) > 0 && !closing {
+		r.out.infof("worker %d (pid %d): %d connections it had not acknowledged go to other workers", w.index, w.pid, len(left))
+	}
 	r.requeue(left)
 }
 

@@ -184,6 +184,10 @@ func loadCount(addr string, n, conc int, timeout time.Duration) (counts map[stri
 	return counts, failed, first
 }
 
+// silentConns is how many connections TestRoundRobinDeafWorker opens and
+// leaves silent before its load.
+const silentConns = 1500
+
 // TestRoundRobinDeafWorker: a worker that stops reading its channel
 // cannot stop the acceptor, whatever max_pending is: the other worker
 // serves meanwhile, and after ack_timeout the connections queued for the
@@ -200,6 +204,16 @@ func TestRoundRobinDeafWorker(t *testing.T) {
 			l, addr := tcpListener(t, "http")
 			rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
 			rec.waitNotify(t, 20*time.Second, "READY=1")
+			// Silent connections, half of them for the deaf worker: more
+			// than its channel's queue holds (a few hundred messages), so
+			// that sends to it would block.
+			for range silentConns {
+				c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+			}
 			const n = 2000
 			start := time.Now()
 			counts, failed, first := loadCount(addr, n, 16, 15*time.Second)
