@@ -44,7 +44,10 @@ type statusSnapshot struct {
 // workers serve without it (but reloads through ExecReload= then fail).
 func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	path := filepath.Join(dir, control.SocketName)
-	srv, err := control.Listen(path, nil)
+	// Supervisor (this process) is the root of the worker trees, whose
+	// processes get read-only commands only; Run made it the child
+	// subreaper, so a worker's detached daemons stay below it.
+	srv, err := control.Listen(path, &control.Config{Supervisor: os.Getpid(), Logf: d.out.warnf})
 	if err != nil {
 		d.out.warnf("control socket %s: %v; 'cohort status', 'cohort scale' and reloads through it will not work", path, err)
 		return
@@ -146,11 +149,12 @@ func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 // own generation), sorted by index.
 func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	st := control.Status{
-		App:        d.app.Name,
-		Mode:       string(d.app.Mode),
-		Generation: d.gen,
-		Line:       d.statusLine(now),
-		Since:      d.started,
+		App:         d.app.Name,
+		Mode:        string(d.app.Mode),
+		Generation:  d.gen,
+		Line:        d.statusLine(now),
+		Since:       d.started,
+		ConfigError: d.fileProblem,
 	}
 	switch {
 	case d.stopping:

@@ -53,8 +53,11 @@ type Options struct {
 	// os.TempDir() that Run removes.
 	RuntimeDir string
 
-	// Stdout receives worker output, one "[app.N] line" at a time; Stderr
-	// receives the dispatcher's own log lines. nil means os.Stdout and
+	// Stdout receives worker output, "[app.N] line"s, whole lines in
+	// each write; Stderr receives the dispatcher's own log lines. Each is
+	// written by a goroutine of its own from a bounded queue, so a writer
+	// that blocks never blocks supervision: lines it has no room for are
+	// dropped and counted on Stderr (stream.go). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
 	// Journal sends worker lines to the journal with COHORT_WORKER,
@@ -84,6 +87,18 @@ type Options struct {
 	// Load re-reads the app for a reload (SIGHUP or the control socket);
 	// nil re-reads App.Path, or reuses App when it has no Path.
 	Load func() (*config.App, error)
+	// Subreaper makes the process a child subreaper, so that what a
+	// worker forks and leaves behind (a double-forked setsid daemon) is
+	// reparented to it and killed once its worker has exited (see
+	// orphans.go). Set it only when Run owns every child of the process:
+	// Run then reaps any child that exits, and kills at its end any child
+	// left.
+	Subreaper bool
+	// LoadTimeout bounds a reload's reading of the app: Load, the
+	// environment files, the command's lookup. A reload that takes longer
+	// fails and the old workers keep serving; the read goes on off the
+	// supervision loop, which never waits for it. Zero means 10s.
+	LoadTimeout time.Duration
 	// JournalSocket is journald's native socket, for Journal; ""
 	// means /run/systemd/journal/socket.
 	JournalSocket string
@@ -109,15 +124,32 @@ func Run(ctx context.Context, opt Options) error {
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	// The child subreaper: what a worker double-forks and detaches
+	// (setsid) is re-parented here, not to init, so it stays in the
+	// worker's tree, where the control socket gives it no command that
+	// changes state (dispatcher/control).
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("app %s: PR_SET_CHILD_SUBREAPER: %w", d.app.Name, err)
+	}
 
-	// SIGCHLD before the first fork, so no exit goes unnoticed.
+	// SIGCHLD before the first fork, so no exit goes unnoticed. SIGPIPE:
+	// a reader of stdout or stderr that goes away (cohort run | head -1)
+	// must not kill the dispatcher and its workers; the write fails with
+	// EPIPE instead (stream.go). Handled rather than ignored, so workers
+	// do not inherit SIG_IGN.
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGCHLD)
+	signal.Notify(sigs, syscall.SIGCHLD, syscall.SIGPIPE)
 	if opt.HandleSignals {
 		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	}
 	defer signal.Stop(sigs)
 
+	if opt.Subreaper {
+		if err := setSubreaper(); err != nil {
+			d.out.close()
+			return fmt.Errorf("app %s: %w", d.app.Name, err)
+		}
+	}
 	if err := d.open(); err != nil {
 		d.close()
 		return err
@@ -141,6 +173,9 @@ func Run(ctx context.Context, opt Options) error {
 		})
 	})
 	d.serveControl(goCtx, filepath.Dir(d.notifyPath)) // control.go
+	if path := opt.App.Path; path != "" {
+		d.wg.Go(func() { watchAppFile(goCtx, path, d.fileCh) }) // appfile.go
+	}
 	return d.loop(ctx, sigs)
 }
 
@@ -175,11 +210,16 @@ type dispatcher struct {
 	wg       sync.WaitGroup  // every goroutine Run started
 	notifyCh chan notifyMsg
 	execCh   chan execResult
+	loadCh   chan loadResult // a reload's app file, read off the loop (load.go)
 
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
 
-	ctl ctlState // reloads and control requests (reload.go, control.go)
+	ctl  ctlState    // reloads and control requests (reload.go, control.go)
+	orph orphanState // with Options.Subreaper (orphans.go)
+
+	fileCh      chan string // the app file's first problem, from watchAppFile
+	fileProblem string      // "" while the app file validates
 
 	// Toward systemd.
 	started       time.Time
@@ -199,7 +239,7 @@ type execResult struct {
 	err string
 }
 
-func newDispatcher(opt Options) (*dispatcher, error) {
+func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	app := opt.App
 	if app == nil {
 		return nil, errors.New("dispatcher: no app")
@@ -233,22 +273,31 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		gen:      1,
 		notifyCh: make(chan notifyMsg, 64),
 		execCh:   make(chan execResult, 64),
+		loadCh:   make(chan loadResult),
+		fileCh:   make(chan string),
 		readers:  map[*os.File]struct{}{},
 		ctl:      ctlState{reqs: make(chan ctlRequest)},
+		orph:     orphanState{killed: map[int]bool{}},
 	}
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
-	d.out = &output{app: app.Name, stdout: opt.Stdout, stderr: opt.Stderr, journal: opt.Journal}
+	stdout, stderr := opt.Stdout, opt.Stderr
+	if stdout == nil {
+		stdout = os.Stdout
+	}
+	if stderr == nil {
+		stderr = os.Stderr
+	}
+	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
 	if opt.Journal {
 		d.out.jw = newJournalSender(opt.JournalSocket)
 	}
-	if d.out.stdout == nil {
-		d.out.stdout = os.Stdout
-	}
-	if d.out.stderr == nil {
-		d.out.stderr = os.Stderr
-	}
+	defer func() {
+		if err != nil {
+			d.out.close()
+		}
+	}()
 	inherited := opt.Environ
 	if inherited == nil {
 		inherited = os.Environ()
@@ -258,6 +307,9 @@ func newDispatcher(opt Options) (*dispatcher, error) {
 		return nil, fmt.Errorf("app %s: %w", app.Name, err)
 	}
 	d.env = env
+	if err := checkSpawnable(app, env); err != nil {
+		return nil, fmt.Errorf("app %s: %w", app.Name, err)
+	}
 	cwd := d.dir
 	if cwd == "" {
 		if cwd, err = os.Getwd(); err != nil {
@@ -344,7 +396,7 @@ func (d *dispatcher) open() error {
 		}
 		d.tempDir = dir
 	}
-	d.notifyPath = filepath.Join(dir, fmt.Sprintf("notify-%d-%08x.sock", os.Getpid(), rand.Uint32()))
+	d.notifyPath = filepath.Join(dir, notifyName(os.Getpid(), rand.Uint32()))
 	if len(d.notifyPath) > 107 {
 		return fmt.Errorf("notify socket path %s: longer than 107 bytes", d.notifyPath)
 	}
@@ -370,6 +422,7 @@ func (d *dispatcher) close() {
 	if d.devnull != nil {
 		d.devnull.Close()
 	}
+	d.out.close()
 	if d.out.jw != nil {
 		d.out.jw.close()
 	}
@@ -403,6 +456,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			switch sig {
 			case syscall.SIGCHLD:
 				d.reap()
+			case syscall.SIGPIPE:
+				// A write failed with EPIPE; the stream says so.
 			case syscall.SIGHUP:
 				d.startReload("SIGHUP", time.Now(), nil)
 			default:
@@ -429,6 +484,17 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			d.onControl(req, time.Now())
 		case <-d.rrFaults():
 			d.rrOnFaults()
+		case res := <-d.loadCh:
+			d.onLoaded(res, time.Now())
+		case p := <-d.fileCh:
+			if p != d.fileProblem {
+				if p != "" {
+					d.out.warnf("config: %s; running the last good configuration", p)
+				} else {
+					d.out.infof("config: %s validates again", d.opt.App.Path)
+				}
+			}
+			d.fileProblem = p
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -443,6 +509,9 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.report(now)
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
+			if d.opt.Subreaper {
+				d.endOrphans(2 * time.Second)
+			}
 			return nil
 		}
 		timer.Reset(d.nextDeadline(now).Sub(now))
@@ -468,6 +537,10 @@ func (d *dispatcher) stop(why string) {
 // (while its pid cannot be reused) what is left of its process group is
 // killed.
 func (d *dispatcher) reap() {
+	if d.opt.Subreaper {
+		d.reapAll() // orphans.go
+		return
+	}
 	for pid, w := range d.procs {
 		var info unix.Siginfo
 		if err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); err != nil || info.Signo == 0 {
@@ -619,6 +692,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())
 	b.WriteString(d.rrStatus())
+	b.WriteString(d.appFileStatus())
 	var looping []string
 	for _, s := range d.slots {
 		if s.crashLooping() {

@@ -25,12 +25,15 @@ var privateEnv = map[string]bool{
 	"JOURNAL_STREAM":      true, // the workers' stdout is a pipe to the dispatcher
 	"SYSTEMD_EXEC_PID":    true,
 	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
+	WorkerPIDEnv:          true, // the trampoline sets each worker's own
 }
 
 // baseEnv is the environment every worker of app starts from: inherited
 // (without privateEnv), then app.Environment, then the environment files.
 // It returns an error naming the file for an environment file that cannot
-// be read, unless its name starts with "-" (systemd's "optional").
+// be read, unless its name starts with "-" (systemd's "optional") and it
+// does not exist or may not be read. A file that is not a regular file or
+// holds more than config.MaxFileSize is an error even when optional.
 func baseEnv(inherited []string, app *config.App) ([]string, error) {
 	env := newEnvList()
 	for _, kv := range inherited {
@@ -49,7 +52,8 @@ func baseEnv(inherited []string, app *config.App) ([]string, error) {
 		if !filepath.IsAbs(name) && app.Path != "" {
 			name = filepath.Join(filepath.Dir(app.Path), name)
 		}
-		data, err := os.ReadFile(name)
+		// Bounded, and never a FIFO or a device: a reload reads these.
+		data, err := config.ReadRegularFile(name, config.MaxFileSize)
 		if err != nil {
 			if optional && (errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission)) {
 				continue

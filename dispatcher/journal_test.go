@@ -218,10 +218,11 @@ func TestJournalUnreachable(t *testing.T) {
 // maxLine pieces, and a last line without a newline is passed on.
 func TestCopyLinesSplit(t *testing.T) {
 	t.Parallel()
-	var out bytes.Buffer
-	o := &output{app: "a", stdout: &out, stderr: &out}
+	var out syncBuffer
+	o := newOutput("a", &out, io.Discard, false)
 	in := strings.Repeat("z", 2*maxLine+maxLine/2) + "\nsecond\n\nno newline"
 	o.copyLines(workerTag{index: 3}, io.NopCloser(strings.NewReader(in)))
+	o.close()
 	lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
 	var lens []int
 	for _, l := range lines {

@@ -38,6 +38,8 @@ func TestMain(m *testing.M) {
 		os.Exit(helperCohortWorker())
 	case "rr-hostile":
 		os.Exit(helperRRHostile())
+	case "steer":
+		os.Exit(helperSteer()) // steer_test.go
 	}
 	code := m.Run()
 	removeHello()
@@ -176,7 +178,8 @@ func helperDispatcher() int {
 	os.Unsetenv("COHORT_TEST_APP")
 	os.Unsetenv("COHORT_TEST_HELPER")
 	files := activation.Files(true)
-	opt := Options{App: &app, HandleSignals: true}
+	// This process owns all its children: it may be their subreaper.
+	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
 	var err error
 	if app.Mode == config.ModeReusePort {
 		opt.SlotListeners, err = MatchSlotListeners(&app, files)
@@ -197,7 +200,8 @@ func helperDispatcher() int {
 // helperPrinter writes the lines of HELPER_LINES (separated by "|") to
 // stdout (HELPER_REPEAT times), a line of HELPER_LONG bytes when set, and HELPER_TAIL without a
 // newline; then it exits with HELPER_EXIT, or kills itself with SIGKILL
-// when HELPER_EXIT is "kill" (output written just before a crash).
+// when HELPER_EXIT is "kill" (output written just before a crash), or
+// stays until killed when it is "hang".
 func helperPrinter() int {
 	w := bufio.NewWriter(os.Stdout)
 	repeat, _ := strconv.Atoi(os.Getenv("HELPER_REPEAT"))
@@ -211,8 +215,11 @@ func helperPrinter() int {
 	}
 	w.WriteString(os.Getenv("HELPER_TAIL"))
 	w.Flush()
-	if os.Getenv("HELPER_EXIT") == "kill" {
+	switch os.Getenv("HELPER_EXIT") {
+	case "kill":
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	case "hang": // stay, until a signal ends it
+		time.Sleep(time.Hour)
 	}
 	code, _ := strconv.Atoi(os.Getenv("HELPER_EXIT"))
 	return code

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"strconv"
-	"sync"
 
 	"github.com/coreos/go-systemd/v22/journal"
 )
@@ -20,15 +19,44 @@ import (
 // a memfd (see journalSender).
 const maxLine = 1 << 20
 
-// output is where worker lines and the dispatcher's own log lines go. It
-// serializes writers so lines never interleave.
+// output is where worker lines and the dispatcher's own log lines go:
+// two streams (stream.go), so that no writer that stops draining can block
+// the supervision loop or a worker, and lines never interleave.
 type output struct {
-	mu      sync.Mutex
 	app     string
-	stdout  io.Writer // worker lines, in terminal mode
-	stderr  io.Writer // the dispatcher's log
 	journal bool
 	jw      *journalSender // set when journal
+	log     *stream        // the dispatcher's log (stderr)
+	lines   *stream        // worker lines (stdout), and the journal's fallback
+}
+
+// newOutput starts the streams toward stdout and stderr; close ends them.
+func newOutput(app string, stdout, stderr io.Writer, journal bool) *output {
+	o := &output{app: app, journal: journal}
+	o.log = newStream("stderr", stderr)
+	o.lines = newStream("stdout", stdout)
+	o.log.notice = o.noticef
+	o.lines.notice = o.noticef
+	return o
+}
+
+// noticef is a log line about the streams themselves; like every log
+// line, it never waits.
+func (o *output) noticef(msg string) { o.warnf("%s", msg) }
+
+// close writes out what is queued, waiting at most flushTimeout per
+// stream, and reports lines dropped and not reported yet. A stream whose
+// write never returns (a pipe nobody reads) is left to its goroutine,
+// which ends with the write or with the process.
+func (o *output) close() {
+	o.lines.close(flushTimeout)
+	for src, n := range o.lines.takeDrops() {
+		o.lines.reportDrops(src, n)
+	}
+	if n := o.log.takeDrops()[logSource]; n > 0 {
+		o.log.reportDrops(logSource, n)
+	}
+	o.log.close(flushTimeout)
 }
 
 // workerTag identifies the worker a line comes from.
@@ -38,16 +66,18 @@ type workerTag struct {
 
 // logf writes one dispatcher log line. In journal mode prio becomes a
 // syslog "<N>" prefix (stderr is then a journal stream); in terminal
-// mode the line is prefixed "[app] ".
+// mode the line is prefixed "[app] ". It never blocks: a line the log
+// has no room for is dropped and counted.
 func (o *output) logf(prio journal.Priority, format string, args ...any) {
-	msg := fmt.Sprintf(format, args...)
-	o.mu.Lock()
-	defer o.mu.Unlock()
+	var b []byte
 	if o.journal {
-		fmt.Fprintf(o.stderr, "<%d>%s\n", prio, msg)
-		return
+		b = fmt.Appendf(nil, "<%d>", prio)
+	} else {
+		b = fmt.Appendf(nil, "[%s] ", o.app)
 	}
-	fmt.Fprintf(o.stderr, "[%s] %s\n", o.app, msg)
+	b = fmt.Appendf(b, format, args...)
+	b = append(b, '\n')
+	o.log.put(logSource, b, false)
 }
 
 func (o *output) infof(format string, args ...any) { o.logf(journal.PriInfo, format, args...) }
@@ -55,8 +85,9 @@ func (o *output) warnf(format string, args ...any) { o.logf(journal.PriWarning, 
 
 // workerLine passes on one line of a worker's output (without its
 // newline). In journal mode it becomes a journal entry with the worker's
-// fields and the priority of a leading "<N>"; otherwise it is written to
-// stdout prefixed "[app.N] ".
+// fields and the priority of a leading "<N>"; otherwise it is queued for
+// stdout prefixed "[app.N] ", waiting while stdout drains, dropped (and
+// counted) when it does not.
 func (o *output) workerLine(t workerTag, line []byte) {
 	if o.journal {
 		prio, msg := journal.PriInfo, line
@@ -81,9 +112,7 @@ func (o *output) workerLine(t workerTag, line []byte) {
 	buf = fmt.Appendf(buf, "[%s.%d] ", o.app, t.index)
 	buf = append(buf, line...)
 	buf = append(buf, '\n')
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.stdout.Write(buf)
+	o.lines.put(t, buf, true)
 }
 
 // copyLines reads r line by line until EOF or an error (a read deadline

@@ -75,6 +75,8 @@ type ctlState struct {
 	reqs       chan ctlRequest // from the control socket's handler
 	lastErr    string          // the last failed reload, for STATUS= (cleared by a successful one)
 	socketPath string          // the control socket, "" when it could not be created
+	loading    *pendingLoad    // a reload whose app file is being read (load.go)
+	loadSeq    uint64          // numbers loads, so a late result is told apart
 }
 
 // startReload begins a rolling reload from the re-read app file. It fails
@@ -100,15 +102,26 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		sendReply(reply, ctlReply{err: err})
 		return
 	}
-	d.sendNotify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=reloading (%s)", monotonicUsec(), why))
-	next, err := d.loadSpec()
-	if err != nil {
-		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: %w", err), reply, true)
+	if p := d.ctl.loading; p != nil {
+		err := fmt.Errorf("reload refused: the app file of a reload started %s ago is still being read", now.Sub(p.started).Round(time.Millisecond))
+		d.out.warnf("%s: %v", why, err)
+		sendReply(reply, ctlReply{err: err})
 		return
 	}
+	d.sendNotify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=reloading (%s)", monotonicUsec(), why))
+	// The app file is read off the loop (load.go); onLoaded goes on
+	// with beginReload.
+	d.ctl.loadSeq++
+	d.ctl.loading = &pendingLoad{why: why, started: now, reply: reply, seq: d.ctl.loadSeq}
+	d.startLoad(d.current(), d.ctl.loadSeq, d.loadTimeout())
+}
+
+// beginReload starts the rolling replacement toward next, the spec read
+// for a reload that began at started.
+func (d *dispatcher) beginReload(why string, started time.Time, next spec, reply chan<- ctlReply, now time.Time) {
 	prev := d.current()
 	r := &replacement{
-		kind: kindReload, why: why, started: now, prev: prev,
+		kind: kindReload, why: why, started: started, prev: prev,
 		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
 		batchMax: max(next.app.ReloadBatch, 1),
 	}
@@ -377,6 +390,7 @@ func (d *dispatcher) finishReplace(now time.Time) {
 
 // abortReplace fails a running replacement because the dispatcher stops.
 func (d *dispatcher) abortReplace() {
+	d.abortLoad()
 	if d.ctl.cur != nil {
 		d.failReplace(errors.New("the dispatcher is stopping"))
 	}
@@ -433,9 +447,11 @@ func (d *dispatcher) apply(sp spec) {
 	d.app, d.env, d.path, d.dir, d.gen = sp.app, sp.env, sp.path, sp.dir, sp.gen
 }
 
-// loadSpec re-reads the app (Options.Load) and prepares the next
-// generation's spec, refusing what a reload cannot change.
-func (d *dispatcher) loadSpec() (spec, error) {
+// loadSpec re-reads the app (Options.Load) and prepares the generation
+// after cur, refusing what a reload cannot change. It runs off the loop
+// (load.go), so it reads nothing of d that the loop changes: cur is the
+// loop's snapshot.
+func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	load := d.opt.Load
 	if load == nil {
 		load = d.defaultLoad
@@ -447,11 +463,11 @@ func (d *dispatcher) loadSpec() (spec, error) {
 	if len(app.Command) == 0 {
 		return spec{}, fmt.Errorf("app %s: no command", app.Name)
 	}
-	if !reflect.DeepEqual(app.Listen, d.app.Listen) {
-		return spec{}, fmt.Errorf("[[listen]] changed: a reload cannot change the listening sockets, which systemd owns; run 'systemctl daemon-reload', then 'systemctl restart %s.socket' (under 'cohort run': restart it)", d.app.Name)
+	if !reflect.DeepEqual(app.Listen, cur.app.Listen) {
+		return spec{}, fmt.Errorf("[[listen]] changed: a reload cannot change the listening sockets, which systemd owns; run 'systemctl daemon-reload', then 'systemctl restart %s.socket' (under 'cohort run': restart it)", cur.app.Name)
 	}
-	if app.Mode != d.app.Mode {
-		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", d.app.Mode, app.Mode, d.app.Name)
+	if app.Mode != cur.app.Mode {
+		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", cur.app.Mode, app.Mode, cur.app.Name)
 	}
 	inherited := d.opt.Environ
 	if inherited == nil {
@@ -459,6 +475,9 @@ func (d *dispatcher) loadSpec() (spec, error) {
 	}
 	env, err := baseEnv(inherited, app)
 	if err != nil {
+		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
+	}
+	if err := checkSpawnable(app, env); err != nil {
 		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
 	}
 	cwd := app.WorkingDirectory
@@ -471,7 +490,7 @@ func (d *dispatcher) loadSpec() (spec, error) {
 	if err != nil {
 		return spec{}, fmt.Errorf("app %s: command: %w", app.Name, err)
 	}
-	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: d.gen + 1}, nil
+	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: cur.gen + 1}, nil
 }
 
 // defaultLoad re-reads the app file the App came from; an App built
@@ -486,6 +505,9 @@ func (d *dispatcher) defaultLoad() (*config.App, error) {
 
 // replaceStatus is what the status line says about a replacement.
 func (d *dispatcher) replaceStatus() string {
+	if d.ctl.loading != nil {
+		return " · reloading: reading the app file"
+	}
 	if r := d.ctl.cur; r != nil && r.kind == kindReload {
 		return fmt.Sprintf(" · reloading: %d/%d replaced", r.replaced, r.total)
 	}

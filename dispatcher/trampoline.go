@@ -27,8 +27,8 @@ const TrampolineArg = "__exec-worker"
 // command and ARGV0 ARGS… its argv.
 const trampolineFixedArgs = 4
 
-// Trampoline turns the current process into a worker: it sets LISTEN_PID
-// (and WATCHDOG_PID when WATCHDOG_USEC is set) to its own pid, pins itself
+// Trampoline turns the current process into a worker: it sets LISTEN_PID,
+// WorkerPIDEnv (and WATCHDOG_PID when WATCHDOG_USEC is set) to its own pid, pins itself
 // to a CPU when asked, and execs the command. args are the arguments after
 // TrampolineArg. It returns only on failure, with the exit code to use
 // (127: not found, 126: not executable, 2: bad arguments), after writing
@@ -67,7 +67,10 @@ func Trampoline(args []string) int {
 		}
 	}
 	pid := strconv.Itoa(os.Getpid())
-	env := append(os.Environ(), "LISTEN_PID="+pid)
+	// WorkerPIDEnv first, where the dispatcher looks for it in an
+	// orphan's /proc/PID/environ (orphans.go).
+	env := append([]string{WorkerPIDEnv + "=" + pid}, os.Environ()...)
+	env = append(env, "LISTEN_PID="+pid)
 	if os.Getenv("WATCHDOG_USEC") != "" {
 		env = append(env, "WATCHDOG_PID="+pid)
 	}

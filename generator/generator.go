@@ -12,12 +12,14 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/generator/running"
 	"github.com/cohort-dev/cohort/units"
 	"golang.org/x/sys/unix"
 )
@@ -38,6 +40,13 @@ const (
 	stopMargin  = 10 * time.Second
 )
 
+// MaxAppUnitBytes bounds what the units of one app may hold in all. Every
+// socket unit repeats the [unit] and [socket] pass-through directives, so
+// in reuseport mode a file within config's limits could still render to a
+// gigabyte; Render stops at this budget instead, keeping the generator's
+// memory bounded whatever the file holds.
+const MaxAppUnitBytes = 8 << 20
+
 // Options says where the generator looks.
 type Options struct {
 	CohortPath string   // the binary in ExecStart=; DefaultCohortPath when empty
@@ -46,6 +55,11 @@ type Options struct {
 	// where the generator must emit one socket set per worker; 0 counts
 	// the CPUs this process may run on (see AvailableCPUs).
 	CPUs int
+	// RunningDir holds the running configurations of the apps that run
+	// (running.Dir under systemd): an app file that does not validate is
+	// rendered from its app's snapshot there, so that a running app keeps
+	// its units. "" renders nothing for a bad file.
+	RunningDir string
 }
 
 // Units are the unit files of one app, and the socket units that
@@ -66,12 +80,20 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Every socket unit repeats the [unit] and [socket] directives:
+	// refuse before rendering what would pass the budget anyway.
+	perSocket := directiveBytes(app.Unit) + directiveBytes(app.Socket)
+	if n := len(sockets) * perSocket; n > MaxAppUnitBytes {
+		return nil, unitBudgetError(app, len(sockets))
+	}
 	socketNames := make([]string, len(sockets))
 	for i, s := range sockets {
 		socketNames[i] = s.Unit
 	}
 
+	prepare := []string{cohort, "dispatch-prepare", app.Path}
 	out := &Units{}
+	size := 0
 	for i, sock := range sockets {
 		l := sock.Listener
 		s := &units.Socket{
@@ -96,10 +118,24 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		}
 		if i == 0 {
 			s.Wants = socketNames[1:]
+			// The main socket records the running configuration
+			// before systemd binds, so that a socket-activated app
+			// whose service never started keeps its sockets through a
+			// bad edit too, and forgets it when stopped (see
+			// docs/config.md, "A bad edit").
+			s.ExecStartPre = prepare
+			s.ExecStopPost = []string{cohort, "dispatch-prepare", "--remove", app.Path}
 		} else {
 			s.PartOf = socketNames[0]
 		}
-		out.Files = append(out.Files, s.Render())
+		f, err := s.Render()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", app.Path, err)
+		}
+		if size += len(f.Content); size > MaxAppUnitBytes {
+			return nil, unitBudgetError(app, len(sockets))
+		}
+		out.Files = append(out.Files, f)
 	}
 
 	workers := workersText(app.Workers)
@@ -111,6 +147,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		Description:      fmt.Sprintf("cohort app %s (%s workers, %s mode)", app.Name, workers, app.Mode),
 		SourcePath:       app.Path,
 		Sockets:          socketNames,
+		ExecStartPre:     prepare,
 		ExecStart:        []string{cohort, "dispatch", app.Path},
 		User:             app.User,
 		Group:            app.Group,
@@ -118,8 +155,8 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		// The dispatcher reports READY=1 after ready_timeout at the latest,
 		// and kills workers after stop_timeout: systemd waits a little
 		// longer so that it never cuts the dispatcher short.
-		StartTimeout: app.ReadyTimeout + startMargin,
-		StopTimeout:  app.StopTimeout + stopMargin,
+		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
+		StopTimeout:  addMargin(app.StopTimeout, stopMargin),
 		Hardening:    app.Hardening,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
@@ -136,17 +173,30 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	// dispatcher over its control socket and exits 1 on failure;
 	// `kill -HUP $MAINPID` would return at once. The dispatcher's
 	// RELOADING=1/READY=1 (also sent for a SIGHUP that did not come
-	// from systemd) keep the unit's state "reloading" meanwhile.
+	// from systemd) keep the unit's state "reloading" meanwhile. It runs
+	// as root ("+"): it validates the file and records the configuration
+	// it reloaded as the running one, which only root may write.
 	svc.ExecReload = []string{cohort, "dispatch-reload", app.Path}
 	f, err := svc.Render()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", app.Path, err)
 	}
 	out.Files = append(out.Files, f)
 	if app.Enable {
 		out.Wants = socketNames
 	}
 	return out, nil
+}
+
+// addMargin is d + margin, saturating at the longest time.Duration: the
+// config bounds durations (config.MaxDuration), and an App built some other
+// way must not wrap around into a negative timeout that drops the
+// directive.
+func addMargin(d, margin time.Duration) time.Duration {
+	if d > math.MaxInt64-margin {
+		return math.MaxInt64
+	}
+	return d + margin
 }
 
 // Socket is one socket unit of an app: which listener it binds, for which
@@ -186,6 +236,10 @@ func Sockets(app *config.App, cpus int) ([]Socket, error) {
 		cpus = n
 	}
 	n := app.Workers.Count(cpus)
+	if n*len(app.Listen) > config.MaxReusePortSockets {
+		return nil, fmt.Errorf("%s: mode = \"reuseport\" writes one socket unit per worker and listener: workers = \"auto\" is %d CPUs here × %d listeners = %d, more than %d; set workers",
+			app.Path, n, len(app.Listen), n*len(app.Listen), config.MaxReusePortSockets)
+	}
 	out := make([]Socket, 0, n*len(app.Listen))
 	for _, l := range app.Listen {
 		for i := range n {
@@ -230,6 +284,20 @@ func workersText(w config.Workers) string {
 	return fmt.Sprint(w.N)
 }
 
+func unitBudgetError(app *config.App, sockets int) error {
+	return fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units, each with the [unit] and [socket] directives); use fewer workers, listeners or directives",
+		app.Path, MaxAppUnitBytes, sockets)
+}
+
+// directiveBytes is what ds adds to a unit file, at least.
+func directiveBytes(ds []config.Directive) int {
+	n := 0
+	for _, d := range ds {
+		n += len(d.Key) + len(d.Value) + 2 // "=" and "\n"
+	}
+	return n
+}
+
 func options(ds []config.Directive) []units.Option {
 	out := make([]units.Option, len(ds))
 	for i, d := range ds {
@@ -253,7 +321,11 @@ var ErrBadApps = errors.New("some app files were skipped")
 
 // Run writes the units of every valid app into dir, and the wants-symlinks
 // of enabled apps into dir/sockets.target.wants. It reports each bad file on
-// g.Log and goes on with the others.
+// g.Log and goes on with the others. A bad file whose app runs (it has a
+// snapshot in Options.RunningDir) is reported too, with "keeping the
+// running configuration of APP", and its units are rendered from the
+// snapshot, so that a typo and a daemon-reload do not take the sockets
+// from a running app; it counts as bad for ErrBadApps.
 func (g *Generator) Run(dir string) error {
 	files, err := config.Discover(g.SearchPath)
 	bad := 0
@@ -264,7 +336,12 @@ func (g *Generator) Run(dir string) error {
 	owner := map[string]string{} // unit name → app file that produced it
 	existing := indexUnits(g.Options.UnitDirs)
 	for _, path := range files {
-		if err := g.one(dir, path, owner, existing); err != nil {
+		err := g.one(dir, path, owner, existing)
+		if errors.Is(err, errKept) {
+			bad++
+			continue
+		}
+		if err != nil {
 			fmt.Fprintln(g.Log, err)
 			fmt.Fprintf(g.Log, "cohort-generator: skipped %s: no units generated for it\n", path)
 			bad++
@@ -277,13 +354,18 @@ func (g *Generator) Run(dir string) error {
 }
 
 func (g *Generator) one(dir, path string, owner, existing map[string]string) error {
-	app, err := config.ParseFile(path)
+	us, err := g.render(path)
+	kept := false
 	if err != nil {
-		return err
-	}
-	us, err := Render(app, g.Options)
-	if err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		from, kerr := g.renderRunning(path)
+		if kerr != nil {
+			if !errors.Is(kerr, running.ErrNone) {
+				fmt.Fprintf(g.Log, "cohort-generator: %s: %v\n", path, kerr)
+			}
+			return err
+		}
+		fmt.Fprintln(g.Log, running.KeepMessage(err, config.AppName(path)))
+		us, kept = from, true
 	}
 	for _, f := range us.Files {
 		if other, taken := owner[f.Name]; taken {
@@ -293,7 +375,48 @@ func (g *Generator) one(dir, path string, owner, existing map[string]string) err
 			return fmt.Errorf("%s: unit %s already exists as %s; rename the app file (or remove that unit)", path, f.Name, other)
 		}
 	}
-	return Write(dir, us, func(name string) { owner[name] = path })
+	if err := Write(dir, us, func(name string) { owner[name] = path }); err != nil {
+		return err
+	}
+	if kept {
+		// Counted as a bad file (exit status 1), already reported; but
+		// the units are written and the app keeps running as it was.
+		return errKept
+	}
+	return nil
+}
+
+// errKept marks a bad file whose app was rendered from its running
+// configuration: it counts as bad, but has been reported already.
+var errKept = errors.New("kept the running configuration")
+
+// render parses and renders the app file at path.
+func (g *Generator) render(path string) (*Units, error) {
+	app, err := config.ParseFile(path)
+	if err != nil {
+		return nil, err
+	}
+	us, err := Render(app, g.Options)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return us, nil
+}
+
+// renderRunning renders the app of path from its running configuration:
+// the same units as the last time the app was started or reloaded, with
+// SourcePath= and the commands still naming path. An error wraps
+// running.ErrNone when the app has no snapshot (it does not run, or
+// RunningDir is "").
+func (g *Generator) renderRunning(path string) (*Units, error) {
+	if g.Options.RunningDir == "" {
+		return nil, running.ErrNone
+	}
+	app, err := running.Load(g.Options.RunningDir, path)
+	if err != nil {
+		return nil, err
+	}
+	return Render(app, g.Options)
 }
 
 // Write writes an app's unit files and wants-symlinks into dir, calling

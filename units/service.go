@@ -13,9 +13,15 @@ type Service struct {
 	SourcePath  string   // the app file
 	Sockets     []string // socket units it requires and is ordered after
 	ExecStart   []string // argv of the dispatcher
+	// ExecStartPre is the argv of a command run before ExecStart= with
+	// full privileges (systemd's "+" prefix: as root, outside the
+	// sandbox and User=); nil renders none. The generator records the
+	// app's running configuration with it, which only root may write.
+	ExecStartPre []string
 	// ExecReload is the argv of the reload command, which must wait for
 	// the reload to finish and exit non-zero when it failed; nil renders
-	// no ExecReload=.
+	// no ExecReload=. It runs with full privileges ("+") like
+	// ExecStartPre, so that it can record the configuration it reloaded.
 	ExecReload []string
 	// User and Group run the dispatcher and its workers; an empty User
 	// means DynamicUser=yes.
@@ -30,27 +36,36 @@ type Service struct {
 	ExtraService     []Option
 }
 
-// Render returns the unit file. It fails only for an unknown hardening
-// profile.
+// Render returns the unit file. It fails for an unknown hardening
+// profile, a negative timeout, and any name or value that options.put
+// refuses (see the package doc).
 func (s *Service) Render() (File, error) {
 	sandbox, ok := hardening(s.Hardening)
 	if !ok {
 		return File{}, fmt.Errorf("render %s: unknown hardening profile %q", s.Name, s.Hardening)
+	}
+	if s.StartTimeout < 0 || s.StopTimeout < 0 {
+		return File{}, fmt.Errorf("render %s: negative timeout (start %v, stop %v)", s.Name, s.StartTimeout, s.StopTimeout)
 	}
 	var o options
 	o.add("Unit", "Description", s.Description)
 	o.add("Unit", "Documentation", "man:cohort.toml(5)")
 	o.add("Unit", "SourcePath", s.SourcePath)
 	for _, sock := range s.Sockets {
-		o.add("Unit", "Requires", sock)
-		o.add("Unit", "After", sock)
+		o.addUnit("Unit", "Requires", sock)
+		o.addUnit("Unit", "After", sock)
 	}
-	o.addAll("Unit", s.ExtraUnit)
+	o.addVerbatim("Unit", s.ExtraUnit)
 
 	o.add("Service", "Type", "notify")
 	o.add("Service", "NotifyAccess", "main")
-	o.add("Service", "ExecStart", QuoteCommand(s.ExecStart))
-	o.addIf(len(s.ExecReload) > 0, "Service", "ExecReload", QuoteCommand(s.ExecReload))
+	if len(s.ExecStartPre) > 0 {
+		o.addCommand("Service", "ExecStartPre", "+", s.ExecStartPre)
+	}
+	o.addCommand("Service", "ExecStart", "", s.ExecStart)
+	if len(s.ExecReload) > 0 {
+		o.addCommand("Service", "ExecReload", "+", s.ExecReload)
+	}
 	// mixed: SIGTERM reaches only the dispatcher, which stops its workers
 	// gracefully; stragglers get SIGKILL from systemd at the end.
 	o.add("Service", "KillMode", "mixed")
@@ -64,7 +79,7 @@ func (s *Service) Render() (File, error) {
 	}
 	o.addIf(s.Group != "", "Service", "Group", s.Group)
 	o.addIf(s.RuntimeDirectory != "", "Service", "RuntimeDirectory", s.RuntimeDirectory)
-	o.addAll("Service", sandbox)
-	o.addAll("Service", s.ExtraService)
-	return render(s.Name, generatedHeader(s.SourcePath), o), nil
+	o.addVerbatim("Service", sandbox)
+	o.addVerbatim("Service", s.ExtraService)
+	return render(s.Name, generatedHeader(s.SourcePath), &o)
 }

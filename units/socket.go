@@ -24,27 +24,35 @@ type Socket struct {
 	// Wants are the app's other socket units: starting the main socket
 	// starts them all. PartOf makes a secondary socket follow the main
 	// one on stop and restart.
-	Wants       []string
-	PartOf      string
-	ExtraUnit   []Option
-	ExtraSocket []Option
+	Wants  []string
+	PartOf string
+	// ExecStartPre and ExecStopPost are the argv of commands run before
+	// the socket is bound and after it was closed, with full privileges
+	// ("+"); nil renders none.
+	ExecStartPre []string
+	ExecStopPost []string
+	ExtraUnit    []Option
+	ExtraSocket  []Option
 }
 
-// Render returns the unit file.
-func (s *Socket) Render() File {
+// Render returns the unit file. It fails for any name or value that
+// options.put refuses (see the package doc).
+func (s *Socket) Render() (File, error) {
 	var o options
 	o.add("Unit", "Description", s.Description)
 	o.add("Unit", "Documentation", "man:cohort.toml(5)")
 	o.add("Unit", "SourcePath", s.SourcePath)
 	for _, w := range s.Wants {
-		o.add("Unit", "Wants", w)
+		o.addUnit("Unit", "Wants", w)
 	}
-	o.addIf(s.PartOf != "", "Unit", "PartOf", s.PartOf)
-	o.addAll("Unit", s.ExtraUnit)
+	if s.PartOf != "" {
+		o.addUnit("Unit", "PartOf", s.PartOf)
+	}
+	o.addVerbatim("Unit", s.ExtraUnit)
 
-	o.add("Socket", "ListenStream", EscapeSpecifiers(s.ListenStream))
+	o.add("Socket", "ListenStream", s.ListenStream)
 	o.add("Socket", "FileDescriptorName", s.FileDescriptorName)
-	o.add("Socket", "Service", s.Service)
+	o.addUnit("Socket", "Service", s.Service)
 	o.addIf(s.Backlog > 0, "Socket", "Backlog", strconv.Itoa(s.Backlog))
 	o.addIf(s.ReusePort, "Socket", "ReusePort", yesNo(true))
 	o.addIf(s.NoDelay, "Socket", "NoDelay", yesNo(true))
@@ -52,6 +60,12 @@ func (s *Socket) Render() File {
 	o.addIf(s.SocketUser != "", "Socket", "SocketUser", s.SocketUser)
 	o.addIf(s.SocketGroup != "", "Socket", "SocketGroup", s.SocketGroup)
 	o.addIf(s.SocketMode != 0, "Socket", "SocketMode", fmt.Sprintf("%04o", s.SocketMode))
-	o.addAll("Socket", s.ExtraSocket)
-	return render(s.Name, generatedHeader(s.SourcePath), o)
+	if len(s.ExecStartPre) > 0 {
+		o.addCommand("Socket", "ExecStartPre", "+", s.ExecStartPre)
+	}
+	if len(s.ExecStopPost) > 0 {
+		o.addCommand("Socket", "ExecStopPost", "+", s.ExecStopPost)
+	}
+	o.addVerbatim("Socket", s.ExtraSocket)
+	return render(s.Name, generatedHeader(s.SourcePath), &o)
 }

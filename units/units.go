@@ -3,14 +3,28 @@
 //
 // It knows systemd's syntax (quoting, escaping, time spans, sections) and
 // nothing of cohort's app files: the generator fills these models in.
+//
+// Every directive goes through one function (options.put) that refuses
+// what could change the unit's meaning instead of being its value: a key
+// that is not a directive name, a value with a control character (NUL and
+// line ends end a line for systemd: the rest would become a directive of
+// its own), invalid UTF-8, a trailing backslash (a continuation line) or
+// leading and trailing whitespace (which systemd strips). Values cohort
+// makes itself are also escaped: '%' becomes "%%" so systemd does not
+// expand specifiers in them, and command lines are quoted word by word.
+// Render reports a refused value as an error, so no unit is written.
 package units
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/coreos/go-systemd/v22/unit"
 )
@@ -26,19 +40,79 @@ type File struct {
 	Content []byte
 }
 
+// NameMax is the longest unit name systemd accepts, suffix included
+// (UNIT_NAME_MAX in systemd's unit-name.h).
+const NameMax = 255
+
+// nameRE is the characters systemd allows in a unit name (unit_name_is_valid):
+// ASCII letters, digits and ":-_.\", and '@' for templates, which cohort
+// does not make.
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9:_.\\-]+\.(service|socket)$`)
+
+// CheckName reports whether name is a unit name systemd accepts: at most
+// NameMax bytes, only the characters systemd allows, a .service or
+// .socket suffix.
+func CheckName(name string) error {
+	switch {
+	case len(name) > NameMax:
+		return fmt.Errorf("unit name %q is %d bytes long, longer than systemd's limit of %d", name, len(name), NameMax)
+	case !nameRE.MatchString(name) || strings.HasPrefix(name, "."):
+		return fmt.Errorf("%q is not a valid unit name", name)
+	}
+	return nil
+}
+
+// keyRE is a directive name: letters and digits, and '-' for X- keys.
+var keyRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9-]*$`)
+
+// sectionRE is the section names cohort writes.
+var sectionRE = regexp.MustCompile(`^[A-Z][A-Za-z]*$`)
+
+// CheckValue reports whether v can be written as one directive's value and
+// be read back by systemd exactly as it is: one line of valid UTF-8 with no
+// control character (C0, DEL, C1; TAB too, so a value is what it looks
+// like), no trailing backslash, no leading or trailing space.
+func CheckValue(v string) error {
+	if !utf8.ValidString(v) {
+		return errors.New("value is not valid UTF-8")
+	}
+	for i, r := range v {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("control character %U at byte %d (it would end the line or change it)", r, i)
+		}
+	}
+	if strings.HasSuffix(v, `\`) {
+		return errors.New("value ends with a backslash, which continues the line in a unit file")
+	}
+	if strings.TrimSpace(v) != v {
+		return errors.New("value starts or ends with whitespace, which systemd strips")
+	}
+	return nil
+}
+
 // render writes header as comment lines, then the options grouped by
-// section in the order given.
-func render(name string, header []string, opts []*unit.UnitOption) File {
+// section in the order given. It fails when any option was refused, or
+// when a header line is not one line of text.
+func render(name string, header []string, o *options) (File, error) {
+	if err := CheckName(name); err != nil {
+		return File{}, fmt.Errorf("render: %w", err)
+	}
+	if o.err != nil {
+		return File{}, fmt.Errorf("render %s: %w", name, o.err)
+	}
 	var b bytes.Buffer
 	for _, line := range header {
+		if err := CheckValue(line); err != nil {
+			return File{}, fmt.Errorf("render %s: header comment %q: %w", name, line, err)
+		}
 		b.WriteString("# ")
 		b.WriteString(line)
 		b.WriteByte('\n')
 	}
 	b.WriteByte('\n')
 	// Serialize reads from a bytes.Buffer: it cannot fail.
-	_, _ = io.Copy(&b, unit.Serialize(opts))
-	return File{Name: name, Content: b.Bytes()}
+	_, _ = io.Copy(&b, unit.Serialize(o.opts))
+	return File{Name: name, Content: b.Bytes()}, nil
 }
 
 // generatedHeader is the comment at the top of every generated unit, so
@@ -50,11 +124,37 @@ func generatedHeader(source string) []string {
 	}
 }
 
-// options collects unit options for one unit, section by section.
-type options []*unit.UnitOption
+// options collects unit options for one unit, section by section, and the
+// first value it refused.
+type options struct {
+	opts []*unit.UnitOption
+	err  error
+}
 
+// put is the one place a directive enters a unit: it refuses a bad
+// section, key or value (see CheckValue) and records the first refusal.
+func (o *options) put(section, key, value string) {
+	if o.err != nil {
+		return
+	}
+	switch {
+	case !sectionRE.MatchString(section):
+		o.err = fmt.Errorf("section %q is not a section name", section)
+	case !keyRE.MatchString(key):
+		o.err = fmt.Errorf("[%s] %q is not a directive name", section, key)
+	default:
+		if err := CheckValue(value); err != nil {
+			o.err = fmt.Errorf("[%s] %s=%q: %w", section, key, value, err)
+			return
+		}
+		o.opts = append(o.opts, unit.NewUnitOption(section, key, value))
+	}
+}
+
+// add writes a literal value: specifiers are escaped, so systemd reads
+// exactly value.
 func (o *options) add(section, key, value string) {
-	*o = append(*o, unit.NewUnitOption(section, key, value))
+	o.put(section, key, EscapeSpecifiers(value))
 }
 
 func (o *options) addIf(cond bool, section, key, value string) {
@@ -63,9 +163,40 @@ func (o *options) addIf(cond bool, section, key, value string) {
 	}
 }
 
-func (o *options) addAll(section string, extra []Option) {
+// addUnit writes a unit name, which must be valid.
+func (o *options) addUnit(section, key, name string) {
+	if err := CheckName(name); err != nil && o.err == nil {
+		o.err = fmt.Errorf("[%s] %s=: %w", section, key, err)
+	}
+	o.add(section, key, name)
+}
+
+// addCommand writes argv as a command line (QuoteCommand) after prefix,
+// one of systemd's executable prefixes ("+" runs with full privileges,
+// "-" ignores failure; systemd.service(5)) or "". argv[0] must be an
+// absolute path, so that no other prefix can be read into it. Do not pass
+// a QuoteCommand result to add: it would escape '%' twice.
+func (o *options) addCommand(section, key, prefix string, argv []string) {
+	if o.err != nil {
+		return
+	}
+	switch {
+	case !commandPrefixes[prefix]:
+		o.err = fmt.Errorf("[%s] %s=: %q is not an executable prefix cohort uses", section, key, prefix)
+	case len(argv) == 0 || !strings.HasPrefix(argv[0], "/"):
+		o.err = fmt.Errorf("[%s] %s=: the program %q must be an absolute path", section, key, argv)
+	}
+	o.put(section, key, prefix+QuoteCommand(argv))
+}
+
+// commandPrefixes are the executable prefixes addCommand accepts.
+var commandPrefixes = map[string]bool{"": true, "+": true, "-": true, "-+": true}
+
+// addVerbatim writes pass-through directives as the app file gave them:
+// specifiers are the user's to use, but the value is still checked.
+func (o *options) addVerbatim(section string, extra []Option) {
 	for _, e := range extra {
-		o.add(section, e.Key, e.Value)
+		o.put(section, e.Key, e.Value)
 	}
 }
 
@@ -93,6 +224,9 @@ func EscapeSpecifiers(s string) string {
 // QuoteCommand renders argv as an ExecStart= command line: each word is
 // taken literally, with specifiers (%) and variable references ($)
 // escaped, and quoted when it holds spaces, quotes or backslashes.
+// systemd.service(5): specifiers are expanded and "$$" is a literal '$'
+// inside quotes too, and a quoted ";" is a word, not a command separator.
+// Control characters are not escaped here: options.put refuses them.
 func QuoteCommand(argv []string) string {
 	words := make([]string, len(argv))
 	for i, w := range argv {

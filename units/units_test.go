@@ -80,7 +80,10 @@ func TestServiceRender(t *testing.T) {
 }
 
 func TestSocketRenderEscapesSpecifiers(t *testing.T) {
-	f := (&Socket{Name: "a.socket", ListenStream: "/run/100%.sock", FileDescriptorName: "x", Service: "a.service", SocketMode: 0o600}).Render()
+	f, err := (&Socket{Name: "a.socket", ListenStream: "/run/100%.sock", FileDescriptorName: "x", Service: "a.service", SocketMode: 0o600}).Render()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, want := range []string{"ListenStream=/run/100%%.sock\n", "SocketMode=0600\n", "FileDescriptorName=x\n"} {
 		if !strings.Contains(string(f.Content), want) {
 			t.Errorf("lacks %q:\n%s", want, f.Content)

@@ -78,7 +78,7 @@ address = "127.0.0.1:%d"
 	}
 	c.WriteFile(t, "/etc/cohort/"+app+".toml", toml(`"/usr/local/lib/cohort-vmtest/cohort-hello"`), 0o644)
 	c.Run(t, "systemctl", "daemon-reload")
-	if units := c.Run(t, "systemctl", "cat", app+".service"); !strings.Contains(units, "ExecReload=/usr/bin/cohort dispatch-reload /etc/cohort/"+app+".toml") {
+	if units := c.Run(t, "systemctl", "cat", app+".service"); !strings.Contains(units, "ExecReload=+/usr/bin/cohort dispatch-reload /etc/cohort/"+app+".toml") {
 		t.Fatalf("no ExecReload= running dispatch-reload:\n%s", units)
 	}
 	c.Run(t, "systemctl", "start", app+".socket", app+".service")

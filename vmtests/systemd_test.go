@@ -29,11 +29,17 @@ func TestSystemd(t *testing.T) {
 			t.Run("roundrobin", func(t *testing.T) { testRoundRobin(t, c) })
 			t.Run("rrhostile", func(t *testing.T) { testRoundRobinHostile(t, c) })
 			t.Run("reuseport", func(t *testing.T) { testReusePort(t, c) })
+			t.Run("hostilefiles", func(t *testing.T) { testHostileFiles(t, c) })
+			t.Run("checkhost", func(t *testing.T) { testCheckHost(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
+			t.Run("badedit", func(t *testing.T) { testBadEdit(t, c) })
 			t.Run("killworker", func(t *testing.T) { testKillWorker(t, c) })
 			t.Run("killdispatcher", func(t *testing.T) { testKillDispatcher(t, c) })
+			t.Run("escape", func(t *testing.T) { testEscape(t, c) })
 			t.Run("security", func(t *testing.T) { testSecurity(t, c) })
+			t.Run("hostileunits", func(t *testing.T) { testHostileUnits(t, c) })
+			t.Run("control", func(t *testing.T) { testControl(t, c) })
 			t.Run("purge", func(t *testing.T) { testPurge(t, c) }) // last: removes cohort
 		})
 	}

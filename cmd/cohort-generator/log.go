@@ -55,7 +55,9 @@ const facilityDaemon = 3 << 3
 func (l *systemLog) line(msg string) {
 	fmt.Fprintln(l.stderr, msg)
 	prio := journal.PriErr
-	if strings.HasPrefix(msg, "cohort-generator: skipped") {
+	// A skipped file and a file set aside for the running configuration
+	// are warnings: the other apps, and that one, go on.
+	if strings.HasPrefix(msg, "cohort-generator: skipped") || strings.Contains(msg, "; keeping the running configuration of ") {
 		prio = journal.PriWarning
 	}
 	msg = strings.TrimPrefix(msg, "cohort-generator: ")

@@ -9,9 +9,15 @@
 // generators no stderr; see log.go) and on stderr, and skipped; the exit
 // status is 1 when any file was skipped. See cohort-generator(8).
 //
+// A bad app file of an app that runs is rendered from the app's running
+// configuration (/run/cohort-running/<app>.toml, see package running)
+// instead, and the journal says "…; keeping the running configuration of
+// APP".
+//
 // For tests, COHORT_SEARCH_PATH and COHORT_UNIT_DIRS (colon-separated)
 // replace the app search path and the unit directories checked for clashes,
-// and COHORT_GENERATOR_LOG=stderr keeps the report off the system's logs.
+// COHORT_RUNNING_DIR the directory of the running configurations, and
+// COHORT_GENERATOR_LOG=stderr keeps the report off the system's logs.
 package main
 
 import (
@@ -21,6 +27,7 @@ import (
 
 	"github.com/cohort-dev/cohort/generator"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/generator/running"
 )
 
 func main() {
@@ -35,8 +42,11 @@ func run(args []string) int {
 	log := newSystemLog(os.Stderr, os.Getenv("COHORT_GENERATOR_LOG") == "stderr")
 	g := &generator.Generator{
 		SearchPath: pathList("COHORT_SEARCH_PATH", config.SearchPath()),
-		Options:    generator.Options{UnitDirs: pathList("COHORT_UNIT_DIRS", generator.UnitDirs())},
-		Log:        log,
+		Options: generator.Options{
+			UnitDirs:   pathList("COHORT_UNIT_DIRS", generator.UnitDirs()),
+			RunningDir: envOr("COHORT_RUNNING_DIR", running.Dir),
+		},
+		Log: log,
 	}
 	if err := g.Run(args[0]); err != nil {
 		fmt.Fprintf(log, "cohort-generator: %v\n", err)
@@ -48,6 +58,13 @@ func run(args []string) int {
 func pathList(env string, def []string) []string {
 	if v, ok := os.LookupEnv(env); ok {
 		return filepath.SplitList(v)
+	}
+	return def
+}
+
+func envOr(env, def string) string {
+	if v, ok := os.LookupEnv(env); ok {
+		return v
 	}
 	return def
 }

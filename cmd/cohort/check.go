@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -61,11 +62,16 @@ func appFiles(env *environment, args []string) ([]string, error) {
 }
 
 func cmdCheck(ctx context.Context, env *environment, args []string) int {
-	fs := newFlags(env, "check", "[FILE.toml…]",
+	fs := newFlags(env, "check", "[--offline] [FILE.toml…]",
 		"Validate app files: every error is printed as file:line:col, and the exit\n"+
 			"status is 1 when any file has one. Without FILE, checks every app on the\n"+
-			"search path (/etc/cohort, /run/cohort, /usr/lib/cohort).")
+			"search path (/etc/cohort, /run/cohort, /usr/lib/cohort).\n\n"+
+			"Beyond the format, check asks this host what would fail later: that the\n"+
+			"command exists and is executable (found as the service will find it), and\n"+
+			"that systemd knows every [unit], [service] and [socket] directive (by\n"+
+			"running systemd-analyze verify on the units, when it is installed).")
 	quiet := fs.Bool("quiet", false, "print errors only")
+	offline := fs.Bool("offline", false, "the files are meant for another host: report what depends on this one\n(a missing command or environment file, a directive this systemd does not know)\nas warnings")
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
@@ -75,13 +81,24 @@ func cmdCheck(ctx context.Context, env *environment, args []string) int {
 		fmt.Fprintf(env.stderr, "cohort check: %v\n", err)
 		code = 1
 	}
+	hc := &hostChecks{ctx: ctx, offline: *offline, stderr: env.stderr}
 	for _, path := range files {
-		app, err := config.ParseFile(path)
+		app, data, err := config.ParseFileSource(path)
+		var us *generator.Units
 		if err == nil {
-			_, err = generator.Render(app, generator.Options{})
+			// What depends on this host (a working_directory that
+			// does not exist): the generator does not check it.
+			err = hostOnly(config.CheckHost(app), *offline, env.stderr)
+		}
+		if err == nil {
+			us, err = generator.Render(app, generator.Options{CohortPath: hc.cohortPath()})
 		}
 		if err != nil {
 			fmt.Fprintln(env.stderr, err)
+			code = 1
+			continue
+		}
+		if !hc.check(path, app, data, us) {
 			code = 1
 			continue
 		}
@@ -102,4 +119,19 @@ func describeApp(w io.Writer, app *config.App) {
 		fmt.Fprint(w, "s")
 	}
 	fmt.Fprintln(w, ")")
+}
+
+// hostOnly turns an error about this host into printed warnings when the
+// files are meant for another host (--offline), like hostChecks does.
+func hostOnly(err error, offline bool, stderr io.Writer) error {
+	var es config.Errors
+	if err == nil || !offline || !errors.As(err, &es) {
+		return err
+	}
+	for _, e := range es {
+		w := *e
+		w.Msg = "warning: " + w.Msg
+		fmt.Fprintln(stderr, &w)
+	}
+	return nil
 }

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/generator/running"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/coreos/go-systemd/v22/journal"
@@ -17,9 +19,18 @@ import (
 // systemd stops the service. Worker output goes to the journal with
 // COHORT_WORKER/COHORT_PID/COHORT_GENERATION fields when stderr is a
 // journal stream.
+//
+// The app is its running configuration (package running), which the
+// service's ExecStartPre=+ recorded as root: exactly what root validated,
+// even when FILE has been edited (or broken) since; reloads take the
+// configuration that dispatch-reload validated. FILE still names the app
+// in messages and is watched so that STATUS= says when it is broken.
+// Without a recorded configuration (units of an older cohort) FILE is
+// read.
 func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 	fs := newFlags(env, "dispatch", "FILE",
 		"Run an app's workers on the sockets systemd passed. The generated service runs this; people use 'cohort run'.")
+	dir := fs.String("running-dir", running.Dir, "where the units record the running configuration")
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
@@ -27,7 +38,8 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		fs.Usage()
 		return 2
 	}
-	app, err := config.ParseFile(fs.Arg(0))
+	path := fs.Arg(0)
+	app, err := loadRunning(*dir, path, running.Load)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)
 		return 1
@@ -46,6 +58,8 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Stderr:        env.stderr,
 		Notify:        sdNotify,
 		HandleSignals: true,
+		Subreaper:     env.ownsChildren,
+		Load:          func() (*config.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
 	if app.Mode == config.ModeReusePort {
 		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
@@ -68,6 +82,17 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// loadRunning loads the app of path with load (running.Load or
+// LoadCandidate) from the running configurations in dir, or reads path
+// when none is recorded.
+func loadRunning(dir, path string, load func(dir, path string) (*config.App, error)) (*config.App, error) {
+	app, err := load(dir, path)
+	if errors.Is(err, running.ErrNone) {
+		return config.ParseFile(path)
+	}
+	return app, err
 }
 
 // sdNotify sends state to $NOTIFY_SOCKET; without one (cohort run outside

@@ -71,7 +71,11 @@ func TestControlRealDispatcher(t *testing.T) {
 		}
 	}
 
-	if code, out, errOut := runCohort(t, nil, "dispatch-reload", "--socket", sock, "py.toml"); code != 0 || !strings.HasPrefix(out, "reloaded in ") {
+	// dispatch-reload validates the file it is given and records it
+	// (here it is not the one `cohort run` reloads from: that has none).
+	file := writeApp(t, t.TempDir(), "py.toml", goodApp)
+	runDir := t.TempDir()
+	if code, out, errOut := runCohort(t, nil, "dispatch-reload", "--socket", sock, "--running-dir", runDir, file); code != 0 || !strings.HasPrefix(out, "reloaded in ") {
 		t.Fatalf("dispatch-reload: %d %s %s", code, out, errOut)
 	}
 	if st := status(); st.Generation != 2 || len(st.Workers) != 1 || st.Workers[0].Generation != 2 {

@@ -29,28 +29,37 @@ type environment struct {
 	// searchPath overrides the app-file search path (tests); nil means the
 	// system one.
 	searchPath []string
+	// ownsChildren: every child of the process is the dispatcher's to
+	// reap and kill (the real binary; not tests running subcommands
+	// in-process), see dispatcher.Options.Subreaper.
+	ownsChildren bool
 }
 
 func commands() map[string]command {
 	return map[string]command{
-		"check":           {"validate app files (default: every app on the search path)", cmdCheck},
-		"generate":        {"render the units for app files, or write them into a directory", cmdGenerate},
-		"version":         {"print cohort's version", cmdVersion},
-		"run":             {"run an app in the foreground, binding its sockets itself", cmdRun},
-		"status":          {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU)", cmdStatus},
-		"scale":           {"change the number of an app's workers until its next restart", cmdScale},
-		"list":            {"list every app with the state of its systemd units (D-Bus)", cmdList},
-		"reload":          {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
-		"dispatch":        {"the dispatcher that a generated service runs (not for people)", cmdDispatch},
-		"dispatch-reload": {"the generated service's ExecReload=: reload the dispatcher and wait (not for people)", cmdDispatchReload},
+		"check":            {"validate app files (default: every app on the search path)", cmdCheck},
+		"generate":         {"render the units for app files, or write them into a directory", cmdGenerate},
+		"version":          {"print cohort's version", cmdVersion},
+		"run":              {"run an app in the foreground, binding its sockets itself", cmdRun},
+		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU)", cmdStatus},
+		"scale":            {"change the number of an app's workers until its next restart", cmdScale},
+		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
+		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
+		"dispatch":         {"the dispatcher that a generated service runs (not for people)", cmdDispatch},
+		"dispatch-reload":  {"the generated service's ExecReload=: reload the dispatcher and wait (not for people)", cmdDispatchReload},
+		"dispatch-prepare": {"the generated units' ExecStartPre=: record the running configuration (not for people)", cmdDispatchPrepare},
 	}
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "run" && os.Getenv(runChildEnv) == "" {
+		os.Exit(runParent(os.Args[1:]))
+	}
+	os.Unsetenv(runChildEnv)
 	// Signals become a cancelled context here and nowhere else in this
 	// binary; the dispatcher takes its own signals (see dispatch.go).
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:])
+	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr, ownsChildren: true}, os.Args[1:])
 	stop()
 	os.Exit(code)
 }

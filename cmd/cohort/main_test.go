@@ -31,7 +31,8 @@ const goodApp = "command = [\"/bin/app\"]\nenable = true\n[[listen]]\nname = \"h
 
 func TestCheck(t *testing.T) {
 	dir := t.TempDir()
-	good := writeApp(t, dir, "web.toml", goodApp)
+	// check also asks whether the command exists here: /bin/sh does.
+	good := writeApp(t, dir, "web.toml", strings.Replace(goodApp, "/bin/app", "/bin/sh", 1))
 	bad := writeApp(t, dir, "bad.toml", "command = [\"/bin/app\"]\nworkers = 2\nwokers = 4\nmode = \"sharde\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n")
 
 	code, out, errOut := runCohort(t, nil, "check", good)

@@ -48,7 +48,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true}
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren}
 	if app.Mode == config.ModeReusePort {
 		cpus, err := dispatcher.AllowedCPUs()
 		if err != nil {

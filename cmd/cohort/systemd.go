@@ -10,6 +10,7 @@ import (
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/generator/running"
 )
 
 // busTimeout bounds a D-Bus conversation that is not a job wait.
@@ -43,9 +44,12 @@ type unitState struct {
 }
 
 type appListing struct {
-	App     string    `json:"app"`
-	File    string    `json:"file"`
-	Error   string    `json:"error,omitempty"`
+	App   string `json:"app"`
+	File  string `json:"file"`
+	Error string `json:"error,omitempty"` // the file's first problem
+	// Kept: the file is broken and the app runs its running
+	// configuration (the last one that validated).
+	Kept    bool      `json:"running_config_kept,omitempty"`
 	Service unitState `json:"service"`
 	Socket  unitState `json:"socket"`
 }
@@ -74,7 +78,9 @@ func cmdList(ctx context.Context, env *environment, args []string) int {
 	for _, f := range files {
 		a := appListing{App: config.AppName(f), File: f}
 		if _, err := config.ParseFile(f); err != nil {
-			a.Error = "invalid (cohort check " + f + ")"
+			a.Error = config.Summary(err)
+			_, rerr := running.Read(running.Dir, a.App)
+			a.Kept = rerr == nil
 		}
 		a.Service, err = readUnit(ctx, conn, a.App+".service")
 		if err == nil {
@@ -101,11 +107,14 @@ func cmdList(ctx context.Context, env *environment, args []string) int {
 		if a.Service.PID != 0 {
 			pid = fmt.Sprint(a.Service.PID)
 		}
-		state := a.Service.Active + "/" + a.Service.Sub
-		if a.Error != "" {
-			state = a.Error
+		file := a.File
+		switch {
+		case a.Kept:
+			file += " (broken: " + a.Error + "; running the last good configuration)"
+		case a.Error != "":
+			file += " (broken: " + a.Error + ")"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", a.App, state, a.Socket.Active+"/"+a.Socket.Sub, pid, a.File)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", a.App, a.Service.Active+"/"+a.Service.Sub, a.Socket.Active+"/"+a.Socket.Sub, pid, file)
 	}
 	w.Flush()
 	return 0
@@ -152,6 +161,15 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 		fmt.Fprintf(env.stderr, "cohort reload: %v\n", err)
 		return 2
 	}
+	// A broken file would fail the reload in ExecReload= anyway, with the
+	// error only in the journal; say it here, and before asking systemd,
+	// which knows no unit for an app whose broken file it never ran.
+	if file := appFile(env, app); file != "" {
+		if _, err := config.ParseFile(file); err != nil {
+			fmt.Fprintf(env.stderr, "cohort reload: %s; reload refused, fix the file first (cohort check %s)\n", config.Summary(err), file)
+			return 1
+		}
+	}
 	conn, err := connectSystemd(ctx)
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort reload: %v\n", err)
@@ -178,4 +196,15 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 		fmt.Fprintf(env.stderr, "cohort reload: no result for %s after %v\n", unit, *timeout)
 		return 1
 	}
+}
+
+// appFile is the app file in effect for app on the search path, or "".
+func appFile(env *environment, app string) string {
+	files, _ := appFiles(env, nil)
+	for _, f := range files {
+		if config.AppName(f) == app {
+			return f
+		}
+	}
+	return ""
 }

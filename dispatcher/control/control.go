@@ -8,10 +8,44 @@
 //	→ {"cmd":"scale","workers":8}
 //	← {"ok":false,"error":"…"}
 //
-// Only root and the user the dispatcher runs as may connect (checked with
-// SO_PEERCRED on every connection, whatever the socket file's mode says).
-// A malformed or oversized request gets an error reply; it never takes the
-// dispatcher down.
+// # Who may do what
+//
+// Only root and the user the dispatcher runs as may connect at all
+// (SO_PEERCRED on every connection, whatever the socket file's mode says).
+// That is not enough: the workers run as that user too and can find the
+// socket next to their $NOTIFY_SOCKET. So the server also asks where the
+// connecting process sits in the process tree. A process that descends
+// from the dispatcher (a worker, anything a worker forked, and the
+// daemons a worker double-forks and detaches with setsid, which the
+// dispatcher adopts as the child subreaper) gets read-only commands only:
+// status. Everything else (reload, scale, restart-worker and any command
+// added later) needs a peer outside the worker trees: root, `cohort
+// status`/`cohort scale` in an operator's shell, and the service's
+// ExecReload= (`cohort dispatch-reload`), which systemd forks and which is
+// therefore no descendant of the dispatcher. Root talking to a dispatcher
+// that is not root is outside without a walk: the workers run as the
+// dispatcher's uid and, in the generated units, can gain no other
+// (NoNewPrivileges=, no capabilities). A peer whose place cannot be
+// established (it exited before it was identified, its /proc entry
+// cannot be read, it is in another pid namespace) counts as a worker.
+//
+// The process tree rather than a second, root-only socket for the
+// commands that change state: the tree works the same under DynamicUser=,
+// under a fixed User= and for `cohort run` started by an ordinary user,
+// where there is no privilege to separate on; and the ExecReload= of units
+// generated before (as the service's user) keeps working. identify's doc
+// says why a reused pid cannot fool the check.
+//
+// # Bounds
+//
+// A connection must send a complete request line within the idle bound
+// (DefaultIdle) of connecting or of its last reply, and read each reply
+// within the same bound, or it is closed. Connection slots are counted
+// per process (per worker tree for workers), workers draw from a small
+// pool of their own, and root has slots that others cannot take, so
+// neither a worker nor any single process can lock the operator out.
+// A malformed or oversized request gets an error reply; it never takes
+// the dispatcher down.
 package control
 
 import (
@@ -58,7 +92,10 @@ type Status struct {
 	State      string    `json:"state"` // "starting", "ready", "reloading", "stopping"
 	Line       string    `json:"line"`  // the STATUS= line systemd shows
 	Since      time.Time `json:"since"` // when the dispatcher started
-	Workers    []Worker  `json:"workers"`
+	// ConfigError is the app file's first problem while it does not
+	// validate (the dispatcher runs the last configuration that did).
+	ConfigError string   `json:"config_error,omitempty"`
+	Workers     []Worker `json:"workers"`
 }
 
 // Worker is one worker slot's current process.
@@ -84,6 +121,14 @@ type Handler interface {
 	Reload(ctx context.Context) error
 	Scale(ctx context.Context, workers int) error
 	RestartWorker(ctx context.Context, index int) error
+}
+
+// ChangesState reports whether r asks the dispatcher to change something.
+// It lists the read-only commands rather than the others, so that a
+// command added later counts as state-changing until someone decides
+// otherwise.
+func (r Request) ChangesState() bool {
+	return r.Cmd != CmdStatus
 }
 
 // ParseRequest decodes and checks one request line (without its newline).

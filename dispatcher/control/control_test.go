@@ -19,6 +19,9 @@ import (
 // TestMain doubles as the helper process that talks to a control socket
 // under another uid (the os/exec test pattern).
 func TestMain(m *testing.M) {
+	if role := os.Getenv("COHORT_CONTROL_TEST_ROLE"); role != "" {
+		os.Exit(helper(role)) // limits_test.go
+	}
 	if path := os.Getenv("COHORT_CONTROL_TEST_DIAL"); path != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -51,6 +54,14 @@ func (f *fakeHandler) Scale(ctx context.Context, n int) error {
 	f.scaled = n
 	return nil
 }
+
+// scaledTo is the last scale request carried out.
+func (f *fakeHandler) scaledTo() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.scaled
+}
+
 func (f *fakeHandler) RestartWorker(ctx context.Context, i int) error {
 	if i > 3 {
 		return fmt.Errorf("no worker %d (there are 4)", i)
@@ -260,6 +271,9 @@ func FuzzParseRequest(f *testing.F) {
 		req, err := ParseRequest(line)
 		if err != nil {
 			return
+		}
+		if req.ChangesState() != (req.Cmd != CmdStatus) {
+			t.Fatalf("%q: ChangesState = %v", req.Cmd, req.ChangesState())
 		}
 		switch req.Cmd {
 		case CmdStatus, CmdReload:

@@ -106,6 +106,10 @@ type App struct {
 	Unit    []Directive
 	Service []Directive
 	Socket  []Directive
+
+	// workingDirAt is where working_directory is written, for CheckHost;
+	// zero when it is not.
+	workingDirAt position
 }
 
 // Workers is the worker count: Auto means one per CPU the dispatcher may run
@@ -210,6 +214,19 @@ const (
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour
 	MaxWorkers            = 1024
+	// MaxListeners is how many [[listen]] tables an app may have: each
+	// is a socket unit (per worker in reuseport mode) and an fd in
+	// every worker.
+	MaxListeners = 32
+	// MaxReusePortSockets bounds workers × listeners in reuseport mode,
+	// where the generator writes one socket unit for each: 1024 is a
+	// worker per CPU on a 256-CPU machine with four listeners, and keeps
+	// a generator run (and systemd's load of the units) well under a
+	// second.
+	MaxReusePortSockets = 1024
+	// MaxDirectives is how many directives one pass-through table
+	// ([unit], [service], [socket]) may add, counting array items.
+	MaxDirectives = 256
 )
 
 // New returns an App named name with every default applied and no command

@@ -305,7 +305,7 @@ Description = "multi\nline"
 				`web.toml:4:1: [service] "limitNOFILE" is not a systemd directive name`,
 				`web.toml:5:1: [service] Environment: want a string, number, boolean or an array of them, got table`,
 				`web.toml:7:1: [socket] ListenStream is set by cohort: use [[listen]]`,
-				`web.toml:9:1: [unit] Description: a value must fit on one line`,
+				`web.toml:9:1: [unit] Description = "multi\nline" holds the control character newline (\n) at byte 5`,
 			}},
 		{"round-robin knobs", "command = [\"/bin/app\"]\nmax_pending = 0\nbalance = \"least-connection\"\n" + listenHTTP,
 			[]string{

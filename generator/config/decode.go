@@ -23,18 +23,35 @@ import (
 // units (SourcePath=, ExecStart=) and a dispatcher started elsewhere must
 // find it again.
 func ParseFile(path string) (*App, error) {
+	app, _, err := ParseFileSource(path)
+	return app, err
+}
+
+// ParseFileSource is ParseFile that also returns the bytes it read (nil when
+// it could not read them), for a caller that maps later findings about the
+// App back to the file with Position.
+func ParseFileSource(path string) (*App, []byte, error) {
 	data, err := ReadRegularFile(path, MaxFileSize)
 	if err != nil {
-		return nil, fmt.Errorf("read app file: %w", err)
+		return nil, nil, fmt.Errorf("read app file: %w", err)
 	}
 	app, err := Parse(path, data)
 	if err != nil {
-		return nil, err
+		return nil, data, err
 	}
 	if app.Path, err = filepath.Abs(path); err != nil {
-		return nil, fmt.Errorf("app file %s: %w", path, err)
+		return nil, data, fmt.Errorf("app file %s: %w", path, err)
 	}
-	return app, nil
+	return app, data, nil
+}
+
+// Position returns where the key at path is written in src, an app file
+// that Parse accepted: path is dotted, with array items by index
+// ("service.MemoryMax", "command.0", "listen.1.address"). A key that is not
+// written gives the position of its closest written ancestor, or 1:1.
+func Position(src []byte, path string) (line, col int) {
+	p := locate(string(src)).at(path)
+	return p.line, p.col
 }
 
 // Parse validates the app file contents data, read from path. It never
@@ -44,31 +61,57 @@ func Parse(path string, data []byte) (*App, error) {
 	app := New(AppName(path))
 	app.Path = path
 
+	// The decoder's cost grows faster than the file with nesting and
+	// dotted keys: refuse such shapes before it runs.
+	if err := checkShape(path, data); err != nil {
+		return nil, Errors{err}
+	}
 	var raw map[string]any
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			d.errs = append(d.errs, &Error{File: path, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
+			// The decoder gives no line for some errors at the end of
+			// the input (`"\` alone): say line 1 rather than none.
+			d.add(&Error{File: path, Line: max(pe.Position.Line, 1), Col: max(pe.Position.Col, 1), Msg: "TOML syntax: " + pe.Message})
 		} else {
-			d.errs = append(d.errs, &Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
+			d.add(&Error{File: path, Line: 1, Col: 1, Msg: "TOML syntax: " + err.Error()})
 		}
 		return nil, d.errs
 	}
 	d.idx = locate(string(data))
 
 	if err := CheckAppName(app.Name); err != nil {
-		d.errs = append(d.errs, &Error{File: path, Msg: err.Error()})
+		d.add(&Error{File: path, Line: 1, Col: 1, Msg: err.Error()})
+	}
+	if why := badText(path, lineText); why != "" {
+		// The path goes into SourcePath=, the units' header comment and
+		// ExecStart=: a directory named "d\nExecStartPre=…" must not.
+		d.add(&Error{File: path, Line: 1, Col: 1, Msg: "the app file's path " + why})
 	}
 	d.app(raw, app)
 	d.validate(app)
 	if len(d.errs) > 0 {
-		sort.SliceStable(d.errs, func(i, j int) bool {
-			a, b := d.errs[i], d.errs[j]
-			return a.Line < b.Line || a.Line == b.Line && a.Col < b.Col
-		})
-		return nil, d.errs
+		return nil, d.report()
 	}
 	return app, nil
+}
+
+// MaxErrors is how many errors of one file are reported, the first in file
+// order; one more line counts the rest ("… and N more errors"). A file of
+// 10,000 unknown keys then costs neither 10,000 suggestions nor 10,000 log
+// lines.
+const MaxErrors = 20
+
+// report returns the errors kept, plus one that counts the others.
+func (d *decoder) report() Errors {
+	if d.dropped == 0 {
+		return d.errs
+	}
+	noun := "errors"
+	if d.dropped == 1 {
+		noun = "error"
+	}
+	return append(d.errs, &Error{File: d.file, Msg: fmt.Sprintf("… and %d more %s", d.dropped, noun)})
 }
 
 // AppName is the app name for an app file: its base name without ".toml".
@@ -81,13 +124,36 @@ func AppName(path string) string {
 // name).
 var appNameRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
 
-// CheckAppName reports whether name can prefix systemd unit names.
+// The app name's length is bounded by the longest path the dispatcher
+// binds in the app's runtime directory, which must fit sockaddr_un.
+const (
+	// SunPathMax is the size of sockaddr_un.sun_path on Linux, the
+	// terminating NUL included.
+	SunPathMax = 108
+	// RuntimeRoot is where systemd creates an app's RuntimeDirectory=
+	// (cohort/<app>), which holds its notify and control sockets.
+	RuntimeRoot = "/run/cohort/"
+	// MaxRuntimeSocketName is the longest socket file name the dispatcher
+	// makes there: "notify-<pid>-<8 hex digits>.sock" with the largest pid
+	// Linux can hand out (PID_MAX_LIMIT, 4194304); "control.sock" is
+	// shorter. The dispatcher's tests hold it to this.
+	MaxRuntimeSocketName = len("notify-4194304-ffffffff.sock")
+	// MaxAppName is the longest app name: RuntimeRoot + name + "/" +
+	// MaxRuntimeSocketName + NUL must fit SunPathMax, so 66. It also keeps
+	// every unit name (at most name + "-" + 64-byte listener name + "-"
+	// + 4-digit slot + ".socket", 143 bytes) under systemd's 255.
+	MaxAppName = SunPathMax - 1 - len(RuntimeRoot) - len("/") - MaxRuntimeSocketName
+)
+
+// CheckAppName reports whether name can prefix systemd unit names and name
+// the app's runtime directory.
 func CheckAppName(name string) error {
 	switch {
 	case name == "":
 		return fmt.Errorf("empty app name")
-	case len(name) > 200:
-		return fmt.Errorf("app name %q is longer than 200 characters", name)
+	case len(name) > MaxAppName:
+		return fmt.Errorf("app name %q is %d characters long; at most %d fit (its socket path %s<app>/ + a %d-byte socket name must fit the %d bytes of a unix socket address)",
+			name, len(name), MaxAppName, RuntimeRoot, MaxRuntimeSocketName, SunPathMax)
 	case !appNameRE.MatchString(name):
 		return fmt.Errorf("app name %q (the file name) may hold only letters, digits and _ . : -", name)
 	case strings.HasPrefix(name, "-") || strings.HasPrefix(name, "."):
@@ -97,9 +163,41 @@ func CheckAppName(name string) error {
 }
 
 type decoder struct {
-	file string
-	idx  keyIndex
-	errs Errors
+	file    string
+	idx     keyIndex
+	errs    Errors // the first MaxErrors by position, sorted
+	dropped int    // errors found but not kept
+}
+
+// keeps reports whether an error at p would be among the first MaxErrors
+// of the file; when not, it counts it as dropped, and the caller need not
+// build it.
+func (d *decoder) keeps(p position) bool {
+	if len(d.errs) < MaxErrors {
+		return true
+	}
+	last := d.errs[len(d.errs)-1]
+	if p.line < last.Line || p.line == last.Line && p.col < last.Col {
+		return true
+	}
+	d.dropped++
+	return false
+}
+
+// add inserts e in position order, after any at the same position, and
+// drops the last error when more than MaxErrors are kept.
+func (d *decoder) add(e *Error) {
+	i := sort.Search(len(d.errs), func(i int) bool {
+		o := d.errs[i]
+		return o.Line > e.Line || o.Line == e.Line && o.Col > e.Col
+	})
+	d.errs = append(d.errs, nil)
+	copy(d.errs[i+1:], d.errs[i:])
+	d.errs[i] = e
+	if len(d.errs) > MaxErrors {
+		d.errs = d.errs[:MaxErrors]
+		d.dropped++
+	}
 }
 
 // label is how a key is named in a message: its path, less any array
@@ -117,7 +215,10 @@ func label(path string) string {
 // errorAt records an error about the key at path.
 func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 	p := d.idx.at(path)
-	d.errs = append(d.errs, &Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
+	if !d.keeps(p) {
+		return
+	}
+	d.add(&Error{File: d.file, Line: p.line, Col: p.col, Msg: fmt.Sprintf(format, args...), Suggestion: suggestion})
 }
 
 // The keys of each table, for unknown-key suggestions.
@@ -148,6 +249,9 @@ func (d *decoder) sortedKeys(prefix string, m map[string]any) []string {
 }
 
 func (d *decoder) unknown(path, key string, known []string) {
+	if p := d.idx.at(path); !d.keeps(p) {
+		return // not worth a suggestion
+	}
 	d.errorAt(path, suggest(key, known), "unknown key %q", key)
 }
 
@@ -156,13 +260,14 @@ func (d *decoder) app(raw map[string]any, app *App) {
 		v := raw[k]
 		switch k {
 		case "command":
-			app.Command = d.stringList(k, v, false)
+			app.Command = d.stringList(k, v, false, execText)
 		case "environment":
 			app.Environment = d.environment(k, v)
 		case "environment_file":
-			app.EnvironmentFiles = d.stringList(k, v, true)
+			app.EnvironmentFiles = d.stringList(k, v, true, lineText)
 		case "working_directory":
 			app.WorkingDirectory, _ = d.str(k, v)
+			app.workingDirAt = d.idx.at(k)
 		case "user":
 			app.User, _ = d.str(k, v)
 		case "group":
@@ -246,12 +351,17 @@ func typeName(v any) string {
 	return fmt.Sprintf("%T", v)
 }
 
+// str reads a string that may reach a unit file: one line of text.
 func (d *decoder) str(path string, v any) (string, bool) {
 	s, ok := v.(string)
 	if !ok {
 		d.errorAt(path, "", "%s: want a string, got %s", label(path), typeName(v))
+		return "", false
 	}
-	return s, ok
+	if !d.checkText(path, label(path), s, lineText) {
+		return "", false
+	}
+	return s, true
 }
 
 func (d *decoder) boolean(path string, v any) (bool, bool) {
@@ -263,8 +373,12 @@ func (d *decoder) boolean(path string, v any) (bool, bool) {
 }
 
 // stringList accepts an array of strings; with single, a lone string too.
-func (d *decoder) stringList(path string, v any, single bool) []string {
+// Each string must pass rule; the bad ones are left out.
+func (d *decoder) stringList(path string, v any, single bool, rule textRule) []string {
 	if s, ok := v.(string); ok && single {
+		if !d.checkText(path, path, s, rule) {
+			return nil
+		}
 		return []string{s}
 	}
 	items, ok := v.([]any)
@@ -277,13 +391,23 @@ func (d *decoder) stringList(path string, v any, single bool) []string {
 		return nil
 	}
 	out := make([]string, 0, len(items))
+	refused := false
 	for i, item := range items {
 		s, ok := item.(string)
 		if !ok {
 			d.errorAt(fmt.Sprintf("%s.%d", path, i), "", "%s[%d]: want a string, got %s", path, i, typeName(item))
 			continue
 		}
+		if !d.checkText(fmt.Sprintf("%s.%d", path, i), fmt.Sprintf("%s[%d]", path, i), s, rule) {
+			refused = true
+			continue
+		}
 		out = append(out, s)
+	}
+	if refused {
+		// Reported; nil tells checkCommand not to add "must name a
+		// program" for a command whose program was refused.
+		return nil
 	}
 	return out
 }
@@ -305,7 +429,9 @@ func (d *decoder) environment(path string, v any) map[string]string {
 		}
 		switch val := m[k].(type) {
 		case string:
-			env[k] = val
+			if d.checkText(kp, kp, val, execText) {
+				env[k] = val
+			}
 		case int64, float64, bool:
 			d.errorAt(kp, "", "%s: want a string, got %s (write %q)", kp, typeName(val), fmt.Sprint(val))
 		default:
@@ -362,6 +488,10 @@ func (d *decoder) ready(path string, v any) Readiness {
 		d.errorAt(path, suggest(s, []string{"notify", "exec"}), "ready: want \"notify\", \"exec\" or a duration such as \"2s\", got %q", s)
 		return Readiness{Kind: ReadyExec}
 	}
+	if dur > MaxDuration {
+		d.errorAt(path, "", "ready: %q is longer than the longest duration cohort accepts, %s", s, maxDurationText)
+		return Readiness{Kind: ReadyExec}
+	}
 	return Readiness{Kind: ReadyDelay, Delay: dur}
 }
 
@@ -383,6 +513,10 @@ func (d *decoder) duration(path string, v any, def time.Duration) time.Duration 
 	}
 	if dur <= 0 {
 		d.errorAt(path, "", "%s: must be longer than 0", label(path))
+		return def
+	}
+	if dur > MaxDuration {
+		d.errorAt(path, "", "%s: %q is longer than the longest duration cohort accepts, %s", label(path), s, maxDurationText)
 		return def
 	}
 	return dur
@@ -449,6 +583,10 @@ func (d *decoder) listeners(path string, v any) []Listener {
 		d.errorAt(path, "", "listen: want [[listen]] tables, got %s", typeName(v))
 		return nil
 	}
+	if len(tables) > MaxListeners {
+		d.errorAt(fmt.Sprintf("%s.%d", path, MaxListeners), "", "listen: more than %d listeners", MaxListeners)
+		tables = tables[:MaxListeners]
+	}
 	out := make([]Listener, 0, len(tables))
 	for i, t := range tables {
 		out = append(out, d.listener(fmt.Sprintf("%s.%d", path, i), t))
@@ -502,10 +640,12 @@ func (d *decoder) listener(path string, t map[string]any) Listener {
 			d.unknown(kp, k, listenKeys)
 		}
 	}
-	if l.Name == "" {
+	// A name or address that was written but refused has its error
+	// already.
+	if _, written := d.idx[path+".name"]; l.Name == "" && !written {
 		d.errorAt(path, "", "[[listen]] needs a name (the socket's FileDescriptorName=, e.g. name = \"http\")")
 	}
-	if l.Address == "" {
+	if _, written := d.idx[path+".address"]; l.Address == "" && !written {
 		d.errorAt(path, "", "[[listen]] needs an address (\"127.0.0.1:8080\", \"[::1]:8080\", \":8080\", \"/run/app.sock\" or \"@abstract\")")
 	}
 	if l.Kind == ListenTCP {
@@ -552,10 +692,20 @@ func (d *decoder) fileMode(path string, v any) uint32 {
 
 // ParseAddress checks a listen address and says what kind it is. On error,
 // hint may hold a corrected address to suggest.
+//
+// The address reaches ListenStream= and Description= of a unit: it must be
+// one line of text (see badText), and a unix path or abstract name must
+// not end with a backslash or a space, which systemd would read as a
+// continuation line or strip.
 func ParseAddress(s string) (kind ListenKind, hint string, err error) {
+	if why := badText(s, lineText); why != "" {
+		return "", "", fmt.Errorf("address %s %s", quoteShort(s), why)
+	}
 	switch {
 	case s == "":
 		return "", "", fmt.Errorf("empty address")
+	case (strings.HasPrefix(s, "@") || strings.HasPrefix(s, "/")) && unitLineEnd(s) != "":
+		return "", "", fmt.Errorf("unix socket address %q %s", s, unitLineEnd(s))
 	case strings.HasPrefix(s, "@"):
 		if len(s) < 2 || len(s) > 107 {
 			return "", "", fmt.Errorf("abstract socket name %q must have 1 to 106 characters after @", s)
@@ -577,6 +727,12 @@ func ParseAddress(s string) (kind ListenKind, hint string, err error) {
 	n, perr := strconv.Atoi(port)
 	if perr != nil || n < 1 || n > 65535 {
 		return "", "", fmt.Errorf("address %q: port %q is not a number from 1 to 65535", s, port)
+	}
+	if strings.Contains(host, "%") && isIPLiteral(host) {
+		// socket_address_parse() hands what is inside the brackets to
+		// inet_pton(), which knows no zones: systemd refuses the socket
+		// unit, and only `cohort run` could bind it.
+		return "", "", fmt.Errorf("address %q: systemd's ListenStream= takes no IPv6 zone (%%%s); write the address without it and add [socket] BindToDevice = %q", s, host[strings.IndexByte(host, '%')+1:], host[strings.IndexByte(host, '%')+1:])
 	}
 	if host != "" && !isIPLiteral(host) {
 		if host == "localhost" {
@@ -612,7 +768,7 @@ func splitHostPort(s string) (host, port string, err error) {
 
 func isIPLiteral(host string) bool {
 	if strings.Contains(host, ":") {
-		// IPv6, possibly with a %zone.
+		// IPv6 (a %zone is refused by ParseAddress).
 		h, _, _ := strings.Cut(host, "%")
 		for _, c := range h {
 			if !(c == ':' || c == '.' || c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
@@ -678,13 +834,21 @@ func (d *decoder) directives(section string, v any) []Directive {
 			values = list
 		}
 		for _, val := range values {
+			if len(out) == MaxDirectives {
+				d.errorAt(kp, "", "[%s]: more than %d directives", section, MaxDirectives)
+				return out
+			}
 			s, ok := directiveValue(val)
 			if !ok {
 				d.errorAt(kp, "", "[%s] %s: want a string, number, boolean or an array of them, got %s", section, k, typeName(val))
 				continue
 			}
-			if strings.ContainsAny(s, "\n\r") {
-				d.errorAt(kp, "", "[%s] %s: a value must fit on one line", section, k)
+			if why := badText(s, lineText); why != "" {
+				d.errorAt(kp, "", "[%s] %s = %s %s", section, k, quoteShort(s), why)
+				continue
+			}
+			if why := unitLineEnd(s); why != "" {
+				d.errorAt(kp, "", "[%s] %s = %q %s", section, k, s, why)
 				continue
 			}
 			out = append(out, Directive{Key: k, Value: s})

@@ -2,10 +2,23 @@ package config
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
 )
+
+// MaxDuration is the longest duration an app file may give (a timeout, a
+// delay, a restart backoff). Far beyond any useful timeout, it keeps
+// every sum cohort makes of them (TimeoutStartSec= and TimeoutStopSec= add
+// a margin) far from overflowing time.Duration, whose 292 years a
+// wrapped-around sum would turn negative.
+const MaxDuration = 365 * 24 * time.Hour
+
+const maxDurationText = "365 days"
+
+// maxSeconds is the largest number of seconds a time.Duration holds.
+const maxSeconds = float64(math.MaxInt64) / float64(time.Second)
 
 // systemdUnits are the time-span units of systemd.time(7), longest first
 // where one is a prefix of another, so "min" is not read as "m" + "in".
@@ -24,7 +37,8 @@ var systemdUnits = []struct {
 
 // ParseDuration reads a duration in Go syntax ("1m30s", "500ms") or in
 // systemd's ("1min 30s", "2 h", "90" meaning seconds). Negative durations
-// are errors.
+// are errors, and so are durations that do not fit a time.Duration
+// (about 292 years) instead of wrapping around.
 func ParseDuration(s string) (time.Duration, error) {
 	in := strings.TrimSpace(s)
 	if in == "" {
@@ -38,11 +52,17 @@ func ParseDuration(s string) (time.Duration, error) {
 	}
 	// systemd: a bare number is seconds; otherwise number-unit pairs,
 	// optionally separated by spaces.
-	if f, err := strconv.ParseFloat(in, 64); err == nil {
-		if f < 0 {
-			return 0, fmt.Errorf("negative duration %q", s)
+	// Only digits and one dot: ParseFloat alone would take "NaN", "Inf"
+	// and hex floats.
+	if isDecimal(in) {
+		f, err := strconv.ParseFloat(in, 64)
+		if err != nil || f >= maxSeconds {
+			return 0, fmt.Errorf("duration %q is too long", s)
 		}
 		return time.Duration(f * float64(time.Second)), nil
+	}
+	if strings.HasPrefix(in, "-") {
+		return 0, fmt.Errorf("negative duration %q", s)
 	}
 	var total time.Duration
 	rest := in
@@ -74,7 +94,28 @@ func ParseDuration(s string) (time.Duration, error) {
 		if unit == 0 {
 			return 0, fmt.Errorf("invalid unit in duration %q (units: us, ms, s, min, h, d, w)", s)
 		}
-		total += time.Duration(num * float64(unit))
+		part := num * float64(unit)
+		if part >= float64(math.MaxInt64-total) {
+			return 0, fmt.Errorf("duration %q is too long", s)
+		}
+		total += time.Duration(part)
 	}
 	return total, nil
+}
+
+// isDecimal reports whether s is digits with at most one dot and at least
+// one digit.
+func isDecimal(s string) bool {
+	digits, dots := 0, 0
+	for _, c := range s {
+		switch {
+		case c >= '0' && c <= '9':
+			digits++
+		case c == '.':
+			dots++
+		default:
+			return false
+		}
+	}
+	return digits > 0 && dots <= 1
 }

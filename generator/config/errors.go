@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -19,7 +20,12 @@ type Error struct {
 // "file:line:col: message (did you mean "x"?)".
 func (e *Error) Error() string {
 	var b strings.Builder
-	b.WriteString(e.File)
+	if badText(e.File, lineText) != "" {
+		// A file name with a newline would forge a second log line.
+		b.WriteString(strconv.Quote(e.File))
+	} else {
+		b.WriteString(e.File)
+	}
 	if e.Line > 0 {
 		fmt.Fprintf(&b, ":%d:%d", e.Line, e.Col)
 	}
@@ -52,6 +58,11 @@ func (es Errors) Unwrap() []error {
 	}
 	return out
 }
+
+// Suggest returns the candidate closest to word by edit distance, when it
+// is close enough to be a plausible typo, else "": the rule behind every
+// "did you mean" of cohort.
+func Suggest(word string, candidates []string) string { return suggest(word, candidates) }
 
 // suggest returns the candidate closest to word by edit distance, when it is
 // close enough to be a plausible typo, else "".

@@ -1,10 +1,15 @@
 package config
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // userNameRE is systemd's "relaxed" user and group name check, the one
@@ -72,6 +77,11 @@ func (d *decoder) validate(app *App) {
 // listener once per worker, which only TCP allows (a unix socket path or
 // abstract name can be bound once).
 func (d *decoder) checkReusePort(app *App) {
+	if n := app.Workers.N * len(app.Listen); !app.Workers.Auto && n > MaxReusePortSockets {
+		d.errorAt("workers", "",
+			"mode = \"reuseport\" writes one socket unit per worker and listener: %d workers × %d listeners = %d, more than %d",
+			app.Workers.N, len(app.Listen), n, MaxReusePortSockets)
+	}
 	for i, l := range app.Listen {
 		if l.Kind == ListenUnix || l.Kind == ListenAbstract {
 			d.errorAt(fmt.Sprintf("listen.%d.address", i), "",
@@ -105,4 +115,41 @@ func (d *decoder) checkCommand(command []string) {
 	case command[0] == "" || strings.Contains(command[0], "/") && !filepath.IsAbs(command[0]):
 		d.errorAt("command.0", "", "command[0] %q must be an absolute path or a program name looked up in $PATH", command[0])
 	}
+}
+
+// CheckHost checks what Parse cannot, because it depends on the machine
+// and not on the file: the working directory must exist, be a directory
+// and be searchable by this process (a dispatcher calls it as the
+// service's user). Parse does not call it: the generator runs early at
+// boot, when the directory's file system may not be mounted yet; `cohort
+// check` and the dispatcher (at start and on every reload) do, so that a
+// missing directory is one clear error instead of workers failing to
+// start over and over. The error is an Errors located at the key when
+// the App was read from a file.
+func CheckHost(app *App) error {
+	dir := app.WorkingDirectory
+	if dir == "" {
+		return nil
+	}
+	msg := ""
+	switch fi, err := os.Stat(dir); {
+	case errors.Is(err, fs.ErrNotExist):
+		msg = fmt.Sprintf("working_directory %q does not exist on this host", dir)
+	case err != nil:
+		msg = fmt.Sprintf("working_directory %q: %v", dir, err)
+	case !fi.IsDir():
+		msg = fmt.Sprintf("working_directory %q is not a directory", dir)
+	default:
+		if err := unix.Access(dir, unix.X_OK); err != nil {
+			msg = fmt.Sprintf("working_directory %q cannot be entered by uid %d: %v", dir, os.Getuid(), err)
+		}
+	}
+	if msg == "" {
+		return nil
+	}
+	if app.Path == "" {
+		return errors.New(msg) // an App built without a file
+	}
+	p := app.workingDirAt
+	return Errors{{File: app.Path, Line: p.line, Col: p.col, Msg: msg}}
 }

@@ -1,0 +1,178 @@
+package dispatcher
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// holders lists the pids (other than this test's) that hold the socket
+// inode, as /proc/PID/fd shows it.
+func holders(inode string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		fds, _ := os.ReadDir(filepath.Join("/proc", e.Name(), "fd"))
+		for _, fd := range fds {
+			if l, _ := os.Readlink(filepath.Join("/proc", e.Name(), "fd", fd.Name())); l == inode {
+				if alive(pid) {
+					out = append(out, pid)
+				}
+				break
+			}
+		}
+	}
+	return out
+}
+
+// escapingApp is an app whose worker double-forks a setsid daemon that
+// keeps fd 3 (the listener), then runs on (or, with crash, exits 1 after
+// a moment). The daemon writes its pid to dir/daemon.PID-OF-WORKER.
+func escapingApp(t *testing.T, dir string, crash bool) *config.App {
+	t.Helper()
+	if _, err := exec.LookPath("setsid"); err != nil {
+		t.Fatal("setsid(1) not found (util-linux)")
+	}
+	tail := "exec sleep 1000"
+	if crash {
+		tail = "sleep 0.2; exit 1"
+	}
+	script := fmt.Sprintf(`(setsid sh -c 'echo $$ > %s/daemon.$PPID_W; exec sleep 1000' &) ; %s`, dir, tail)
+	app := config.New("esc")
+	app.Command = []string{"/bin/sh", "-c", "PPID_W=$$; export PPID_W; " + script}
+	app.Environment["ESC_TEST_DIR"] = dir
+	app.Workers = config.Workers{N: 1}
+	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.Restart = config.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Minute}
+	app.StopTimeout = 5 * time.Second
+	return app
+}
+
+// killMarked SIGKILLs every process whose environment has
+// ESC_TEST_DIR=dir: whatever happens, nothing of a test outlives it.
+func killMarked(dir string) {
+	mark := []byte("ESC_TEST_DIR=" + dir + "\x00")
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ")); err == nil && bytes.Contains(b, mark) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// daemons returns the pids the daemons wrote so far.
+func daemons(dir string) []int {
+	files, _ := filepath.Glob(filepath.Join(dir, "daemon.*"))
+	var pids []int
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestEscapedDaemonKilled (issue 14.7): a worker that double-forks a
+// setsid daemon holding the listener: the daemon lives while its worker
+// does, is killed when the worker is (and its slot restarts), and after
+// the dispatcher stops no process holds the listener. At 57c59ff the
+// daemon kept serving after both.
+func TestEscapedDaemonKilled(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	app := escapingApp(t, dir, false)
+	l, _ := tcpListener(t, "http")
+	inode := socketInode(t, l)
+	d := startDispatcherProc(t, app, []*os.File{l})
+	t.Cleanup(func() { killMarked(dir) })
+	d.waitLine(t, 20*time.Second, "all 1 workers ready")
+	waitFor(t, 10*time.Second, "the first daemon", func() bool { return len(daemons(dir)) == 1 })
+	first := daemons(dir)[0]
+	worker := 0
+	for _, p := range childrenOf(d.cmd.Process.Pid) {
+		if p != first {
+			worker = p
+		}
+	}
+	if pp := ppidOf(first); pp != d.cmd.Process.Pid {
+		t.Errorf("daemon %d has parent %d, want the dispatcher %d (a subreaper)", first, pp, d.cmd.Process.Pid)
+	}
+	if h := holders(inode); !slices.Contains(h, first) || !alive(first) {
+		t.Fatalf("holders of the listener %v: the daemon %d should hold it while its worker %d runs", h, first, worker)
+	}
+
+	syscall.Kill(worker, syscall.SIGKILL)
+	waitFor(t, 10*time.Second, "the second daemon", func() bool { return len(daemons(dir)) == 2 })
+	waitFor(t, 5*time.Second, "the first daemon gone", func() bool { return !alive(first) })
+	h := holders(inode)
+	if len(h) != 3 { // the dispatcher, the new worker, its daemon
+		t.Errorf("holders of the listener after the restart: %v, want 3", h)
+	}
+
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("dispatcher did not stop")
+	}
+	waitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
+}
+
+// TestCrashLoopLeavesNoDaemon: a crash-looping worker that leaves a
+// daemon at each start leaves none running (at 57c59ff one per crash).
+func TestCrashLoopLeavesNoDaemon(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	app := escapingApp(t, dir, true)
+	l, _ := tcpListener(t, "http")
+	inode := socketInode(t, l)
+	d := startDispatcherProc(t, app, []*os.File{l})
+	t.Cleanup(func() { killMarked(dir) })
+	waitFor(t, 20*time.Second, "5 crashes", func() bool { return len(daemons(dir)) >= 5 })
+	// Every daemon but the current worker's is gone.
+	waitFor(t, 5*time.Second, "at most one daemon alive", func() bool {
+		n := 0
+		for _, pid := range daemons(dir) {
+			if alive(pid) {
+				n++
+			}
+		}
+		return n <= 1
+	})
+	// The dispatcher, the worker, its "sleep 0.2", its daemon.
+	if h := holders(inode); len(h) > 4 {
+		t.Errorf("holders of the listener in the crash loop: %v, want at most 4", h)
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("dispatcher did not stop")
+	}
+	waitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
+}
+
+func ppidOf(pid int) int {
+	_, pp := procState(pid)
+	return pp
+}
