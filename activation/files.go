@@ -46,6 +46,7 @@ type Files struct {
 	rrFile    *os.File   // the round-robin channel until first used
 	rrNames   []string   // listener names by index (COHORT_RR_LISTENERS)
 	rrTaken   []bool
+	rrHello   bool   // the dispatcher asked for HELLO (rr.HelloEnv)
 	rr        *demux // started by the first round-robin Listen
 }
 
@@ -69,7 +70,8 @@ type Files struct {
 func Inherit() (*Files, error) {
 	pidStr, fdsStr := os.Getenv(envPID), os.Getenv(envFDs)
 	namesStr, rrStr := os.Getenv(envNames), os.Getenv(rr.ListenersEnv)
-	for _, k := range []string{envPID, envFDs, envNames, rr.ListenersEnv} {
+	hello := os.Getenv(rr.HelloEnv) == "1"
+	for _, k := range []string{envPID, envFDs, envNames, rr.ListenersEnv, rr.HelloEnv} {
 		os.Unsetenv(k)
 	}
 	if pidStr == "" || fdsStr == "" {
@@ -117,6 +119,7 @@ func Inherit() (*Files, error) {
 		}
 		fs.rrNames = strings.Split(rrStr, ":")
 		fs.rrTaken = make([]bool, len(fs.rrNames))
+		fs.rrHello = hello
 	}
 	return fs, nil
 }
@@ -210,6 +213,14 @@ func (fs *Files) Listen(name, fallback string) (net.Listener, error) {
 			fs.rrFile = nil
 			if err != nil {
 				return nil, fmt.Errorf("listen %q: %w", name, err)
+			}
+			if fs.rrHello {
+				// The dispatcher gives a worker that has not spoken one
+				// connection at a time, and stops one that never speaks.
+				if err := w.Hello(); err != nil {
+					w.Close()
+					return nil, fmt.Errorf("listen %q: %w", name, err)
+				}
 			}
 			fs.rr = newDemux(w, len(fs.rrNames))
 		}

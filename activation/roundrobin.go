@@ -31,6 +31,7 @@ type demux struct {
 	sockClosed  bool
 	acked       uint64   // number of ids appended to ack so far
 	ackSent     uint64   // how many of those are written (or the channel broke)
+	ackOK       uint64   // how many of those are written: acks go out in order, the first failure ends the channel
 	ack         []uint64 // taken, not yet acknowledged
 	closed      []uint64 // closed by the application, not yet reported
 	reject      []uint64 // not taken, fds closed, not yet reported
@@ -72,7 +73,12 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 			q[0] = rr.Delivery{}
 			d.queues[l.index] = q[1:]
 			d.queued--
-			d.takeLocked(dl.ID)
+			if !d.takeLocked(dl.ID) {
+				// Not acknowledged: the dispatcher hands it to another
+				// worker (or closed it); using it too would serve it twice.
+				dl.File.Close()
+				continue
+			}
 			c, err := d.conn(dl)
 			if err != nil {
 				continue // acknowledged and dropped: handing it to another worker would fail too
@@ -102,8 +108,11 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 		case errors.Is(err, os.ErrDeadlineExceeded) && !d.sockClosed:
 			// woken by Close; loop to look at l.closed
 		case errors.Is(err, net.ErrClosed):
-			// The dispatcher is gone (or we closed the channel): nobody
-			// would get what we reject, so what is queued is still served.
+			// The dispatcher is gone or took the channel back (or we
+			// closed it). What is queued goes to Accept, which serves a
+			// connection only if its ACK still goes out: it does not
+			// once the dispatcher's end is shut, so nothing the
+			// dispatcher hands to another worker is served here too.
 			if d.err == nil {
 				d.err = err
 			}
@@ -116,12 +125,17 @@ func (d *demux) accept(l *rrListener) (net.Conn, error) {
 	}
 }
 
-// takeLocked acknowledges id and returns once the ACK is written (or the
-// channel is broken, when nobody could hand the connection to anyone
-// else): the protocol lets a worker use a connection only after its ACK.
-// Acks of connections taken at the same time by several goroutines go out
+// takeLocked acknowledges id and reports, once the ACK is written or the
+// channel is broken, whether it was written: the protocol lets a worker
+// use a connection only after its ACK, since a dispatcher that does not
+// get it (it shut the channel down because this worker was too slow, or
+// it is gone) hands the connection to another worker. Acks of
+// connections taken at the same time by several goroutines go out
 // together.
-func (d *demux) takeLocked(id uint64) {
+func (d *demux) takeLocked(id uint64) bool {
+	if d.sockClosed {
+		return false
+	}
 	d.ack = append(d.ack, id)
 	d.acked++
 	mine := d.acked
@@ -129,6 +143,7 @@ func (d *demux) takeLocked(id uint64) {
 	for d.ackSent < mine && !d.sockClosed {
 		d.cond.Wait() // another goroutine's flushLocked is sending it
 	}
+	return d.ackOK >= mine
 }
 
 // deliverLocked queues ds for their listeners and rejects the ones no open
@@ -186,6 +201,7 @@ func (d *demux) flushLocked() {
 		d.ack, d.reject, d.closed = nil, nil, nil
 		d.mu.Unlock()
 		err := d.w.Send(rr.TypeAck, ack)
+		ackErr := err
 		if err == nil {
 			err = d.w.Send(rr.TypeReject, reject)
 		}
@@ -194,6 +210,9 @@ func (d *demux) flushLocked() {
 		}
 		d.mu.Lock()
 		d.ackSent += uint64(len(ack))
+		if ackErr == nil {
+			d.ackOK += uint64(len(ack))
+		}
 		if err != nil {
 			// The dispatcher is gone or the channel broke: it can no
 			// longer learn anything, so stop reporting and stop reading

@@ -430,3 +430,38 @@ func countFDs(t *testing.T) int {
 	}
 	return len(es)
 }
+
+// A connection whose ACK cannot be sent is not the worker's: the
+// dispatcher took the channel back (the worker was too slow) and hands it
+// to another worker, so Accept must drop it, not serve it a second time.
+// Here conn 2 waits in the listener's queue when the dispatcher's end
+// goes; its client must see the worker's copy closed. (At 57c59ff Accept
+// returned it.)
+func TestRoundRobinNoUseWithoutAck(t *testing.T) {
+	ch, d := rrSetup(t, 1)
+	l, _ := d.listen(0, "web")
+	clients := sendConns(t, ch, 0, 1, 2) // one message: 2 stays queued while 1 is used
+	c, err := acceptWithin(t, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	recvIDs(t, ch, rr.TypeAck, 1)
+	left, _ := ch.Close()
+	if len(left) != 1 || left[0].ID != 2 {
+		t.Fatalf("dispatcher took back %+v, want conn 2", left)
+	}
+	left[0].File.Close() // as if handed to, and served by, another worker
+	c2, err := acceptWithin(t, l)
+	if err == nil {
+		c2.Close()
+		t.Fatalf("Accept returned conn %v although its ACK could not be sent", c2.RemoteAddr())
+	}
+	if !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept = %v, want net.ErrClosed", err)
+	}
+	clients[1].SetReadDeadline(time.Now().Add(wait))
+	if n, err := clients[1].Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client of conn 2 read %d bytes, %v; want EOF (every copy closed)", n, err)
+	}
+}

@@ -173,6 +173,9 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
+			if w.unhealthy != "" && w.state != stExited {
+				cw.State, cw.Status = "unhealthy", w.unhealthy
+			}
 			pid = w.pid
 		}
 		st.Workers = append(st.Workers, cw)

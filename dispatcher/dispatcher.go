@@ -495,6 +495,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			d.onProbe(m)
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
+		case <-d.rrFaults():
+			d.rrOnFaults()
 		case res := <-d.loadCh:
 			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
@@ -702,6 +704,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())
+	b.WriteString(d.rrStatus())
 	b.WriteString(d.appFileStatus())
 	var looping []string
 	for _, s := range d.slots {

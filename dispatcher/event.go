@@ -19,12 +19,13 @@ const (
 	ForeignNotify                          // a notify datagram from a pid that is no worker was ignored
 	Ready                                  // READY=1 was sent to systemd
 	Stopping                               // the dispatcher began to stop (STOPPING=1)
+	WorkerUnhealthy                        // a ready worker failed its round-robin channel and is being replaced
 )
 
 var kindNames = map[EventKind]string{
 	WorkerStarted: "worker-started", WorkerReady: "worker-ready", WorkerExited: "worker-exited",
 	WorkerSpawnFailed: "worker-spawn-failed", WorkerWatchdog: "worker-watchdog",
-	ForeignNotify: "foreign-notify", Ready: "ready", Stopping: "stopping",
+	ForeignNotify: "foreign-notify", Ready: "ready", Stopping: "stopping", WorkerUnhealthy: "worker-unhealthy",
 }
 
 // String returns the kind's name, e.g. "worker-exited".

@@ -36,6 +36,8 @@ func TestMain(m *testing.M) {
 		os.Exit(helperPrinter())
 	case "cohort-worker":
 		os.Exit(helperCohortWorker())
+	case "rr-hostile":
+		os.Exit(helperRRHostile())
 	case "steer":
 		os.Exit(helperSteer()) // steer_test.go
 	}

@@ -10,23 +10,49 @@ package dispatcher
 //   - one acceptor per listener: waits until some ready worker has room,
 //     accepts (accept4 on the listener's RawConn, drained until EAGAIN or
 //     the room is used up) and dispatches;
-//   - one receiver per worker channel: applies ACK, CLOSED and REJECT, and
-//     retires the channel when the worker closes it or dies;
+//   - one receiver per worker channel: applies HELLO, ACK, CLOSED and
+//     REJECT, and retires the channel when it ends (the worker closed it
+//     or died, or the dispatcher shut it down), after reading every
+//     message the worker sent before;
+//   - one writer per worker channel: after a send found the worker's
+//     queue full, waits until it has room again;
 //   - one flusher: sends held connections when room appears. Receivers
 //     never send themselves, so a worker that is slow to read can never
-//     keep the dispatcher from reading that worker's acknowledgements.
+//     keep the dispatcher from reading that worker's acknowledgements;
+//   - one watcher: takes the channel back from a worker that has left a
+//     connection unacknowledged for ack_timeout.
+//
+// Sends never wait: a worker whose queue is full is skipped until its
+// writer sees room, and what did not fit goes to the others. So a worker
+// that stops reading cannot stop the acceptors, whatever max_pending is.
 //
 // Connections are "held" only between accept (or a worker's death or
 // rejection) and the next free worker; acceptors stop accepting while
 // anything is held or no ready worker has room, so the kernel's listen
 // backlog holds the rest: nothing is buffered without bound.
+//
+// Taking connections back from a worker that still runs (it is too slow,
+// or its channel broke) is a Shutdown of the channel: the worker can no
+// longer acknowledge, the receiver reads the acknowledgements it sent in
+// time, and only the rest goes to other workers, so no connection is
+// served twice (the worker library serves nothing it could not
+// acknowledge). Such a worker, and one whose channel ends while it should
+// be serving, is reported to the loop, which stops it (stop_signal, then
+// SIGKILL after stop_timeout) and so replaces it; it releases, when it
+// exits, its copies of the connections that went to others. A worker
+// that never sends a well-formed message gets one connection at a time
+// and, when it fails that one or ends, the log says it never spoke the
+// protocol.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,30 +62,37 @@ import (
 )
 
 // roundRobin is the state of round-robin mode. Fields under mu are shared by
-// the acceptors, the receivers and the loop; the others belong to the loop.
+// the acceptors, the receivers, the writers, the watcher and the loop; the
+// others belong to the loop.
 type roundRobin struct {
-	out        *output
-	maxPending int
-	leastConns bool
-	maxRejects int // a connection rejected this often is closed
+	out         *output
+	maxPending  int
+	leastConns  bool
+	maxHandoffs int // a connection handed back this often is closed
+	ackTimeout  time.Duration
 
 	ctx       context.Context // cancelled by rrClose
 	cancel    context.CancelFunc
 	listeners []*os.File // non-blocking duplicates of the app's listeners, owned here
-	env       []string   // what workers get besides LISTEN_*: COHORT_RR_LISTENERS
+	env       []string   // what workers get besides LISTEN_*: COHORT_RR_LISTENERS, COHORT_RR_HELLO
 
-	byPID map[int]*rrWorker // loop only
+	byPID  map[int]*rrWorker // loop only: until reaped and its channel retired
+	silent map[int]bool      // loop only: slots whose last worker never spoke
 
-	mu      sync.Mutex
-	workers []*rrWorker // live channels, in start order
-	next    int         // round-robin cursor into workers
-	held    []rr.Conn   // accepted or returned, not yet sent
-	nextID  uint64
-	rejects map[uint64]int // rejections per connection id still in flight
-	space   chan struct{}  // closed (and replaced) when room may have appeared
-	kick    chan struct{}  // wakes the flusher; buffered, never closed
-	waiting bool           // an acceptor waits on space
-	closed  bool
+	faultCh chan struct{} // capacity 1: faults wait for the loop
+
+	mu       sync.Mutex
+	workers  []*rrWorker // live channels, in start order
+	next     int         // round-robin cursor into workers
+	held     []rr.Conn   // accepted or returned, not yet sent
+	nextID   uint64
+	handoffs map[uint64]int // times each connection still in flight was handed back
+	faults   []rrFault      // for the loop
+	space    chan struct{}  // closed (and replaced) when room may have appeared
+	kick     chan struct{}  // wakes the flusher; buffered, never closed
+	waiting  bool           // an acceptor waits on space
+	closed   bool
+	refused  int // sends refused with ETOOMANYREFS, for the log
 }
 
 // rrWorker is one worker process's channel.
@@ -67,13 +100,41 @@ type rrWorker struct {
 	ch     *rr.Channel
 	pid    int
 	index  int
-	endIno uint64 // the worker's end of the channel, for ready = "listening"
+	endIno uint64        // the worker's end of the channel, for ready = "listening"
+	wake   chan struct{} // capacity 1: the writer should wait for room
+	done   chan struct{} // closed by retire: the writer ends
 
 	// Under roundRobin.mu.
-	ready   bool // the worker is in state ready and the dispatcher not stopping
-	gone    bool // retired: the channel is closed or closing
-	sending int  // connections picked for it whose Send has not returned
+	ready     bool   // the worker is in state ready and the dispatcher not stopping
+	gone      bool   // retired: the channel is closed or closing
+	revoked   bool   // the channel was shut down: the receiver drains it, then retires it
+	revokeWhy string // why, for the loop ("" when the worker was reaped)
+	blocked   bool   // its queue was full: skipped until the writer sees room
+	pause     bool   // blocked by ETOOMANYREFS: the writer waits a moment instead
+	spoke     bool   // it sent a well-formed message
+	sending   int    // connections picked for it whose TrySend has not returned
+	ignored   uint64 // ids it sent that the channel did not apply
+
+	// Loop only.
+	drained bool // the dispatcher took it out of rotation to stop it (reload, restart-worker)
+	reaped  bool
+	ended   bool // its receiver retired the channel
+	spokeOK bool // seen to have spoken (clears its slot's mark in the status line)
+	named   bool // logged as never having spoken
 }
+
+// rrFault is something a worker did on its channel that the loop acts on.
+type rrFault struct {
+	pid    int
+	why    string // "did not acknowledge …", "closed its round-robin channel", …
+	ended  bool   // the receiver has retired the channel
+	silent bool   // the worker never sent a well-formed message
+}
+
+// tooManyRefsPause is how long a worker is skipped after sendmsg failed
+// with ETOOMANYREFS (too many fds in flight for the dispatcher's
+// RLIMIT_NOFILE): acknowledgements have to bring the number down.
+const tooManyRefsPause = 10 * time.Millisecond
 
 // rrStart switches the dispatcher to round-robin mode when the app asks for
 // it: workers get a channel instead of the listeners, and one acceptor per
@@ -83,17 +144,24 @@ func (d *dispatcher) rrStart() error {
 		return nil
 	}
 	ctx, cancel := context.WithCancel(d.goCtx)
+	ackTimeout := d.app.AckTimeout
+	if ackTimeout <= 0 {
+		ackTimeout = config.DefaultAckTimeout
+	}
 	r := &roundRobin{
-		out:        d.out,
-		maxPending: max(1, d.app.MaxPending),
-		leastConns: d.app.Balance == config.BalanceLeastConnections,
-		maxRejects: 2 * len(d.slots),
-		ctx:        ctx,
-		cancel:     cancel,
-		byPID:      map[int]*rrWorker{},
-		rejects:    map[uint64]int{},
-		space:      make(chan struct{}),
-		kick:       make(chan struct{}, 1),
+		out:         d.out,
+		maxPending:  max(1, d.app.MaxPending),
+		leastConns:  d.app.Balance == config.BalanceLeastConnections,
+		maxHandoffs: 2 * len(d.slots),
+		ackTimeout:  ackTimeout,
+		ctx:         ctx,
+		cancel:      cancel,
+		byPID:       map[int]*rrWorker{},
+		silent:      map[int]bool{},
+		faultCh:     make(chan struct{}, 1),
+		handoffs:    map[uint64]int{},
+		space:       make(chan struct{}),
+		kick:        make(chan struct{}, 1),
 	}
 	d.rr = r
 	for i, f := range d.opt.Listeners {
@@ -109,9 +177,10 @@ func (d *dispatcher) rrStart() error {
 		}
 		r.listeners = append(r.listeners, os.NewFile(uintptr(fd), d.app.Listen[i].Name))
 	}
-	r.env = []string{rr.ListenersEnv + "=" + d.listenNames}
+	r.env = []string{rr.ListenersEnv + "=" + d.listenNames, rr.HelloEnv + "=1"}
 	d.listenFDs, d.listenNames = nil, rr.FDName
 	d.wg.Go(r.flusher)
+	d.wg.Go(r.watch)
 	for i, f := range r.listeners {
 		d.wg.Go(func() { r.accept(i, f) })
 	}
@@ -119,7 +188,8 @@ func (d *dispatcher) rrStart() error {
 }
 
 // rrEnv is what a worker's environment needs in round-robin mode beyond
-// LISTEN_FDS: COHORT_RR_LISTENERS; nothing in shared mode.
+// LISTEN_FDS: COHORT_RR_LISTENERS and COHORT_RR_HELLO; nothing in the
+// other modes.
 func (d *dispatcher) rrEnv() []string {
 	if d.rr == nil {
 		return nil
@@ -130,13 +200,14 @@ func (d *dispatcher) rrEnv() []string {
 // rrDrain takes w out of the rotation at once, before the state machine
 // moves it to draining: nothing new is sent to it; what it has not
 // acknowledged yet stays with it until it acknowledges, rejects, or closes
-// its channel (then it goes to another worker).
+// its channel, or ack_timeout passes (then it goes to another worker).
 func (d *dispatcher) rrDrain(w *worker) {
 	r := d.rr
 	if r == nil {
 		return
 	}
 	if rw := r.byPID[w.pid]; rw != nil {
+		rw.drained = true
 		r.mu.Lock()
 		rw.ready = false
 		r.mu.Unlock()
@@ -164,19 +235,21 @@ func (d *dispatcher) forkWorker(s *slot) (pid int, outR, statusR *os.File, err e
 		ch.Close() // nothing was sent on it
 		return 0, nil, nil, err
 	}
-	w := &rrWorker{ch: ch, pid: pid, index: s.index, endIno: endIno}
+	w := &rrWorker{ch: ch, pid: pid, index: s.index, endIno: endIno, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	r.byPID[pid] = w
 	r.mu.Lock()
 	r.workers = append(r.workers, w)
 	r.mu.Unlock()
 	d.wg.Go(func() { r.receive(w) })
+	d.wg.Go(func() { r.writer(w) })
 	return pid, outR, statusR, nil
 }
 
 // rrSync brings the balancer up to date with the state machine: only
 // workers in state ready receive connections, none while stopping, and a
-// reaped worker's channel is retired (its unacknowledged connections go to
-// others). The loop calls it after every event.
+// reaped worker's channel is shut down (its receiver reads what the
+// worker sent last, then hands what it had not acknowledged to others).
+// The loop calls it after every event.
 func (d *dispatcher) rrSync() {
 	r := d.rr
 	if r == nil {
@@ -191,9 +264,16 @@ func (d *dispatcher) rrSync() {
 		if w.ready != ready {
 			w.ready, changed = ready, true
 		}
-		if p == nil {
-			delete(r.byPID, pid)
+		if w.spoke && !w.spokeOK {
+			w.spokeOK = true
+			delete(r.silent, w.index)
+		}
+		if p == nil && !w.reaped {
+			w.reaped = true
 			gone = append(gone, w)
+		}
+		if w.reaped && w.ended {
+			delete(r.byPID, pid)
 		}
 	}
 	if changed {
@@ -201,11 +281,112 @@ func (d *dispatcher) rrSync() {
 	}
 	r.mu.Unlock()
 	for _, w := range gone {
-		r.retire(w)
+		r.revoke(w, "")
 	}
 	if changed {
 		r.flushLater()
 	}
+}
+
+// rrFaults is what the loop waits on for rrOnFaults; nil (never ready)
+// outside round-robin mode.
+func (d *dispatcher) rrFaults() <-chan struct{} {
+	if d.rr == nil {
+		return nil
+	}
+	return d.rr.faultCh
+}
+
+// rrOnFaults acts on what workers did wrong on their channels: a worker
+// that should be serving and left a connection unacknowledged for
+// ack_timeout, or whose channel ended or broke, is marked unhealthy and
+// stopped (its slot restarts it when it has exited); a worker that never
+// said a word on its channel is named in the log, with the remedy.
+func (d *dispatcher) rrOnFaults() {
+	r := d.rr
+	r.mu.Lock()
+	faults := r.faults
+	r.faults = nil
+	r.mu.Unlock()
+	if len(faults) == 0 {
+		return
+	}
+	d.reap() // a channel that ended often means the worker exited: say that instead
+	for _, f := range faults {
+		rw := r.byPID[f.pid]
+		if rw == nil {
+			continue
+		}
+		if f.ended {
+			rw.ended = true
+		}
+		w := d.procs[f.pid]
+		switch {
+		case d.stopping:
+		case w != nil && (w.state == stStarting || w.state == stReady):
+			if f.silent {
+				d.rrNeverSpoke(rw)
+			}
+			d.out.warnf("worker %d (pid %d) %s; stopping it (what it did not acknowledge goes to the other workers)", w.slot.index, w.pid, f.why)
+			w.unhealthy, w.silent = f.why, f.silent
+			d.transition(w, trUnhealthy, 0)
+		case w == nil && f.ended && f.silent && !rw.drained:
+			d.rrNeverSpoke(rw) // it exited without a word
+		}
+		if rw.reaped && rw.ended {
+			delete(r.byPID, f.pid)
+		}
+	}
+}
+
+// rrNeverSpoke logs that a worker never spoke the protocol, once per
+// worker, and marks its slot for the status line until a worker of the
+// slot speaks.
+func (d *dispatcher) rrNeverSpoke(rw *rrWorker) {
+	if rw.named {
+		return
+	}
+	rw.named = true
+	d.rr.silent[rw.index] = true
+	d.out.warnf("worker %d never spoke the round-robin protocol (docs/protocol.md); for programs without cohort's library use mode = \"shared\" or \"reuseport\"", rw.index)
+}
+
+// rrStatus is the round-robin part of the STATUS= line: slots whose
+// worker never spoke the protocol, and workers being replaced as
+// unhealthy.
+func (d *dispatcher) rrStatus() string {
+	r := d.rr
+	if r == nil || d.stopping {
+		return ""
+	}
+	var b strings.Builder
+	var silent, sick []int
+	for _, s := range d.slots {
+		if r.silent[s.index] {
+			silent = append(silent, s.index)
+		}
+	}
+	for _, w := range d.procs {
+		if w.unhealthy != "" && !w.silent {
+			sick = append(sick, w.slot.index)
+		}
+	}
+	slices.Sort(sick)
+	if len(silent) > 0 {
+		fmt.Fprintf(&b, " · round-robin protocol never spoken: worker%s %s", plural(len(silent)), joinInts(silent))
+	}
+	if len(sick) > 0 {
+		fmt.Fprintf(&b, " · unhealthy: worker%s %s", plural(len(sick)), joinInts(slices.Compact(sick)))
+	}
+	return b.String()
+}
+
+func joinInts(ns []int) string {
+	s := make([]string, len(ns))
+	for i, n := range ns {
+		s[i] = fmt.Sprint(n)
+	}
+	return strings.Join(s, ",")
 }
 
 // rrClose ends round-robin mode: acceptors stop, every channel is closed and
@@ -327,11 +508,26 @@ func (r *roundRobin) roomLocked() int {
 	}
 	n := -len(r.held)
 	for _, w := range r.workers {
-		if w.ready && !w.gone {
-			n += max(0, r.maxPending-r.loadLocked(w))
+		if r.usableLocked(w) {
+			n += max(0, r.limitLocked(w)-r.loadLocked(w))
 		}
 	}
 	return max(0, n)
+}
+
+// usableLocked reports whether w may be sent connections now.
+func (r *roundRobin) usableLocked(w *rrWorker) bool {
+	return w.ready && !w.gone && !w.revoked && !w.blocked
+}
+
+// limitLocked is how many unacknowledged connections w may have:
+// max_pending, or one while it has not spoken (a program that ignores
+// its channel strands one connection, for ack_timeout, not max_pending).
+func (r *roundRobin) limitLocked(w *rrWorker) int {
+	if !w.spoke {
+		return 1
+	}
+	return r.maxPending
 }
 
 // loadLocked is how many connections w has not acknowledged yet, counting
@@ -364,25 +560,34 @@ func (r *roundRobin) dispatch(conns []rr.Conn) {
 }
 
 // requeue takes back connections a worker did not take (it rejected them,
-// died or closed its channel) and sends them to other workers, before
-// anything accepted later.
-func (r *roundRobin) requeue(conns []rr.Conn, rejected bool) {
+// died, closed its channel or was too slow) and sends them to other
+// workers, before anything accepted later.
+func (r *roundRobin) requeue(conns []rr.Conn) {
 	if len(conns) == 0 {
 		return
 	}
 	r.mu.Lock()
+	r.requeueLocked(conns, true)
+	r.mu.Unlock()
+	r.flushLater()
+}
+
+// requeueLocked puts conns at the head of what is held. A connection that
+// a worker had been given (handedBack) and that comes back more than
+// maxHandoffs times is closed: no worker takes it, or it kills the ones
+// that do.
+func (r *roundRobin) requeueLocked(conns []rr.Conn, handedBack bool) {
 	if r.closed {
-		r.mu.Unlock()
 		closeConns(conns)
 		return
 	}
 	keep := make([]rr.Conn, 0, len(conns)+len(r.held))
 	for _, c := range conns {
-		if rejected {
-			r.rejects[c.ID]++
-			if r.rejects[c.ID] > r.maxRejects {
-				delete(r.rejects, c.ID)
-				r.out.warnf("connection %d was rejected %d times (does any worker serve listener %d?); closed it", c.ID, r.maxRejects+1, c.Listener)
+		if handedBack {
+			r.handoffs[c.ID]++
+			if r.handoffs[c.ID] > r.maxHandoffs {
+				delete(r.handoffs, c.ID)
+				r.out.warnf("connection %d came back from a worker %d times (rejected, not acknowledged, or its worker died; does any worker serve listener %d?); closed it", c.ID, r.maxHandoffs+1, c.Listener)
 				c.File.Close()
 				continue
 			}
@@ -390,8 +595,6 @@ func (r *roundRobin) requeue(conns []rr.Conn, rejected bool) {
 		keep = append(keep, c)
 	}
 	r.held = append(keep, r.held...)
-	r.mu.Unlock()
-	r.flushLater()
 }
 
 // flushLater has the flusher goroutine send what is held.
@@ -415,7 +618,9 @@ func (r *roundRobin) flusher() {
 }
 
 // flush sends held connections to workers with room until nothing is held
-// or no worker has room.
+// or no worker has room. It never waits for a worker: what does not fit
+// in a worker's queue goes back to the head of what is held, and that
+// worker is skipped until its writer sees room.
 func (r *roundRobin) flush() {
 	type batch struct {
 		w     *rrWorker
@@ -447,19 +652,37 @@ func (r *roundRobin) flush() {
 			return
 		}
 		for _, b := range plan {
-			err := b.w.ch.Send(b.conns...)
+			n, err := b.w.ch.TrySend(b.conns...)
+			broken, refused := false, 0
 			r.mu.Lock()
 			b.w.sending -= len(b.conns)
+			if err != nil {
+				switch {
+				case errors.Is(err, rr.ErrWouldBlock), errors.Is(err, unix.ETOOMANYREFS):
+					b.w.blocked = true
+					b.w.pause = errors.Is(err, unix.ETOOMANYREFS)
+					if b.w.pause {
+						r.refused++
+						refused = r.refused
+					}
+					select {
+					case b.w.wake <- struct{}{}:
+					default:
+					}
+				case errors.Is(err, rr.ErrNotSent):
+					// Retired or shut down meanwhile.
+				default:
+					broken = true
+				}
+				// They never reached the worker: no handoff.
+				r.requeueLocked(b.conns[n:], false)
+			}
 			r.mu.Unlock()
-			switch {
-			case err == nil:
-			case errors.Is(err, rr.ErrNotSent):
-				// Retired meanwhile; the connections are still ours.
-				r.requeue(b.conns, false)
-			default:
-				// The worker died or broke the channel: the Channel has
-				// the connections; retiring it hands them back.
-				r.retire(b.w)
+			if refused&(refused-1) == 0 && refused > 0 {
+				r.out.warnf("round-robin: sending to worker %d: %v (%d times so far; raise LimitNOFILE= or lower max_pending)", b.w.index, err, refused)
+			}
+			if broken {
+				r.revoke(b.w, fmt.Sprintf("broke its round-robin channel (%v)", err))
 			}
 		}
 	}
@@ -474,11 +697,11 @@ func (r *roundRobin) pickLocked() *rrWorker {
 	for i := range n {
 		at := (r.next + i) % n
 		w := r.workers[at]
-		if !w.ready || w.gone {
+		if !r.usableLocked(w) {
 			continue
 		}
 		unacked := r.loadLocked(w)
-		if unacked >= r.maxPending {
+		if unacked >= r.limitLocked(w) {
 			continue
 		}
 		if !r.leastConns {
@@ -495,39 +718,161 @@ func (r *roundRobin) pickLocked() *rrWorker {
 	return best
 }
 
-// receive reads w's channel until it ends, then retires w.
+// writer waits, each time a send found w's queue full, until it has room
+// again, then puts w back into the rotation.
+func (r *roundRobin) writer(w *rrWorker) {
+	for {
+		select {
+		case <-w.wake:
+		case <-w.done:
+			return
+		case <-r.ctx.Done():
+			return
+		}
+		r.mu.Lock()
+		pause := w.pause
+		r.mu.Unlock()
+		var err error
+		if pause {
+			t := time.NewTimer(tooManyRefsPause)
+			select {
+			case <-t.C:
+			case <-w.done:
+				t.Stop()
+				return
+			case <-r.ctx.Done():
+				t.Stop()
+				return
+			}
+		} else {
+			err = w.ch.WaitWritable() // returns when the channel is shut down or closed, too
+		}
+		r.mu.Lock()
+		w.blocked, w.pause = false, false
+		r.wakeLocked()
+		r.mu.Unlock()
+		r.flushLater()
+		if err != nil {
+			return
+		}
+	}
+}
+
+// watch takes the channel back from every worker that has left a
+// connection unacknowledged for ack_timeout, and reports it to the loop.
+func (r *roundRobin) watch() {
+	every := min(max(r.ackTimeout/4, 10*time.Millisecond), time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-r.ctx.Done():
+			return
+		}
+		now := time.Now()
+		var late []*rrWorker
+		var silent []bool
+		r.mu.Lock()
+		for _, w := range r.workers {
+			if w.gone || w.revoked {
+				continue
+			}
+			if at := w.ch.Oldest(); !at.IsZero() && now.Sub(at) >= r.ackTimeout {
+				late = append(late, w)
+				silent = append(silent, !w.spoke)
+			}
+		}
+		r.mu.Unlock()
+		for i, w := range late {
+			why := fmt.Sprintf("left a connection unacknowledged for ack_timeout (%s)", r.ackTimeout)
+			if r.revoke(w, why) {
+				r.fault(rrFault{pid: w.pid, why: why, silent: silent[i]})
+			}
+		}
+	}
+}
+
+// revoke shuts w's channel down, once: nothing more is sent to it, its
+// receiver reads what it sent before and then retires the channel,
+// handing the rest to other workers. why is passed on to the loop when
+// the channel has ended. It reports whether this call shut it down.
+func (r *roundRobin) revoke(w *rrWorker, why string) bool {
+	r.mu.Lock()
+	if w.revoked || w.gone {
+		r.mu.Unlock()
+		return false
+	}
+	w.revoked, w.revokeWhy = true, why
+	r.mu.Unlock()
+	if err := w.ch.Shutdown(); err != nil {
+		r.out.warnf("worker %d (pid %d): %v", w.index, w.pid, err)
+	}
+	return true
+}
+
+// fault hands f to the loop without waiting for it.
+func (r *roundRobin) fault(f rrFault) {
+	r.mu.Lock()
+	r.faults = append(r.faults, f)
+	r.mu.Unlock()
+	select {
+	case r.faultCh <- struct{}{}:
+	default:
+	}
+}
+
+// receive reads w's channel until it ends, then retires w and tells the
+// loop.
 func (r *roundRobin) receive(w *rrWorker) {
 	for {
 		ev, err := w.ch.Recv()
 		if err != nil {
 			r.mu.Lock()
-			closing := r.closed || w.gone
+			closing := r.closed
+			revoked, why, spoke := w.revoked, w.revokeWhy, w.spoke
 			r.mu.Unlock()
-			if !closing && !errors.Is(err, net.ErrClosed) {
-				r.out.warnf("worker %d (pid %d): round-robin channel: %v", w.index, w.pid, err)
+			if !revoked {
+				why = "closed its round-robin channel"
+				if !errors.Is(err, net.ErrClosed) {
+					why = fmt.Sprintf("broke its round-robin channel (%v)", err)
+				}
 			}
 			r.retire(w)
+			if !closing {
+				r.fault(rrFault{pid: w.pid, why: why, ended: true, silent: !spoke})
+			}
 			return
 		}
+		r.mu.Lock()
+		first := !w.spoke
+		w.spoke = true
+		if first {
+			r.wakeLocked() // its limit grows from 1 to max_pending
+		}
+		prevIgnored := w.ignored
+		w.ignored += uint64(ev.Ignored)
+		ignored := w.ignored
+		held := len(r.held) > 0
 		switch ev.Type {
 		case rr.TypeReject:
-			r.mu.Lock()
 			r.wakeLocked()
-			r.mu.Unlock()
-			r.requeue(ev.Rejected, true)
+			r.requeueLocked(ev.Rejected, true)
+			held = true
 		case rr.TypeAck:
-			r.mu.Lock()
-			if len(r.rejects) > 0 {
+			if len(r.handoffs) > 0 {
 				for _, id := range ev.IDs {
-					delete(r.rejects, id)
+					delete(r.handoffs, id)
 				}
 			}
 			r.wakeLocked()
-			held := len(r.held) > 0
-			r.mu.Unlock()
-			if held {
-				r.flushLater()
-			}
+		}
+		r.mu.Unlock()
+		if bits.Len64(ignored) != bits.Len64(prevIgnored) { // past 1, 2, 4, 8…: log without flooding
+			r.out.warnf("worker %d (pid %d) sent %v for %d ids it does not hold; ignored (%d so far)", w.index, w.pid, ev.Type, ev.Ignored, ignored)
+		}
+		if held || first {
+			r.flushLater()
 		}
 	}
 }
@@ -538,6 +883,7 @@ func (r *roundRobin) retire(w *rrWorker) {
 	r.mu.Lock()
 	if !w.gone {
 		w.gone = true
+		close(w.done)
 		for i, x := range r.workers {
 			if x == w {
 				r.workers = append(r.workers[:i], r.workers[i+1:]...)
@@ -553,9 +899,13 @@ func (r *roundRobin) retire(w *rrWorker) {
 			r.next = 0
 		}
 	}
+	closing := r.closed
 	r.mu.Unlock()
 	left, _ := w.ch.Close()
-	r.requeue(left, false)
+	if len(left) > 0 && !closing {
+		r.out.infof("worker %d (pid %d): %d connections it had not acknowledged go to other workers", w.index, w.pid, len(left))
+	}
+	r.requeue(left)
 }
 
 func closeConns(conns []rr.Conn) {

@@ -41,6 +41,7 @@ const (
 	trDeadline                       // the state's deadline passed
 	trStop                           // the dispatcher stops
 	trKill                           // stop now
+	trUnhealthy                      // its round-robin channel failed (worker.unhealthy says how): replace it
 	trExited                         // reaped; the WaitStatus comes along
 )
 
@@ -75,6 +76,8 @@ type worker struct {
 	lastPing  time.Time // last WATCHDOG=1; zero: watchdog not armed
 	signalled bool      // stop_signal (or SIGABRT) was sent
 	killed    bool      // SIGKILL was sent
+	unhealthy string    // why it is being replaced as unhealthy (round-robin), for status
+	silent    bool      // it never spoke the round-robin protocol: its exit counts as a failed start
 	status    string    // last STATUS=
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
@@ -162,6 +165,9 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
 			toDraining(app.StopSignal, true)
+		case trUnhealthy:
+			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			toDraining(app.StopSignal, true)
 		case trStop:
 			toDraining(app.StopSignal, true)
 		case trKill:
@@ -186,6 +192,9 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trStopping:
 			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
 			toDraining(0, false)
+		case trUnhealthy:
+			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			toDraining(app.StopSignal, true)
 		case trStop:
 			toDraining(app.StopSignal, true)
 		case trKill:
@@ -237,7 +246,11 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 		d.observe(ev)
 		return
 	}
-	ev.RestartIn = d.scheduleRestart(s, uptime, now)
+	up := uptime
+	if w.silent {
+		up = 0 // a program that cannot serve in this mode: back off as from a crash at start
+	}
+	ev.RestartIn = d.scheduleRestart(s, up, now)
 	msg := fmt.Sprintf("worker %d (pid %d) %s after %s; restarting in %s", s.index, w.pid, how, uptime.Round(time.Millisecond), ev.RestartIn)
 	if s.crashLooping() {
 		d.out.warnf("%s (crash loop: %d quick exits in a row)", msg, s.quickExits)

@@ -27,6 +27,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("serve", func(t *testing.T) { testServe(t, c) })
 			t.Run("reload", func(t *testing.T) { testReload(t, c) })
 			t.Run("roundrobin", func(t *testing.T) { testRoundRobin(t, c) })
+			t.Run("rrhostile", func(t *testing.T) { testRoundRobinHostile(t, c) })
 			t.Run("reuseport", func(t *testing.T) { testReusePort(t, c) })
 			t.Run("hostilefiles", func(t *testing.T) { testHostileFiles(t, c) })
 			t.Run("checkhost", func(t *testing.T) { testCheckHost(t, c) })

@@ -7,7 +7,10 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Conn is one accepted connection on the dispatcher side.
@@ -27,7 +30,7 @@ type Conn struct {
 // Event is one message from a worker, already applied to the Channel's
 // bookkeeping.
 type Event struct {
-	// Type is TypeAck, TypeClosed or TypeReject.
+	// Type is TypeAck, TypeClosed, TypeReject or TypeHello.
 	Type Type
 	// IDs are the ids the message carried.
 	IDs []uint64
@@ -35,11 +38,20 @@ type Event struct {
 	// held for those ids. The caller owns their Files: hand them to another
 	// worker or close them.
 	Rejected []Conn
+	// Ignored is how many of IDs the Channel did not apply: an ACK or
+	// REJECT of an id it was not waiting for, a CLOSED of an id that was
+	// not acknowledged and open. A worker cannot move the Channel's counts
+	// with ids it was never sent.
+	Ignored int
 }
 
 // ErrInvalidConn is wrapped by Send's error when a Conn cannot be sent; the
 // caller then still owns every File it passed.
 var ErrInvalidConn = errors.New("invalid connection")
+
+// ErrWouldBlock is wrapped by TrySend's error when the worker's receive
+// queue is full: the worker is not reading its channel fast enough.
+var ErrWouldBlock = errors.New("channel full")
 
 // ErrNotSent is wrapped by Send's error when it sent nothing and took
 // nothing: the caller still owns every File it passed. It distinguishes a
@@ -50,23 +62,46 @@ var ErrNotSent = errors.New("nothing sent")
 
 // Channel is the dispatcher's end of one worker's round-robin channel. It
 // keeps the dispatcher's copy of every connection it sent until the worker
-// acknowledges it. Send, Recv, Unacked, Open and Close may be called from
-// different goroutines; Recv must not be called concurrently with itself.
-// SetReadDeadline bounds Recv.
+// acknowledges it. Every method may be called from any goroutine, except
+// that Recv must not be called concurrently with itself. SetReadDeadline
+// bounds Recv.
 type Channel struct {
-	c *net.UnixConn
+	c  *net.UnixConn
+	rc syscall.RawConn
 
 	sendMu sync.Mutex // held for a whole Send, so Close never hands back a File that sendmsg is using
 	buf    []byte     // under sendMu
 
 	rbuf, roob []byte // Recv's buffers
 
-	mu      sync.Mutex
-	closed  bool
-	unacked map[uint64]Conn
-	order   []uint64 // ids in send order; may hold stale ids, compacted lazily
-	open    int
+	mu        sync.Mutex
+	closed    bool
+	shut      bool // Shutdown was called: nothing more is sent
+	unacked   map[uint64]inflight
+	order     []sent // in send order; may hold stale entries, dropped lazily
+	seq       uint64 // numbers sends, to tell a stale order entry from a re-send
+	open      map[uint64]struct{}
+	untracked int // acknowledged beyond maxOpenTracked and not reported closed
+	ignored   uint64
+	spoke     bool
 }
+
+// inflight is a connection sent and not yet acknowledged or rejected.
+type inflight struct {
+	Conn
+	seq uint64
+	at  time.Time
+}
+
+// sent is an entry of Channel.order.
+type sent struct {
+	id, seq uint64
+}
+
+// maxOpenTracked bounds the memory Open's bookkeeping takes for a worker
+// that acknowledges connections and never reports them closed (a worker
+// need not send CLOSED): past it, acknowledged ids are only counted.
+const maxOpenTracked = 1 << 16
 
 // NewPair makes a round-robin channel: a connected SOCK_SEQPACKET socket
 // pair, both ends close-on-exec. The Channel owns its end. The caller owns
@@ -83,11 +118,19 @@ func NewPair() (ch *Channel, worker *os.File, err error) {
 		w.Close()
 		return nil, nil, err
 	}
+	rc, err := c.SyscallConn()
+	if err != nil {
+		c.Close()
+		w.Close()
+		return nil, nil, fmt.Errorf("round-robin channel: %w", err)
+	}
 	return &Channel{
 		c:       c,
+		rc:      rc,
 		rbuf:    make([]byte, MaxMessage+1),
 		roob:    make([]byte, oobSize),
-		unacked: make(map[uint64]Conn),
+		unacked: make(map[uint64]inflight),
+		open:    make(map[uint64]struct{}),
 	}, w, nil
 }
 
@@ -128,11 +171,122 @@ func (ch *Channel) Send(conns ...Conn) error {
 	return nil
 }
 
+// TrySend is Send without waiting: it sends as many whole messages as the
+// worker's receive queue has room for and returns how many of conns went
+// out (a prefix). The Channel owns the Files of those; the caller keeps
+// the Files of conns[n:] and may send them elsewhere. When the queue is
+// full the error wraps ErrWouldBlock; after Close or Shutdown, or for an
+// invalid Conn, it wraps ErrNotSent (n is 0); any other error (the worker
+// closed its end: EPIPE; too many fds in flight: ETOOMANYREFS) wraps the
+// errno.
+func (ch *Channel) TrySend(conns ...Conn) (int, error) {
+	ch.sendMu.Lock()
+	defer ch.sendMu.Unlock()
+	if err := ch.register(conns); err != nil {
+		return 0, err
+	}
+	fds := make([]int, 0, MaxFDs)
+	es := make([]entry, 0, MaxFDs)
+	n := 0
+	for batch := range slices.Chunk(conns, MaxFDs) {
+		fds, es = fds[:0], es[:0]
+		var err error
+		for _, c := range batch {
+			fd, ferr := rawFD(c.File)
+			if ferr != nil {
+				err = fmt.Errorf("send conn %d: %w", c.ID, ferr)
+				break
+			}
+			fds = append(fds, fd)
+			es = append(es, entry{id: c.ID, listener: c.Listener})
+		}
+		if err == nil {
+			ch.buf = appendConns(ch.buf[:0], es)
+			err = trySendMsg(ch.rc, ch.buf, fds)
+		}
+		if err != nil {
+			ch.unregister(conns[n:])
+			if errors.Is(err, unix.EAGAIN) {
+				err = fmt.Errorf("send %d conns: %w: %w", len(batch), ErrWouldBlock, err)
+			} else {
+				err = fmt.Errorf("send %d conns: %w", len(batch), err)
+			}
+			return n, err
+		}
+		n += len(batch)
+	}
+	return n, nil
+}
+
+// unregister forgets conns that register recorded but that were not sent.
+func (ch *Channel) unregister(conns []Conn) {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	for _, c := range conns {
+		delete(ch.unacked, c.ID)
+	}
+}
+
+// WaitWritable waits until the worker's receive queue has room again
+// after TrySend found it full, or until the channel is shut down or
+// closed (then it returns an error, or nil when a shutdown made the
+// socket report an error or hang-up: TrySend then fails at once).
+func (ch *Channel) WaitWritable() error {
+	var perr error
+	err := ch.rc.Write(func(fd uintptr) bool {
+		// Polled after the netpoller re-armed: room that appears later
+		// wakes it.
+		for {
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+			n, err := unix.Poll(pfd, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				perr = fmt.Errorf("poll: %w", err)
+				return true
+			}
+			return n > 0 && pfd[0].Revents != 0
+		}
+	})
+	if err == nil {
+		err = perr
+	}
+	if err != nil {
+		return fmt.Errorf("wait for room on round-robin channel: %w", err)
+	}
+	return nil
+}
+
+// Shutdown ends the channel in both directions but keeps what the worker
+// already sent readable: the worker's next send fails (EPIPE), it reads
+// what it was sent and then end of stream, and Recv returns every message
+// the worker sent before Shutdown, then an error wrapping net.ErrClosed.
+// So a caller that takes connections back from a worker that is still
+// running learns every ACK it sent in time, and the worker learns that
+// the rest is no longer its to serve. Send and TrySend fail afterwards
+// (ErrNotSent). Shutdown does not release anything: call Close after
+// Recv has ended.
+func (ch *Channel) Shutdown() error {
+	ch.mu.Lock()
+	ch.shut = true
+	ch.mu.Unlock()
+	var serr error
+	err := ch.rc.Control(func(fd uintptr) { serr = unix.Shutdown(int(fd), unix.SHUT_RDWR) })
+	if err == nil {
+		err = serr
+	}
+	if err != nil && !errors.Is(err, unix.ENOTCONN) {
+		return fmt.Errorf("shut down round-robin channel: %w", err)
+	}
+	return nil
+}
+
 // register checks conns and records them as unacknowledged.
 func (ch *Channel) register(conns []Conn) error {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
-	if ch.closed {
+	if ch.closed || ch.shut {
 		return fmt.Errorf("send: %w: %w", ErrNotSent, net.ErrClosed)
 	}
 	seen := make(map[uint64]bool, len(conns))
@@ -146,22 +300,25 @@ func (ch *Channel) register(conns []Conn) error {
 		}
 		seen[c.ID] = true
 	}
+	now := time.Now()
 	for _, c := range conns {
-		ch.unacked[c.ID] = c
-		ch.order = append(ch.order, c.ID)
+		ch.seq++
+		ch.unacked[c.ID] = inflight{Conn: c, seq: ch.seq, at: now}
+		ch.order = append(ch.order, sent{id: c.ID, seq: ch.seq})
 	}
 	return nil
 }
 
 // Recv waits for the next message from the worker and applies it: for an
 // ACK it closes the dispatcher's copies, for a REJECT it hands them back in
-// the Event. Ids the Channel does not hold are ignored (but reported in
-// IDs). When the worker has closed its end (it exited, or closed all its
-// round-robin listeners) Recv returns an error wrapping net.ErrClosed; after
-// a malformed message it returns an error wrapping ErrProtocol, and any fds
-// the worker attached are closed. After any other error than a timeout
-// (see SetReadDeadline) the caller should Close the Channel and re-send
-// what Close returns.
+// the Event. Ids the Channel does not hold are not applied (Event.Ignored
+// counts them). When the worker has closed its end (it exited, or closed
+// all its round-robin listeners), or after Shutdown once the worker's
+// last messages are read, Recv returns an error wrapping net.ErrClosed;
+// after a malformed message it returns an error wrapping ErrProtocol, and
+// any fds the worker attached are closed. After any other error than a
+// timeout (see SetReadDeadline) the caller should Close the Channel and
+// re-send what Close returns.
 func (ch *Channel) Recv() (Event, error) {
 	b, fds, err := recvMsg(ch.c, ch.rbuf, ch.roob)
 	if errors.Is(err, errEOF) {
@@ -178,43 +335,103 @@ func (ch *Channel) Recv() (Event, error) {
 	if err != nil {
 		return Event{}, fmt.Errorf("recv: %w", err)
 	}
+	if m.typ == TypeConns {
+		return Event{}, fmt.Errorf("recv: %w: worker sent %v", ErrProtocol, m.typ)
+	}
 	ev := Event{Type: m.typ, IDs: m.ids}
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
+	ch.spoke = true
 	switch m.typ {
 	case TypeAck:
 		for _, id := range m.ids {
-			if c, ok := ch.unacked[id]; ok {
-				delete(ch.unacked, id)
-				c.File.Close()
-				ch.open++
+			c, ok := ch.unacked[id]
+			if !ok {
+				ev.Ignored++
+				continue
+			}
+			delete(ch.unacked, id)
+			c.File.Close()
+			if len(ch.open) < maxOpenTracked {
+				ch.open[id] = struct{}{}
+			} else {
+				ch.untracked++
 			}
 		}
 	case TypeClosed:
-		ch.open = max(0, ch.open-len(m.ids))
-	case TypeReject:
 		for _, id := range m.ids {
-			if c, ok := ch.unacked[id]; ok {
-				delete(ch.unacked, id)
-				ev.Rejected = append(ev.Rejected, c)
+			if _, ok := ch.open[id]; ok {
+				delete(ch.open, id)
+			} else if ch.untracked > 0 {
+				// Past the tracking bound ids are not known: trust
+				// the count, never below what is tracked.
+				ch.untracked--
+			} else {
+				ev.Ignored++
 			}
 		}
-	default:
-		return Event{}, fmt.Errorf("recv: %w: worker sent %v", ErrProtocol, m.typ)
+	case TypeReject:
+		for _, id := range m.ids {
+			c, ok := ch.unacked[id]
+			if !ok {
+				ev.Ignored++
+				continue
+			}
+			delete(ch.unacked, id)
+			ev.Rejected = append(ev.Rejected, c.Conn)
+		}
 	}
+	ch.ignored += uint64(ev.Ignored)
 	ch.compact()
 	return ev, nil
 }
 
-// compact drops acknowledged ids from ch.order once they dominate it.
+// compact drops stale entries from ch.order once they dominate it.
 func (ch *Channel) compact() {
 	if len(ch.order) < 64 || len(ch.order) < 2*len(ch.unacked) {
 		return
 	}
-	ch.order = slices.DeleteFunc(ch.order, func(id uint64) bool {
-		_, ok := ch.unacked[id]
-		return !ok
-	})
+	ch.order = slices.DeleteFunc(ch.order, ch.stale)
+}
+
+// stale reports whether an order entry no longer names a connection in
+// flight (it was acknowledged or rejected, or re-sent later).
+func (ch *Channel) stale(e sent) bool {
+	c, ok := ch.unacked[e.id]
+	return !ok || c.seq != e.seq
+}
+
+// Oldest returns when the connection that has waited longest for the
+// worker's ACK was sent, or the zero time when none waits: the measure
+// of a worker that has stopped taking connections.
+func (ch *Channel) Oldest() time.Time {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	i := 0
+	for i < len(ch.order) && ch.stale(ch.order[i]) {
+		i++
+	}
+	ch.order = ch.order[i:]
+	if len(ch.order) == 0 {
+		return time.Time{}
+	}
+	return ch.unacked[ch.order[0].id].at
+}
+
+// Spoke reports whether the worker has sent at least one well-formed
+// message (HELLO, ACK, CLOSED or REJECT).
+func (ch *Channel) Spoke() bool {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	return ch.spoke
+}
+
+// Ignored reports how many ids the worker sent that the Channel did not
+// apply (see Event.Ignored).
+func (ch *Channel) Ignored() uint64 {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	return ch.ignored
 }
 
 // SetReadDeadline makes a blocked or later Recv return an error wrapping
@@ -236,11 +453,12 @@ func (ch *Channel) Unacked() int {
 
 // Open reports how many acknowledged connections the worker has not yet
 // reported closed. It is meaningful only for workers that send CLOSED (the
-// Go library and examples/python/rr_worker.py do).
+// Go library and examples/python/rr_worker.py do). Only a CLOSED of an id
+// that was acknowledged on this Channel and is still open counts.
 func (ch *Channel) Open() int {
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
-	return ch.open
+	return len(ch.open) + ch.untracked
 }
 
 // Close closes the dispatcher's end of the channel, which makes blocked
@@ -259,10 +477,10 @@ func (ch *Channel) Close() ([]Conn, error) {
 	}
 	ch.closed = true
 	var left []Conn
-	for _, id := range ch.order {
-		if c, ok := ch.unacked[id]; ok {
-			left = append(left, c)
-			delete(ch.unacked, id)
+	for _, e := range ch.order {
+		if !ch.stale(e) {
+			left = append(left, ch.unacked[e.id].Conn)
+			delete(ch.unacked, e.id)
 		}
 	}
 	ch.order = nil

@@ -1,8 +1,9 @@
 package rr
 
-// The only two functions that touch SCM_RIGHTS. Every fd has one owner:
-// sendMsg never closes the fds it sends; recvMsg hands every fd it received to
-// its caller on success and closes all of them on any error.
+// The only functions that touch SCM_RIGHTS. Every fd has one owner:
+// sendMsg and trySendMsg never close the fds they send; recvMsg hands
+// every fd it received to its caller on success and closes all of them on
+// any error.
 
 import (
 	"errors"
@@ -32,6 +33,38 @@ func sendMsg(c *net.UnixConn, b []byte, fds []int) error {
 	}
 	if n != len(b) || oobn != len(oob) {
 		return fmt.Errorf("sendmsg: short write (%d of %d bytes, %d of %d control bytes)", n, len(b), oobn, len(oob))
+	}
+	return nil
+}
+
+// trySendMsg is sendMsg without waiting for room: it returns an error
+// wrapping unix.EAGAIN when the peer's receive queue is full. It never
+// raises SIGPIPE.
+func trySendMsg(rc syscall.RawConn, b []byte, fds []int) error {
+	var oob []byte
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
+	}
+	var (
+		n    int
+		serr error
+	)
+	err := rc.Write(func(fd uintptr) bool {
+		for {
+			n, serr = unix.SendmsgN(int(fd), b, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+			if serr != unix.EINTR {
+				return true
+			}
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return fmt.Errorf("sendmsg: %w", err)
+	}
+	if n != len(b) {
+		return fmt.Errorf("sendmsg: short write (%d of %d bytes)", n, len(b))
 	}
 	return nil
 }

@@ -13,6 +13,7 @@
 //	CONNS  (dispatcher → worker): header, count × {id u64, listener u16, 0 u16, 0 u32},
 //	       and exactly count fds in one SCM_RIGHTS control message, in entry order
 //	ACK, CLOSED, REJECT (worker → dispatcher): header, count × id u64
+//	HELLO  (worker → dispatcher, first, when HelloEnv is "1"): header with count 0
 package rr
 
 import (
@@ -43,6 +44,13 @@ const (
 // FDName is the LISTEN_FDNAMES name of the worker's end of the channel.
 const FDName = "cohort-rr"
 
+// HelloEnv names the environment variable by which a dispatcher asks for
+// HELLO: when it is "1", a worker sends HELLO as soon as it takes over its
+// end of the channel. Dispatchers that do not set it (cohort before HELLO
+// existed) would treat HELLO as a malformed message, so a worker sends
+// it only when asked.
+const HelloEnv = "COHORT_RR_HELLO"
+
 // ListenersEnv names the environment variable that maps listener indexes to
 // names for the worker: "http:admin" means index 0 is "http" and 1 is
 // "admin".
@@ -65,6 +73,10 @@ const (
 	// connections without using them; the dispatcher should hand its copies
 	// to another worker.
 	TypeReject Type = 4
+	// TypeHello is the worker's first message, with no entries: it
+	// speaks the protocol. Sent only when the dispatcher asked for it
+	// (HelloEnv).
+	TypeHello Type = 5
 )
 
 // String returns the name used in docs/protocol.md, such as "ACK".
@@ -78,6 +90,8 @@ func (t Type) String() string {
 		return "CLOSED"
 	case TypeReject:
 		return "REJECT"
+	case TypeHello:
+		return "HELLO"
 	}
 	return fmt.Sprintf("type %d", uint8(t))
 }
@@ -129,6 +143,9 @@ func appendIDs(b []byte, t Type, ids []uint64) []byte {
 	return b
 }
 
+// appendHello appends a HELLO message.
+func appendHello(b []byte) []byte { return appendHeader(b, TypeHello, 0) }
+
 // parse decodes one message. It never panics; every error wraps
 // ErrProtocol. The caller checks that the number of fds matches.
 func parse(b []byte) (message, error) {
@@ -164,6 +181,10 @@ func parse(b []byte) (message, error) {
 		m.ids = make([]uint64, count)
 		for i := range m.ids {
 			m.ids[i] = le.Uint64(body[i*8:])
+		}
+	case TypeHello:
+		if count != 0 || len(body) != 0 {
+			return message{}, fmt.Errorf("%w: %v with count %d and %d body bytes", ErrProtocol, m.typ, count, len(body))
 		}
 	default:
 		return message{}, fmt.Errorf("%w: unknown message %v", ErrProtocol, m.typ)

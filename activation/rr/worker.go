@@ -89,6 +89,20 @@ func (w *Worker) Send(t Type, ids []uint64) error {
 	return nil
 }
 
+// Hello sends HELLO: the worker speaks the protocol. Send it once, first,
+// and only when the dispatcher asked for it (the environment variable
+// HelloEnv is "1"); a dispatcher that did not ask would take it for a
+// malformed message.
+func (w *Worker) Hello() error {
+	w.sendMu.Lock()
+	defer w.sendMu.Unlock()
+	w.sendBuf = appendHello(w.sendBuf[:0])
+	if err := sendMsg(w.c, w.sendBuf, nil); err != nil {
+		return fmt.Errorf("send %v: %w", TypeHello, err)
+	}
+	return nil
+}
+
 // SetReadDeadline makes a blocked or later Recv return a timeout error at
 // t; the zero time means no deadline.
 func (w *Worker) SetReadDeadline(t time.Time) error {

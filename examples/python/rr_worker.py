@@ -8,8 +8,9 @@ It runs unchanged in every cohort mode, and without cohort:
   this worker accepts on it;
 * round-robin mode: the fd named "cohort-rr" is a unix SOCK_SEQPACKET socket
   on which the dispatcher sends accepted connections with SCM_RIGHTS
-  (docs/protocol.md); this worker takes the ones for the listener named
-  "http" in COHORT_RR_LISTENERS, acknowledges them, and reports them closed;
+  (docs/protocol.md); this worker says HELLO when asked to
+  (COHORT_RR_HELLO=1), takes the connections for the listener named "http"
+  in COHORT_RR_LISTENERS, acknowledges them, and reports them closed;
 * not activated: it listens on the address given as its argument
   (default 127.0.0.1:8080).
 
@@ -24,7 +25,7 @@ import sys
 
 # The round-robin protocol, version 1 (docs/protocol.md). Little-endian.
 VERSION = 1
-CONNS, ACK, CLOSED, REJECT = 1, 2, 3, 4
+CONNS, ACK, CLOSED, REJECT, HELLO = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<BBHI")  # version, type, count, reserved (0)
 ENTRY = struct.Struct("<QHHI")  # connection id, listener index, 0, 0
 MAX_FDS = 32  # connections per CONNS message
@@ -110,9 +111,14 @@ def parse_conns(msg, nfds):
     return entries
 
 
-def round_robin(chan_fd, want):
+def round_robin(chan_fd, want, hello):
     """Serve connections for listener index want until the dispatcher goes."""
     chan = socket.socket(fileno=chan_fd)  # AF_UNIX, SOCK_SEQPACKET
+    if hello:
+        # The dispatcher asked (COHORT_RR_HELLO=1): say that we speak the
+        # protocol before anything else, so that it sends us more than one
+        # connection at a time and knows we are no program that ignores it.
+        chan.send(HEADER.pack(VERSION, HELLO, 0, 0))
     notify("READY=1")
     bufsize = HEADER.size + MAX_FDS * ENTRY.size + 1  # +1 to notice a longer message
     while True:
@@ -136,12 +142,24 @@ def round_robin(chan_fd, want):
                 os.close(fd)
                 rejected.append(cid)
         # Acknowledge before using them: from now on the dispatcher will
-        # not hand them to anyone else.
-        send_ids(chan, ACK, [cid for cid, _ in taken])
-        send_ids(chan, REJECT, rejected)
+        # not hand them to anyone else. If the ACK cannot be sent, the
+        # dispatcher took them back (we were too slow) or is gone: they are
+        # not ours to serve.
+        try:
+            send_ids(chan, ACK, [cid for cid, _ in taken])
+            send_ids(chan, REJECT, rejected)
+        except OSError as e:
+            for _, conn in taken:
+                conn.close()
+            print("round-robin channel: %s" % e, file=sys.stderr)
+            return 1
         for _, conn in taken:
             serve(conn)
-        send_ids(chan, CLOSED, [cid for cid, _ in taken])
+        try:
+            send_ids(chan, CLOSED, [cid for cid, _ in taken])
+        except OSError as e:
+            print("round-robin channel: %s" % e, file=sys.stderr)
+            return 1
 
 
 def shared(sock):
@@ -159,10 +177,11 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     fds = inherit()
     rr_names = os.environ.pop("COHORT_RR_LISTENERS", "").split(":")
+    hello = os.environ.pop("COHORT_RR_HELLO", "") == "1"
     if "http" in fds:
         return shared(socket.socket(fileno=fds["http"][0]))
     if RR_NAME in fds and "http" in rr_names:
-        return round_robin(fds[RR_NAME][0], rr_names.index("http"))
+        return round_robin(fds[RR_NAME][0], rr_names.index("http"), hello)
     if fds:
         print("no socket named http in LISTEN_FDNAMES", file=sys.stderr)
         return 2

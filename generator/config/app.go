@@ -96,6 +96,11 @@ type App struct {
 	// MaxPending is, in round-robin mode, how many passed connections a
 	// worker may have unacknowledged before it is skipped (1..MaxMaxPending).
 	MaxPending int
+	// AckTimeout is, in round-robin mode, how long a passed connection may
+	// wait for its worker's acknowledgement (MinAckTimeout..MaxAckTimeout):
+	// then the dispatcher takes back what that worker has not
+	// acknowledged, hands it to other workers and replaces the worker.
+	AckTimeout time.Duration
 	// Balance is the round-robin mode's policy: BalanceRoundRobin or
 	// BalanceLeastConnections.
 	Balance string
@@ -215,6 +220,9 @@ const (
 	DefaultMinUptime      = 5 * time.Second
 	DefaultMaxPending     = 64
 	MaxMaxPending         = 65535
+	DefaultAckTimeout     = 10 * time.Second
+	MinAckTimeout         = 100 * time.Millisecond
+	MaxAckTimeout         = time.Hour
 	MaxWorkers            = 1024
 	// MaxListeners is how many [[listen]] tables an app may have: each
 	// is a socket unit (per worker in reuseport mode) and an fd in
@@ -251,6 +259,7 @@ func New(name string) *App {
 		},
 		ReloadBatch: 1,
 		MaxPending:  DefaultMaxPending,
+		AckTimeout:  DefaultAckTimeout,
 		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
 	}

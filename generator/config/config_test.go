@@ -42,6 +42,7 @@ group = "www-data"
 workers = 4
 mode = "round-robin"
 max_pending = 16
+ack_timeout = "2500ms"
 balance = "least-connections"
 cpu_affinity = true
 ready = "notify"
@@ -103,8 +104,8 @@ Accept = false
 			if app.Workers != (Workers{N: 4}) || app.Mode != ModeRoundRobin || !app.CPUAffinity {
 				t.Errorf("workers %+v mode %q affinity %v", app.Workers, app.Mode, app.CPUAffinity)
 			}
-			if app.MaxPending != 16 || app.Balance != BalanceLeastConnections {
-				t.Errorf("max_pending %d balance %q", app.MaxPending, app.Balance)
+			if app.MaxPending != 16 || app.Balance != BalanceLeastConnections || app.AckTimeout != 2500*time.Millisecond {
+				t.Errorf("max_pending %d balance %q ack_timeout %v", app.MaxPending, app.Balance, app.AckTimeout)
 			}
 			if app.Ready != (Readiness{Kind: ReadyNotify}) || app.ReadyTimeout != 90*time.Second {
 				t.Errorf("ready %+v timeout %v", app.Ready, app.ReadyTimeout)
@@ -332,6 +333,13 @@ Description = "multi\nline"
 				`web.toml:2:1: max_pending: want a number from 1 to 65535, got "64"`,
 				`web.toml:3:1: balance: want a string, got integer`,
 				`web.toml:4:1: unknown key "max_pendng" (did you mean "max_pending"?)`,
+			}},
+		{"ack_timeout range", "command = [\"/bin/app\"]\nack_timeout = \"50ms\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: ack_timeout: want a duration from 100ms to 1h0m0s, got 50ms`}},
+		{"ack_timeout type", "command = [\"/bin/app\"]\nack_timeout = 5\nack_timout = \"1s\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: ack_timeout: want a duration such as "30s" or "1min 30s", got integer (write "5s")`,
+				`web.toml:3:1: unknown key "ack_timout" (did you mean "ack_timeout"?)`,
 			}},
 		{"unknown table key", "command = [\"/bin/app\"]\n[restart]\nmin_uptim = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:3:1: unknown key "min_uptim" (did you mean "min_uptime"?)`}},

@@ -224,7 +224,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -285,6 +285,13 @@ func (d *decoder) app(raw map[string]any, app *App) {
 				break
 			}
 			app.MaxPending = int(n)
+		case "ack_timeout":
+			t := d.duration(k, v, app.AckTimeout)
+			if t < MinAckTimeout || t > MaxAckTimeout {
+				d.errorAt(k, "", "ack_timeout: want a duration from %s to %s, got %s", MinAckTimeout, MaxAckTimeout, t)
+				break
+			}
+			app.AckTimeout = t
 		case "balance":
 			if s, ok := d.str(k, v); ok {
 				app.Balance = s
