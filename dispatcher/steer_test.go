@@ -1,6 +1,8 @@
 package dispatcher
 
 import (
+	"github.com/cohort-dev/cohort/generator/config"
+
 	"context"
 	"encoding/json"
 	"fmt"
@@ -102,6 +104,8 @@ func TestWorkerCannotSteer(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "steer.out")
 	writeFile(t, out, "")
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "steer", "HELPER_STEER_OUT": out})
+	// The steer helper never accepts: "listening" would never call it ready.
+	app.Ready = config.Readiness{Kind: config.ReadyExec}
 	l, _ := tcpListener(t, "http")
 	js, err := json.Marshal(app)
 	if err != nil {

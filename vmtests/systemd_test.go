@@ -176,9 +176,15 @@ address = "127.0.0.1:%d"
 	if err != nil || res.OK != 200 || res.Failed() != 0 {
 		t.Errorf("load through hello.socket: %v (err %v); want 200 ok, 0 failed", res, err)
 	}
-	if got := c.Property(t, "hello.service", "ActiveState"); got != "active" {
-		t.Errorf("hello.service is %s after the load; want active", got)
-	}
+	// Active once every worker is ready: with ready = "listening" that is
+	// ready_settle after each was seen accepting, which a short load can
+	// outrun.
+	Eventually(t, 15*time.Second, "hello.service active after the load", func() error {
+		if got := c.Property(t, "hello.service", "ActiveState"); got != "active" {
+			return fmt.Errorf("hello.service is %s", got)
+		}
+		return nil
+	})
 	for _, w := range []string{"0", "1"} {
 		c.WaitJournal(t, 10*time.Second, "hello.py: worker "+w+" serving", "-u", "hello.service")
 	}
