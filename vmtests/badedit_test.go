@@ -198,9 +198,13 @@ address = "127.0.0.1:%d"
 
 	ld, kinds := load.Stop()
 	t.Logf("%s mode, load through typo → daemon-reload → refused reloads → restart → fix → daemon-reload → restart: %v; failures: %v; %d failed of %d", mode, ld, kinds, ld.Failed(), ld.Sent)
-	if ld.OK == 0 || ld.Failed() != 0 {
-		t.Errorf("load: %v (%v); want 0 failed requests", ld, kinds)
-	}
+	// What the bad edit must never cause is a refused connection (systemd
+	// lost the socket) or a request left waiting: both are 0. The two
+	// `systemctl restart`s stop the workers; a keep-alive request that
+	// races a worker's close is read as EOF or a reset (seen: 5 of 17,904
+	// once on trixie, 0 in most runs) — the restart scenario's bound of
+	// one per client and stopped generation, not the bad edit's doing.
+	checkLoss(t, mode+" mode, the bad-edit sequence", 2, ld, kinds)
 
 	// Stopped, the app forgets its running configuration: a broken file
 	// is then skipped, as at boot.
