@@ -185,9 +185,6 @@ func environ(t *testing.T, c *Container, pid int) map[string]string {
 // by the generator. The worker is rpworker.py: plain Python, serving one
 // connection at a time.
 func testReusePort(t *testing.T, c *Container) {
-	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
-		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
-	}
 	const app = "rp"
 	sockets := rpSocketUnits(app, rpWorkers)
 	c.WriteFile(t, rpWorkerPath, rpWorkerPy, 0o755)

@@ -147,9 +147,6 @@ var helloPy []byte
 // holds it until a worker accepts, so not one request fails, and every
 // worker's stdout reaches the journal of the service.
 func testServe(t *testing.T, c *Container) {
-	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
-		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
-	}
 	c.Watch(t, "hello.socket", "hello.service")
 	port := FreePort(t)
 	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/hello.py", helloPy, 0o755)
