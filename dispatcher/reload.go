@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
-	"golang.org/x/sys/unix"
+	"github.com/coreos/go-systemd/v22/daemon"
 )
 
 // Rolling replacement of workers: a reload (SIGHUP or the control socket's
@@ -108,7 +108,9 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		sendReply(reply, ctlReply{err: err})
 		return
 	}
-	d.sendNotify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=reloading (%s)", monotonicUsec(), why))
+	// SdNotifyMonotonicUsec is "MONOTONIC_USEC=…\n" (CLOCK_MONOTONIC in µs),
+	// or "" where that clock cannot be read.
+	d.sendNotify("RELOADING=1\n" + daemon.SdNotifyMonotonicUsec() + "STATUS=reloading (" + why + ")")
 	// The app file is read off the loop (load.go); onLoaded goes on
 	// with beginReload.
 	d.ctl.loadSeq++
@@ -526,13 +528,4 @@ func sendReply(c chan<- ctlReply, rep ctlReply) {
 // oneLine makes a multi-line error (config errors) fit one status line.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
-}
-
-// monotonicUsec is CLOCK_MONOTONIC in µs, for MONOTONIC_USEC=.
-func monotonicUsec() int64 {
-	var ts unix.Timespec
-	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) != nil {
-		return 0
-	}
-	return ts.Nano() / 1000
 }
