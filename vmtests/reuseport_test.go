@@ -424,7 +424,7 @@ func rpCheckUnits(t *testing.T, c *Container, app string, sockets []string, port
 		}
 		if i == 0 {
 			for _, other := range sockets[1:] {
-				if !contains(strings.Fields(props["Wants"]), other) {
+				if !slices.Contains(strings.Fields(props["Wants"]), other) {
 					t.Errorf("%s: Wants=%q lacks %s", u, props["Wants"], other)
 				}
 			}
@@ -435,7 +435,7 @@ func rpCheckUnits(t *testing.T, c *Container, app string, sockets []string, port
 	for _, p := range []string{"Requires", "After", "TriggeredBy"} {
 		got := strings.Fields(c.Property(t, app+".service", p))
 		for _, u := range sockets {
-			if !contains(got, u) {
+			if !slices.Contains(got, u) {
 				t.Errorf("%s.service: %s=%v lacks %s", app, p, got, u)
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -119,7 +120,7 @@ wokers = 4
 	}
 
 	// enable = true: wanted by sockets.target, and started with it.
-	if got := c.Property(t, "web.socket", "WantedBy"); !contains(strings.Fields(got), "sockets.target") {
+	if got := c.Property(t, "web.socket", "WantedBy"); !slices.Contains(strings.Fields(got), "sockets.target") {
 		t.Errorf("web.socket: WantedBy=%q; want sockets.target", got)
 	}
 	c.Run(t, "systemctl", "start", "sockets.target")
