@@ -95,6 +95,34 @@ func TestLoadCountsErrors(t *testing.T) {
 	}
 }
 
+// TestStartLoadCounts: the background load counts like Load, with a live
+// 2xx count, and sorts a refused connect as refused.
+func TestStartLoadCounts(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok"))
+	}))
+	defer srv.Close()
+	ld := StartLoad(t, LoadOptions{URL: srv.URL + "/", Requests: 30, Duration: 10 * time.Second})
+	ld.WaitOK(t, 30, 10*time.Second)
+	res, kinds := ld.Stop()
+	if res.Sent != 30 || res.OK != 30 || ld.OK() != 30 || kinds != (FailureKinds{}) {
+		t.Errorf("against a healthy server: %v, %v, live %d; want 30 sent, 30 ok", res, kinds, ld.OK())
+	}
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	ld = StartLoad(t, LoadOptions{URL: "http://" + addr + "/", Requests: 8, Duration: 10 * time.Second})
+	<-ld.done // all 8 sent
+	res, kinds = ld.Stop()
+	if res.Errors != 8 || kinds != (FailureKinds{Refused: 8}) {
+		t.Errorf("against a closed port: %v, %v; want 8 refused", res, kinds)
+	}
+}
+
 func TestLoadIsBoundedByTime(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok"))
