@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // These tests check the harness's own logic; they run in every `go test`.
@@ -154,5 +156,28 @@ func TestLoadRefusesNonLoopback(t *testing.T) {
 	}
 	if _, err := Load(context.Background(), LoadOptions{URL: "http://127.0.0.1:1/"}); err == nil {
 		t.Error("Load without bounds ran; want an error")
+	}
+}
+
+// TestAppFile: the scenarios' app file has workers on line 2 (badedit's
+// typo depends on it) and parses as the app it says.
+func TestAppFile(t *testing.T) {
+	got := appFile(`["/w"]`, 2, lifeSettings, 8080)
+	want := `command = ["/w"]
+workers = 2
+ready = "notify"
+ready_timeout = "20s"
+stop_timeout = "10s"
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+`
+	if got != want {
+		t.Errorf("appFile:\n%s\nwant:\n%s", got, want)
+	}
+	app, err := config.Parse("web.toml", []byte(got))
+	if err != nil || app.Workers.N != 2 || len(app.Listen) != 1 || app.Listen[0].Address != "127.0.0.1:8080" {
+		t.Errorf("parse: %+v, %v", app, err)
 	}
 }
