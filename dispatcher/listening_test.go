@@ -11,6 +11,23 @@ import (
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
+// startReady is startRun with the dispatcher's log (stderr) kept, and
+// shown when t fails; it waits up to 90 seconds, for a loaded machine,
+// for READY=1.
+func startReady(t *testing.T, opt Options) (*recorder, func() error, *syncBuffer) {
+	t.Helper()
+	logs := &syncBuffer{}
+	opt.Stderr = logs
+	rec, stop := startRun(t, opt)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("dispatcher log:\n%s", logs.String())
+		}
+	})
+	rec.waitNotify(t, 90*time.Second, "READY=1")
+	return rec, stop, logs
+}
+
 // TestListeningReadiness: with the default readiness (ready =
 // "listening", ready_settle 1s), real programs that never send READY=1
 // become ready only once they wait for connections, each in its own way
@@ -73,14 +90,7 @@ func TestListeningReadiness(t *testing.T) {
 				t.Fatalf("default readiness %+v, settle %v; want listening, 1s", app.Ready, app.ReadySettle)
 			}
 			l, addr := tcpListener(t, "http")
-			logs := &syncBuffer{}
-			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("dispatcher log:\n%s", logs.String())
-				}
-			})
-			rec.waitNotify(t, 90*time.Second, "READY=1")
+			rec, stop, logs := startReady(t, Options{App: app, Listeners: []*os.File{l}})
 			minWait := app.ReadySettle
 			if d, ok := tt.env["START_DELAY"]; ok {
 				delay, err := time.ParseDuration(d + "s")
@@ -152,14 +162,7 @@ func TestListeningRoundRobin(t *testing.T) {
 				app.Command = tt.command(t)
 			}
 			l, addr := tcpListener(t, "http")
-			logs := &syncBuffer{}
-			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("dispatcher log:\n%s", logs.String())
-				}
-			})
-			rec.waitNotify(t, 90*time.Second, "READY=1")
+			_, stop, logs := startReady(t, Options{App: app, Listeners: []*os.File{l}})
 			if n := strings.Count(logs.String(), ") accepts ("); n != 2 {
 				t.Errorf("%d \"accepts\" log lines, want one per worker", n)
 			}
@@ -203,14 +206,7 @@ func TestListeningReusePort(t *testing.T) {
 			}
 		}
 	})
-	logs := &syncBuffer{}
-	rec, stop := startRun(t, Options{App: app, SlotListeners: slots, Stderr: logs})
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("dispatcher log:\n%s", logs.String())
-		}
-	})
-	rec.waitNotify(t, 90*time.Second, "READY=1")
+	_, stop, logs := startReady(t, Options{App: app, SlotListeners: slots})
 	if n := strings.Count(logs.String(), ") accepts (accept4 on fd 3"); n != 2 {
 		t.Errorf("%d \"accepts (accept4 on fd 3\" log lines, want one per worker", n)
 	}

@@ -97,13 +97,7 @@ func TestEscapedDaemonKilled(t *testing.T) {
 		t.Errorf("holders of the listener after the restart: %v, want 3", h)
 	}
 
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("dispatcher did not stop")
-	}
-	waitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
+	stopLeavesNoHolder(t, d, inode)
 }
 
 // TestCrashLoopLeavesNoDaemon: a crash-looping worker that leaves a
@@ -131,6 +125,13 @@ func TestCrashLoopLeavesNoDaemon(t *testing.T) {
 	if h := holders(inode); len(h) > 4 {
 		t.Errorf("holders of the listener in the crash loop: %v, want at most 4", h)
 	}
+	stopLeavesNoHolder(t, d, inode)
+}
+
+// stopLeavesNoHolder stops the dispatcher d with SIGTERM and waits until
+// it has ended and no process holds the listener inode any more.
+func stopLeavesNoHolder(t *testing.T, d *proc, inode string) {
+	t.Helper()
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.done:
