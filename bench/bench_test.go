@@ -34,7 +34,7 @@ func TestSmoke(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
 	defer cancel()
 	rep, err := Run(ctx, Config{
-		Root:      "../..",
+		Root:      "..",
 		Work:      t.TempDir(),
 		Out:       out,
 		Workers:   2,
