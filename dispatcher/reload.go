@@ -3,7 +3,6 @@ package dispatcher
 import (
 	"errors"
 	"fmt"
-	"os"
 	"reflect"
 	"strings"
 	"time"
@@ -471,26 +470,9 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if app.Mode != cur.app.Mode {
 		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", cur.app.Mode, app.Mode, cur.app.Name)
 	}
-	inherited := d.opt.Environ
-	if inherited == nil {
-		inherited = os.Environ()
-	}
-	env, err := baseEnv(inherited, app)
+	env, path, err := prepareCommand(app, d.opt.Environ)
 	if err != nil {
-		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	if err := checkSpawnable(app, env); err != nil {
-		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	cwd := app.WorkingDirectory
-	if cwd == "" {
-		if cwd, err = os.Getwd(); err != nil {
-			return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-	}
-	path, err := lookPath(app.Command[0], envValue(env, "PATH"), cwd)
-	if err != nil {
-		return spec{}, fmt.Errorf("app %s: command: %w", app.Name, err)
+		return spec{}, err
 	}
 	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: cur.gen + 1}, nil
 }
