@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -168,7 +169,9 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	}
 	snap := &statusSnapshot{}
 	add := func(s *slot, w *worker) {
-		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff"}
+		// A slot in backoff shows its last process's generation (the
+		// current one when it never had a process).
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
@@ -176,6 +179,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 				cw.State, cw.Status = "unhealthy", w.unhealthy
 			}
 			pid = w.pid
+			cw.Handed, cw.Active = d.rrCounts(w.pid)
 		}
 		st.Workers = append(st.Workers, cw)
 		snap.procs = append(snap.procs, pid)
