@@ -155,6 +155,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		Generation:  d.gen,
 		Line:        d.statusLine(now),
 		Since:       d.started,
+		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
 	}
 	switch {

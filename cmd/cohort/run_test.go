@@ -39,10 +39,11 @@ func (l *lockedBuffer) String() string {
 func startCohortRun(t *testing.T, args ...string) (stdout, stderr *lockedBuffer, stop func() int) {
 	t.Helper()
 	stdout, stderr = &lockedBuffer{}, &lockedBuffer{}
+	root := filepath.Join(t.TempDir(), "cohort") // created 0700 by cohort run
 	ctx, cancel := context.WithCancel(context.Background())
 	code := make(chan int, 1)
 	go func() {
-		code <- runMain(ctx, &environment{stdout: stdout, stderr: stderr}, append([]string{"run"}, args...))
+		code <- runMain(ctx, &environment{stdout: stdout, stderr: stderr, runtimeRoot: root}, append([]string{"run"}, args...))
 	}()
 	var once sync.Once
 	var rc int

@@ -92,6 +92,7 @@ type Status struct {
 	State      string    `json:"state"` // "starting", "ready", "reloading", "stopping"
 	Line       string    `json:"line"`  // the STATUS= line systemd shows
 	Since      time.Time `json:"since"` // when the dispatcher started
+	PID        int       `json:"pid"`   // the dispatcher's
 	// ConfigError is the app file's first problem while it does not
 	// validate (the dispatcher runs the last configuration that did).
 	ConfigError string   `json:"config_error,omitempty"`
