@@ -60,7 +60,7 @@ func cmdStatus(ctx context.Context, env *environment, args []string) int {
 		if label == "" {
 			label = path
 		}
-		fmt.Fprintf(env.stderr, "cohort status %s: %s\n", label, env.diagnose(ctx, app, *socket != "", err))
+		fmt.Fprintf(env.stderr, "cohort status %s: %s\n", label, env.diagnose(ctx, app, *socket != "", err).text)
 		return 1
 	}
 	if *asJSON {
@@ -93,24 +93,30 @@ func encodeJSON(env *environment, v any) int {
 	return 0
 }
 
+// hint is why an app's control socket did not answer: a word for the
+// STATE column and the sentence that says what to do.
+type hint struct {
+	state, text string
+}
+
 // diagnose says why the control socket of app did not answer, and what
 // to do: run as root, there is no such app, it waits for its first
 // connection, it is not running. explicit: the socket was given with
 // --socket, so the app's name says nothing about where it is.
-func (env *environment) diagnose(ctx context.Context, app string, explicit bool, err error) string {
+func (env *environment) diagnose(ctx context.Context, app string, explicit bool, err error) hint {
 	if (errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM)) && os.Geteuid() != 0 {
 		who := app
 		if who == "" {
 			who = "--socket …"
 		}
-		return fmt.Sprintf("the control socket is readable by root and the app's user only: run as root (sudo cohort status %s)", who)
+		return hint{"needs-root", fmt.Sprintf("the control socket is readable by root and the app's user only: run as root (sudo cohort status %s)", who)}
 	}
 	gone := errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED)
 	if !gone || app == "" {
-		return err.Error()
+		return hint{"unreachable", err.Error()}
 	}
 	if explicit {
-		return fmt.Sprintf("%v (is the app running? 'systemctl status %s')", err, app)
+		return hint{"unreachable", fmt.Sprintf("%v (is the app running? 'systemctl status %s')", err, app)}
 	}
 	var names []string
 	known := false
@@ -123,14 +129,14 @@ func (env *environment) diagnose(ctx context.Context, app string, explicit bool,
 		if len(names) > 0 {
 			list = strings.Join(names, ", ")
 		}
-		return fmt.Sprintf("no app %q; known apps: %s", app, list)
+		return hint{"unknown", fmt.Sprintf("no app %q; known apps: %s", app, list)}
 	}
 	return env.notRunning(ctx, app)
 }
 
 // notRunning says what systemd knows of app, whose control socket is not
 // there.
-func (env *environment) notRunning(ctx context.Context, app string) string {
+func (env *environment) notRunning(ctx context.Context, app string) hint {
 	ctx, cancel := context.WithTimeout(ctx, unitsTimeout)
 	defer cancel()
 	units := env.units
@@ -140,17 +146,17 @@ func (env *environment) notRunning(ctx context.Context, app string) string {
 	svc, sock, err := units(ctx, app)
 	switch {
 	case err != nil:
-		return fmt.Sprintf("not running (systemd cannot say more: %v; 'systemctl status %s')", err, app)
+		return hint{"stopped", fmt.Sprintf("not running (systemd cannot say more: %v; 'systemctl status %s')", err, app)}
 	case sock.Active == "active" && (svc.Active == "inactive" || svc.Active == "deactivating" || svc.Active == "failed"):
-		return fmt.Sprintf("socket active, no worker started yet (socket activation: the first connection starts it; `systemctl start %s` starts it now)", app)
+		return hint{"waiting", fmt.Sprintf("socket active, no worker started yet (socket activation: the first connection starts it; `systemctl start %s` starts it now)", app)}
 	case svc.Active == "activating" || svc.Active == "reloading":
-		return fmt.Sprintf("starting (%s.service is %s/%s; 'systemctl status %s')", app, svc.Active, svc.Sub, app)
+		return hint{"starting", fmt.Sprintf("starting (%s.service is %s/%s; 'systemctl status %s')", app, svc.Active, svc.Sub, app)}
 	case svc.Active == "failed":
-		return fmt.Sprintf("%s.service failed: 'systemctl status %s', 'journalctl -u %s'", app, app, app)
+		return hint{"failed", fmt.Sprintf("%s.service failed: 'systemctl status %s', 'journalctl -u %s'", app, app, app)}
 	case svc.Active == "active":
-		return fmt.Sprintf("%s.service is active but its control socket is gone ('systemctl status %s')", app, app)
+		return hint{"unreachable", fmt.Sprintf("%s.service is active but its control socket is gone ('systemctl status %s')", app, app)}
 	default:
-		return fmt.Sprintf("not running (%s.service is %s, %s.socket is %s: 'systemctl start %s')", app, svc.Active, app, sock.Active, app)
+		return hint{"stopped", fmt.Sprintf("not running (%s.service is %s, %s.socket is %s: 'systemctl start %s')", app, svc.Active, app, sock.Active, app)}
 	}
 }
 
@@ -176,8 +182,12 @@ func unitsOverDBus(ctx context.Context, app string) (service, socket unitState, 
 // or why there is none.
 type appStatus struct {
 	knownApp
-	Status  *control.Status `json:"status,omitempty"`
-	Problem string          `json:"problem,omitempty"`
+	Status *control.Status `json:"status,omitempty"`
+	// State and Problem, when there is no Status: a word ("needs-root",
+	// "waiting", "starting", "failed", "stopped", "unreachable") and the
+	// sentence that says what to do.
+	State   string `json:"state,omitempty"`
+	Problem string `json:"problem,omitempty"`
 }
 
 // statusAll is `cohort status` without APP: every known app, asked in
@@ -191,7 +201,8 @@ func statusAll(ctx context.Context, env *environment, asJSON bool) int {
 		wg.Go(func() {
 			st, err := fetchStatus(ctx, a.Socket)
 			if err != nil {
-				all[i].Problem = env.diagnose(ctx, a.Name, false, err)
+				h := env.diagnose(ctx, a.Name, false, err)
+				all[i].State, all[i].Problem = h.state, h.text
 				return
 			}
 			all[i].Status = st
@@ -211,14 +222,14 @@ func statusAll(ctx context.Context, env *environment, asJSON bool) int {
 
 // printAll is the table of every app: a line per app (its dispatcher, and
 // the sum over its workers) and a line per worker, named APP.N as in the
-// log.
+// log; below it, for each app without a dispatcher, why and what to do.
 func printAll(env *environment, all []appStatus, now time.Time) {
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "APP\tPID\tGEN\tSTATE\tUPTIME\tRESTARTS\tCONNS\tRSS\tCPU%")
 	for _, a := range all {
 		st := a.Status
 		if st == nil {
-			fmt.Fprintf(w, "%s\t-\t-\t%s\n", a.Name, a.Problem)
+			fmt.Fprintf(w, "%s\t-\t-\t%s\t-\t-\t-\t-\t-\n", a.Name, a.State)
 			continue
 		}
 		rr := st.Mode == string(config.ModeRoundRobin)
@@ -256,6 +267,11 @@ func printAll(env *environment, all []appStatus, now time.Time) {
 		}
 	}
 	w.Flush()
+	for _, a := range all {
+		if a.Status == nil {
+			fmt.Fprintf(env.stdout, "%s: %s\n", a.Name, a.Problem)
+		}
+	}
 }
 
 // conns is the CONNS column: open/handed in round-robin mode, where the
@@ -323,7 +339,7 @@ func cmdScale(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 	if _, err := control.Call(ctx, path, control.Request{Cmd: control.CmdScale, Workers: n}); err != nil {
-		fmt.Fprintf(env.stderr, "cohort scale %s: %s\n", fs.Arg(0), env.diagnose(ctx, fs.Arg(0), *socket != "", err))
+		fmt.Fprintf(env.stderr, "cohort scale %s: %s\n", fs.Arg(0), env.diagnose(ctx, fs.Arg(0), *socket != "", err).text)
 		return 1
 	}
 	fmt.Fprintf(env.stdout, "%s: %d workers\n", fs.Arg(0), n)
