@@ -151,3 +151,32 @@ func TestRoundRobinConns(t *testing.T) {
 		t.Errorf("handed %d connections in all, want 13", handed)
 	}
 }
+
+// TestStatusGunicorn: Debian's gunicorn, whose master is the cohort
+// worker and whose own worker (the master's child) spins a CPU: status
+// shows that CPU for the cohort worker, not the idle master's.
+func TestStatusGunicorn(t *testing.T) {
+	t.Parallel()
+	py := needGunicorn(t)
+	app := config.New("gu")
+	app.Command = []string{py, "-m", "gunicorn", "--workers", "1", "--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "status"), "burn:app"}
+	app.Workers = config.Workers{N: 1}
+	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.StopTimeout = 10 * time.Second
+	l, _ := tcpListener(t, "http")
+	rt := t.TempDir()
+	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: rt})
+	rec.waitNotify(t, 30*time.Second, "READY=1")
+	sock := filepath.Join(rt, control.SocketName)
+	// Past its start, whose CPU a lifetime average of the master alone
+	// would still show.
+	w := callStatus(t, sock).Workers[0]
+	time.Sleep(time.Until(w.Started.Add(5 * time.Second)))
+	waitFor(t, 60*time.Second, "gunicorn's worker's CPU in status", func() bool {
+		w = callStatus(t, sock).Workers[0]
+		return w.CPUPercent > 30
+	})
+	master, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", w.PID))
+	t.Logf("cohort worker (gunicorn master %d): cpu %.1f%% over %.2fs, rss %d MiB; master alone: %s", w.PID, w.CPUPercent, w.CPUWindow, w.RSS>>20, master)
+}
