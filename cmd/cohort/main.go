@@ -48,7 +48,7 @@ func commands() map[string]command {
 		"generate":         {"render the units for app files, or write them into a directory", cmdGenerate},
 		"version":          {"print cohort's version", cmdVersion},
 		"run":              {"run an app in the foreground, binding its sockets itself", cmdRun},
-		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU)", cmdStatus},
+		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU); every app without APP", cmdStatus},
 		"scale":            {"change the number of an app's workers until its next restart", cmdScale},
 		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
 		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
