@@ -39,8 +39,8 @@ type Service struct {
 	// none (journald's default applies). An Interval of zero turns
 	// journald's limit off.
 	LogRateLimit *LogRateLimit
-	ExtraUnit        []Option
-	ExtraService     []Option
+	ExtraUnit    []Option
+	ExtraService []Option
 }
 
 // LogRateLimit is LogRateLimitIntervalSec= and LogRateLimitBurst=
