@@ -25,7 +25,7 @@ import (
 // (Worker.CPUWindow).
 
 const (
-	cpuWindow    = time.Second
+	cpuWindow    = 500 * time.Millisecond // 50 ticks of a CPU: 2 % steps
 	cpuMinWindow = 250 * time.Millisecond
 	cpuMaxAge    = 10 * time.Second
 	// usageTimeout bounds the /proc reading of one status request,
