@@ -287,6 +287,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		stderr = os.Stderr
 	}
 	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
+	d.out.limit = newLimiter(app.LogRateLimit, d.out.warnf)
 	if opt.Journal {
 		d.out.jw = newJournalSender(opt.JournalSocket)
 	}

@@ -115,6 +115,11 @@ type App struct {
 	// BalanceLeastConnections.
 	Balance string
 
+	// LogRateLimit is the dispatcher's budget of each worker slot's
+	// output lines (log_rate_limit_interval, log_rate_limit_burst); the
+	// generator sizes journald's per-unit limit from it.
+	LogRateLimit LogRateLimit
+
 	Enable    bool
 	Hardening string
 
@@ -146,6 +151,17 @@ func (w Workers) Count(cpus int) int {
 	}
 	return w.N
 }
+
+// LogRateLimit is how many lines each worker slot may log per interval;
+// the rest of the interval's lines are dropped and counted. A zero
+// Interval or Burst means no limit.
+type LogRateLimit struct {
+	Interval time.Duration
+	Burst    int
+}
+
+// Off says whether there is no limit.
+func (l LogRateLimit) Off() bool { return l.Interval == 0 || l.Burst == 0 }
 
 // Readiness says when a worker counts as ready.
 type Readiness struct {
@@ -234,6 +250,18 @@ const (
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour
 	MaxWorkers            = 1024
+	// DefaultLogRateLimitInterval and DefaultLogRateLimitBurst are
+	// journald's own defaults for a unit (journald.conf(5)), given here
+	// to each worker: a one-worker app logs as any service does.
+	DefaultLogRateLimitInterval = 30 * time.Second
+	DefaultLogRateLimitBurst    = 10000
+	// MaxLogRateLimitInterval bounds log_rate_limit_interval; 0 is
+	// allowed (no limit), otherwise at least MinLogRateLimitInterval.
+	MinLogRateLimitInterval = time.Second
+	MaxLogRateLimitInterval = time.Hour
+	// MaxLogRateLimitBurst keeps the unit's LogRateLimitBurst=, twice the
+	// sum of all workers' budgets, within systemd's unsigned int.
+	MaxLogRateLimitBurst = 1000000
 	// MaxListeners is how many [[listen]] tables an app may have: each
 	// is a socket unit (per worker in reuseport mode) and an fd in
 	// every worker.
@@ -273,5 +301,9 @@ func New(name string) *App {
 		AckTimeout:  DefaultAckTimeout,
 		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
+		LogRateLimit: LogRateLimit{
+			Interval: DefaultLogRateLimitInterval,
+			Burst:    DefaultLogRateLimitBurst,
+		},
 	}
 }

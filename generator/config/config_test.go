@@ -35,6 +35,21 @@ func TestParseGood(t *testing.T) {
 				t.Errorf("got  %+v\nwant %+v", app, want)
 			}
 		}},
+		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
+			if want := (LogRateLimit{Interval: time.Minute, Burst: 250}); app.LogRateLimit != want || app.LogRateLimit.Off() {
+				t.Errorf("log rate limit %+v, want %+v", app.LogRateLimit, want)
+			}
+		}},
+		{"log rate limit off", "log_rate_limit_interval = \"0s\"\n" + minimal, func(t *testing.T, app *App) {
+			if !app.LogRateLimit.Off() || app.LogRateLimit.Burst != DefaultLogRateLimitBurst {
+				t.Errorf("log rate limit %+v; want off", app.LogRateLimit)
+			}
+		}},
+		{"log rate limit burst 0", "log_rate_limit_burst = 0\n" + minimal, func(t *testing.T, app *App) {
+			if !app.LogRateLimit.Off() || app.LogRateLimit.Interval != DefaultLogRateLimitInterval {
+				t.Errorf("log rate limit %+v; want off", app.LogRateLimit)
+			}
+		}},
 		{"everything", `
 command = ["node", "server.js", "--port=0"]
 environment = { NODE_ENV = "production", PORT = "8080" }
@@ -349,6 +364,26 @@ Description = "multi\nline"
 			}},
 		{"unknown table key", "command = [\"/bin/app\"]\n[restart]\nmin_uptim = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:3:1: unknown key "min_uptim" (did you mean "min_uptime"?)`}},
+		{"log rate limit", `command = ["/bin/app"]
+log_rate_limit_interval = "500ms"
+log_rate_limit_burst = -1
+` + listenHTTP + `[service]
+LogRateLimitIntervalSec = 0
+LogRateLimitBurst = 100
+SyslogIdentifier = "x"
+`,
+			[]string{
+				`web.toml:2:1: log_rate_limit_interval: want "0s" (no limit) or a duration from 1s to 1h0m0s, got "500ms"`,
+				`web.toml:3:1: log_rate_limit_burst: want a number of lines from 0 (no limit) to 1000000, got integer -1`,
+				`web.toml:8:1: [service] LogRateLimitIntervalSec is set by cohort: use log_rate_limit_interval`,
+				`web.toml:9:1: [service] LogRateLimitBurst is set by cohort: use log_rate_limit_burst`,
+				`web.toml:10:1: [service] SyslogIdentifier is set by cohort: the dispatcher's lines`,
+			}},
+		{"log rate limit types", "command = [\"/bin/app\"]\nlog_rate_limit_interval = 30\nlog_rate_limit_burst = \"10k\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: log_rate_limit_interval: want a duration such as "30s" or "0s" (no limit), got integer`,
+				`web.toml:3:1: log_rate_limit_burst: want a number of lines from 0 (no limit) to 1000000, got "10k"`,
+			}},
 		{"dotted key position", "command = [\"/bin/app\"]\nrestart.intial = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: unknown key "intial" (did you mean "initial"?)`}},
 		{"inline table position", "command = [\"/bin/app\"]\nrestart = { max = \"1s\", intial = \"1s\" }\n" + listenHTTP,

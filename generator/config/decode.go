@@ -227,7 +227,7 @@ var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
@@ -317,6 +317,15 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.Watchdog = d.duration(k, v, 0)
 		case "reload_batch":
 			app.ReloadBatch = d.reloadBatch(k, v)
+		case "log_rate_limit_interval":
+			app.LogRateLimit.Interval = d.logInterval(k, v, app.LogRateLimit.Interval)
+		case "log_rate_limit_burst":
+			n, ok := v.(int64)
+			if !ok || n < 0 || n > MaxLogRateLimitBurst {
+				d.errorAt(k, "", "log_rate_limit_burst: want a number of lines from 0 (no limit) to %d, got %s", MaxLogRateLimitBurst, describe(v))
+				break
+			}
+			app.LogRateLimit.Burst = int(n)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -512,6 +521,26 @@ func (d *decoder) settle(path string, v any) time.Duration {
 	if err != nil {
 		d.errorAt(path, "", "ready_settle: %v", err)
 		return DefaultReadySettle
+	}
+	return dur
+}
+
+// logInterval reads log_rate_limit_interval: "0s" (no limit) or a
+// duration from MinLogRateLimitInterval to MaxLogRateLimitInterval.
+func (d *decoder) logInterval(path string, v any, def time.Duration) time.Duration {
+	s, ok := v.(string)
+	if !ok {
+		d.errorAt(path, "", "log_rate_limit_interval: want a duration such as \"30s\" or \"0s\" (no limit), got %s", typeName(v))
+		return def
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, "", "log_rate_limit_interval: %v", err)
+		return def
+	}
+	if dur != 0 && (dur < MinLogRateLimitInterval || dur > MaxLogRateLimitInterval) {
+		d.errorAt(path, "", "log_rate_limit_interval: want \"0s\" (no limit) or a duration from %s to %s, got %q", MinLogRateLimitInterval, MaxLogRateLimitInterval, s)
+		return def
 	}
 	return dur
 }
@@ -838,6 +867,12 @@ var reserved = map[string]map[string]string{
 		"NotifyAccess": "cohort sets it", "KillMode": "cohort stops its workers itself",
 		"User": "use the top-level user key", "Group": "use the top-level group key", "DynamicUser": "leave user unset for DynamicUser=yes",
 		"WorkingDirectory": "use working_directory", "TimeoutStopSec": "use stop_timeout",
+		// The dispatcher limits each worker's lines itself and sizes
+		// journald's limit so that its own lines are never the ones
+		// journald drops; a smaller one here would drop them again.
+		"LogRateLimitIntervalSec": "use log_rate_limit_interval (\"0s\": no limit), which the dispatcher applies per worker",
+		"LogRateLimitBurst":       "use log_rate_limit_burst (lines per worker; 0: no limit), which the dispatcher applies per worker",
+		"SyslogIdentifier":        "the dispatcher's lines are the app's name, each worker's \"<app>.<index>/<pid>\"",
 	},
 	"socket": {
 		"ListenStream": "use [[listen]]", "FileDescriptorName": "use [[listen]] name", "Service": "cohort sets it",
