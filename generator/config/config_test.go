@@ -367,17 +367,10 @@ Description = "multi\nline"
 		{"log rate limit", `command = ["/bin/app"]
 log_rate_limit_interval = "500ms"
 log_rate_limit_burst = -1
-` + listenHTTP + `[service]
-LogRateLimitIntervalSec = 0
-LogRateLimitBurst = 100
-SyslogIdentifier = "x"
-`,
+` + listenHTTP,
 			[]string{
 				`web.toml:2:1: log_rate_limit_interval: want "0s" (no limit) or a duration from 1s to 1h0m0s, got "500ms"`,
 				`web.toml:3:1: log_rate_limit_burst: want a number of lines from 0 (no limit) to 1000000, got integer -1`,
-				`web.toml:8:1: [service] LogRateLimitIntervalSec is set by cohort: use log_rate_limit_interval`,
-				`web.toml:9:1: [service] LogRateLimitBurst is set by cohort: use log_rate_limit_burst`,
-				`web.toml:10:1: [service] SyslogIdentifier is set by cohort: the dispatcher's lines`,
 			}},
 		{"log rate limit types", "command = [\"/bin/app\"]\nlog_rate_limit_interval = 30\nlog_rate_limit_burst = \"10k\"\n" + listenHTTP,
 			[]string{

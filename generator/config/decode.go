@@ -867,12 +867,6 @@ var reserved = map[string]map[string]string{
 		"NotifyAccess": "cohort sets it", "KillMode": "cohort stops its workers itself",
 		"User": "use the top-level user key", "Group": "use the top-level group key", "DynamicUser": "leave user unset for DynamicUser=yes",
 		"WorkingDirectory": "use working_directory", "TimeoutStopSec": "use stop_timeout",
-		// The dispatcher limits each worker's lines itself and sizes
-		// journald's limit so that its own lines are never the ones
-		// journald drops; a smaller one here would drop them again.
-		"LogRateLimitIntervalSec": "use log_rate_limit_interval (\"0s\": no limit), which the dispatcher applies per worker",
-		"LogRateLimitBurst":       "use log_rate_limit_burst (lines per worker; 0: no limit), which the dispatcher applies per worker",
-		"SyslogIdentifier":        "the dispatcher's lines are the app's name, each worker's \"<app>.<index>/<pid>\"",
 	},
 	"socket": {
 		"ListenStream": "use [[listen]]", "FileDescriptorName": "use [[listen]] name", "Service": "cohort sets it",
