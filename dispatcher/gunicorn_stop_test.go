@@ -72,10 +72,11 @@ func TestKillModeGunicorn(t *testing.T) {
 			o, d := out.String(), logs.String()
 			n := len(warn.FindAllString(o, -1))
 			t.Logf("kill_mode = %s: %d of %d gunicorn workers were killed by the second SIGTERM", mode, n, gworkers*rounds)
-			switch {
-			case mode == config.KillModeGroup && n == 0:
-				t.Errorf("kill_mode = group: no gunicorn worker was hit by the second SIGTERM (%s)", warn)
-			case mode == config.KillModeMixed && n > 0:
+			// In group mode the second SIGTERM lands on a gunicorn worker
+			// only while it is already exiting: a race (4–9 of 12 here), so
+			// it calibrates the pattern but is not asserted, lest the test
+			// fail by chance. Mixed mode must never show it.
+			if mode == config.KillModeMixed && n > 0 {
 				t.Errorf("kill_mode = mixed: gunicorn logged %q", warn.FindString(o))
 			}
 			if got := strings.Count(o, "Worker exiting"); got != gworkers*rounds {
