@@ -171,6 +171,18 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		}
 	}
 	svc.LogRateLimit = JournalRateLimit(app.LogRateLimit, n)
+	// A journald limit or identifier the file sets itself wins: files
+	// written before cohort sized them (the documented workaround for a
+	// flooding app was [service] LogRateLimitIntervalSec = 0) must keep
+	// generating after an upgrade rather than fail at the next boot.
+	for _, d := range app.Service {
+		switch d.Key {
+		case "LogRateLimitIntervalSec", "LogRateLimitBurst":
+			svc.LogRateLimit = nil
+		case "SyslogIdentifier":
+			svc.SyslogIdentifier = ""
+		}
+	}
 	// Type=notify with an ExecReload= that waits, on every systemd
 	// version: the generator does not need to know which one runs.
 	// systemd ≥ 253 has Type=notify-reload (SIGHUP, then RELOADING=1

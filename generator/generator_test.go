@@ -381,3 +381,28 @@ func TestJournalRateLimit(t *testing.T) {
 		t.Errorf("8 CPUs, 100 lines per worker: want LogRateLimitBurst=3400 (2×8×100 + 1000 + 8×100):\n%s", svc)
 	}
 }
+
+// TestJournalRateLimitUserWins: a file that sets journald's limit or the
+// identifier itself (the workaround users had before cohort sized them)
+// still generates, with its own values and none of cohort's beside them.
+func TestJournalRateLimitUserWins(t *testing.T) {
+	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = 2\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[service]\nLogRateLimitIntervalSec = 0\nSyslogIdentifier = \"mine\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	us, err := Render(app, Options{CPUs: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := string(us.Files[len(us.Files)-1].Content)
+	for _, want := range []string{"\nLogRateLimitIntervalSec=0\n", "\nSyslogIdentifier=mine\n"} {
+		if strings.Count(svc, want) != 1 {
+			t.Errorf("want %q once:\n%s", want, svc)
+		}
+	}
+	for _, unwanted := range []string{"LogRateLimitBurst=", "LogRateLimitIntervalSec=30s", "SyslogIdentifier=web"} {
+		if strings.Contains(svc, unwanted) {
+			t.Errorf("cohort's %q beside the file's own:\n%s", unwanted, svc)
+		}
+	}
+}

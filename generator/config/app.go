@@ -53,6 +53,12 @@ const (
 	ReadyDelay     ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
 )
 
+// Kill modes: who gets stop_signal (docs/config.md, kill_mode).
+const (
+	KillModeGroup = "group" // the worker's whole process group (the default)
+	KillModeMixed = "mixed" // the worker's main process; SIGKILL after stop_timeout to the group
+)
+
 // Hardening profiles for the generated service.
 const (
 	HardeningDefault = "default" // safe for Node.js, Python, Go; see docs/config.md
@@ -85,8 +91,12 @@ type App struct {
 	ReadySettle  time.Duration
 	ReadyTimeout time.Duration
 	StopSignal   syscall.Signal
-	StopTimeout  time.Duration
-	Restart      Restart
+	// KillMode is who gets StopSignal: KillModeGroup (the worker's whole
+	// process group) or KillModeMixed (its main process only; the final
+	// SIGKILL still goes to the group), like systemd's KillMode=.
+	KillMode    string
+	StopTimeout time.Duration
+	Restart     Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
 	Watchdog time.Duration
@@ -279,6 +289,7 @@ func New(name string) *App {
 		ReadySettle:  DefaultReadySettle,
 		ReadyTimeout: DefaultReadyTimeout,
 		StopSignal:   syscall.SIGTERM,
+		KillMode:     KillModeGroup,
 		StopTimeout:  DefaultStopTimeout,
 		Restart: Restart{
 			Initial:   DefaultRestartInitial,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -224,7 +225,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -306,6 +307,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.ReadyTimeout = d.duration(k, v, app.ReadyTimeout)
 		case "stop_signal":
 			app.StopSignal = d.signal(k, v)
+		case "kill_mode":
+			app.KillMode = d.killMode(k, v)
 		case "stop_timeout":
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
 		case "restart":
@@ -588,6 +591,22 @@ func (d *decoder) signal(path string, v any) syscall.Signal {
 	return sig
 }
 
+var killModes = []string{KillModeGroup, KillModeMixed}
+
+// killMode decodes kill_mode; an unknown one is an error at its key and
+// leaves the default.
+func (d *decoder) killMode(path string, v any) string {
+	s, ok := d.str(path, v)
+	if !ok {
+		return KillModeGroup
+	}
+	if !slices.Contains(killModes, s) {
+		d.errorAt(path, suggest(s, killModes), "kill_mode: want %q or %q, got %q", KillModeGroup, KillModeMixed, s)
+		return KillModeGroup
+	}
+	return s
+}
+
 func (d *decoder) restart(path string, v any, r *Restart) {
 	m, ok := v.(map[string]any)
 	if !ok {
@@ -848,12 +867,6 @@ var reserved = map[string]map[string]string{
 		"NotifyAccess": "cohort sets it", "KillMode": "cohort stops its workers itself",
 		"User": "use the top-level user key", "Group": "use the top-level group key", "DynamicUser": "leave user unset for DynamicUser=yes",
 		"WorkingDirectory": "use working_directory", "TimeoutStopSec": "use stop_timeout",
-		// The dispatcher limits each worker's lines itself and sizes
-		// journald's limit so that its own lines are never the ones
-		// journald drops; a smaller one here would drop them again.
-		"LogRateLimitIntervalSec": "use log_rate_limit_interval (\"0s\": no limit), which the dispatcher applies per worker",
-		"LogRateLimitBurst":       "use log_rate_limit_burst (lines per worker; 0: no limit), which the dispatcher applies per worker",
-		"SyslogIdentifier":        "the dispatcher's lines are the app's name, each worker's \"<app>.<index>/<pid>\"",
 	},
 	"socket": {
 		"ListenStream": "use [[listen]]", "FileDescriptorName": "use [[listen]] name", "Service": "cohort sets it",
