@@ -58,6 +58,7 @@ type slot struct {
 	delay      time.Duration // the next backoff delay
 	quickExits int           // exits before min_uptime, in a row
 	restarts   int           // restarts of this slot, for status
+	gen        int           // generation of its last process, for status while in backoff
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -72,6 +73,7 @@ type worker struct {
 
 	readyAt  time.Time // ready = "DURATION": becomes ready at this time
 	deadline time.Time // starting: ready_timeout; ready: watchdog; draining: SIGKILL
+	stableAt time.Time // ready in a slot with quick exits: when they stop counting (clearQuickExits)
 
 	lastPing  time.Time      // last WATCHDOG=1; zero: watchdog not armed
 	signalled bool           // stop_signal (or SIGABRT) was sent
@@ -103,6 +105,9 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	toReady := func() {
 		w.stopProbe()
 		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
+		if w.slot.quickExits > 0 && w.slot.cur == w {
+			w.stableAt = w.started.Add(app.Restart.MinUptime)
+		}
 		if app.Watchdog > 0 && !w.lastPing.IsZero() {
 			w.deadline = w.lastPing.Add(app.Watchdog)
 		}
@@ -342,7 +347,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	}
 	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now}
 	w.deadline = now.Add(d.app.ReadyTimeout)
-	s.cur = w
+	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
 	tag := workerTag{index: s.index, pid: pid, gen: d.gen}
 	d.track(outR)
