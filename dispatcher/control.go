@@ -1,14 +1,14 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
-	"strings"
+	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
@@ -57,7 +57,7 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	if d.tempDir != "" {
 		d.out.infof("control socket: %s (cohort status --socket %s)", path, path)
 	}
-	h := &ctlHandler{reqs: d.ctl.reqs}
+	h := &ctlHandler{reqs: d.ctl.reqs, supervisor: os.Getpid()}
 	d.wg.Go(func() {
 		defer srv.Close()
 		if err := srv.Serve(ctx, h); err != nil {
@@ -66,9 +66,15 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	})
 }
 
-// ctlHandler implements control.Handler by asking the loop.
+// ctlHandler implements control.Handler by asking the loop. What it
+// reads from /proc it reads in the connection's goroutine, never in the
+// loop.
 type ctlHandler struct {
-	reqs chan<- ctlRequest
+	reqs       chan<- ctlRequest
+	supervisor int // this process: the subreaper that adopts workers' orphans
+
+	mu   sync.Mutex
+	last map[workerKey]cpuSample // each worker's last CPU sample (usage.go)
 }
 
 var _ control.Handler = (*ctlHandler)(nil)
@@ -91,22 +97,16 @@ func (h *ctlHandler) ask(ctx context.Context, cmd string, n int) (ctlReply, erro
 	}
 }
 
-// Status returns the dispatcher's view of every worker, with RSS and CPU
-// read from /proc.
+// Status returns the dispatcher's view of every worker, with the memory
+// and recent CPU use of each worker's process tree read from /proc
+// (usage.go).
 func (h *ctlHandler) Status(ctx context.Context) (*control.Status, error) {
 	rep, err := h.ask(ctx, control.CmdStatus, 0)
 	if err != nil {
 		return nil, err
 	}
 	snap := rep.status
-	now := time.Now()
-	for i, pid := range snap.procs {
-		if pid == 0 {
-			continue
-		}
-		w := &snap.st.Workers[i]
-		w.RSS, w.CPUPercent = procUsage(pid, now.Sub(w.Started))
-	}
+	h.usage(ctx, snap)
 	return &snap.st, nil
 }
 
@@ -155,6 +155,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		Generation:  d.gen,
 		Line:        d.statusLine(now),
 		Since:       d.started,
+		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
 	}
 	switch {
@@ -169,7 +170,9 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	}
 	snap := &statusSnapshot{}
 	add := func(s *slot, w *worker) {
-		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff"}
+		// A slot in backoff shows its last process's generation (the
+		// current one when it never had a process).
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
@@ -177,6 +180,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 				cw.State, cw.Status = "unhealthy", w.unhealthy
 			}
 			pid = w.pid
+			cw.Handed, cw.Active = d.rrCounts(w.pid)
 		}
 		st.Workers = append(st.Workers, cw)
 		snap.procs = append(snap.procs, pid)
@@ -209,38 +213,4 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	st.Workers, snap.procs = ws, ps
 	snap.st = st
 	return snap
-}
-
-// clockTick is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
-// Linux architecture cohort runs on.
-const clockTick = 100
-
-// procUsage reads a process's resident memory (statm) and its CPU time
-// (stat: utime + stime) as a percentage of one CPU over uptime. Zero for
-// what cannot be read (the process is gone).
-func procUsage(pid int, uptime time.Duration) (rss int64, cpu float64) {
-	if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm"); err == nil {
-		if f := strings.Fields(string(b)); len(f) > 1 {
-			pages, _ := strconv.ParseInt(f[1], 10, 64)
-			rss = pages * int64(os.Getpagesize())
-		}
-	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil || uptime <= 0 {
-		return rss, 0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')') // the command may contain spaces
-	if i < 0 {
-		return rss, 0
-	}
-	f := strings.Fields(s[i+1:])
-	// After ")": state(3) ppid(4) … utime(14) stime(15): f[0] is field 3.
-	if len(f) < 13 {
-		return rss, 0
-	}
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	secs := float64(utime+stime) / clockTick
-	return rss, 100 * secs / uptime.Seconds()
 }

@@ -287,6 +287,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		stderr = os.Stderr
 	}
 	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
+	d.out.limit = newLimiter(app.LogRateLimit, d.out.warnf)
 	if opt.Journal {
 		d.out.jw = newJournalSender(opt.JournalSocket)
 	}
@@ -613,6 +614,10 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 			w.readyAt = time.Time{}
 			d.transition(w, trDelay, 0)
 		}
+		if !w.stableAt.IsZero() && !now.Before(w.stableAt) {
+			w.stableAt = time.Time{}
+			d.clearQuickExits(w)
+		}
 		if !w.deadline.IsZero() && !now.Before(w.deadline) {
 			d.transition(w, trDeadline, 0)
 		}
@@ -631,6 +636,22 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 	}
 }
 
+// clearQuickExits forgets the quick exits of w's slot once w, its current
+// worker, has been up for min_uptime and is ready: its exit would no
+// longer count as quick (scheduleRestart), so the slot is no longer crash
+// looping, and the status line says so now rather than at the next exit.
+// The backoff delay starts over as well, as it would at that exit.
+func (d *dispatcher) clearQuickExits(w *worker) {
+	s := w.slot
+	if s.cur != w || w.state != stReady || s.quickExits == 0 {
+		return
+	}
+	if s.crashLooping() {
+		d.out.infof("worker %d (pid %d) up for min_uptime (%s) and ready: crash loop over", s.index, w.pid, d.app.Restart.MinUptime)
+	}
+	s.quickExits, s.delay = 0, d.app.Restart.Initial
+}
+
 // nextDeadline is when the loop must wake up next without an event.
 func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 	next := now.Add(time.Hour)
@@ -642,6 +663,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 	for _, w := range d.procs {
 		consider(w.readyAt)
 		consider(w.deadline)
+		consider(w.stableAt)
 	}
 	for _, s := range d.slots {
 		consider(s.restartAt)

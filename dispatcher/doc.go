@@ -41,10 +41,14 @@
 // stdin is /dev/null; stdout and stderr share one pipe read by the
 // dispatcher line by line, so output is never interleaved mid-line.
 //
-// Each worker leads its own process group. stop_signal and the final
-// SIGKILL go to the whole group (systemd's KillMode=control-group, for one
-// worker), and whatever is left of a group when its leader exits is
-// killed, so a worker's children never outlive it. Workers get
+// Each worker leads its own process group. stop_signal goes to the whole
+// group (kill_mode = "group", systemd's KillMode=control-group for one
+// worker) or to the worker's main process only (kill_mode = "mixed", so
+// that a master such as gunicorn's stops its children itself); the final
+// SIGKILL goes to the group in both modes, and whatever is left of a
+// group when its leader exits is killed, so a worker's children never
+// outlive it. The exit line names a signal that cohort sent ("stopped
+// (SIGTERM sent by cohort)"), so a requested stop never reads as a crash. Workers get
 // PR_SET_PDEATHSIG=SIGKILL, set from the one OS thread that forks them all,
 // so they die with the dispatcher.
 //

@@ -191,7 +191,7 @@ func TestJournalAttribution(t *testing.T) {
 			if p == "" {
 				p = "6"
 			}
-			if e["COHORT_APP"] != "t" || e["COHORT_PID"] != pid || e["COHORT_GENERATION"] != "1" || e["PRIORITY"] != p || e["SYSLOG_IDENTIFIER"] != "t" || e["SYSLOG_PID"] != pid {
+			if e["COHORT_APP"] != "t" || e["COHORT_PID"] != pid || e["COHORT_GENERATION"] != "1" || e["PRIORITY"] != p || e["SYSLOG_IDENTIFIER"] != "t."+w+"/"+pid || e["SYSLOG_PID"] != pid {
 				delete(e, "MESSAGE")
 				t.Errorf("worker %s (pid %s), %q: fields %v, want priority %s", w, pid, m, e, p)
 			}

@@ -1,15 +1,14 @@
 package dispatcher
 
 import (
-	"bytes"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 	"unsafe"
 
+	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -168,7 +167,7 @@ func children() []int {
 	}
 	var pids []int
 	for _, t := range tasks {
-		b, err := readBounded("/proc/self/task/"+t.Name()+"/children", 1<<20)
+		b, err := procfs.ReadBounded("/proc/self/task/"+t.Name()+"/children", 1<<20)
 		if err != nil {
 			continue
 		}
@@ -184,31 +183,15 @@ func children() []int {
 // orphanOwner is the worker pid that pid's environment names, 0 when it
 // names none or cannot be read.
 func orphanOwner(pid int) int {
-	b, err := readBounded("/proc/"+strconv.Itoa(pid)+"/environ", maxEnviron)
+	v, ok := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
+	if !ok {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
 	if err != nil {
 		return 0
 	}
-	key := []byte(WorkerPIDEnv + "=")
-	for kv := range bytes.SplitSeq(b, []byte{0}) {
-		if v, ok := bytes.CutPrefix(kv, key); ok {
-			n, err := strconv.Atoi(string(v))
-			if err != nil {
-				return 0
-			}
-			return n
-		}
-	}
-	return 0
-}
-
-// readBounded reads at most limit bytes of a /proc file.
-func readBounded(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return io.ReadAll(io.LimitReader(f, limit))
+	return n
 }
 
 // SetSubreaper makes the calling process a child subreaper

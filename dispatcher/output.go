@@ -28,6 +28,7 @@ type output struct {
 	jw      *journalSender // set when journal
 	log     *stream        // the dispatcher's log (stderr)
 	lines   *stream        // worker lines (stdout), and the journal's fallback
+	limit   *limiter       // each worker slot's budget of lines; nil: none (ratelimit.go)
 }
 
 // newOutput starts the streams toward stdout and stderr; close ends them.
@@ -49,6 +50,7 @@ func (o *output) noticef(msg string) { o.warnf("%s", msg) }
 // write never returns (a pipe nobody reads) is left to its goroutine,
 // which ends with the write or with the process.
 func (o *output) close() {
+	o.limit.close()
 	o.lines.close(flushTimeout)
 	for src, n := range o.lines.takeDrops() {
 		o.lines.reportDrops(src, n)
@@ -83,44 +85,89 @@ func (o *output) logf(prio journal.Priority, format string, args ...any) {
 func (o *output) infof(format string, args ...any) { o.logf(journal.PriInfo, format, args...) }
 func (o *output) warnf(format string, args ...any) { o.logf(journal.PriWarning, format, args...) }
 
-// workerLine passes on one line of a worker's output (without its
-// newline). In journal mode it becomes a journal entry with the worker's
-// fields and the priority of a leading "<N>"; otherwise it is queued for
-// stdout prefixed "[app.N] ", waiting while stdout drains, dropped (and
-// counted) when it does not.
-func (o *output) workerLine(t workerTag, line []byte) {
+// JournalIdentifier is the SYSLOG_IDENTIFIER of a worker's journal
+// entries: "web.2/4711" for worker 2, pid 4711 of app web. journalctl's
+// default output prints an entry's _PID in brackets, the pid of the
+// process that sent it (the dispatcher: the kernel vouches for it, and an
+// unprivileged dispatcher cannot claim another), and never SYSLOG_PID
+// when _PID is there (seen on systemd 252 and 257, vmtests/logflood), so
+// the worker's index and pid are in the identifier:
+// "web.2/4711[662]: GET /". The dispatcher's own lines are "web[662]:"
+// (SyslogIdentifier= of the service). '/' as in postfix's
+// "postfix/smtpd[123]:", since ':' and '[' would end a syslog tag.
+func JournalIdentifier(app string, index, pid int) string {
+	return app + "." + strconv.Itoa(index) + "/" + strconv.Itoa(pid)
+}
+
+// workerSink is where one worker process's lines go: its journal fields
+// and its terminal prefix, made once per process rather than per line.
+type workerSink struct {
+	o      *output
+	tag    workerTag
+	budget *budget
+	fields []journalField // MESSAGE and PRIORITY first, filled per line
+	prefix []byte         // "[app.N] "
+}
+
+func (o *output) sink(t workerTag) *workerSink {
+	pid := strconv.AppendInt(nil, int64(t.pid), 10)
+	return &workerSink{
+		o: o, tag: t, budget: o.limit.slot(t.index),
+		fields: []journalField{
+			{"MESSAGE", nil},
+			{"PRIORITY", nil},
+			{"SYSLOG_IDENTIFIER", []byte(JournalIdentifier(o.app, t.index, t.pid))},
+			{"SYSLOG_PID", pid},
+			{"COHORT_APP", []byte(o.app)},
+			{"COHORT_WORKER", strconv.AppendInt(nil, int64(t.index), 10)},
+			{"COHORT_PID", pid},
+			{"COHORT_GENERATION", strconv.AppendInt(nil, int64(t.gen), 10)},
+		},
+		prefix: fmt.Appendf(nil, "[%s.%d] ", o.app, t.index),
+	}
+}
+
+var priorities = [8][]byte{{'0'}, {'1'}, {'2'}, {'3'}, {'4'}, {'5'}, {'6'}, {'7'}}
+
+// line passes on one line of the worker's output (without its newline),
+// unless the slot's budget is spent (ratelimit.go). In journal mode it
+// becomes a journal entry with the worker's fields and the priority of a
+// leading "<N>"; otherwise it is queued for stdout prefixed "[app.N] ",
+// waiting while stdout drains, dropped (and counted) when it does not.
+// Only the worker's own goroutine calls it.
+func (w *workerSink) line(line []byte) {
+	if !w.budget.allow(w.tag.pid) {
+		return
+	}
+	o := w.o
 	if o.journal {
 		prio, msg := journal.PriInfo, line
 		if len(line) >= 3 && line[0] == '<' && line[2] == '>' && line[1] >= '0' && line[1] <= '7' {
 			prio, msg = journal.Priority(line[1]-'0'), line[3:]
 		}
-		err := o.jw.send([]journalField{
-			{"MESSAGE", msg},
-			{"PRIORITY", []byte{'0' + byte(prio)}},
-			{"SYSLOG_IDENTIFIER", []byte(o.app)},
-			{"SYSLOG_PID", strconv.AppendInt(nil, int64(t.pid), 10)},
-			{"COHORT_APP", []byte(o.app)},
-			{"COHORT_WORKER", strconv.AppendInt(nil, int64(t.index), 10)},
-			{"COHORT_PID", strconv.AppendInt(nil, int64(t.pid), 10)},
-			{"COHORT_GENERATION", strconv.AppendInt(nil, int64(t.gen), 10)},
-		})
+		w.fields[0].value, w.fields[1].value = msg, priorities[prio]
+		err := o.jw.send(w.fields)
+		w.fields[0].value = nil
 		if err == nil {
 			return
 		}
 	}
-	buf := make([]byte, 0, len(line)+len(o.app)+8)
-	buf = fmt.Appendf(buf, "[%s.%d] ", o.app, t.index)
+	buf := make([]byte, 0, len(line)+len(w.prefix)+1)
+	buf = append(buf, w.prefix...)
 	buf = append(buf, line...)
 	buf = append(buf, '\n')
-	o.lines.put(t, buf, true)
+	o.lines.put(w.tag, buf, true)
 }
 
 // copyLines reads r line by line until EOF or an error (a read deadline
 // set by the owner) and passes each line to o: what a worker wrote before
 // it died is still in the pipe and is passed on, and so is a last line
-// without a newline. Lines longer than maxLine are split. It closes r.
+// without a newline. Lines longer than maxLine are split. It closes r,
+// and at the end reports the lines of t its budget suppressed.
 func (o *output) copyLines(t workerTag, r io.ReadCloser) {
 	defer r.Close()
+	w := o.sink(t)
+	defer w.budget.exited(t.pid)
 	br := bufio.NewReaderSize(r, 64<<10)
 	var long []byte // a line longer than br's buffer, so far
 	for {
@@ -128,7 +175,7 @@ func (o *output) copyLines(t workerTag, r io.ReadCloser) {
 		if errors.Is(err, bufio.ErrBufferFull) {
 			long = append(long, line...)
 			for len(long) >= maxLine {
-				o.workerLine(t, long[:maxLine])
+				w.line(long[:maxLine])
 				long = append(long[:0], long[maxLine:]...)
 			}
 			continue
@@ -139,11 +186,11 @@ func (o *output) copyLines(t workerTag, r io.ReadCloser) {
 		}
 		line = bytes.TrimSuffix(line, []byte{'\n'})
 		for len(line) > maxLine {
-			o.workerLine(t, line[:maxLine])
+			w.line(line[:maxLine])
 			line = line[maxLine:]
 		}
 		if len(line) > 0 || err == nil {
-			o.workerLine(t, line)
+			w.line(line)
 		}
 		if err != nil {
 			return

@@ -113,6 +113,7 @@ type rrWorker struct {
 	pause     bool   // blocked by ETOOMANYREFS: the writer waits a moment instead
 	spoke     bool   // it sent a well-formed message
 	sending   int    // connections picked for it whose TrySend has not returned
+	handed    uint64 // connections sent to it, for status
 	ignored   uint64 // ids it sent that the channel did not apply
 
 	// Loop only.
@@ -349,6 +350,25 @@ func (d *dispatcher) rrNeverSpoke(rw *rrWorker) {
 	rw.named = true
 	d.rr.silent[rw.index] = true
 	d.out.warnf("worker %d never spoke the round-robin protocol (docs/protocol.md); for programs without cohort's library use mode = \"shared\" or \"reuseport\"", rw.index)
+}
+
+// rrCounts is what status shows of the worker pid in round-robin mode:
+// how many connections were sent to it, and how many of those it holds
+// (not yet acknowledged, or acknowledged and not yet closed). Zero outside
+// round-robin mode.
+func (d *dispatcher) rrCounts(pid int) (handed uint64, active int) {
+	r := d.rr
+	if r == nil {
+		return 0, 0
+	}
+	w := r.byPID[pid]
+	if w == nil {
+		return 0, 0
+	}
+	r.mu.Lock()
+	handed = w.handed
+	r.mu.Unlock()
+	return handed, w.ch.Unacked() + w.ch.Open()
 }
 
 // rrStatus is the round-robin part of the STATUS= line: slots whose
@@ -656,6 +676,7 @@ func (r *roundRobin) flush() {
 			broken, refused := false, 0
 			r.mu.Lock()
 			b.w.sending -= len(b.conns)
+			b.w.handed += uint64(n)
 			if err != nil {
 				switch {
 				case errors.Is(err, rr.ErrWouldBlock), errors.Is(err, unix.ETOOMANYREFS):

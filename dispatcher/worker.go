@@ -58,6 +58,7 @@ type slot struct {
 	delay      time.Duration // the next backoff delay
 	quickExits int           // exits before min_uptime, in a row
 	restarts   int           // restarts of this slot, for status
+	gen        int           // generation of its last process, for status while in backoff
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -72,13 +73,16 @@ type worker struct {
 
 	readyAt  time.Time // ready = "DURATION": becomes ready at this time
 	deadline time.Time // starting: ready_timeout; ready: watchdog; draining: SIGKILL
+	stableAt time.Time // ready in a slot with quick exits: when they stop counting (clearQuickExits)
 
-	lastPing  time.Time // last WATCHDOG=1; zero: watchdog not armed
-	signalled bool      // stop_signal (or SIGABRT) was sent
-	killed    bool      // SIGKILL was sent
-	unhealthy string    // why it is being replaced as unhealthy (round-robin), for status
-	silent    bool      // it never spoke the round-robin protocol: its exit counts as a failed start
-	status    string    // last STATUS=
+	lastPing  time.Time      // last WATCHDOG=1; zero: watchdog not armed
+	signalled bool           // stop_signal (or SIGABRT) was sent
+	sent      syscall.Signal // that signal, so its exit reads as a stop, not a crash
+	killed    bool           // SIGKILL was sent
+	killWhy   string         // why, for the exit line ("" when asked to stop at once)
+	unhealthy string         // why it is being replaced as unhealthy (round-robin), for status
+	silent    bool           // it never spoke the round-robin protocol: its exit counts as a failed start
+	status    string         // last STATUS=
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
 }
@@ -101,28 +105,46 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	toReady := func() {
 		w.stopProbe()
 		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
+		if w.slot.quickExits > 0 && w.slot.cur == w {
+			w.stableAt = w.started.Add(app.Restart.MinUptime)
+		}
 		if app.Watchdog > 0 && !w.lastPing.IsZero() {
 			w.deadline = w.lastPing.Add(app.Watchdog)
 		}
 		d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
 		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
 	}
-	toDraining := func(sig syscall.Signal, group bool) {
+	// stop sends stop_signal: to the worker's process group, or with
+	// kill_mode = "mixed" to its main process only, so that a master
+	// such as gunicorn's stops its own children gracefully instead of
+	// finding them killed under it.
+	stop := func() {
+		w.signalled, w.sent = true, app.StopSignal
+		target := -w.pid
+		if app.KillMode == config.KillModeMixed {
+			target = w.pid
+		}
+		unix.Kill(target, app.StopSignal)
+	}
+	// abort is the watchdog's SIGABRT, to the hung main process only.
+	abort := func() {
+		w.signalled, w.sent = true, syscall.SIGABRT
+		unix.Kill(w.pid, syscall.SIGABRT)
+	}
+	// toDraining moves w to stDraining and sends what send sends (stop,
+	// abort; nil when it stops on its own or is killed at once).
+	toDraining := func(send func()) {
 		w.stopProbe()
 		w.state, w.readyAt = stDraining, time.Time{}
 		w.deadline = now.Add(app.StopTimeout)
-		if sig != 0 {
-			w.signalled = true
-			target := w.pid
-			if group {
-				target = -w.pid
-			}
-			unix.Kill(target, sig)
+		if send != nil {
+			send()
 		}
 	}
-	kill := func() {
+	// kill SIGKILLs the whole process group, whatever kill_mode says.
+	kill := func(why string) {
 		if !w.killed {
-			w.killed = true
+			w.killed, w.killWhy = true, why
 			unix.Kill(-w.pid, unix.SIGKILL)
 		}
 		w.deadline = time.Time{}
@@ -159,20 +181,20 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trWatchdogTrigger:
 			d.out.warnf("worker %d (pid %d) asked to be treated as hung (WATCHDOG=trigger) before ready; sending SIGABRT", w.slot.index, w.pid)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(syscall.SIGABRT, false)
+			toDraining(abort)
 		case trStopping:
-			toDraining(0, false)
+			toDraining(nil)
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
-			toDraining(app.StopSignal, true)
+			toDraining(stop)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(app.StopSignal, true)
+			toDraining(stop)
 		case trStop:
-			toDraining(app.StopSignal, true)
+			toDraining(stop)
 		case trKill:
-			toDraining(0, false)
-			kill()
+			toDraining(nil)
+			kill("")
 		}
 	case stReady:
 		switch tr {
@@ -188,31 +210,30 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			}
 			d.out.warnf("worker %d (pid %d) %s; sending SIGABRT", w.slot.index, w.pid, why)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(syscall.SIGABRT, false)
+			toDraining(abort)
 		case trStopping:
 			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
-			toDraining(0, false)
+			toDraining(nil)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(app.StopSignal, true)
+			toDraining(stop)
 		case trStop:
-			toDraining(app.StopSignal, true)
+			toDraining(stop)
 		case trKill:
-			toDraining(0, false)
-			kill()
+			toDraining(nil)
+			kill("")
 		}
 	case stDraining:
 		switch tr {
 		case trStop:
 			if !w.signalled {
-				w.signalled = true
-				unix.Kill(-w.pid, app.StopSignal)
+				stop()
 			}
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) still running %s after it was told to stop; sending SIGKILL", w.slot.index, w.pid, app.StopTimeout)
-			kill()
+			kill(fmt.Sprintf("it did not stop within stop_timeout %s", app.StopTimeout))
 		case trKill:
-			kill()
+			kill("")
 		}
 	}
 }
@@ -230,7 +251,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	}
 	uptime := now.Sub(w.started)
 	ev := Event{Kind: WorkerExited, Worker: s.index, PID: w.pid, Gen: w.gen, Uptime: uptime, ExitCode: -1}
-	how := describeExit(ws)
+	how := describeExit(ws, w)
 	if ws.Signaled() {
 		ev.Signal = ws.Signal()
 	} else {
@@ -277,19 +298,41 @@ func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, now time.Tim
 	return wait
 }
 
-func describeExit(ws unix.WaitStatus) string {
-	switch {
-	case ws.Signaled():
-		s := fmt.Sprintf("was killed by signal %d (%s)", ws.Signal(), ws.Signal())
-		if ws.CoreDump() {
-			s += ", core dumped"
+// describeExit says how w ended, for the log and a failed reload's
+// message. A death by a signal that cohort sent reads as the stop it
+// was ("stopped (SIGTERM sent by cohort)"), and an exit after one names
+// it ("exited with status 0 (SIGTERM sent by cohort)"); only a signal
+// cohort did not send reads as a crash ("was killed by signal 11
+// (segmentation fault)").
+func describeExit(ws unix.WaitStatus, w *worker) string {
+	sentBy := func(sig syscall.Signal, why string) string {
+		s := unix.SignalName(sig) + " sent by cohort"
+		if why != "" {
+			s += ": " + why
 		}
 		return s
-	case ws.ExitStatus() == 0:
-		return "exited with status 0"
-	default:
-		return fmt.Sprintf("exited with status %d", ws.ExitStatus())
 	}
+	var s string
+	switch {
+	case ws.Signaled() && ws.Signal() == unix.SIGKILL && w.killed:
+		s = "stopped (" + sentBy(unix.SIGKILL, w.killWhy) + ")"
+	case ws.Signaled() && w.sent != 0 && ws.Signal() == w.sent:
+		s = "stopped (" + sentBy(w.sent, "") + ")"
+	case ws.Signaled():
+		s = fmt.Sprintf("was killed by signal %d (%s)", ws.Signal(), ws.Signal())
+	default:
+		s = fmt.Sprintf("exited with status %d", ws.ExitStatus())
+		switch {
+		case w.killed:
+			s += " (" + sentBy(unix.SIGKILL, w.killWhy) + ")"
+		case w.sent != 0:
+			s += " (" + sentBy(w.sent, "") + ")"
+		}
+	}
+	if ws.Signaled() && ws.CoreDump() {
+		s += ", core dumped"
+	}
+	return s
 }
 
 // spawn forks a worker for slot s through the trampoline. On failure the
@@ -304,7 +347,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	}
 	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now}
 	w.deadline = now.Add(d.app.ReadyTimeout)
-	s.cur = w
+	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
 	tag := workerTag{index: s.index, pid: pid, gen: d.gen}
 	d.track(outR)

@@ -122,12 +122,13 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 	svc := us.Files[len(sockets)]
 	got := readBack(t, svc)
 	ref := &units.Service{Name: "ref.service", ExecStartPre: []string{"/x"}, ExecStart: []string{"/x"}, ExecReload: []string{"/x"}, Sockets: names,
-		User: app.User, Group: app.Group, RuntimeDirectory: "x", StartTimeout: 1, StopTimeout: 1, Hardening: app.Hardening}
+		User: app.User, Group: app.Group, RuntimeDirectory: "x", StartTimeout: 1, StopTimeout: 1, Hardening: app.Hardening,
+		SyslogIdentifier: "x", LogRateLimit: JournalRateLimit(app.LogRateLimit, 1)}
 	want := expectKeys(t, ref.Render, app.Unit, app.Service, "Service")
 	checkKeys(t, svc.Name, got, want)
 	checkValues(t, svc.Name, got, map[string]string{
 		"Unit/SourcePath": app.Path, "Service/User": app.User, "Service/Group": app.Group,
-		"Service/RuntimeDirectory": "cohort/" + app.Name,
+		"Service/RuntimeDirectory": "cohort/" + app.Name, "Service/SyslogIdentifier": app.Name,
 	})
 	// ExecStartPre= and ExecReload= run as root ("+"): they record the
 	// running configuration, which workers must not be able to write.

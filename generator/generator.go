@@ -160,6 +160,28 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		Hardening:    app.Hardening,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
+		// The dispatcher's own lines are "web[pid]:", its workers'
+		// "web.2/4711[pid]:" (dispatcher.JournalIdentifier).
+		SyslogIdentifier: app.Name,
+	}
+	n := len(sockets) / max(len(app.Listen), 1) // reuseport: the slots
+	if app.Mode != config.ModeReusePort {
+		if n, err = workerCount(app, opts.CPUs); err != nil {
+			return nil, err
+		}
+	}
+	svc.LogRateLimit = JournalRateLimit(app.LogRateLimit, n)
+	// A journald limit or identifier the file sets itself wins: files
+	// written before cohort sized them (the documented workaround for a
+	// flooding app was [service] LogRateLimitIntervalSec = 0) must keep
+	// generating after an upgrade rather than fail at the next boot.
+	for _, d := range app.Service {
+		switch d.Key {
+		case "LogRateLimitIntervalSec", "LogRateLimitBurst":
+			svc.LogRateLimit = nil
+		case "SyslogIdentifier":
+			svc.SyslogIdentifier = ""
+		}
 	}
 	// Type=notify with an ExecReload= that waits, on every systemd
 	// version: the generator does not need to know which one runs.
@@ -186,6 +208,44 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		out.Wants = socketNames
 	}
 	return out, nil
+}
+
+// workerCount is the number of workers app runs here: workers = "auto"
+// counts the CPUs the generator may run on, which is what the service's
+// dispatcher counts too unless CPUAffinity= narrows it (then fewer
+// workers share the same unit budget: still enough).
+func workerCount(app *config.App, cpus int) (int, error) {
+	if app.Workers.Auto && cpus == 0 {
+		n, err := AvailableCPUs()
+		if err != nil {
+			return 0, fmt.Errorf("%s: workers = \"auto\": %w", app.Path, err)
+		}
+		cpus = n
+	}
+	return app.Workers.Count(cpus), nil
+}
+
+// Journal rate limit sizing (issue 15.1): the dispatcher's own lines per
+// interval that journald's limit leaves room for, on top of the workers'
+// budgets: a start, reload or stop is a few lines per worker, and each
+// slot's "lines suppressed" report one more.
+const (
+	dispatcherLines          = 1000
+	dispatcherLinesPerWorker = 100
+)
+
+// JournalRateLimit is the service's LogRateLimitIntervalSec= and
+// LogRateLimitBurst= for the dispatcher's per-slot budget lim with
+// workers slots: journald's window of one interval can overlap two of a
+// slot's windows (dispatcher/ratelimit.go), so 2 × workers × burst, plus
+// the dispatcher's own lines. No limit in the app file is no limit in
+// journald either (interval 0).
+func JournalRateLimit(lim config.LogRateLimit, workers int) *units.LogRateLimit {
+	if lim.Off() {
+		return &units.LogRateLimit{}
+	}
+	n := 2*uint64(workers)*uint64(lim.Burst) + dispatcherLines + dispatcherLinesPerWorker*uint64(workers)
+	return &units.LogRateLimit{Interval: lim.Interval, Burst: uint32(min(n, math.MaxUint32))}
 }
 
 // addMargin is d + margin, saturating at the longest time.Duration: the

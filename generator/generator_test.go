@@ -348,3 +348,61 @@ func TestSocketsReusePort(t *testing.T) {
 		t.Errorf("workers = auto on %d CPUs: %d sockets; want %d", n, len(socks), 2*n)
 	}
 }
+
+// TestJournalRateLimit: journald's per-unit limit holds two windows of
+// every slot's budget and the dispatcher's own lines; no limit in the
+// app file is none in journald either; "auto" counts the CPUs.
+func TestJournalRateLimit(t *testing.T) {
+	for _, tt := range []struct {
+		lim     config.LogRateLimit
+		workers int
+		want    units.LogRateLimit
+	}{
+		{config.LogRateLimit{Interval: 10 * time.Second, Burst: 5000}, 2, units.LogRateLimit{Interval: 10 * time.Second, Burst: 21200}},
+		{config.LogRateLimit{Interval: 30 * time.Second, Burst: 10000}, 1, units.LogRateLimit{Interval: 30 * time.Second, Burst: 21100}},
+		{config.LogRateLimit{Interval: time.Second, Burst: config.MaxLogRateLimitBurst}, config.MaxWorkers, units.LogRateLimit{Interval: time.Second, Burst: 2048103400}},
+		{config.LogRateLimit{Interval: 0, Burst: 10}, 4, units.LogRateLimit{}},
+		{config.LogRateLimit{Interval: time.Second, Burst: 0}, 4, units.LogRateLimit{}},
+	} {
+		if got := JournalRateLimit(tt.lim, tt.workers); *got != tt.want {
+			t.Errorf("JournalRateLimit(%+v, %d) = %+v, want %+v", tt.lim, tt.workers, *got, tt.want)
+		}
+	}
+	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = \"auto\"\nlog_rate_limit_burst = 100\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	us, err := Render(app, Options{CPUs: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := string(us.Files[len(us.Files)-1].Content)
+	if !strings.Contains(svc, "\nLogRateLimitBurst=3400\n") || !strings.Contains(svc, "\nLogRateLimitIntervalSec=30s\n") {
+		t.Errorf("8 CPUs, 100 lines per worker: want LogRateLimitBurst=3400 (2×8×100 + 1000 + 8×100):\n%s", svc)
+	}
+}
+
+// TestJournalRateLimitUserWins: a file that sets journald's limit or the
+// identifier itself (the workaround users had before cohort sized them)
+// still generates, with its own values and none of cohort's beside them.
+func TestJournalRateLimitUserWins(t *testing.T) {
+	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = 2\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[service]\nLogRateLimitIntervalSec = 0\nSyslogIdentifier = \"mine\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	us, err := Render(app, Options{CPUs: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := string(us.Files[len(us.Files)-1].Content)
+	for _, want := range []string{"\nLogRateLimitIntervalSec=0\n", "\nSyslogIdentifier=mine\n"} {
+		if strings.Count(svc, want) != 1 {
+			t.Errorf("want %q once:\n%s", want, svc)
+		}
+	}
+	for _, unwanted := range []string{"LogRateLimitBurst=", "LogRateLimitIntervalSec=30s", "SyslogIdentifier=web"} {
+		if strings.Contains(svc, unwanted) {
+			t.Errorf("cohort's %q beside the file's own:\n%s", unwanted, svc)
+		}
+	}
+}

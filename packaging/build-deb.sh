@@ -96,9 +96,6 @@ export SOURCE_DATE_EPOCH
 for d in cmd/cohort cmd/cohort-generator; do
 	ls "$d"/*.go >/dev/null 2>&1 || die "$d has no Go files yet: cannot build the package"
 done
-for f in docs/cohort.1.md docs/cohort-generator.8.md docs/config.md; do
-	[ -f "$f" ] || die "$f is missing: it is needed for the man pages"
-done
 
 # Everything is built in a private staging directory and the package is
 # moved into place at the end, so that concurrent builds (the package test,
@@ -122,70 +119,15 @@ CGO_ENABLED=0 GOOS=linux GOARCH=$goarch go build -trimpath -buildvcs=false \
 	-ldflags "-s -w -X main.version=$raw" -o "$stage/" ./cmd/cohort ./cmd/cohort-generator ||
 	die "building the binaries for $arch failed"
 
-date_long=$(LC_ALL=C date -u -d "@$SOURCE_DATE_EPOCH" '+%B %Y')
 date_rfc=$(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")
 
-# man_page MD NAME SECTION: render MD, stamp the title line with the date
-# and version, left-align the text (.ad l: narrow table columns cannot be
-# justified), and write $stage/man/NAME.SECTION.gz.
-man_page() {
-	"$tools/go-md2man" -in "$1" -out "$stage/man/$2.$3" ||
-		die "go-md2man failed on $1"
-	# go-md2man leaves some long table cells on one line, which tbl cannot
-	# fit ("table wider than line width"): let the last column, the prose,
-	# take the width the others leave (x), and put its long cells in text
-	# blocks (T{ … T}), which tbl fills to that width.
-	awk -v FS='\t' -v OFS='\t' '
-		/^\.TS/ { table = 1; format = 1; print; next }
-		/^\.TE/ { table = 0; print; next }
-		table && format && /;$/ { print; next }
-		table && format {
-			# The last column (the prose) takes the width left over.
-			last = /\.$/
-			sub(/ *\.?$/, "")
-			print $0 "x" (last ? " ." : "")
-			if (last) format = 0
-			next
-		}
-		table && block { if (/^T}/) block = 0; print; next }
-		table && /T\{$/ { block = 1; print; next }
-		table {
-			if (NF > 1 && length($NF) > 24 && $NF !~ /^T[{}]/) $NF = "T{\n" $NF "\nT}"
-			print; next
-		}
-		{ print }
-	' "$stage/man/$2.$3" >"$stage/man/$2.$3.tbl" && mv "$stage/man/$2.$3.tbl" "$stage/man/$2.$3"
-	grep -q '^\.TH ' "$stage/man/$2.$3" ||
-		die "$1: no title line (the first '#' heading or a '===' underlined line)"
-	sed -i "s|^\.TH .*|.TH \"$(echo "$2" | tr '[:lower:]' '[:upper:]')\" \"$3\" \"$date_long\" \"cohort $debver\" \"cohort manual\"\\n.ad l|" \
-		"$stage/man/$2.$3"
-	gzip -9n "$stage/man/$2.$3"
-}
-
-man_page docs/cohort.1.md cohort 1
-man_page docs/cohort-generator.8.md cohort-generator 8
-
-# docs/config.md is the reference on the web too, so it has no man header:
-# give it a title line and a NAME section, drop its own top heading, and
-# lift its other headings one level so that its sections are man sections
-# (upper case, as man sections are).
-{
-	printf 'cohort.toml 5 "" "cohort" "cohort manual"\n'
-	printf '=========================================\n\n'
-	printf '# NAME\n\ncohort.toml - cohort app files: one TOML file per app\n\n'
-	printf '# SYNOPSIS\n\n*/etc/cohort/NAME.toml*, */run/cohort/NAME.toml*, */usr/lib/cohort/NAME.toml*\n\n'
-	printf '# DESCRIPTION\n\n'
-	awk '
-		/^(```|~~~)/ { fence = !fence; print; next }
-		fence { print; next }
-		!seen && /^# / { seen = 1; next }
-		/^## / { print "# " toupper(substr($0, 4)); next }
-		/^###+ / { sub(/^#/, ""); print; next }
-		{ print }
-	' docs/config.md
-	printf '\n# SEE ALSO\n\n**cohort**(1), **cohort-generator**(8), **systemd.socket**(5), **systemd.service**(5), **systemd.exec**(5)\n'
-} >"$stage/cohort.toml.5.md"
-man_page "$stage/cohort.toml.5.md" cohort.toml 5
+# The man pages: packaging/build-man.sh renders them (the package test
+# renders them through man(1) with the same script).
+GO_MD2MAN=$tools/go-md2man packaging/build-man.sh "$stage/man" "$debver" ||
+	die "rendering the man pages failed"
+for page in cohort.1 cohort-generator.8 cohort.toml.5; do
+	gzip -9n "$stage/man/$page"
+done
 
 # The Debian changelog: packaging/changelog holds the released versions,
 # newest first (when tagging vX.Y.Z, add "cohort (X.Y.Z) unstable; …" on

@@ -32,8 +32,22 @@ type Service struct {
 	StartTimeout     time.Duration // TimeoutStartSec=
 	StopTimeout      time.Duration // TimeoutStopSec=
 	Hardening        string        // "default", "strict" or "none"
-	ExtraUnit        []Option
-	ExtraService     []Option
+	// SyslogIdentifier names the dispatcher's own lines in the journal
+	// (its stdout and stderr); "" renders none.
+	SyslogIdentifier string
+	// LogRateLimit is journald's limit of the unit's lines; nil renders
+	// none (journald's default applies). An Interval of zero turns
+	// journald's limit off.
+	LogRateLimit *LogRateLimit
+	ExtraUnit    []Option
+	ExtraService []Option
+}
+
+// LogRateLimit is LogRateLimitIntervalSec= and LogRateLimitBurst=
+// (systemd.exec(5)).
+type LogRateLimit struct {
+	Interval time.Duration
+	Burst    uint32
 }
 
 // Render returns the unit file. It fails for an unknown hardening
@@ -79,6 +93,14 @@ func (s *Service) Render() (File, error) {
 	}
 	o.addIf(s.Group != "", "Service", "Group", s.Group)
 	o.addIf(s.RuntimeDirectory != "", "Service", "RuntimeDirectory", s.RuntimeDirectory)
+	o.addIf(s.SyslogIdentifier != "", "Service", "SyslogIdentifier", s.SyslogIdentifier)
+	if l := s.LogRateLimit; l != nil {
+		if l.Interval < 0 {
+			return File{}, fmt.Errorf("render %s: negative LogRateLimitIntervalSec (%v)", s.Name, l.Interval)
+		}
+		o.add("Service", "LogRateLimitIntervalSec", Seconds(l.Interval))
+		o.addIf(l.Interval > 0, "Service", "LogRateLimitBurst", fmt.Sprint(l.Burst))
+	}
 	o.addVerbatim("Service", sandbox)
 	o.addVerbatim("Service", s.ExtraService)
 	return render(s.Name, generatedHeader(s.SourcePath), &o)

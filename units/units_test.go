@@ -90,3 +90,42 @@ func TestSocketRenderEscapesSpecifiers(t *testing.T) {
 		}
 	}
 }
+
+// TestServiceLogRateLimit: journald's limit and the dispatcher's
+// identifier are rendered when set; an interval of 0 turns journald's
+// limit off and needs no burst.
+func TestServiceLogRateLimit(t *testing.T) {
+	base := Service{Name: "web.service", Description: "d", SourcePath: "/etc/cohort/web.toml", ExecStart: []string{"/usr/bin/cohort"}, Hardening: "none"}
+	for _, tt := range []struct {
+		limit *LogRateLimit
+		ident string
+		want  []string
+		not   []string
+	}{
+		{nil, "", nil, []string{"LogRateLimit", "SyslogIdentifier"}},
+		{&LogRateLimit{Interval: 30 * time.Second, Burst: 61300}, "web", []string{"\nLogRateLimitIntervalSec=30s\n", "\nLogRateLimitBurst=61300\n", "\nSyslogIdentifier=web\n"}, nil},
+		{&LogRateLimit{}, "100%", []string{"\nLogRateLimitIntervalSec=0s\n", "\nSyslogIdentifier=100%%\n"}, []string{"LogRateLimitBurst"}},
+	} {
+		s := base
+		s.LogRateLimit, s.SyslogIdentifier = tt.limit, tt.ident
+		f, err := s.Render()
+		if err != nil {
+			t.Fatalf("%+v: %v", tt.limit, err)
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(string(f.Content), w) {
+				t.Errorf("%+v: no %q in\n%s", tt.limit, w, f.Content)
+			}
+		}
+		for _, n := range tt.not {
+			if strings.Contains(string(f.Content), n) {
+				t.Errorf("%+v: %q in\n%s", tt.limit, n, f.Content)
+			}
+		}
+	}
+	s := base
+	s.LogRateLimit = &LogRateLimit{Interval: -time.Second}
+	if _, err := s.Render(); err == nil {
+		t.Errorf("a negative interval rendered")
+	}
+}

@@ -42,6 +42,8 @@ func TestSystemd(t *testing.T) {
 			t.Run("security", func(t *testing.T) { testSecurity(t, c) })
 			t.Run("hostileunits", func(t *testing.T) { testHostileUnits(t, c) })
 			t.Run("control", func(t *testing.T) { testControl(t, c) })
+			t.Run("status", func(t *testing.T) { testStatus(t, c) })
+			t.Run("logflood", func(t *testing.T) { testLogFlood(t, c) })
 			t.Run("purge", func(t *testing.T) { testPurge(t, c) }) // last: removes cohort
 		})
 	}

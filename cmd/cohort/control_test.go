@@ -15,7 +15,7 @@ type stubDispatcher struct{ scaled int }
 
 func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
 	started := time.Now().Add(-90 * time.Second)
-	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
+	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, State: "ready", PID: 4242, Since: started.Add(-time.Hour), Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
 		Workers: []control.Worker{
 			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 1, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
 			{Index: 1, Generation: 2, State: "backoff"},

@@ -33,6 +33,13 @@ type environment struct {
 	// reap and kill (the real binary; not tests running subcommands
 	// in-process), see dispatcher.Options.Subreaper.
 	ownsChildren bool
+	// runtimeRoot overrides where `cohort run` puts its apps' runtime
+	// directories and status looks for them (tests); "" means the place
+	// for this user (apps.go).
+	runtimeRoot string
+	// units overrides how status asks systemd about an app's units
+	// (tests); nil means D-Bus.
+	units func(ctx context.Context, app string) (service, socket unitState, err error)
 }
 
 func commands() map[string]command {
@@ -41,7 +48,7 @@ func commands() map[string]command {
 		"generate":         {"render the units for app files, or write them into a directory", cmdGenerate},
 		"version":          {"print cohort's version", cmdVersion},
 		"run":              {"run an app in the foreground, binding its sockets itself", cmdRun},
-		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU)", cmdStatus},
+		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU); every app without APP", cmdStatus},
 		"scale":            {"change the number of an app's workers until its next restart", cmdScale},
 		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
 		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
@@ -52,16 +59,21 @@ func commands() map[string]command {
 }
 
 func main() {
+	os.Exit(processMain(&environment{stdout: os.Stdout, stderr: os.Stderr, ownsChildren: true}))
+}
+
+// processMain is main for env, the whole process's environment (tests
+// that run this binary set env.runtimeRoot).
+func processMain(env *environment) int {
 	if len(os.Args) > 1 && os.Args[1] == "run" && os.Getenv(runChildEnv) == "" {
-		os.Exit(runParent(os.Args[1:]))
+		return runParent(os.Args[1:])
 	}
 	os.Unsetenv(runChildEnv)
 	// Signals become a cancelled context here and nowhere else in this
 	// binary; the dispatcher takes its own signals (see dispatch.go).
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := runMain(ctx, &environment{stdout: os.Stdout, stderr: os.Stderr, ownsChildren: true}, os.Args[1:])
-	stop()
-	os.Exit(code)
+	defer stop()
+	return runMain(ctx, env, os.Args[1:])
 }
 
 func runMain(ctx context.Context, env *environment, args []string) int {

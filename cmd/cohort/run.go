@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/cohort-dev/cohort/dispatcher"
+	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/generator/config"
 )
 
@@ -30,7 +31,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	workers := fs.String("workers", "", "`N` or \"auto\" (one per CPU); default: the file's, else auto")
 	mode := fs.String("mode", "", "\"shared\" (default), \"round-robin\" or \"reuseport\"")
 	ready := fs.String("ready", "", "`WHEN` a worker counts as ready: listening (the default), notify, exec or a duration")
-	name := fs.String("name", "", "the app's name in output and COHORT_APP (default: the file's or the command's base name)")
+	name := fs.String("name", "", "the app's name in output, COHORT_APP and 'cohort status NAME' (default: the file's, or the\nbase name of the script an interpreter runs, or of the command)")
 	affinity := fs.Bool("cpu-affinity", false, "pin worker i to the i-th CPU this process may run on")
 	if code, done := parseFlags(fs, args); done {
 		return code
@@ -48,7 +49,15 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren}
+	inst, err := env.claimRunDir(ctx, app.Name)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 1
+	}
+	defer inst.release()
+	fmt.Fprintf(env.stderr, "[%s] control socket: %s (cohort status %s)\n", app.Name, filepath.Join(inst.dir, control.SocketName), app.Name)
+
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
 	if app.Mode == config.ModeReusePort {
 		cpus, err := dispatcher.AllowedCPUs()
 		if err != nil {
@@ -107,7 +116,7 @@ func runApp(args []string, listens listFlag) (*config.App, error) {
 	if len(args) == 0 {
 		return nil, fmt.Errorf("--listen needs a command: cohort run --listen %s -- COMMAND [ARGS…]", listens[0])
 	}
-	app := config.New(filepath.Base(args[0]))
+	app := config.New(defaultName(args))
 	app.Command = args
 	seen := map[string]bool{}
 	for i, l := range listens {
@@ -180,6 +189,88 @@ func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, n
 		app.CPUAffinity = affinity
 	}
 	return nil
+}
+
+// interpreters are programs whose first operand is the program that
+// names the app (`node server.js` is "server"), as PM2 names them.
+var interpreters = map[string]bool{
+	"node": true, "nodejs": true, "bun": true, "deno": true, "python": true, "python2": true, "python3": true,
+	"pypy": true, "pypy3": true, "ruby": true, "perl": true, "php": true, "sh": true, "bash": true, "dash": true, "zsh": true,
+}
+
+// scriptExt are the extensions dropped from a script's name.
+var scriptExt = []string{".js", ".mjs", ".cjs", ".ts", ".py", ".rb", ".pl", ".php", ".sh"}
+
+// defaultName is the app name of `cohort run --listen … -- COMMAND`
+// without --name: the base name of the script an interpreter runs
+// (`node server.js` → "server", `python3 app.py` → "app",
+// `python3 -m http.server` → "http.server", `deno run main.ts` →
+// "main"), else of the program (`./bin/api` → "api", `gunicorn app:app`
+// → "gunicorn"), made a valid app name.
+func defaultName(command []string) string {
+	prog := filepath.Base(command[0])
+	name := prog
+	if interpreters[strings.TrimRight(strings.TrimSuffix(prog, filepath.Ext(prog)), "0123456789.")] || interpreters[prog] {
+		args := command[1:]
+		if (prog == "deno" || prog == "bun") && len(args) > 0 && args[0] == "run" {
+			args = args[1:]
+		}
+	scan:
+		for i := 0; i < len(args); i++ {
+			a := args[i]
+			switch {
+			case a == "-m" && i+1 < len(args): // python -m MODULE
+				name = args[i+1]
+				break scan
+			case a == "-c" || a == "-e" || a == "--eval" || a == "-":
+				break scan // inline code: the interpreter's name it is
+			case a == "--":
+				if i+1 < len(args) {
+					name = filepath.Base(args[i+1])
+				}
+				break scan
+			case strings.HasPrefix(a, "-"):
+				continue
+			default:
+				name = filepath.Base(a)
+				break scan
+			}
+		}
+		for _, ext := range scriptExt {
+			if n, ok := strings.CutSuffix(name, ext); ok && n != "" {
+				name = n
+				break
+			}
+		}
+	}
+	return sanitizeName(name, prog)
+}
+
+// sanitizeName makes name a valid app name: characters other than
+// letters, digits and _ . : - become "-", a leading "-" or "." goes, and
+// it is cut to config.MaxAppName. When nothing is left, fallback (or
+// "app") is used the same way.
+func sanitizeName(name, fallback string) string {
+	clean := func(s string) string {
+		b := []byte(s)
+		for i, c := range b {
+			ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == ':' || c == '-'
+			if !ok {
+				b[i] = '-'
+			}
+		}
+		s = strings.TrimLeft(string(b), "-.")
+		if len(s) > config.MaxAppName {
+			s = s[:config.MaxAppName]
+		}
+		return s
+	}
+	for _, s := range []string{name, fallback, "app"} {
+		if c := clean(s); config.CheckAppName(c) == nil {
+			return c
+		}
+	}
+	return "app"
 }
 
 // listenAddr is the address a listener actually got (the port for ":0").

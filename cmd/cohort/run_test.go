@@ -39,11 +39,18 @@ func (l *lockedBuffer) String() string {
 // stop function that cancels it like Ctrl-C and returns the exit code.
 func startCohortRun(t *testing.T, args ...string) (stdout, stderr *lockedBuffer, stop func() int) {
 	t.Helper()
+	return startCohortRunIn(t, filepath.Join(t.TempDir(), "cohort"), args...) // created 0700 by cohort run
+}
+
+// startCohortRunIn is startCohortRun with its runtime directories under
+// root.
+func startCohortRunIn(t *testing.T, root string, args ...string) (stdout, stderr *lockedBuffer, stop func() int) {
+	t.Helper()
 	stdout, stderr = &lockedBuffer{}, &lockedBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	code := make(chan int, 1)
 	go func() {
-		code <- runMain(ctx, &environment{stdout: stdout, stderr: stderr}, append([]string{"run"}, args...))
+		code <- runMain(ctx, &environment{stdout: stdout, stderr: stderr, runtimeRoot: root}, append([]string{"run"}, args...))
 	}()
 	var once sync.Once
 	var rc int

@@ -20,8 +20,9 @@ import (
 // stdout that is a pipe.
 func TestMain(m *testing.M) {
 	if os.Getenv("COHORT_TEST_MAIN") == "1" {
-		main()
-		return
+		// Its `cohort run` keeps its runtime directory where the test
+		// says, not in /run/cohort.
+		os.Exit(processMain(&environment{stdout: os.Stdout, stderr: os.Stderr, ownsChildren: true, runtimeRoot: os.Getenv("COHORT_TEST_RUNTIME_ROOT")}))
 	}
 	os.Exit(m.Run())
 }
@@ -45,7 +46,7 @@ func startCohortProc(t *testing.T, stdout *os.File, args ...string) *cohortProc 
 	}
 	mark := t.TempDir()
 	cmd := exec.Command(self, append([]string{"run"}, args...)...)
-	cmd.Env = append(os.Environ(), "COHORT_TEST_MAIN=1", "COHORT_TEST_MARK="+mark)
+	cmd.Env = append(os.Environ(), "COHORT_TEST_MAIN=1", "COHORT_TEST_MARK="+mark, "COHORT_TEST_RUNTIME_ROOT="+filepath.Join(t.TempDir(), "cohort"))
 	p := &cohortProc{cmd: cmd, stderr: &lockedBuffer{}, done: make(chan struct{}), mark: mark}
 	cmd.Stderr = p.stderr
 	if stdout != nil {

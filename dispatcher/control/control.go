@@ -92,6 +92,7 @@ type Status struct {
 	State      string    `json:"state"` // "starting", "ready", "reloading", "stopping"
 	Line       string    `json:"line"`  // the STATUS= line systemd shows
 	Since      time.Time `json:"since"` // when the dispatcher started
+	PID        int       `json:"pid"`   // the dispatcher's
 	// ConfigError is the app file's first problem while it does not
 	// validate (the dispatcher runs the last configuration that did).
 	ConfigError string   `json:"config_error,omitempty"`
@@ -100,17 +101,25 @@ type Status struct {
 
 // Worker is one worker slot's current process.
 type Worker struct {
-	Index      int       `json:"index"`
-	PID        int       `json:"pid"` // 0 while waiting to restart
+	Index int `json:"index"`
+	PID   int `json:"pid"` // 0 while waiting to restart
+	// Generation is the process's; for a slot in backoff (no process),
+	// that of the slot's last process.
 	Generation int       `json:"generation"`
-	State      string    `json:"state"` // "starting", "ready", "draining", "exited", "backoff"
+	State      string    `json:"state"` // "starting", "ready", "draining", "exited", "unhealthy", "backoff"
 	Started    time.Time `json:"started"`
 	Restarts   int       `json:"restarts"`
 	Handed     uint64    `json:"handed"` // round-robin: connections passed to it
 	Active     int       `json:"active"` // round-robin: passed and not yet closed
-	RSS        int64     `json:"rss_bytes"`
-	CPUPercent float64   `json:"cpu_percent"`      // since the worker started
-	Status     string    `json:"status,omitempty"` // the worker's own STATUS=
+	// RSS and CPUPercent are those of the worker's whole process tree
+	// (its process group, what it forked and the orphans it left):
+	// resident memory summed over the processes, and CPU time over the
+	// last CPUWindow seconds as a percentage of one CPU (200 is two CPUs
+	// busy). CPUWindow is 0 when there was nothing to measure.
+	RSS        int64   `json:"rss_bytes"`
+	CPUPercent float64 `json:"cpu_percent"`
+	CPUWindow  float64 `json:"cpu_window_seconds"`
+	Status     string  `json:"status,omitempty"` // the worker's own STATUS=
 }
 
 // Handler carries out requests. The server calls it from one goroutine per

@@ -53,6 +53,12 @@ const (
 	ReadyDelay     ReadyKind = "delay"  // ready after a fixed delay (Ready.Delay)
 )
 
+// Kill modes: who gets stop_signal (docs/config.md, kill_mode).
+const (
+	KillModeGroup = "group" // the worker's whole process group (the default)
+	KillModeMixed = "mixed" // the worker's main process; SIGKILL after stop_timeout to the group
+)
+
 // Hardening profiles for the generated service.
 const (
 	HardeningDefault = "default" // safe for Node.js, Python, Go; see docs/config.md
@@ -85,8 +91,12 @@ type App struct {
 	ReadySettle  time.Duration
 	ReadyTimeout time.Duration
 	StopSignal   syscall.Signal
-	StopTimeout  time.Duration
-	Restart      Restart
+	// KillMode is who gets StopSignal: KillModeGroup (the worker's whole
+	// process group) or KillModeMixed (its main process only; the final
+	// SIGKILL still goes to the group), like systemd's KillMode=.
+	KillMode    string
+	StopTimeout time.Duration
+	Restart     Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
 	Watchdog time.Duration
@@ -104,6 +114,11 @@ type App struct {
 	// Balance is the round-robin mode's policy: BalanceRoundRobin or
 	// BalanceLeastConnections.
 	Balance string
+
+	// LogRateLimit is the dispatcher's budget of each worker slot's
+	// output lines (log_rate_limit_interval, log_rate_limit_burst); the
+	// generator sizes journald's per-unit limit from it.
+	LogRateLimit LogRateLimit
 
 	Enable    bool
 	Hardening string
@@ -136,6 +151,17 @@ func (w Workers) Count(cpus int) int {
 	}
 	return w.N
 }
+
+// LogRateLimit is how many lines each worker slot may log per interval;
+// the rest of the interval's lines are dropped and counted. A zero
+// Interval or Burst means no limit.
+type LogRateLimit struct {
+	Interval time.Duration
+	Burst    int
+}
+
+// Off says whether there is no limit.
+func (l LogRateLimit) Off() bool { return l.Interval == 0 || l.Burst == 0 }
 
 // Readiness says when a worker counts as ready.
 type Readiness struct {
@@ -224,6 +250,18 @@ const (
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour
 	MaxWorkers            = 1024
+	// DefaultLogRateLimitInterval and DefaultLogRateLimitBurst are
+	// journald's own defaults for a unit (journald.conf(5)), given here
+	// to each worker: a one-worker app logs as any service does.
+	DefaultLogRateLimitInterval = 30 * time.Second
+	DefaultLogRateLimitBurst    = 10000
+	// MaxLogRateLimitInterval bounds log_rate_limit_interval; 0 is
+	// allowed (no limit), otherwise at least MinLogRateLimitInterval.
+	MinLogRateLimitInterval = time.Second
+	MaxLogRateLimitInterval = time.Hour
+	// MaxLogRateLimitBurst keeps the unit's LogRateLimitBurst=, twice the
+	// sum of all workers' budgets, within systemd's unsigned int.
+	MaxLogRateLimitBurst = 1000000
 	// MaxListeners is how many [[listen]] tables an app may have: each
 	// is a socket unit (per worker in reuseport mode) and an fd in
 	// every worker.
@@ -251,6 +289,7 @@ func New(name string) *App {
 		ReadySettle:  DefaultReadySettle,
 		ReadyTimeout: DefaultReadyTimeout,
 		StopSignal:   syscall.SIGTERM,
+		KillMode:     KillModeGroup,
 		StopTimeout:  DefaultStopTimeout,
 		Restart: Restart{
 			Initial:   DefaultRestartInitial,
@@ -262,5 +301,9 @@ func New(name string) *App {
 		AckTimeout:  DefaultAckTimeout,
 		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
+		LogRateLimit: LogRateLimit{
+			Interval: DefaultLogRateLimitInterval,
+			Burst:    DefaultLogRateLimitBurst,
+		},
 	}
 }

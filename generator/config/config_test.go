@@ -28,8 +28,26 @@ func TestParseGood(t *testing.T) {
 			want.Path = "/etc/cohort/web.toml"
 			want.Command = []string{"/usr/bin/node", "server.js"}
 			want.Listen = []Listener{{Name: "http", Address: "127.0.0.1:8080", Kind: ListenTCP}}
+			if app.KillMode != KillModeGroup {
+				t.Errorf("kill_mode = %q, want %q", app.KillMode, KillModeGroup)
+			}
 			if !reflect.DeepEqual(app, want) {
 				t.Errorf("got  %+v\nwant %+v", app, want)
+			}
+		}},
+		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
+			if want := (LogRateLimit{Interval: time.Minute, Burst: 250}); app.LogRateLimit != want || app.LogRateLimit.Off() {
+				t.Errorf("log rate limit %+v, want %+v", app.LogRateLimit, want)
+			}
+		}},
+		{"log rate limit off", "log_rate_limit_interval = \"0s\"\n" + minimal, func(t *testing.T, app *App) {
+			if !app.LogRateLimit.Off() || app.LogRateLimit.Burst != DefaultLogRateLimitBurst {
+				t.Errorf("log rate limit %+v; want off", app.LogRateLimit)
+			}
+		}},
+		{"log rate limit burst 0", "log_rate_limit_burst = 0\n" + minimal, func(t *testing.T, app *App) {
+			if !app.LogRateLimit.Off() || app.LogRateLimit.Interval != DefaultLogRateLimitInterval {
+				t.Errorf("log rate limit %+v; want off", app.LogRateLimit)
 			}
 		}},
 		{"everything", `
@@ -48,6 +66,7 @@ cpu_affinity = true
 ready = "notify"
 ready_timeout = "1min 30s"
 stop_signal = "INT"
+kill_mode = "mixed"
 stop_timeout = "10s"
 watchdog = "5s"
 reload_batch = 2
@@ -110,8 +129,8 @@ Accept = false
 			if app.Ready != (Readiness{Kind: ReadyNotify}) || app.ReadyTimeout != 90*time.Second {
 				t.Errorf("ready %+v timeout %v", app.Ready, app.ReadyTimeout)
 			}
-			if app.StopSignal != syscall.SIGINT || app.StopTimeout != 10*time.Second || app.Watchdog != 5*time.Second {
-				t.Errorf("stop %v %v watchdog %v", app.StopSignal, app.StopTimeout, app.Watchdog)
+			if app.StopSignal != syscall.SIGINT || app.KillMode != KillModeMixed || app.StopTimeout != 10*time.Second || app.Watchdog != 5*time.Second {
+				t.Errorf("stop %v %q %v watchdog %v", app.StopSignal, app.KillMode, app.StopTimeout, app.Watchdog)
 			}
 			if app.Restart != (Restart{Initial: 250 * time.Millisecond, Max: time.Minute, MinUptime: 2 * time.Second}) {
 				t.Errorf("restart %+v", app.Restart)
@@ -193,6 +212,7 @@ workers = 0
 mode = "roundrobin"
 ready_timeout = 30
 stop_signal = "SIGTREM"
+kill_mode = "mixd"
 hardening = "paranoid"
 ` + listenHTTP,
 			[]string{
@@ -201,7 +221,8 @@ hardening = "paranoid"
 				`web.toml:3:1: mode: want "shared", "round-robin" or "reuseport", got "roundrobin" (did you mean "round-robin"?)`,
 				`web.toml:4:1: ready_timeout: want a duration such as "30s" or "1min 30s", got integer (write "30s")`,
 				`web.toml:5:1: stop_signal: unknown signal "SIGTREM" (did you mean "SIGTERM"?)`,
-				`web.toml:6:1: hardening: want "default", "strict" or "none", got "paranoid"`,
+				`web.toml:6:1: kill_mode: want "group" or "mixed", got "mixd" (did you mean "mixed"?)`,
+				`web.toml:7:1: hardening: want "default", "strict" or "none", got "paranoid"`,
 			}},
 		{"reuseport typo", "command = [\"/bin/app\"]\nmode = \"reuse-port\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: mode: want "shared", "round-robin" or "reuseport", got "reuse-port" (did you mean "reuseport"?)`}},
@@ -343,6 +364,19 @@ Description = "multi\nline"
 			}},
 		{"unknown table key", "command = [\"/bin/app\"]\n[restart]\nmin_uptim = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:3:1: unknown key "min_uptim" (did you mean "min_uptime"?)`}},
+		{"log rate limit", `command = ["/bin/app"]
+log_rate_limit_interval = "500ms"
+log_rate_limit_burst = -1
+` + listenHTTP,
+			[]string{
+				`web.toml:2:1: log_rate_limit_interval: want "0s" (no limit) or a duration from 1s to 1h0m0s, got "500ms"`,
+				`web.toml:3:1: log_rate_limit_burst: want a number of lines from 0 (no limit) to 1000000, got integer -1`,
+			}},
+		{"log rate limit types", "command = [\"/bin/app\"]\nlog_rate_limit_interval = 30\nlog_rate_limit_burst = \"10k\"\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: log_rate_limit_interval: want a duration such as "30s" or "0s" (no limit), got integer`,
+				`web.toml:3:1: log_rate_limit_burst: want a number of lines from 0 (no limit) to 1000000, got "10k"`,
+			}},
 		{"dotted key position", "command = [\"/bin/app\"]\nrestart.intial = \"1s\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: unknown key "intial" (did you mean "initial"?)`}},
 		{"inline table position", "command = [\"/bin/app\"]\nrestart = { max = \"1s\", intial = \"1s\" }\n" + listenHTTP,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -224,9 +225,9 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
@@ -306,6 +307,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.ReadyTimeout = d.duration(k, v, app.ReadyTimeout)
 		case "stop_signal":
 			app.StopSignal = d.signal(k, v)
+		case "kill_mode":
+			app.KillMode = d.killMode(k, v)
 		case "stop_timeout":
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
 		case "restart":
@@ -314,6 +317,15 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.Watchdog = d.duration(k, v, 0)
 		case "reload_batch":
 			app.ReloadBatch = d.reloadBatch(k, v)
+		case "log_rate_limit_interval":
+			app.LogRateLimit.Interval = d.logInterval(k, v, app.LogRateLimit.Interval)
+		case "log_rate_limit_burst":
+			n, ok := v.(int64)
+			if !ok || n < 0 || n > MaxLogRateLimitBurst {
+				d.errorAt(k, "", "log_rate_limit_burst: want a number of lines from 0 (no limit) to %d, got %s", MaxLogRateLimitBurst, describe(v))
+				break
+			}
+			app.LogRateLimit.Burst = int(n)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -513,6 +525,26 @@ func (d *decoder) settle(path string, v any) time.Duration {
 	return dur
 }
 
+// logInterval reads log_rate_limit_interval: "0s" (no limit) or a
+// duration from MinLogRateLimitInterval to MaxLogRateLimitInterval.
+func (d *decoder) logInterval(path string, v any, def time.Duration) time.Duration {
+	s, ok := v.(string)
+	if !ok {
+		d.errorAt(path, "", "log_rate_limit_interval: want a duration such as \"30s\" or \"0s\" (no limit), got %s", typeName(v))
+		return def
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, "", "log_rate_limit_interval: %v", err)
+		return def
+	}
+	if dur != 0 && (dur < MinLogRateLimitInterval || dur > MaxLogRateLimitInterval) {
+		d.errorAt(path, "", "log_rate_limit_interval: want \"0s\" (no limit) or a duration from %s to %s, got %q", MinLogRateLimitInterval, MaxLogRateLimitInterval, s)
+		return def
+	}
+	return dur
+}
+
 // duration reads a positive duration string; on error it returns def.
 func (d *decoder) duration(path string, v any, def time.Duration) time.Duration {
 	s, ok := v.(string)
@@ -557,6 +589,22 @@ func (d *decoder) signal(path string, v any) syscall.Signal {
 		return syscall.SIGTERM
 	}
 	return sig
+}
+
+var killModes = []string{KillModeGroup, KillModeMixed}
+
+// killMode decodes kill_mode; an unknown one is an error at its key and
+// leaves the default.
+func (d *decoder) killMode(path string, v any) string {
+	s, ok := d.str(path, v)
+	if !ok {
+		return KillModeGroup
+	}
+	if !slices.Contains(killModes, s) {
+		d.errorAt(path, suggest(s, killModes), "kill_mode: want %q or %q, got %q", KillModeGroup, KillModeMixed, s)
+		return KillModeGroup
+	}
+	return s
 }
 
 func (d *decoder) restart(path string, v any, r *Restart) {

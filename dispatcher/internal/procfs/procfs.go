@@ -1,0 +1,215 @@
+// Package procfs reads what the dispatcher needs to know about processes
+// from /proc: which processes make up a worker (its tree) and how much
+// memory and CPU time they use. It is the home of cohort's /proc readers.
+//
+// Everything here distrusts /proc: a process may exit between two reads,
+// a file may be cut short or hold what a future kernel adds, and a
+// hostile worker can name its command anything (including ") 1 2 3").
+// What cannot be read or parsed is skipped, never a panic, and every read
+// is bounded in bytes; a scan is bounded in processes and by its context.
+package procfs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+)
+
+// ClockTick is USER_HZ, the unit of the times in /proc/PID/stat: 100 on
+// every Linux architecture cohort runs on.
+const ClockTick = 100
+
+// MaxProcs bounds how many processes one Scan reads.
+const MaxProcs = 1 << 16
+
+// maxStat bounds a read of /proc/PID/stat (a line of about 300 bytes and
+// a command of at most 64).
+const maxStat = 4 << 10
+
+// Proc is one process, from /proc/PID/stat.
+type Proc struct {
+	PID, PPID, PGID int
+	// Ticks is CPU time in ClockTick units: the process's own user and
+	// system time plus that of its children it has waited for. So a tree's
+	// total does not drop when a child exits and is reaped inside it.
+	Ticks uint64
+	// Start is the process's start time after boot, in ClockTick units:
+	// with PID it names the process (a pid may be reused).
+	Start uint64
+	// RSS is its resident memory in bytes.
+	RSS int64
+}
+
+// Table is every process a Scan found, by pid.
+type Table map[int]Proc
+
+// root is where proc(5) is mounted.
+const root = "/proc"
+
+// Scan reads /proc/PID/stat of every process (at most MaxProcs of them).
+// Processes that exit meanwhile are left out. It stops early, with what it
+// has and ctx's error, when ctx ends.
+func Scan(ctx context.Context) (Table, error) {
+	dir, err := os.Open(root)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", root, err)
+	}
+	defer dir.Close()
+	names, err := dir.Readdirnames(MaxProcs + 64) // a few non-pid entries come first
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("read %s: %w", root, err)
+	}
+	page := int64(os.Getpagesize())
+	t := Table{}
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return t, ctx.Err()
+		}
+		pid, err := strconv.Atoi(name)
+		if err != nil || pid <= 0 || len(t) >= MaxProcs {
+			continue
+		}
+		b, err := ReadBounded(root+"/"+name+"/stat", maxStat)
+		if err != nil {
+			continue
+		}
+		if p, ok := ParseStat(b, page); ok && p.PID == pid {
+			t[pid] = p
+		}
+	}
+	return t, nil
+}
+
+// ParseStat parses a /proc/PID/stat line; ok is false when it is
+// malformed. page is the page size, for RSS.
+func ParseStat(b []byte, page int64) (p Proc, ok bool) {
+	open := bytes.IndexByte(b, '(')
+	shut := bytes.LastIndexByte(b, ')') // the command may hold ")" and spaces
+	if open < 1 || shut < open {
+		return p, false
+	}
+	pid, err := strconv.Atoi(string(bytes.TrimSpace(b[:open])))
+	if err != nil || pid <= 0 {
+		return p, false
+	}
+	f := bytes.Fields(b[shut+1:])
+	// f[0] is field 3 (state): field n is f[n-3]. ppid 4, pgrp 5,
+	// utime 14, stime 15, cutime 16, cstime 17, starttime 22, rss 24.
+	if len(f) < 22 {
+		return p, false
+	}
+	num := func(field int) (int64, bool) {
+		n, err := strconv.ParseInt(string(f[field-3]), 10, 64)
+		return n, err == nil
+	}
+	var v [8]int64
+	for i, field := range []int{4, 5, 14, 15, 16, 17, 22, 24} {
+		n, ok := num(field)
+		if !ok {
+			return p, false
+		}
+		v[i] = n
+	}
+	for _, n := range v[2:7] {
+		if n < 0 {
+			return p, false
+		}
+	}
+	p = Proc{PID: pid, PPID: int(v[0]), PGID: int(v[1]), Start: uint64(v[6])}
+	p.Ticks = uint64(v[2]) + uint64(v[3]) + uint64(v[4]) + uint64(v[5])
+	if v[7] > 0 && v[7] < 1<<40 {
+		p.RSS = v[7] * page
+	}
+	return p, true
+}
+
+// Usage is what a tree of processes uses.
+type Usage struct {
+	Procs int    // how many processes
+	Ticks uint64 // their CPU time so far (Proc.Ticks summed)
+	// RSS is their resident memory summed: pages shared between them
+	// (a preforking server's copy-on-write pages) count once per process,
+	// as in ps and PM2.
+	RSS int64
+}
+
+// Tree is the usage of the processes that make up the worker whose pid
+// is leader: its process group, the processes that left the group but
+// still descend from a member, and the children of supervisor (a child
+// subreaper that adopted a worker's orphans) for which owner returns
+// leader — and all their descendants. owner may be nil.
+func (t Table) Tree(leader, supervisor int, owner func(pid int) int) Usage {
+	kids := map[int][]int{}
+	for pid, p := range t {
+		kids[p.PPID] = append(kids[p.PPID], pid)
+	}
+	in := map[int]bool{}
+	var queue []int
+	add := func(pid int) {
+		if !in[pid] {
+			in[pid] = true
+			queue = append(queue, pid)
+		}
+	}
+	for pid, p := range t {
+		if p.PGID == leader {
+			add(pid)
+		}
+	}
+	if _, ok := t[leader]; ok {
+		add(leader)
+	}
+	if owner != nil && supervisor > 0 {
+		for _, pid := range kids[supervisor] {
+			if !in[pid] && t[pid].PGID != leader && owner(pid) == leader {
+				add(pid)
+			}
+		}
+	}
+	for len(queue) > 0 {
+		pid := queue[0]
+		queue = queue[1:]
+		for _, k := range kids[pid] {
+			add(k)
+		}
+	}
+	var u Usage
+	for pid := range in {
+		p := t[pid]
+		u.Procs++
+		u.Ticks += p.Ticks
+		u.RSS += p.RSS
+	}
+	return u
+}
+
+// EnvValue is the value of the variable key in the environment pid
+// started with (/proc/PID/environ, at most limit bytes of it); ok is
+// false when it is not there or cannot be read.
+func EnvValue(pid int, key string, limit int64) (value string, ok bool) {
+	b, err := ReadBounded(root+"/"+strconv.Itoa(pid)+"/environ", limit)
+	if err != nil {
+		return "", false
+	}
+	k := []byte(key + "=")
+	for kv := range bytes.SplitSeq(b, []byte{0}) {
+		if v, found := bytes.CutPrefix(kv, k); found {
+			return string(v), true
+		}
+	}
+	return "", false
+}
+
+// ReadBounded reads at most limit bytes of a /proc file.
+func ReadBounded(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, limit))
+}

@@ -1,0 +1,161 @@
+package dispatcher
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
+)
+
+// child starts a real process whose stdout is a pipe and returns it with
+// the pipe's read end; it is killed at cleanup.
+func child(t *testing.T, cmd *exec.Cmd) (*exec.Cmd, *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd, r
+}
+
+// printer is the test binary's printer helper writing n lines "line".
+func printer(line string, n int, exit string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "COHORT_TEST_HELPER=printer", "HELPER_LINES="+line,
+		fmt.Sprintf("HELPER_REPEAT=%d", n), "HELPER_EXIT="+exit)
+	return cmd
+}
+
+// TestRateLimitBudget: a worker writing more than its budget loses the
+// rest of the window's lines, and its exit says how many; another
+// worker's lines all pass; the dispatcher's own lines are not limited.
+func TestRateLimitBudget(t *testing.T) {
+	t.Parallel()
+	var stdout, log syncBuffer
+	o := newOutput("a", &stdout, &log, false)
+	o.limit = newLimiter(config.LogRateLimit{Interval: time.Hour, Burst: 100}, o.warnf)
+	noisy, noisyR := child(t, printer("noisy", 10000, "0"))
+	_, quietR := child(t, printer("quiet", 80, "0"))
+	var wg sync.WaitGroup
+	wg.Go(func() { o.copyLines(workerTag{index: 0, pid: noisy.Process.Pid, gen: 1}, noisyR) })
+	wg.Go(func() { o.copyLines(workerTag{index: 1, pid: 4242, gen: 1}, quietR) })
+	wg.Wait()
+	for range 300 {
+		o.infof("the dispatcher's own line")
+	}
+	o.close()
+	out, lg := stdout.String(), log.String()
+	if n := strings.Count(out, "[a.0] noisy\n"); n != 100 {
+		t.Errorf("worker 0: %d lines passed, want its budget of 100", n)
+	}
+	if n := strings.Count(out, "[a.1] quiet\n"); n != 80 {
+		t.Errorf("worker 1: %d lines passed, want all 80", n)
+	}
+	want := fmt.Sprintf("worker 0 (pid %d): 9,900 lines suppressed in its last ", noisy.Process.Pid)
+	if !strings.Contains(lg, want) || !strings.Contains(lg, ", before it exited (log_rate_limit_burst = 100 lines per 1h0m0s per worker)\n") {
+		t.Errorf("log %q; want a line with %q", lg, want)
+	}
+	if strings.Contains(lg, "worker 1") {
+		t.Errorf("worker 1 was limited: %q", lg)
+	}
+	if n := strings.Count(lg, "the dispatcher's own line"); n != 300 {
+		t.Errorf("%d of the dispatcher's 300 lines in its log", n)
+	}
+}
+
+// TestRateLimitWindow: a worker that stays after overrunning its budget
+// hears of it when the window ends, and its lines pass again in the next
+// window.
+func TestRateLimitWindow(t *testing.T) {
+	t.Parallel()
+	const interval = 300 * time.Millisecond
+	var stdout, log syncBuffer
+	o := newOutput("a", &stdout, &log, false)
+	o.limit = newLimiter(config.LogRateLimit{Interval: interval, Burst: 10}, o.warnf)
+	// 100 lines, then 100 more after two windows, then it stays.
+	sh, r := child(t, exec.Command("/bin/sh", "-c", "seq 1 100; sleep 0.8; seq 101 200; exec sleep 60"))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		o.copyLines(workerTag{index: 0, pid: sh.Process.Pid, gen: 1}, r)
+	}()
+	suppressed := regexp.MustCompile(fmt.Sprintf(`worker 0 \(pid %d\): 90 lines suppressed in the last (\d+ms)`, sh.Process.Pid))
+	waitFor(t, 5*time.Second, "both windows' suppressed lines", func() bool {
+		return len(suppressed.FindAllString(log.String(), -1)) == 2
+	})
+	for _, m := range suppressed.FindAllStringSubmatch(log.String(), -1) {
+		if d, _ := time.ParseDuration(m[1]); d < interval || d > interval+200*time.Millisecond {
+			t.Errorf("%q: want a window of about %s", m[0], interval)
+		}
+	}
+	syscall.Kill(sh.Process.Pid, syscall.SIGKILL)
+	<-done
+	o.close()
+	var lines []string
+	for _, l := range strings.Split(stdout.String(), "\n") {
+		if l != "" {
+			lines = append(lines, strings.TrimPrefix(l, "[a.0] "))
+		}
+	}
+	want := "1 2 3 4 5 6 7 8 9 10 101 102 103 104 105 106 107 108 109 110"
+	if got := strings.Join(lines, " "); got != want {
+		t.Errorf("lines passed: %s\nwant %s", got, want)
+	}
+}
+
+// TestRateLimitSlot: a worker's replacement (a new pid in the same slot)
+// does not get a fresh budget within the window.
+func TestRateLimitSlot(t *testing.T) {
+	t.Parallel()
+	var stdout, log syncBuffer
+	o := newOutput("a", &stdout, &log, false)
+	o.limit = newLimiter(config.LogRateLimit{Interval: time.Hour, Burst: 10}, o.warnf)
+	first, r := child(t, printer("first", 10, "kill"))
+	o.copyLines(workerTag{index: 0, pid: first.Process.Pid, gen: 1}, r)
+	again, r := child(t, printer("again", 5, "0"))
+	o.copyLines(workerTag{index: 0, pid: again.Process.Pid, gen: 2}, r)
+	o.close()
+	if n, m := strings.Count(stdout.String(), "first"), strings.Count(stdout.String(), "again"); n != 10 || m != 0 {
+		t.Errorf("%d lines of the first worker and %d of its replacement passed; want 10 and 0", n, m)
+	}
+	if !strings.Contains(log.String(), fmt.Sprintf("worker 0 (pid %d): 5 lines suppressed in its last", again.Process.Pid)) {
+		t.Errorf("the replacement's suppressed lines are not reported:\n%s", log.String())
+	}
+}
+
+// TestRateLimitOff: a zero interval or burst is no limit.
+func TestRateLimitOff(t *testing.T) {
+	for _, l := range []config.LogRateLimit{{}, {Interval: time.Second}, {Burst: 5}} {
+		if newLimiter(l, nil) != nil {
+			t.Errorf("%+v: a limiter; want none", l)
+		}
+	}
+	var b *budget
+	if !b.allow(1) {
+		t.Errorf("no budget refused a line")
+	}
+}
+
+func TestThousands(t *testing.T) {
+	for n, want := range map[int]string{0: "0", 999: "999", 1000: "1,000", 48113: "48,113", 1234567: "1,234,567", -1000: "-1,000"} {
+		if got := thousands(n); got != want {
+			t.Errorf("thousands(%d) = %q, want %q", n, got, want)
+		}
+	}
+}

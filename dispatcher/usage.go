@@ -1,0 +1,136 @@
+package dispatcher
+
+import (
+	"context"
+	"strconv"
+	"time"
+
+	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
+)
+
+// What `cohort status` shows of a worker's resources is its whole process
+// tree (procfs.Table.Tree): its process group, what left the group but
+// descends from it, and the orphans it left that this dispatcher adopted
+// as their subreaper and that still name it in WorkerPIDEnv. A preforking
+// server (gunicorn, a node cluster) does its work in children; its main
+// process alone reads as idle.
+//
+// CPU is recent use, not the average since the worker started, as top and
+// PM2 show it: a worker that idled for a week and now spins must read
+// 100 %, not 0.1 %. The window is the time since this handler's previous
+// sample of the worker when that is between cpuMinWindow and cpuMaxAge
+// old (`watch cohort status` gets the usage between two calls); otherwise
+// the handler samples twice, cpuWindow apart, so a lone `cohort status`
+// takes about cpuWindow. The window is reported with the figure
+// (Worker.CPUWindow).
+
+const (
+	cpuWindow    = 500 * time.Millisecond // 50 ticks of a CPU: 2 % steps
+	cpuMinWindow = 250 * time.Millisecond
+	cpuMaxAge    = 10 * time.Second
+	// usageTimeout bounds the /proc reading of one status request,
+	// cpuWindow included.
+	usageTimeout = 3 * time.Second
+)
+
+// workerKey names a worker process: a pid with its start, since pids are
+// reused.
+type workerKey struct {
+	pid     int
+	started time.Time
+}
+
+// cpuSample is a worker tree's CPU time at a moment.
+type cpuSample struct {
+	ticks uint64
+	at    time.Time
+}
+
+// usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
+// reads /proc at most twice, for all workers together, and gives up
+// (leaving zeros) when ctx or usageTimeout ends.
+func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
+	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
+	defer cancel()
+	owner := func(pid int) int {
+		v, _ := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
+		n, _ := strconv.Atoi(v)
+		return n
+	}
+	keys := make([]workerKey, len(snap.procs))
+	for i, pid := range snap.procs {
+		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
+	}
+	measure := func() ([]procfs.Usage, time.Time, bool) {
+		t, err := procfs.Scan(ctx)
+		at := time.Now()
+		if err != nil {
+			return nil, at, false
+		}
+		us := make([]procfs.Usage, len(keys))
+		for i, k := range keys {
+			if k.pid != 0 {
+				us[i] = t.Tree(k.pid, h.supervisor, owner)
+			}
+		}
+		return us, at, true
+	}
+	now, at, ok := measure()
+	if !ok {
+		return
+	}
+	h.mu.Lock()
+	prev := make([]cpuSample, len(keys))
+	fresh := true
+	for i, k := range keys {
+		if k.pid == 0 {
+			continue
+		}
+		p, found := h.last[k]
+		if age := at.Sub(p.at); !found || age < cpuMinWindow || age > cpuMaxAge {
+			fresh = false
+		}
+		prev[i] = p
+	}
+	h.mu.Unlock()
+	if !fresh {
+		// Some worker has no usable earlier sample: take one now and
+		// measure over cpuWindow (all workers alike, so their figures
+		// compare).
+		for i, u := range now {
+			prev[i] = cpuSample{ticks: u.Ticks, at: at}
+		}
+		t := time.NewTimer(cpuWindow)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+		if ctx.Err() == nil {
+			if later, at2, ok := measure(); ok {
+				now, at = later, at2
+			}
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	next := make(map[workerKey]cpuSample, len(keys)) // only the workers of now: bounded
+	for i, k := range keys {
+		if k.pid == 0 {
+			continue
+		}
+		w := &snap.st.Workers[i]
+		u := now[i]
+		w.RSS = u.RSS
+		next[k] = cpuSample{ticks: u.Ticks, at: at}
+		window := at.Sub(prev[i].at)
+		if window <= 0 || u.Procs == 0 {
+			continue
+		}
+		w.CPUWindow = window.Seconds()
+		if u.Ticks > prev[i].ticks { // less when adopted orphans were reaped: count 0
+			w.CPUPercent = 100 * float64(u.Ticks-prev[i].ticks) / procfs.ClockTick / window.Seconds()
+		}
+	}
+	h.last = next
+}
