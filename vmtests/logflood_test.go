@@ -108,7 +108,7 @@ func testLogFlood(t *testing.T, c *Container) {
 	}
 	want = append(want, fmt.Sprintf("worker 0 (pid %d) ready after ", gen2b.Workers[0].PID))
 	for i, w := range gen2b.Workers { // the stop
-		want = append(want, fmt.Sprintf("worker %d (pid %d) exited with status 0 after ", i, w.PID))
+		want = append(want, fmt.Sprintf("worker %d (pid %d) exited with status 0 (SIGTERM sent by cohort) after ", i, w.PID))
 	}
 	want = append(want, fmt.Sprintf("worker 0 (pid %d): ", victim), "lines suppressed")
 	var own string
