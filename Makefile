@@ -41,12 +41,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime 10s ./dispatcher/control
 
-# The load benchmark (vmtests/bench): the hello app alone and under Node
+# The load benchmark (bench/): the hello app alone and under Node
 # cluster, PM2 and cohort, keep-alive and new-connection load; writes
 # docs/bench/results.{md,svg,json} and prints each target with PASS/MISS.
 bench: build
-	vmtests/bench/deps.sh
-	$(GO) run ./vmtests/bench/cmd/cohort-bench -cohort $(BIN)/cohort -out docs/bench
+	bench/deps.sh
+	$(GO) run ./bench/cmd/cohort-bench -cohort $(BIN)/cohort -out docs/bench
 
 # Go micro-benchmarks beside the code (BenchmarkPassFD, BenchmarkGenerate100, …),
 # each printing its ratio against a baseline from the same run.

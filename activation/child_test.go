@@ -75,6 +75,22 @@ func TestInheritReportsNames(t *testing.T) {
 	}
 }
 
+// TestTakeAll: TakeAll hands out, in fd order, the inherited sockets that
+// Listen has not, an unnamed one as UnnamedFD, and each only once.
+func TestTakeAll(t *testing.T) {
+	a, _ := listenerFile(t)
+	b, _ := listenerFile(t)
+	c, _ := listenerFile(t)
+	ch := startChild(t, "take", nil, []*os.File{a, b, c}, activation.Environ("http", "", "admin")...)
+	if err := ch.wait(t, childWait); err != nil {
+		t.Fatal(err)
+	}
+	want := "[" + activation.UnnamedFD + "@4 admin@5] names=[]\n[] names=[]\n"
+	if got := ch.out.String(); got != want {
+		t.Fatalf("child printed %q, want %q", got, want)
+	}
+}
+
 // dispatch plays the dispatcher's part for one worker: it accepts on ln
 // and sends each connection over ch, until ln is closed. It ends when ln
 // is closed.

@@ -29,8 +29,9 @@
 // yields those connections, acknowledges them to the dispatcher and reports
 // when they are closed.
 //
-// Ready, Status and Stopping speak sd_notify(3) to NOTIFY_SOCKET, which
-// systemd, or cohort's dispatcher for each worker, provides.
+// Ready, Status, Stopping and Notify speak sd_notify(3), with a deadline,
+// to NOTIFY_SOCKET, which systemd, or cohort's dispatcher for each worker,
+// provides.
 //
 // On the parent's side, Environ and Exec set up LISTEN_FDS, LISTEN_FDNAMES
 // and LISTEN_PID for a child.

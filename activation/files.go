@@ -26,6 +26,10 @@ const (
 // firstFD is SD_LISTEN_FDS_START: inherited sockets are at fds 3, 4, ...
 const firstFD = 3
 
+// UnnamedFD is the name of an inherited socket that LISTEN_FDNAMES does not
+// name (or without LISTEN_FDNAMES), as sd_listen_fds_with_names(3) names it.
+const UnnamedFD = "unknown"
+
 var (
 	// ErrNotActivated is returned by Listen when the process was not
 	// socket-activated and no fallback address was given.
@@ -101,7 +105,7 @@ func Inherit() (*Files, error) {
 	for i := range n {
 		fd := firstFD + i
 		unix.CloseOnExec(fd)
-		name := "unknown" // sd_listen_fds_with_names' name for an unnamed fd
+		name := UnnamedFD
 		if i < len(names) && names[i] != "" {
 			name = names[i]
 		}
@@ -251,6 +255,25 @@ func (fs *Files) File(name string) (*os.File, error) {
 		}
 	}
 	return nil, fmt.Errorf("file %q: %w (left: %s)", name, ErrNoListener, strings.Join(fs.namesLocked(), ", "))
+}
+
+// TakeAll hands out every inherited socket that Listen or File has not, in
+// fd order, each named from LISTEN_FDNAMES ("unknown" when unnamed, as
+// sd_listen_fds_with_names(3) names it), for a program that matches them
+// itself, like cohort's dispatcher. The round-robin channel is not among
+// them. The caller owns and closes the files; a later TakeAll returns
+// none. Without activation it returns nil.
+func (fs *Files) TakeAll() []*os.File {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	var out []*os.File
+	for i, f := range fs.files {
+		if f != nil {
+			out = append(out, f)
+			fs.files[i] = nil
+		}
+	}
+	return out
 }
 
 // Close closes every inherited socket that Listen or File did not hand out,

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation"
-	"golang.org/x/sys/unix"
+	"github.com/cohort-dev/cohort/internal/testsock"
 )
 
 func TestNotActivated(t *testing.T) {
@@ -82,22 +82,7 @@ func TestNotify(t *testing.T) {
 // worker: once the socket's queue is full, sending gives up with an error
 // (before, the first Accept blocked for good in READY=1).
 func TestNotifyFullSocket(t *testing.T) {
-	path, _ := notifySocket(t) // never read
-	t.Setenv("NOTIFY_SOCKET", path)
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	for {
-		err := unix.Sendto(fd, []byte("X"), 0, &unix.SockaddrUnix{Name: path})
-		if errors.Is(err, unix.EAGAIN) {
-			break // the queue is full
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	t.Setenv("NOTIFY_SOCKET", testsock.FullNotify(t))
 	done := make(chan error, 1)
 	go func() { done <- activation.Status("stuck?") }() // ends within the notify timeout
 	select {

@@ -27,6 +27,7 @@ import (
 //	        as a dispatcher's exec shim would (sets LISTEN_PID)
 //	serve   Inherit, Listen("http") and serve with activation.Serve
 //	report  Inherit and print what it found
+//	take    Inherit, Listen("http"), then TakeAll twice and print what each gave
 func TestMain(m *testing.M) {
 	switch os.Getenv("COHORT_TEST_HELPER") {
 	case "":
@@ -55,6 +56,24 @@ func TestMain(m *testing.M) {
 			os.Exit(2)
 		}
 		fmt.Printf("activated=%v names=%v env=%q\n", files.Activated(), files.Names(), leftoverEnv())
+		os.Exit(0)
+	case "take":
+		files, err := activation.Inherit()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		if _, err := files.Listen("http", ""); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		for range 2 {
+			var got []string
+			for _, f := range files.TakeAll() {
+				got = append(got, fmt.Sprintf("%s@%d", f.Name(), f.Fd()))
+			}
+			fmt.Printf("%v names=%v\n", got, files.Names())
+		}
 		os.Exit(0)
 	}
 	os.Exit(2)

@@ -30,7 +30,7 @@ func Ready() error {
 	if ready.sent {
 		return nil
 	}
-	if err := notify(daemon.SdNotifyReady); err != nil {
+	if err := Notify(daemon.SdNotifyReady); err != nil {
 		return err
 	}
 	ready.sent = true
@@ -47,13 +47,13 @@ func autoReady() {
 // `cohort status`; newlines in s become spaces. It returns an error when
 // sending fails, nil without NOTIFY_SOCKET.
 func Status(s string) error {
-	return notify("STATUS=" + strings.ReplaceAll(s, "\n", " "))
+	return Notify("STATUS=" + strings.ReplaceAll(s, "\n", " "))
 }
 
 // Stopping sends STOPPING=1: the process has begun a graceful shutdown. It
 // returns an error when sending fails, nil without NOTIFY_SOCKET.
 func Stopping() error {
-	return notify(daemon.SdNotifyStopping)
+	return Notify(daemon.SdNotifyStopping)
 }
 
 // notifyTimeout bounds sending one message. A datagram to a service
@@ -61,9 +61,15 @@ func Stopping() error {
 // room forever, and Accept with it; the message is dropped instead.
 const notifyTimeout = 2 * time.Second
 
-// notify sends state to NOTIFY_SOCKET (a path, or @name for an abstract
-// socket), as daemon.SdNotify does but within notifyTimeout.
-func notify(state string) error {
+// Notify sends state, one or more newline-separated sd_notify(3)
+// assignments such as "RELOADING=1\nMONOTONIC_USEC=…", to NOTIFY_SOCKET (a
+// path, or @name for an abstract socket). Without NOTIFY_SOCKET it does
+// nothing and returns nil. It returns an error when sending fails, also
+// when the message cannot be queued within 2 seconds (the manager does not
+// read its socket): go-systemd's daemon.SdNotify, which it replaces, has no
+// deadline and would block its caller for good. Notify does not count as
+// Ready for the automatic READY=1 of the first Accept; use Ready for that.
+func Notify(state string) error {
 	addr := os.Getenv("NOTIFY_SOCKET")
 	if addr == "" {
 		return nil

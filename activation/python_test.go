@@ -3,23 +3,20 @@ package activation_test
 import (
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/activation/rr"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
-// pythonWorker returns the argv of examples/python/rr_worker.py, or skips
-// the test without python3.
+// pythonWorker returns the argv of examples/python/rr_worker.py; without
+// python3 the test skips, or fails under CI (testtool.Need).
 func pythonWorker(t *testing.T) []string {
 	t.Helper()
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not installed")
-	}
+	py := testtool.Need(t, "python3")
 	script, err := filepath.Abs("../examples/python/rr_worker.py")
 	if err != nil {
 		t.Fatal(err)

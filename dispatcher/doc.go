@@ -4,13 +4,14 @@
 //
 // One call to [Run] is the whole life of a dispatcher:
 //
-//	files := activation.Files(true)                // what systemd passed
-//	listeners, err := dispatcher.MatchListeners(app, files)
+//	inherited, err := activation.Inherit()          // what systemd passed
+//	...
+//	listeners, err := dispatcher.MatchListeners(app, inherited.TakeAll())
 //	...
 //	err = dispatcher.Run(ctx, dispatcher.Options{
 //		App:           app,
 //		Listeners:     listeners,
-//		Notify:        func(s string) { daemon.SdNotify(false, s) },
+//		Notify:        func(s string) { _ = activation.Notify(s) },
 //		HandleSignals: true,
 //	})
 //

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // serveExample runs the example worker command under the dispatcher in
@@ -54,20 +55,14 @@ func serveExample(t *testing.T, ready config.Readiness, want string, command ...
 
 func TestPythonWorker(t *testing.T) {
 	t.Parallel()
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from python worker ",
 		py, filepath.Join("examples", "python", "shared_worker.py"))
 }
 
 func TestNodeWorker(t *testing.T) {
 	t.Parallel()
-	node, err := exec.LookPath("node")
-	if err != nil {
-		t.Skip("node not on PATH")
-	}
+	node := testtool.Need(t, "node")
 	serveExample(t, config.Readiness{Kind: config.ReadyExec}, "hello from node worker ",
 		node, filepath.Join("examples", "node", "server.js"))
 }

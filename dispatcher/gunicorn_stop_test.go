@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // TestKillModeGunicorn: Debian's gunicorn (20.1 on bookworm and trixie)
@@ -27,7 +28,7 @@ import (
 // "Worker exiting".
 func TestKillModeGunicorn(t *testing.T) {
 	t.Parallel()
-	py := needGunicorn(t)
+	py := testtool.NeedPython(t, "gunicorn")
 	const gworkers, rounds = 4, 3
 	warn := regexp.MustCompile(`Worker with pid \d+ was terminated due to signal 15|was sent SIGTERM`)
 	for _, mode := range []string{config.KillModeGroup, config.KillModeMixed} {

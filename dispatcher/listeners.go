@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
@@ -17,18 +18,19 @@ import (
 var ErrListeners = errors.New("listening sockets do not match the app file")
 
 // MatchListeners orders files (the fds systemd passed, named from
-// LISTEN_FDNAMES, as go-systemd's activation.Files returns them) like
+// LISTEN_FDNAMES, as activation.Files.TakeAll returns them) like
 // app.Listen, matching them by name. A listener without an fd, or an fd
 // without a listener, is an error (wrapping ErrListeners) that names both
-// sides. When no fd has a name at all (LISTEN_FDNAMES unset) and the
-// counts agree, fds are matched by position.
+// sides. When no fd has a name at all (each is activation.UnnamedFD, as
+// without LISTEN_FDNAMES) and the counts agree, fds are matched by
+// position.
 //
 // The returned files are the same *os.File values; the caller keeps owning
 // them (and files that matched nothing) and closes them after Run.
 func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
 	unnamed := true
-	for i, f := range files {
-		if f.Name() != "LISTEN_FD_"+strconv.Itoa(3+i) {
+	for _, f := range files {
+		if f.Name() != activation.UnnamedFD {
 			unnamed = false
 		}
 	}

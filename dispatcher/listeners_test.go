@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
@@ -36,7 +37,7 @@ func TestMatchListeners(t *testing.T) {
 	if err != nil || got[0] != files[1] || got[1] != files[0] {
 		t.Errorf("by name: %v, %v", got, err)
 	}
-	files = named(t, "LISTEN_FD_3", "LISTEN_FD_4")
+	files = named(t, activation.UnnamedFD, activation.UnnamedFD)
 	if got, err := MatchListeners(app, files); err != nil || got[0] != files[0] {
 		t.Errorf("unnamed, by position: %v, %v", got, err)
 	}

@@ -2,53 +2,30 @@ package dispatcher
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
-// needTool returns the path of a program a test runs. It skips the test
-// when the program is missing on a laptop and fails it under CI (env CI
-// set), where .ci/deps installs it.
-func needTool(t testing.TB, name string) string {
+// startReady is startRun with the dispatcher's log (stderr) kept, and
+// shown when t fails; it waits up to 90 seconds, for a loaded machine,
+// for READY=1.
+func startReady(t *testing.T, opt Options) (*recorder, func() error, *syncBuffer) {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatalf("%s is needed (installed by .ci/deps): %v", name, err)
-	}
-	t.Skipf("%s not found: %v", name, err)
-	return ""
-}
-
-// python3 is Debian's python3 when there is one (a shim such as pyenv's
-// can take seconds to start on a loaded machine), else python3 on PATH.
-func python3(t testing.TB) string {
-	t.Helper()
-	if _, err := os.Stat("/usr/bin/python3"); err == nil {
-		return "/usr/bin/python3"
-	}
-	return needTool(t, "python3")
-}
-
-// needGunicorn returns Debian's python3 with the gunicorn module
-// (python3-gunicorn), as needTool would.
-func needGunicorn(t testing.TB) string {
-	t.Helper()
-	const py = "/usr/bin/python3"
-	if err := exec.Command(py, "-c", "import gunicorn").Run(); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s -m gunicorn is needed (python3-gunicorn, installed by .ci/deps): %v", py, err)
+	logs := &syncBuffer{}
+	opt.Stderr = logs
+	rec, stop := startRun(t, opt)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("dispatcher log:\n%s", logs.String())
 		}
-		t.Skipf("%s -m gunicorn: %v", py, err)
-	}
-	return py
+	})
+	rec.waitNotify(t, 90*time.Second, "READY=1")
+	return rec, stop, logs
 }
 
 // TestListeningReadiness: with the default readiness (ready =
@@ -69,19 +46,19 @@ func TestListeningReadiness(t *testing.T) {
 		child   bool   // a child process accepts
 	}{
 		{name: "node", command: func(t *testing.T) []string {
-			return []string{needTool(t, "node"), filepath.Join("examples", "node", "server.js")}
+			return []string{testtool.Need(t, "node"), filepath.Join("examples", "node", "server.js")}
 		}, answer: "hello from node worker ", how: "epoll"},
 		{name: "python-blocking", command: func(t *testing.T) []string {
-			return []string{python3(t), script, "blocking"}
+			return []string{testtool.Python(t), script, "blocking"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "accept"},
 		{name: "python-select", command: func(t *testing.T) []string {
-			return []string{python3(t), script, "select"}
+			return []string{testtool.Python(t), script, "select"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "select"},
 		{name: "python-poll", command: func(t *testing.T) []string {
-			return []string{python3(t), script, "poll"}
+			return []string{testtool.Python(t), script, "poll"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "poll"},
 		{name: "python-asyncio", command: func(t *testing.T) []string {
-			return []string{python3(t), script, "asyncio"}
+			return []string{testtool.Python(t), script, "asyncio"}
 		}, env: map[string]string{"START_DELAY": "0.7"}, answer: "hello from python worker ", how: "epoll"},
 		{name: "go-net-http", command: func(t *testing.T) []string {
 			self, err := os.Executable()
@@ -94,7 +71,7 @@ func TestListeningReadiness(t *testing.T) {
 			return []string{helloBinary(t)} // cohort's library: its READY=1 does not count here
 		}, answer: "hello from worker ", how: "epoll"},
 		{name: "gunicorn", command: func(t *testing.T) []string {
-			return []string{needGunicorn(t), "-m", "gunicorn", "--workers", "2",
+			return []string{testtool.NeedPython(t, "gunicorn"), "-m", "gunicorn", "--workers", "2",
 				"--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "ready"), "wsgi:app"}
 		}, answer: "hello from gunicorn worker ", how: "", child: true},
 	}
@@ -113,14 +90,7 @@ func TestListeningReadiness(t *testing.T) {
 				t.Fatalf("default readiness %+v, settle %v; want listening, 1s", app.Ready, app.ReadySettle)
 			}
 			l, addr := tcpListener(t, "http")
-			logs := &syncBuffer{}
-			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("dispatcher log:\n%s", logs.String())
-				}
-			})
-			rec.waitNotify(t, 90*time.Second, "READY=1")
+			rec, stop, logs := startReady(t, Options{App: app, Listeners: []*os.File{l}})
 			minWait := app.ReadySettle
 			if d, ok := tt.env["START_DELAY"]; ok {
 				delay, err := time.ParseDuration(d + "s")
@@ -180,7 +150,7 @@ func TestListeningRoundRobin(t *testing.T) {
 	}{
 		{"go", nil},
 		{"python", func(t *testing.T) []string {
-			return []string{python3(t), filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
+			return []string{testtool.Python(t), filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
 		}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -192,14 +162,7 @@ func TestListeningRoundRobin(t *testing.T) {
 				app.Command = tt.command(t)
 			}
 			l, addr := tcpListener(t, "http")
-			logs := &syncBuffer{}
-			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("dispatcher log:\n%s", logs.String())
-				}
-			})
-			rec.waitNotify(t, 90*time.Second, "READY=1")
+			_, stop, logs := startReady(t, Options{App: app, Listeners: []*os.File{l}})
 			if n := strings.Count(logs.String(), ") accepts ("); n != 2 {
 				t.Errorf("%d \"accepts\" log lines, want one per worker", n)
 			}
@@ -225,7 +188,7 @@ func TestListeningRoundRobin(t *testing.T) {
 func TestListeningReusePort(t *testing.T) {
 	t.Parallel()
 	app := config.New("rp")
-	app.Command = []string{python3(t), filepath.Join("dispatcher", "testdata", "ready", "server.py"), "blocking"}
+	app.Command = []string{testtool.Python(t), filepath.Join("dispatcher", "testdata", "ready", "server.py"), "blocking"}
 	app.WorkingDirectory = repoRoot(t)
 	app.Mode = config.ModeReusePort
 	app.Workers = config.Workers{N: 2}
@@ -243,14 +206,7 @@ func TestListeningReusePort(t *testing.T) {
 			}
 		}
 	})
-	logs := &syncBuffer{}
-	rec, stop := startRun(t, Options{App: app, SlotListeners: slots, Stderr: logs})
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("dispatcher log:\n%s", logs.String())
-		}
-	})
-	rec.waitNotify(t, 90*time.Second, "READY=1")
+	_, stop, logs := startReady(t, Options{App: app, SlotListeners: slots})
 	if n := strings.Count(logs.String(), ") accepts (accept4 on fd 3"); n != 2 {
 		t.Errorf("%d \"accepts (accept4 on fd 3\" log lines, want one per worker", n)
 	}

@@ -23,6 +23,11 @@ import (
 // The test binary is also the trampoline and the helper processes the
 // tests run (the os/exec helper-process pattern): argv[1] = TrampolineArg
 // makes it the trampoline, COHORT_TEST_HELPER selects a helper.
+//
+// Most helpers stand for a program that knows nothing of cohort, so they
+// take their sockets and speak sd_notify with go-systemd, as many Go
+// services do, not with cohort's activation package (which cohort itself
+// uses, and helperCohortWorker tests).
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == TrampolineArg {
 		os.Exit(Trampoline(os.Args[2:]))

@@ -1,7 +1,6 @@
 package dispatcher
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,29 +13,14 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testproc"
 )
 
-// holders lists the pids (other than this test's) that hold the socket
-// inode, as /proc/PID/fd shows it.
+// holders lists the live pids (other than this test's) that hold the
+// socket inode, as /proc/PID/fd shows it.
 func holders(inode string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		fds, _ := os.ReadDir(filepath.Join("/proc", e.Name(), "fd"))
-		for _, fd := range fds {
-			if l, _ := os.Readlink(filepath.Join("/proc", e.Name(), "fd", fd.Name())); l == inode {
-				if alive(pid) {
-					out = append(out, pid)
-				}
-				break
-			}
-		}
-	}
-	return out
+	h := testproc.Holders(func(l string) bool { return l == inode })
+	return slices.DeleteFunc(h, func(pid int) bool { return !alive(pid) })
 }
 
 // escapingApp is an app whose worker double-forks a setsid daemon that
@@ -61,22 +45,6 @@ func escapingApp(t *testing.T, dir string, crash bool) *config.App {
 	app.Restart = config.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Minute}
 	app.StopTimeout = 5 * time.Second
 	return app
-}
-
-// killMarked SIGKILLs every process whose environment has
-// ESC_TEST_DIR=dir: whatever happens, nothing of a test outlives it.
-func killMarked(dir string) {
-	mark := []byte("ESC_TEST_DIR=" + dir + "\x00")
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ")); err == nil && bytes.Contains(b, mark) {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
 }
 
 // daemons returns the pids the daemons wrote so far.
@@ -104,7 +72,7 @@ func TestEscapedDaemonKilled(t *testing.T) {
 	l, _ := tcpListener(t, "http")
 	inode := socketInode(t, l)
 	d := startDispatcherProc(t, app, []*os.File{l})
-	t.Cleanup(func() { killMarked(dir) })
+	t.Cleanup(func() { testproc.KillMarked("ESC_TEST_DIR=" + dir) })
 	d.waitLine(t, 20*time.Second, "all 1 workers ready")
 	waitFor(t, 10*time.Second, "the first daemon", func() bool { return len(daemons(dir)) == 1 })
 	first := daemons(dir)[0]
@@ -129,13 +97,7 @@ func TestEscapedDaemonKilled(t *testing.T) {
 		t.Errorf("holders of the listener after the restart: %v, want 3", h)
 	}
 
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("dispatcher did not stop")
-	}
-	waitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
+	stopLeavesNoHolder(t, d, inode)
 }
 
 // TestCrashLoopLeavesNoDaemon: a crash-looping worker that leaves a
@@ -147,7 +109,7 @@ func TestCrashLoopLeavesNoDaemon(t *testing.T) {
 	l, _ := tcpListener(t, "http")
 	inode := socketInode(t, l)
 	d := startDispatcherProc(t, app, []*os.File{l})
-	t.Cleanup(func() { killMarked(dir) })
+	t.Cleanup(func() { testproc.KillMarked("ESC_TEST_DIR=" + dir) })
 	waitFor(t, 20*time.Second, "5 crashes", func() bool { return len(daemons(dir)) >= 5 })
 	// Every daemon but the current worker's is gone.
 	waitFor(t, 5*time.Second, "at most one daemon alive", func() bool {
@@ -163,6 +125,13 @@ func TestCrashLoopLeavesNoDaemon(t *testing.T) {
 	if h := holders(inode); len(h) > 4 {
 		t.Errorf("holders of the listener in the crash loop: %v, want at most 4", h)
 	}
+	stopLeavesNoHolder(t, d, inode)
+}
+
+// stopLeavesNoHolder stops the dispatcher d with SIGTERM and waits until
+// it has ended and no process holds the listener inode any more.
+func stopLeavesNoHolder(t *testing.T, d *proc, inode string) {
+	t.Helper()
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.done:

@@ -3,13 +3,12 @@ package dispatcher
 import (
 	"errors"
 	"fmt"
-	"os"
 	"reflect"
 	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/generator/config"
-	"golang.org/x/sys/unix"
+	"github.com/coreos/go-systemd/v22/daemon"
 )
 
 // Rolling replacement of workers: a reload (SIGHUP or the control socket's
@@ -108,7 +107,9 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		sendReply(reply, ctlReply{err: err})
 		return
 	}
-	d.sendNotify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=reloading (%s)", monotonicUsec(), why))
+	// SdNotifyMonotonicUsec is "MONOTONIC_USEC=…\n" (CLOCK_MONOTONIC in µs),
+	// or "" where that clock cannot be read.
+	d.sendNotify("RELOADING=1\n" + daemon.SdNotifyMonotonicUsec() + "STATUS=reloading (" + why + ")")
 	// The app file is read off the loop (load.go); onLoaded goes on
 	// with beginReload.
 	d.ctl.loadSeq++
@@ -469,26 +470,9 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if app.Mode != cur.app.Mode {
 		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", cur.app.Mode, app.Mode, cur.app.Name)
 	}
-	inherited := d.opt.Environ
-	if inherited == nil {
-		inherited = os.Environ()
-	}
-	env, err := baseEnv(inherited, app)
+	env, path, err := prepareCommand(app, d.opt.Environ)
 	if err != nil {
-		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	if err := checkSpawnable(app, env); err != nil {
-		return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	cwd := app.WorkingDirectory
-	if cwd == "" {
-		if cwd, err = os.Getwd(); err != nil {
-			return spec{}, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-	}
-	path, err := lookPath(app.Command[0], envValue(env, "PATH"), cwd)
-	if err != nil {
-		return spec{}, fmt.Errorf("app %s: command: %w", app.Name, err)
+		return spec{}, err
 	}
 	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: cur.gen + 1}, nil
 }
@@ -526,13 +510,4 @@ func sendReply(c chan<- ctlReply, rep ctlReply) {
 // oneLine makes a multi-line error (config errors) fit one status line.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
-}
-
-// monotonicUsec is CLOCK_MONOTONIC in µs, for MONOTONIC_USEC=.
-func monotonicUsec() int64 {
-	var ts unix.Timespec
-	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) != nil {
-		return 0
-	}
-	return ts.Nano() / 1000
 }

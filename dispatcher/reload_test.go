@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -201,8 +202,8 @@ func TestReload(t *testing.T) {
 		t.Errorf("generations answering after the reload: %v", g)
 	}
 	msg := f.rec.waitNotify(t, time.Second, "RELOADING=1")
-	if !strings.Contains(msg, "MONOTONIC_USEC=") {
-		t.Errorf("RELOADING=1 without MONOTONIC_USEC=: %q", msg)
+	if !regexp.MustCompile(`(?m)^MONOTONIC_USEC=[1-9][0-9]*$`).MatchString(msg) || !regexp.MustCompile(`(?m)^STATUS=reloading \(.+\)$`).MatchString(msg) {
+		t.Errorf("RELOADING=1 without a MONOTONIC_USEC= line and a STATUS= line: %q", msg)
 	}
 	f.rec.mu.Lock()
 	var seq []string

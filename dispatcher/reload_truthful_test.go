@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // The trust contract "a reload is truthful by default" (issue 13), with
@@ -42,23 +42,6 @@ func truthApp(command []string, addr string, env map[string]string) string {
 	}
 	fmt.Fprintf(&b, "[[listen]]\nname = \"http\"\naddress = %q\n", addr)
 	return b.String()
-}
-
-// truthTool is needTool for this file alone (see the comment above),
-// preferring Debian's /usr/bin.
-func truthTool(t *testing.T, name string) string {
-	t.Helper()
-	if _, err := os.Stat("/usr/bin/" + name); err == nil {
-		return "/usr/bin/" + name // not a shim that is slow to start
-	}
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is needed (installed by .ci/deps): %v", name, err)
-		}
-		t.Skipf("%s not found: %v", name, err)
-	}
-	return p
 }
 
 // truthFixture runs an app file in-process, with its control socket.
@@ -202,7 +185,7 @@ func checkOldServe(t *testing.T, f *truthFixture, before *control.Status) {
 // request fails; after the fix a reload succeeds.
 func TestReloadTruthfulNodeSyntaxError(t *testing.T) {
 	t.Parallel()
-	node := truthTool(t, "node")
+	node := testtool.System(t, "node")
 	src, err := os.ReadFile(filepath.Join(repoRoot(t), "examples", "node", "server.js"))
 	if err != nil {
 		t.Fatal(err)
@@ -236,7 +219,7 @@ func TestReloadTruthfulNodeSyntaxError(t *testing.T) {
 // within its first second fails the reload (the settle window).
 func TestReloadTruthfulEarlyCrash(t *testing.T) {
 	t.Parallel()
-	py := truthTool(t, "python3")
+	py := testtool.System(t, "python3")
 	script := filepath.Join("dispatcher", "testdata", "ready", "server.py")
 	cmd := []string{py, script, "poll"}
 	f := startTruth(t, cmd, nil)
@@ -262,7 +245,7 @@ func TestReloadTruthfulEarlyCrash(t *testing.T) {
 // machine's hiccups.
 func TestReloadTruthfulSlowStart(t *testing.T) {
 	t.Parallel()
-	py := truthTool(t, "python3")
+	py := testtool.System(t, "python3")
 	script := filepath.Join("dispatcher", "testdata", "ready", "server.py")
 	cmd := []string{py, script, "poll"}
 	f := startTruth(t, cmd, nil)

@@ -1,6 +1,9 @@
 package dispatcher
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/cohort-dev/cohort/generator/config"
 )
 
@@ -9,6 +12,37 @@ import (
 // and /bin are the same directories on a merged-/usr system and the
 // fallback on others.
 const ServicePATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// prepareCommand is what a generation of workers needs before any of them
+// is forked: the workers' base environment (inherited, os.Environ() when
+// nil, with the app's environment and environment files), a check that
+// the command can be spawned, and the program's path, looked up on that
+// environment's PATH from the working directory (the dispatcher's own when
+// the app sets none). Errors name the app.
+//
+// loadSpec uses it for every reload; newDispatcher still has its own copy
+// of these steps (dispatcher.go, to be switched over).
+func prepareCommand(app *config.App, inherited []string) (env []string, path string, err error) {
+	if inherited == nil {
+		inherited = os.Environ()
+	}
+	if env, err = baseEnv(inherited, app); err != nil {
+		return nil, "", fmt.Errorf("app %s: %w", app.Name, err)
+	}
+	if err := checkSpawnable(app, env); err != nil {
+		return nil, "", fmt.Errorf("app %s: %w", app.Name, err)
+	}
+	cwd := app.WorkingDirectory
+	if cwd == "" {
+		if cwd, err = os.Getwd(); err != nil {
+			return nil, "", fmt.Errorf("app %s: %w", app.Name, err)
+		}
+	}
+	if path, err = lookPath(app.Command[0], envValue(env, "PATH"), cwd); err != nil {
+		return nil, "", fmt.Errorf("app %s: command: %w", app.Name, err)
+	}
+	return env, path, nil
+}
 
 // ResolveCommand finds app's program the way the dispatcher will when it
 // starts with the environment inherited: PATH from the app's environment

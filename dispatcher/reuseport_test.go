@@ -29,7 +29,7 @@ func TestMatchSlotListeners(t *testing.T) {
 	files := func(names ...string) []*os.File {
 		out := make([]*os.File, len(names))
 		for i, n := range names {
-			// Real fds, named as activation.Files names them; only the
+			// Real fds, named as activation.Files.TakeAll names them; only the
 			// names matter to the matching. Each *os.File owns its fd: a
 			// second File on one fd would close it from its finalizer,
 			// under the feet of whatever reused the number.

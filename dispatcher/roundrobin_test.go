@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // helperCohortWorker is a Go worker on cohort's activation library, so
@@ -68,14 +68,11 @@ func rrApp(t testing.TB, n int) *config.App {
 	return app
 }
 
-// pythonRRWorker returns the command of examples/python/rr_worker.py, or
-// skips the test without python3.
+// pythonRRWorker returns the command of examples/python/rr_worker.py
+// (without python3: testtool.Need).
 func pythonRRWorker(t testing.TB) []string {
 	t.Helper()
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	return []string{py, filepath.Join(repoRoot(t), "examples", "python", "rr_worker.py")}
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // callStatus asks the control socket sock for the status.
@@ -34,13 +35,7 @@ func callStatus(t testing.TB, sock string) *control.Status {
 // memory for the worker, over a recent window.
 func TestStatusCountsTheTree(t *testing.T) {
 	t.Parallel()
-	py := "/usr/bin/python3"
-	if _, err := os.Stat(py); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is needed: %v", py, err)
-		}
-		t.Skipf("%s: %v", py, err)
-	}
+	py := testtool.Python(t)
 	burn := `import sys, time
 b = bytearray(64 << 20)
 for i in range(0, len(b), 4096): b[i] = 1
@@ -157,7 +152,7 @@ func TestRoundRobinConns(t *testing.T) {
 // shows that CPU for the cohort worker, not the idle master's.
 func TestStatusGunicorn(t *testing.T) {
 	t.Parallel()
-	py := needGunicorn(t)
+	py := testtool.NeedPython(t, "gunicorn")
 	app := config.New("gu")
 	app.Command = []string{py, "-m", "gunicorn", "--workers", "1", "--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "status"), "burn:app"}
 	app.Workers = config.Workers{N: 1}

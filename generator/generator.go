@@ -20,8 +20,8 @@ import (
 
 	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/running"
+	"github.com/cohort-dev/cohort/internal/cpuset"
 	"github.com/cohort-dev/cohort/units"
-	"golang.org/x/sys/unix"
 )
 
 // DefaultCohortPath is where the package installs the cohort binary, which
@@ -320,12 +320,10 @@ func Sockets(app *config.App, cpus int) ([]Socket, error) {
 // AvailableCPUs counts the CPUs this process may run on. systemd runs
 // generators with its own affinity, which services inherit unless they set
 // CPUAffinity=, so it is the count the service's "auto" will see.
+// It counts cpuset.Allowed, the list the dispatcher starts workers on.
 func AvailableCPUs() (int, error) {
-	var set unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &set); err != nil {
-		return 0, fmt.Errorf("sched_getaffinity: %w", err)
-	}
-	return set.Count(), nil
+	cpus, err := cpuset.Allowed()
+	return len(cpus), err
 }
 
 // listenStream renders an address for ListenStream=: ":8080" becomes

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -90,7 +91,7 @@ func TestCompletionWordsAreAccepted(t *testing.T) {
 	}
 	commands := complete(t, script, "cohort", "")
 	for _, want := range []string{"run", "check", "generate", "status", "scale", "reload", "list", "version", "help"} {
-		if !contains(commands, want) {
+		if !slices.Contains(commands, want) {
 			t.Errorf("the completion does not offer the command %q (offers %q)", want, commands)
 		}
 	}
@@ -106,7 +107,7 @@ func TestCompletionWordsAreAccepted(t *testing.T) {
 		}
 		offered := complete(t, script, "cohort", cmd, "-")
 		for flag := range values {
-			if !contains(offered, flag) {
+			if !slices.Contains(offered, flag) {
 				t.Errorf("cohort %s has %s, which the completion does not offer (offers %q)", cmd, flag, offered)
 			}
 		}
@@ -134,13 +135,4 @@ func TestCompletionWordsAreAccepted(t *testing.T) {
 		}
 	}
 	t.Logf("%d commands, %d options run through the binary", len(commands), tested)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

@@ -8,19 +8,17 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
-// needOrFail skips a test when a tool it needs is missing, except under CI
-// (env CI set), where .ci/deps installs it and its absence is a failure.
+// needOrFail ends t with testtool.Missing (a skip, a failure under CI)
+// unless ok: for needs that are not one program on PATH.
 func needOrFail(t *testing.T, why string, ok bool) {
 	t.Helper()
-	if ok {
-		return
+	if !ok {
+		testtool.Missing(t, "%s", why)
 	}
-	if os.Getenv("CI") != "" {
-		t.Fatalf("%s (installed by .ci/deps)", why)
-	}
-	t.Skip(why)
 }
 
 func lookPath(name string) bool {

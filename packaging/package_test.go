@@ -18,6 +18,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // repoRoot is the repository's top directory (the test runs in packaging/).
@@ -30,12 +32,11 @@ func repoRoot(t *testing.T) string {
 	return root
 }
 
+// need ends t as testtool.Need does unless every tool is installed.
 func need(t *testing.T, tools ...string) {
 	t.Helper()
 	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed (apt-get install %s)", tool, tool)
-		}
+		testtool.Need(t, tool)
 	}
 }
 
@@ -84,14 +85,15 @@ func TestDebianVersion(t *testing.T) {
 	}
 
 	// The mapping must keep git's order in dpkg's eyes.
-	if _, err := exec.LookPath("dpkg"); err == nil {
+	t.Run("dpkg-order", func(t *testing.T) {
+		need(t, "dpkg")
 		order := []string{"0.0.0~dev", "0.0.0~git9.ffff", "0.0.0~git10.0000", "1.2.0~rc1", "1.2.0~rc1+git3.abc", "1.2.0", "1.2.0+dirty", "1.2.0+git3.abc1234", "1.2.0+git3.abc1234+dirty", "1.2.1~rc1"}
 		for i := 1; i < len(order); i++ {
 			if err := exec.Command("dpkg", "--compare-versions", order[i-1], "lt", order[i]).Run(); err != nil {
 				t.Errorf("dpkg does not sort %s before %s", order[i-1], order[i])
 			}
 		}
-	}
+	})
 }
 
 // built is one package built by build-deb.sh.

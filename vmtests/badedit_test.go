@@ -34,25 +34,11 @@ func testBadEdit(t *testing.T, c *Container) {
 func badEditStrict(t *testing.T, c *Container) {
 	const app = "badedit-strict"
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
 	worker := "/usr/local/lib/cohort-vmtest/" + app + "-worker"
-	c.WriteFile(t, worker, bin, 0o755)
+	installHello(t, c, worker)
 	port := FreePort(t)
 	defer removeApp(t, c, app)
-	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = [%q]
-workers = %d
-ready = "notify"
-hardening = "strict"
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, worker, badEditWorkers, port)), 0o644)
-	c.Run(t, "systemctl", "daemon-reload")
-	c.Run(t, "systemctl", "start", app+".socket", app+".service")
+	startApp(t, c, app, appFile(fmt.Sprintf("[%q]", worker), badEditWorkers, "ready = \"notify\"\nhardening = \"strict\"\n", port))
 	want := fmt.Sprintf("%d/%d workers ready", badEditWorkers, badEditWorkers)
 	Eventually(t, 30*time.Second, app+" ready", func() error {
 		if text := c.Property(t, app+".service", "StatusText"); !strings.Contains(text, want) {
@@ -70,25 +56,11 @@ const badEditWorkers = 2
 func badEdit(t *testing.T, c *Container, mode string) {
 	app := "badedit-" + mode
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
 	worker := "/usr/local/lib/cohort-vmtest/" + app + "-worker"
-	c.WriteFile(t, worker, bin, 0o755)
+	installHello(t, c, worker)
 	port := FreePort(t)
 	file := "/etc/cohort/" + app + ".toml"
-	good := fmt.Sprintf(`command = [%q]
-workers = %d
-mode = %q
-ready = "notify"
-ready_timeout = "20s"
-stop_timeout = "10s"
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, worker, badEditWorkers, mode, port)
+	good := appFile(fmt.Sprintf("[%q]", worker), badEditWorkers, fmt.Sprintf("mode = %q\n", mode)+lifeSettings, port)
 	typo := strings.Replace(good, "\nworkers = ", "\nwokers = ", 1)
 	sockets := 1
 	if mode == "reuseport" {
@@ -96,9 +68,7 @@ address = "127.0.0.1:%d"
 	}
 	defer removeApp(t, c, app)
 
-	c.WriteFile(t, file, []byte(good), 0o644)
-	c.Run(t, "systemctl", "daemon-reload")
-	c.Run(t, "systemctl", "start", app+".socket", app+".service")
+	startApp(t, c, app, good)
 	before := badEditReady(t, c, app)
 	systemdHolds(t, c, port, sockets, "started")
 	if got := c.Exec(t, "stat", "-c", "%U %a", "/run/cohort-running/"+app+".toml"); strings.TrimSpace(got.Stdout) != "root 644" {
@@ -214,16 +184,8 @@ address = "127.0.0.1:%d"
 	}
 }
 
-// badEditStatus is what the scenario reads of `cohort status --json`.
-type badEditStatus struct {
-	Generation int `json:"generation"`
-	Workers    []struct {
-		PID   int    `json:"pid"`
-		State string `json:"state"`
-	} `json:"workers"`
-}
-
-func samePIDs(a, b badEditStatus) bool {
+// samePIDs reports whether a and b list the same worker pids.
+func samePIDs(a, b appStatusJSON) bool {
 	if len(a.Workers) != len(b.Workers) {
 		return false
 	}
@@ -237,33 +199,9 @@ func samePIDs(a, b badEditStatus) bool {
 
 // badEditReady waits until the service is active/running with every
 // worker ready, and returns the status.
-func badEditReady(t *testing.T, c *Container, app string) badEditStatus {
+func badEditReady(t *testing.T, c *Container, app string) appStatusJSON {
 	t.Helper()
-	var st badEditStatus
-	Eventually(t, 30*time.Second, app+": all workers ready", func() error {
-		if state := c.Property(t, app+".service", "ActiveState") + "/" + c.Property(t, app+".service", "SubState"); state != "active/running" {
-			return fmt.Errorf("%s.service is %s", app, state)
-		}
-		res := c.Exec(t, "cohort", "status", "--json", app)
-		if res.Code != 0 {
-			return fmt.Errorf("cohort status: %s", res)
-		}
-		st = badEditStatus{}
-		if err := json.Unmarshal([]byte(res.Stdout), &st); err != nil {
-			return err
-		}
-		ready := 0
-		for _, w := range st.Workers {
-			if w.State == "ready" && w.PID > 0 {
-				ready++
-			}
-		}
-		if ready != badEditWorkers || len(st.Workers) != badEditWorkers {
-			return fmt.Errorf("%d of %d workers ready: %+v", ready, badEditWorkers, st.Workers)
-		}
-		return nil
-	})
-	return st
+	return waitWorkersReady(t, c, app, badEditWorkers, 30*time.Second)
 }
 
 // ssUsersRE finds systemd (pid 1) among the processes `ss -p` lists as

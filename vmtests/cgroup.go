@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -55,7 +56,7 @@ func hierarchies() ([]hierarchy, error) {
 		switch {
 		case parts[0] == "0" && parts[1] == "":
 			v2Path = parts[2]
-		case contains(strings.Split(parts[1], ","), "name=systemd"):
+		case slices.Contains(strings.Split(parts[1], ","), "name=systemd"):
 			sdPath = parts[2]
 		}
 	}
@@ -82,7 +83,7 @@ func hierarchies() ([]hierarchy, error) {
 		case qf[0] == "cgroup2" && v2Path != "" && !seen["v2"]:
 			seen["v2"] = true
 			hs = append(hs, hierarchy{mount: mount, self: v2Path, v2: true})
-		case qf[0] == "cgroup" && sdPath != "" && !seen["sd"] && contains(strings.Split(qf[2], ","), "name=systemd"):
+		case qf[0] == "cgroup" && sdPath != "" && !seen["sd"] && slices.Contains(strings.Split(qf[2], ","), "name=systemd"):
 			seen["sd"] = true
 			hs = append(hs, hierarchy{mount: mount, self: sdPath})
 		}

@@ -86,11 +86,7 @@ while True:
 func testControl(t *testing.T, c *Container) {
 	const app = "steer"
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/cohort-hello", bin, 0o755)
+	installHello(t, c, "/usr/local/lib/cohort-vmtest/cohort-hello")
 	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/steer.sh", []byte(steerWorker), 0o755)
 	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/hog.py", []byte(hogScript), 0o644)
 	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/ctl.py", []byte(ctlScript), 0o644)

@@ -52,28 +52,13 @@ func escapedDaemons(t *testing.T, c *Container) []escapedDaemon {
 func testEscape(t *testing.T, c *Container) {
 	const app = "escape"
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
 	worker := "/usr/local/lib/cohort-vmtest/escape-worker"
-	c.WriteFile(t, worker, bin, 0o755)
+	installHello(t, c, worker)
 	port := FreePort(t)
 	script := fmt.Sprintf("(setsid %s &); exec %s", escapeDaemon, worker)
-	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = ["/bin/sh", "-c", %q]
-workers = %d
-ready = "notify"
-ready_timeout = "20s"
-stop_timeout = "10s"
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, script, lifeWorkers, port)), 0o644)
-	c.Run(t, "systemctl", "daemon-reload")
-	c.Run(t, "systemctl", "start", app+".socket", app+".service")
+	startApp(t, c, app, appFile(fmt.Sprintf(`["/bin/sh", "-c", %q]`, script), lifeWorkers, lifeSettings, port))
 	t.Cleanup(func() { c.Exec(t, "systemctl", "stop", app+".socket", app+".service") })
-	before := waitWorkersReady(t, c, app, 20*time.Second)
+	before := waitWorkersReady(t, c, app, lifeWorkers, 20*time.Second)
 	dispatcher := mainPID(t, c, app)
 
 	var daemons []escapedDaemon

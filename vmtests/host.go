@@ -41,10 +41,13 @@ var (
 	hostErr  error
 )
 
-// Require skips t unless COHORT_VMTEST=1. With it set, it fails t when the
-// process is not root, and otherwise prepares the host once per process:
-// it installs missing host tools with apt-get and sweeps away the cgroups
-// of containers whose test process died without cleaning up.
+// Require skips t unless COHORT_VMTEST=1: the gate is this package's own,
+// and also holds under CI (.ci/run sets CI=1; `make vmtest` sets the gate).
+// With it set, a missing piece always fails t, never skips it: it fails
+// when the process is not root, and otherwise prepares the host once per
+// process: it installs missing host tools with apt-get (failing when one
+// is still missing after that) and sweeps away the cgroups of containers
+// whose test process died without cleaning up.
 func Require(t testing.TB) {
 	t.Helper()
 	if os.Getenv(EnvEnable) != "1" {
@@ -77,6 +80,14 @@ func prepareHost(logf func(string, ...any)) error {
 		args := append([]string{"install", "-y", "--no-install-recommends"}, missing...)
 		if _, err := hostRun(ctx, "", "apt-get", args...); err != nil {
 			return fmt.Errorf("install host tools: %w", err)
+		}
+		// A package that installed but did not bring its command (another
+		// distribution's names, a diverted binary) would otherwise fail
+		// later, in the middle of a container's start.
+		for tool, pkg := range hostTools {
+			if _, err := exec.LookPath(tool); err != nil {
+				return fmt.Errorf("host tool %s still missing after installing %s: %w", tool, pkg, err)
+			}
 		}
 	}
 	if err := sweepStaleCgroups(logf); err != nil {

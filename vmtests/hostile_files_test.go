@@ -31,12 +31,8 @@ func testHostileFiles(t *testing.T, c *Container) {
 		removeApp(t, c, app)
 	})
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
 	worker := "/usr/local/lib/cohort-vmtest/hgood-worker"
-	c.WriteFile(t, worker, bin, 0o755)
+	installHello(t, c, worker)
 	port := FreePort(t)
 	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = [%q]
 workers = 2

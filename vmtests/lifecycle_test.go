@@ -27,31 +27,50 @@ func lifeLoad(port int) LoadOptions {
 	}
 }
 
+// installHello copies the Go example (examples/hello, built once) into
+// the container at path.
+func installHello(t *testing.T, c *Container, path string) {
+	t.Helper()
+	bin, err := helloBin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.WriteFile(t, path, bin, 0o755)
+}
+
+// lifeSettings are the readiness and timeouts of the scenarios' apps.
+const lifeSettings = `ready = "notify"
+ready_timeout = "20s"
+stop_timeout = "10s"
+`
+
+// appFile is an app file of the scenarios: command (a TOML array), workers
+// on line 2, then settings (whole lines), then one [[listen]] "http" on
+// 127.0.0.1:port.
+func appFile(command string, workers int, settings string, port int) string {
+	return fmt.Sprintf("command = %s\nworkers = %d\n%s\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:%d\"\n",
+		command, workers, settings, port)
+}
+
+// startApp writes the app file of app, runs daemon-reload and starts its
+// socket and service.
+func startApp(t *testing.T, c *Container, app, file string) {
+	t.Helper()
+	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(file), 0o644)
+	c.Run(t, "systemctl", "daemon-reload")
+	c.Run(t, "systemctl", "start", app+".socket", app+".service")
+}
+
 // startHelloApp installs the Go example as app with lifeWorkers workers
 // at worker (a path of its own, so that `ps` can tell this app's workers
 // from other scenarios'), starts its socket and service and waits until
 // every worker is ready. It returns the port.
 func startHelloApp(t *testing.T, c *Container, app, worker string) int {
 	t.Helper()
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.WriteFile(t, worker, bin, 0o755)
+	installHello(t, c, worker)
 	port := FreePort(t)
-	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = [%q]
-workers = %d
-ready = "notify"
-ready_timeout = "20s"
-stop_timeout = "10s"
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, worker, lifeWorkers, port)), 0o644)
-	c.Run(t, "systemctl", "daemon-reload")
-	c.Run(t, "systemctl", "start", app+".socket", app+".service")
-	waitWorkersReady(t, c, app, 20*time.Second)
+	startApp(t, c, app, appFile(fmt.Sprintf("[%q]", worker), lifeWorkers, lifeSettings, port))
+	waitWorkersReady(t, c, app, lifeWorkers, 20*time.Second)
 	return port
 }
 
@@ -78,10 +97,10 @@ func appStatus(t *testing.T, c *Container, app string) appStatusJSON {
 	return st
 }
 
-// waitWorkersReady waits until the dispatcher reports lifeWorkers ready
-// workers and systemd reports the service active/running, and returns the
+// waitWorkersReady waits until the dispatcher reports n workers, all
+// ready, and systemd reports the service active/running, and returns the
 // status.
-func waitWorkersReady(t *testing.T, c *Container, app string, timeout time.Duration) appStatusJSON {
+func waitWorkersReady(t *testing.T, c *Container, app string, n int, timeout time.Duration) appStatusJSON {
 	t.Helper()
 	var st appStatusJSON
 	Eventually(t, timeout, app+": all workers ready", func() error {
@@ -102,8 +121,8 @@ func waitWorkersReady(t *testing.T, c *Container, app string, timeout time.Durat
 				ready++
 			}
 		}
-		if ready != lifeWorkers || len(st.Workers) != lifeWorkers {
-			return fmt.Errorf("%d of %d workers ready: %+v", ready, lifeWorkers, st.Workers)
+		if ready != n || len(st.Workers) != n {
+			return fmt.Errorf("%d of %d workers ready: %+v", ready, n, st.Workers)
 		}
 		return nil
 	})
@@ -255,7 +274,7 @@ func testKillDispatcher(t *testing.T, c *Container) {
 		}
 		return nil
 	})
-	after := waitWorkersReady(t, c, app, 30*time.Second)
+	after := waitWorkersReady(t, c, app, lifeWorkers, 30*time.Second)
 	back := time.Since(killed)
 	load.WaitOK(t, 200, 30*time.Second)
 	res, kinds := load.Stop()

@@ -52,16 +52,60 @@ func (r LoadResult) String() string {
 
 const maxSamples = 5
 
+// add counts one request's outcome: a status code, or err when there was
+// no response.
+func (r *LoadResult) add(code int, err error) {
+	r.Sent++
+	switch {
+	case err != nil:
+		r.Errors++
+		if len(r.Samples) < maxSamples {
+			r.Samples = append(r.Samples, err.Error())
+		}
+	case code >= 200 && code < 300:
+		r.OK++
+	default:
+		r.Non2xx++
+		r.Status[code]++
+	}
+}
+
 // Load sends GET requests to opts.URL from the host and counts the
 // outcomes. It refuses any target but a loopback address, and it always
 // ends: after opts.Requests requests, after opts.Duration, or when ctx is
 // done (then it returns what it counted along with ctx's error).
 func Load(ctx context.Context, opts LoadOptions) (LoadResult, error) {
-	if err := checkLoopback(opts.URL); err != nil {
+	opts, err := checkLoad(opts)
+	if err != nil {
 		return LoadResult{}, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, opts.Duration)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		res   = LoadResult{Status: map[int]int{}}
+		start = time.Now()
+	)
+	runLoad(ctx, opts, func(code int, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		res.add(code, err)
+	})
+	res.Elapsed = time.Since(start)
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return res, fmt.Errorf("load %s: %w", opts.URL, err)
+	}
+	return res, nil
+}
+
+// checkLoad refuses options that are not a bounded load on loopback and
+// fills in the defaults.
+func checkLoad(opts LoadOptions) (LoadOptions, error) {
+	if err := checkLoopback(opts.URL); err != nil {
+		return opts, err
+	}
 	if opts.Requests <= 0 || opts.Duration <= 0 {
-		return LoadResult{}, errors.New("load: Requests and Duration must both be positive (the load is bounded)")
+		return opts, errors.New("load: Requests and Duration must both be positive (the load is bounded)")
 	}
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = 4
@@ -69,9 +113,15 @@ func Load(ctx context.Context, opts LoadOptions) (LoadResult, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 5 * time.Second
 	}
-	ctx, cancel := context.WithTimeout(ctx, opts.Duration)
-	defer cancel()
+	return opts, nil
+}
 
+// runLoad is the load loop of Load and StartLoad: opts.Concurrency clients
+// send requests until opts.Requests are sent or ctx is done, and record
+// (called from those clients) counts each outcome. A request cut off by
+// ctx is not counted: that is not the server's fault. It returns when
+// every client has ended.
+func runLoad(ctx context.Context, opts LoadOptions, record func(code int, err error)) {
 	transport := &http.Transport{
 		Proxy:               nil, // never through a proxy: the target is local
 		DisableKeepAlives:   !opts.KeepAlive,
@@ -80,50 +130,22 @@ func Load(ctx context.Context, opts LoadOptions) (LoadResult, error) {
 	}
 	defer transport.CloseIdleConnections()
 	client := &http.Client{Transport: transport, Timeout: opts.Timeout}
-
 	var (
-		next   atomic.Int64
-		mu     sync.Mutex
-		res    = LoadResult{Status: map[int]int{}}
-		wg     sync.WaitGroup
-		start  = time.Now()
-		record = func(code int, err error) {
-			mu.Lock()
-			defer mu.Unlock()
-			res.Sent++
-			switch {
-			case err != nil:
-				res.Errors++
-				if len(res.Samples) < maxSamples {
-					res.Samples = append(res.Samples, err.Error())
-				}
-			case code >= 200 && code < 300:
-				res.OK++
-			default:
-				res.Non2xx++
-				res.Status[code]++
-			}
-		}
+		next atomic.Int64
+		wg   sync.WaitGroup
 	)
 	for range opts.Concurrency {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for ctx.Err() == nil && next.Add(1) <= int64(opts.Requests) {
 				code, err := get(ctx, client, opts.URL)
 				if ctx.Err() != nil && err != nil {
-					return // cut off by the time bound: not the server's fault
+					return
 				}
 				record(code, err)
 			}
-		}()
+		})
 	}
 	wg.Wait()
-	res.Elapsed = time.Since(start)
-	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		return res, fmt.Errorf("load %s: %w", opts.URL, err)
-	}
-	return res, nil
 }
 
 func get(ctx context.Context, client *http.Client, target string) (int, error) {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -68,46 +67,16 @@ type BackgroundLoad struct {
 // and at the latest when t ends.
 func StartLoad(t testing.TB, opts LoadOptions) *BackgroundLoad {
 	t.Helper()
-	if err := checkLoopback(opts.URL); err != nil {
+	opts, err := checkLoad(opts)
+	if err != nil {
 		t.Fatal(err)
-	}
-	if opts.Requests <= 0 || opts.Duration <= 0 {
-		t.Fatal("load: Requests and Duration must both be positive (the load is bounded)")
-	}
-	if opts.Concurrency <= 0 {
-		opts.Concurrency = 4
-	}
-	if opts.Timeout <= 0 {
-		opts.Timeout = 5 * time.Second
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), opts.Duration)
 	l := &BackgroundLoad{opts: opts, cancel: cancel, done: make(chan struct{}), res: LoadResult{Status: map[int]int{}}}
 	t.Cleanup(func() { l.Stop() })
-
-	transport := &http.Transport{
-		Proxy:               nil,
-		DisableKeepAlives:   !opts.KeepAlive,
-		MaxIdleConnsPerHost: opts.Concurrency,
-		DialContext:         (&net.Dialer{Timeout: opts.Timeout}).DialContext,
-	}
-	client := &http.Client{Transport: transport, Timeout: opts.Timeout}
-	var next atomic.Int64
-	var wg sync.WaitGroup
 	start := time.Now()
-	for range opts.Concurrency {
-		wg.Go(func() {
-			for ctx.Err() == nil && next.Add(1) <= int64(opts.Requests) {
-				code, err := get(ctx, client, opts.URL)
-				if ctx.Err() != nil && err != nil {
-					return // cut off by Stop or the time bound
-				}
-				l.record(code, err)
-			}
-		})
-	}
 	go func() {
-		wg.Wait()
-		transport.CloseIdleConnections()
+		runLoad(ctx, opts, l.record)
 		l.mu.Lock()
 		l.res.Elapsed = time.Since(start)
 		l.mu.Unlock()
@@ -119,10 +88,9 @@ func StartLoad(t testing.TB, opts LoadOptions) *BackgroundLoad {
 func (l *BackgroundLoad) record(code int, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.res.Sent++
+	l.res.add(code, err)
 	switch {
 	case err != nil:
-		l.res.Errors++
 		switch failureKind(err) {
 		case "refused":
 			l.kinds.Refused++
@@ -135,15 +103,8 @@ func (l *BackgroundLoad) record(code int, err error) {
 		default:
 			l.kinds.Other++
 		}
-		if len(l.res.Samples) < maxSamples {
-			l.res.Samples = append(l.res.Samples, err.Error())
-		}
 	case code >= 200 && code < 300:
-		l.res.OK++
 		l.ok.Add(1)
-	default:
-		l.res.Non2xx++
-		l.res.Status[code]++
 	}
 }
 

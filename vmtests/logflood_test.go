@@ -33,18 +33,8 @@ func testLogFlood(t *testing.T, c *Container) {
 	script := "/usr/local/lib/cohort-vmtest/logflood.py"
 	c.WriteFile(t, script, logfloodPy, 0o755)
 	port := FreePort(t)
-	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(fmt.Sprintf(`command = ["/usr/bin/python3", %q]
-workers = %d
-ready = "exec"
-ready_timeout = "20s"
-stop_timeout = "5s"
-log_rate_limit_interval = "10s"
-log_rate_limit_burst = 5000
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, script, lifeWorkers, port)), 0o644)
+	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(appFile(fmt.Sprintf(`["/usr/bin/python3", %q]`, script), lifeWorkers,
+		"ready = \"exec\"\nready_timeout = \"20s\"\nstop_timeout = \"5s\"\nlog_rate_limit_interval = \"10s\"\nlog_rate_limit_burst = 5000\n", port)), 0o644)
 	c.Run(t, "systemctl", "daemon-reload")
 	// 2 × (2 workers × 5000) + the dispatcher's 1000 + 100 per worker.
 	if got := c.Property(t, unit, "LogRateLimitBurst"); got != "21200" {
@@ -55,7 +45,7 @@ address = "127.0.0.1:%d"
 	}
 	c.Run(t, "systemctl", "start", app+".socket", unit)
 	t.Cleanup(func() { c.Exec(t, "systemctl", "stop", app+".socket", unit) })
-	gen1 := waitWorkersReady(t, c, app, 20*time.Second)
+	gen1 := waitWorkersReady(t, c, app, lifeWorkers, 20*time.Second)
 	dispatcher := mainPID(t, c, app)
 
 	// The flood's rate, from the kernel's count of bytes worker 0 wrote.
@@ -83,7 +73,7 @@ address = "127.0.0.1:%d"
 
 	// 1. A reload through the flood.
 	c.Run(t, "systemctl", "reload", unit)
-	gen2 := waitWorkersReady(t, c, app, 20*time.Second)
+	gen2 := waitWorkersReady(t, c, app, lifeWorkers, 20*time.Second)
 	if gen2.Generation != 2 {
 		t.Fatalf("after the reload: generation %d; want 2", gen2.Generation)
 	}
@@ -118,7 +108,7 @@ address = "127.0.0.1:%d"
 	}
 	want = append(want, fmt.Sprintf("worker 0 (pid %d) ready after ", gen2b.Workers[0].PID))
 	for i, w := range gen2b.Workers { // the stop
-		want = append(want, fmt.Sprintf("worker %d (pid %d) exited with status 0 after ", i, w.PID))
+		want = append(want, fmt.Sprintf("worker %d (pid %d) exited with status 0 (SIGTERM sent by cohort) after ", i, w.PID))
 	}
 	want = append(want, fmt.Sprintf("worker 0 (pid %d): ", victim), "lines suppressed")
 	var own string

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -60,7 +61,7 @@ func HostMirror() (string, error) {
 // that debootstrap can bootstrap any release from.
 func pickMirror(sources []aptSource) (string, bool) {
 	for _, s := range sources {
-		if !contains(s.Components, "main") || strings.Contains(s.URI, "security") {
+		if !slices.Contains(s.Components, "main") || strings.Contains(s.URI, "security") {
 			continue
 		}
 		for _, suite := range s.Suites {
@@ -124,7 +125,7 @@ func parseDeb822Sources(text string) []aptSource {
 			last = strings.ToLower(strings.TrimSpace(k))
 			fields[last] = strings.TrimSpace(v)
 		}
-		if !contains(strings.Fields(fields["types"]), "deb") || strings.EqualFold(fields["enabled"], "no") {
+		if !slices.Contains(strings.Fields(fields["types"]), "deb") || strings.EqualFold(fields["enabled"], "no") {
 			continue
 		}
 		for _, uri := range strings.Fields(fields["uris"]) {
@@ -136,13 +137,4 @@ func parseDeb822Sources(text string) []aptSource {
 		}
 	}
 	return out
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

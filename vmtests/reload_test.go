@@ -58,23 +58,10 @@ type statusJSON struct {
 func testReload(t *testing.T, c *Container) {
 	const app = "rolling"
 	c.Watch(t, app+".socket", app+".service")
-	bin, err := helloBin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/cohort-hello", bin, 0o755)
+	installHello(t, c, "/usr/local/lib/cohort-vmtest/cohort-hello")
 	port := FreePort(t)
 	toml := func(command string) []byte {
-		return []byte(fmt.Sprintf(`command = [%s]
-workers = 4
-ready = "notify"
-ready_timeout = "20s"
-stop_timeout = "10s"
-
-[[listen]]
-name = "http"
-address = "127.0.0.1:%d"
-`, command, port))
+		return []byte(appFile("["+command+"]", 4, lifeSettings, port))
 	}
 	c.WriteFile(t, "/etc/cohort/"+app+".toml", toml(`"/usr/local/lib/cohort-vmtest/cohort-hello"`), 0o644)
 	c.Run(t, "systemctl", "daemon-reload")

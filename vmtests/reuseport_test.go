@@ -185,9 +185,6 @@ func environ(t *testing.T, c *Container, pid int) map[string]string {
 // by the generator. The worker is rpworker.py: plain Python, serving one
 // connection at a time.
 func testReusePort(t *testing.T, c *Container) {
-	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
-		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
-	}
 	const app = "rp"
 	sockets := rpSocketUnits(app, rpWorkers)
 	c.WriteFile(t, rpWorkerPath, rpWorkerPy, 0o755)
@@ -427,7 +424,7 @@ func rpCheckUnits(t *testing.T, c *Container, app string, sockets []string, port
 		}
 		if i == 0 {
 			for _, other := range sockets[1:] {
-				if !contains(strings.Fields(props["Wants"]), other) {
+				if !slices.Contains(strings.Fields(props["Wants"]), other) {
 					t.Errorf("%s: Wants=%q lacks %s", u, props["Wants"], other)
 				}
 			}
@@ -438,7 +435,7 @@ func rpCheckUnits(t *testing.T, c *Container, app string, sockets []string, port
 	for _, p := range []string{"Requires", "After", "TriggeredBy"} {
 		got := strings.Fields(c.Property(t, app+".service", p))
 		for _, u := range sockets {
-			if !contains(got, u) {
+			if !slices.Contains(got, u) {
 				t.Errorf("%s.service: %s=%v lacks %s", app, p, got, u)
 			}
 		}

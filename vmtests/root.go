@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -34,7 +35,7 @@ func SelectedReleases() []Release {
 	}
 	var out []Release
 	for _, r := range Releases {
-		if contains(strings.Split(want, ","), r.Name) {
+		if slices.Contains(strings.Split(want, ","), r.Name) {
 			out = append(out, r)
 		}
 	}

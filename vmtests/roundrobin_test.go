@@ -36,9 +36,6 @@ func buildHello(t *testing.T) string {
 // spread evenly over both, and systemctl status shows the mode in the
 // dispatcher's STATUS= line.
 func testRoundRobin(t *testing.T, c *Container) {
-	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
-		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
-	}
 	bin := buildHello(t)
 	c.Watch(t, "rr.socket", "rr.service")
 	port := FreePort(t)

@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -121,7 +122,7 @@ wokers = 4
 	}
 
 	// enable = true: wanted by sockets.target, and started with it.
-	if got := c.Property(t, "web.socket", "WantedBy"); !contains(strings.Fields(got), "sockets.target") {
+	if got := c.Property(t, "web.socket", "WantedBy"); !slices.Contains(strings.Fields(got), "sockets.target") {
 		t.Errorf("web.socket: WantedBy=%q; want sockets.target", got)
 	}
 	c.Run(t, "systemctl", "start", "sockets.target")
@@ -149,9 +150,6 @@ var helloPy []byte
 // holds it until a worker accepts, so not one request fails, and every
 // worker's stdout reaches the journal of the service.
 func testServe(t *testing.T, c *Container) {
-	if res := c.Exec(t, "cohort", "dispatch", "/nonexistent.toml"); strings.Contains(res.Stderr, "not implemented") {
-		t.Skipf("cohort dispatch is not implemented yet: %s", strings.TrimSpace(res.Stderr))
-	}
 	c.Watch(t, "hello.socket", "hello.service")
 	port := FreePort(t)
 	c.WriteFile(t, "/usr/local/lib/cohort-vmtest/hello.py", helloPy, 0o755)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // These tests check the harness's own logic; they run in every `go test`.
@@ -95,6 +97,34 @@ func TestLoadCountsErrors(t *testing.T) {
 	}
 }
 
+// TestStartLoadCounts: the background load counts like Load, with a live
+// 2xx count, and sorts a refused connect as refused.
+func TestStartLoadCounts(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok"))
+	}))
+	defer srv.Close()
+	ld := StartLoad(t, LoadOptions{URL: srv.URL + "/", Requests: 30, Duration: 10 * time.Second})
+	ld.WaitOK(t, 30, 10*time.Second)
+	res, kinds := ld.Stop()
+	if res.Sent != 30 || res.OK != 30 || ld.OK() != 30 || kinds != (FailureKinds{}) {
+		t.Errorf("against a healthy server: %v, %v, live %d; want 30 sent, 30 ok", res, kinds, ld.OK())
+	}
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	ld = StartLoad(t, LoadOptions{URL: "http://" + addr + "/", Requests: 8, Duration: 10 * time.Second})
+	<-ld.done // all 8 sent
+	res, kinds = ld.Stop()
+	if res.Errors != 8 || kinds != (FailureKinds{Refused: 8}) {
+		t.Errorf("against a closed port: %v, %v; want 8 refused", res, kinds)
+	}
+}
+
 func TestLoadIsBoundedByTime(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok"))
@@ -126,5 +156,28 @@ func TestLoadRefusesNonLoopback(t *testing.T) {
 	}
 	if _, err := Load(context.Background(), LoadOptions{URL: "http://127.0.0.1:1/"}); err == nil {
 		t.Error("Load without bounds ran; want an error")
+	}
+}
+
+// TestAppFile: the scenarios' app file has workers on line 2 (badedit's
+// typo depends on it) and parses as the app it says.
+func TestAppFile(t *testing.T) {
+	got := appFile(`["/w"]`, 2, lifeSettings, 8080)
+	want := `command = ["/w"]
+workers = 2
+ready = "notify"
+ready_timeout = "20s"
+stop_timeout = "10s"
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+`
+	if got != want {
+		t.Errorf("appFile:\n%s\nwant:\n%s", got, want)
+	}
+	app, err := config.Parse("web.toml", []byte(got))
+	if err != nil || app.Workers.N != 2 || len(app.Listen) != 1 || app.Listen[0].Address != "127.0.0.1:8080" {
+		t.Errorf("parse: %+v, %v", app, err)
 	}
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -10,24 +9,12 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
-
-// needTool fails the test when name is not installed and CI is set (CI
-// installs it with .ci/deps), and skips it elsewhere.
-func needTool(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err == nil {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatalf("%s not found; .ci/deps installs it", name)
-	}
-	t.Skipf("%s not found (install it; in CI this fails)", name)
-}
 
 // checkLines runs cohort check and returns its exit code and stderr, less
 // the note printed when systemd-analyze is missing (the tests that need
-// it say so with needTool).
+// it say so with testtool.Need).
 func checkLines(t *testing.T, args ...string) (int, string) {
 	t.Helper()
 	code, _, errOut := runCohort(t, nil, append([]string{"check"}, args...)...)
@@ -94,7 +81,7 @@ func TestCheckCommand(t *testing.T) {
 // from what the real systemd-analyze verify says, with a suggestion from
 // the directives systemd lists itself. On 57c59ff check accepted them.
 func TestCheckDirectives(t *testing.T) {
-	needTool(t, "systemd-analyze")
+	testtool.Need(t, "systemd-analyze")
 	body := "command = [\"/bin/sh\"]\n" + listen +
 		"[unit]\nAfterr = \"network.target\"\n" +
 		"[service]\nLimitNOFILE = 65536\n  MemoryMx = \"1G\"\nLimitCORE = \"lots\"\n" +

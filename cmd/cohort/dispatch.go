@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/running"
-	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/coreos/go-systemd/v22/journal"
 )
@@ -44,9 +44,17 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)
 		return 1
 	}
-	// Unset LISTEN_*: the dispatcher's own sockets are no business of the
-	// workers (Run filters them out of their environment anyway).
-	files := activation.Files(true)
+	// cohort's own reader, not go-systemd's activation.Files: it refuses a
+	// malformed LISTEN_PID/LISTEN_FDS or a listed fd that is not open
+	// (go-systemd's quietly returns no sockets), and it unsets LISTEN_* (the
+	// dispatcher's own sockets are no business of the workers; Run filters
+	// them out of their environment anyway).
+	inherited, err := activation.Inherit()
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)
+		return 1
+	}
+	files := inherited.TakeAll()
 	defer func() {
 		for _, f := range files {
 			f.Close()
@@ -96,7 +104,9 @@ func loadRunning(dir, path string, load func(dir, path string) (*config.App, err
 }
 
 // sdNotify sends state to $NOTIFY_SOCKET; without one (cohort run outside
-// systemd) it does nothing. Notification is best effort.
+// systemd) it does nothing. Notification is best effort: a manager that
+// does not read its socket costs at most activation.Notify's deadline, and
+// the error has nobody to go to.
 func sdNotify(state string) {
-	daemon.SdNotify(false, state)
+	_ = activation.Notify(state)
 }

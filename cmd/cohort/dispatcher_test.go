@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 var controlRE = regexp.MustCompile(`control socket: (\S+)`)
@@ -18,10 +18,7 @@ var controlRE = regexp.MustCompile(`control socket: (\S+)`)
 // TestControlRealDispatcher: status, scale and dispatch-reload against
 // the dispatcher of `cohort run`, through the control socket it prints.
 func TestControlRealDispatcher(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	script := filepath.Join("..", "..", "examples", "python", "shared_worker.py")
 	_, stderr, _ := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--ready", "notify", "--name", "py", "--", py, script)
 	waitListening(t, stderr, "all 2 workers ready")

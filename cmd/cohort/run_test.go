@@ -6,13 +6,14 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // lockedBuffer is a strings.Builder safe for the dispatcher's writers.
@@ -109,10 +110,7 @@ func httpGet(t *testing.T, url string) string {
 // worker, each connection handed over by the dispatcher (the Python
 // example speaks the round-robin protocol), and stops with status 0.
 func TestRunRoundRobin(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	script := filepath.Join("..", "..", "examples", "python", "rr_worker.py")
 	_, stderr, stop := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--mode", "round-robin", "--ready", "notify", "--name", "py", "--", py, script)
 	addr := waitListening(t, stderr, "all 2 workers ready")
@@ -139,10 +137,7 @@ func TestRunRoundRobin(t *testing.T) {
 // the socket, serves from both workers, prefixes their output and stops
 // with exit status 0.
 func TestRunListenCommand(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	script := filepath.Join("..", "..", "examples", "python", "shared_worker.py")
 	stdout, stderr, stop := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--ready", "notify", "--name", "py", "--", py, script)
 	addr := waitListening(t, stderr, "all 2 workers ready")
@@ -175,10 +170,7 @@ func TestRunListenCommand(t *testing.T) {
 // unmodified socket-activated worker accepts on its own, and the kernel
 // spreads connections over them; all of them are closed at the end.
 func TestRunReusePort(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	script := filepath.Join("..", "..", "examples", "python", "shared_worker.py")
 	_, stderr, stop := startCohortRun(t, "--listen", "http=127.0.0.1:0", "--workers", "2", "--mode", "reuseport", "--ready", "notify", "--name", "py", "--", py, script)
 	addr := waitListening(t, stderr, "all 2 workers ready")
@@ -214,10 +206,7 @@ func TestRunFile(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close()
-	node, err := exec.LookPath("node")
-	if err != nil {
-		t.Skip("node not on PATH")
-	}
+	node := testtool.Need(t, "node")
 	server, _ := filepath.Abs(filepath.Join("..", "..", "examples", "node", "server.js"))
 	app := writeApp(t, t.TempDir(), "nodeapp.toml", fmt.Sprintf(
 		"command = [%q, %q]\nworkers = 2\nready = \"exec\"\n[[listen]]\nname = \"http\"\naddress = %q\n", node, server, addr))

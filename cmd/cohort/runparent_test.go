@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testproc"
 )
 
 // TestMain lets this test binary be the cohort binary (main) for the
@@ -58,7 +59,7 @@ func startCohortProc(t *testing.T, stdout *os.File, args ...string) *cohortProc 
 	go func() { cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		killMarked(mark)
+		testproc.KillMarked("COHORT_TEST_MARK=" + mark)
 		select {
 		case <-p.done:
 		case <-time.After(10 * time.Second):
@@ -69,22 +70,6 @@ func startCohortProc(t *testing.T, stdout *os.File, args ...string) *cohortProc 
 		}
 	})
 	return p
-}
-
-// killMarked SIGKILLs every process with COHORT_TEST_MARK=mark in its
-// environment.
-func killMarked(mark string) {
-	m := []byte("COHORT_TEST_MARK=" + mark + "\x00")
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ")); err == nil && bytes.Contains(b, m) {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
 }
 
 // port waits for "listening on 127.0.0.1:PORT" and returns PORT.
@@ -121,22 +106,7 @@ func listenHolders(t *testing.T, port int) []int {
 			inodes["socket:["+fs[9]+"]"] = true
 		}
 	}
-	var out []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		fds, _ := os.ReadDir(filepath.Join("/proc", e.Name(), "fd"))
-		for _, fd := range fds {
-			if l, _ := os.Readlink(filepath.Join("/proc", e.Name(), "fd", fd.Name())); inodes[l] {
-				out = append(out, pid)
-				break
-			}
-		}
-	}
-	return out
+	return testproc.Holders(func(l string) bool { return inodes[l] })
 }
 
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {

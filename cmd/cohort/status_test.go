@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // statusEnv runs a subcommand in-process with its own search path,
@@ -100,7 +101,7 @@ func TestStatusSocketActiveHint(t *testing.T) {
 // The client really runs as nobody.
 func TestStatusNeedsRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to switch to nobody")
+		testtool.Missing(t, "root is needed to switch to nobody (make test runs as root in CI)")
 	}
 	// Not t.TempDir: its parent is 0700, and nobody must reach the binary.
 	base, err := os.MkdirTemp("", "cohort-nobody-")
@@ -257,13 +258,7 @@ func TestDefaultName(t *testing.T) {
 // `cohort status NAME` finds it without --socket, a second run of that
 // name is refused while the first runs, and the directory goes at exit.
 func TestRunSocketPlace(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("python3 is needed")
-		}
-		t.Skip("python3 not on PATH")
-	}
+	py := testtool.Need(t, "python3")
 	root := filepath.Join(t.TempDir(), "cohort")
 	script := filepath.Join("..", "..", "examples", "python", "shared_worker.py")
 	args := []string{"--listen", "http=127.0.0.1:0", "--workers", "1", "--ready", "notify", "--", py, script}

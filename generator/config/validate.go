@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -41,7 +42,7 @@ func (d *decoder) validate(app *App) {
 		}
 	}
 	modes := []string{string(ModeShared), string(ModeRoundRobin), string(ModeReusePort)}
-	if !contains(modes, string(app.Mode)) {
+	if !slices.Contains(modes, string(app.Mode)) {
 		d.errorAt("mode", suggest(string(app.Mode), modes), "mode: want \"shared\", \"round-robin\" or \"reuseport\", got %q", app.Mode)
 	}
 	if app.Mode == ModeReusePort {
@@ -56,11 +57,11 @@ func (d *decoder) validate(app *App) {
 		}
 	}
 	balances := []string{BalanceRoundRobin, BalanceLeastConnections}
-	if !contains(balances, app.Balance) {
+	if !slices.Contains(balances, app.Balance) {
 		d.errorAt("balance", suggest(app.Balance, balances), "balance: want \"round-robin\" or \"least-connections\", got %q", app.Balance)
 	}
 	profiles := []string{HardeningDefault, HardeningStrict, HardeningNone}
-	if !contains(profiles, app.Hardening) {
+	if !slices.Contains(profiles, app.Hardening) {
 		d.errorAt("hardening", suggest(app.Hardening, profiles), "hardening: want \"default\", \"strict\" or \"none\", got %q", app.Hardening)
 	}
 	if len(app.Listen) == 0 {
@@ -100,15 +101,6 @@ func (d *decoder) checkReusePort(app *App) {
 			d.errorAt(key, "", "reuse_port = false contradicts mode = \"reuseport\", which sets ReusePort=yes on every socket")
 		}
 	}
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func (d *decoder) checkCommand(command []string) {

@@ -2,12 +2,11 @@ package verify
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/cohort-dev/cohort/internal/testtool"
 	"github.com/cohort-dev/cohort/units"
 )
 
@@ -48,12 +47,7 @@ func TestParseDirectives(t *testing.T) {
 // TestUnitsRealAnalyzer runs the real systemd-analyze verify and the real
 // systemd --dump-configuration-items of this host.
 func TestUnitsRealAnalyzer(t *testing.T) {
-	if _, err := exec.LookPath("systemd-analyze"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("systemd-analyze not found; .ci/deps installs it")
-		}
-		t.Skip("systemd-analyze not found (in CI this fails)")
-	}
+	testtool.Need(t, "systemd-analyze")
 	cs, err := Units(context.Background(), []units.File{{Name: "web.service", Content: []byte(unitFile)}})
 	if err != nil {
 		t.Fatal(err)

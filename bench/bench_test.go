@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // TestSmoke runs the harness for real on two Node rows (the app alone and
@@ -26,15 +28,13 @@ func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts node processes and loads them for a few seconds")
 	}
-	if _, err := exec.LookPath("node"); err != nil {
-		t.Skip("node is not installed")
-	}
+	testtool.Need(t, "node")
 	out := t.TempDir()
 	var log bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Second)
 	defer cancel()
 	rep, err := Run(ctx, Config{
-		Root:      "../..",
+		Root:      "..",
 		Work:      t.TempDir(),
 		Out:       out,
 		Workers:   2,

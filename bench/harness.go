@@ -24,7 +24,7 @@ const PM2Version = "7.0.4"
 
 // Config is one harness run.
 type Config struct {
-	// Root is the repository root (vmtests/bench/hello is under it).
+	// Root is the repository root (bench/hello is under it).
 	Root string
 	// Work holds builds, the private PM2 install and PM2_HOME, and logs
 	// (default Root/.cache/bench).
@@ -177,7 +177,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	r := &runner{
 		cfg:      cfg,
 		procs:    &procs{logDir: filepath.Join(cfg.Work, "logs")},
-		js:       filepath.Join(cfg.Root, "vmtests", "bench", "hello", "hello.js"),
+		js:       filepath.Join(cfg.Root, "bench", "hello", "hello.js"),
 		port:     cfg.BasePort,
 		versions: map[string]string{},
 	}
@@ -255,7 +255,7 @@ func (r *runner) prepare(ctx context.Context) error {
 	r.versions["go"] = runtime.Version()
 	if r.needs("go") {
 		r.hello = filepath.Join(bin, "hello")
-		if err := goBuild(ctx, r.cfg.Root, r.hello, "./vmtests/bench/hello"); err != nil {
+		if err := goBuild(ctx, r.cfg.Root, r.hello, "./bench/hello"); err != nil {
 			return err
 		}
 	}
@@ -710,7 +710,7 @@ func (r *runner) installPM2() error {
 	}
 	if pkg.Version != PM2Version {
 		if _, err := exec.LookPath("npm"); err != nil {
-			return fmt.Errorf("install pm2: npm is needed (vmtests/bench/deps.sh installs it): %w", err)
+			return fmt.Errorf("install pm2: npm is needed (bench/deps.sh installs it): %w", err)
 		}
 		r.logf("installing pm2@%s into %s (npm)", PM2Version, prefix)
 		cmd := exec.Command("npm", "install", "--prefix", prefix, "--no-audit", "--no-fund", "--loglevel=error", "pm2@"+PM2Version)

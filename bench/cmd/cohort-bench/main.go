@@ -1,10 +1,10 @@
 // Command cohort-bench runs cohort's load benchmark (package
-// vmtests/bench) and writes the markdown table, SVG chart and JSON into
+// bench) and writes the markdown table, SVG chart and JSON into
 // -out. It prints each target with PASS or MISS; a MISS does not fail the
 // command, only a harness error does.
 //
-//	go run ./vmtests/bench/cmd/cohort-bench -cohort bin/cohort -out docs/bench
-//	go run ./vmtests/bench/cmd/cohort-bench -only node-alone,node-cluster-rr -duration 2s
+//	go run ./bench/cmd/cohort-bench -cohort bin/cohort -out docs/bench
+//	go run ./bench/cmd/cohort-bench -only node-alone,node-cluster-rr -duration 2s
 package main
 
 import (
@@ -17,7 +17,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cohort-dev/cohort/vmtests/bench"
+	"github.com/cohort-dev/cohort/bench"
 )
 
 func main() {

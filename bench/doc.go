@@ -12,7 +12,10 @@
 // that the cohort build cannot run yet (a mode, reload) say
 // "not available in this build" and start measuring as soon as they work.
 //
-//	make bench     # go run ./vmtests/bench/cmd/cohort-bench -out docs/bench
+//	make bench     # go run ./bench/cmd/cohort-bench -out docs/bench
+//
+// It lives at the top of the repository, not under vmtests/, because it
+// boots no container: every row runs on this machine, on 127.0.0.1.
 //
 // The load generator only targets 127.0.0.1 and stops by itself after the
 // warm-up and the measured window. Every process the harness starts runs

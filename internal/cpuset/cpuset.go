@@ -1,0 +1,31 @@
+// Package cpuset reads the set of CPUs a process may run on, the one
+// answer that the generator (counting workers = "auto") and the dispatcher
+// (starting and pinning workers) must agree on.
+package cpuset
+
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// Allowed returns the CPUs the calling thread may run on
+// (sched_getaffinity), in increasing order: what CPUAffinity= and the
+// cgroup's cpuset leave to the service. It never returns an empty list
+// without an error.
+func Allowed() ([]int, error) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return nil, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	var cpus []int
+	for i := range len(set) * 64 {
+		if set.IsSet(i) {
+			cpus = append(cpus, i)
+		}
+	}
+	if len(cpus) == 0 {
+		return nil, fmt.Errorf("sched_getaffinity: empty CPU set")
+	}
+	return cpus, nil
+}
