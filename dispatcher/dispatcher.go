@@ -104,8 +104,9 @@ type Options struct {
 	JournalSocket string
 }
 
-// errNotImplemented marks app settings this dispatcher does not run yet.
-var errNotImplemented = errors.New("not implemented yet")
+// errUnknownMode is an app whose mode is none of the dispatcher's: only
+// an App built without config's validation can have one.
+var errUnknownMode = errors.New("unknown mode")
 
 // Run supervises opt.App's workers until ctx is cancelled or, with
 // HandleSignals, a SIGTERM or SIGINT arrives; then it stops them
@@ -258,7 +259,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 			}
 		}
 	default:
-		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errNotImplemented, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
+		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errUnknownMode, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
 	}
 	d := &dispatcher{
 		opt:      opt,
@@ -296,26 +297,8 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 			d.out.close()
 		}
 	}()
-	inherited := opt.Environ
-	if inherited == nil {
-		inherited = os.Environ()
-	}
-	env, err := baseEnv(inherited, app)
-	if err != nil {
-		return nil, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	d.env = env
-	if err := checkSpawnable(app, env); err != nil {
-		return nil, fmt.Errorf("app %s: %w", app.Name, err)
-	}
-	cwd := d.dir
-	if cwd == "" {
-		if cwd, err = os.Getwd(); err != nil {
-			return nil, fmt.Errorf("app %s: %w", app.Name, err)
-		}
-	}
-	if d.path, err = lookPath(app.Command[0], envValue(env, "PATH"), cwd); err != nil {
-		return nil, fmt.Errorf("app %s: command: %w", app.Name, err)
+	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
+		return nil, err
 	}
 	d.cpus = opt.CPUs
 	if d.cpus == nil {

@@ -474,7 +474,7 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 func TestRunModeRejectsUnknown(t *testing.T) {
 	l, _ := tcpListener(t, "http")
 	for mode, want := range map[config.Mode]string{
-		"stolen-work":        `mode "stolen-work": not implemented yet`,
+		"stolen-work":        `mode "stolen-work": unknown mode`,
 		config.ModeReusePort: "reuseport mode: no listening sockets",
 	} {
 		app := rrApp(t, 1)

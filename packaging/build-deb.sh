@@ -152,6 +152,11 @@ released() {
 		if [ -n "$keep" ]; then printf '%s\n' "$line"; fi
 	done <packaging/changelog
 }
+# shorten_subjects cuts each line to 72 characters at a word boundary:
+# a word cut in half can read as a misspelling to lintian ("spaw").
+shorten_subjects() {
+	awk '{ if (length($0) > 72) { s = substr($0, 1, 69); sub(/ [^ ]*$/, "", s); $0 = s "..." } print }'
+}
 released >"$stage/changelog.released"
 if ! head -n1 "$stage/changelog.released" | grep -q "^cohort ($debver) "; then
 	{
@@ -160,7 +165,7 @@ if ! head -n1 "$stage/changelog.released" | grep -q "^cohort ($debver) "; then
 		echo "  * Build of $raw."
 		last=$(git describe --tags --abbrev=0 2>/dev/null || true)
 		git log --no-merges --format='%s' ${last:+"$last"..}HEAD 2>/dev/null |
-			head -n 50 | cut -c1-72 | sed 's/^/    - /'
+			head -n 50 | shorten_subjects | sed 's/^/    - /'
 		echo
 		echo " -- cohort developers <cohort-dev@users.noreply.github.com>  $date_rfc"
 		if [ -s "$stage/changelog.released" ]; then echo; fi
