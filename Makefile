@@ -31,11 +31,11 @@ lint:
 # Short coverage-guided runs of every fuzz target (the seed corpora also run
 # in `go test`).
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./generator/config
-	$(GO) test -run '^$$' -fuzz '^FuzzParseDuration$$' -fuzztime 10s ./generator/config
-	$(GO) test -run '^$$' -fuzz '^FuzzParseSlotFDName$$' -fuzztime 10s ./generator/config
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./appfile
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDuration$$' -fuzztime 10s ./appfile
+	$(GO) test -run '^$$' -fuzz '^FuzzParseSlotFDName$$' -fuzztime 10s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzRender$$' -fuzztime 20s ./generator
-	$(GO) test -run '^$$' -fuzz '^FuzzCheckShape$$' -fuzztime 20s ./generator/config
+	$(GO) test -run '^$$' -fuzz '^FuzzCheckShape$$' -fuzztime 20s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./generator/verify
 	$(GO) test -run '^$$' -fuzz '^FuzzParseNotification$$' -fuzztime 20s ./dispatcher
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr

@@ -6,7 +6,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // The app file watch: the dispatcher runs the configuration it was
@@ -43,10 +43,10 @@ func identify(path string) fileIdentity {
 }
 
 // checkAppFile returns the first problem of the app file at path, "" when
-// it validates. Reads are bounded (config.ParseFile).
+// it validates. Reads are bounded (appfile.ParseFile).
 func checkAppFile(path string) string {
-	_, err := config.ParseFile(path)
-	return config.Summary(err)
+	_, err := appfile.ParseFile(path)
+	return appfile.Summary(err)
 }
 
 // watchAppFile sends the app file's first problem ("" when it validates)

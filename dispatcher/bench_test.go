@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // BenchmarkSpawnToReady measures how long a restarted worker takes from
@@ -22,15 +22,15 @@ import (
 func BenchmarkSpawnToReady(b *testing.B) {
 	for _, tc := range []struct {
 		name  string
-		ready config.ReadyKind
-	}{{"notify-go-worker", config.ReadyNotify}, {"exec-sleep", config.ReadyExec}} {
+		ready appfile.ReadyKind
+	}{{"notify-go-worker", appfile.ReadyNotify}, {"exec-sleep", appfile.ReadyExec}} {
 		b.Run(tc.name, func(b *testing.B) {
 			app := testApp(b, 1, map[string]string{"HELPER_READY": "1"})
-			if tc.ready == config.ReadyExec {
+			if tc.ready == appfile.ReadyExec {
 				app.Command = []string{"/bin/sleep", "60"}
 			}
-			app.Ready = config.Readiness{Kind: tc.ready}
-			app.Restart = config.Restart{Initial: time.Millisecond, Max: time.Millisecond, MinUptime: time.Hour}
+			app.Ready = appfile.Readiness{Kind: tc.ready}
+			app.Restart = appfile.Restart{Initial: time.Millisecond, Max: time.Millisecond, MinUptime: time.Hour}
 			l, _ := tcpListener(b, "http")
 			rec, _ := startRun(b, Options{App: app, Listeners: []*os.File{l}})
 			from := 0
@@ -67,7 +67,7 @@ func BenchmarkSharedMode(b *testing.B) {
 	targets := []*benchTarget{{name: "alone", addr: addr}}
 	for _, n := range []int{1, 2} {
 		app := testApp(b, n, map[string]string{"HELPER_READY": "1"})
-		app.Ready = config.Readiness{Kind: config.ReadyNotify}
+		app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 		l, addr := tcpListener(b, "http")
 		d := startDispatcherProc(b, app, []*os.File{l})
 		d.waitLine(b, 20*time.Second, fmt.Sprintf("all %d workers ready", n))

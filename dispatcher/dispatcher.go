@@ -15,7 +15,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,7 +23,7 @@ import (
 // entries, Listeners are required; the rest has defaults.
 type Options struct {
 	// App is the app to run. Run does not modify it.
-	App *config.App
+	App *appfile.App
 	// Listeners are the listening sockets in App.Listen order (see
 	// MatchListeners and Bind). In shared mode Run puts them in blocking
 	// mode and passes them to every worker; in round-robin mode it accepts
@@ -86,7 +86,7 @@ type Options struct {
 
 	// Load re-reads the app for a reload (SIGHUP or the control socket);
 	// nil re-reads App.Path, or reuses App when it has no Path.
-	Load func() (*config.App, error)
+	Load func() (*appfile.App, error)
 	// Subreaper makes the process a child subreaper, so that what a
 	// worker forks and leaves behind (a double-forked setsid daemon) is
 	// reparented to it and killed once its worker has exited (see
@@ -177,7 +177,7 @@ func Run(ctx context.Context, opt Options) error {
 // except the fields documented otherwise.
 type dispatcher struct {
 	opt  Options
-	app  *config.App
+	app  *appfile.App
 	out  *output
 	self string
 
@@ -245,11 +245,11 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		return nil, fmt.Errorf("app %s: no command", app.Name)
 	}
 	switch app.Mode {
-	case config.ModeShared, config.ModeRoundRobin:
+	case appfile.ModeShared, appfile.ModeRoundRobin:
 		if len(opt.Listeners) != len(app.Listen) {
 			return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
 		}
-	case config.ModeReusePort:
+	case appfile.ModeReusePort:
 		if len(opt.SlotListeners) == 0 || len(app.Listen) == 0 {
 			return nil, fmt.Errorf("app %s: reuseport mode: no listening sockets", app.Name)
 		}
@@ -259,7 +259,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 			}
 		}
 	default:
-		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errUnknownMode, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
+		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errUnknownMode, appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort)
 	}
 	d := &dispatcher{
 		opt:      opt,
@@ -307,7 +307,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		}
 	}
 	n := app.Workers.Count(len(d.cpus))
-	if app.Mode == config.ModeReusePort {
+	if app.Mode == appfile.ModeReusePort {
 		// A socket without a worker would hold its share of the
 		// connections forever, and a worker without a socket of its
 		// own has nothing to accept: one worker per socket set.
@@ -433,7 +433,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 	}
 	mode := string(d.app.Mode)
 	ready := readyString(d.app.Ready)
-	if d.app.Ready.Kind == config.ReadyListening {
+	if d.app.Ready.Kind == appfile.ReadyListening {
 		ready += fmt.Sprintf(" (settle %s)", d.app.ReadySettle)
 	}
 	d.out.infof("starting %d workers (%s mode, ready=%s, gen %d): %s", len(d.slots), mode, ready, d.gen, strings.Join(d.app.Command, " "))
@@ -730,15 +730,15 @@ func plural(n int) string {
 	return "s"
 }
 
-func workersSetting(w config.Workers) string {
+func workersSetting(w appfile.Workers) string {
 	if w.Auto {
 		return `"auto"`
 	}
 	return fmt.Sprint(w.N)
 }
 
-func readyString(r config.Readiness) string {
-	if r.Kind == config.ReadyDelay {
+func readyString(r appfile.Readiness) string {
+	if r.Kind == appfile.ReadyDelay {
 		return r.Delay.String()
 	}
 	return string(r.Kind)

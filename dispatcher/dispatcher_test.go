@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,7 +24,7 @@ func TestSharedWorkersAnswer(t *testing.T) {
 	t.Parallel()
 	const n = 3
 	app := testApp(t, n, map[string]string{"HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	l, addr := tcpListener(t, "http")
 	env := append(os.Environ(), "NOTIFY_SOCKET=/dispatcher/own", "WATCHDOG_USEC=5000000", "LISTEN_FDS=7", "JOURNAL_STREAM=1:2")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Environ: env})
@@ -73,7 +73,7 @@ func TestSharedWorkersAnswer(t *testing.T) {
 func TestKillWorkerUnderLoad(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 2, map[string]string{"HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	l, addr := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
@@ -134,7 +134,7 @@ func TestBackoffGrowsAndResets(t *testing.T) {
 	ctrl := filepath.Join(t.TempDir(), "ctrl")
 	writeFile(t, ctrl, "exit")
 	app := testApp(t, 1, map[string]string{"HELPER_CTRL": ctrl})
-	r := config.Restart{Initial: 20 * time.Millisecond, Max: 160 * time.Millisecond, MinUptime: time.Second}
+	r := appfile.Restart{Initial: 20 * time.Millisecond, Max: 160 * time.Millisecond, MinUptime: time.Second}
 	app.Restart = r
 	l, _ := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
@@ -238,7 +238,7 @@ func TestForeignNotifyIgnored(t *testing.T) {
 func TestWorkerWatchdog(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 1, map[string]string{"HELPER_READY": "1", "HELPER_WATCHDOG": "1", "GOTRACEBACK": "single"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	app.Watchdog = 300 * time.Millisecond
 	l, addr := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
@@ -269,7 +269,7 @@ func TestWorkerWatchdog(t *testing.T) {
 func TestReadyTimeout(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 1, nil)
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	app.ReadyTimeout = 300 * time.Millisecond
 	l, _ := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
@@ -294,12 +294,12 @@ func TestRestartsLeakNothing(t *testing.T) {
 	// Not parallel: it counts this process's fds and children.
 	const restarts = 1000
 	before := countFDs(t)
-	app := config.New("leak")
+	app := appfile.New("leak")
 	app.Command = []string{"/bin/true"}
-	app.Workers = config.Workers{N: 4}
-	app.Restart = config.Restart{Initial: time.Millisecond, Max: time.Millisecond, MinUptime: time.Hour}
+	app.Workers = appfile.Workers{N: 4}
+	app.Restart = appfile.Restart{Initial: time.Millisecond, Max: time.Millisecond, MinUptime: time.Hour}
 	l, _ := tcpListener(t, "http")
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 	before++ // the listener
 	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	from := 0
@@ -346,10 +346,10 @@ func countFDs(t testing.TB) int {
 // "[app.N] " prefix, and a last line without a newline is not lost.
 func TestOutputLines(t *testing.T) {
 	t.Parallel()
-	app := config.New("out")
+	app := appfile.New("out")
 	app.Command = []string{"/bin/sh", "-c", `echo "one"; echo "two" >&2; printf 'no newline'`}
-	app.Workers = config.Workers{N: 1}
-	app.Restart = config.Restart{Initial: time.Hour, Max: time.Hour, MinUptime: time.Hour}
+	app.Workers = appfile.Workers{N: 1}
+	app.Restart = appfile.Restart{Initial: time.Hour, Max: time.Hour, MinUptime: time.Hour}
 	stdout, stderr := &syncBuffer{}, &syncBuffer{}
 	rec, stop := startRun(t, Options{App: app, Stdout: stdout, Stderr: stderr})
 	from := 0
@@ -370,7 +370,7 @@ func TestOutputLines(t *testing.T) {
 // exist, with the name in the error.
 func TestCommandNotFound(t *testing.T) {
 	t.Parallel()
-	app := config.New("nf")
+	app := appfile.New("nf")
 	app.Command = []string{"cohort-no-such-command"}
 	err := Run(t.Context(), Options{App: app, Stderr: &syncBuffer{}})
 	if err == nil || !strings.Contains(err.Error(), "cohort-no-such-command") {
@@ -385,9 +385,9 @@ func TestCPUAffinity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	app := config.New("aff")
+	app := appfile.New("aff")
 	app.Command = []string{"/bin/sh", "-c", `grep Cpus_allowed_list /proc/self/status; exec sleep 60`}
-	app.Workers = config.Workers{Auto: true}
+	app.Workers = appfile.Workers{Auto: true}
 	app.CPUAffinity = true
 	stdout := &syncBuffer{}
 	rec, _ := startRun(t, Options{App: app, Stdout: stdout})
@@ -409,10 +409,10 @@ func TestCPUAffinity(t *testing.T) {
 // from the loop, a ready delay is honoured, and a stop says STOPPING=1.
 func TestSystemdProtocol(t *testing.T) {
 	t.Parallel()
-	app := config.New("sd")
+	app := appfile.New("sd")
 	app.Command = []string{"/bin/sleep", "60"}
-	app.Workers = config.Workers{N: 2}
-	app.Ready = config.Readiness{Kind: config.ReadyDelay, Delay: 200 * time.Millisecond}
+	app.Workers = appfile.Workers{N: 2}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyDelay, Delay: 200 * time.Millisecond}
 	rec, stop := startRun(t, Options{App: app, Watchdog: 100 * time.Millisecond})
 	from := 0
 	st := rec.wait(t, &from, 10*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })

@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // privateEnv are variables of the dispatcher's own environment that
@@ -33,8 +33,8 @@ var privateEnv = map[string]bool{
 // It returns an error naming the file for an environment file that cannot
 // be read, unless its name starts with "-" (systemd's "optional") and it
 // does not exist or may not be read. A file that is not a regular file or
-// holds more than config.MaxFileSize is an error even when optional.
-func baseEnv(inherited []string, app *config.App) ([]string, error) {
+// holds more than appfile.MaxFileSize is an error even when optional.
+func baseEnv(inherited []string, app *appfile.App) ([]string, error) {
 	env := newEnvList()
 	for _, kv := range inherited {
 		k, _, ok := strings.Cut(kv, "=")
@@ -53,7 +53,7 @@ func baseEnv(inherited []string, app *config.App) ([]string, error) {
 			name = filepath.Join(filepath.Dir(app.Path), name)
 		}
 		// Bounded, and never a FIFO or a device: a reload reads these.
-		data, err := config.ReadRegularFile(name, config.MaxFileSize)
+		data, err := appfile.ReadRegularFile(name, appfile.MaxFileSize)
 		if err != nil {
 			if optional && (errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission)) {
 				continue

@@ -10,20 +10,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // serveExample runs the example worker command under the dispatcher in
 // shared mode with two workers and checks that both answer with want.
-func serveExample(t *testing.T, ready config.Readiness, want string, command ...string) {
+func serveExample(t *testing.T, ready appfile.Readiness, want string, command ...string) {
 	t.Helper()
-	app := config.New("ex")
+	app := appfile.New("ex")
 	app.Command = command
-	app.Workers = config.Workers{N: 2}
+	app.Workers = appfile.Workers{N: 2}
 	app.Ready = ready
 	app.WorkingDirectory = repoRoot(t)
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 	app.StopTimeout = 10 * time.Second
 	l, addr := tcpListener(t, "http")
 	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
@@ -56,21 +56,21 @@ func serveExample(t *testing.T, ready config.Readiness, want string, command ...
 func TestPythonWorker(t *testing.T) {
 	t.Parallel()
 	py := testtool.Need(t, "python3")
-	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from python worker ",
+	serveExample(t, appfile.Readiness{Kind: appfile.ReadyNotify}, "hello from python worker ",
 		py, filepath.Join("examples", "python", "shared_worker.py"))
 }
 
 func TestNodeWorker(t *testing.T) {
 	t.Parallel()
 	node := testtool.Need(t, "node")
-	serveExample(t, config.Readiness{Kind: config.ReadyExec}, "hello from node worker ",
+	serveExample(t, appfile.Readiness{Kind: appfile.ReadyExec}, "hello from node worker ",
 		node, filepath.Join("examples", "node", "server.js"))
 }
 
 // TestGoExampleWorker serves examples/hello, built once per test binary.
 func TestGoExampleWorker(t *testing.T) {
 	t.Parallel()
-	serveExample(t, config.Readiness{Kind: config.ReadyNotify}, "hello from worker ", helloBinary(t))
+	serveExample(t, appfile.Readiness{Kind: appfile.ReadyNotify}, "hello from worker ", helloBinary(t))
 }
 
 // hello is examples/hello built into a directory of this test binary's

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -31,22 +31,22 @@ func TestKillModeGunicorn(t *testing.T) {
 	py := testtool.NeedPython(t, "gunicorn")
 	const gworkers, rounds = 4, 3
 	warn := regexp.MustCompile(`Worker with pid \d+ was terminated due to signal 15|was sent SIGTERM`)
-	for _, mode := range []string{config.KillModeGroup, config.KillModeMixed} {
+	for _, mode := range []string{appfile.KillModeGroup, appfile.KillModeMixed} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			app := config.New("gu")
+			app := appfile.New("gu")
 			app.Command = []string{py, "-m", "gunicorn", "--workers", strconv.Itoa(gworkers),
 				"--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "ready"), "wsgi:app"}
-			app.Workers = config.Workers{N: 1}
+			app.Workers = appfile.Workers{N: 1}
 			app.KillMode = mode
-			app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+			app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 			app.StopTimeout = 30 * time.Second
 			app.ReadyTimeout = 60 * time.Second
 			l, addr := tcpListener(t, "http")
 			out, logs := &syncBuffer{}, &syncBuffer{}
 			rt := t.TempDir()
 			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stdout: out, Stderr: logs, RuntimeDir: rt,
-				Load: func() (*config.App, error) { return app, nil }})
+				Load: func() (*appfile.App, error) { return app, nil }})
 			t.Cleanup(func() {
 				if t.Failed() {
 					t.Logf("gunicorn's output:\n%s", out)
@@ -77,7 +77,7 @@ func TestKillModeGunicorn(t *testing.T) {
 			// only while it is already exiting: a race (4–9 of 12 here), so
 			// it calibrates the pattern but is not asserted, lest the test
 			// fail by chance. Mixed mode must never show it.
-			if mode == config.KillModeMixed && n > 0 {
+			if mode == appfile.KillModeMixed && n > 0 {
 				t.Errorf("kill_mode = mixed: gunicorn logged %q", warn.FindString(o))
 			}
 			if got := strings.Count(o, "Worker exiting"); got != gworkers*rounds {

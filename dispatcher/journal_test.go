@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -146,7 +146,7 @@ func TestJournalAttribution(t *testing.T) {
 		"HELPER_TAIL":        "last words",
 		"HELPER_EXIT":        "kill",
 	})
-	app.Restart = config.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
+	app.Restart = appfile.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
 	l, _ := tcpListener(t, "http")
 	stdout := &syncBuffer{}
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: j.path, Stdout: stdout})
@@ -207,7 +207,7 @@ func TestJournalAttribution(t *testing.T) {
 func TestJournalUnreachable(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "printer", "HELPER_LINES": "hello", "HELPER_EXIT": "0"})
-	app.Restart = config.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
+	app.Restart = appfile.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
 	l, _ := tcpListener(t, "http")
 	stdout := &syncBuffer{}
 	startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: filepath.Join(t.TempDir(), "none"), Stdout: stdout})

@@ -9,7 +9,7 @@ import (
 	"strings"
 
 	"github.com/cohort-dev/cohort/activation"
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,7 +27,7 @@ var ErrListeners = errors.New("listening sockets do not match the app file")
 //
 // The returned files are the same *os.File values; the caller keeps owning
 // them (and files that matched nothing) and closes them after Run.
-func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
+func MatchListeners(app *appfile.App, files []*os.File) ([]*os.File, error) {
 	unnamed := true
 	for _, f := range files {
 		if f.Name() != activation.UnnamedFD {
@@ -72,11 +72,11 @@ func MatchListeners(app *config.App, files []*os.File) ([]*os.File, error) {
 
 // MatchSlotListeners is MatchListeners for reuseport mode: systemd passes
 // one socket per listener and worker slot, named "<listener>.<slot>"
-// (config.SlotFDName). It returns them by slot, each slot's in
+// (appfile.SlotFDName). It returns them by slot, each slot's in
 // app.Listen order. Every slot from 0 up to the highest passed must have
 // a socket for every listener; anything else is an error (wrapping
 // ErrListeners) that names what is missing or unknown.
-func MatchSlotListeners(app *config.App, files []*os.File) ([][]*os.File, error) {
+func MatchSlotListeners(app *appfile.App, files []*os.File) ([][]*os.File, error) {
 	index := map[string]int{}
 	for i, l := range app.Listen {
 		index[l.Name] = i
@@ -86,7 +86,7 @@ func MatchSlotListeners(app *config.App, files []*os.File) ([][]*os.File, error)
 		errs  []string
 	)
 	for j, f := range files {
-		name, slot, ok := config.ParseSlotFDName(f.Name())
+		name, slot, ok := appfile.ParseSlotFDName(f.Name())
 		k, known := index[name]
 		if !ok || !known {
 			errs = append(errs, fmt.Sprintf("systemd passed fd %d named %q, which is no <listener>.<worker> of this app (listeners: %s)", 3+j, f.Name(), listenerNames(app)))
@@ -104,12 +104,12 @@ func MatchSlotListeners(app *config.App, files []*os.File) ([][]*os.File, error)
 	for i, set := range slots {
 		for k, f := range set {
 			if f == nil {
-				errs = append(errs, fmt.Sprintf("no fd %q for worker %d of [[listen]] %q (%s)", config.SlotFDName(app.Listen[k].Name, i), i, app.Listen[k].Name, app.Listen[k].Address))
+				errs = append(errs, fmt.Sprintf("no fd %q for worker %d of [[listen]] %q (%s)", appfile.SlotFDName(app.Listen[k].Name, i), i, app.Listen[k].Name, app.Listen[k].Address))
 			}
 		}
 	}
 	if len(slots) == 0 && len(errs) == 0 {
-		errs = append(errs, fmt.Sprintf("no sockets passed (want %s, …)", config.SlotFDName(app.Listen[0].Name, 0)))
+		errs = append(errs, fmt.Sprintf("no sockets passed (want %s, …)", appfile.SlotFDName(app.Listen[0].Name, 0)))
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrListeners, strings.Join(errs, "; "))
@@ -117,7 +117,7 @@ func MatchSlotListeners(app *config.App, files []*os.File) ([][]*os.File, error)
 	return slots, nil
 }
 
-func listenerNames(app *config.App) string {
+func listenerNames(app *appfile.App) string {
 	names := make([]string, len(app.Listen))
 	for i, l := range app.Listen {
 		names[i] = strconv.Quote(l.Name)
@@ -125,7 +125,7 @@ func listenerNames(app *config.App) string {
 	return listOrNone(names)
 }
 
-func appWhere(app *config.App) string {
+func appWhere(app *appfile.App) string {
 	if app.Path == "" {
 		return "app " + app.Name
 	}
@@ -145,7 +145,7 @@ func listOrNone(s []string) string {
 // order, and named after their listener. The caller owns them: it closes
 // them and calls cleanup (which removes the unix socket files Bind
 // created) when done. On error nothing is left open.
-func Bind(app *config.App) (files []*os.File, cleanup func(), err error) {
+func Bind(app *appfile.App) (files []*os.File, cleanup func(), err error) {
 	var paths []string
 	cleanup = func() {
 		for _, p := range paths {
@@ -179,7 +179,7 @@ func Bind(app *config.App) (files []*os.File, cleanup func(), err error) {
 // units systemd would bind. A listener on port 0 gets the port its first
 // socket got in every set. The caller owns the sockets. On error nothing
 // is left open.
-func BindSlots(app *config.App, n int) (slots [][]*os.File, err error) {
+func BindSlots(app *appfile.App, n int) (slots [][]*os.File, err error) {
 	defer func() {
 		if err != nil {
 			for _, set := range slots {
@@ -190,12 +190,12 @@ func BindSlots(app *config.App, n int) (slots [][]*os.File, err error) {
 			slots = nil
 		}
 	}()
-	listen := append([]config.Listener(nil), app.Listen...)
+	listen := append([]appfile.Listener(nil), app.Listen...)
 	for i := range n {
 		set := make([]*os.File, 0, len(listen))
 		for k := range listen {
 			l := &listen[k]
-			if l.Kind != config.ListenTCP {
+			if l.Kind != appfile.ListenTCP {
 				return slots, fmt.Errorf("listen %q on %s: reuseport mode needs TCP listeners", l.Name, l.Address)
 			}
 			l.ReusePort = true
@@ -236,17 +236,17 @@ func BoundAddr(f *os.File) string {
 
 // bindOne binds one listener and returns it, with the filesystem path it
 // created for a unix socket.
-func bindOne(l config.Listener) (*os.File, string, error) {
+func bindOne(l appfile.Listener) (*os.File, string, error) {
 	var (
 		sa     unix.Sockaddr
 		family int
 		path   string
 	)
 	switch l.Kind {
-	case config.ListenUnix, config.ListenAbstract:
+	case appfile.ListenUnix, appfile.ListenAbstract:
 		family = unix.AF_UNIX
 		name := l.Address
-		if l.Kind == config.ListenAbstract {
+		if l.Kind == appfile.ListenAbstract {
 			name = "\x00" + strings.TrimPrefix(name, "@")
 		} else {
 			path = name

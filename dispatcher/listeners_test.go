@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/cohort-dev/cohort/activation"
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,9 +28,9 @@ func named(t *testing.T, names ...string) []*os.File {
 }
 
 func TestMatchListeners(t *testing.T) {
-	app := config.New("web")
+	app := appfile.New("web")
 	app.Path = "/etc/cohort/web.toml"
-	app.Listen = []config.Listener{{Name: "http", Address: ":80"}, {Name: "admin", Address: "127.0.0.1:81"}}
+	app.Listen = []appfile.Listener{{Name: "http", Address: ":80"}, {Name: "admin", Address: "127.0.0.1:81"}}
 
 	files := named(t, "admin", "http")
 	got, err := MatchListeners(app, files)
@@ -54,10 +54,10 @@ func TestMatchListeners(t *testing.T) {
 
 func TestBind(t *testing.T) {
 	dir := t.TempDir()
-	app := config.New("b")
-	app.Listen = []config.Listener{
-		{Name: "tcp", Address: "127.0.0.1:0", Kind: config.ListenTCP, NoDelay: true},
-		{Name: "unix", Address: filepath.Join(dir, "s.sock"), Kind: config.ListenUnix, SocketMode: 0o600},
+	app := appfile.New("b")
+	app.Listen = []appfile.Listener{
+		{Name: "tcp", Address: "127.0.0.1:0", Kind: appfile.ListenTCP, NoDelay: true},
+		{Name: "unix", Address: filepath.Join(dir, "s.sock"), Kind: appfile.ListenUnix, SocketMode: 0o600},
 	}
 	files, cleanup, err := Bind(app)
 	if err != nil {
@@ -77,7 +77,7 @@ func TestBind(t *testing.T) {
 	}
 	// A stale socket file is replaced; cleanup removes it.
 	files[1].Close()
-	files2, cleanup2, err := Bind(&config.App{Listen: app.Listen[1:]})
+	files2, cleanup2, err := Bind(&appfile.App{Listen: app.Listen[1:]})
 	if err != nil {
 		t.Fatalf("rebinding over a stale socket: %v", err)
 	}
@@ -92,7 +92,7 @@ func TestBaseEnv(t *testing.T) {
 	dir := t.TempDir()
 	envFile := filepath.Join(dir, "env")
 	os.WriteFile(envFile, []byte("# comment\nA=from-file\nQ=\"quoted \\\"x\\\"\"\n; also comment\nLONG=one \\\ntwo\n"), 0o644)
-	app := config.New("e")
+	app := appfile.New("e")
 	app.Environment = map[string]string{"A": "from-toml", "B": "b"}
 	app.EnvironmentFiles = []string{envFile, "-" + filepath.Join(dir, "missing")}
 	env, err := baseEnv([]string{"PATH=/bin", "NOTIFY_SOCKET=/x", "LISTEN_FDS=1", "A=inherited", "WATCHDOG_USEC=1"}, app)

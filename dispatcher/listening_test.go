@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -78,15 +78,15 @@ func TestListeningReadiness(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			app := config.New("ex")
+			app := appfile.New("ex")
 			app.Command = tt.command(t)
-			app.Workers = config.Workers{N: 2}
+			app.Workers = appfile.Workers{N: 2}
 			app.WorkingDirectory = repoRoot(t)
 			app.Environment = tt.env
-			app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+			app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 			app.StopTimeout = 10 * time.Second
 			app.ReadyTimeout = 90 * time.Second // a loaded machine starts programs slowly
-			if app.Ready.Kind != config.ReadyListening || app.ReadySettle != time.Second {
+			if app.Ready.Kind != appfile.ReadyListening || app.ReadySettle != time.Second {
 				t.Fatalf("default readiness %+v, settle %v; want listening, 1s", app.Ready, app.ReadySettle)
 			}
 			l, addr := tcpListener(t, "http")
@@ -156,7 +156,7 @@ func TestListeningRoundRobin(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			app := rrApp(t, 2)
-			app.Ready = config.Readiness{Kind: config.ReadyListening}
+			app.Ready = appfile.Readiness{Kind: appfile.ReadyListening}
 			app.ReadyTimeout = 90 * time.Second
 			if tt.command != nil {
 				app.Command = tt.command(t)
@@ -187,14 +187,14 @@ func TestListeningRoundRobin(t *testing.T) {
 // serves.
 func TestListeningReusePort(t *testing.T) {
 	t.Parallel()
-	app := config.New("rp")
+	app := appfile.New("rp")
 	app.Command = []string{testtool.Python(t), filepath.Join("dispatcher", "testdata", "ready", "server.py"), "blocking"}
 	app.WorkingDirectory = repoRoot(t)
-	app.Mode = config.ModeReusePort
-	app.Workers = config.Workers{N: 2}
+	app.Mode = appfile.ModeReusePort
+	app.Workers = appfile.Workers{N: 2}
 	app.ReadyTimeout = 90 * time.Second
 	app.StopTimeout = 10 * time.Second
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP, ReusePort: true}}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP, ReusePort: true}}
 	slots, err := BindSlots(app, 2)
 	if err != nil {
 		t.Fatal(err)

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
 
@@ -101,13 +101,13 @@ func TestReloadLoadTimeout(t *testing.T) {
 	t.Parallel()
 	l, _ := tcpListener(t, "http")
 	app := testApp(t, 2, map[string]string{"HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	hang := make(chan struct{})
 	t.Cleanup(func() { close(hang) })
 	loads := make(chan struct{}, 4)
 	opt := Options{
 		App: app, Listeners: []*os.File{l}, RuntimeDir: t.TempDir(), LoadTimeout: time.Second,
-		Load: func() (*config.App, error) {
+		Load: func() (*appfile.App, error) {
 			loads <- struct{}{}
 			<-hang // a read that does not end
 			return nil, errors.New("unblocked")

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	cohort "github.com/cohort-dev/cohort/activation"
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
@@ -170,9 +170,9 @@ func helperListener() (net.Listener, error) {
 // JSON in COHORT_TEST_APP, or from the file COHORT_TEST_APPFILE (which a
 // reload re-reads), the listeners by socket activation.
 func helperDispatcher() int {
-	var app config.App
+	var app appfile.App
 	if file := os.Getenv("COHORT_TEST_APPFILE"); file != "" {
-		a, err := config.ParseFile(file)
+		a, err := appfile.ParseFile(file)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "helper dispatcher:", err)
 			return 2
@@ -188,7 +188,7 @@ func helperDispatcher() int {
 	// This process owns all its children: it may be their subreaper.
 	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
 	var err error
-	if app.Mode == config.ModeReusePort {
+	if app.Mode == appfile.ModeReusePort {
 		opt.SlotListeners, err = MatchSlotListeners(&app, files)
 	} else {
 		opt.Listeners, err = MatchListeners(&app, files)

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testproc"
 )
 
@@ -26,7 +26,7 @@ func holders(inode string) []int {
 // escapingApp is an app whose worker double-forks a setsid daemon that
 // keeps fd 3 (the listener), then runs on (or, with crash, exits 1 after
 // a moment). The daemon writes its pid to dir/daemon.PID-OF-WORKER.
-func escapingApp(t *testing.T, dir string, crash bool) *config.App {
+func escapingApp(t *testing.T, dir string, crash bool) *appfile.App {
 	t.Helper()
 	if _, err := exec.LookPath("setsid"); err != nil {
 		t.Fatal("setsid(1) not found (util-linux)")
@@ -36,13 +36,13 @@ func escapingApp(t *testing.T, dir string, crash bool) *config.App {
 		tail = "sleep 0.2; exit 1"
 	}
 	script := fmt.Sprintf(`(setsid sh -c 'echo $$ > %s/daemon.$PPID_W; exec sleep 1000' &) ; %s`, dir, tail)
-	app := config.New("esc")
+	app := appfile.New("esc")
 	app.Command = []string{"/bin/sh", "-c", "PPID_W=$$; export PPID_W; " + script}
 	app.Environment["ESC_TEST_DIR"] = dir
-	app.Workers = config.Workers{N: 1}
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
-	app.Restart = config.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Minute}
+	app.Workers = appfile.Workers{N: 1}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
+	app.Restart = appfile.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Minute}
 	app.StopTimeout = 5 * time.Second
 	return app
 }

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // These tests run the dispatcher as its own process, socket-activated
@@ -20,7 +20,7 @@ import (
 func TestSIGTERMLetsInflightFinish(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 2, map[string]string{"HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	l, addr := tcpListener(t, "http")
 	d := startDispatcherProc(t, app, []*os.File{l})
 	d.waitLine(t, 20*time.Second, "all 2 workers ready")
@@ -65,7 +65,7 @@ func TestSIGTERMLetsInflightFinish(t *testing.T) {
 func TestWorkersDieWithDispatcher(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 2, map[string]string{"HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	l, _ := tcpListener(t, "http")
 	d := startDispatcherProc(t, app, []*os.File{l})
 	d.waitLine(t, 20*time.Second, "all 2 workers ready")
@@ -98,7 +98,7 @@ func TestWorkersDieWithDispatcher(t *testing.T) {
 func TestDispatcherListenerMismatch(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 1, nil)
-	app.Listen = append(app.Listen, config.Listener{Name: "admin", Address: "127.0.0.1:0", Kind: config.ListenTCP})
+	app.Listen = append(app.Listen, appfile.Listener{Name: "admin", Address: "127.0.0.1:0", Kind: appfile.ListenTCP})
 	l, _ := tcpListener(t, "metrics")
 	d := startDispatcherProc(t, app, []*os.File{l})
 	<-d.done

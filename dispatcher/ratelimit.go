@@ -5,7 +5,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // One noisy worker must not silence the others, nor the dispatcher
@@ -61,7 +61,7 @@ type budget struct {
 }
 
 // newLimiter returns the limiter for lim; nil (no limit) when lim is off.
-func newLimiter(lim config.LogRateLimit, report func(format string, args ...any)) *limiter {
+func newLimiter(lim appfile.LogRateLimit, report func(format string, args ...any)) *limiter {
 	if lim.Off() {
 		return nil
 	}

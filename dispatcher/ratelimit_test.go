@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // child starts a real process whose stdout is a pipe and returns it with
@@ -49,7 +49,7 @@ func TestRateLimitBudget(t *testing.T) {
 	t.Parallel()
 	var stdout, log syncBuffer
 	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(config.LogRateLimit{Interval: time.Hour, Burst: 100}, o.warnf)
+	o.limit = newLimiter(appfile.LogRateLimit{Interval: time.Hour, Burst: 100}, o.warnf)
 	noisy, noisyR := child(t, printer("noisy", 10000, "0"))
 	_, quietR := child(t, printer("quiet", 80, "0"))
 	var wg sync.WaitGroup
@@ -87,7 +87,7 @@ func TestRateLimitWindow(t *testing.T) {
 	const interval = 300 * time.Millisecond
 	var stdout, log syncBuffer
 	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(config.LogRateLimit{Interval: interval, Burst: 10}, o.warnf)
+	o.limit = newLimiter(appfile.LogRateLimit{Interval: interval, Burst: 10}, o.warnf)
 	// 100 lines, then 100 more after two windows, then it stays.
 	sh, r := child(t, exec.Command("/bin/sh", "-c", "seq 1 100; sleep 0.8; seq 101 200; exec sleep 60"))
 	done := make(chan struct{})
@@ -125,7 +125,7 @@ func TestRateLimitSlot(t *testing.T) {
 	t.Parallel()
 	var stdout, log syncBuffer
 	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(config.LogRateLimit{Interval: time.Hour, Burst: 10}, o.warnf)
+	o.limit = newLimiter(appfile.LogRateLimit{Interval: time.Hour, Burst: 10}, o.warnf)
 	first, r := child(t, printer("first", 10, "kill"))
 	o.copyLines(workerTag{index: 0, pid: first.Process.Pid, gen: 1}, r)
 	again, r := child(t, printer("again", 5, "0"))
@@ -141,7 +141,7 @@ func TestRateLimitSlot(t *testing.T) {
 
 // TestRateLimitOff: a zero interval or burst is no limit.
 func TestRateLimitOff(t *testing.T) {
-	for _, l := range []config.LogRateLimit{{}, {Interval: time.Second}, {Burst: 5}} {
+	for _, l := range []appfile.LogRateLimit{{}, {Interval: time.Second}, {Burst: 5}} {
 		if newLimiter(l, nil) != nil {
 			t.Errorf("%+v: a limiter; want none", l)
 		}

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
 
@@ -41,7 +41,7 @@ const (
 // spec is what a generation of workers is started from: everything fork
 // reads from the dispatcher that a reload can change.
 type spec struct {
-	app  *config.App
+	app  *appfile.App
 	env  []string
 	path string
 	dir  string
@@ -409,8 +409,8 @@ func (d *dispatcher) scale(n int, now time.Time) error {
 		return errors.New("scale refused: the dispatcher is stopping")
 	case d.ctl.cur != nil:
 		return fmt.Errorf("scale refused: a %s is running; try again when it has finished", d.ctl.cur.what())
-	case n < 1 || n > config.MaxWorkers:
-		return fmt.Errorf("scale: want 1 to %d workers, got %d", config.MaxWorkers, n)
+	case n < 1 || n > appfile.MaxWorkers:
+		return fmt.Errorf("scale: want 1 to %d workers, got %d", appfile.MaxWorkers, n)
 	case d.slotFDs != nil && n != len(d.slots):
 		return fmt.Errorf("scale refused: reuseport mode runs one worker per socket set, and there are %d (%s)", len(d.slots), recountHint)
 	}
@@ -480,11 +480,11 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 // defaultLoad re-reads the app file the App came from; an App built
 // without a file (cohort run --listen … -- CMD) is reused as it is, so a
 // reload restarts the same command (new code at the same path).
-func (d *dispatcher) defaultLoad() (*config.App, error) {
+func (d *dispatcher) defaultLoad() (*appfile.App, error) {
 	if d.opt.App.Path == "" {
 		return d.opt.App, nil
 	}
-	return config.ParseFile(d.opt.App.Path)
+	return appfile.ParseFile(d.opt.App.Path)
 }
 
 // replaceStatus is what the status line says about a replacement.

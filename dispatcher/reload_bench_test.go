@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // BenchmarkReload measures a rolling reload of 4 Go workers (ready =
@@ -73,7 +73,7 @@ func BenchmarkLogRelay(b *testing.B) {
 	}
 	relay := func(journal bool) time.Duration {
 		app := testApp(b, 1, env)
-		app.Restart = config.Restart{Initial: time.Hour, Max: time.Hour, MinUptime: time.Hour}
+		app.Restart = appfile.Restart{Initial: time.Hour, Max: time.Hour, MinUptime: time.Hour}
 		l, _ := tcpListener(b, "http")
 		count := &countWriter{}
 		opt := Options{App: app, Listeners: []*os.File{l}, Stdout: count}

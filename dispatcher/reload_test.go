@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // appFile is the TOML of an app whose workers are helperWorker (ready =
@@ -90,11 +90,11 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "t.toml")
 	opt := Options{RuntimeDir: t.TempDir(), Stderr: &syncBuffer{}}
-	if a.mode == string(config.ModeReusePort) {
+	if a.mode == string(appfile.ModeReusePort) {
 		// Bind first (the port 0 picks is the app's address), as the
 		// sockets systemd binds exist before the dispatcher starts.
-		app := config.New("t")
-		app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+		app := appfile.New("t")
+		app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 		var err error
 		if opt.SlotListeners, err = BindSlots(app, a.workers); err != nil {
 			t.Fatal(err)
@@ -113,7 +113,7 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 		opt.Listeners = []*os.File{l}
 	}
 	writeFile(t, file, a.toml(t))
-	app, err := config.ParseFile(file)
+	app, err := appfile.ParseFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -466,7 +466,7 @@ func startLoad(addr string, conc int, max int64, stop <-chan struct{}) *httpLoad
 // workers take 2 s to become ready.
 func TestReloadZeroDrop(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin, config.ModeReusePort} {
+	for _, mode := range []appfile.Mode{appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort} {
 		for _, slow := range []bool{false, true} {
 			name := string(mode)
 			if slow {

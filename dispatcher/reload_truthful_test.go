@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -55,7 +55,7 @@ func startTruth(t *testing.T, command []string, env map[string]string) *truthFix
 	l, addr := tcpListener(t, "http")
 	f := &truthFixture{file: filepath.Join(t.TempDir(), "web.toml"), addr: addr, logs: &syncBuffer{}}
 	writeFile(t, f.file, truthApp(command, addr, env))
-	app, err := config.ParseFile(f.file)
+	app, err := appfile.ParseFile(f.file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,8 +65,8 @@ func startTruth(t *testing.T, command []string, env map[string]string) *truthFix
 	// The reloaded file has no working_directory: run the test from the
 	// repository root instead, for both generations alike.
 	opt := Options{App: app, Listeners: []*os.File{l}, RuntimeDir: rt, Stderr: f.logs,
-		Load: func() (*config.App, error) {
-			a, err := config.ParseFile(f.file)
+		Load: func() (*appfile.App, error) {
+			a, err := appfile.ParseFile(f.file)
 			if err == nil {
 				a.WorkingDirectory = app.WorkingDirectory
 			}

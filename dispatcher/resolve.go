@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // ServicePATH is the PATH systemd gives a system service that sets none
@@ -22,7 +22,7 @@ const ServicePATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 //
 // loadSpec uses it for every reload; newDispatcher still has its own copy
 // of these steps (dispatcher.go, to be switched over).
-func prepareCommand(app *config.App, inherited []string) (env []string, path string, err error) {
+func prepareCommand(app *appfile.App, inherited []string) (env []string, path string, err error) {
 	if inherited == nil {
 		inherited = os.Environ()
 	}
@@ -52,7 +52,7 @@ func prepareCommand(app *config.App, inherited []string) (env []string, path str
 // file that cannot be read, or a program that is not there or not
 // executable (wrapping fs.ErrNotExist or fs.ErrPermission when it is one
 // of those).
-func ResolveCommand(app *config.App, inherited []string) (string, error) {
+func ResolveCommand(app *appfile.App, inherited []string) (string, error) {
 	env, err := baseEnv(inherited, app)
 	if err != nil {
 		return "", err

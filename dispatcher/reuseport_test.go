@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,11 +20,11 @@ import (
 // grouped by the slot in their name; a missing, unknown or doubled name
 // is an error that says which.
 func TestMatchSlotListeners(t *testing.T) {
-	app := config.New("web")
-	app.Mode = config.ModeReusePort
-	app.Listen = []config.Listener{
-		{Name: "http", Address: "127.0.0.1:80", Kind: config.ListenTCP},
-		{Name: "v1.admin", Address: "127.0.0.1:81", Kind: config.ListenTCP},
+	app := appfile.New("web")
+	app.Mode = appfile.ModeReusePort
+	app.Listen = []appfile.Listener{
+		{Name: "http", Address: "127.0.0.1:80", Kind: appfile.ListenTCP},
+		{Name: "v1.admin", Address: "127.0.0.1:81", Kind: appfile.ListenTCP},
 	}
 	files := func(names ...string) []*os.File {
 		out := make([]*os.File, len(names))
@@ -95,10 +95,10 @@ func TestMatchSlotListeners(t *testing.T) {
 // with SO_REUSEPORT on the port the first one got, and the kernel
 // accepts them as one group (a second bind without SO_REUSEPORT fails).
 func TestBindSlots(t *testing.T) {
-	app := config.New("web")
-	app.Listen = []config.Listener{
-		{Name: "a", Address: "127.0.0.1:0", Kind: config.ListenTCP},
-		{Name: "b", Address: "[::1]:0", Kind: config.ListenTCP},
+	app := appfile.New("web")
+	app.Listen = []appfile.Listener{
+		{Name: "a", Address: "127.0.0.1:0", Kind: appfile.ListenTCP},
+		{Name: "b", Address: "[::1]:0", Kind: appfile.ListenTCP},
 	}
 	slots, err := BindSlots(app, 3)
 	if err != nil {
@@ -131,8 +131,8 @@ func TestBindSlots(t *testing.T) {
 			}
 		}
 	}
-	abstract := []config.Listener{{Name: "a", Address: "@cohort-test-bindslots", Kind: config.ListenAbstract}}
-	if _, err := BindSlots(&config.App{Listen: abstract}, 2); err == nil || !strings.Contains(err.Error(), "needs TCP") {
+	abstract := []appfile.Listener{{Name: "a", Address: "@cohort-test-bindslots", Kind: appfile.ListenAbstract}}
+	if _, err := BindSlots(&appfile.App{Listen: abstract}, 2); err == nil || !strings.Contains(err.Error(), "needs TCP") {
 		t.Errorf("BindSlots of an abstract socket: %v; want a 'needs TCP' error", err)
 	}
 }
@@ -286,7 +286,7 @@ func TestReusePortWorkerCount(t *testing.T) {
 
 	// At start: 2 sets for an app that asks for 3 workers.
 	app := testApp(t, 3, nil)
-	app.Mode = config.ModeReusePort
+	app.Mode = appfile.ModeReusePort
 	slots, err := BindSlots(app, 2)
 	if err != nil {
 		t.Fatal(err)

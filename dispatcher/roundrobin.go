@@ -57,7 +57,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -141,18 +141,18 @@ const tooManyRefsPause = 10 * time.Millisecond
 // it: workers get a channel instead of the listeners, and one acceptor per
 // listener starts. It is called once, before the first spawn.
 func (d *dispatcher) rrStart() error {
-	if d.app.Mode != config.ModeRoundRobin {
+	if d.app.Mode != appfile.ModeRoundRobin {
 		return nil
 	}
 	ctx, cancel := context.WithCancel(d.goCtx)
 	ackTimeout := d.app.AckTimeout
 	if ackTimeout <= 0 {
-		ackTimeout = config.DefaultAckTimeout
+		ackTimeout = appfile.DefaultAckTimeout
 	}
 	r := &roundRobin{
 		out:         d.out,
 		maxPending:  max(1, d.app.MaxPending),
-		leastConns:  d.app.Balance == config.BalanceLeastConnections,
+		leastConns:  d.app.Balance == appfile.BalanceLeastConnections,
 		maxHandoffs: 2 * len(d.slots),
 		ackTimeout:  ackTimeout,
 		ctx:         ctx,

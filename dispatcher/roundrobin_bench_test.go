@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,14 +28,14 @@ func BenchmarkNewConnections(b *testing.B) {
 	l, addr := tcpListener(b, "http")
 	startActivated(b, []string{"COHORT_TEST_HELPER=cohort-worker"}, []*os.File{l})
 	targets := []*benchTarget{{name: "alone", addr: addr}}
-	for _, mode := range []config.Mode{config.ModeShared, config.ModeRoundRobin, config.ModeReusePort} {
+	for _, mode := range []appfile.Mode{appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort} {
 		app := rrApp(b, 2)
 		app.Mode = mode
 		var (
 			listeners []*os.File
 			addr      string
 		)
-		if mode == config.ModeReusePort {
+		if mode == appfile.ModeReusePort {
 			listeners, addr = slotListenersAsActivated(b, app, 2)
 		} else {
 			var l *os.File
@@ -72,10 +72,10 @@ func BenchmarkNewConnections(b *testing.B) {
 // slotListenersAsActivated binds n reuseport socket sets for app and
 // returns them named as systemd passes them ("http.0", "http.1"…), for a
 // dispatcher process, with their address. They are closed at cleanup.
-func slotListenersAsActivated(tb testing.TB, app *config.App, n int) ([]*os.File, string) {
+func slotListenersAsActivated(tb testing.TB, app *appfile.App, n int) ([]*os.File, string) {
 	tb.Helper()
 	bind := *app
-	bind.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	bind.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 	slots, err := BindSlots(&bind, n)
 	if err != nil {
 		tb.Fatal(err)
@@ -88,7 +88,7 @@ func slotListenersAsActivated(tb testing.TB, app *config.App, n int) ([]*os.File
 		if err != nil {
 			tb.Fatal(err)
 		}
-		out = append(out, os.NewFile(uintptr(fd), config.SlotFDName("http", i)))
+		out = append(out, os.NewFile(uintptr(fd), appfile.SlotFDName("http", i)))
 	}
 	tb.Cleanup(func() {
 		for _, f := range out {

@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation"
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -59,12 +59,12 @@ func helperCohortWorker() int {
 }
 
 // rrApp is an app of n helperCohortWorker processes in round-robin mode.
-func rrApp(t testing.TB, n int) *config.App {
+func rrApp(t testing.TB, n int) *appfile.App {
 	t.Helper()
 	app := testApp(t, n, nil)
 	app.Environment["COHORT_TEST_HELPER"] = "cohort-worker"
-	app.Mode = config.ModeRoundRobin
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
+	app.Mode = appfile.ModeRoundRobin
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 	return app
 }
 
@@ -345,7 +345,7 @@ func TestRoundRobinFairness(t *testing.T) {
 	if testing.Short() {
 		n = 2000
 	}
-	run := func(mode config.Mode) map[string]int {
+	run := func(mode appfile.Mode) map[string]int {
 		app := rrApp(t, 4)
 		app.Mode = mode
 		l, addr := tcpListener(t, "http")
@@ -354,7 +354,7 @@ func TestRoundRobinFairness(t *testing.T) {
 		rec.waitNotify(t, 20*time.Second, "READY=1")
 		return spread(t, addr, n, 8)
 	}
-	rr := run(config.ModeRoundRobin)
+	rr := run(appfile.ModeRoundRobin)
 	ratio := maxMin(rr, 4)
 	t.Logf("round-robin: %d requests over 4 workers: %s, max/min %.3f", n, countsString(rr), ratio)
 	if ratio == 0 || ratio > 1.1 {
@@ -363,7 +363,7 @@ func TestRoundRobinFairness(t *testing.T) {
 	if testing.Short() {
 		return
 	}
-	sh := run(config.ModeShared)
+	sh := run(appfile.ModeShared)
 	t.Logf("shared: %d requests over 4 workers: %s, max/min %.3f", n, countsString(sh), maxMin(sh, 4))
 }
 
@@ -435,7 +435,7 @@ func rssKB(t testing.TB, pid int) int {
 func TestRoundRobinLeastConnections(t *testing.T) {
 	t.Parallel()
 	app := rrApp(t, 2)
-	app.Balance = config.BalanceLeastConnections
+	app.Balance = appfile.BalanceLeastConnections
 	app.MaxPending = 1
 	l, addr := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
@@ -473,9 +473,9 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 // reuseport mode without its per-worker sockets.
 func TestRunModeRejectsUnknown(t *testing.T) {
 	l, _ := tcpListener(t, "http")
-	for mode, want := range map[config.Mode]string{
-		"stolen-work":        `mode "stolen-work": unknown mode`,
-		config.ModeReusePort: "reuseport mode: no listening sockets",
+	for mode, want := range map[appfile.Mode]string{
+		"stolen-work":         `mode "stolen-work": unknown mode`,
+		appfile.ModeReusePort: "reuseport mode: no listening sockets",
 	} {
 		app := rrApp(t, 1)
 		app.Mode = mode

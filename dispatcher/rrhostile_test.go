@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
 
@@ -104,7 +104,7 @@ func helperRRHostile() int {
 
 // hostileApp is an app of n helperRRHostile workers in round-robin mode
 // with a short ack_timeout and fast stops; env adds HELPER_RR_* knobs.
-func hostileApp(t testing.TB, n int, env map[string]string) *config.App {
+func hostileApp(t testing.TB, n int, env map[string]string) *appfile.App {
 	t.Helper()
 	app := rrApp(t, n)
 	app.Environment["COHORT_TEST_HELPER"] = "rr-hostile"
@@ -244,7 +244,7 @@ func TestRoundRobinHoarder(t *testing.T) {
 	t.Parallel()
 	app := hostileApp(t, 2, map[string]string{"HELPER_RR_ROLE": "hoarder", "HELPER_RR_INDEX": "1", "HELPER_RR_ONCE": onceFile(t)})
 	app.StopTimeout = 5 * time.Second
-	if app.MaxPending != config.DefaultMaxPending {
+	if app.MaxPending != appfile.DefaultMaxPending {
 		t.Fatalf("max_pending %d, want the default", app.MaxPending)
 	}
 	l, addr := tcpListener(t, "http")
@@ -389,7 +389,7 @@ func TestRoundRobinNeverSpoke(t *testing.T) {
 	t.Run("mute", func(t *testing.T) {
 		t.Parallel()
 		app := hostileApp(t, 2, map[string]string{"HELPER_RR_ROLE": "mute", "HELPER_RR_INDEX": "1"})
-		app.Ready = config.Readiness{Kind: config.ReadyExec}
+		app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 		l, addr := tcpListener(t, "http")
 		rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
 		rec.waitNotify(t, 20*time.Second, "READY=1")
@@ -413,7 +413,7 @@ func TestRoundRobinNeverSpoke(t *testing.T) {
 	t.Run("crash", func(t *testing.T) {
 		t.Parallel()
 		app := hostileApp(t, 2, map[string]string{"HELPER_RR_ROLE": "crash"})
-		app.Ready = config.Readiness{Kind: config.ReadyExec}
+		app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 		l, _ := tcpListener(t, "http")
 		rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
 		waitFor(t, 20*time.Second, "the never-spoke lines", func() bool {

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // checkSpawnable refuses, before any worker is forked, a spec whose every
@@ -14,8 +14,8 @@ import (
 // an error cannot heal by retrying, so Run fails at start and a reload
 // fails with the old workers serving, instead of the slots retrying the
 // fork forever with backoff.
-func checkSpawnable(app *config.App, env []string) error {
-	if err := config.CheckHost(app); err != nil {
+func checkSpawnable(app *appfile.App, env []string) error {
+	if err := appfile.CheckHost(app); err != nil {
 		return err
 	}
 	for i, arg := range app.Command {
@@ -34,7 +34,7 @@ func checkSpawnable(app *config.App, env []string) error {
 
 // notifyName is the file name of the dispatcher's notify socket in its
 // runtime directory, for a dispatcher with pid pid; r makes it unique.
-// config.MaxAppName is derived from its longest form.
+// appfile.MaxAppName is derived from its longest form.
 func notifyName(pid int, r uint32) string {
 	return fmt.Sprintf("notify-%d-%08x.sock", pid, r)
 }

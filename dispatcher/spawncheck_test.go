@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // TestSpawnErrorsThatCannotHeal: a working directory that does not exist
@@ -22,12 +22,12 @@ func TestSpawnErrorsThatCannotHeal(t *testing.T) {
 	writeFile(t, envFile, "A=1\x00B=2\n")
 	tests := []struct {
 		name string
-		edit func(*config.App)
+		edit func(*appfile.App)
 		want string
 	}{
-		{"missing working directory", func(a *config.App) { a.WorkingDirectory = "/nonexistent/cohort-test" },
+		{"missing working directory", func(a *appfile.App) { a.WorkingDirectory = "/nonexistent/cohort-test" },
 			`working_directory "/nonexistent/cohort-test" does not exist on this host`},
-		{"NUL from an environment file", func(a *config.App) { a.EnvironmentFiles = []string{envFile} },
+		{"NUL from an environment file", func(a *appfile.App) { a.EnvironmentFiles = []string{envFile} },
 			`environment variable "A" holds a NUL byte`},
 	}
 	for _, tt := range tests {
@@ -77,13 +77,13 @@ func TestReloadToMissingWorkingDirectory(t *testing.T) {
 	}
 }
 
-// TestNotifyNameFitsAppNameBound: config.MaxAppName is derived from the
+// TestNotifyNameFitsAppNameBound: appfile.MaxAppName is derived from the
 // longest notify socket name; the dispatcher must not make a longer one.
 func TestNotifyNameFitsAppNameBound(t *testing.T) {
-	if n := len(notifyName(4194304, 0xffffffff)); n != config.MaxRuntimeSocketName {
-		t.Errorf("longest notify socket name is %d bytes, config.MaxRuntimeSocketName is %d", n, config.MaxRuntimeSocketName)
+	if n := len(notifyName(4194304, 0xffffffff)); n != appfile.MaxRuntimeSocketName {
+		t.Errorf("longest notify socket name is %d bytes, appfile.MaxRuntimeSocketName is %d", n, appfile.MaxRuntimeSocketName)
 	}
-	if len(control.SocketName) > config.MaxRuntimeSocketName {
-		t.Errorf("control socket name %q is longer than config.MaxRuntimeSocketName", control.SocketName)
+	if len(control.SocketName) > appfile.MaxRuntimeSocketName {
+		t.Errorf("control socket name %q is longer than appfile.MaxRuntimeSocketName", control.SocketName)
 	}
 }

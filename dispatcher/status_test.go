@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -44,10 +44,10 @@ while time.time() < end: pass`
 	rt := t.TempDir()
 	script := filepath.Join(rt, "burn.py")
 	writeFile(t, script, burn)
-	app := config.New("t")
+	app := appfile.New("t")
 	app.Command = []string{"/bin/sh", "-c", fmt.Sprintf(`%s %s & setsid sh -c '%s %s & exit 0'; exec sleep 60`, py, script, py, script)}
-	app.Workers = config.Workers{N: 1}
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Workers = appfile.Workers{N: 1}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 	app.StopTimeout = 5 * time.Second
 	p := startActivated(t, []string{"COHORT_TEST_HELPER=dispatcher", "COHORT_TEST_APP=" + appJSON(t, app), "RUNTIME_DIRECTORY=" + rt}, nil)
 	p.waitLine(t, 20*time.Second, "all 1 workers ready")
@@ -67,7 +67,7 @@ while time.time() < end: pass`
 }
 
 // appJSON is app for helperDispatcher's COHORT_TEST_APP.
-func appJSON(t testing.TB, app *config.App) string {
+func appJSON(t testing.TB, app *appfile.App) string {
 	t.Helper()
 	js, err := json.Marshal(app)
 	if err != nil {
@@ -85,8 +85,8 @@ func TestCrashLoopClears(t *testing.T) {
 	ctrl := filepath.Join(t.TempDir(), "ctrl")
 	writeFile(t, ctrl, "exit")
 	app := testApp(t, 1, map[string]string{"HELPER_CTRL": ctrl, "HELPER_READY": "1"})
-	app.Ready = config.Readiness{Kind: config.ReadyNotify}
-	app.Restart = config.Restart{Initial: 300 * time.Millisecond, Max: 300 * time.Millisecond, MinUptime: 2 * time.Second}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
+	app.Restart = appfile.Restart{Initial: 300 * time.Millisecond, Max: 300 * time.Millisecond, MinUptime: 2 * time.Second}
 	l, _ := tcpListener(t, "http")
 	rt := t.TempDir()
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: rt})
@@ -153,11 +153,11 @@ func TestRoundRobinConns(t *testing.T) {
 func TestStatusGunicorn(t *testing.T) {
 	t.Parallel()
 	py := testtool.NeedPython(t, "gunicorn")
-	app := config.New("gu")
+	app := appfile.New("gu")
 	app.Command = []string{py, "-m", "gunicorn", "--workers", "1", "--chdir", filepath.Join(repoRoot(t), "dispatcher", "testdata", "status"), "burn:app"}
-	app.Workers = config.Workers{N: 1}
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
+	app.Workers = appfile.Workers{N: 1}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 	app.StopTimeout = 10 * time.Second
 	l, _ := tcpListener(t, "http")
 	rt := t.TempDir()

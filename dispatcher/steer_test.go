@@ -1,7 +1,7 @@
 package dispatcher
 
 import (
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 
 	"context"
 	"encoding/json"
@@ -105,7 +105,7 @@ func TestWorkerCannotSteer(t *testing.T) {
 	writeFile(t, out, "")
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "steer", "HELPER_STEER_OUT": out})
 	// The steer helper never accepts: "listening" would never call it ready.
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 	l, _ := tcpListener(t, "http")
 	js, err := json.Marshal(app)
 	if err != nil {

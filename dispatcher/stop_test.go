@@ -10,15 +10,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // shApp is an app of one /bin/sh worker running script, ready at exec.
-func shApp(t *testing.T, script string) *config.App {
+func shApp(t *testing.T, script string) *appfile.App {
 	t.Helper()
 	app := testApp(t, 1, nil)
 	app.Command = []string{"/bin/sh", "-c", script}
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 	return app
 }
 
@@ -94,7 +94,7 @@ func TestStopMessages(t *testing.T) {
 // The tree is real: a sh worker whose child sh notes every SIGTERM.
 func TestKillMode(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{config.KillModeGroup, config.KillModeMixed} {
+	for _, mode := range []string{appfile.KillModeGroup, appfile.KillModeMixed} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
 			mark := filepath.Join(t.TempDir(), "child")
@@ -124,11 +124,11 @@ sleep 1000 & wait`)
 			}
 			got, _ := os.ReadFile(mark)
 			switch mode {
-			case config.KillModeGroup:
+			case appfile.KillModeGroup:
 				if !strings.Contains(string(got), "TERM") {
 					t.Errorf("kill_mode = group: the child did not get SIGTERM")
 				}
-			case config.KillModeMixed:
+			case appfile.KillModeMixed:
 				if len(got) != 0 {
 					t.Errorf("kill_mode = mixed: the child got SIGTERM (%q)", got)
 				}

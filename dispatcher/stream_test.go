@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,7 +37,7 @@ func TestOutputPipeNobodyReads(t *testing.T) {
 		"COHORT_TEST_HELPER": "printer", "HELPER_LINES": strings.Repeat("o", 99),
 		"HELPER_REPEAT": "20000", "HELPER_EXIT": "hang",
 	})
-	app.Ready = config.Readiness{Kind: config.ReadyExec}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 	logs := &syncBuffer{}
 	opt := Options{App: app, Listeners: []*os.File{l}, Stdout: w, Stderr: logs, RuntimeDir: t.TempDir()}
 	rec, stop := startRun(t, opt)

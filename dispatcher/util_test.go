@@ -19,26 +19,26 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
 // testApp is an app whose workers are helperWorker, with fast restarts.
-func testApp(t testing.TB, workers int, env map[string]string) *config.App {
+func testApp(t testing.TB, workers int, env map[string]string) *appfile.App {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	app := config.New("t")
+	app := appfile.New("t")
 	app.Command = []string{self}
-	app.Workers = config.Workers{N: workers}
+	app.Workers = appfile.Workers{N: workers}
 	app.Environment["COHORT_TEST_HELPER"] = "worker"
 	for k, v := range env {
 		app.Environment[k] = v
 	}
-	app.Listen = []config.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: config.ListenTCP}}
-	app.Restart = config.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Second}
+	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
+	app.Restart = appfile.Restart{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, MinUptime: time.Second}
 	app.StopTimeout = 10 * time.Second
 	app.ReadyTimeout = 20 * time.Second
 	return app
@@ -397,7 +397,7 @@ func startActivated(t testing.TB, env []string, listeners []*os.File, argv ...st
 }
 
 // startDispatcherProc runs a dispatcher for app in its own process.
-func startDispatcherProc(t testing.TB, app *config.App, listeners []*os.File) *proc {
+func startDispatcherProc(t testing.TB, app *appfile.App, listeners []*os.File) *proc {
 	t.Helper()
 	js, err := json.Marshal(app)
 	if err != nil {

@@ -8,7 +8,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -121,7 +121,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	stop := func() {
 		w.signalled, w.sent = true, app.StopSignal
 		target := -w.pid
-		if app.KillMode == config.KillModeMixed {
+		if app.KillMode == appfile.KillModeMixed {
 			target = w.pid
 		}
 		unix.Kill(target, app.StopSignal)
@@ -159,17 +159,17 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		switch tr {
 		case trExeced:
 			switch app.Ready.Kind {
-			case config.ReadyExec:
+			case appfile.ReadyExec:
 				toReady()
-			case config.ReadyDelay:
+			case appfile.ReadyDelay:
 				w.readyAt = now.Add(app.Ready.Delay)
-			case config.ReadyListening:
+			case appfile.ReadyListening:
 				d.startProbe(w)
 			}
 		case trListening:
 			d.settle(w, now)
 		case trReadyMsg:
-			if app.Ready.Kind != config.ReadyListening {
+			if app.Ready.Kind != appfile.ReadyListening {
 				toReady()
 			}
 			// "listening" believes only what it sees: gunicorn's

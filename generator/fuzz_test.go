@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/units"
 	"github.com/coreos/go-systemd/v22/unit"
 )
@@ -54,18 +54,18 @@ var renderSeeds = []struct{ dir, src string }{
 
 // renderFuzzed parses data as the app file fuzz.toml in dir and renders
 // it; it returns nil when the file does not validate.
-func renderFuzzed(t testing.TB, dir string, data []byte) (*config.App, *Units) {
+func renderFuzzed(t testing.TB, dir string, data []byte) (*appfile.App, *Units) {
 	t.Helper()
 	if !strings.HasPrefix(dir, "/") {
 		dir = "/" + dir
 	}
-	app, err := config.Parse(strings.TrimSuffix(dir, "/")+"/fuzz.toml", data)
+	app, err := appfile.Parse(strings.TrimSuffix(dir, "/")+"/fuzz.toml", data)
 	if err != nil {
 		return nil, nil
 	}
 	// Thousands of reuseport sockets say nothing new and slow the fuzzer.
-	if app.Mode == config.ModeReusePort && (app.Workers.Auto || app.Workers.N > 4) {
-		app.Workers = config.Workers{N: 3}
+	if app.Mode == appfile.ModeReusePort && (app.Workers.Auto || app.Workers.N > 4) {
+		app.Workers = appfile.Workers{N: 3}
 	}
 	us, err := Render(app, Options{CPUs: 2})
 	if err != nil {
@@ -79,7 +79,7 @@ type directive struct{ section, key, value string }
 
 // checkRoundTrip reads every unit of us back and compares it with what
 // app asked for.
-func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
+func checkRoundTrip(t *testing.T, app *appfile.App, us *Units) {
 	t.Helper()
 	sockets, err := Sockets(app, 2)
 	if err != nil {
@@ -96,7 +96,7 @@ func checkRoundTrip(t *testing.T, app *config.App, us *Units) {
 		got := readBack(t, us.Files[i])
 		l := s.Listener
 		ref := &units.Socket{Name: "ref.socket", Service: "ref.service", ListenStream: "x", FileDescriptorName: "x",
-			Backlog: l.Backlog, ReusePort: l.ReusePort || app.Mode == config.ModeReusePort, NoDelay: l.NoDelay, KeepAlive: l.KeepAlive,
+			Backlog: l.Backlog, ReusePort: l.ReusePort || app.Mode == appfile.ModeReusePort, NoDelay: l.NoDelay, KeepAlive: l.KeepAlive,
 			SocketUser: l.SocketUser, SocketGroup: l.SocketGroup, SocketMode: l.SocketMode}
 		if i == 0 {
 			ref.Wants = names[1:]
@@ -186,7 +186,7 @@ func readBack(t *testing.T, f units.File) []directive {
 // expectKeys renders ref (the same unit with harmless values and no
 // pass-through) and returns its section/key list plus the pass-through
 // keys: what the real unit must hold, in some order.
-func expectKeys(t *testing.T, render func() (units.File, error), unitExtra, extra []config.Directive, section string) []string {
+func expectKeys(t *testing.T, render func() (units.File, error), unitExtra, extra []appfile.Directive, section string) []string {
 	t.Helper()
 	f, err := render()
 	if err != nil {
@@ -247,16 +247,16 @@ func checkValues(t *testing.T, name string, got []directive, want map[string]str
 
 // checkPassThrough: the pass-through directives read back verbatim, in
 // order.
-func checkPassThrough(t *testing.T, name string, got []directive, section string, want []config.Directive) {
+func checkPassThrough(t *testing.T, name string, got []directive, section string, want []appfile.Directive) {
 	t.Helper()
 	keys := map[string]bool{}
 	for _, d := range want {
 		keys[d.Key] = true
 	}
-	var have []config.Directive
+	var have []appfile.Directive
 	for _, d := range got {
 		if d.section == section && keys[d.key] {
-			have = append(have, config.Directive{Key: d.key, Value: d.value})
+			have = append(have, appfile.Directive{Key: d.key, Value: d.value})
 		}
 	}
 	// cohort may write a key that is also passed through (After=, in the
@@ -392,7 +392,7 @@ func TestVerifyFuzzCorpus(t *testing.T) {
 		if !strings.HasPrefix(dir, "/") {
 			dir = "/" + dir
 		}
-		app, err := config.Parse(strings.TrimSuffix(dir, "/")+"/fuzz.toml", []byte(in.src))
+		app, err := appfile.Parse(strings.TrimSuffix(dir, "/")+"/fuzz.toml", []byte(in.src))
 		if err != nil {
 			continue
 		}

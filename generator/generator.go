@@ -18,7 +18,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator/running"
 	"github.com/cohort-dev/cohort/internal/cpuset"
 	"github.com/cohort-dev/cohort/units"
@@ -70,7 +70,7 @@ type Units struct {
 }
 
 // Render builds the units of a validated app.
-func Render(app *config.App, opts Options) (*Units, error) {
+func Render(app *appfile.App, opts Options) (*Units, error) {
 	cohort := opts.CohortPath
 	if cohort == "" {
 		cohort = DefaultCohortPath
@@ -104,7 +104,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 			ListenStream:       listenStream(l),
 			FileDescriptorName: sock.FDName,
 			Backlog:            l.Backlog,
-			ReusePort:          l.ReusePort || app.Mode == config.ModeReusePort,
+			ReusePort:          l.ReusePort || app.Mode == appfile.ModeReusePort,
 			NoDelay:            l.NoDelay,
 			KeepAlive:          l.KeepAlive,
 			SocketUser:         l.SocketUser,
@@ -139,7 +139,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 	}
 
 	workers := workersText(app.Workers)
-	if app.Mode == config.ModeReusePort {
+	if app.Mode == appfile.ModeReusePort {
 		workers = fmt.Sprint(len(sockets) / len(app.Listen))
 	}
 	svc := &units.Service{
@@ -165,7 +165,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 		SyslogIdentifier: app.Name,
 	}
 	n := len(sockets) / max(len(app.Listen), 1) // reuseport: the slots
-	if app.Mode != config.ModeReusePort {
+	if app.Mode != appfile.ModeReusePort {
 		if n, err = workerCount(app, opts.CPUs); err != nil {
 			return nil, err
 		}
@@ -214,7 +214,7 @@ func Render(app *config.App, opts Options) (*Units, error) {
 // counts the CPUs the generator may run on, which is what the service's
 // dispatcher counts too unless CPUAffinity= narrows it (then fewer
 // workers share the same unit budget: still enough).
-func workerCount(app *config.App, cpus int) (int, error) {
+func workerCount(app *appfile.App, cpus int) (int, error) {
 	if app.Workers.Auto && cpus == 0 {
 		n, err := AvailableCPUs()
 		if err != nil {
@@ -240,7 +240,7 @@ const (
 // slot's windows (dispatcher/ratelimit.go), so 2 × workers × burst, plus
 // the dispatcher's own lines. No limit in the app file is no limit in
 // journald either (interval 0).
-func JournalRateLimit(lim config.LogRateLimit, workers int) *units.LogRateLimit {
+func JournalRateLimit(lim appfile.LogRateLimit, workers int) *units.LogRateLimit {
 	if lim.Off() {
 		return &units.LogRateLimit{}
 	}
@@ -249,7 +249,7 @@ func JournalRateLimit(lim config.LogRateLimit, workers int) *units.LogRateLimit 
 }
 
 // addMargin is d + margin, saturating at the longest time.Duration: the
-// config bounds durations (config.MaxDuration), and an App built some other
+// config bounds durations (appfile.MaxDuration), and an App built some other
 // way must not wrap around into a negative timeout that drops the
 // directive.
 func addMargin(d, margin time.Duration) time.Duration {
@@ -264,7 +264,7 @@ func addMargin(d, margin time.Duration) time.Duration {
 type Socket struct {
 	Unit     string // "web.socket", "web-admin.socket", "web-http-1.socket"
 	FDName   string // FileDescriptorName=: the listener's name, or "http.1" in reuseport mode
-	Listener config.Listener
+	Listener appfile.Listener
 	Slot     int // the worker slot in reuseport mode; -1 otherwise
 }
 
@@ -277,8 +277,8 @@ type Socket struct {
 // ReusePort=yes: slot i of listener L is <app>-<L>-<i>.socket, with
 // FileDescriptorName=<L>.<i> so that the dispatcher can tell the sets
 // apart. cpus is what workers = "auto" counts (0: AvailableCPUs).
-func Sockets(app *config.App, cpus int) ([]Socket, error) {
-	if app.Mode != config.ModeReusePort {
+func Sockets(app *appfile.App, cpus int) ([]Socket, error) {
+	if app.Mode != appfile.ModeReusePort {
 		out := make([]Socket, len(app.Listen))
 		for i, l := range app.Listen {
 			out[i] = Socket{Unit: app.Name + "-" + l.Name + ".socket", FDName: l.Name, Listener: l, Slot: -1}
@@ -296,16 +296,16 @@ func Sockets(app *config.App, cpus int) ([]Socket, error) {
 		cpus = n
 	}
 	n := app.Workers.Count(cpus)
-	if n*len(app.Listen) > config.MaxReusePortSockets {
+	if n*len(app.Listen) > appfile.MaxReusePortSockets {
 		return nil, fmt.Errorf("%s: mode = \"reuseport\" writes one socket unit per worker and listener: workers = \"auto\" is %d CPUs here × %d listeners = %d, more than %d; set workers",
-			app.Path, n, len(app.Listen), n*len(app.Listen), config.MaxReusePortSockets)
+			app.Path, n, len(app.Listen), n*len(app.Listen), appfile.MaxReusePortSockets)
 	}
 	out := make([]Socket, 0, n*len(app.Listen))
 	for _, l := range app.Listen {
 		for i := range n {
 			out = append(out, Socket{
 				Unit:     fmt.Sprintf("%s-%s-%d.socket", app.Name, l.Name, i),
-				FDName:   config.SlotFDName(l.Name, i),
+				FDName:   appfile.SlotFDName(l.Name, i),
 				Listener: l,
 				Slot:     i,
 			})
@@ -328,27 +328,27 @@ func AvailableCPUs() (int, error) {
 
 // listenStream renders an address for ListenStream=: ":8080" becomes
 // "8080", which systemd binds on all addresses, IPv4 and IPv6.
-func listenStream(l config.Listener) string {
-	if l.Kind == config.ListenTCP && strings.HasPrefix(l.Address, ":") {
+func listenStream(l appfile.Listener) string {
+	if l.Kind == appfile.ListenTCP && strings.HasPrefix(l.Address, ":") {
 		return l.Address[1:]
 	}
 	return l.Address
 }
 
-func workersText(w config.Workers) string {
+func workersText(w appfile.Workers) string {
 	if w.Auto {
 		return "auto"
 	}
 	return fmt.Sprint(w.N)
 }
 
-func unitBudgetError(app *config.App, sockets int) error {
+func unitBudgetError(app *appfile.App, sockets int) error {
 	return fmt.Errorf("%s: the units would hold more than %d bytes (%d socket units, each with the [unit] and [socket] directives); use fewer workers, listeners or directives",
 		app.Path, MaxAppUnitBytes, sockets)
 }
 
 // directiveBytes is what ds adds to a unit file, at least.
-func directiveBytes(ds []config.Directive) int {
+func directiveBytes(ds []appfile.Directive) int {
 	n := 0
 	for _, d := range ds {
 		n += len(d.Key) + len(d.Value) + 2 // "=" and "\n"
@@ -356,7 +356,7 @@ func directiveBytes(ds []config.Directive) int {
 	return n
 }
 
-func options(ds []config.Directive) []units.Option {
+func options(ds []appfile.Directive) []units.Option {
 	out := make([]units.Option, len(ds))
 	for i, d := range ds {
 		out[i] = units.Option{Key: d.Key, Value: d.Value}
@@ -385,7 +385,7 @@ var ErrBadApps = errors.New("some app files were skipped")
 // snapshot, so that a typo and a daemon-reload do not take the sockets
 // from a running app; it counts as bad for ErrBadApps.
 func (g *Generator) Run(dir string) error {
-	files, err := config.Discover(g.SearchPath)
+	files, err := appfile.Discover(g.SearchPath)
 	bad := 0
 	if err != nil {
 		fmt.Fprintf(g.Log, "cohort-generator: %v\n", err)
@@ -422,7 +422,7 @@ func (g *Generator) one(dir, path string, owner, existing map[string]string) err
 			}
 			return err
 		}
-		fmt.Fprintln(g.Log, running.KeepMessage(err, config.AppName(path)))
+		fmt.Fprintln(g.Log, running.KeepMessage(err, appfile.AppName(path)))
 		us, kept = from, true
 	}
 	for _, f := range us.Files {
@@ -450,7 +450,7 @@ var errKept = errors.New("kept the running configuration")
 
 // render parses and renders the app file at path.
 func (g *Generator) render(path string) (*Units, error) {
-	app, err := config.ParseFile(path)
+	app, err := appfile.ParseFile(path)
 	if err != nil {
 		return nil, err
 	}

@@ -14,26 +14,26 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/units"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden unit files in testdata/golden")
 
 // goldenApps parses every testdata/apps/*.toml as if it were in /etc/cohort.
-func goldenApps(t testing.TB) map[string]*config.App {
+func goldenApps(t testing.TB) map[string]*appfile.App {
 	t.Helper()
 	paths, err := filepath.Glob("testdata/apps/*.toml")
 	if err != nil || len(paths) == 0 {
 		t.Fatalf("no test apps: %v", err)
 	}
-	apps := map[string]*config.App{}
+	apps := map[string]*appfile.App{}
 	for _, p := range paths {
 		data, err := os.ReadFile(p)
 		if err != nil {
 			t.Fatal(err)
 		}
-		app, err := config.Parse("/etc/cohort/"+filepath.Base(p), data)
+		app, err := appfile.Parse("/etc/cohort/"+filepath.Base(p), data)
 		if err != nil {
 			t.Fatalf("%s: %v", p, err)
 		}
@@ -271,7 +271,7 @@ func BenchmarkGenerate100(b *testing.B) {
 			b.Fatal(err)
 		}
 		t0 := time.Now()
-		files, _ := config.Discover([]string{etc})
+		files, _ := appfile.Discover([]string{etc})
 		for _, f := range files {
 			if _, err := os.ReadFile(f); err != nil {
 				b.Fatal(err)
@@ -302,20 +302,20 @@ func BenchmarkGenerate100(b *testing.B) {
 // to its listener and slot; "auto" counts the CPUs given, or this
 // process's own.
 func TestSocketsReusePort(t *testing.T) {
-	app := config.New("web")
-	app.Mode = config.ModeReusePort
-	app.Listen = []config.Listener{
-		{Name: "http", Address: "127.0.0.1:8080", Kind: config.ListenTCP},
-		{Name: "v1.admin", Address: "127.0.0.1:9000", Kind: config.ListenTCP},
+	app := appfile.New("web")
+	app.Mode = appfile.ModeReusePort
+	app.Listen = []appfile.Listener{
+		{Name: "http", Address: "127.0.0.1:8080", Kind: appfile.ListenTCP},
+		{Name: "v1.admin", Address: "127.0.0.1:9000", Kind: appfile.ListenTCP},
 	}
 	for _, tc := range []struct {
-		workers config.Workers
+		workers appfile.Workers
 		cpus    int
 		want    []string
 	}{
-		{config.Workers{N: 1}, 8, []string{"web.socket=http.0", "web-v1.admin-0.socket=v1.admin.0"}},
-		{config.Workers{N: 2}, 8, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
-		{config.Workers{Auto: true}, 2, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
+		{appfile.Workers{N: 1}, 8, []string{"web.socket=http.0", "web-v1.admin-0.socket=v1.admin.0"}},
+		{appfile.Workers{N: 2}, 8, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
+		{appfile.Workers{Auto: true}, 2, []string{"web.socket=http.0", "web-http-1.socket=http.1", "web-v1.admin-0.socket=v1.admin.0", "web-v1.admin-1.socket=v1.admin.1"}},
 	} {
 		app.Workers = tc.workers
 		socks, err := Sockets(app, tc.cpus)
@@ -325,7 +325,7 @@ func TestSocketsReusePort(t *testing.T) {
 		var got []string
 		for _, s := range socks {
 			got = append(got, s.Unit+"="+s.FDName)
-			l, slot, ok := config.ParseSlotFDName(s.FDName)
+			l, slot, ok := appfile.ParseSlotFDName(s.FDName)
 			if !ok || l != s.Listener.Name || slot != s.Slot {
 				t.Errorf("ParseSlotFDName(%q) = %q, %d, %v; want %q, %d", s.FDName, l, slot, ok, s.Listener.Name, s.Slot)
 			}
@@ -335,7 +335,7 @@ func TestSocketsReusePort(t *testing.T) {
 		}
 	}
 
-	app.Workers = config.Workers{Auto: true}
+	app.Workers = appfile.Workers{Auto: true}
 	n, err := AvailableCPUs()
 	if err != nil {
 		t.Fatal(err)
@@ -354,21 +354,21 @@ func TestSocketsReusePort(t *testing.T) {
 // app file is none in journald either; "auto" counts the CPUs.
 func TestJournalRateLimit(t *testing.T) {
 	for _, tt := range []struct {
-		lim     config.LogRateLimit
+		lim     appfile.LogRateLimit
 		workers int
 		want    units.LogRateLimit
 	}{
-		{config.LogRateLimit{Interval: 10 * time.Second, Burst: 5000}, 2, units.LogRateLimit{Interval: 10 * time.Second, Burst: 21200}},
-		{config.LogRateLimit{Interval: 30 * time.Second, Burst: 10000}, 1, units.LogRateLimit{Interval: 30 * time.Second, Burst: 21100}},
-		{config.LogRateLimit{Interval: time.Second, Burst: config.MaxLogRateLimitBurst}, config.MaxWorkers, units.LogRateLimit{Interval: time.Second, Burst: 2048103400}},
-		{config.LogRateLimit{Interval: 0, Burst: 10}, 4, units.LogRateLimit{}},
-		{config.LogRateLimit{Interval: time.Second, Burst: 0}, 4, units.LogRateLimit{}},
+		{appfile.LogRateLimit{Interval: 10 * time.Second, Burst: 5000}, 2, units.LogRateLimit{Interval: 10 * time.Second, Burst: 21200}},
+		{appfile.LogRateLimit{Interval: 30 * time.Second, Burst: 10000}, 1, units.LogRateLimit{Interval: 30 * time.Second, Burst: 21100}},
+		{appfile.LogRateLimit{Interval: time.Second, Burst: appfile.MaxLogRateLimitBurst}, appfile.MaxWorkers, units.LogRateLimit{Interval: time.Second, Burst: 2048103400}},
+		{appfile.LogRateLimit{Interval: 0, Burst: 10}, 4, units.LogRateLimit{}},
+		{appfile.LogRateLimit{Interval: time.Second, Burst: 0}, 4, units.LogRateLimit{}},
 	} {
 		if got := JournalRateLimit(tt.lim, tt.workers); *got != tt.want {
 			t.Errorf("JournalRateLimit(%+v, %d) = %+v, want %+v", tt.lim, tt.workers, *got, tt.want)
 		}
 	}
-	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = \"auto\"\nlog_rate_limit_burst = 100\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = \"auto\"\nlog_rate_limit_burst = 100\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -386,7 +386,7 @@ func TestJournalRateLimit(t *testing.T) {
 // identifier itself (the workaround users had before cohort sized them)
 // still generates, with its own values and none of cohort's beside them.
 func TestJournalRateLimitUserWins(t *testing.T) {
-	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = 2\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[service]\nLogRateLimitIntervalSec = 0\nSyslogIdentifier = \"mine\"\n"))
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nworkers = 2\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[service]\nLogRateLimitIntervalSec = 0\nSyslogIdentifier = \"mine\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // hostileKinds writes one app file of each hostile kind into dir and
@@ -181,14 +181,14 @@ func TestGeneratorHostileFiles(t *testing.T) {
 				n++
 			}
 		}
-		if n > config.MaxErrors+1 {
-			t.Errorf("%d report lines for %s, want at most %d", n, name, config.MaxErrors+1)
+		if n > appfile.MaxErrors+1 {
+			t.Errorf("%d report lines for %s, want at most %d", n, name, appfile.MaxErrors+1)
 		}
 		if _, err := os.Stat(filepath.Join(out, strings.TrimSuffix(name, ".toml")+".service")); err == nil {
 			t.Errorf("units generated for %s", name)
 		}
 	}
-	if len(lines) > 12*(config.MaxErrors+2)+1 {
+	if len(lines) > 12*(appfile.MaxErrors+2)+1 {
 		t.Errorf("%d report lines in all", len(lines))
 	}
 	for _, name := range good {
@@ -239,12 +239,12 @@ func BenchmarkGeneratorHostile(b *testing.B) {
 // against MaxReusePortSockets with the CPUs of this host, which the config
 // cannot know.
 func TestSocketsAutoBound(t *testing.T) {
-	app := config.New("web")
+	app := appfile.New("web")
 	app.Path = "/etc/cohort/web.toml"
-	app.Mode = config.ModeReusePort
-	app.Listen = []config.Listener{
-		{Name: "http", Address: "127.0.0.1:8080", Kind: config.ListenTCP},
-		{Name: "admin", Address: "127.0.0.1:9000", Kind: config.ListenTCP},
+	app.Mode = appfile.ModeReusePort
+	app.Listen = []appfile.Listener{
+		{Name: "http", Address: "127.0.0.1:8080", Kind: appfile.ListenTCP},
+		{Name: "admin", Address: "127.0.0.1:9000", Kind: appfile.ListenTCP},
 	}
 	if _, err := Sockets(app, 512); err != nil {
 		t.Errorf("512 CPUs × 2 listeners: %v", err)

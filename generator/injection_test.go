@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // TestUnitNamesCheckedBeforeWriting: app + listener names that make a
@@ -16,7 +16,7 @@ import (
 // now bounds the app name; an App built some other way fails in Render,
 // before anything is written.
 func TestUnitNamesCheckedBeforeWriting(t *testing.T) {
-	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[[listen]]\nname = \""+
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[[listen]]\nname = \""+
 		strings.Repeat("l", 64)+"\"\naddress = \"127.0.0.1:8081\"\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -32,7 +32,7 @@ func TestUnitNamesCheckedBeforeWriting(t *testing.T) {
 // Description= as in ListenStream= (issue 14, item 1: it was not in
 // Description=).
 func TestEscapesSpecifiersInAddress(t *testing.T) {
-	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\n[[listen]]\nname = \"http\"\naddress = \"/run/100%n.sock\"\n"))
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\n[[listen]]\nname = \"http\"\naddress = \"/run/100%n.sock\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func TestEscapesSpecifiersInAddress(t *testing.T) {
 // margin to the app's timeouts; a sum that overflowed went negative and
 // the directive vanished (issue 14, item 8).
 func TestTimeoutMarginsSaturate(t *testing.T) {
-	app, err := config.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nstop_timeout = \"365d\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\nstop_timeout = \"365d\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

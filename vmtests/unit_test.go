@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // These tests check the harness's own logic; they run in every `go test`.
@@ -176,7 +176,7 @@ address = "127.0.0.1:8080"
 	if got != want {
 		t.Errorf("appFile:\n%s\nwant:\n%s", got, want)
 	}
-	app, err := config.Parse("web.toml", []byte(got))
+	app, err := appfile.Parse("web.toml", []byte(got))
 	if err != nil || app.Workers.N != 2 || len(app.Listen) != 1 || app.Listen[0].Address != "127.0.0.1:8080" {
 		t.Errorf("parse: %+v, %v", app, err)
 	}

@@ -25,8 +25,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/running"
 )
 
@@ -41,7 +41,7 @@ func run(args []string) int {
 	}
 	log := newSystemLog(os.Stderr, os.Getenv("COHORT_GENERATOR_LOG") == "stderr")
 	g := &generator.Generator{
-		SearchPath: pathList("COHORT_SEARCH_PATH", config.SearchPath()),
+		SearchPath: pathList("COHORT_SEARCH_PATH", appfile.SearchPath()),
 		Options: generator.Options{
 			UnitDirs:   pathList("COHORT_UNIT_DIRS", generator.UnitDirs()),
 			RunningDir: envOr("COHORT_RUNNING_DIR", running.Dir),

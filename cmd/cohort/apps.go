@@ -12,8 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"golang.org/x/sys/unix"
 )
 
@@ -32,7 +32,7 @@ import (
 //     planted there by another user would let them at the sockets.
 
 // systemRoot is where the generated services' runtime directories are.
-const systemRoot = config.RuntimeRoot
+const systemRoot = appfile.RuntimeRoot
 
 // userRoot is the directory under which `cohort run` of the current user
 // puts its apps' runtime directories, checked (see above) but not
@@ -167,7 +167,7 @@ func (env *environment) knownApps() []knownApp {
 	byName := map[string]knownApp{}
 	files, _ := appFiles(env, nil)
 	for _, f := range files {
-		n := config.AppName(f)
+		n := appfile.AppName(f)
 		byName[n] = knownApp{Name: n, Source: "unit", Socket: filepath.Join(systemRoot, n, control.SocketName), File: f}
 	}
 	roots := []string{filepath.Clean(systemRoot)}
@@ -179,7 +179,7 @@ func (env *environment) knownApps() []knownApp {
 		for _, e := range ents {
 			n := e.Name()
 			sock := filepath.Join(root, n, control.SocketName)
-			if !e.IsDir() || config.CheckAppName(n) != nil {
+			if !e.IsDir() || appfile.CheckAppName(n) != nil {
 				continue
 			}
 			if _, err := os.Lstat(sock); err != nil {

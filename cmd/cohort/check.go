@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // newFlags makes a subcommand's flag set that prints its usage to stderr
@@ -52,9 +52,9 @@ func appFiles(env *environment, args []string) ([]string, error) {
 	}
 	path := env.searchPath
 	if path == nil {
-		path = config.SearchPath()
+		path = appfile.SearchPath()
 	}
-	files, err := config.Discover(path)
+	files, err := appfile.Discover(path)
 	if err == nil && len(files) == 0 {
 		err = fmt.Errorf("no app files in %v", path)
 	}
@@ -83,12 +83,12 @@ func cmdCheck(ctx context.Context, env *environment, args []string) int {
 	}
 	hc := &hostChecks{ctx: ctx, offline: *offline, stderr: env.stderr}
 	for _, path := range files {
-		app, data, err := config.ParseFileSource(path)
+		app, data, err := appfile.ParseFileSource(path)
 		var us *generator.Units
 		if err == nil {
 			// What depends on this host (a working_directory that
 			// does not exist): the generator does not check it.
-			err = hostOnly(config.CheckHost(app), *offline, env.stderr)
+			err = hostOnly(appfile.CheckHost(app), *offline, env.stderr)
 		}
 		if err == nil {
 			us, err = generator.Render(app, generator.Options{CohortPath: hc.cohortPath()})
@@ -109,7 +109,7 @@ func cmdCheck(ctx context.Context, env *environment, args []string) int {
 	return code
 }
 
-func describeApp(w io.Writer, app *config.App) {
+func describeApp(w io.Writer, app *appfile.App) {
 	workers := "auto"
 	if !app.Workers.Auto {
 		workers = fmt.Sprint(app.Workers.N)
@@ -124,7 +124,7 @@ func describeApp(w io.Writer, app *config.App) {
 // hostOnly turns an error about this host into printed warnings when the
 // files are meant for another host (--offline), like hostChecks does.
 func hostOnly(err error, offline bool, stderr io.Writer) error {
-	var es config.Errors
+	var es appfile.Errors
 	if err == nil || !offline || !errors.As(err, &es) {
 		return err
 	}

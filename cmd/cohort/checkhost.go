@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/verify"
 )
 
@@ -45,13 +45,13 @@ func (hc *hostChecks) cohortPath() string {
 
 // check runs the host checks on a valid app, printing what it finds, and
 // reports whether the app passed (warnings pass).
-func (hc *hostChecks) check(path string, app *config.App, data []byte, us *generator.Units) bool {
-	var found config.Errors
+func (hc *hostChecks) check(path string, app *appfile.App, data []byte, us *generator.Units) bool {
+	var found appfile.Errors
 	seen := map[string]bool{}
 	report := func(key, format string, args ...any) {
-		e := &config.Error{File: path, Msg: fmt.Sprintf(format, args...)}
+		e := &appfile.Error{File: path, Msg: fmt.Sprintf(format, args...)}
 		if key != "" {
-			e.Line, e.Col = config.Position(data, key)
+			e.Line, e.Col = appfile.Position(data, key)
 		}
 		if hc.offline {
 			e.Msg = "warning: " + e.Msg
@@ -109,7 +109,7 @@ func (hc *hostChecks) check(path string, app *config.App, data []byte, us *gener
 				hc.known = verify.Directives(ctx)
 			}
 			hint := ""
-			if s := config.Suggest(c.Key, hc.known[c.Section]); s != "" {
+			if s := appfile.Suggest(c.Key, hc.known[c.Section]); s != "" {
 				hint = fmt.Sprintf(" (did you mean %q?)", s)
 			}
 			report(key, "[%s] %s: systemd does not know this directive%s", table, c.Key, hint)
@@ -127,8 +127,8 @@ func (hc *hostChecks) check(path string, app *config.App, data []byte, us *gener
 // isPassThrough reports whether the app's pass-through table ("unit",
 // "service", "socket") sets key: a complaint about it belongs to the app
 // file, not to cohort.
-func isPassThrough(app *config.App, table, key string) bool {
-	var ds []config.Directive
+func isPassThrough(app *appfile.App, table, key string) bool {
+	var ds []appfile.Directive
 	switch table {
 	case "unit":
 		ds = app.Unit

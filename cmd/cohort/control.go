@@ -13,8 +13,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 // controlTarget resolves the APP argument (or an explicit --socket) to a
@@ -24,7 +24,7 @@ func (env *environment) controlTarget(app, socket string) (string, error) {
 	if socket != "" {
 		return socket, nil
 	}
-	if err := config.CheckAppName(app); err != nil {
+	if err := appfile.CheckAppName(app); err != nil {
 		return "", err
 	}
 	return env.socketFor(app), nil
@@ -232,7 +232,7 @@ func printAll(env *environment, all []appStatus, now time.Time) {
 			fmt.Fprintf(w, "%s\t-\t-\t%s\t-\t-\t-\t-\t-\n", a.Name, a.State)
 			continue
 		}
-		rr := st.Mode == string(config.ModeRoundRobin)
+		rr := st.Mode == string(appfile.ModeRoundRobin)
 		ready, restarts, active := 0, 0, 0
 		var handed uint64
 		var rss int64
@@ -295,7 +295,7 @@ func printStatus(env *environment, st *control.Status, now time.Time) {
 	fmt.Fprintf(env.stdout, "%s: %s\n", st.App, st.Line)
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "WORKER\tPID\tGEN\tSTATE\tUPTIME\tRESTARTS\tCONNS\tRSS\tCPU%")
-	rr := st.Mode == string(config.ModeRoundRobin)
+	rr := st.Mode == string(appfile.ModeRoundRobin)
 	for _, wk := range st.Workers {
 		pid, uptime := workerTimes(wk, now)
 		fmt.Fprintf(w, "%d\t%s\t%d\t%s\t%s\t%d\t%s\t%s\t%.1f\n",
@@ -329,8 +329,8 @@ func cmdScale(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 	n, err := strconv.Atoi(fs.Arg(1))
-	if err != nil || n < 1 || n > config.MaxWorkers {
-		fmt.Fprintf(env.stderr, "cohort scale: N must be a number from 1 to %d, got %q\n", config.MaxWorkers, fs.Arg(1))
+	if err != nil || n < 1 || n > appfile.MaxWorkers {
+		fmt.Fprintf(env.stderr, "cohort scale: N must be a number from 1 to %d, got %q\n", appfile.MaxWorkers, fs.Arg(1))
 		return 2
 	}
 	path, err := env.controlTarget(fs.Arg(0), *socket)

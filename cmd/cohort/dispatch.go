@@ -6,8 +6,8 @@ import (
 	"fmt"
 
 	"github.com/cohort-dev/cohort/activation"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/running"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/coreos/go-systemd/v22/journal"
@@ -67,9 +67,9 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Notify:        sdNotify,
 		HandleSignals: true,
 		Subreaper:     env.ownsChildren,
-		Load:          func() (*config.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
+		Load:          func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
-	if app.Mode == config.ModeReusePort {
+	if app.Mode == appfile.ModeReusePort {
 		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
 	} else {
 		opts.Listeners, err = dispatcher.MatchListeners(app, files)
@@ -95,10 +95,10 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 // loadRunning loads the app of path with load (running.Load or
 // LoadCandidate) from the running configurations in dir, or reads path
 // when none is recorded.
-func loadRunning(dir, path string, load func(dir, path string) (*config.App, error)) (*config.App, error) {
+func loadRunning(dir, path string, load func(dir, path string) (*appfile.App, error)) (*appfile.App, error) {
 	app, err := load(dir, path)
 	if errors.Is(err, running.ErrNone) {
-		return config.ParseFile(path)
+		return appfile.ParseFile(path)
 	}
 	return app, err
 }

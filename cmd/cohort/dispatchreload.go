@@ -8,8 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 	"github.com/cohort-dev/cohort/generator/running"
 )
 
@@ -46,8 +46,8 @@ func cmdDispatchReload(ctx context.Context, env *environment, args []string) int
 		return 2
 	}
 	file := fs.Arg(0)
-	name := config.AppName(file)
-	if err := config.CheckAppName(name); err != nil {
+	name := appfile.AppName(file)
+	if err := appfile.CheckAppName(name); err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch-reload: %s: %v\n", file, err)
 		return 2
 	}
@@ -66,7 +66,7 @@ func cmdDispatchReload(ctx context.Context, env *environment, args []string) int
 		if rd, _, _ := strings.Cut(os.Getenv("RUNTIME_DIRECTORY"), ":"); rd != "" {
 			path = filepath.Join(rd, control.SocketName)
 		} else {
-			path = control.SocketPath(config.AppName(fs.Arg(0)))
+			path = control.SocketPath(appfile.AppName(fs.Arg(0)))
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)

@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 func cmdGenerate(ctx context.Context, env *environment, args []string) int {
@@ -32,7 +32,7 @@ func cmdGenerate(ctx context.Context, env *environment, args []string) int {
 		}
 	}
 	for _, path := range files {
-		app, err := config.ParseFile(path)
+		app, err := appfile.ParseFile(path)
 		if err != nil {
 			fmt.Fprintln(env.stderr, err)
 			code = 1

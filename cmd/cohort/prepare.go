@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator/running"
 )
 
@@ -40,8 +40,8 @@ func cmdDispatchPrepare(ctx context.Context, env *environment, args []string) in
 		return 2
 	}
 	path := fs.Arg(0)
-	name := config.AppName(path)
-	if err := config.CheckAppName(name); err != nil {
+	name := appfile.AppName(path)
+	if err := appfile.CheckAppName(name); err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch-prepare: %s: %v\n", path, err)
 		return 2
 	}

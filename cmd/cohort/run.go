@@ -9,9 +9,9 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/dispatcher/control"
-	"github.com/cohort-dev/cohort/generator/config"
 )
 
 const runArgs = `[OPTIONS] FILE.toml
@@ -58,7 +58,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	fmt.Fprintf(env.stderr, "[%s] control socket: %s (cohort status %s)\n", app.Name, filepath.Join(inst.dir, control.SocketName), app.Name)
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
-	if app.Mode == config.ModeReusePort {
+	if app.Mode == appfile.ModeReusePort {
 		cpus, err := dispatcher.AllowedCPUs()
 		if err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
@@ -88,7 +88,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	}
 	// A reload (SIGHUP, or the control socket) re-reads the file and
 	// applies the same flags again.
-	load := func() (*config.App, error) {
+	load := func() (*appfile.App, error) {
 		a, err := runApp(fs.Args(), listens)
 		if err == nil {
 			err = applyRunFlags(a, set, *workers, *mode, *ready, *name, *affinity)
@@ -106,17 +106,17 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 
 // runApp builds the app from FILE.toml, or from --listen flags and a
 // command after "--".
-func runApp(args []string, listens listFlag) (*config.App, error) {
+func runApp(args []string, listens listFlag) (*appfile.App, error) {
 	if len(listens) == 0 {
 		if len(args) != 1 {
 			return nil, fmt.Errorf("want FILE.toml, or --listen ADDRESS -- COMMAND (see 'cohort run --help')")
 		}
-		return config.ParseFile(args[0])
+		return appfile.ParseFile(args[0])
 	}
 	if len(args) == 0 {
 		return nil, fmt.Errorf("--listen needs a command: cohort run --listen %s -- COMMAND [ARGS…]", listens[0])
 	}
-	app := config.New(defaultName(args))
+	app := appfile.New(defaultName(args))
 	app.Command = args
 	seen := map[string]bool{}
 	for i, l := range listens {
@@ -128,59 +128,59 @@ func runApp(args []string, listens listFlag) (*config.App, error) {
 			return nil, fmt.Errorf("--listen %s: name %q used twice", l, name)
 		}
 		seen[name] = true
-		kind, hint, err := config.ParseAddress(addr)
+		kind, hint, err := appfile.ParseAddress(addr)
 		switch {
 		case err == nil:
 		case strings.HasPrefix(addr, "localhost:") && hint != "":
-			addr, kind = hint, config.ListenTCP
+			addr, kind = hint, appfile.ListenTCP
 		case strings.HasSuffix(addr, ":0"): // any free port, printed at start
-			kind = config.ListenTCP
+			kind = appfile.ListenTCP
 		default:
 			return nil, fmt.Errorf("--listen %s: %v", l, err)
 		}
-		app.Listen = append(app.Listen, config.Listener{Name: name, Address: addr, Kind: kind})
+		app.Listen = append(app.Listen, appfile.Listener{Name: name, Address: addr, Kind: kind})
 	}
 	return app, nil
 }
 
-func applyRunFlags(app *config.App, set map[string]bool, workers, mode, ready, name string, affinity bool) error {
+func applyRunFlags(app *appfile.App, set map[string]bool, workers, mode, ready, name string, affinity bool) error {
 	if set["workers"] {
 		if workers == "auto" {
-			app.Workers = config.Workers{Auto: true}
+			app.Workers = appfile.Workers{Auto: true}
 		} else {
 			n, err := strconv.Atoi(workers)
-			if err != nil || n < 1 || n > config.MaxWorkers {
-				return fmt.Errorf("--workers %q: want \"auto\" or 1 to %d", workers, config.MaxWorkers)
+			if err != nil || n < 1 || n > appfile.MaxWorkers {
+				return fmt.Errorf("--workers %q: want \"auto\" or 1 to %d", workers, appfile.MaxWorkers)
 			}
-			app.Workers = config.Workers{N: n}
+			app.Workers = appfile.Workers{N: n}
 		}
 	}
 	if set["mode"] {
-		switch m := config.Mode(mode); m {
-		case config.ModeShared, config.ModeRoundRobin, config.ModeReusePort:
+		switch m := appfile.Mode(mode); m {
+		case appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort:
 			app.Mode = m
 		default:
-			return fmt.Errorf("--mode %q: want %q, %q or %q", mode, config.ModeShared, config.ModeRoundRobin, config.ModeReusePort)
+			return fmt.Errorf("--mode %q: want %q, %q or %q", mode, appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort)
 		}
 	}
 	if set["ready"] {
 		switch ready {
 		case "listening":
-			app.Ready = config.Readiness{Kind: config.ReadyListening}
+			app.Ready = appfile.Readiness{Kind: appfile.ReadyListening}
 		case "notify":
-			app.Ready = config.Readiness{Kind: config.ReadyNotify}
+			app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 		case "exec":
-			app.Ready = config.Readiness{Kind: config.ReadyExec}
+			app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 		default:
-			d, err := config.ParseDuration(ready)
+			d, err := appfile.ParseDuration(ready)
 			if err != nil {
 				return fmt.Errorf("--ready %q: want listening, notify, exec or a duration: %v", ready, err)
 			}
-			app.Ready = config.Readiness{Kind: config.ReadyDelay, Delay: d}
+			app.Ready = appfile.Readiness{Kind: appfile.ReadyDelay, Delay: d}
 		}
 	}
 	if set["name"] {
-		if err := config.CheckAppName(name); err != nil {
+		if err := appfile.CheckAppName(name); err != nil {
 			return fmt.Errorf("--name: %v", err)
 		}
 		app.Name = name
@@ -248,7 +248,7 @@ func defaultName(command []string) string {
 
 // sanitizeName makes name a valid app name: characters other than
 // letters, digits and _ . : - become "-", a leading "-" or "." goes, and
-// it is cut to config.MaxAppName. When nothing is left, fallback (or
+// it is cut to appfile.MaxAppName. When nothing is left, fallback (or
 // "app") is used the same way.
 func sanitizeName(name, fallback string) string {
 	clean := func(s string) string {
@@ -260,13 +260,13 @@ func sanitizeName(name, fallback string) string {
 			}
 		}
 		s = strings.TrimLeft(string(b), "-.")
-		if len(s) > config.MaxAppName {
-			s = s[:config.MaxAppName]
+		if len(s) > appfile.MaxAppName {
+			s = s[:appfile.MaxAppName]
 		}
 		return s
 	}
 	for _, s := range []string{name, fallback, "app"} {
-		if c := clean(s); config.CheckAppName(c) == nil {
+		if c := clean(s); appfile.CheckAppName(c) == nil {
 			return c
 		}
 	}

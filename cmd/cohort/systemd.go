@@ -9,7 +9,7 @@ import (
 
 	sddbus "github.com/coreos/go-systemd/v22/dbus"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator/running"
 )
 
@@ -76,9 +76,9 @@ func cmdList(ctx context.Context, env *environment, args []string) int {
 
 	var apps []appListing
 	for _, f := range files {
-		a := appListing{App: config.AppName(f), File: f}
-		if _, err := config.ParseFile(f); err != nil {
-			a.Error = config.Summary(err)
+		a := appListing{App: appfile.AppName(f), File: f}
+		if _, err := appfile.ParseFile(f); err != nil {
+			a.Error = appfile.Summary(err)
 			_, rerr := running.Read(running.Dir, a.App)
 			a.Kept = rerr == nil
 		}
@@ -157,7 +157,7 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 		return 2
 	}
 	app := fs.Arg(0)
-	if err := config.CheckAppName(app); err != nil {
+	if err := appfile.CheckAppName(app); err != nil {
 		fmt.Fprintf(env.stderr, "cohort reload: %v\n", err)
 		return 2
 	}
@@ -165,8 +165,8 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 	// error only in the journal; say it here, and before asking systemd,
 	// which knows no unit for an app whose broken file it never ran.
 	if file := appFile(env, app); file != "" {
-		if _, err := config.ParseFile(file); err != nil {
-			fmt.Fprintf(env.stderr, "cohort reload: %s; reload refused, fix the file first (cohort check %s)\n", config.Summary(err), file)
+		if _, err := appfile.ParseFile(file); err != nil {
+			fmt.Fprintf(env.stderr, "cohort reload: %s; reload refused, fix the file first (cohort check %s)\n", appfile.Summary(err), file)
 			return 1
 		}
 	}
@@ -202,7 +202,7 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 func appFile(env *environment, app string) string {
 	files, _ := appFiles(env, nil)
 	for _, f := range files {
-		if config.AppName(f) == app {
+		if appfile.AppName(f) == app {
 			return f
 		}
 	}

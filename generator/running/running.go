@@ -23,7 +23,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/cohort-dev/cohort/generator/config"
+	"github.com/cohort-dev/cohort/appfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,9 +45,9 @@ func candidatePath(dir, app string) string { return filepath.Join(dir, app+".tom
 // ReadApp reads and validates the app file at path once, and returns the
 // exact bytes it validated with the App, so that what is recorded is what
 // was checked (no second read that could see another file). The App's
-// Path is absolute, as with config.ParseFile.
-func ReadApp(path string) ([]byte, *config.App, error) {
-	data, err := config.ReadRegularFile(path, config.MaxFileSize)
+// Path is absolute, as with appfile.ParseFile.
+func ReadApp(path string) ([]byte, *appfile.App, error) {
+	data, err := appfile.ReadRegularFile(path, appfile.MaxFileSize)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read app file: %w", err)
 	}
@@ -59,8 +59,8 @@ func ReadApp(path string) ([]byte, *config.App, error) {
 }
 
 // parse validates data as the contents of the app file at path.
-func parse(path string, data []byte) (*config.App, error) {
-	app, err := config.Parse(path, data)
+func parse(path string, data []byte) (*appfile.App, error) {
+	app, err := appfile.Parse(path, data)
 	if err != nil {
 		return nil, err
 	}
@@ -80,8 +80,8 @@ func Read(dir, app string) ([]byte, error) {
 // Load returns app's snapshot parsed as the app file at path: the App
 // names path (SourcePath=, messages), its contents are the snapshot's.
 // An error wraps ErrNone when there is no snapshot.
-func Load(dir, path string) (*config.App, error) {
-	name := config.AppName(path)
+func Load(dir, path string) (*appfile.App, error) {
+	name := appfile.AppName(path)
 	data, err := Read(dir, name)
 	if err != nil {
 		return nil, err
@@ -92,8 +92,8 @@ func Load(dir, path string) (*config.App, error) {
 // LoadCandidate is Load for a reload: the configuration dispatch-reload
 // validated for the reload in progress when there is one, else the
 // snapshot.
-func LoadCandidate(dir, path string) (*config.App, error) {
-	name := config.AppName(path)
+func LoadCandidate(dir, path string) (*appfile.App, error) {
+	name := appfile.AppName(path)
 	data, err := readTrusted(dir, candidatePath(dir, name), name)
 	if errors.Is(err, ErrNone) {
 		return Load(dir, path)
@@ -104,12 +104,12 @@ func LoadCandidate(dir, path string) (*config.App, error) {
 	return parseSnapshot(path, data)
 }
 
-func parseSnapshot(path string, data []byte) (*config.App, error) {
+func parseSnapshot(path string, data []byte) (*appfile.App, error) {
 	app, err := parse(path, data)
 	if err != nil {
 		// Validated when it was recorded; a newer cohort may be
 		// stricter.
-		return nil, fmt.Errorf("the running configuration of %s no longer validates: %w", config.AppName(path), err)
+		return nil, fmt.Errorf("the running configuration of %s no longer validates: %w", appfile.AppName(path), err)
 	}
 	return app, nil
 }
@@ -128,7 +128,7 @@ func readTrusted(dir, file, app string) ([]byte, error) {
 	if err := trusted(file, &st, unix.S_IFREG); err != nil {
 		return nil, err
 	}
-	return config.ReadRegularFile(file, config.MaxFileSize)
+	return appfile.ReadRegularFile(file, appfile.MaxFileSize)
 }
 
 // checkDir reports an error when dir is missing (ErrNone), not a
@@ -255,5 +255,5 @@ func writeAtomic(dir, path string, data []byte) error {
 // the running configuration: "web.toml:2:1: unknown key "wokers" (did you
 // mean "workers"?); keeping the running configuration of web".
 func KeepMessage(err error, app string) string {
-	return config.Summary(err) + "; keeping the running configuration of " + app
+	return appfile.Summary(err) + "; keeping the running configuration of " + app
 }

@@ -1,10 +1,10 @@
-// Package config is cohort's app model: one TOML file per app, decoded
+// Package appfile is cohort's app model: one TOML file per app, decoded
 // strictly, validated, and reported as file:line:col errors.
 //
 // Both the generator (which renders units from an App) and the dispatcher
 // (which runs workers from an App, and re-reads it on reload) use this
 // package; it knows nothing of unit files or processes.
-package config
+package appfile
 
 import (
 	"strconv"

@@ -1,4 +1,4 @@
-package config
+package appfile
 
 import (
 	"errors"
