@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/notify"
 	"golang.org/x/sys/unix"
 )
 
@@ -157,7 +158,7 @@ func Run(ctx context.Context, opt Options) error {
 		return fmt.Errorf("app %s: round-robin: %w", d.app.Name, err)
 	}
 	d.wg.Go(func() {
-		d.notify.serve(goCtx, func(m notifyMsg) bool {
+		d.notify.Serve(goCtx, func(m notify.Datagram) bool {
 			select {
 			case d.notifyCh <- m:
 				return true
@@ -198,13 +199,13 @@ type dispatcher struct {
 	gen   int
 
 	devnull    *os.File
-	notify     *notifySocket
+	notify     *notify.Socket
 	tempDir    string // removed by close when set
 	notifyPath string
 
 	goCtx    context.Context // cancelled when Run returns; for helper goroutines
 	wg       sync.WaitGroup  // every goroutine Run started
-	notifyCh chan notifyMsg
+	notifyCh chan notify.Datagram
 	execCh   chan execResult
 	probeCh  chan probeResult // ready = "listening" (listening.go)
 	loadCh   chan loadResult  // a reload's app file, read off the loop (load.go)
@@ -268,7 +269,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		dir:      app.WorkingDirectory,
 		procs:    map[int]*worker{},
 		gen:      1,
-		notifyCh: make(chan notifyMsg, 64),
+		notifyCh: make(chan notify.Datagram, 64),
 		execCh:   make(chan execResult, 64),
 		probeCh:  make(chan probeResult, 64),
 		loadCh:   make(chan loadResult),
@@ -391,7 +392,7 @@ func (d *dispatcher) open() error {
 	if len(d.notifyPath) > 107 {
 		return fmt.Errorf("notify socket path %s: longer than 107 bytes", d.notifyPath)
 	}
-	d.notify, err = listenNotify(d.notifyPath)
+	d.notify, err = notify.Listen(d.notifyPath)
 	return err
 }
 
@@ -554,24 +555,24 @@ func (d *dispatcher) reap() {
 }
 
 // onNotify attributes a datagram to its worker and acts on it.
-func (d *dispatcher) onNotify(m notifyMsg) {
-	w := d.procs[m.pid]
+func (d *dispatcher) onNotify(m notify.Datagram) {
+	w := d.procs[m.PID]
 	if w == nil {
 		d.foreign++
 		if d.foreign&(d.foreign-1) == 0 { // 1, 2, 4, 8…: log without flooding
-			d.out.warnf("ignored a notify message from pid %d, which is no worker (%d so far)", m.pid, d.foreign)
+			d.out.warnf("ignored a notify message from pid %d, which is no worker (%d so far)", m.PID, d.foreign)
 		}
-		d.observe(Event{Kind: ForeignNotify, Worker: -1, PID: m.pid, Foreign: d.foreign})
+		d.observe(Event{Kind: ForeignNotify, Worker: -1, PID: m.PID, Foreign: d.foreign})
 		return
 	}
-	if m.fds > 0 {
-		d.out.warnf("worker %d (pid %d) sent %d fds to the notify socket; closed them", w.slot.index, w.pid, m.fds)
+	if m.FDs > 0 {
+		d.out.warnf("worker %d (pid %d) sent %d fds to the notify socket; closed them", w.slot.index, w.pid, m.FDs)
 	}
-	if m.err != nil {
-		d.out.warnf("worker %d (pid %d): %v", w.slot.index, w.pid, m.err)
+	if m.Err != nil {
+		d.out.warnf("worker %d (pid %d): %v", w.slot.index, w.pid, m.Err)
 		return
 	}
-	n := m.n
+	n := m.Msg
 	if n.HasStatus {
 		w.status = n.Status
 	}
