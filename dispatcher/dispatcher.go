@@ -17,6 +17,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/internal/notify"
+	"github.com/cohort-dev/cohort/internal/journal"
 	"golang.org/x/sys/unix"
 )
 
@@ -291,7 +292,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
 	d.out.limit = newLimiter(app.LogRateLimit, d.out.warnf)
 	if opt.Journal {
-		d.out.jw = newJournalSender(opt.JournalSocket)
+		d.out.jw = journal.NewSender(opt.JournalSocket)
 	}
 	defer func() {
 		if err != nil {
@@ -416,7 +417,7 @@ func (d *dispatcher) close() {
 	}
 	d.out.close()
 	if d.out.jw != nil {
-		d.out.jw.close()
+		d.out.jw.Close()
 	}
 	if d.tempDir != "" {
 		os.RemoveAll(d.tempDir)

@@ -8,7 +8,7 @@ import (
 	"io"
 	"strconv"
 
-	"github.com/coreos/go-systemd/v22/journal"
+	"github.com/cohort-dev/cohort/internal/journal"
 )
 
 // maxLine is the longest worker output line passed on in one piece;
@@ -16,7 +16,7 @@ import (
 // default) applies to stdout streams, not to the native protocol the
 // dispatcher uses, so a long line (a JSON log record, a stack trace in one
 // line) stays one journal entry; one bigger than a datagram goes through
-// a memfd (see journalSender).
+// a memfd (see journal.Sender).
 const maxLine = 1 << 20
 
 // output is where worker lines and the dispatcher's own log lines go:
@@ -25,10 +25,10 @@ const maxLine = 1 << 20
 type output struct {
 	app     string
 	journal bool
-	jw      *journalSender // set when journal
-	log     *stream        // the dispatcher's log (stderr)
-	lines   *stream        // worker lines (stdout), and the journal's fallback
-	limit   *limiter       // each worker slot's budget of lines; nil: none (ratelimit.go)
+	jw      *journal.Sender // set when journal
+	log     *stream         // the dispatcher's log (stderr)
+	lines   *stream         // worker lines (stdout), and the journal's fallback
+	limit   *limiter        // each worker slot's budget of lines; nil: none (ratelimit.go)
 }
 
 // newOutput starts the streams toward stdout and stderr; close ends them.
@@ -105,23 +105,23 @@ type workerSink struct {
 	o      *output
 	tag    workerTag
 	budget *budget
-	fields []journalField // MESSAGE and PRIORITY first, filled per line
-	prefix []byte         // "[app.N] "
+	fields []journal.Field // MESSAGE and PRIORITY first, filled per line
+	prefix []byte          // "[app.N] "
 }
 
 func (o *output) sink(t workerTag) *workerSink {
 	pid := strconv.AppendInt(nil, int64(t.pid), 10)
 	return &workerSink{
 		o: o, tag: t, budget: o.limit.slot(t.index),
-		fields: []journalField{
-			{"MESSAGE", nil},
-			{"PRIORITY", nil},
-			{"SYSLOG_IDENTIFIER", []byte(JournalIdentifier(o.app, t.index, t.pid))},
-			{"SYSLOG_PID", pid},
-			{"COHORT_APP", []byte(o.app)},
-			{"COHORT_WORKER", strconv.AppendInt(nil, int64(t.index), 10)},
-			{"COHORT_PID", pid},
-			{"COHORT_GENERATION", strconv.AppendInt(nil, int64(t.gen), 10)},
+		fields: []journal.Field{
+			{Key: "MESSAGE", Value: nil},
+			{Key: "PRIORITY", Value: nil},
+			{Key: "SYSLOG_IDENTIFIER", Value: []byte(JournalIdentifier(o.app, t.index, t.pid))},
+			{Key: "SYSLOG_PID", Value: pid},
+			{Key: "COHORT_APP", Value: []byte(o.app)},
+			{Key: "COHORT_WORKER", Value: strconv.AppendInt(nil, int64(t.index), 10)},
+			{Key: "COHORT_PID", Value: pid},
+			{Key: "COHORT_GENERATION", Value: strconv.AppendInt(nil, int64(t.gen), 10)},
 		},
 		prefix: fmt.Appendf(nil, "[%s.%d] ", o.app, t.index),
 	}
@@ -145,9 +145,9 @@ func (w *workerSink) line(line []byte) {
 		if len(line) >= 3 && line[0] == '<' && line[2] == '>' && line[1] >= '0' && line[1] <= '7' {
 			prio, msg = journal.Priority(line[1]-'0'), line[3:]
 		}
-		w.fields[0].value, w.fields[1].value = msg, priorities[prio]
-		err := o.jw.send(w.fields)
-		w.fields[0].value = nil
+		w.fields[0].Value, w.fields[1].Value = msg, priorities[prio]
+		err := o.jw.Send(w.fields)
+		w.fields[0].Value = nil
 		if err == nil {
 			return
 		}
