@@ -27,14 +27,14 @@ type Options struct {
 	// App is the app to run. Run does not modify it.
 	App *appfile.App
 	// Listeners are the listening sockets in App.Listen order (see
-	// MatchListeners and Bind). In shared mode Run puts them in blocking
+	// sockets.Match and sockets.Bind). In shared mode Run puts them in blocking
 	// mode and passes them to every worker; in round-robin mode it accepts
 	// on duplicates of them, in non-blocking mode. It never closes them:
 	// the caller owns them.
 	Listeners []*os.File
 	// SlotListeners are, in reuseport mode (and only there), each worker
 	// slot's own listening sockets, SlotListeners[i] in App.Listen order
-	// (see MatchSlotListeners and BindSlots): one worker runs per entry,
+	// (see sockets.MatchSlots and sockets.BindSlots): one worker runs per entry,
 	// and worker i is handed only SlotListeners[i]. Run keeps them all
 	// open while workers come and go, so connections that the kernel
 	// steers to a slot whose worker is being replaced wait in its queue.

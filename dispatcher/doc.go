@@ -6,7 +6,7 @@
 //
 //	inherited, err := activation.Inherit()          // what systemd passed
 //	...
-//	listeners, err := dispatcher.MatchListeners(app, inherited.TakeAll())
+//	listeners, err := sockets.Match(app, inherited.TakeAll())
 //	...
 //	err = dispatcher.Run(ctx, dispatcher.Options{
 //		App:           app,
@@ -88,7 +88,7 @@
 //
 // With mode = "reuseport" systemd binds one SO_REUSEPORT socket per
 // listener and worker slot (Options.SlotListeners, matched by
-// MatchSlotListeners from the "<listener>.<slot>" fd names the generator
+// sockets.MatchSlots from the "<listener>.<slot>" fd names the generator
 // gives them), and worker i is forked with only slot i's sockets, under
 // the listeners' plain names. The dispatcher holds them all for its whole
 // life: a slot whose worker died or is being replaced keeps its socket and
