@@ -17,6 +17,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/internal/notify"
+	"github.com/cohort-dev/cohort/internal/cpuset"
 	"github.com/cohort-dev/cohort/internal/journal"
 	"golang.org/x/sys/unix"
 )
@@ -48,7 +49,7 @@ type Options struct {
 	// private variables, see the package doc); nil means os.Environ().
 	Environ []string
 	// CPUs are the CPUs workers = "auto" counts and cpu_affinity pins to;
-	// nil means AllowedCPUs().
+	// nil means cpuset.Allowed().
 	CPUs []int
 	// RuntimeDir holds the notify socket; "" means $RUNTIME_DIRECTORY (its
 	// first entry) from Environ, else a private directory under
@@ -304,7 +305,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	}
 	d.cpus = opt.CPUs
 	if d.cpus == nil {
-		if d.cpus, err = AllowedCPUs(); err != nil {
+		if d.cpus, err = cpuset.Allowed(); err != nil {
 			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/cpuset"
 	"github.com/cohort-dev/cohort/internal/sockets"
 )
 
@@ -60,7 +61,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
 	if app.Mode == appfile.ModeReusePort {
-		cpus, err := dispatcher.AllowedCPUs()
+		cpus, err := cpuset.Allowed()
 		if err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1
