@@ -14,6 +14,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// named returns real fds, named as activation.Files.TakeAll names them;
+// only the names matter to the matching. Each *os.File owns its fd: a
+// second File on one fd would close it from its finalizer, under the feet
+// of whatever reused the number. They are closed when t ends.
 func named(t *testing.T, names ...string) []*os.File {
 	var fs []*os.File
 	for _, n := range names {
@@ -99,23 +103,6 @@ func TestMatchSlots(t *testing.T) {
 		{Name: "http", Address: "127.0.0.1:80", Kind: appfile.ListenTCP},
 		{Name: "v1.admin", Address: "127.0.0.1:81", Kind: appfile.ListenTCP},
 	}
-	files := func(names ...string) []*os.File {
-		out := make([]*os.File, len(names))
-		for i, n := range names {
-			// Real fds, named as activation.Files.TakeAll names them; only the
-			// names matter to the matching. Each *os.File owns its fd: a
-			// second File on one fd would close it from its finalizer,
-			// under the feet of whatever reused the number.
-			fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			f := os.NewFile(uintptr(fd), n)
-			t.Cleanup(func() { f.Close() })
-			out[i] = f
-		}
-		return out
-	}
 	for _, tc := range []struct {
 		name    string
 		passed  []string
@@ -134,7 +121,7 @@ func TestMatchSlots(t *testing.T) {
 		{"none", nil, nil, []string{`no sockets passed (want http.0, …)`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			slots, err := MatchSlots(app, files(tc.passed...))
+			slots, err := MatchSlots(app, named(t, tc.passed...))
 			if tc.wantErr != nil {
 				if !errors.Is(err, ErrMismatch) {
 					t.Fatalf("err = %v; want ErrMismatch", err)
