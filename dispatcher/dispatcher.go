@@ -60,7 +60,7 @@ type Options struct {
 	// each write; Stderr receives the dispatcher's own log lines. Each is
 	// written by a goroutine of its own from a bounded queue, so a writer
 	// that blocks never blocks supervision: lines it has no room for are
-	// dropped and counted on Stderr (stream.go). nil means os.Stdout and
+	// dropped and counted on Stderr (internal/logrelay). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
 	// Journal sends worker lines to the journal with COHORT_WORKER,
@@ -290,11 +290,11 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if stderr == nil {
 		stderr = os.Stderr
 	}
-	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
-	d.out.limit = newLimiter(app.LogRateLimit, d.out.warnf)
+	var jw *journal.Sender
 	if opt.Journal {
-		d.out.jw = journal.NewSender(opt.JournalSocket)
+		jw = journal.NewSender(opt.JournalSocket)
 	}
+	d.out = newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
 	defer func() {
 		if err != nil {
 			d.out.close()

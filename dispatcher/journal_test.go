@@ -1,8 +1,6 @@
 package dispatcher
 
 import (
-	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -97,24 +95,4 @@ func TestJournalUnreachable(t *testing.T) {
 	stdout := &syncBuffer{}
 	startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: filepath.Join(t.TempDir(), "none"), Stdout: stdout})
 	waitFor(t, 10*time.Second, "the fallback line", func() bool { return strings.Contains(stdout.String(), "[t.0] hello\n") })
-}
-
-// TestCopyLinesSplit: a line longer than maxLine is passed on in
-// maxLine pieces, and a last line without a newline is passed on.
-func TestCopyLinesSplit(t *testing.T) {
-	t.Parallel()
-	var out syncBuffer
-	o := newOutput("a", &out, io.Discard, false)
-	in := strings.Repeat("z", 2*maxLine+maxLine/2) + "\nsecond\n\nno newline"
-	o.copyLines(workerTag{index: 3}, io.NopCloser(strings.NewReader(in)))
-	o.close()
-	lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
-	var lens []int
-	for _, l := range lines {
-		lens = append(lens, len(strings.TrimPrefix(l, "[a.3] ")))
-	}
-	want := []int{maxLine, maxLine, maxLine / 2, len("second"), 0, len("no newline")}
-	if fmt.Sprint(lens) != fmt.Sprint(want) {
-		t.Errorf("line lengths %v, want %v", lens, want)
-	}
 }

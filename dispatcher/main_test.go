@@ -44,8 +44,6 @@ func TestMain(m *testing.M) {
 		os.Exit(helperCohortWorker())
 	case "rr-hostile":
 		os.Exit(helperRRHostile())
-	case "journal-sink":
-		os.Exit(helperJournalSink()) // relay_bench_test.go
 	case "steer":
 		os.Exit(helperSteer()) // steer_test.go
 	}

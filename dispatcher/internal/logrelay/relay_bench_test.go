@@ -1,4 +1,4 @@
-package dispatcher
+package logrelay
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/journal"
 	"golang.org/x/sys/unix"
 )
@@ -91,15 +92,14 @@ func benchRelay(b *testing.B, burst int) {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		o := newOutput("bench", io.Discard, io.Discard, true)
-		o.jw = journal.NewSender(path)
-		setBenchLimit(o, burst)
+		jw := journal.NewSender(path)
+		o := New(Config{App: "bench", Stdout: io.Discard, Stderr: io.Discard, Journal: jw,
+			RateLimit: appfile.LogRateLimit{Interval: time.Hour, Burst: burst}})
 		r, w, err := os.Pipe()
 		if err != nil {
 			b.Fatal(err)
 		}
-		flood := exec.Command(os.Args[0])
-		flood.Env = append(os.Environ(), "COHORT_TEST_HELPER=printer", "HELPER_LINES="+strings.Repeat("x", 63), "HELPER_REPEAT="+strconv.Itoa(benchLines), "HELPER_EXIT=0")
+		flood := exec.Command("/bin/sh", "-c", fmt.Sprintf("yes %s | head -n %d", strings.Repeat("x", 63), benchLines))
 		flood.Stdout = w
 		if err := flood.Start(); err != nil {
 			b.Fatal(err)
@@ -108,7 +108,7 @@ func benchRelay(b *testing.B, burst int) {
 		var ru0, ru1 unix.Rusage
 		unix.Getrusage(unix.RUSAGE_SELF, &ru0)
 		start := time.Now()
-		o.copyLines(workerTag{index: 0, pid: flood.Process.Pid, gen: 1}, r)
+		o.CopyLines(Tag{Index: 0, PID: flood.Process.Pid, Gen: 1}, r)
 		// The end mark, on a socket of its own: the sink's queue keeps
 		// the order of sends, from whichever socket.
 		if err := sendEnd(path); err != nil {
@@ -125,8 +125,8 @@ func benchRelay(b *testing.B, burst int) {
 		if want := min(burst, benchLines); got != want {
 			b.Fatalf("the sink got %d datagrams, want %d", got, want)
 		}
-		o.close()
-		o.jw.Close()
+		o.Close()
+		jw.Close()
 		lines += benchLines
 	}
 	b.ReportMetric(float64(lines)/wall.Seconds(), "lines/s")
@@ -141,4 +141,12 @@ func sendEnd(path string) error {
 	}
 	defer unix.Close(fd)
 	return unix.Sendmsg(fd, []byte("END"), nil, &unix.SockaddrUnix{Name: path}, 0)
+}
+
+// TestMain runs the test binary as the journal sink when asked to.
+func TestMain(m *testing.M) {
+	if os.Getenv("COHORT_TEST_HELPER") == "journal-sink" {
+		os.Exit(helperJournalSink())
+	}
+	os.Exit(m.Run())
 }
