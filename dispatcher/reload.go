@@ -62,7 +62,7 @@ type replacement struct {
 	surplus  []*slot            // slots removed at the end for a smaller workers count
 	total    int                // slots to replace, for the status line
 	replaced int                // slots whose candidate took over
-	waiters  []chan<- ctlReply  // control requests waiting for the result
+	waiters  []report           // who waits for the result (control requests)
 	failedBy map[*worker]string // how a candidate ended, recorded at its exit
 	batchMax int                // reload_batch
 }
@@ -80,11 +80,11 @@ type ctlState struct {
 
 // startReload begins a rolling reload from the re-read app file. It fails
 // at once, workers untouched, when the file is invalid or changes what a
-// reload cannot change ([[listen]], mode). reply, if not nil, receives the
-// result when the reload has finished.
-func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlReply) {
+// reload cannot change ([[listen]], mode). done, if not nil, is called
+// once with the result when the reload has finished.
+func (d *dispatcher) startReload(why string, now time.Time, done report) {
 	if d.stopping {
-		sendReply(reply, ctlReply{err: errors.New("reload refused: the dispatcher is stopping")})
+		done.send(errors.New("reload refused: the dispatcher is stopping"))
 		return
 	}
 	if !d.sentReady {
@@ -92,19 +92,19 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		// is up before its first workers are.
 		err := errors.New("reload refused: the first workers are not ready yet")
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	if r := d.ctl.cur; r != nil {
 		err := fmt.Errorf("reload refused: a %s started %s ago is still running", r.what(), now.Sub(r.started).Round(time.Millisecond))
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	if p := d.ctl.loading; p != nil {
 		err := fmt.Errorf("reload refused: the app file of a reload started %s ago is still being read", now.Sub(p.started).Round(time.Millisecond))
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	// SdNotifyMonotonicUsec is "MONOTONIC_USEC=…\n" (CLOCK_MONOTONIC in µs),
@@ -113,21 +113,21 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 	// The app file is read off the loop (load.go); onLoaded goes on
 	// with beginReload.
 	d.ctl.loadSeq++
-	d.ctl.loading = &pendingLoad{why: why, started: now, reply: reply, seq: d.ctl.loadSeq}
+	d.ctl.loading = &pendingLoad{why: why, started: now, done: done, seq: d.ctl.loadSeq}
 	d.startLoad(d.current(), d.ctl.loadSeq, d.loadTimeout())
 }
 
 // beginReload starts the rolling replacement toward next, the spec read
 // for a reload that began at started.
-func (d *dispatcher) beginReload(why string, started time.Time, next spec, reply chan<- ctlReply, now time.Time) {
+func (d *dispatcher) beginReload(why string, started time.Time, next spec, done report, now time.Time) {
 	prev := d.current()
 	r := &replacement{
 		kind: kindReload, why: why, started: started, prev: prev,
 		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
 		batchMax: max(next.app.ReloadBatch, 1),
 	}
-	if reply != nil {
-		r.waiters = append(r.waiters, reply)
+	if done != nil {
+		r.waiters = append(r.waiters, done)
 	}
 	// workers: a changed value in the file applies; an unchanged one keeps
 	// the count `cohort scale` may have set.
@@ -157,16 +157,16 @@ func (d *dispatcher) beginReload(why string, started time.Time, next spec, reply
 
 // startRestartWorker gracefully replaces the worker of slot index: a new
 // one starts, and the old one is retired once the new one is ready.
-func (d *dispatcher) startRestartWorker(index int, now time.Time, reply chan<- ctlReply) {
+func (d *dispatcher) startRestartWorker(index int, now time.Time, done report) {
 	switch {
 	case d.stopping:
-		sendReply(reply, ctlReply{err: errors.New("restart-worker refused: the dispatcher is stopping")})
+		done.send(errors.New("restart-worker refused: the dispatcher is stopping"))
 		return
 	case d.ctl.cur != nil:
-		sendReply(reply, ctlReply{err: fmt.Errorf("restart-worker refused: a %s is running", d.ctl.cur.what())})
+		done.send(fmt.Errorf("restart-worker refused: a %s is running", d.ctl.cur.what()))
 		return
 	case index < 0 || index >= len(d.slots):
-		sendReply(reply, ctlReply{err: fmt.Errorf("restart-worker: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1)})
+		done.send(fmt.Errorf("restart-worker: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1))
 		return
 	}
 	r := &replacement{
@@ -174,8 +174,8 @@ func (d *dispatcher) startRestartWorker(index int, now time.Time, reply chan<- c
 		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
 		todo: []*slot{d.slots[index]}, total: 1, batchMax: 1,
 	}
-	if reply != nil {
-		r.waiters = append(r.waiters, reply)
+	if done != nil {
+		r.waiters = append(r.waiters, done)
 	}
 	d.ctl.cur = r
 	d.out.infof("restarting worker %d gracefully", index)
@@ -351,15 +351,15 @@ func (d *dispatcher) failReplace(err error) {
 	} else {
 		err = fmt.Errorf("%s failed, the old worker keeps serving: %w", r.why, err)
 	}
-	for _, c := range r.waiters {
-		sendReply(c, ctlReply{err: err})
+	for _, done := range r.waiters {
+		done.send(err)
 	}
 	d.reloadFailed(err, nil, r.kind == kindReload)
 }
 
 // reloadFailed reports a failed reload or restart: the log, STATUS= (a
-// reload's), READY=1 to end systemd's reloading state, and the reply.
-func (d *dispatcher) reloadFailed(err error, reply chan<- ctlReply, reload bool) {
+// reload's), READY=1 to end systemd's reloading state, and done.
+func (d *dispatcher) reloadFailed(err error, done report, reload bool) {
 	d.out.warnf("%v", err)
 	if reload {
 		d.ctl.lastErr = oneLine(err.Error())
@@ -368,7 +368,7 @@ func (d *dispatcher) reloadFailed(err error, reply chan<- ctlReply, reload bool)
 			d.sendNotify("READY=1")
 		}
 	}
-	sendReply(reply, ctlReply{err: err})
+	done.send(err)
 }
 
 // finishReplace ends the running replacement successfully.
@@ -384,8 +384,8 @@ func (d *dispatcher) finishReplace(now time.Time) {
 	} else {
 		d.out.infof("%s done in %s", r.why, took)
 	}
-	for _, c := range r.waiters {
-		sendReply(c, ctlReply{})
+	for _, done := range r.waiters {
+		done.send(nil)
 	}
 }
 
@@ -501,9 +501,15 @@ func (d *dispatcher) replaceStatus() string {
 	return ""
 }
 
-func sendReply(c chan<- ctlReply, rep ctlReply) {
-	if c != nil {
-		c <- rep // buffered: one reply per request
+// report is how a reload or a restart-worker tells whoever asked for it
+// how it ended (nil: it succeeded). It is called once, on the loop, and
+// must not block: the control socket's is a send on a buffered channel.
+// A nil report is asked by nobody (SIGHUP).
+type report func(err error)
+
+func (done report) send(err error) {
+	if done != nil {
+		done(err)
 	}
 }
 
