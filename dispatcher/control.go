@@ -22,7 +22,7 @@ import (
 // ctlRequest is one control request handed to the loop.
 type ctlRequest struct {
 	cmd   string
-	n     int           // scale: workers; restart-worker: index
+	n     int            // scale: workers; restart-worker: index
 	reply func(ctlReply) // called once, from the loop; never blocks
 }
 
