@@ -182,7 +182,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 				cw.State, cw.Status = "unhealthy", w.unhealthy
 			}
 			pid = w.pid
-			cw.Handed, cw.Active = d.rrCounts(w.pid)
+			cw.Handed, cw.Active = d.mode.conns(w.pid)
 		}
 		st.Workers = append(st.Workers, cw)
 		snap.procs = append(snap.procs, pid)

@@ -134,9 +134,9 @@ func (d *dispatcher) beginReload(why string, started time.Time, next spec, done 
 	n := len(d.slots)
 	if next.app.Workers != prev.app.Workers {
 		n = next.app.Workers.Count(len(d.cpus))
-		if d.slotFDs != nil {
-			d.out.warnf("workers changed to %s, but reuseport mode runs one worker per socket set, and there are %d: keeping %d workers (%s)",
-				workersSetting(next.app.Workers), len(d.slotFDs), len(d.slots), recountHint)
+		if fixed := d.mode.fixedWorkers(); fixed.n > 0 {
+			d.out.warnf("workers changed to %s, but %s, and there are %d: keeping %d workers (%s)",
+				workersSetting(next.app.Workers), fixed.why, fixed.n, len(d.slots), recountHint)
 			n = len(d.slots)
 		}
 	}
@@ -289,20 +289,11 @@ func (d *dispatcher) spawnCandidate(s *slot, now time.Time) (*worker, error) {
 // machine's stop path, stop_timeout, SIGKILL). w must no longer be its
 // slot's current worker, so that its exit does not restart the slot.
 func (d *dispatcher) retire(w *worker, r *replacement) {
-	d.drain(w)
+	d.mode.drain(w.pid, true)
 	if r != nil {
 		r.retiring[w] = true
 	}
 	d.transition(w, trStop, 0)
-}
-
-// drain stops handing w new connections before it is retired. In shared
-// mode workers accept on their own and stop accepting when they get
-// stop_signal, so there is nothing to do here; round-robin mode extends
-// this to take w out of the rotation (its pending connections stay with
-// it until it has acknowledged them).
-func (d *dispatcher) drain(w *worker) {
-	d.rrDrain(w)
 }
 
 // detachedExited handles the exit of a worker that is not its slot's
@@ -411,8 +402,9 @@ func (d *dispatcher) scale(n int, now time.Time) error {
 		return fmt.Errorf("scale refused: a %s is running; try again when it has finished", d.ctl.cur.what())
 	case n < 1 || n > appfile.MaxWorkers:
 		return fmt.Errorf("scale: want 1 to %d workers, got %d", appfile.MaxWorkers, n)
-	case d.slotFDs != nil && n != len(d.slots):
-		return fmt.Errorf("scale refused: reuseport mode runs one worker per socket set, and there are %d (%s)", len(d.slots), recountHint)
+	}
+	if fixed := d.mode.fixedWorkers(); fixed.n > 0 && n != len(d.slots) {
+		return fmt.Errorf("scale refused: %s, and there are %d (%s)", fixed.why, len(d.slots), recountHint)
 	}
 	old := len(d.slots)
 	switch {

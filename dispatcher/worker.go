@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/probe"
 	"golang.org/x/sys/unix"
 )
 
@@ -83,6 +84,7 @@ type worker struct {
 	unhealthy string         // why it is being replaced as unhealthy (round-robin), for status
 	silent    bool           // it never spoke the round-robin protocol: its exit counts as a failed start
 	status    string         // last STATUS=
+	probe     probe.Targets  // the sockets ready = "listening" watches, from its mode's start
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
 }
@@ -111,6 +113,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		if app.Watchdog > 0 && !w.lastPing.IsZero() {
 			w.deadline = w.lastPing.Add(app.Watchdog)
 		}
+		d.mode.ready(w.pid)
 		d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
 		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
 	}
@@ -137,6 +140,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		w.stopProbe()
 		w.state, w.readyAt = stDraining, time.Time{}
 		w.deadline = now.Add(app.StopTimeout)
+		d.mode.drain(w.pid, false) // nothing new before the signal
 		if send != nil {
 			send()
 		}
@@ -244,6 +248,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	w.stopProbe()
 	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
 	delete(d.procs, w.pid)
+	d.mode.exited(w.pid)
 	s := w.slot
 	detached := s.cur != w // a reload's candidate or a retired worker (reload.go)
 	if s.cur == w {
@@ -338,14 +343,24 @@ func describeExit(ws unix.WaitStatus, w *worker) string {
 // spawn forks a worker for slot s through the trampoline. On failure the
 // slot is scheduled for a restart as if the worker had exited at once.
 func (d *dispatcher) spawn(s *slot, now time.Time) {
-	pid, outR, statusR, err := d.forkWorker(s)
+	// Issue 17's cgroup manager would add to ws.args here: the worker's
+	// cgroup, which fork then starts it in.
+	ws, err := d.mode.start(s.index)
+	var pid int
+	var outR, statusR *os.File
+	if err == nil {
+		pid, outR, statusR, err = d.fork(s, ws.args)
+		if ws.forked != nil {
+			ws.forked(pid)
+		}
+	}
 	if err != nil {
 		wait := d.scheduleRestart(s, 0, now)
 		d.out.warnf("worker %d: %v; retrying in %s", s.index, err, wait)
 		d.observe(Event{Kind: WorkerSpawnFailed, Worker: s.index, Err: err, RestartIn: wait})
 		return
 	}
-	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now}
+	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now, probe: ws.probe}
 	w.deadline = now.Add(d.app.ReadyTimeout)
 	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
@@ -368,11 +383,11 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	d.observe(Event{Kind: WorkerStarted, Worker: s.index, PID: pid, Gen: d.gen})
 }
 
-// fork starts the trampoline for slot s with the listeners at fds 3..
-// (in reuseport mode, the slot's own),
-// and returns its pid with the read ends of its output pipe and its
-// exec-status pipe (both owned by the caller). Nothing stays open on error.
-func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) {
+// fork starts the trampoline for slot s with a.fds at fds 3.. (and the
+// LISTEN_* variables for them, and a.env) and returns its pid with the
+// read ends of its output pipe and its exec-status pipe (both owned by
+// the caller). It does not close a's fds. Nothing stays open on error.
+func (d *dispatcher) fork(s *slot, a forkArgs) (pid int, outR, statusR *os.File, err error) {
 	outR, outW, err := pipe()
 	if err != nil {
 		return 0, nil, nil, fmt.Errorf("output pipe: %w", err)
@@ -383,14 +398,10 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 		unix.Close(outW)
 		return 0, nil, nil, fmt.Errorf("status pipe: %w", err)
 	}
-	listeners := d.listenFDs
-	if d.slotFDs != nil {
-		listeners = d.slotFDs[s.index]
-	}
-	n := len(listeners)
+	n := len(a.fds)
 	files := make([]uintptr, 0, 4+n)
 	files = append(files, d.devnull.Fd(), uintptr(outW), uintptr(outW))
-	files = append(files, listeners...)
+	files = append(files, a.fds...)
 	files = append(files, uintptr(statusW))
 
 	cpu := -1
@@ -401,12 +412,12 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 	argv = append(argv, d.self, TrampolineArg, strconv.Itoa(3+n), strconv.Itoa(cpu), d.path)
 	argv = append(argv, d.app.Command...)
 
-	env := make([]string, 0, len(d.env)+8)
+	env := make([]string, 0, len(d.env)+8+len(a.env))
 	env = append(env, d.env...)
 	if n > 0 {
-		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+d.listenNames)
+		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+a.names)
 	}
-	env = append(env, d.rrEnv()...)
+	env = append(env, a.env...)
 	env = append(env,
 		"NOTIFY_SOCKET="+d.notifyPath,
 		"COHORT_APP="+d.app.Name,
@@ -421,10 +432,7 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 		Dir:   d.dir,
 		Env:   env,
 		Files: files,
-		Sys: &syscall.SysProcAttr{
-			Setpgid:   true,
-			Pdeathsig: syscall.SIGKILL,
-		},
+		Sys:   a.sysProcAttr(),
 	})
 	unix.Close(outW)
 	unix.Close(statusW)
