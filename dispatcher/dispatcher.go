@@ -259,18 +259,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
-	stdout, stderr := opt.Stdout, opt.Stderr
-	if stdout == nil {
-		stdout = os.Stdout
-	}
-	if stderr == nil {
-		stderr = os.Stderr
-	}
-	d.out = newOutput(app.Name, stdout, stderr, opt.Journal)
-	d.out.limit = newLimiter(app.LogRateLimit, d.out.warnf)
-	if opt.Journal {
-		d.out.jw = newJournalSender(opt.JournalSocket)
-	}
+	d.out = openOutput(app, opt)
 	defer func() {
 		if err != nil {
 			d.out.close()
@@ -301,6 +290,24 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
 	}
 	return d, nil
+}
+
+// openOutput makes the writer of the worker lines and log lines for app,
+// with its rate limit and, with opt.Journal, its journal sender.
+func openOutput(app *appfile.App, opt Options) *output {
+	stdout, stderr := opt.Stdout, opt.Stderr
+	if stdout == nil {
+		stdout = os.Stdout
+	}
+	if stderr == nil {
+		stderr = os.Stderr
+	}
+	out := newOutput(app.Name, stdout, stderr, opt.Journal)
+	out.limit = newLimiter(app.LogRateLimit, out.warnf)
+	if opt.Journal {
+		out.jw = newJournalSender(opt.JournalSocket)
+	}
+	return out
 }
 
 // open acquires what the loop needs: /dev/null and the notify socket
@@ -385,33 +392,11 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 	for {
 		select {
 		case sig := <-sigs:
-			switch sig {
-			case syscall.SIGCHLD:
-				d.reap()
-			case syscall.SIGPIPE:
-				// A write failed with EPIPE; the stream says so.
-			case syscall.SIGHUP:
-				d.startReload("SIGHUP", time.Now(), nil)
-			default:
-				if !d.stopping {
-					d.stop(fmt.Sprintf("got %s", sig))
-				} else {
-					d.out.warnf("got %s again: killing the workers now", sig)
-					for _, w := range d.procs {
-						d.transition(w, trKill, 0)
-					}
-				}
-			}
+			d.onSignal(sig)
 		case m := <-d.notifyCh:
 			d.onNotify(m)
 		case r := <-d.execCh:
-			if w := d.procs[r.pid]; w != nil {
-				if r.err != "" {
-					d.out.warnf("worker %d (pid %d): %s", w.slot.index, w.pid, r.err)
-				} else {
-					d.transition(w, trExeced, 0)
-				}
-			}
+			d.onExec(r)
 		case m := <-d.probeCh:
 			d.onProbe(m)
 		case req := <-d.ctl.reqs:
@@ -421,14 +406,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		case res := <-d.loadCh:
 			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
-			if p != d.fileProblem {
-				if p != "" {
-					d.out.warnf("config: %s; running the last good configuration", p)
-				} else {
-					d.out.infof("config: %s validates again", d.opt.App.Path)
-				}
-			}
-			d.fileProblem = p
+			d.onFileProblem(p)
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -449,6 +427,53 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		}
 		timer.Reset(d.nextDeadline(now).Sub(now))
 	}
+}
+
+// onSignal acts on a signal: SIGCHLD reaps, SIGHUP reloads, SIGTERM and
+// SIGINT stop (a second one kills the workers at once).
+func (d *dispatcher) onSignal(sig os.Signal) {
+	switch sig {
+	case syscall.SIGCHLD:
+		d.reap()
+	case syscall.SIGPIPE:
+		// A write failed with EPIPE; the stream says so.
+	case syscall.SIGHUP:
+		d.startReload("SIGHUP", time.Now(), nil)
+	default:
+		if !d.stopping {
+			d.stop(fmt.Sprintf("got %s", sig))
+			return
+		}
+		d.out.warnf("got %s again: killing the workers now", sig)
+		for _, w := range d.procs {
+			d.transition(w, trKill, 0)
+		}
+	}
+}
+
+// onExec acts on what a worker's exec-status pipe said.
+func (d *dispatcher) onExec(r execResult) {
+	w := d.procs[r.pid]
+	switch {
+	case w == nil:
+	case r.err != "":
+		d.out.warnf("worker %d (pid %d): %s", w.slot.index, w.pid, r.err)
+	default:
+		d.transition(w, trExeced, 0)
+	}
+}
+
+// onFileProblem logs when the app file stops or starts validating again
+// (p is its first problem, "" when it validates).
+func (d *dispatcher) onFileProblem(p string) {
+	if p != d.fileProblem {
+		if p != "" {
+			d.out.warnf("config: %s; running the last good configuration", p)
+		} else {
+			d.out.infof("config: %s validates again", d.opt.App.Path)
+		}
+	}
+	d.fileProblem = p
 }
 
 // stop begins the graceful stop: STOPPING=1, stop_signal to every worker.

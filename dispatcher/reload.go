@@ -197,18 +197,8 @@ func (d *dispatcher) stepReplace(now time.Time) {
 	if r == nil {
 		return
 	}
-	for s, w := range r.batch {
-		switch w.state {
-		case stReady:
-			continue
-		case stStarting:
-			continue
-		}
-		how := r.failedBy[w]
-		if how == "" {
-			how = fmt.Sprintf("was not ready after ready_timeout (%s)", d.app.ReadyTimeout)
-		}
-		d.failReplace(fmt.Errorf("new worker %d (pid %d, generation %d) %s", s.index, w.pid, w.gen, how))
+	if err := d.batchFailed(r); err != nil {
+		d.failReplace(err)
 		return
 	}
 	if len(r.batch) > 0 {
@@ -217,37 +207,13 @@ func (d *dispatcher) stepReplace(now time.Time) {
 				return // wait for the rest of the batch
 			}
 		}
-		for s, w := range r.batch {
-			old := s.cur
-			s.cur, s.restartAt = w, time.Time{}
-			r.replaced++
-			if old != nil {
-				d.retire(old, r)
-			}
-		}
-		clear(r.batch)
+		d.swapBatch(r)
 	}
-	for len(r.batch) < r.batchMax && len(r.todo) > 0 {
-		s := r.todo[0]
-		r.todo = r.todo[1:]
-		if r.kind == kindReload && s.cur != nil && s.cur.gen == d.gen {
-			// Restarted with the new spec after a crash during the reload.
-			r.replaced++
-			continue
-		}
-		w, err := d.spawnCandidate(s, now)
-		if err != nil {
-			d.failReplace(fmt.Errorf("new worker %d: %w", s.index, err))
-			return
-		}
-		r.batch[s] = w
+	if err := d.startBatch(r, now); err != nil {
+		d.failReplace(err)
+		return
 	}
 	if len(r.batch) > 0 {
-		if r.kind == kindReload {
-			// systemd applies its start timeout to reloads; ask for time
-			// for this batch (ignored where systemd does not extend it).
-			d.sendNotify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (d.app.ReadyTimeout + d.app.StopTimeout + 15*time.Second).Microseconds()))
-		}
 		return
 	}
 	// Every slot replaced: drop the surplus, then wait for the retired.
@@ -266,6 +232,61 @@ func (d *dispatcher) stepReplace(now time.Time) {
 		return
 	}
 	d.finishReplace(now)
+}
+
+// batchFailed says how a candidate of r's batch failed: it left state
+// starting without becoming ready (it exited, or missed ready_timeout).
+func (d *dispatcher) batchFailed(r *replacement) error {
+	for s, w := range r.batch {
+		if w.state == stReady || w.state == stStarting {
+			continue
+		}
+		how := r.failedBy[w]
+		if how == "" {
+			how = fmt.Sprintf("was not ready after ready_timeout (%s)", d.app.ReadyTimeout)
+		}
+		return fmt.Errorf("new worker %d (pid %d, generation %d) %s", s.index, w.pid, w.gen, how)
+	}
+	return nil
+}
+
+// swapBatch makes r's candidates, all ready, their slots' current workers
+// and retires the old ones.
+func (d *dispatcher) swapBatch(r *replacement) {
+	for s, w := range r.batch {
+		old := s.cur
+		s.cur, s.restartAt = w, time.Time{}
+		r.replaced++
+		if old != nil {
+			d.retire(old, r)
+		}
+	}
+	clear(r.batch)
+}
+
+// startBatch starts candidates for up to reload_batch of the slots still
+// to replace; it fails when one cannot be forked.
+func (d *dispatcher) startBatch(r *replacement, now time.Time) error {
+	for len(r.batch) < r.batchMax && len(r.todo) > 0 {
+		s := r.todo[0]
+		r.todo = r.todo[1:]
+		if r.kind == kindReload && s.cur != nil && s.cur.gen == d.gen {
+			// Restarted with the new spec after a crash during the reload.
+			r.replaced++
+			continue
+		}
+		w, err := d.spawnCandidate(s, now)
+		if err != nil {
+			return fmt.Errorf("new worker %d: %w", s.index, err)
+		}
+		r.batch[s] = w
+	}
+	if len(r.batch) > 0 && r.kind == kindReload {
+		// systemd applies its start timeout to reloads; ask for time
+		// for this batch (ignored where systemd does not extend it).
+		d.sendNotify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (d.app.ReadyTimeout + d.app.StopTimeout + 15*time.Second).Microseconds()))
+	}
+	return nil
 }
 
 // spawnCandidate forks a new worker for s without making it s's current

@@ -104,56 +104,6 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	now := time.Now()
 	app := d.app
 
-	toReady := func() {
-		w.stopProbe()
-		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
-		if w.slot.quickExits > 0 && w.slot.cur == w {
-			w.stableAt = w.started.Add(app.Restart.MinUptime)
-		}
-		if app.Watchdog > 0 && !w.lastPing.IsZero() {
-			w.deadline = w.lastPing.Add(app.Watchdog)
-		}
-		d.mode.ready(w.pid)
-		d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
-		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-	}
-	// stop sends stop_signal: to the worker's process group, or with
-	// kill_mode = "mixed" to its main process only, so that a master
-	// such as gunicorn's stops its own children gracefully instead of
-	// finding them killed under it.
-	stop := func() {
-		w.signalled, w.sent = true, app.StopSignal
-		target := -w.pid
-		if app.KillMode == appfile.KillModeMixed {
-			target = w.pid
-		}
-		unix.Kill(target, app.StopSignal)
-	}
-	// abort is the watchdog's SIGABRT, to the hung main process only.
-	abort := func() {
-		w.signalled, w.sent = true, syscall.SIGABRT
-		unix.Kill(w.pid, syscall.SIGABRT)
-	}
-	// toDraining moves w to stDraining and sends what send sends (stop,
-	// abort; nil when it stops on its own or is killed at once).
-	toDraining := func(send func()) {
-		w.stopProbe()
-		w.state, w.readyAt = stDraining, time.Time{}
-		w.deadline = now.Add(app.StopTimeout)
-		d.mode.drain(w.pid, false) // nothing new before the signal
-		if send != nil {
-			send()
-		}
-	}
-	// kill SIGKILLs the whole process group, whatever kill_mode says.
-	kill := func(why string) {
-		if !w.killed {
-			w.killed, w.killWhy = true, why
-			unix.Kill(-w.pid, unix.SIGKILL)
-		}
-		w.deadline = time.Time{}
-	}
-
 	if tr == trExited {
 		d.exited(w, ws, now)
 		return
@@ -164,7 +114,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trExeced:
 			switch app.Ready.Kind {
 			case appfile.ReadyExec:
-				toReady()
+				d.toReady(w, now)
 			case appfile.ReadyDelay:
 				w.readyAt = now.Add(app.Ready.Delay)
 			case appfile.ReadyListening:
@@ -174,31 +124,31 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			d.settle(w, now)
 		case trReadyMsg:
 			if app.Ready.Kind != appfile.ReadyListening {
-				toReady()
+				d.toReady(w, now)
 			}
 			// "listening" believes only what it sees: gunicorn's
 			// master, for one, says READY=1 before its workers accept.
 		case trDelay:
-			toReady()
+			d.toReady(w, now)
 		case trWatchdogPing:
 			w.lastPing = now
 		case trWatchdogTrigger:
 			d.out.warnf("worker %d (pid %d) asked to be treated as hung (WATCHDOG=trigger) before ready; sending SIGABRT", w.slot.index, w.pid)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(abort)
+			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
-			toDraining(nil)
+			d.toDraining(w, now, nil)
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trStop:
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trKill:
-			toDraining(nil)
-			kill("")
+			d.toDraining(w, now, nil)
+			d.kill(w, "")
 		}
 	case stReady:
 		switch tr {
@@ -214,32 +164,90 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			}
 			d.out.warnf("worker %d (pid %d) %s; sending SIGABRT", w.slot.index, w.pid, why)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(abort)
+			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
 			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
-			toDraining(nil)
+			d.toDraining(w, now, nil)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trStop:
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trKill:
-			toDraining(nil)
-			kill("")
+			d.toDraining(w, now, nil)
+			d.kill(w, "")
 		}
 	case stDraining:
 		switch tr {
 		case trStop:
 			if !w.signalled {
-				stop()
+				d.sendStop(w)
 			}
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) still running %s after it was told to stop; sending SIGKILL", w.slot.index, w.pid, app.StopTimeout)
-			kill(fmt.Sprintf("it did not stop within stop_timeout %s", app.StopTimeout))
+			d.kill(w, fmt.Sprintf("it did not stop within stop_timeout %s", app.StopTimeout))
 		case trKill:
-			kill("")
+			d.kill(w, "")
 		}
 	}
+}
+
+// toReady moves w to stReady: its watchdog deadline is armed, its mode
+// may hand it connections, and the log and observers hear of it.
+func (d *dispatcher) toReady(w *worker, now time.Time) {
+	app := d.app
+	w.stopProbe()
+	w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
+	if w.slot.quickExits > 0 && w.slot.cur == w {
+		w.stableAt = w.started.Add(app.Restart.MinUptime)
+	}
+	if app.Watchdog > 0 && !w.lastPing.IsZero() {
+		w.deadline = w.lastPing.Add(app.Watchdog)
+	}
+	d.mode.ready(w.pid)
+	d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
+	d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+}
+
+// toDraining moves w to stDraining, takes it out of its mode's service
+// and then sends what send sends (sendStop, sendAbort; nil when it stops
+// on its own or is killed at once).
+func (d *dispatcher) toDraining(w *worker, now time.Time, send func(*worker)) {
+	w.stopProbe()
+	w.state, w.readyAt = stDraining, time.Time{}
+	w.deadline = now.Add(d.app.StopTimeout)
+	d.mode.drain(w.pid, false) // nothing new before the signal
+	if send != nil {
+		send(w)
+	}
+}
+
+// sendStop sends stop_signal: to the worker's process group, or with
+// kill_mode = "mixed" to its main process only, so that a master such as
+// gunicorn's stops its own children gracefully instead of finding them
+// killed under it.
+func (d *dispatcher) sendStop(w *worker) {
+	w.signalled, w.sent = true, d.app.StopSignal
+	target := -w.pid
+	if d.app.KillMode == appfile.KillModeMixed {
+		target = w.pid
+	}
+	unix.Kill(target, d.app.StopSignal)
+}
+
+// sendAbort is the watchdog's SIGABRT, to the hung main process only.
+func (d *dispatcher) sendAbort(w *worker) {
+	w.signalled, w.sent = true, syscall.SIGABRT
+	unix.Kill(w.pid, syscall.SIGABRT)
+}
+
+// kill SIGKILLs w's whole process group, whatever kill_mode says.
+func (d *dispatcher) kill(w *worker, why string) {
+	if !w.killed {
+		w.killed, w.killWhy = true, why
+		unix.Kill(-w.pid, unix.SIGKILL)
+	}
+	w.deadline = time.Time{}
 }
 
 // exited moves a reaped worker to stExited, logs how it ended and
