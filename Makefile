@@ -27,6 +27,7 @@ lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo 'gofmt: files above need formatting'; exit 1; }
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+	$(GO) test -count=1 -run '^TestImportDirections$$' ./internal/layout
 
 # Short coverage-guided runs of every fuzz target (the seed corpora also run
 # in `go test`).
