@@ -67,6 +67,11 @@ type mode interface {
 	close()
 }
 
+var (
+	_ mode = (*sockets)(nil)
+	_ mode = (*roundRobin)(nil)
+)
+
 // workerStart is what a mode gives one worker being forked.
 type workerStart struct {
 	args  forkArgs      // its fds and the environment that goes with them
