@@ -567,7 +567,11 @@ func (d *dispatcher) onModeFaults() {
 		if w == nil || d.stopping {
 			continue
 		}
-		d.out.warnf("worker %d (pid %d) %s; stopping it (what it did not acknowledge goes to the other workers)", w.slot.index, w.pid, f.why)
+		note := ""
+		if f.note != "" {
+			note = " (" + f.note + ")"
+		}
+		d.out.warnf("worker %d (pid %d) %s; stopping it%s", w.slot.index, w.pid, f.why, note)
 		w.unhealthy, w.silent = f.why, f.silent
 		d.transition(w, trUnhealthy, 0)
 	}

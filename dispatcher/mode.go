@@ -110,6 +110,7 @@ type modeFault struct {
 	pid    int
 	why    string // for the log and status
 	silent bool   // it never spoke the mode's protocol: its exit is a failed start
+	note   string // what becomes of its connections, for the log ("" for nothing)
 }
 
 // fixedCount is a number of workers a mode imposes.

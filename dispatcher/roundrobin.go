@@ -80,7 +80,7 @@ func (m *roundRobin) takeFaults(serving func(pid int) bool) []modeFault {
 	fs := m.b.TakeFaults(serving)
 	out := make([]modeFault, len(fs))
 	for i, f := range fs {
-		out[i] = modeFault{pid: f.PID, why: f.Why, silent: f.Silent}
+		out[i] = modeFault{pid: f.PID, why: f.Why, silent: f.Silent, note: "what it did not acknowledge goes to the other workers"}
 	}
 	return out
 }
