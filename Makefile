@@ -38,9 +38,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzRender$$' -fuzztime 20s ./generator
 	$(GO) test -run '^$$' -fuzz '^FuzzCheckShape$$' -fuzztime 20s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./generator/verify
-	$(GO) test -run '^$$' -fuzz '^FuzzParseNotification$$' -fuzztime 20s ./dispatcher
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./dispatcher/internal/notify
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime 10s ./dispatcher/control
+	$(GO) test -run '^$$' -fuzz '^FuzzParseStat$$' -fuzztime 10s ./dispatcher/internal/procfs
 
 # The load benchmark (bench/): the hello app alone and under Node
 # cluster, PM2 and cohort, keep-alive and new-connection load; writes

@@ -17,6 +17,9 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/notify"
+	"github.com/cohort-dev/cohort/internal/cpuset"
+	"github.com/cohort-dev/cohort/internal/journal"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,14 +29,14 @@ type Options struct {
 	// App is the app to run. Run does not modify it.
 	App *appfile.App
 	// Listeners are the listening sockets in App.Listen order (see
-	// MatchListeners and Bind). In shared mode Run puts them in blocking
+	// sockets.Match and sockets.Bind). In shared mode Run puts them in blocking
 	// mode and passes them to every worker; in round-robin mode it accepts
 	// on duplicates of them, in non-blocking mode. It never closes them:
 	// the caller owns them.
 	Listeners []*os.File
 	// SlotListeners are, in reuseport mode (and only there), each worker
 	// slot's own listening sockets, SlotListeners[i] in App.Listen order
-	// (see MatchSlotListeners and BindSlots): one worker runs per entry,
+	// (see sockets.MatchSlots and sockets.BindSlots): one worker runs per entry,
 	// and worker i is handed only SlotListeners[i]. Run keeps them all
 	// open while workers come and go, so connections that the kernel
 	// steers to a slot whose worker is being replaced wait in its queue.
@@ -47,7 +50,7 @@ type Options struct {
 	// private variables, see the package doc); nil means os.Environ().
 	Environ []string
 	// CPUs are the CPUs workers = "auto" counts and cpu_affinity pins to;
-	// nil means AllowedCPUs().
+	// nil means cpuset.Allowed().
 	CPUs []int
 	// RuntimeDir holds the notify socket; "" means $RUNTIME_DIRECTORY (its
 	// first entry) from Environ, else a private directory under
@@ -58,7 +61,7 @@ type Options struct {
 	// each write; Stderr receives the dispatcher's own log lines. Each is
 	// written by a goroutine of its own from a bounded queue, so a writer
 	// that blocks never blocks supervision: lines it has no room for are
-	// dropped and counted on Stderr (stream.go). nil means os.Stdout and
+	// dropped and counted on Stderr (internal/logrelay). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
 	// Journal sends worker lines to the journal with COHORT_WORKER,
@@ -158,7 +161,7 @@ func Run(ctx context.Context, opt Options) error {
 		return fmt.Errorf("app %s: %w", d.app.Name, err)
 	}
 	d.wg.Go(func() {
-		d.notify.serve(goCtx, func(m notifyMsg) bool {
+		d.notify.Serve(goCtx, func(m notify.Datagram) bool {
 			select {
 			case d.notifyCh <- m:
 				return true
@@ -194,13 +197,13 @@ type dispatcher struct {
 	gen   int
 
 	devnull    *os.File
-	notify     *notifySocket
+	notify     *notify.Socket
 	tempDir    string // removed by close when set
 	notifyPath string
 
 	goCtx    context.Context // cancelled when Run returns; for helper goroutines
 	wg       sync.WaitGroup  // every goroutine Run started
-	notifyCh chan notifyMsg
+	notifyCh chan notify.Datagram
 	execCh   chan execResult
 	probeCh  chan probeResult // ready = "listening" (listening.go)
 	loadCh   chan loadResult  // a reload's app file, read off the loop (load.go)
@@ -247,7 +250,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 		dir:      app.WorkingDirectory,
 		procs:    map[int]*worker{},
 		gen:      1,
-		notifyCh: make(chan notifyMsg, 64),
+		notifyCh: make(chan notify.Datagram, 64),
 		execCh:   make(chan execResult, 64),
 		probeCh:  make(chan probeResult, 64),
 		loadCh:   make(chan loadResult),
@@ -273,7 +276,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	}
 	d.cpus = opt.CPUs
 	if d.cpus == nil {
-		if d.cpus, err = AllowedCPUs(); err != nil {
+		if d.cpus, err = cpuset.Allowed(); err != nil {
 			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
 		}
 	}
@@ -302,12 +305,11 @@ func openOutput(app *appfile.App, opt Options) *output {
 	if stderr == nil {
 		stderr = os.Stderr
 	}
-	out := newOutput(app.Name, stdout, stderr, opt.Journal)
-	out.limit = newLimiter(app.LogRateLimit, out.warnf)
+	var jw *journal.Sender
 	if opt.Journal {
-		out.jw = newJournalSender(opt.JournalSocket)
+		jw = journal.NewSender(opt.JournalSocket)
 	}
-	return out
+	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
 }
 
 // open acquires what the loop needs: /dev/null and the notify socket
@@ -335,7 +337,7 @@ func (d *dispatcher) open() error {
 	if len(d.notifyPath) > 107 {
 		return fmt.Errorf("notify socket path %s: longer than 107 bytes", d.notifyPath)
 	}
-	d.notify, err = listenNotify(d.notifyPath)
+	d.notify, err = notify.Listen(d.notifyPath)
 	return err
 }
 
@@ -359,7 +361,7 @@ func (d *dispatcher) close() {
 	}
 	d.out.close()
 	if d.out.jw != nil {
-		d.out.jw.close()
+		d.out.jw.Close()
 	}
 	if d.tempDir != "" {
 		os.RemoveAll(d.tempDir)
@@ -516,24 +518,24 @@ func (d *dispatcher) reap() {
 }
 
 // onNotify attributes a datagram to its worker and acts on it.
-func (d *dispatcher) onNotify(m notifyMsg) {
-	w := d.procs[m.pid]
+func (d *dispatcher) onNotify(m notify.Datagram) {
+	w := d.procs[m.PID]
 	if w == nil {
 		d.foreign++
 		if d.foreign&(d.foreign-1) == 0 { // 1, 2, 4, 8…: log without flooding
-			d.out.warnf("ignored a notify message from pid %d, which is no worker (%d so far)", m.pid, d.foreign)
+			d.out.warnf("ignored a notify message from pid %d, which is no worker (%d so far)", m.PID, d.foreign)
 		}
-		d.observe(Event{Kind: ForeignNotify, Worker: -1, PID: m.pid, Foreign: d.foreign})
+		d.observe(Event{Kind: ForeignNotify, Worker: -1, PID: m.PID, Foreign: d.foreign})
 		return
 	}
-	if m.fds > 0 {
-		d.out.warnf("worker %d (pid %d) sent %d fds to the notify socket; closed them", w.slot.index, w.pid, m.fds)
+	if m.FDs > 0 {
+		d.out.warnf("worker %d (pid %d) sent %d fds to the notify socket; closed them", w.slot.index, w.pid, m.FDs)
 	}
-	if m.err != nil {
-		d.out.warnf("worker %d (pid %d): %v", w.slot.index, w.pid, m.err)
+	if m.Err != nil {
+		d.out.warnf("worker %d (pid %d): %v", w.slot.index, w.pid, m.Err)
 		return
 	}
-	n := m.n
+	n := m.Msg
 	if n.HasStatus {
 		w.status = n.Status
 	}

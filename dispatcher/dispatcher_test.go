@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/cpuset"
 	"golang.org/x/sys/unix"
 )
 
@@ -381,7 +382,7 @@ func TestCommandNotFound(t *testing.T) {
 // TestCPUAffinity: cpu_affinity pins worker i to the i-th allowed CPU.
 func TestCPUAffinity(t *testing.T) {
 	t.Parallel()
-	cpus, err := AllowedCPUs()
+	cpus, err := cpuset.Allowed()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,9 +4,9 @@
 //
 // One call to [Run] is the whole life of a dispatcher:
 //
-//	inherited, err := activation.Inherit()          // what systemd passed
+//	inherited, err := activation.Inherit() // what systemd passed
 //	...
-//	listeners, err := dispatcher.MatchListeners(app, inherited.TakeAll())
+//	listeners, err := sockets.Match(app, inherited.TakeAll())
 //	...
 //	err = dispatcher.Run(ctx, dispatcher.Options{
 //		App:           app,
@@ -18,6 +18,27 @@
 // Run returns when the workers have all ended after a stop (SIGTERM, SIGINT
 // or a cancelled context). Nothing it started outlives it: every goroutine
 // is waited for, every worker is reaped, every fd it opened is closed.
+//
+// # What is here and what is not
+//
+// This package is the supervision: the state machine of the workers, the
+// balancing of the modes, reloads, the control socket's commands, the
+// orphan policy and the log relay. The plumbing that never touches the
+// supervisor's state lives in small packages of its own, internal so that
+// no user imports it; the rule is dispatcher/internal/ for what only the
+// dispatcher uses, the module's internal/ for what cmd/ or the generator
+// use too:
+//
+//   - internal/sockets binds the app's listening sockets (cohort run) and
+//     matches the ones systemd passed to [[listen]] entries;
+//   - dispatcher/internal/notify is the NOTIFY_SOCKET server and parser;
+//   - internal/journal is cohort's one journald writer (the generator's
+//     too);
+//   - dispatcher/internal/envfile reads environment_file files, bounded;
+//   - dispatcher/internal/procfs reads /proc (process trees, usage,
+//     parents, children, environments) with the one /proc/PID/stat parser;
+//     dispatcher/internal/probe tells from /proc whether a worker accepts;
+//   - internal/cpuset reads and pins CPU sets.
 //
 // # Workers
 //
@@ -95,7 +116,7 @@
 //
 // With mode = "reuseport" systemd binds one SO_REUSEPORT socket per
 // listener and worker slot (Options.SlotListeners, matched by
-// MatchSlotListeners from the "<listener>.<slot>" fd names the generator
+// sockets.MatchSlots from the "<listener>.<slot>" fd names the generator
 // gives them), and worker i is forked with only slot i's sockets, under
 // the listeners' plain names. The dispatcher holds them all for its whole
 // life: a slot whose worker died or is being replaced keeps its socket and

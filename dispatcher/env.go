@@ -1,9 +1,6 @@
 package dispatcher
 
 import (
-	"bufio"
-	"bytes"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -11,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/envfile"
 )
 
 // privateEnv are variables of the dispatcher's own environment that
@@ -33,7 +31,8 @@ var privateEnv = map[string]bool{
 // It returns an error naming the file for an environment file that cannot
 // be read, unless its name starts with "-" (systemd's "optional") and it
 // does not exist or may not be read. A file that is not a regular file or
-// holds more than appfile.MaxFileSize is an error even when optional.
+// holds more than appfile.MaxFileSize is an error even when optional
+// (envfile.Read).
 func baseEnv(inherited []string, app *appfile.App) ([]string, error) {
 	env := newEnvList()
 	for _, kv := range inherited {
@@ -46,23 +45,14 @@ func baseEnv(inherited []string, app *appfile.App) ([]string, error) {
 	for k, v := range app.Environment {
 		env.set(k + "=" + v)
 	}
+	dir := ""
+	if app.Path != "" {
+		dir = filepath.Dir(app.Path)
+	}
 	for _, name := range app.EnvironmentFiles {
-		optional := strings.HasPrefix(name, "-")
-		name = strings.TrimPrefix(name, "-")
-		if !filepath.IsAbs(name) && app.Path != "" {
-			name = filepath.Join(filepath.Dir(app.Path), name)
-		}
-		// Bounded, and never a FIFO or a device: a reload reads these.
-		data, err := appfile.ReadRegularFile(name, appfile.MaxFileSize)
+		kvs, err := envfile.Read(name, dir)
 		if err != nil {
-			if optional && (errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission)) {
-				continue
-			}
 			return nil, fmt.Errorf("environment_file: %w", err)
-		}
-		kvs, err := parseEnvFile(data)
-		if err != nil {
-			return nil, fmt.Errorf("environment_file %s: %w", name, err)
 		}
 		for _, kv := range kvs {
 			env.set(kv)
@@ -90,48 +80,6 @@ func (e *envList) set(kv string) {
 }
 
 func (e *envList) list() []string { return append([]string(nil), e.kvs...) }
-
-// parseEnvFile reads systemd's EnvironmentFile= format: KEY=VALUE lines,
-// blank lines and lines starting with # or ; ignored, values optionally in
-// single or double quotes, a trailing backslash continuing the line.
-func parseEnvFile(data []byte) ([]string, error) {
-	var (
-		out  []string
-		sc   = bufio.NewScanner(bytes.NewReader(data))
-		line strings.Builder
-		n    int
-	)
-	sc.Buffer(make([]byte, 0, 4096), 1<<20)
-	for sc.Scan() {
-		n++
-		text := sc.Text()
-		if strings.HasSuffix(text, `\`) {
-			line.WriteString(strings.TrimSuffix(text, `\`))
-			continue
-		}
-		line.WriteString(text)
-		s := strings.TrimSpace(line.String())
-		line.Reset()
-		if s == "" || s[0] == '#' || s[0] == ';' {
-			continue
-		}
-		k, v, ok := strings.Cut(s, "=")
-		k = strings.TrimSpace(k)
-		if !ok || k == "" || strings.ContainsAny(k, " \t") {
-			return nil, fmt.Errorf("line %d: not KEY=VALUE", n)
-		}
-		v = strings.TrimSpace(v)
-		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
-			q := v[0]
-			v = v[1 : len(v)-1]
-			if q == '"' {
-				v = strings.NewReplacer(`\"`, `"`, `\\`, `\`, `\n`, "\n").Replace(v)
-			}
-		}
-		out = append(out, k+"="+v)
-	}
-	return out, sc.Err()
-}
 
 // envValue returns the value of key in env ("" when unset).
 func envValue(env []string, key string) string {

@@ -92,7 +92,7 @@ func (d *dispatcher) startProbe(w *worker) {
 			if tree {
 				lastTree = time.Now()
 			}
-			found, err := probe.Accepting(pid, t, tree)
+			found, err := probe.Accepting(ctx, pid, t, tree)
 			if err != nil || found.PID != 0 {
 				select {
 				case d.probeCh <- probeResult{w: w, found: found, err: err}:

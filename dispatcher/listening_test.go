@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/sockets"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -195,7 +196,7 @@ func TestListeningReusePort(t *testing.T) {
 	app.ReadyTimeout = 90 * time.Second
 	app.StopTimeout = 10 * time.Second
 	app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP, ReusePort: true}}
-	slots, err := BindSlots(app, 2)
+	slots, err := sockets.BindSlots(app, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +211,7 @@ func TestListeningReusePort(t *testing.T) {
 	if n := strings.Count(logs.String(), ") accepts (accept4 on fd 3"); n != 2 {
 		t.Errorf("%d \"accepts (accept4 on fd 3\" log lines, want one per worker", n)
 	}
-	addr := BoundAddr(slots[0][0])
+	addr := sockets.BoundAddr(slots[0][0])
 	seen := map[string]bool{}
 	for i := 0; i < 200 && len(seen) < 2; i++ {
 		body, err := get("http://" + addr + "/")

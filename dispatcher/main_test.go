@@ -16,6 +16,7 @@ import (
 
 	cohort "github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/sockets"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
@@ -43,8 +44,6 @@ func TestMain(m *testing.M) {
 		os.Exit(helperCohortWorker())
 	case "rr-hostile":
 		os.Exit(helperRRHostile())
-	case "journal-sink":
-		os.Exit(helperJournalSink()) // relay_bench_test.go
 	case "steer":
 		os.Exit(helperSteer()) // steer_test.go
 	}
@@ -189,9 +188,9 @@ func helperDispatcher() int {
 	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
 	var err error
 	if app.Mode == appfile.ModeReusePort {
-		opt.SlotListeners, err = MatchSlotListeners(&app, files)
+		opt.SlotListeners, err = sockets.MatchSlots(&app, files)
 	} else {
-		opt.Listeners, err = MatchListeners(&app, files)
+		opt.Listeners, err = sockets.Match(&app, files)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper dispatcher:", err)

@@ -68,7 +68,7 @@ type mode interface {
 }
 
 var (
-	_ mode = (*sockets)(nil)
+	_ mode = (*socketMode)(nil)
 	_ mode = (*roundRobin)(nil)
 )
 
@@ -135,7 +135,7 @@ func newMode(app *appfile.App, opt Options, out *output) (mode, error) {
 		if app.Mode == appfile.ModeRoundRobin {
 			return newRoundRobin(app, opt.Listeners, names, out), nil
 		}
-		return &sockets{sets: [][]*os.File{opt.Listeners}, names: strings.Join(names, ":")}, nil
+		return &socketMode{sets: [][]*os.File{opt.Listeners}, names: strings.Join(names, ":")}, nil
 	case appfile.ModeReusePort:
 		if len(opt.SlotListeners) == 0 || len(app.Listen) == 0 {
 			return nil, fmt.Errorf("app %s: reuseport mode: no listening sockets", app.Name)
@@ -145,19 +145,19 @@ func newMode(app *appfile.App, opt Options, out *output) (mode, error) {
 				return nil, fmt.Errorf("app %s: reuseport mode: worker %d has %d listening sockets for %d [[listen]] entries", app.Name, i, len(ls), len(app.Listen))
 			}
 		}
-		return &sockets{sets: opt.SlotListeners, perSlot: true, names: strings.Join(names, ":")}, nil
+		return &socketMode{sets: opt.SlotListeners, perSlot: true, names: strings.Join(names, ":")}, nil
 	}
 	return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errUnknownMode, appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort)
 }
 
-// sockets is shared mode (one set, every worker gets it) and reuseport
+// socketMode is shared mode (one set, every worker gets it) and reuseport
 // mode (perSlot: worker i gets set i). The workers accept on their own,
 // so a worker's life changes nothing here: in shared mode a worker
 // stops accepting when it gets stop_signal, and in reuseport mode a
 // slot's sockets stay open while its workers come and go, so what the
 // kernel steers to a slot whose worker is being replaced waits in its
 // queue.
-type sockets struct {
+type socketMode struct {
 	sets    [][]*os.File // the caller's (Options); never closed here
 	perSlot bool
 	names   string // LISTEN_FDNAMES
@@ -168,7 +168,7 @@ type sockets struct {
 
 // open puts the sockets in blocking mode (workers share their file
 // description, and expect what systemd passes) and notes their inodes.
-func (m *sockets) open(context.Context, int) error {
+func (m *socketMode) open(context.Context, int) error {
 	for _, set := range m.sets {
 		fds := make([]uintptr, len(set))
 		for i, f := range set {
@@ -186,7 +186,7 @@ func (m *sockets) open(context.Context, int) error {
 	return nil
 }
 
-func (m *sockets) start(slot int) (workerStart, error) {
+func (m *socketMode) start(slot int) (workerStart, error) {
 	i := 0
 	if m.perSlot {
 		i = slot
@@ -197,17 +197,17 @@ func (m *sockets) start(slot int) (workerStart, error) {
 	}, nil
 }
 
-func (m *sockets) ready(int)                                 {}
-func (m *sockets) drain(int, bool)                           {}
-func (m *sockets) exited(int)                                {}
-func (m *sockets) stop()                                     {}
-func (m *sockets) status(int) string                         { return "" }
-func (m *sockets) conns(int) (uint64, int)                   { return 0, 0 }
-func (m *sockets) faults() <-chan struct{}                   { return nil }
-func (m *sockets) takeFaults(func(pid int) bool) []modeFault { return nil }
-func (m *sockets) close()                                    {}
+func (m *socketMode) ready(int)                                 {}
+func (m *socketMode) drain(int, bool)                           {}
+func (m *socketMode) exited(int)                                {}
+func (m *socketMode) stop()                                     {}
+func (m *socketMode) status(int) string                         { return "" }
+func (m *socketMode) conns(int) (uint64, int)                   { return 0, 0 }
+func (m *socketMode) faults() <-chan struct{}                   { return nil }
+func (m *socketMode) takeFaults(func(pid int) bool) []modeFault { return nil }
+func (m *socketMode) close()                                    {}
 
-func (m *sockets) fixedWorkers() fixedCount {
+func (m *socketMode) fixedWorkers() fixedCount {
 	if !m.perSlot {
 		return fixedCount{}
 	}

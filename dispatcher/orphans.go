@@ -2,9 +2,7 @@ package dispatcher
 
 import (
 	"fmt"
-	"os"
 	"strconv"
-	"strings"
 	"time"
 	"unsafe"
 
@@ -104,7 +102,7 @@ func (d *dispatcher) reapAll() {
 // worker, unless (all false) it says it belongs to a live worker.
 func (d *dispatcher) killOrphans(all bool) int {
 	n := 0
-	for _, pid := range children() {
+	for _, pid := range procfs.Children() {
 		if d.procs[pid] != nil {
 			continue
 		}
@@ -143,11 +141,11 @@ func (d *dispatcher) endOrphans(timeout time.Duration) {
 				break
 			}
 		}
-		if len(children()) == 0 {
+		if len(procfs.Children()) == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			d.out.warnf("%d processes escaped from the workers are still running after %s", len(children()), timeout)
+			d.out.warnf("%d processes escaped from the workers are still running after %s", len(procfs.Children()), timeout)
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -155,29 +153,6 @@ func (d *dispatcher) endOrphans(timeout time.Duration) {
 	if d.orph.kills > 0 {
 		d.out.infof("killed %d processes left behind by workers that ended", d.orph.kills)
 	}
-}
-
-// children lists the pids of this process's children, from every
-// thread's /proc/self/task/TID/children (a reparented orphan is the child
-// of one of the threads).
-func children() []int {
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		return nil
-	}
-	var pids []int
-	for _, t := range tasks {
-		b, err := procfs.ReadBounded("/proc/self/task/"+t.Name()+"/children", 1<<20)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-	}
-	return pids
 }
 
 // orphanOwner is the worker pid that pid's environment names, 0 when it
@@ -209,7 +184,7 @@ func EndChildren(timeout time.Duration) int {
 	deadline := time.Now().Add(timeout)
 	killed := map[int]bool{}
 	for {
-		kids := children()
+		kids := procfs.Children()
 		for _, pid := range kids {
 			if killed[pid] {
 				continue

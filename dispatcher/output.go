@@ -1,199 +1,35 @@
 package dispatcher
 
 import (
-	"bufio"
-	"bytes"
-	"errors"
-	"fmt"
 	"io"
-	"strconv"
 
-	"github.com/coreos/go-systemd/v22/journal"
+	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/logrelay"
+	"github.com/cohort-dev/cohort/internal/journal"
 )
 
-// maxLine is the longest worker output line passed on in one piece;
-// longer lines are split every maxLine bytes. journald's LineMax (48K by
-// default) applies to stdout streams, not to the native protocol the
-// dispatcher uses, so a long line (a JSON log record, a stack trace in one
-// line) stays one journal entry; one bigger than a datagram goes through
-// a memfd (see journalSender).
-const maxLine = 1 << 20
-
-// output is where worker lines and the dispatcher's own log lines go:
-// two streams (stream.go), so that no writer that stops draining can block
-// the supervision loop or a worker, and lines never interleave.
+// output is the dispatcher's end of its log relay (internal/logrelay):
+// its own log lines and its workers' output go through it, never
+// blocking the loop. It holds the journal sender the relay writes to,
+// which the dispatcher closes after the relay.
 type output struct {
-	app     string
-	journal bool
-	jw      *journalSender // set when journal
-	log     *stream        // the dispatcher's log (stderr)
-	lines   *stream        // worker lines (stdout), and the journal's fallback
-	limit   *limiter       // each worker slot's budget of lines; nil: none (ratelimit.go)
+	r  *logrelay.Relay
+	jw *journal.Sender // nil unless in journal mode
 }
 
-// newOutput starts the streams toward stdout and stderr; close ends them.
-func newOutput(app string, stdout, stderr io.Writer, journal bool) *output {
-	o := &output{app: app, journal: journal}
-	o.log = newStream("stderr", stderr)
-	o.lines = newStream("stdout", stdout)
-	o.log.notice = o.noticef
-	o.lines.notice = o.noticef
-	return o
-}
+// workerTag names the worker process a line comes from.
+type workerTag = logrelay.Tag
 
-// noticef is a log line about the streams themselves; like every log
-// line, it never waits.
-func (o *output) noticef(msg string) { o.warnf("%s", msg) }
-
-// close writes out what is queued, waiting at most flushTimeout per
-// stream, and reports lines dropped and not reported yet. A stream whose
-// write never returns (a pipe nobody reads) is left to its goroutine,
-// which ends with the write or with the process.
-func (o *output) close() {
-	o.limit.close()
-	o.lines.close(flushTimeout)
-	for src, n := range o.lines.takeDrops() {
-		o.lines.reportDrops(src, n)
-	}
-	if n := o.log.takeDrops()[logSource]; n > 0 {
-		o.log.reportDrops(logSource, n)
-	}
-	o.log.close(flushTimeout)
-}
-
-// workerTag identifies the worker a line comes from.
-type workerTag struct {
-	index, pid, gen int
-}
-
-// logf writes one dispatcher log line. In journal mode prio becomes a
-// syslog "<N>" prefix (stderr is then a journal stream); in terminal
-// mode the line is prefixed "[app] ". It never blocks: a line the log
-// has no room for is dropped and counted.
-func (o *output) logf(prio journal.Priority, format string, args ...any) {
-	var b []byte
-	if o.journal {
-		b = fmt.Appendf(nil, "<%d>", prio)
-	} else {
-		b = fmt.Appendf(nil, "[%s] ", o.app)
-	}
-	b = fmt.Appendf(b, format, args...)
-	b = append(b, '\n')
-	o.log.put(logSource, b, false)
-}
-
-func (o *output) infof(format string, args ...any) { o.logf(journal.PriInfo, format, args...) }
-func (o *output) warnf(format string, args ...any) { o.logf(journal.PriWarning, format, args...) }
-
-// JournalIdentifier is the SYSLOG_IDENTIFIER of a worker's journal
-// entries: "web.2/4711" for worker 2, pid 4711 of app web. journalctl's
-// default output prints an entry's _PID in brackets, the pid of the
-// process that sent it (the dispatcher: the kernel vouches for it, and an
-// unprivileged dispatcher cannot claim another), and never SYSLOG_PID
-// when _PID is there (seen on systemd 252 and 257, vmtests/logflood), so
-// the worker's index and pid are in the identifier:
-// "web.2/4711[662]: GET /". The dispatcher's own lines are "web[662]:"
-// (SyslogIdentifier= of the service). '/' as in postfix's
-// "postfix/smtpd[123]:", since ':' and '[' would end a syslog tag.
-func JournalIdentifier(app string, index, pid int) string {
-	return app + "." + strconv.Itoa(index) + "/" + strconv.Itoa(pid)
-}
-
-// workerSink is where one worker process's lines go: its journal fields
-// and its terminal prefix, made once per process rather than per line.
-type workerSink struct {
-	o      *output
-	tag    workerTag
-	budget *budget
-	fields []journalField // MESSAGE and PRIORITY first, filled per line
-	prefix []byte         // "[app.N] "
-}
-
-func (o *output) sink(t workerTag) *workerSink {
-	pid := strconv.AppendInt(nil, int64(t.pid), 10)
-	return &workerSink{
-		o: o, tag: t, budget: o.limit.slot(t.index),
-		fields: []journalField{
-			{"MESSAGE", nil},
-			{"PRIORITY", nil},
-			{"SYSLOG_IDENTIFIER", []byte(JournalIdentifier(o.app, t.index, t.pid))},
-			{"SYSLOG_PID", pid},
-			{"COHORT_APP", []byte(o.app)},
-			{"COHORT_WORKER", strconv.AppendInt(nil, int64(t.index), 10)},
-			{"COHORT_PID", pid},
-			{"COHORT_GENERATION", strconv.AppendInt(nil, int64(t.gen), 10)},
-		},
-		prefix: fmt.Appendf(nil, "[%s.%d] ", o.app, t.index),
+// newOutput starts the relay toward stdout and stderr, and toward jw when
+// it is set (journal mode); close ends it.
+func newOutput(app string, stdout, stderr io.Writer, jw *journal.Sender, lim appfile.LogRateLimit) *output {
+	return &output{
+		r:  logrelay.New(logrelay.Config{App: app, Stdout: stdout, Stderr: stderr, Journal: jw, RateLimit: lim}),
+		jw: jw,
 	}
 }
 
-var priorities = [8][]byte{{'0'}, {'1'}, {'2'}, {'3'}, {'4'}, {'5'}, {'6'}, {'7'}}
-
-// line passes on one line of the worker's output (without its newline),
-// unless the slot's budget is spent (ratelimit.go). In journal mode it
-// becomes a journal entry with the worker's fields and the priority of a
-// leading "<N>"; otherwise it is queued for stdout prefixed "[app.N] ",
-// waiting while stdout drains, dropped (and counted) when it does not.
-// Only the worker's own goroutine calls it.
-func (w *workerSink) line(line []byte) {
-	if !w.budget.allow(w.tag.pid) {
-		return
-	}
-	o := w.o
-	if o.journal {
-		prio, msg := journal.PriInfo, line
-		if len(line) >= 3 && line[0] == '<' && line[2] == '>' && line[1] >= '0' && line[1] <= '7' {
-			prio, msg = journal.Priority(line[1]-'0'), line[3:]
-		}
-		w.fields[0].value, w.fields[1].value = msg, priorities[prio]
-		err := o.jw.send(w.fields)
-		w.fields[0].value = nil
-		if err == nil {
-			return
-		}
-	}
-	buf := make([]byte, 0, len(line)+len(w.prefix)+1)
-	buf = append(buf, w.prefix...)
-	buf = append(buf, line...)
-	buf = append(buf, '\n')
-	o.lines.put(w.tag, buf, true)
-}
-
-// copyLines reads r line by line until EOF or an error (a read deadline
-// set by the owner) and passes each line to o: what a worker wrote before
-// it died is still in the pipe and is passed on, and so is a last line
-// without a newline. Lines longer than maxLine are split. It closes r,
-// and at the end reports the lines of t its budget suppressed.
-func (o *output) copyLines(t workerTag, r io.ReadCloser) {
-	defer r.Close()
-	w := o.sink(t)
-	defer w.budget.exited(t.pid)
-	br := bufio.NewReaderSize(r, 64<<10)
-	var long []byte // a line longer than br's buffer, so far
-	for {
-		line, err := br.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) {
-			long = append(long, line...)
-			for len(long) >= maxLine {
-				w.line(long[:maxLine])
-				long = append(long[:0], long[maxLine:]...)
-			}
-			continue
-		}
-		if len(long) > 0 {
-			line = append(long, line...)
-			long = long[:0]
-		}
-		line = bytes.TrimSuffix(line, []byte{'\n'})
-		for len(line) > maxLine {
-			w.line(line[:maxLine])
-			line = line[maxLine:]
-		}
-		if len(line) > 0 || err == nil {
-			w.line(line)
-		}
-		if err != nil {
-			return
-		}
-	}
-}
+func (o *output) infof(format string, args ...any)        { o.r.Infof(format, args...) }
+func (o *output) warnf(format string, args ...any)        { o.r.Warnf(format, args...) }
+func (o *output) copyLines(t workerTag, rd io.ReadCloser) { o.r.CopyLines(t, rd) }
+func (o *output) close()                                  { o.r.Close() }

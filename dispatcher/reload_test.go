@@ -17,6 +17,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/sockets"
 )
 
 // appFile is the TOML of an app whose workers are helperWorker (ready =
@@ -96,7 +97,7 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 		app := appfile.New("t")
 		app.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
 		var err error
-		if opt.SlotListeners, err = BindSlots(app, a.workers); err != nil {
+		if opt.SlotListeners, err = sockets.BindSlots(app, a.workers); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() {
@@ -106,7 +107,7 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 				}
 			}
 		})
-		a.addr = BoundAddr(opt.SlotListeners[0][0])
+		a.addr = sockets.BoundAddr(opt.SlotListeners[0][0])
 	} else {
 		var l *os.File
 		l, a.addr = tcpListener(t, "http")

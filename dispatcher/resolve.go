@@ -20,8 +20,8 @@ const ServicePATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 // environment's PATH from the working directory (the dispatcher's own when
 // the app sets none). Errors name the app.
 //
-// loadSpec uses it for every reload; newDispatcher still has its own copy
-// of these steps (dispatcher.go, to be switched over).
+// It is the one place for these steps: newDispatcher uses it for the
+// first generation, loadSpec for every reload.
 func prepareCommand(app *appfile.App, inherited []string) (env []string, path string, err error) {
 	if inherited == nil {
 		inherited = os.Environ()

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/sockets"
 	"golang.org/x/sys/unix"
 )
 
@@ -76,7 +77,7 @@ func slotListenersAsActivated(tb testing.TB, app *appfile.App, n int) ([]*os.Fil
 	tb.Helper()
 	bind := *app
 	bind.Listen = []appfile.Listener{{Name: "http", Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
-	slots, err := BindSlots(&bind, n)
+	slots, err := sockets.BindSlots(&bind, n)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -95,7 +96,7 @@ func slotListenersAsActivated(tb testing.TB, app *appfile.App, n int) ([]*os.Fil
 			f.Close()
 		}
 	})
-	return out, BoundAddr(out[0])
+	return out, sockets.BoundAddr(out[0])
 }
 
 // BenchmarkRoundRobinFDs passes 100,000 connections through a round-robin

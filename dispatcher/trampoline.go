@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/cohort-dev/cohort/internal/cpuset"
 	"golang.org/x/sys/unix"
 )
 
@@ -60,10 +61,8 @@ func Trampoline(args []string) int {
 	// both on this one.
 	runtime.LockOSThread()
 	if cpu >= 0 {
-		var set unix.CPUSet
-		set.Set(cpu)
-		if err := unix.SchedSetaffinity(0, &set); err != nil {
-			return fail(1, fmt.Errorf("sched_setaffinity to CPU %d: %w", cpu, err))
+		if err := cpuset.Pin(cpu); err != nil {
+			return fail(1, err)
 		}
 	}
 	pid := strconv.Itoa(os.Getpid())

@@ -372,7 +372,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	w.deadline = now.Add(d.app.ReadyTimeout)
 	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
-	tag := workerTag{index: s.index, pid: pid, gen: d.gen}
+	tag := workerTag{Index: s.index, PID: pid, Gen: d.gen}
 	d.track(outR)
 	d.track(statusR)
 	d.wg.Go(func() {

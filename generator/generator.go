@@ -161,7 +161,7 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
 		// The dispatcher's own lines are "web[pid]:", its workers'
-		// "web.2/4711[pid]:" (dispatcher.JournalIdentifier).
+		// "web.2/4711[pid]:" (the dispatcher's logrelay.JournalIdentifier).
 		SyslogIdentifier: app.Name,
 	}
 	n := len(sockets) / max(len(app.Listen), 1) // reuseport: the slots

@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 
-	"github.com/coreos/go-systemd/v22/journal"
+	"github.com/cohort-dev/cohort/internal/journal"
 )
 
 // systemLog carries the generator's report lines to where an administrator
@@ -17,8 +18,8 @@ import (
 // kmsg (a container) it sends to journald directly. Lines are copied to
 // stderr too, for people running the generator by hand.
 type systemLog struct {
-	kmsg    io.Writer // nil when /dev/kmsg cannot be opened
-	journal bool
+	kmsg    io.Writer       // nil when /dev/kmsg cannot be opened
+	journal *journal.Sender // nil when stderrOnly
 	stderr  io.Writer
 	pid     int
 	partial []byte
@@ -29,7 +30,7 @@ func newSystemLog(stderr io.Writer, stderrOnly bool) *systemLog {
 	if stderrOnly {
 		return l
 	}
-	l.journal = journal.Enabled()
+	l.journal = journal.NewSender("")
 	if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
 		l.kmsg = f
 	}
@@ -65,7 +66,13 @@ func (l *systemLog) line(msg string) {
 	case l.kmsg != nil:
 		// One write is one kernel log record.
 		fmt.Fprintf(l.kmsg, "<%d>cohort-generator[%d]: %s\n", facilityDaemon|int(prio), l.pid, msg)
-	case l.journal:
-		_ = journal.Send(msg, prio, map[string]string{"SYSLOG_IDENTIFIER": "cohort-generator"})
+	case l.journal != nil:
+		// No journald (not even a socket) is no error: the line is on
+		// stderr already.
+		_ = l.journal.Send([]journal.Field{
+			{Key: "MESSAGE", Value: []byte(msg)},
+			{Key: "PRIORITY", Value: []byte(strconv.Itoa(int(prio)))},
+			{Key: "SYSLOG_IDENTIFIER", Value: []byte("cohort-generator")},
+		})
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator/running"
+	"github.com/cohort-dev/cohort/internal/sockets"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/coreos/go-systemd/v22/journal"
 )
@@ -70,9 +71,9 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Load:          func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
 	if app.Mode == appfile.ModeReusePort {
-		opts.SlotListeners, err = dispatcher.MatchSlotListeners(app, files)
+		opts.SlotListeners, err = sockets.MatchSlots(app, files)
 	} else {
-		opts.Listeners, err = dispatcher.MatchListeners(app, files)
+		opts.Listeners, err = sockets.Match(app, files)
 	}
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)

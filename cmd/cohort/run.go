@@ -12,6 +12,8 @@ import (
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/cpuset"
+	"github.com/cohort-dev/cohort/internal/sockets"
 )
 
 const runArgs = `[OPTIONS] FILE.toml
@@ -59,13 +61,13 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
 	if app.Mode == appfile.ModeReusePort {
-		cpus, err := dispatcher.AllowedCPUs()
+		cpus, err := cpuset.Allowed()
 		if err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1
 		}
 		n := app.Workers.Count(len(cpus))
-		if opts.SlotListeners, err = dispatcher.BindSlots(app, n); err != nil {
+		if opts.SlotListeners, err = sockets.BindSlots(app, n); err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1
 		}
@@ -74,7 +76,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 			fmt.Fprintf(env.stderr, "[%s] listening on %s (%s, %d reuseport sockets)\n", app.Name, listenAddr(f, app.Listen[i].Address), app.Listen[i].Name, n)
 		}
 	} else {
-		files, cleanup, err := dispatcher.Bind(app)
+		files, cleanup, err := sockets.Bind(app)
 		if err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1
@@ -275,7 +277,7 @@ func sanitizeName(name, fallback string) string {
 
 // listenAddr is the address a listener actually got (the port for ":0").
 func listenAddr(f *os.File, fallback string) string {
-	if a := dispatcher.BoundAddr(f); a != "" {
+	if a := sockets.BoundAddr(f); a != "" {
 		return a
 	}
 	return fallback

@@ -1,14 +1,11 @@
 package control
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"strconv"
 
+	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -163,37 +160,12 @@ func descends(pid, root int) (bool, int, error) {
 	return false, 0, fmt.Errorf("its ancestry is deeper than %d or keeps changing", maxDepth)
 }
 
-// parentOf reads a process's parent pid from /proc/<pid>/stat, a read of
-// at most a few hundred bytes from procfs.
+// parentOf reads a process's parent pid from /proc/<pid>/stat
+// (procfs.Stat, a bounded read).
 func parentOf(pid int) (int, error) {
-	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/stat")
+	p, err := procfs.Stat(pid)
 	if err != nil {
 		return 0, fmt.Errorf("its ancestry cannot be read: %w", err)
 	}
-	defer f.Close()
-	var buf [2048]byte
-	n, err := io.ReadFull(f, buf[:])
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
-		return 0, fmt.Errorf("its ancestry cannot be read: %w", err)
-	}
-	return parseStatPPID(buf[:n])
-}
-
-// parseStatPPID takes the ppid (field 4) from a /proc/<pid>/stat line. The
-// command (field 2) is in parentheses and may itself contain ") ", so the
-// fields after it start at the last ')'.
-func parseStatPPID(b []byte) (int, error) {
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, errors.New("its ancestry cannot be read: malformed /proc stat")
-	}
-	f := bytes.Fields(b[i+1:])
-	if len(f) < 2 {
-		return 0, errors.New("its ancestry cannot be read: short /proc stat")
-	}
-	ppid, err := strconv.Atoi(string(f[1]))
-	if err != nil || ppid < 0 {
-		return 0, errors.New("its ancestry cannot be read: bad ppid in /proc stat")
-	}
-	return ppid, nil
+	return p.PPID, nil
 }

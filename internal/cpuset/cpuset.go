@@ -1,6 +1,7 @@
 // Package cpuset reads the set of CPUs a process may run on, the one
 // answer that the generator (counting workers = "auto") and the dispatcher
-// (starting and pinning workers) must agree on.
+// (starting and pinning workers) must agree on, and pins a worker to one
+// of them (cpu_affinity = true).
 package cpuset
 
 import (
@@ -28,4 +29,17 @@ func Allowed() ([]int, error) {
 		return nil, fmt.Errorf("sched_getaffinity: empty CPU set")
 	}
 	return cpus, nil
+}
+
+// Pin sets the calling thread's affinity to cpu alone
+// (sched_setaffinity). Affinity is per thread and exec keeps the calling
+// thread's, so a caller that execs next locks itself to its OS thread
+// first. The error names the CPU.
+func Pin(cpu int) error {
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return fmt.Errorf("sched_setaffinity to CPU %d: %w", cpu, err)
+	}
+	return nil
 }

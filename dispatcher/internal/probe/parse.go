@@ -109,25 +109,6 @@ func epollTargets(b []byte, fn func(fd int, ino uint64) bool) bool {
 	return false
 }
 
-// statPPID returns the parent pid from /proc/PID/stat, "PID (COMM) S PPID
-// …", where COMM may hold spaces and parentheses: the state follows the
-// last ')'.
-func statPPID(b []byte) (int, bool) {
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, false
-	}
-	f := bytes.Fields(b[i+1:])
-	if len(f) < 2 {
-		return 0, false
-	}
-	ppid, err := strconv.Atoi(string(f[1]))
-	if err != nil || ppid < 0 {
-		return 0, false
-	}
-	return ppid, true
-}
-
 // pollWaits reports whether a struct pollfd array (int fd; short events;
 // short revents, native byte order) read from a process asks for input on
 // one of the fds in want.

@@ -62,26 +62,6 @@ func TestEpollTargets(t *testing.T) {
 	}
 }
 
-func TestStatPPID(t *testing.T) {
-	for in, want := range map[string]int{
-		"1234 (node) S 1200 1234 1234 0 -1": 1200,
-		"1234 (a) b) (c) R 77 1 1":          77,
-		"1234 (x y) S 5":                    5,
-		"1234 node S 5":                     -1,
-		"1234 (x) S":                        -1,
-		"1234 (x) S -3 1":                   -1,
-		"1234 (a) S 1) S 99 9":              99, // the last ')' decides
-	} {
-		got, ok := statPPID([]byte(in))
-		if want == -1 && ok {
-			t.Errorf("statPPID(%q) = %d, want no parse", in, got)
-		}
-		if want != -1 && (!ok || got != want) {
-			t.Errorf("statPPID(%q) = %d %v, want %d", in, got, ok, want)
-		}
-	}
-}
-
 func TestPollSelectWaits(t *testing.T) {
 	pfd := func(fd int32, ev uint16) []byte {
 		b := make([]byte, 8)

@@ -17,6 +17,7 @@
 package probe
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +26,8 @@ import (
 	"slices"
 	"strconv"
 	"syscall"
+
+	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
 )
 
 // Bounds of one check, so that a process with a huge fd table or thread
@@ -33,7 +36,6 @@ const (
 	maxFDs     = 4096      // fds of one process looked at
 	maxTasks   = 1024      // threads of one process looked at
 	maxTree    = 64        // descendants looked at
-	maxProcs   = 1 << 16   // /proc entries scanned for descendants
 	maxFdinfo  = 256 << 10 // bytes of one epoll fdinfo
 	maxPollfds = 4096      // struct pollfd entries read from a process
 	maxSelect  = 1 << 16   // nfds of a select looked at
@@ -68,8 +70,8 @@ type Found struct {
 // cannot be inspected the error wraps ErrNoAccess. Descendants that cannot
 // be inspected are skipped. Looking for descendants reads every
 // /proc/PID/stat there is, so a caller that checks often asks for them
-// less often.
-func Accepting(pid int, t Targets, children bool) (Found, error) {
+// less often; ctx cuts that scan short.
+func Accepting(ctx context.Context, pid int, t Targets, children bool) (Found, error) {
 	if len(t.Inodes) == 0 {
 		return Found{}, nil
 	}
@@ -77,7 +79,7 @@ func Accepting(pid int, t Targets, children bool) (Found, error) {
 	if err != nil || f.PID != 0 || !children {
 		return f, err
 	}
-	for _, c := range descendants(pid) {
+	for _, c := range descendants(ctx, pid) {
 		if f, err := inspect(c, t); err == nil && f.PID != 0 {
 			return f, nil
 		}
@@ -209,42 +211,14 @@ func targetFDs(base string, inodes []uint64) (fds, epolls []int, err error) {
 	return fds, epolls, nil
 }
 
-// descendants lists pid's descendants (breadth first, at most maxTree) by
-// their parent pids in /proc/*/stat: /proc/PID/task/*/children is not in
-// every kernel. Processes that another uid owns are invisible under
-// ProtectProc=invisible and are no worker's anyway.
-func descendants(pid int) []int {
-	names, err := readNames("/proc", maxProcs)
-	if err != nil {
-		return nil
-	}
-	children := map[int][]int{}
-	for _, n := range names {
-		if n[0] < '0' || n[0] > '9' {
-			continue
-		}
-		p, err := strconv.Atoi(n)
-		if err != nil || p == pid {
-			continue
-		}
-		b, err := readBounded("/proc/"+n+"/stat", maxSmall)
-		if err != nil {
-			continue
-		}
-		if ppid, ok := statPPID(b); ok {
-			children[ppid] = append(children[ppid], p)
-		}
-	}
-	var out []int
-	for queue := []int{pid}; len(queue) > 0 && len(out) < maxTree; queue = queue[1:] {
-		for _, c := range children[queue[0]] {
-			if len(out) < maxTree {
-				out = append(out, c)
-				queue = append(queue, c)
-			}
-		}
-	}
-	return out
+// descendants lists pid's descendants (breadth first, at most maxTree)
+// by their parent pids in /proc/*/stat (procfs.Scan):
+// /proc/PID/task/*/children is not in every kernel. Processes that
+// another uid owns are invisible under ProtectProc=invisible and are no
+// worker's anyway. A scan cut short by ctx gives what it found.
+func descendants(ctx context.Context, pid int) []int {
+	t, _ := procfs.Scan(ctx)
+	return t.Descendants(pid, maxTree)
 }
 
 // readNames lists at most max entries of a directory, unsorted.

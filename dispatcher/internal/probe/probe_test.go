@@ -2,6 +2,7 @@ package probe
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -159,7 +160,7 @@ func waitFound(t *testing.T, pid int, tg Targets) (Found, error) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		f, err := Accepting(pid, tg, true)
+		f, err := Accepting(context.Background(), pid, tg, true)
 		if err != nil || f.PID != 0 || time.Now().After(deadline) {
 			return f, err
 		}
@@ -199,12 +200,12 @@ func TestAccepting(t *testing.T) {
 
 			// The same process, asked about another socket: nothing.
 			_, other := listener(t)
-			if found, err := Accepting(pid, Targets{Inodes: []uint64{other}}, true); err != nil || found.PID != 0 {
+			if found, err := Accepting(context.Background(), pid, Targets{Inodes: []uint64{other}}, true); err != nil || found.PID != 0 {
 				t.Errorf("asked about another socket: %+v, %v; want nothing", found, err)
 			}
 			// As a channel, a listener's accept does not count.
 			if tt.how == "accept" {
-				if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}, Channel: true}, true); err != nil || found.PID != 0 {
+				if found, err := Accepting(context.Background(), pid, Targets{Inodes: []uint64{ino}, Channel: true}, true); err != nil || found.PID != 0 {
 					t.Errorf("accept on a channel target: %+v, %v; want nothing", found, err)
 				}
 			}
@@ -219,13 +220,13 @@ func TestNotAccepting(t *testing.T) {
 	f, ino := listener(t)
 	pid := startHelper(t, "idle", f)
 	time.Sleep(100 * time.Millisecond) // let it reach its sleep
-	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
+	if found, err := Accepting(context.Background(), pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
 		t.Errorf("idle helper: %+v, %v; want nothing", found, err)
 	}
 	syscall.Kill(pid, syscall.SIGKILL)
 	var ws syscall.WaitStatus
 	syscall.Wait4(pid, &ws, 0, nil)
-	if found, err := Accepting(pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
+	if found, err := Accepting(context.Background(), pid, Targets{Inodes: []uint64{ino}}, true); err != nil || found.PID != 0 {
 		t.Errorf("reaped helper: %+v, %v; want nothing, no error", found, err)
 	}
 }
@@ -255,11 +256,11 @@ func BenchmarkAccepting(b *testing.B) {
 			run(b, func() { readBounded(fmt.Sprintf("/proc/%d/stat", pid), maxSmall) })
 		})
 		b.Run(how, func(b *testing.B) {
-			run(b, func() { Accepting(pid, Targets{Inodes: []uint64{ino}}, false) })
+			run(b, func() { Accepting(context.Background(), pid, Targets{Inodes: []uint64{ino}}, false) })
 		})
 		if how == "idle" {
 			b.Run(how+"-children", func(b *testing.B) {
-				run(b, func() { Accepting(pid, Targets{Inodes: []uint64{ino}}, true) })
+				run(b, func() { Accepting(context.Background(), pid, Targets{Inodes: []uint64{ino}}, true) })
 			})
 		}
 	}

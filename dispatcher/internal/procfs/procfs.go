@@ -1,6 +1,11 @@
 // Package procfs reads what the dispatcher needs to know about processes
-// from /proc: which processes make up a worker (its tree) and how much
-// memory and CPU time they use. It is the home of cohort's /proc readers.
+// from /proc: which processes make up a worker (its tree), how much memory
+// and CPU time they use, who a process's parent is (the control socket's
+// ancestry walk), which children the dispatcher has (the orphan sweep) and
+// what a process's environment says. It is the home of cohort's /proc
+// readers, with the one parser of /proc/PID/stat; what the readers are for
+// (the policy) stays with their callers. (internal/probe reads the fds and
+// syscalls of a process, which only it needs, and its tree through here.)
 //
 // Everything here distrusts /proc: a process may exit between two reads,
 // a file may be cut short or hold what a future kernel adds, and a
@@ -17,6 +22,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 )
 
 // ClockTick is USER_HZ, the unit of the times in /proc/PID/stat: 100 on
@@ -29,6 +35,10 @@ const MaxProcs = 1 << 16
 // maxStat bounds a read of /proc/PID/stat (a line of about 300 bytes and
 // a command of at most 64).
 const maxStat = 4 << 10
+
+// ErrMalformed is returned (wrapped) by Stat for a /proc/PID/stat that
+// ParseStat refuses.
+var ErrMalformed = errors.New("malformed /proc stat")
 
 // Proc is one process, from /proc/PID/stat.
 type Proc struct {
@@ -84,8 +94,28 @@ func Scan(ctx context.Context) (Table, error) {
 	return t, nil
 }
 
-// ParseStat parses a /proc/PID/stat line; ok is false when it is
-// malformed. page is the page size, for RSS.
+// Stat reads /proc/PID/stat of one process (a bounded read). The error
+// wraps fs.ErrNotExist when the process is gone (or invisible), and
+// ErrMalformed when the line does not parse.
+func Stat(pid int) (Proc, error) {
+	path := root + "/" + strconv.Itoa(pid) + "/stat"
+	b, err := ReadBounded(path, maxStat)
+	if err != nil {
+		return Proc{}, err
+	}
+	p, ok := ParseStat(b, int64(os.Getpagesize()))
+	if !ok || p.PID != pid {
+		return Proc{}, fmt.Errorf("%s: %w", path, ErrMalformed)
+	}
+	return p, nil
+}
+
+// ParseStat parses a /proc/PID/stat line: "PID (COMM) STATE PPID …",
+// where COMM may hold spaces, newlines and parentheses, so the fields
+// after it start at the last ')'. ok is false when it is malformed: no
+// command, fewer fields than the ones read, or a field out of range (a
+// negative pid, parent, group or time, or one that overflows). page is
+// the page size, for RSS.
 func ParseStat(b []byte, page int64) (p Proc, ok bool) {
 	open := bytes.IndexByte(b, '(')
 	shut := bytes.LastIndexByte(b, ')') // the command may hold ")" and spaces
@@ -114,7 +144,7 @@ func ParseStat(b []byte, page int64) (p Proc, ok bool) {
 		}
 		v[i] = n
 	}
-	for _, n := range v[2:7] {
+	for _, n := range v[:7] {
 		if n < 0 {
 			return p, false
 		}
@@ -185,6 +215,55 @@ func (t Table) Tree(leader, supervisor int, owner func(pid int) int) Usage {
 		u.RSS += p.RSS
 	}
 	return u
+}
+
+// Descendants lists pid's descendants in t, breadth first, at most max
+// of them.
+func (t Table) Descendants(pid, max int) []int {
+	kids := map[int][]int{}
+	for c, p := range t {
+		if c != pid {
+			kids[p.PPID] = append(kids[p.PPID], c)
+		}
+	}
+	var out []int
+	for queue := []int{pid}; len(queue) > 0 && len(out) < max; queue = queue[1:] {
+		for _, c := range kids[queue[0]] {
+			if len(out) < max {
+				out = append(out, c)
+				queue = append(queue, c)
+			}
+		}
+	}
+	return out
+}
+
+// maxChildren bounds a read of one thread's children file (a pid and a
+// space each).
+const maxChildren = 1 << 20
+
+// Children lists the pids of the calling process's children, from every
+// thread's /proc/self/task/TID/children (a reparented orphan is the child
+// of one of the threads, whichever reaped it for the subreaper). A thread
+// that ends meanwhile is skipped; nil when /proc cannot be read.
+func Children() []int {
+	tasks, err := os.ReadDir(root + "/self/task")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, t := range tasks {
+		b, err := ReadBounded(root+"/self/task/"+t.Name()+"/children", maxChildren)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids
 }
 
 // EnvValue is the value of the variable key in the environment pid

@@ -2,8 +2,13 @@ package procfs
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -30,6 +35,118 @@ func TestParseStat(t *testing.T) {
 
 // TestTree: the group, descendants that changed group, and adopted
 // orphans that name the leader; nothing else.
+// TestParseStatPPID: the cases of the parsers this one replaced (the
+// control socket's ancestry walk and the probe's tree): the parent is the
+// field after the state, after the last ')' whatever the command holds;
+// a line without a command, a short one, and a negative or overflowing
+// parent are refused.
+func TestParseStatPPID(t *testing.T) {
+	// rest pads a line to the fields ParseStat reads (after ppid).
+	const rest = " 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 9 1 1"
+	for in, want := range map[string]int{
+		"1234 (bash) S 1200" + rest:                 1200,
+		"1234 (a) b) S 7" + rest:                    7,
+		"1234 (a) b) (c) R 77" + rest:               77,
+		"1234 (x y) S 5" + rest:                     5,
+		"1234 (x\n) ) R 0" + rest:                   0,
+		"1234 (x\n) ) R 0 0":                        -1, // short
+		"1234 (a) S 1) S 99" + rest:                 99, // the last ')' decides
+		"1234 (bash S 1200" + rest:                  -1,
+		"1234 node S 5" + rest:                      -1,
+		"1234 (bash) S":                             -1,
+		"1234 (bash) S -5" + rest:                   -1,
+		"1234 (bash) S 99999999999999999999" + rest: -1,
+	} {
+		p, ok := ParseStat([]byte(in), 4096)
+		if want == -1 && ok {
+			t.Errorf("ParseStat(%q): ppid %d, want no parse", in, p.PPID)
+		}
+		if want != -1 && (!ok || p.PPID != want) {
+			t.Errorf("ParseStat(%q) = %+v %v, want ppid %d", in, p, ok, want)
+		}
+	}
+}
+
+// TestStat: this process's own entry, against the kernel's answer; a
+// pid that does not exist wraps fs.ErrNotExist.
+func TestStat(t *testing.T) {
+	p, err := Stat(os.Getpid())
+	if err != nil || p.PID != os.Getpid() || p.PPID != os.Getppid() || p.PGID != syscall.Getpgrp() {
+		t.Errorf("Stat(self) = %+v, %v; want pid %d, ppid %d, pgid %d", p, err, os.Getpid(), os.Getppid(), syscall.Getpgrp())
+	}
+	if _, err := Stat(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Stat(no such pid): %v, want ErrNotExist", err)
+	}
+}
+
+// TestChildren: a child of this process is listed, and is not once it
+// has been reaped.
+func TestChildren(t *testing.T) {
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	if !slices.Contains(Children(), pid) {
+		t.Errorf("Children() = %v, without the child %d", Children(), pid)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if slices.Contains(Children(), pid) {
+		t.Errorf("Children() = %v, still with the reaped child %d", Children(), pid)
+	}
+}
+
+// TestDescendants: breadth first, bounded, and a pid's own entry never
+// makes it its own descendant.
+func TestDescendants(t *testing.T) {
+	tb := Table{
+		10: {PID: 10, PPID: 1},
+		11: {PID: 11, PPID: 10},
+		12: {PID: 12, PPID: 10},
+		13: {PID: 13, PPID: 11},
+		20: {PID: 20, PPID: 1},
+	}
+	got := tb.Descendants(10, 64)
+	slices.Sort(got[:2]) // siblings come in map order
+	if !slices.Equal(got, []int{11, 12, 13}) {
+		t.Errorf("Descendants(10) = %v, want [11 12 13]", got)
+	}
+	if got := tb.Descendants(10, 2); len(got) != 2 || slices.Contains(got, 13) {
+		t.Errorf("Descendants(10, max 2) = %v, want the two children", got)
+	}
+	if got := tb.Descendants(13, 64); len(got) != 0 {
+		t.Errorf("Descendants(13) = %v, want none", got)
+	}
+}
+
+// FuzzParseStat: the one /proc/PID/stat parser never panics on what a
+// hostile command name or a future kernel puts there, and what it accepts
+// is in range: no negative pid, parent, group or time, and the parent is
+// a field after the last ')'.
+func FuzzParseStat(f *testing.F) {
+	for _, s := range []string{
+		"1 (systemd) S 0 1 1 0 -1 4194560 100 0 0 0 250 50 7 3 20 0 1 0 9000 10000000 300 1",
+		"1234 (a) b) S 7 1 1", "5 () R 4", "(", ")", "1 (x) S 2147483648",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, ok := ParseStat(b, 4096)
+		if !ok {
+			return
+		}
+		if p.PID <= 0 || p.PPID < 0 || p.PGID < 0 || p.RSS < 0 {
+			t.Fatalf("accepted %+v", p)
+		}
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 || !strings.Contains(string(b[i+1:]), fmt.Sprint(p.PPID)) {
+			t.Fatalf("ppid %d is not after the last ')' in %q", p.PPID, b)
+		}
+	})
+}
+
 func TestTree(t *testing.T) {
 	tab := Table{
 		1:  {PID: 1, PPID: 0, PGID: 1, Ticks: 1000, RSS: 1000},

@@ -1,4 +1,13 @@
-package dispatcher
+// Package sockets makes an app's listening sockets and matches the ones
+// systemd passed to the app's [[listen]] entries: Bind and BindSlots bind
+// them as the generated .socket unit would (for `cohort run`, which has no
+// systemd), Match and MatchSlots order the fds of socket activation by
+// their LISTEN_FDNAMES names. It exists apart from the dispatcher because
+// none of this touches supervisor state: cmd/cohort prepares the sockets
+// and hands them to dispatcher.Run. It is internal because its rules are
+// cohort's app file's ([[listen]] names, "<listener>.<slot>"); programs
+// receiving sockets use activation.
+package sockets
 
 import (
 	"errors"
@@ -13,21 +22,21 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrListeners is wrapped by MatchListeners when the fds systemd passed do
+// ErrMismatch is wrapped by Match when the fds systemd passed do
 // not match the app's [[listen]] entries.
-var ErrListeners = errors.New("listening sockets do not match the app file")
+var ErrMismatch = errors.New("listening sockets do not match the app file")
 
-// MatchListeners orders files (the fds systemd passed, named from
+// Match orders files (the fds systemd passed, named from
 // LISTEN_FDNAMES, as activation.Files.TakeAll returns them) like
 // app.Listen, matching them by name. A listener without an fd, or an fd
-// without a listener, is an error (wrapping ErrListeners) that names both
+// without a listener, is an error (wrapping ErrMismatch) that names both
 // sides. When no fd has a name at all (each is activation.UnnamedFD, as
 // without LISTEN_FDNAMES) and the counts agree, fds are matched by
 // position.
 //
 // The returned files are the same *os.File values; the caller keeps owning
 // them (and files that matched nothing) and closes them after Run.
-func MatchListeners(app *appfile.App, files []*os.File) ([]*os.File, error) {
+func Match(app *appfile.App, files []*os.File) ([]*os.File, error) {
 	unnamed := true
 	for _, f := range files {
 		if f.Name() != activation.UnnamedFD {
@@ -65,18 +74,18 @@ func MatchListeners(app *appfile.App, files []*os.File) ([]*os.File, error) {
 		}
 	}
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrListeners, strings.Join(errs, "; "))
+		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrMismatch, strings.Join(errs, "; "))
 	}
 	return out, nil
 }
 
-// MatchSlotListeners is MatchListeners for reuseport mode: systemd passes
+// MatchSlots is Match for reuseport mode: systemd passes
 // one socket per listener and worker slot, named "<listener>.<slot>"
 // (appfile.SlotFDName). It returns them by slot, each slot's in
 // app.Listen order. Every slot from 0 up to the highest passed must have
 // a socket for every listener; anything else is an error (wrapping
-// ErrListeners) that names what is missing or unknown.
-func MatchSlotListeners(app *appfile.App, files []*os.File) ([][]*os.File, error) {
+// ErrMismatch) that names what is missing or unknown.
+func MatchSlots(app *appfile.App, files []*os.File) ([][]*os.File, error) {
 	index := map[string]int{}
 	for i, l := range app.Listen {
 		index[l.Name] = i
@@ -112,7 +121,7 @@ func MatchSlotListeners(app *appfile.App, files []*os.File) ([][]*os.File, error
 		errs = append(errs, fmt.Sprintf("no sockets passed (want %s, …)", appfile.SlotFDName(app.Listen[0].Name, 0)))
 	}
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrListeners, strings.Join(errs, "; "))
+		return nil, fmt.Errorf("%s: %w: %s", appWhere(app), ErrMismatch, strings.Join(errs, "; "))
 	}
 	return slots, nil
 }

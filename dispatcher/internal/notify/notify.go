@@ -1,4 +1,11 @@
-package dispatcher
+// Package notify is the server side of sd_notify(3) for the dispatcher's
+// workers: a unixgram socket with SO_PASSCRED that attributes each
+// datagram to the pid the kernel vouches for, closes any fds sent along,
+// and parses the assignments cohort acts on. It exists apart from the
+// dispatcher because it never touches supervisor state: it only turns
+// datagrams into values, which the dispatcher's loop acts on.
+// (activation.Notify is the client side.)
+package notify
 
 import (
 	"bytes"
@@ -15,22 +22,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// notifyMax is the largest datagram the notify socket accepts; longer ones
+// maxDatagram is the largest datagram the notify socket accepts; longer ones
 // are ignored, as systemd does (its limit is PIPE_BUF).
-const notifyMax = 4096
+const maxDatagram = 4096
 
-// maxNotifyFDs bounds the fds a notify datagram may carry (the kernel's
+// maxFDs bounds the fds a notify datagram may carry (the kernel's
 // SCM_MAX_FD); the socket closes every one of them.
-const maxNotifyFDs = 253
+const maxFDs = 253
 
-// ErrNotifyMessage is returned by ParseNotification for a datagram that
+// ErrMalformed is returned by Parse for a datagram that
 // systemd itself would reject as a whole.
-var ErrNotifyMessage = errors.New("malformed notify message")
+var ErrMalformed = errors.New("malformed notify message")
 
-// Notification is one sd_notify datagram, parsed. Only the assignments
+// Message is one sd_notify datagram, parsed. Only the assignments
 // cohort acts on are kept; the others are ignored, as systemd ignores
 // assignments it does not know.
-type Notification struct {
+type Message struct {
 	Ready           bool // READY=1
 	Reloading       bool // RELOADING=1
 	Stopping        bool // STOPPING=1
@@ -44,20 +51,20 @@ type Notification struct {
 	Errno int
 }
 
-// ParseNotification parses a notify datagram: newline-separated
+// Parse parses a notify datagram: newline-separated
 // KEY=VALUE assignments, the last one of a key winning. It returns
-// ErrNotifyMessage (wrapped) for an empty datagram, one with a NUL byte or
+// ErrMalformed (wrapped) for an empty datagram, one with a NUL byte or
 // one longer than 4096 bytes; lines without '=' are skipped, as are values
 // it does not understand (READY=0, STATUS= that is not UTF-8).
-func ParseNotification(b []byte) (Notification, error) {
-	var n Notification
+func Parse(b []byte) (Message, error) {
+	var n Message
 	switch {
 	case len(b) == 0:
-		return n, fmt.Errorf("%w: empty", ErrNotifyMessage)
-	case len(b) > notifyMax:
-		return n, fmt.Errorf("%w: %d bytes, more than %d", ErrNotifyMessage, len(b), notifyMax)
+		return n, fmt.Errorf("%w: empty", ErrMalformed)
+	case len(b) > maxDatagram:
+		return n, fmt.Errorf("%w: %d bytes, more than %d", ErrMalformed, len(b), maxDatagram)
 	case bytes.IndexByte(b, 0) >= 0:
-		return n, fmt.Errorf("%w: embedded NUL", ErrNotifyMessage)
+		return n, fmt.Errorf("%w: embedded NUL", ErrMalformed)
 	}
 	for line := range bytes.SplitSeq(b, []byte{'\n'}) {
 		key, value, ok := bytes.Cut(line, []byte{'='})
@@ -101,24 +108,24 @@ func cleanStatus(s string) string {
 	}, s)
 }
 
-// notifyMsg is one datagram received on the notify socket, attributed to
+// Datagram is one datagram received on the notify socket, attributed to
 // the pid the kernel reported for its sender (0: no credentials).
-type notifyMsg struct {
-	pid int
-	n   Notification
-	err error // from ParseNotification, or the datagram was truncated
-	fds int   // fds that came along and were closed
+type Datagram struct {
+	PID int
+	Msg Message
+	Err error // from Parse, or the datagram was truncated
+	FDs int   // fds that came along and were closed
 }
 
-// notifySocket is the dispatcher's end of its workers' NOTIFY_SOCKET: a
+// Socket is the dispatcher's end of its workers' NOTIFY_SOCKET: a
 // unixgram socket with SO_PASSCRED. It owns its fd.
-type notifySocket struct {
+type Socket struct {
 	conn *net.UnixConn
 	path string
 }
 
-// listenNotify binds a notify socket at path. The caller closes it.
-func listenNotify(path string) (*notifySocket, error) {
+// Listen binds a notify socket at path. The caller closes it.
+func Listen(path string) (*Socket, error) {
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
 		return nil, fmt.Errorf("notify socket: %w", err)
@@ -135,22 +142,23 @@ func listenNotify(path string) (*notifySocket, error) {
 		conn.Close()
 		return nil, fmt.Errorf("setsockopt SO_PASSCRED on %s: %w", path, errors.Join(err, serr))
 	}
-	return &notifySocket{conn: conn, path: path}, nil
+	return &Socket{conn: conn, path: path}, nil
 }
 
-// Close closes the socket and removes its path; a serve loop then returns.
-func (s *notifySocket) Close() error {
+// Close closes the socket and removes its path; Serve then returns.
+func (s *Socket) Close() error {
 	err := s.conn.Close()
 	os.Remove(s.path)
 	return err
 }
 
-// serve reads datagrams until the socket is closed and hands each one to
-// deliver, which returns false when nobody listens any more. Fds that
+// Serve reads datagrams until the socket is closed or ctx is done (checked
+// between datagrams: Close is what ends a blocked read) and hands each one
+// to deliver, which returns false when nobody listens any more. Fds that
 // come with a datagram are closed before deliver is called.
-func (s *notifySocket) serve(ctx context.Context, deliver func(notifyMsg) bool) {
-	buf := make([]byte, notifyMax+1)
-	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxNotifyFDs))
+func (s *Socket) Serve(ctx context.Context, deliver func(Datagram) bool) {
+	buf := make([]byte, maxDatagram+1)
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*maxFDs))
 	for ctx.Err() == nil {
 		n, oobn, flags, _, err := s.conn.ReadMsgUnix(buf, oob)
 		if err != nil {
@@ -159,12 +167,12 @@ func (s *notifySocket) serve(ctx context.Context, deliver func(notifyMsg) bool) 
 			}
 			continue // e.g. ECONNREFUSED on a unconnected socket never happens; be robust
 		}
-		m := notifyMsg{}
-		m.pid, m.fds = parseNotifyOOB(oob[:oobn])
-		if flags&unix.MSG_TRUNC != 0 || n > notifyMax {
-			m.err = fmt.Errorf("%w: longer than %d bytes", ErrNotifyMessage, notifyMax)
+		m := Datagram{}
+		m.PID, m.FDs = parseOOB(oob[:oobn])
+		if flags&unix.MSG_TRUNC != 0 || n > maxDatagram {
+			m.Err = fmt.Errorf("%w: longer than %d bytes", ErrMalformed, maxDatagram)
 		} else {
-			m.n, m.err = ParseNotification(buf[:n])
+			m.Msg, m.Err = Parse(buf[:n])
 		}
 		if !deliver(m) {
 			return
@@ -172,9 +180,9 @@ func (s *notifySocket) serve(ctx context.Context, deliver func(notifyMsg) bool) 
 	}
 }
 
-// parseNotifyOOB returns the sender's pid from SCM_CREDENTIALS and closes
+// parseOOB returns the sender's pid from SCM_CREDENTIALS and closes
 // every fd of SCM_RIGHTS, returning how many there were.
-func parseNotifyOOB(oob []byte) (pid, fds int) {
+func parseOOB(oob []byte) (pid, fds int) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return 0, 0

@@ -1,4 +1,4 @@
-package dispatcher
+package logrelay
 
 import (
 	"strconv"
@@ -205,4 +205,11 @@ func thousands(n int) string {
 		out = append(out, s[i])
 	}
 	return string(out)
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
 }

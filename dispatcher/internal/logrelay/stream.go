@@ -1,4 +1,4 @@
-package dispatcher
+package logrelay
 
 import (
 	"fmt"
@@ -37,7 +37,7 @@ const (
 )
 
 // logSource is the dispatcher's own lines in drop counts.
-var logSource = workerTag{index: -1}
+var logSource = Tag{Index: -1}
 
 // stream is one destination with its queue and writer goroutine.
 type stream struct {
@@ -47,11 +47,11 @@ type stream struct {
 
 	mu        sync.Mutex
 	queue     []queued
-	bytes     int               // queued, all sources
-	perSource map[workerTag]int // queued bytes by source
-	dropped   map[workerTag]int // lines dropped since last reported
-	writing   time.Time         // when the running write began; zero when idle
-	broken    error             // the write error that broke the stream
+	bytes     int         // queued, all sources
+	perSource map[Tag]int // queued bytes by source
+	dropped   map[Tag]int // lines dropped since last reported
+	writing   time.Time   // when the running write began; zero when idle
+	broken    error       // the write error that broke the stream
 	closed    bool
 	wake      chan struct{} // to the writer: lines queued or closed (capacity 1)
 	room      chan struct{} // closed and replaced when the writer took lines
@@ -59,23 +59,23 @@ type stream struct {
 }
 
 type queued struct {
-	src  workerTag
+	src  Tag
 	line []byte
 }
 
 func newStream(name string, w io.Writer) *stream {
 	s := &stream{
 		name: name, w: w,
-		perSource: map[workerTag]int{}, dropped: map[workerTag]int{},
+		perSource: map[Tag]int{}, dropped: map[Tag]int{},
 		wake: make(chan struct{}, 1), room: make(chan struct{}), done: make(chan struct{}),
 	}
-	go s.run() // owned by the output: close ends it
+	go s.run() // owned by the Relay: close ends it
 	return s
 }
 
 // put queues line (with its newline) from src. With wait, it waits for
 // room while the writer makes progress; without, it never blocks.
-func (s *stream) put(src workerTag, line []byte, wait bool) {
+func (s *stream) put(src Tag, line []byte, wait bool) {
 	s.mu.Lock()
 	for !s.fits(src, len(line)) {
 		stuck := !s.writing.IsZero() && time.Since(s.writing) >= stallAfter
@@ -130,7 +130,7 @@ func (s *stream) put(src workerTag, line []byte, wait bool) {
 }
 
 // fits says whether n more bytes from src may be queued. s.mu is held.
-func (s *stream) fits(src workerTag, n int) bool {
+func (s *stream) fits(src Tag, n int) bool {
 	have := s.perSource[src]
 	if have > 0 && have+n > perSourceQueue {
 		return false
@@ -140,7 +140,7 @@ func (s *stream) fits(src workerTag, n int) bool {
 
 // drop counts a dropped line of src and says whether it is the first
 // since src's lines last got through. s.mu is held.
-func (s *stream) drop(src workerTag) bool {
+func (s *stream) drop(src Tag) bool {
 	s.dropped[src]++
 	return s.dropped[src] == 1 && s.broken == nil
 }
@@ -148,16 +148,16 @@ func (s *stream) drop(src workerTag) bool {
 // reportFirstDrop says on the log that src's lines are being dropped
 // (how many is said when they flow again). The log's own drops can only
 // be said once it flows again.
-func (s *stream) reportFirstDrop(src workerTag) {
+func (s *stream) reportFirstDrop(src Tag) {
 	if src != logSource && s.notice != nil {
-		s.notice(fmt.Sprintf("%s is not draining: dropping lines of worker %d (pid %d) until it does", s.name, src.index, src.pid))
+		s.notice(fmt.Sprintf("%s is not draining: dropping lines of worker %d (pid %d) until it does", s.name, src.Index, src.PID))
 	}
 }
 
-func (s *stream) reportDrops(src workerTag, n int) {
+func (s *stream) reportDrops(src Tag, n int) {
 	what := "the dispatcher's log"
 	if src != logSource {
-		what = fmt.Sprintf("worker %d (pid %d)", src.index, src.pid)
+		what = fmt.Sprintf("worker %d (pid %d)", src.Index, src.PID)
 	}
 	msg := fmt.Sprintf("dropped %d line%s of %s: %s was not taking them fast enough", n, plural(n), what, s.name)
 	if s.notice != nil {
@@ -246,11 +246,11 @@ func (s *stream) close(timeout time.Duration) bool {
 }
 
 // takeDrops returns and clears the drop counts not reported yet.
-func (s *stream) takeDrops() map[workerTag]int {
+func (s *stream) takeDrops() map[Tag]int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	d := s.dropped
-	s.dropped = map[workerTag]int{}
+	s.dropped = map[Tag]int{}
 	for k, n := range d {
 		if n == 0 {
 			delete(d, k)

@@ -1,4 +1,4 @@
-package dispatcher
+package logrelay
 
 import (
 	"fmt"
@@ -34,12 +34,14 @@ func child(t *testing.T, cmd *exec.Cmd) (*exec.Cmd, *os.File) {
 	return cmd, r
 }
 
-// printer is the test binary's printer helper writing n lines "line".
+// printer is a shell writing n lines "line", then exiting 0 or, with
+// exit "kill", killing itself.
 func printer(line string, n int, exit string) *exec.Cmd {
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "COHORT_TEST_HELPER=printer", "HELPER_LINES="+line,
-		fmt.Sprintf("HELPER_REPEAT=%d", n), "HELPER_EXIT="+exit)
-	return cmd
+	script := fmt.Sprintf("yes '%s' | head -n %d", line, n)
+	if exit == "kill" {
+		script += "; kill -9 $$"
+	}
+	return exec.Command("/bin/sh", "-c", script)
 }
 
 // TestRateLimitBudget: a worker writing more than its budget loses the
@@ -48,18 +50,17 @@ func printer(line string, n int, exit string) *exec.Cmd {
 func TestRateLimitBudget(t *testing.T) {
 	t.Parallel()
 	var stdout, log syncBuffer
-	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(appfile.LogRateLimit{Interval: time.Hour, Burst: 100}, o.warnf)
+	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: time.Hour, Burst: 100}})
 	noisy, noisyR := child(t, printer("noisy", 10000, "0"))
 	_, quietR := child(t, printer("quiet", 80, "0"))
 	var wg sync.WaitGroup
-	wg.Go(func() { o.copyLines(workerTag{index: 0, pid: noisy.Process.Pid, gen: 1}, noisyR) })
-	wg.Go(func() { o.copyLines(workerTag{index: 1, pid: 4242, gen: 1}, quietR) })
+	wg.Go(func() { o.CopyLines(Tag{Index: 0, PID: noisy.Process.Pid, Gen: 1}, noisyR) })
+	wg.Go(func() { o.CopyLines(Tag{Index: 1, PID: 4242, Gen: 1}, quietR) })
 	wg.Wait()
 	for range 300 {
-		o.infof("the dispatcher's own line")
+		o.Infof("the dispatcher's own line")
 	}
-	o.close()
+	o.Close()
 	out, lg := stdout.String(), log.String()
 	if n := strings.Count(out, "[a.0] noisy\n"); n != 100 {
 		t.Errorf("worker 0: %d lines passed, want its budget of 100", n)
@@ -86,14 +87,13 @@ func TestRateLimitWindow(t *testing.T) {
 	t.Parallel()
 	const interval = 300 * time.Millisecond
 	var stdout, log syncBuffer
-	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(appfile.LogRateLimit{Interval: interval, Burst: 10}, o.warnf)
+	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: interval, Burst: 10}})
 	// 100 lines, then 100 more after two windows, then it stays.
 	sh, r := child(t, exec.Command("/bin/sh", "-c", "seq 1 100; sleep 0.8; seq 101 200; exec sleep 60"))
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		o.copyLines(workerTag{index: 0, pid: sh.Process.Pid, gen: 1}, r)
+		o.CopyLines(Tag{Index: 0, PID: sh.Process.Pid, Gen: 1}, r)
 	}()
 	suppressed := regexp.MustCompile(fmt.Sprintf(`worker 0 \(pid %d\): 90 lines suppressed in the last (\d+ms)`, sh.Process.Pid))
 	waitFor(t, 5*time.Second, "both windows' suppressed lines", func() bool {
@@ -106,7 +106,7 @@ func TestRateLimitWindow(t *testing.T) {
 	}
 	syscall.Kill(sh.Process.Pid, syscall.SIGKILL)
 	<-done
-	o.close()
+	o.Close()
 	var lines []string
 	for _, l := range strings.Split(stdout.String(), "\n") {
 		if l != "" {
@@ -124,13 +124,12 @@ func TestRateLimitWindow(t *testing.T) {
 func TestRateLimitSlot(t *testing.T) {
 	t.Parallel()
 	var stdout, log syncBuffer
-	o := newOutput("a", &stdout, &log, false)
-	o.limit = newLimiter(appfile.LogRateLimit{Interval: time.Hour, Burst: 10}, o.warnf)
+	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: time.Hour, Burst: 10}})
 	first, r := child(t, printer("first", 10, "kill"))
-	o.copyLines(workerTag{index: 0, pid: first.Process.Pid, gen: 1}, r)
+	o.CopyLines(Tag{Index: 0, PID: first.Process.Pid, Gen: 1}, r)
 	again, r := child(t, printer("again", 5, "0"))
-	o.copyLines(workerTag{index: 0, pid: again.Process.Pid, gen: 2}, r)
-	o.close()
+	o.CopyLines(Tag{Index: 0, PID: again.Process.Pid, Gen: 2}, r)
+	o.Close()
 	if n, m := strings.Count(stdout.String(), "first"), strings.Count(stdout.String(), "again"); n != 10 || m != 0 {
 		t.Errorf("%d lines of the first worker and %d of its replacement passed; want 10 and 0", n, m)
 	}
