@@ -22,8 +22,8 @@ import (
 // ctlRequest is one control request handed to the loop.
 type ctlRequest struct {
 	cmd   string
-	n     int           // scale: workers; restart-worker: index
-	reply chan ctlReply // buffered, capacity 1
+	n     int            // scale: workers; restart-worker: index
+	reply func(ctlReply) // called once, from the loop; never blocks
 }
 
 // ctlReply is the loop's answer.
@@ -83,14 +83,15 @@ var _ control.Handler = (*ctlHandler)(nil)
 var errGone = errors.New("the dispatcher is stopping")
 
 func (h *ctlHandler) ask(ctx context.Context, cmd string, n int) (ctlReply, error) {
-	req := ctlRequest{cmd: cmd, n: n, reply: make(chan ctlReply, 1)}
+	replies := make(chan ctlReply, 1) // buffered: the loop never waits for this handler
+	req := ctlRequest{cmd: cmd, n: n, reply: func(r ctlReply) { replies <- r }}
 	select {
 	case h.reqs <- req:
 	case <-ctx.Done():
 		return ctlReply{}, errGone
 	}
 	select {
-	case rep := <-req.reply:
+	case rep := <-replies:
 		return rep, rep.err
 	case <-ctx.Done():
 		return ctlReply{}, errGone
@@ -131,17 +132,18 @@ func (h *ctlHandler) RestartWorker(ctx context.Context, index int) error {
 
 // onControl carries out a control request in the loop.
 func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
+	done := func(err error) { req.reply(ctlReply{err: err}) }
 	switch req.cmd {
 	case control.CmdStatus:
-		req.reply <- ctlReply{status: d.snapshot(now)}
+		req.reply(ctlReply{status: d.snapshot(now)})
 	case control.CmdReload:
-		d.startReload("control socket", now, req.reply)
+		d.startReload("control socket", now, done)
 	case control.CmdScale:
-		req.reply <- ctlReply{err: d.scale(req.n, now)}
+		done(d.scale(req.n, now))
 	case control.CmdRestartWorker:
-		d.startRestartWorker(req.n, now, req.reply)
+		d.startRestartWorker(req.n, now, done)
 	default:
-		req.reply <- ctlReply{err: fmt.Errorf("unknown command %q", req.cmd)}
+		done(fmt.Errorf("unknown command %q", req.cmd))
 	}
 }
 
@@ -180,7 +182,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 				cw.State, cw.Status = "unhealthy", w.unhealthy
 			}
 			pid = w.pid
-			cw.Handed, cw.Active = d.rrCounts(w.pid)
+			cw.Handed, cw.Active = d.mode.conns(w.pid)
 		}
 		st.Workers = append(st.Workers, cw)
 		snap.procs = append(snap.procs, pid)

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -156,8 +157,8 @@ func Run(ctx context.Context, opt Options) error {
 	goCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d.goCtx = goCtx
-	if err := d.rrStart(); err != nil {
-		return fmt.Errorf("app %s: round-robin: %w", d.app.Name, err)
+	if err := d.mode.open(goCtx, len(d.slots)); err != nil {
+		return fmt.Errorf("app %s: %w", d.app.Name, err)
 	}
 	d.wg.Go(func() {
 		d.notify.Serve(goCtx, func(m notify.Datagram) bool {
@@ -189,12 +190,7 @@ type dispatcher struct {
 	dir  string   // working directory ("" inherits)
 	cpus []int
 
-	listenFDs   []uintptr
-	slotFDs     [][]uintptr // reuseport mode: each slot's listeners
-	listenIno   []uint64    // the listeners' socket inodes, for ready = "listening"
-	slotIno     [][]uint64  // reuseport mode: each slot's
-	listenNames string
-	rr          *roundRobin // round-robin mode; nil in shared mode
+	mode mode // shared, reuseport or round-robin (mode.go)
 
 	slots []*slot
 	procs map[int]*worker // live (unreaped) workers by pid
@@ -247,23 +243,6 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if len(app.Command) == 0 {
 		return nil, fmt.Errorf("app %s: no command", app.Name)
 	}
-	switch app.Mode {
-	case appfile.ModeShared, appfile.ModeRoundRobin:
-		if len(opt.Listeners) != len(app.Listen) {
-			return nil, fmt.Errorf("app %s: %d listening sockets for %d [[listen]] entries", app.Name, len(opt.Listeners), len(app.Listen))
-		}
-	case appfile.ModeReusePort:
-		if len(opt.SlotListeners) == 0 || len(app.Listen) == 0 {
-			return nil, fmt.Errorf("app %s: reuseport mode: no listening sockets", app.Name)
-		}
-		for i, ls := range opt.SlotListeners {
-			if len(ls) != len(app.Listen) {
-				return nil, fmt.Errorf("app %s: reuseport mode: worker %d has %d listening sockets for %d [[listen]] entries", app.Name, i, len(ls), len(app.Listen))
-			}
-		}
-	default:
-		return nil, fmt.Errorf("app %s: mode %q: %w (only %q, %q and %q)", app.Name, app.Mode, errUnknownMode, appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort)
-	}
 	d := &dispatcher{
 		opt:      opt,
 		app:      app,
@@ -283,6 +262,42 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
+	d.out = openOutput(app, opt)
+	defer func() {
+		if err != nil {
+			d.out.close()
+		}
+	}()
+	if d.mode, err = newMode(app, opt, d.out); err != nil {
+		return nil, err
+	}
+	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
+		return nil, err
+	}
+	d.cpus = opt.CPUs
+	if d.cpus == nil {
+		if d.cpus, err = cpuset.Allowed(); err != nil {
+			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
+		}
+	}
+	n := app.Workers.Count(len(d.cpus))
+	if fixed := d.mode.fixedWorkers(); fixed.n > 0 && fixed.n != n {
+		d.out.warnf("workers = %s means %d workers here, but there are %d %s: running %d (%s)",
+			workersSetting(app.Workers), n, fixed.n, fixed.of, fixed.n, recountHint)
+		n = fixed.n
+	}
+	if n < 1 {
+		return nil, fmt.Errorf("app %s: %d workers", app.Name, n)
+	}
+	for i := range n {
+		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
+	}
+	return d, nil
+}
+
+// openOutput makes the writer of the worker lines and log lines for app,
+// with its rate limit and, with opt.Journal, its journal sender.
+func openOutput(app *appfile.App, opt Options) *output {
 	stdout, stderr := opt.Stdout, opt.Stderr
 	if stdout == nil {
 		stdout = os.Stdout
@@ -294,85 +309,13 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if opt.Journal {
 		jw = journal.NewSender(opt.JournalSocket)
 	}
-	d.out = newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
-	defer func() {
-		if err != nil {
-			d.out.close()
-		}
-	}()
-	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
-		return nil, err
-	}
-	d.cpus = opt.CPUs
-	if d.cpus == nil {
-		if d.cpus, err = cpuset.Allowed(); err != nil {
-			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
-		}
-	}
-	n := app.Workers.Count(len(d.cpus))
-	if app.Mode == appfile.ModeReusePort {
-		// A socket without a worker would hold its share of the
-		// connections forever, and a worker without a socket of its
-		// own has nothing to accept: one worker per socket set.
-		if sets := len(opt.SlotListeners); sets != n {
-			d.out.warnf("workers = %s means %d workers here, but there are %d reuseport socket sets: running %d (%s)",
-				workersSetting(app.Workers), n, sets, sets, recountHint)
-			n = sets
-		}
-	}
-	if n < 1 {
-		return nil, fmt.Errorf("app %s: %d workers", app.Name, n)
-	}
-	for i := range n {
-		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
-	}
-	names := make([]string, len(app.Listen))
-	for i, l := range app.Listen {
-		names[i] = l.Name
-	}
-	d.listenNames = strings.Join(names, ":")
-	return d, nil
+	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
 }
 
-// open acquires what the loop needs: /dev/null, the notify socket, and
-// blocking mode on the listeners (workers share their file description).
+// open acquires what the loop needs: /dev/null and the notify socket
+// (the mode's sockets are the mode's: Run opens it after).
 func (d *dispatcher) open() error {
-	blocking := func(f *os.File) (uintptr, error) {
-		fd := f.Fd()
-		if err := unix.SetNonblock(int(fd), false); err != nil {
-			return 0, fmt.Errorf("listener %s: set blocking: %w", f.Name(), err)
-		}
-		return fd, nil
-	}
-	for _, f := range d.opt.Listeners {
-		fd, err := blocking(f)
-		if err != nil {
-			return err
-		}
-		d.listenFDs = append(d.listenFDs, fd)
-	}
-	for _, set := range d.opt.SlotListeners {
-		fds := make([]uintptr, len(set))
-		for i, f := range set {
-			fd, err := blocking(f)
-			if err != nil {
-				return err
-			}
-			fds[i] = fd
-		}
-		d.slotFDs = append(d.slotFDs, fds)
-	}
 	var err error
-	if d.listenIno, err = inodes(d.listenFDs); err != nil {
-		return err
-	}
-	for _, fds := range d.slotFDs {
-		ino, err := inodes(fds)
-		if err != nil {
-			return err
-		}
-		d.slotIno = append(d.slotIno, ino)
-	}
 	if d.devnull, err = os.Open(os.DevNull); err != nil {
 		return err
 	}
@@ -411,7 +354,7 @@ func (d *dispatcher) close() {
 		f.SetReadDeadline(time.Now().Add(time.Second))
 	}
 	d.readersMu.Unlock()
-	d.rrClose()
+	d.mode.close() // its goroutines end before d.wg's wait
 	d.wg.Wait()
 	if d.devnull != nil {
 		d.devnull.Close()
@@ -451,50 +394,21 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 	for {
 		select {
 		case sig := <-sigs:
-			switch sig {
-			case syscall.SIGCHLD:
-				d.reap()
-			case syscall.SIGPIPE:
-				// A write failed with EPIPE; the stream says so.
-			case syscall.SIGHUP:
-				d.startReload("SIGHUP", time.Now(), nil)
-			default:
-				if !d.stopping {
-					d.stop(fmt.Sprintf("got %s", sig))
-				} else {
-					d.out.warnf("got %s again: killing the workers now", sig)
-					for _, w := range d.procs {
-						d.transition(w, trKill, 0)
-					}
-				}
-			}
+			d.onSignal(sig)
 		case m := <-d.notifyCh:
 			d.onNotify(m)
 		case r := <-d.execCh:
-			if w := d.procs[r.pid]; w != nil {
-				if r.err != "" {
-					d.out.warnf("worker %d (pid %d): %s", w.slot.index, w.pid, r.err)
-				} else {
-					d.transition(w, trExeced, 0)
-				}
-			}
+			d.onExec(r)
 		case m := <-d.probeCh:
 			d.onProbe(m)
 		case req := <-d.ctl.reqs:
 			d.onControl(req, time.Now())
-		case <-d.rrFaults():
-			d.rrOnFaults()
+		case <-d.mode.faults():
+			d.onModeFaults()
 		case res := <-d.loadCh:
 			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
-			if p != d.fileProblem {
-				if p != "" {
-					d.out.warnf("config: %s; running the last good configuration", p)
-				} else {
-					d.out.infof("config: %s validates again", d.opt.App.Path)
-				}
-			}
-			d.fileProblem = p
+			d.onFileProblem(p)
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -505,7 +419,6 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		now := time.Now()
 		d.fireDeadlines(now)
 		d.stepReplace(now)
-		d.rrSync()
 		d.report(now)
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
@@ -518,6 +431,53 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 	}
 }
 
+// onSignal acts on a signal: SIGCHLD reaps, SIGHUP reloads, SIGTERM and
+// SIGINT stop (a second one kills the workers at once).
+func (d *dispatcher) onSignal(sig os.Signal) {
+	switch sig {
+	case syscall.SIGCHLD:
+		d.reap()
+	case syscall.SIGPIPE:
+		// A write failed with EPIPE; the stream says so.
+	case syscall.SIGHUP:
+		d.startReload("SIGHUP", time.Now(), nil)
+	default:
+		if !d.stopping {
+			d.stop(fmt.Sprintf("got %s", sig))
+			return
+		}
+		d.out.warnf("got %s again: killing the workers now", sig)
+		for _, w := range d.procs {
+			d.transition(w, trKill, 0)
+		}
+	}
+}
+
+// onExec acts on what a worker's exec-status pipe said.
+func (d *dispatcher) onExec(r execResult) {
+	w := d.procs[r.pid]
+	switch {
+	case w == nil:
+	case r.err != "":
+		d.out.warnf("worker %d (pid %d): %s", w.slot.index, w.pid, r.err)
+	default:
+		d.transition(w, trExeced, 0)
+	}
+}
+
+// onFileProblem logs when the app file stops or starts validating again
+// (p is its first problem, "" when it validates).
+func (d *dispatcher) onFileProblem(p string) {
+	if p != d.fileProblem {
+		if p != "" {
+			d.out.warnf("config: %s; running the last good configuration", p)
+		} else {
+			d.out.infof("config: %s validates again", d.opt.App.Path)
+		}
+	}
+	d.fileProblem = p
+}
+
 // stop begins the graceful stop: STOPPING=1, stop_signal to every worker.
 func (d *dispatcher) stop(why string) {
 	d.stopping = true
@@ -525,6 +485,7 @@ func (d *dispatcher) stop(why string) {
 	d.out.infof("stopping (%s): sending %s to %d workers, SIGKILL after %s", why, unix.SignalName(d.app.StopSignal), len(d.procs), d.app.StopTimeout)
 	d.sendNotify("STOPPING=1")
 	d.observe(Event{Kind: Stopping, Worker: -1})
+	d.mode.stop()
 	for _, s := range d.slots {
 		s.restartAt = time.Time{}
 	}
@@ -590,6 +551,40 @@ func (d *dispatcher) onNotify(m notify.Datagram) {
 	if n.Stopping {
 		d.transition(w, trStopping, 0)
 	}
+}
+
+// onModeFaults stops the workers that the mode says failed their
+// connections (round-robin: a connection left unacknowledged for
+// ack_timeout, a channel that ended or broke while it should serve): each
+// is marked unhealthy and stopped, and its slot restarts it when it has
+// exited.
+func (d *dispatcher) onModeFaults() {
+	d.reap() // a channel that ended often means the worker exited: say that instead
+	serving := func(pid int) bool {
+		w := d.procs[pid]
+		return w != nil && (w.state == stStarting || w.state == stReady)
+	}
+	for _, f := range d.mode.takeFaults(serving) {
+		w := d.procs[f.pid]
+		if w == nil || d.stopping {
+			continue
+		}
+		note := ""
+		if f.note != "" {
+			note = " (" + f.note + ")"
+		}
+		d.out.warnf("worker %d (pid %d) %s; stopping it%s", w.slot.index, w.pid, f.why, note)
+		w.unhealthy, w.silent = f.why, f.silent
+		d.transition(w, trUnhealthy, 0)
+	}
+}
+
+func joinInts(ns []int) string {
+	s := make([]string, len(ns))
+	for i, n := range ns {
+		s[i] = fmt.Sprint(n)
+	}
+	return strings.Join(s, ",")
 }
 
 // fireDeadlines feeds every due deadline to transition, refills slots
@@ -712,7 +707,18 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())
-	b.WriteString(d.rrStatus())
+	b.WriteString(d.mode.status(len(d.slots)))
+	var sick []int
+	for _, w := range d.procs {
+		if w.unhealthy != "" && !w.silent {
+			sick = append(sick, w.slot.index)
+		}
+	}
+	if len(sick) > 0 {
+		slices.Sort(sick)
+		sick = slices.Compact(sick)
+		fmt.Fprintf(&b, " · unhealthy: worker%s %s", plural(len(sick)), joinInts(sick))
+	}
 	b.WriteString(d.appFileStatus())
 	var looping []string
 	for _, s := range d.slots {

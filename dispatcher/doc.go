@@ -91,6 +91,13 @@
 // doubles from Restart.Initial up to Restart.Max and is reset by a worker
 // that ran at least Restart.MinUptime.
 //
+// # Modes
+//
+// The three modes are one interface (mode.go): the supervisor calls its
+// mode when a worker is forked (which fds and variables it gets), becomes
+// ready, drains, exits, and for its part of the status line, its CONNS
+// and its faults; it never asks which mode it runs.
+//
 // # Round-robin mode
 //
 // With mode = "round-robin" the dispatcher accepts the connections itself
@@ -103,7 +110,7 @@
 // stops and the kernel's backlog holds the rest. Connections a worker
 // rejects, or had not acknowledged when it died or closed its channel
 // (draining), go to another worker. The dispatcher never reads from a
-// connection. See roundrobin.go and docs/protocol.md.
+// connection. See internal/balance (the balancer) and docs/protocol.md.
 //
 // # Reuseport mode
 //

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/internal/probe"
@@ -56,27 +55,10 @@ func inodes(fds []uintptr) ([]uint64, error) {
 	return out, nil
 }
 
-// fileInode is the inode of f, 0 when fstat fails.
-func fileInode(f *os.File) uint64 {
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) != nil {
-		return 0
-	}
-	return st.Ino
-}
-
 // probeTargets are the sockets w waits on once it accepts.
+// (its mode said which when it started).
 func (d *dispatcher) probeTargets(w *worker) probe.Targets {
-	if d.rr != nil {
-		if rw := d.rr.byPID[w.pid]; rw != nil && rw.endIno != 0 {
-			return probe.Targets{Inodes: []uint64{rw.endIno}, Channel: true}
-		}
-		return probe.Targets{}
-	}
-	if d.slotIno != nil {
-		return probe.Targets{Inodes: d.slotIno[w.slot.index]}
-	}
-	return probe.Targets{Inodes: d.listenIno}
+	return w.probe
 }
 
 // startProbe begins watching w, whose command was just exec'd, for

@@ -31,7 +31,7 @@ func (d *dispatcher) loadTimeout() time.Duration {
 type pendingLoad struct {
 	why     string
 	started time.Time
-	reply   chan<- ctlReply
+	done    report
 	seq     uint64
 }
 
@@ -83,13 +83,13 @@ func (d *dispatcher) onLoaded(res loadResult, now time.Time) {
 	d.ctl.loading = nil
 	switch {
 	case res.err != nil:
-		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: %w", res.err), p.reply, true)
+		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: %w", res.err), p.done, true)
 	case d.stopping:
-		sendReply(p.reply, ctlReply{err: errStoppingReload})
+		p.done.send(errStoppingReload)
 	case d.ctl.cur != nil:
-		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: a %s began while the app file was read", d.ctl.cur.what()), p.reply, true)
+		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: a %s began while the app file was read", d.ctl.cur.what()), p.done, true)
 	default:
-		d.beginReload(p.why, p.started, res.next, p.reply, now)
+		d.beginReload(p.why, p.started, res.next, p.done, now)
 	}
 }
 
@@ -101,6 +101,6 @@ var errStoppingReload = errors.New("reload refused: the dispatcher is stopping")
 func (d *dispatcher) abortLoad() {
 	if p := d.ctl.loading; p != nil {
 		d.ctl.loading = nil
-		sendReply(p.reply, ctlReply{err: errStoppingReload})
+		p.done.send(errStoppingReload)
 	}
 }

@@ -62,7 +62,7 @@ type replacement struct {
 	surplus  []*slot            // slots removed at the end for a smaller workers count
 	total    int                // slots to replace, for the status line
 	replaced int                // slots whose candidate took over
-	waiters  []chan<- ctlReply  // control requests waiting for the result
+	waiters  []report           // who waits for the result (control requests)
 	failedBy map[*worker]string // how a candidate ended, recorded at its exit
 	batchMax int                // reload_batch
 }
@@ -80,11 +80,11 @@ type ctlState struct {
 
 // startReload begins a rolling reload from the re-read app file. It fails
 // at once, workers untouched, when the file is invalid or changes what a
-// reload cannot change ([[listen]], mode). reply, if not nil, receives the
-// result when the reload has finished.
-func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlReply) {
+// reload cannot change ([[listen]], mode). done, if not nil, is called
+// once with the result when the reload has finished.
+func (d *dispatcher) startReload(why string, now time.Time, done report) {
 	if d.stopping {
-		sendReply(reply, ctlReply{err: errors.New("reload refused: the dispatcher is stopping")})
+		done.send(errors.New("reload refused: the dispatcher is stopping"))
 		return
 	}
 	if !d.sentReady {
@@ -92,19 +92,19 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 		// is up before its first workers are.
 		err := errors.New("reload refused: the first workers are not ready yet")
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	if r := d.ctl.cur; r != nil {
 		err := fmt.Errorf("reload refused: a %s started %s ago is still running", r.what(), now.Sub(r.started).Round(time.Millisecond))
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	if p := d.ctl.loading; p != nil {
 		err := fmt.Errorf("reload refused: the app file of a reload started %s ago is still being read", now.Sub(p.started).Round(time.Millisecond))
 		d.out.warnf("%s: %v", why, err)
-		sendReply(reply, ctlReply{err: err})
+		done.send(err)
 		return
 	}
 	// SdNotifyMonotonicUsec is "MONOTONIC_USEC=…\n" (CLOCK_MONOTONIC in µs),
@@ -113,30 +113,30 @@ func (d *dispatcher) startReload(why string, now time.Time, reply chan<- ctlRepl
 	// The app file is read off the loop (load.go); onLoaded goes on
 	// with beginReload.
 	d.ctl.loadSeq++
-	d.ctl.loading = &pendingLoad{why: why, started: now, reply: reply, seq: d.ctl.loadSeq}
+	d.ctl.loading = &pendingLoad{why: why, started: now, done: done, seq: d.ctl.loadSeq}
 	d.startLoad(d.current(), d.ctl.loadSeq, d.loadTimeout())
 }
 
 // beginReload starts the rolling replacement toward next, the spec read
 // for a reload that began at started.
-func (d *dispatcher) beginReload(why string, started time.Time, next spec, reply chan<- ctlReply, now time.Time) {
+func (d *dispatcher) beginReload(why string, started time.Time, next spec, done report, now time.Time) {
 	prev := d.current()
 	r := &replacement{
 		kind: kindReload, why: why, started: started, prev: prev,
 		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
 		batchMax: max(next.app.ReloadBatch, 1),
 	}
-	if reply != nil {
-		r.waiters = append(r.waiters, reply)
+	if done != nil {
+		r.waiters = append(r.waiters, done)
 	}
 	// workers: a changed value in the file applies; an unchanged one keeps
 	// the count `cohort scale` may have set.
 	n := len(d.slots)
 	if next.app.Workers != prev.app.Workers {
 		n = next.app.Workers.Count(len(d.cpus))
-		if d.slotFDs != nil {
-			d.out.warnf("workers changed to %s, but reuseport mode runs one worker per socket set, and there are %d: keeping %d workers (%s)",
-				workersSetting(next.app.Workers), len(d.slotFDs), len(d.slots), recountHint)
+		if fixed := d.mode.fixedWorkers(); fixed.n > 0 {
+			d.out.warnf("workers changed to %s, but %s, and there are %d: keeping %d workers (%s)",
+				workersSetting(next.app.Workers), fixed.why, fixed.n, len(d.slots), recountHint)
 			n = len(d.slots)
 		}
 	}
@@ -157,16 +157,16 @@ func (d *dispatcher) beginReload(why string, started time.Time, next spec, reply
 
 // startRestartWorker gracefully replaces the worker of slot index: a new
 // one starts, and the old one is retired once the new one is ready.
-func (d *dispatcher) startRestartWorker(index int, now time.Time, reply chan<- ctlReply) {
+func (d *dispatcher) startRestartWorker(index int, now time.Time, done report) {
 	switch {
 	case d.stopping:
-		sendReply(reply, ctlReply{err: errors.New("restart-worker refused: the dispatcher is stopping")})
+		done.send(errors.New("restart-worker refused: the dispatcher is stopping"))
 		return
 	case d.ctl.cur != nil:
-		sendReply(reply, ctlReply{err: fmt.Errorf("restart-worker refused: a %s is running", d.ctl.cur.what())})
+		done.send(fmt.Errorf("restart-worker refused: a %s is running", d.ctl.cur.what()))
 		return
 	case index < 0 || index >= len(d.slots):
-		sendReply(reply, ctlReply{err: fmt.Errorf("restart-worker: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1)})
+		done.send(fmt.Errorf("restart-worker: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1))
 		return
 	}
 	r := &replacement{
@@ -174,8 +174,8 @@ func (d *dispatcher) startRestartWorker(index int, now time.Time, reply chan<- c
 		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
 		todo: []*slot{d.slots[index]}, total: 1, batchMax: 1,
 	}
-	if reply != nil {
-		r.waiters = append(r.waiters, reply)
+	if done != nil {
+		r.waiters = append(r.waiters, done)
 	}
 	d.ctl.cur = r
 	d.out.infof("restarting worker %d gracefully", index)
@@ -197,18 +197,8 @@ func (d *dispatcher) stepReplace(now time.Time) {
 	if r == nil {
 		return
 	}
-	for s, w := range r.batch {
-		switch w.state {
-		case stReady:
-			continue
-		case stStarting:
-			continue
-		}
-		how := r.failedBy[w]
-		if how == "" {
-			how = fmt.Sprintf("was not ready after ready_timeout (%s)", d.app.ReadyTimeout)
-		}
-		d.failReplace(fmt.Errorf("new worker %d (pid %d, generation %d) %s", s.index, w.pid, w.gen, how))
+	if err := d.batchFailed(r); err != nil {
+		d.failReplace(err)
 		return
 	}
 	if len(r.batch) > 0 {
@@ -217,37 +207,13 @@ func (d *dispatcher) stepReplace(now time.Time) {
 				return // wait for the rest of the batch
 			}
 		}
-		for s, w := range r.batch {
-			old := s.cur
-			s.cur, s.restartAt = w, time.Time{}
-			r.replaced++
-			if old != nil {
-				d.retire(old, r)
-			}
-		}
-		clear(r.batch)
+		d.swapBatch(r)
 	}
-	for len(r.batch) < r.batchMax && len(r.todo) > 0 {
-		s := r.todo[0]
-		r.todo = r.todo[1:]
-		if r.kind == kindReload && s.cur != nil && s.cur.gen == d.gen {
-			// Restarted with the new spec after a crash during the reload.
-			r.replaced++
-			continue
-		}
-		w, err := d.spawnCandidate(s, now)
-		if err != nil {
-			d.failReplace(fmt.Errorf("new worker %d: %w", s.index, err))
-			return
-		}
-		r.batch[s] = w
+	if err := d.startBatch(r, now); err != nil {
+		d.failReplace(err)
+		return
 	}
 	if len(r.batch) > 0 {
-		if r.kind == kindReload {
-			// systemd applies its start timeout to reloads; ask for time
-			// for this batch (ignored where systemd does not extend it).
-			d.sendNotify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (d.app.ReadyTimeout + d.app.StopTimeout + 15*time.Second).Microseconds()))
-		}
 		return
 	}
 	// Every slot replaced: drop the surplus, then wait for the retired.
@@ -266,6 +232,61 @@ func (d *dispatcher) stepReplace(now time.Time) {
 		return
 	}
 	d.finishReplace(now)
+}
+
+// batchFailed says how a candidate of r's batch failed: it left state
+// starting without becoming ready (it exited, or missed ready_timeout).
+func (d *dispatcher) batchFailed(r *replacement) error {
+	for s, w := range r.batch {
+		if w.state == stReady || w.state == stStarting {
+			continue
+		}
+		how := r.failedBy[w]
+		if how == "" {
+			how = fmt.Sprintf("was not ready after ready_timeout (%s)", d.app.ReadyTimeout)
+		}
+		return fmt.Errorf("new worker %d (pid %d, generation %d) %s", s.index, w.pid, w.gen, how)
+	}
+	return nil
+}
+
+// swapBatch makes r's candidates, all ready, their slots' current workers
+// and retires the old ones.
+func (d *dispatcher) swapBatch(r *replacement) {
+	for s, w := range r.batch {
+		old := s.cur
+		s.cur, s.restartAt = w, time.Time{}
+		r.replaced++
+		if old != nil {
+			d.retire(old, r)
+		}
+	}
+	clear(r.batch)
+}
+
+// startBatch starts candidates for up to reload_batch of the slots still
+// to replace; it fails when one cannot be forked.
+func (d *dispatcher) startBatch(r *replacement, now time.Time) error {
+	for len(r.batch) < r.batchMax && len(r.todo) > 0 {
+		s := r.todo[0]
+		r.todo = r.todo[1:]
+		if r.kind == kindReload && s.cur != nil && s.cur.gen == d.gen {
+			// Restarted with the new spec after a crash during the reload.
+			r.replaced++
+			continue
+		}
+		w, err := d.spawnCandidate(s, now)
+		if err != nil {
+			return fmt.Errorf("new worker %d: %w", s.index, err)
+		}
+		r.batch[s] = w
+	}
+	if len(r.batch) > 0 && r.kind == kindReload {
+		// systemd applies its start timeout to reloads; ask for time
+		// for this batch (ignored where systemd does not extend it).
+		d.sendNotify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (d.app.ReadyTimeout + d.app.StopTimeout + 15*time.Second).Microseconds()))
+	}
+	return nil
 }
 
 // spawnCandidate forks a new worker for s without making it s's current
@@ -289,20 +310,11 @@ func (d *dispatcher) spawnCandidate(s *slot, now time.Time) (*worker, error) {
 // machine's stop path, stop_timeout, SIGKILL). w must no longer be its
 // slot's current worker, so that its exit does not restart the slot.
 func (d *dispatcher) retire(w *worker, r *replacement) {
-	d.drain(w)
+	d.mode.drain(w.pid, true)
 	if r != nil {
 		r.retiring[w] = true
 	}
 	d.transition(w, trStop, 0)
-}
-
-// drain stops handing w new connections before it is retired. In shared
-// mode workers accept on their own and stop accepting when they get
-// stop_signal, so there is nothing to do here; round-robin mode extends
-// this to take w out of the rotation (its pending connections stay with
-// it until it has acknowledged them).
-func (d *dispatcher) drain(w *worker) {
-	d.rrDrain(w)
 }
 
 // detachedExited handles the exit of a worker that is not its slot's
@@ -351,15 +363,15 @@ func (d *dispatcher) failReplace(err error) {
 	} else {
 		err = fmt.Errorf("%s failed, the old worker keeps serving: %w", r.why, err)
 	}
-	for _, c := range r.waiters {
-		sendReply(c, ctlReply{err: err})
+	for _, done := range r.waiters {
+		done.send(err)
 	}
 	d.reloadFailed(err, nil, r.kind == kindReload)
 }
 
 // reloadFailed reports a failed reload or restart: the log, STATUS= (a
-// reload's), READY=1 to end systemd's reloading state, and the reply.
-func (d *dispatcher) reloadFailed(err error, reply chan<- ctlReply, reload bool) {
+// reload's), READY=1 to end systemd's reloading state, and done.
+func (d *dispatcher) reloadFailed(err error, done report, reload bool) {
 	d.out.warnf("%v", err)
 	if reload {
 		d.ctl.lastErr = oneLine(err.Error())
@@ -368,7 +380,7 @@ func (d *dispatcher) reloadFailed(err error, reply chan<- ctlReply, reload bool)
 			d.sendNotify("READY=1")
 		}
 	}
-	sendReply(reply, ctlReply{err: err})
+	done.send(err)
 }
 
 // finishReplace ends the running replacement successfully.
@@ -384,8 +396,8 @@ func (d *dispatcher) finishReplace(now time.Time) {
 	} else {
 		d.out.infof("%s done in %s", r.why, took)
 	}
-	for _, c := range r.waiters {
-		sendReply(c, ctlReply{})
+	for _, done := range r.waiters {
+		done.send(nil)
 	}
 }
 
@@ -411,8 +423,9 @@ func (d *dispatcher) scale(n int, now time.Time) error {
 		return fmt.Errorf("scale refused: a %s is running; try again when it has finished", d.ctl.cur.what())
 	case n < 1 || n > appfile.MaxWorkers:
 		return fmt.Errorf("scale: want 1 to %d workers, got %d", appfile.MaxWorkers, n)
-	case d.slotFDs != nil && n != len(d.slots):
-		return fmt.Errorf("scale refused: reuseport mode runs one worker per socket set, and there are %d (%s)", len(d.slots), recountHint)
+	}
+	if fixed := d.mode.fixedWorkers(); fixed.n > 0 && n != len(d.slots) {
+		return fmt.Errorf("scale refused: %s, and there are %d (%s)", fixed.why, len(d.slots), recountHint)
 	}
 	old := len(d.slots)
 	switch {
@@ -501,9 +514,15 @@ func (d *dispatcher) replaceStatus() string {
 	return ""
 }
 
-func sendReply(c chan<- ctlReply, rep ctlReply) {
-	if c != nil {
-		c <- rep // buffered: one reply per request
+// report is how a reload or a restart-worker tells whoever asked for it
+// how it ended (nil: it succeeded). It is called once, on the loop, and
+// must not block: the control socket's is a send on a buffered channel.
+// A nil report is asked by nobody (SIGHUP).
+type report func(err error)
+
+func (done report) send(err error) {
+	if done != nil {
+		done(err)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/internal/probe"
 	"golang.org/x/sys/unix"
 )
 
@@ -83,6 +84,7 @@ type worker struct {
 	unhealthy string         // why it is being replaced as unhealthy (round-robin), for status
 	silent    bool           // it never spoke the round-robin protocol: its exit counts as a failed start
 	status    string         // last STATUS=
+	probe     probe.Targets  // the sockets ready = "listening" watches, from its mode's start
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
 }
@@ -102,54 +104,6 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 	now := time.Now()
 	app := d.app
 
-	toReady := func() {
-		w.stopProbe()
-		w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
-		if w.slot.quickExits > 0 && w.slot.cur == w {
-			w.stableAt = w.started.Add(app.Restart.MinUptime)
-		}
-		if app.Watchdog > 0 && !w.lastPing.IsZero() {
-			w.deadline = w.lastPing.Add(app.Watchdog)
-		}
-		d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
-		d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-	}
-	// stop sends stop_signal: to the worker's process group, or with
-	// kill_mode = "mixed" to its main process only, so that a master
-	// such as gunicorn's stops its own children gracefully instead of
-	// finding them killed under it.
-	stop := func() {
-		w.signalled, w.sent = true, app.StopSignal
-		target := -w.pid
-		if app.KillMode == appfile.KillModeMixed {
-			target = w.pid
-		}
-		unix.Kill(target, app.StopSignal)
-	}
-	// abort is the watchdog's SIGABRT, to the hung main process only.
-	abort := func() {
-		w.signalled, w.sent = true, syscall.SIGABRT
-		unix.Kill(w.pid, syscall.SIGABRT)
-	}
-	// toDraining moves w to stDraining and sends what send sends (stop,
-	// abort; nil when it stops on its own or is killed at once).
-	toDraining := func(send func()) {
-		w.stopProbe()
-		w.state, w.readyAt = stDraining, time.Time{}
-		w.deadline = now.Add(app.StopTimeout)
-		if send != nil {
-			send()
-		}
-	}
-	// kill SIGKILLs the whole process group, whatever kill_mode says.
-	kill := func(why string) {
-		if !w.killed {
-			w.killed, w.killWhy = true, why
-			unix.Kill(-w.pid, unix.SIGKILL)
-		}
-		w.deadline = time.Time{}
-	}
-
 	if tr == trExited {
 		d.exited(w, ws, now)
 		return
@@ -160,7 +114,7 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trExeced:
 			switch app.Ready.Kind {
 			case appfile.ReadyExec:
-				toReady()
+				d.toReady(w, now)
 			case appfile.ReadyDelay:
 				w.readyAt = now.Add(app.Ready.Delay)
 			case appfile.ReadyListening:
@@ -170,31 +124,31 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			d.settle(w, now)
 		case trReadyMsg:
 			if app.Ready.Kind != appfile.ReadyListening {
-				toReady()
+				d.toReady(w, now)
 			}
 			// "listening" believes only what it sees: gunicorn's
 			// master, for one, says READY=1 before its workers accept.
 		case trDelay:
-			toReady()
+			d.toReady(w, now)
 		case trWatchdogPing:
 			w.lastPing = now
 		case trWatchdogTrigger:
 			d.out.warnf("worker %d (pid %d) asked to be treated as hung (WATCHDOG=trigger) before ready; sending SIGABRT", w.slot.index, w.pid)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(abort)
+			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
-			toDraining(nil)
+			d.toDraining(w, now, nil)
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trStop:
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trKill:
-			toDraining(nil)
-			kill("")
+			d.toDraining(w, now, nil)
+			d.kill(w, "")
 		}
 	case stReady:
 		switch tr {
@@ -210,32 +164,90 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			}
 			d.out.warnf("worker %d (pid %d) %s; sending SIGABRT", w.slot.index, w.pid, why)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(abort)
+			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
 			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
-			toDraining(nil)
+			d.toDraining(w, now, nil)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trStop:
-			toDraining(stop)
+			d.toDraining(w, now, d.sendStop)
 		case trKill:
-			toDraining(nil)
-			kill("")
+			d.toDraining(w, now, nil)
+			d.kill(w, "")
 		}
 	case stDraining:
 		switch tr {
 		case trStop:
 			if !w.signalled {
-				stop()
+				d.sendStop(w)
 			}
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) still running %s after it was told to stop; sending SIGKILL", w.slot.index, w.pid, app.StopTimeout)
-			kill(fmt.Sprintf("it did not stop within stop_timeout %s", app.StopTimeout))
+			d.kill(w, fmt.Sprintf("it did not stop within stop_timeout %s", app.StopTimeout))
 		case trKill:
-			kill("")
+			d.kill(w, "")
 		}
 	}
+}
+
+// toReady moves w to stReady: its watchdog deadline is armed, its mode
+// may hand it connections, and the log and observers hear of it.
+func (d *dispatcher) toReady(w *worker, now time.Time) {
+	app := d.app
+	w.stopProbe()
+	w.state, w.readyAt, w.deadline = stReady, time.Time{}, time.Time{}
+	if w.slot.quickExits > 0 && w.slot.cur == w {
+		w.stableAt = w.started.Add(app.Restart.MinUptime)
+	}
+	if app.Watchdog > 0 && !w.lastPing.IsZero() {
+		w.deadline = w.lastPing.Add(app.Watchdog)
+	}
+	d.mode.ready(w.pid)
+	d.out.infof("worker %d (pid %d) ready after %s", w.slot.index, w.pid, now.Sub(w.started).Round(time.Millisecond))
+	d.observe(Event{Kind: WorkerReady, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+}
+
+// toDraining moves w to stDraining, takes it out of its mode's service
+// and then sends what send sends (sendStop, sendAbort; nil when it stops
+// on its own or is killed at once).
+func (d *dispatcher) toDraining(w *worker, now time.Time, send func(*worker)) {
+	w.stopProbe()
+	w.state, w.readyAt = stDraining, time.Time{}
+	w.deadline = now.Add(d.app.StopTimeout)
+	d.mode.drain(w.pid, false) // nothing new before the signal
+	if send != nil {
+		send(w)
+	}
+}
+
+// sendStop sends stop_signal: to the worker's process group, or with
+// kill_mode = "mixed" to its main process only, so that a master such as
+// gunicorn's stops its own children gracefully instead of finding them
+// killed under it.
+func (d *dispatcher) sendStop(w *worker) {
+	w.signalled, w.sent = true, d.app.StopSignal
+	target := -w.pid
+	if d.app.KillMode == appfile.KillModeMixed {
+		target = w.pid
+	}
+	unix.Kill(target, d.app.StopSignal)
+}
+
+// sendAbort is the watchdog's SIGABRT, to the hung main process only.
+func (d *dispatcher) sendAbort(w *worker) {
+	w.signalled, w.sent = true, syscall.SIGABRT
+	unix.Kill(w.pid, syscall.SIGABRT)
+}
+
+// kill SIGKILLs w's whole process group, whatever kill_mode says.
+func (d *dispatcher) kill(w *worker, why string) {
+	if !w.killed {
+		w.killed, w.killWhy = true, why
+		unix.Kill(-w.pid, unix.SIGKILL)
+	}
+	w.deadline = time.Time{}
 }
 
 // exited moves a reaped worker to stExited, logs how it ended and
@@ -244,6 +256,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	w.stopProbe()
 	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
 	delete(d.procs, w.pid)
+	d.mode.exited(w.pid)
 	s := w.slot
 	detached := s.cur != w // a reload's candidate or a retired worker (reload.go)
 	if s.cur == w {
@@ -338,14 +351,24 @@ func describeExit(ws unix.WaitStatus, w *worker) string {
 // spawn forks a worker for slot s through the trampoline. On failure the
 // slot is scheduled for a restart as if the worker had exited at once.
 func (d *dispatcher) spawn(s *slot, now time.Time) {
-	pid, outR, statusR, err := d.forkWorker(s)
+	// Issue 17's cgroup manager would add to ws.args here: the worker's
+	// cgroup, which fork then starts it in.
+	ws, err := d.mode.start(s.index)
+	var pid int
+	var outR, statusR *os.File
+	if err == nil {
+		pid, outR, statusR, err = d.fork(s, ws.args)
+		if ws.forked != nil {
+			ws.forked(pid)
+		}
+	}
 	if err != nil {
 		wait := d.scheduleRestart(s, 0, now)
 		d.out.warnf("worker %d: %v; retrying in %s", s.index, err, wait)
 		d.observe(Event{Kind: WorkerSpawnFailed, Worker: s.index, Err: err, RestartIn: wait})
 		return
 	}
-	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now}
+	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now, probe: ws.probe}
 	w.deadline = now.Add(d.app.ReadyTimeout)
 	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
@@ -368,11 +391,11 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	d.observe(Event{Kind: WorkerStarted, Worker: s.index, PID: pid, Gen: d.gen})
 }
 
-// fork starts the trampoline for slot s with the listeners at fds 3..
-// (in reuseport mode, the slot's own),
-// and returns its pid with the read ends of its output pipe and its
-// exec-status pipe (both owned by the caller). Nothing stays open on error.
-func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) {
+// fork starts the trampoline for slot s with a.fds at fds 3.. (and the
+// LISTEN_* variables for them, and a.env) and returns its pid with the
+// read ends of its output pipe and its exec-status pipe (both owned by
+// the caller). It does not close a's fds. Nothing stays open on error.
+func (d *dispatcher) fork(s *slot, a forkArgs) (pid int, outR, statusR *os.File, err error) {
 	outR, outW, err := pipe()
 	if err != nil {
 		return 0, nil, nil, fmt.Errorf("output pipe: %w", err)
@@ -383,14 +406,10 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 		unix.Close(outW)
 		return 0, nil, nil, fmt.Errorf("status pipe: %w", err)
 	}
-	listeners := d.listenFDs
-	if d.slotFDs != nil {
-		listeners = d.slotFDs[s.index]
-	}
-	n := len(listeners)
+	n := len(a.fds)
 	files := make([]uintptr, 0, 4+n)
 	files = append(files, d.devnull.Fd(), uintptr(outW), uintptr(outW))
-	files = append(files, listeners...)
+	files = append(files, a.fds...)
 	files = append(files, uintptr(statusW))
 
 	cpu := -1
@@ -401,12 +420,12 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 	argv = append(argv, d.self, TrampolineArg, strconv.Itoa(3+n), strconv.Itoa(cpu), d.path)
 	argv = append(argv, d.app.Command...)
 
-	env := make([]string, 0, len(d.env)+8)
+	env := make([]string, 0, len(d.env)+8+len(a.env))
 	env = append(env, d.env...)
 	if n > 0 {
-		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+d.listenNames)
+		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+a.names)
 	}
-	env = append(env, d.rrEnv()...)
+	env = append(env, a.env...)
 	env = append(env,
 		"NOTIFY_SOCKET="+d.notifyPath,
 		"COHORT_APP="+d.app.Name,
@@ -421,10 +440,7 @@ func (d *dispatcher) fork(s *slot) (pid int, outR, statusR *os.File, err error) 
 		Dir:   d.dir,
 		Env:   env,
 		Files: files,
-		Sys: &syscall.SysProcAttr{
-			Setpgid:   true,
-			Pdeathsig: syscall.SIGKILL,
-		},
+		Sys:   a.sysProcAttr(),
 	})
 	unix.Close(outW)
 	unix.Close(statusW)

@@ -32,6 +32,10 @@ var rules = []rule{
 	{pkgs: []string{"units"}},
 	// The worker-side library users import: nothing of cohort's inside.
 	{pkgs: []string{"activation/..."}, may: []string{"activation/..."}},
+	// Round-robin mode's balancer is the dispatcher's, behind its mode
+	// interface (internal so that users cannot import it), and speaks the
+	// worker protocol of activation/rr.
+	{pkgs: []string{"dispatcher/internal/balance"}, may: []string{"activation/...", "dispatcher/internal/...", "internal/..."}},
 	// Plumbing: small packages of one job each, which know no app.
 	{pkgs: []string{"internal/testtool", "internal/testsock", "internal/testproc"}, may: []string{"internal/..."}},
 	{pkgs: []string{"internal/layout"}},

@@ -1,0 +1,170 @@
+package balance
+
+// Receiving: a worker's acknowledgements, rejections and the end of its
+// channel; the watcher and revoke take a channel back.
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"net"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation/rr"
+)
+
+// watch takes the channel back from every worker that has left a
+// connection unacknowledged for ack_timeout, and reports it to the loop.
+func (b *Balancer) watch() {
+	every := min(max(b.ackTimeout/4, 10*time.Millisecond), time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-b.ctx.Done():
+			return
+		}
+		now := time.Now()
+		var late []*worker
+		var silent []bool
+		b.mu.Lock()
+		for _, w := range b.workers {
+			if w.gone || w.revoked {
+				continue
+			}
+			if at := w.ch.Oldest(); !at.IsZero() && now.Sub(at) >= b.ackTimeout {
+				late = append(late, w)
+				silent = append(silent, !w.spoke)
+			}
+		}
+		b.mu.Unlock()
+		for i, w := range late {
+			why := fmt.Sprintf("left a connection unacknowledged for ack_timeout (%s)", b.ackTimeout)
+			if b.revoke(w, why) {
+				b.fault(fault{pid: w.pid, why: why, silent: silent[i]})
+			}
+		}
+	}
+}
+
+// revoke shuts w's channel down, once: nothing more is sent to it, its
+// receiver reads what it sent before and then retires the channel,
+// handing the rest to other workers. why is passed on to the loop when
+// the channel has ended. It reports whether this call shut it down.
+func (b *Balancer) revoke(w *worker, why string) bool {
+	b.mu.Lock()
+	if w.revoked || w.gone {
+		b.mu.Unlock()
+		return false
+	}
+	w.revoked, w.revokeWhy = true, why
+	b.mu.Unlock()
+	if err := w.ch.Shutdown(); err != nil {
+		b.warnf("worker %d (pid %d): %v", w.index, w.pid, err)
+	}
+	return true
+}
+
+// fault hands f to the loop without waiting for it.
+func (b *Balancer) fault(f fault) {
+	b.mu.Lock()
+	b.faults = append(b.faults, f)
+	b.mu.Unlock()
+	select {
+	case b.faultCh <- struct{}{}:
+	default:
+	}
+}
+
+// receive reads w's channel until it ends, then retires w and tells the
+// loop.
+func (b *Balancer) receive(w *worker) {
+	for {
+		ev, err := w.ch.Recv()
+		if err != nil {
+			b.mu.Lock()
+			closing := b.closed
+			revoked, why, spoke := w.revoked, w.revokeWhy, w.spoke
+			b.mu.Unlock()
+			if !revoked {
+				why = "closed its round-robin channel"
+				if !errors.Is(err, net.ErrClosed) {
+					why = fmt.Sprintf("broke its round-robin channel (%v)", err)
+				}
+			}
+			b.retire(w)
+			if !closing {
+				b.fault(fault{pid: w.pid, why: why, ended: true, silent: !spoke})
+			}
+			return
+		}
+		b.mu.Lock()
+		first := !w.spoke
+		w.spoke = true
+		if first {
+			b.wakeLocked() // its limit grows from 1 to max_pending
+		}
+		prevIgnored := w.ignored
+		w.ignored += uint64(ev.Ignored)
+		ignored := w.ignored
+		held := len(b.held) > 0
+		switch ev.Type {
+		case rr.TypeReject:
+			b.wakeLocked()
+			b.requeueLocked(ev.Rejected, true)
+			held = true
+		case rr.TypeAck:
+			if len(b.handoffs) > 0 {
+				for _, id := range ev.IDs {
+					delete(b.handoffs, id)
+				}
+			}
+			b.wakeLocked()
+		}
+		b.mu.Unlock()
+		if bits.Len64(ignored) != bits.Len64(prevIgnored) { // past 1, 2, 4, 8…: log without flooding
+			b.warnf("worker %d (pid %d) sent %v for %d ids it does not hold; ignored (%d so far)", w.index, w.pid, ev.Type, ev.Ignored, ignored)
+		}
+		if held || first {
+			b.flushLater()
+		}
+	}
+}
+
+// retire stops using w's channel and hands every connection it had not
+// acknowledged to other workers. It may be called more than once.
+func (b *Balancer) retire(w *worker) {
+	b.mu.Lock()
+	if !w.gone {
+		w.gone = true
+		close(w.done)
+		for i, x := range b.workers {
+			if x == w {
+				b.workers = append(b.workers[:i], b.workers[i+1:]...)
+				if b.next > i {
+					b.next--
+				}
+				break
+			}
+		}
+		if len(b.workers) > 0 {
+			b.next %= len(b.workers)
+		} else {
+			b.next = 0
+		}
+	}
+	closing := b.closed
+	b.mu.Unlock()
+	left, _ := w.ch.Close()
+	if len(left) > 0 && !closing {
+		b.infof("worker %d (pid %d): %d connections it had not acknowledged go to other workers", w.index, w.pid, len(left))
+	}
+	b.requeue(left)
+}
+
+func closeConns(conns []rr.Conn) {
+	for _, c := range conns {
+		c.File.Close()
+	}
+}

@@ -1,0 +1,23 @@
+package dispatcher
+
+import (
+	"os"
+	"testing"
+)
+
+// TestForkArgsCgroup: the seam for per-worker cgroups (issue 17) asks
+// the kernel to start the worker in the given cgroup, and leaves it in
+// the dispatcher's own when none is given.
+func TestForkArgsCgroup(t *testing.T) {
+	if sys := (forkArgs{}).sysProcAttr(); sys.UseCgroupFD || !sys.Setpgid || sys.Pdeathsig == 0 {
+		t.Errorf("no cgroup: %+v, want Setpgid and Pdeathsig, no UseCgroupFD", sys)
+	}
+	dir, err := os.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	if sys := (forkArgs{cgroup: dir}).sysProcAttr(); !sys.UseCgroupFD || sys.CgroupFD != int(dir.Fd()) {
+		t.Errorf("cgroup fd %d: UseCgroupFD %v CgroupFD %d", dir.Fd(), sys.UseCgroupFD, sys.CgroupFD)
+	}
+}
