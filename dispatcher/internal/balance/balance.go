@@ -456,13 +456,17 @@ func (b *Balancer) Status(slots int) string {
 // Counts is what status shows of the worker pid: how many connections
 // were sent to it, and how many of those it holds (not yet acknowledged,
 // or acknowledged and not yet closed).
+//
+// A send in progress counts as handed: the channel counts a connection
+// as unacknowledged inside TrySend, before the sender takes the lock to
+// add it to handed, and status must never show more open than handed.
 func (b *Balancer) Counts(pid int) (handed uint64, active int) {
 	w := b.byPID[pid]
 	if w == nil {
 		return 0, 0
 	}
 	b.mu.Lock()
-	handed = w.handed
+	handed = w.handed + uint64(w.sending)
 	b.mu.Unlock()
 	return handed, w.ch.Unacked() + w.ch.Open()
 }
