@@ -437,6 +437,10 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 	app := rrApp(t, 2)
 	app.Balance = appfile.BalanceLeastConnections
 	app.MaxPending = 1
+	// Worker 1 is stopped with a connection it cannot acknowledge; on a
+	// loaded machine the default ack_timeout (10 s) could end before the
+	// test does and replace it, which is another test's subject.
+	app.AckTimeout = appfile.MaxAckTimeout
 	l, addr := tcpListener(t, "http")
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
