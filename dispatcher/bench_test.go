@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // BenchmarkSpawnToReady measures how long a restarted worker takes from
@@ -135,7 +136,7 @@ func measureRounds(b testing.TB, targets []*benchTarget, rounds int, run func(ad
 
 // waitAnswer waits until addr answers HTTP.
 func waitAnswer(b testing.TB, addr string) {
-	waitFor(b, 20*time.Second, "first answer from "+addr, func() bool {
+	testsync.WaitFor(b, 20*time.Second, "first answer from "+addr, func() bool {
 		_, err := get("http://" + addr + "/")
 		return err == nil
 	})

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/cpuset"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
 
@@ -102,7 +103,7 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 		})
 	}
 	defer func() { close(stop); wg.Wait() }()
-	waitFor(t, 30*time.Second, "load running", func() bool { return ok.Load() > 50 })
+	testsync.WaitFor(t, 30*time.Second, "load running", func() bool { return ok.Load() > 50 })
 
 	from := 0
 	victim := rec.wait(t, &from, time.Second, "a ready worker", func(e Event) bool { return e.Kind == WorkerReady })
@@ -118,7 +119,7 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 		t.Fatal("replacement has the victim's pid")
 	}
 	base := ok.Load()
-	waitFor(t, 30*time.Second, "more answers after the replacement", func() bool { return ok.Load() > base+100 })
+	testsync.WaitFor(t, 30*time.Second, "more answers after the replacement", func() bool { return ok.Load() > base+100 })
 	rec.waitNotify(t, 10*time.Second, "2/2 workers ready · gen 1 · shared · 1 restart")
 	t.Logf("answers %d, failed %d (connections cut by the kill)", ok.Load(), failed.Load())
 }
@@ -248,7 +249,7 @@ func TestWorkerWatchdog(t *testing.T) {
 	// The worker may be killed by the watchdog while it answers (a loaded
 	// machine can take 300ms for that): ask until some worker answers.
 	var body string
-	waitFor(t, 30*time.Second, "an answer", func() bool {
+	testsync.WaitFor(t, 30*time.Second, "an answer", func() bool {
 		var err error
 		body, err = get("http://" + addr + "/")
 		return err == nil
@@ -351,7 +352,7 @@ func TestOutputLines(t *testing.T) {
 	app.Command = []string{"/bin/sh", "-c", `echo "one"; echo "two" >&2; printf 'no newline'`}
 	app.Workers = appfile.Workers{N: 1}
 	app.Restart = appfile.Restart{Initial: time.Hour, Max: time.Hour, MinUptime: time.Hour}
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	stdout, stderr := &testsync.Buffer{}, &testsync.Buffer{}
 	rec, stop := startRun(t, Options{App: app, Stdout: stdout, Stderr: stderr})
 	from := 0
 	rec.wait(t, &from, 10*time.Second, "exit", func(e Event) bool { return e.Kind == WorkerExited })
@@ -373,7 +374,7 @@ func TestCommandNotFound(t *testing.T) {
 	t.Parallel()
 	app := appfile.New("nf")
 	app.Command = []string{"cohort-no-such-command"}
-	err := Run(t.Context(), Options{App: app, Stderr: &syncBuffer{}})
+	err := Run(t.Context(), Options{App: app, Stderr: &testsync.Buffer{}})
 	if err == nil || !strings.Contains(err.Error(), "cohort-no-such-command") {
 		t.Errorf("Run = %v, want a not-found error naming the command", err)
 	}
@@ -390,13 +391,13 @@ func TestCPUAffinity(t *testing.T) {
 	app.Command = []string{"/bin/sh", "-c", `grep Cpus_allowed_list /proc/self/status; exec sleep 60`}
 	app.Workers = appfile.Workers{Auto: true}
 	app.CPUAffinity = true
-	stdout := &syncBuffer{}
+	stdout := &testsync.Buffer{}
 	rec, _ := startRun(t, Options{App: app, Stdout: stdout})
 	from := 0
 	for range cpus {
 		rec.wait(t, &from, 10*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })
 	}
-	waitFor(t, 10*time.Second, "every worker's CPU list", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "every worker's CPU list", func() bool {
 		return strings.Count(stdout.String(), "Cpus_allowed_list") == len(cpus)
 	})
 	for i, c := range cpus {

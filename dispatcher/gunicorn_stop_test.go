@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -43,7 +44,7 @@ func TestKillModeGunicorn(t *testing.T) {
 			app.StopTimeout = 30 * time.Second
 			app.ReadyTimeout = 60 * time.Second
 			l, addr := tcpListener(t, "http")
-			out, logs := &syncBuffer{}, &syncBuffer{}
+			out, logs := &testsync.Buffer{}, &testsync.Buffer{}
 			rt := t.TempDir()
 			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stdout: out, Stderr: logs, RuntimeDir: rt,
 				Load: func() (*appfile.App, error) { return app, nil }})

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/journal/journaltest"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // TestJournalAttribution: each worker's lines reach journald as entries
@@ -31,7 +32,7 @@ func TestJournalAttribution(t *testing.T) {
 	})
 	app.Restart = appfile.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
 	l, _ := tcpListener(t, "http")
-	stdout := &syncBuffer{}
+	stdout := &testsync.Buffer{}
 	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: j.Path, Stdout: stdout})
 	var from int
 	pids := map[string]string{}
@@ -92,7 +93,7 @@ func TestJournalUnreachable(t *testing.T) {
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "printer", "HELPER_LINES": "hello", "HELPER_EXIT": "0"})
 	app.Restart = appfile.Restart{Initial: time.Minute, Max: time.Minute, MinUptime: time.Hour}
 	l, _ := tcpListener(t, "http")
-	stdout := &syncBuffer{}
+	stdout := &testsync.Buffer{}
 	startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: filepath.Join(t.TempDir(), "none"), Stdout: stdout})
-	waitFor(t, 10*time.Second, "the fallback line", func() bool { return strings.Contains(stdout.String(), "[t.0] hello\n") })
+	testsync.WaitFor(t, 10*time.Second, "the fallback line", func() bool { return strings.Contains(stdout.String(), "[t.0] hello\n") })
 }

@@ -9,15 +9,16 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/sockets"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // startReady is startRun with the dispatcher's log (stderr) kept, and
 // shown when t fails; it waits up to 90 seconds, for a loaded machine,
 // for READY=1.
-func startReady(t *testing.T, opt Options) (*recorder, func() error, *syncBuffer) {
+func startReady(t *testing.T, opt Options) (*recorder, func() error, *testsync.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testsync.Buffer{}
 	opt.Stderr = logs
 	rec, stop := startRun(t, opt)
 	t.Cleanup(func() {

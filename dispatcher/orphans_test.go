@@ -14,6 +14,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testproc"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // holders lists the live pids (other than this test's) that hold the
@@ -74,7 +75,7 @@ func TestEscapedDaemonKilled(t *testing.T) {
 	d := startDispatcherProc(t, app, []*os.File{l})
 	t.Cleanup(func() { testproc.KillMarked("ESC_TEST_DIR=" + dir) })
 	d.waitLine(t, 20*time.Second, "all 1 workers ready")
-	waitFor(t, 10*time.Second, "the first daemon", func() bool { return len(daemons(dir)) == 1 })
+	testsync.WaitFor(t, 10*time.Second, "the first daemon", func() bool { return len(daemons(dir)) == 1 })
 	first := daemons(dir)[0]
 	worker := 0
 	for _, p := range childrenOf(d.cmd.Process.Pid) {
@@ -90,8 +91,8 @@ func TestEscapedDaemonKilled(t *testing.T) {
 	}
 
 	syscall.Kill(worker, syscall.SIGKILL)
-	waitFor(t, 10*time.Second, "the second daemon", func() bool { return len(daemons(dir)) == 2 })
-	waitFor(t, 5*time.Second, "the first daemon gone", func() bool { return !alive(first) })
+	testsync.WaitFor(t, 10*time.Second, "the second daemon", func() bool { return len(daemons(dir)) == 2 })
+	testsync.WaitFor(t, 5*time.Second, "the first daemon gone", func() bool { return !alive(first) })
 	h := holders(inode)
 	if len(h) != 3 { // the dispatcher, the new worker, its daemon
 		t.Errorf("holders of the listener after the restart: %v, want 3", h)
@@ -110,9 +111,9 @@ func TestCrashLoopLeavesNoDaemon(t *testing.T) {
 	inode := socketInode(t, l)
 	d := startDispatcherProc(t, app, []*os.File{l})
 	t.Cleanup(func() { testproc.KillMarked("ESC_TEST_DIR=" + dir) })
-	waitFor(t, 20*time.Second, "5 crashes", func() bool { return len(daemons(dir)) >= 5 })
+	testsync.WaitFor(t, 20*time.Second, "5 crashes", func() bool { return len(daemons(dir)) >= 5 })
 	// Every daemon but the current worker's is gone.
-	waitFor(t, 5*time.Second, "at most one daemon alive", func() bool {
+	testsync.WaitFor(t, 5*time.Second, "at most one daemon alive", func() bool {
 		n := 0
 		for _, pid := range daemons(dir) {
 			if alive(pid) {
@@ -138,7 +139,7 @@ func stopLeavesNoHolder(t *testing.T, d *proc, inode string) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("dispatcher did not stop")
 	}
-	waitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
+	testsync.WaitFor(t, 5*time.Second, "no holder of the listener", func() bool { return len(holders(inode)) == 0 })
 }
 
 func ppidOf(pid int) int {

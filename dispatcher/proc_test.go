@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // These tests run the dispatcher as its own process, socket-activated
@@ -74,7 +75,7 @@ func TestWorkersDieWithDispatcher(t *testing.T) {
 	syscall.Kill(workers[0], syscall.SIGKILL)
 	d.waitLine(t, 10*time.Second, fmt.Sprintf("worker %s", "0 (pid"))
 	d.waitLine(t, 20*time.Second, "ready after")
-	waitFor(t, 10*time.Second, "no zombie under the dispatcher", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "no zombie under the dispatcher", func() bool {
 		return len(zombieChildren(t, d.cmd.Process.Pid)) == 0
 	})
 	workers = childrenOf(d.cmd.Process.Pid)
@@ -83,7 +84,7 @@ func TestWorkersDieWithDispatcher(t *testing.T) {
 	}
 	d.cmd.Process.Kill()
 	<-d.done
-	waitFor(t, 10*time.Second, "workers gone", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "workers gone", func() bool {
 		for _, w := range workers {
 			if alive(w) {
 				return false

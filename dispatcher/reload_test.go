@@ -18,6 +18,7 @@ import (
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/internal/sockets"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // appFile is the TOML of an app whose workers are helperWorker (ready =
@@ -82,7 +83,7 @@ type reloadFixture struct {
 	file, sock, addr string
 	rec              *recorder
 	stop             func() error
-	logs             *syncBuffer
+	logs             *testsync.Buffer
 	slots            [][]*os.File // reuseport mode: the sockets of each slot
 }
 
@@ -90,7 +91,7 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 	t.Helper()
 	dir := t.TempDir()
 	file := filepath.Join(dir, "t.toml")
-	opt := Options{RuntimeDir: t.TempDir(), Stderr: &syncBuffer{}}
+	opt := Options{RuntimeDir: t.TempDir(), Stderr: &testsync.Buffer{}}
 	if a.mode == string(appfile.ModeReusePort) {
 		// Bind first (the port 0 picks is the app's address), as the
 		// sockets systemd binds exist before the dispatcher starts.
@@ -122,12 +123,12 @@ func startFromFile(t testing.TB, a appFile) *reloadFixture {
 	rec, stop := startRun(t, opt)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("dispatcher log:\n%s", opt.Stderr.(*syncBuffer).String())
+			t.Logf("dispatcher log:\n%s", opt.Stderr.(*testsync.Buffer).String())
 		}
 	})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
 	return &reloadFixture{file: file, sock: filepath.Join(opt.RuntimeDir, control.SocketName), addr: a.addr, rec: rec, stop: stop,
-		logs: opt.Stderr.(*syncBuffer), slots: opt.SlotListeners}
+		logs: opt.Stderr.(*testsync.Buffer), slots: opt.SlotListeners}
 }
 
 func (f *reloadFixture) rewrite(t *testing.T, a appFile) {
@@ -336,7 +337,7 @@ func TestScaleAndRestartWorker(t *testing.T) {
 	if _, err := f.call(t, 5*time.Second, control.Request{Cmd: control.CmdScale, Workers: 4}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "4 ready workers", func() bool {
+	testsync.WaitFor(t, 20*time.Second, "4 ready workers", func() bool {
 		st := f.status(t)
 		return len(st.Workers) == 4 && strings.HasPrefix(st.Line, "4/4 workers ready")
 	})
@@ -344,7 +345,7 @@ func TestScaleAndRestartWorker(t *testing.T) {
 	if _, err := f.call(t, 5*time.Second, control.Request{Cmd: control.CmdScale, Workers: 1}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 20*time.Second, "the surplus workers to be reaped", func() bool {
+	testsync.WaitFor(t, 20*time.Second, "the surplus workers to be reaped", func() bool {
 		return len(f.status(t).Workers) == 1
 	})
 	after := f.status(t)
@@ -484,14 +485,14 @@ func TestReloadZeroDrop(t *testing.T) {
 				stop := make(chan struct{})
 				ld := startLoad(f.addr, 8, 200000, stop)
 				defer func() { close(stop); ld.wg.Wait() }()
-				waitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 50 })
+				testsync.WaitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 50 })
 				start := time.Now()
 				if _, err := f.call(t, 60*time.Second, control.Request{Cmd: control.CmdReload}); err != nil {
 					t.Fatalf("reload: %v", err)
 				}
 				took := time.Since(start)
 				before := ld.ok.Load()
-				waitFor(t, 30*time.Second, "load after the reload", func() bool { return ld.ok.Load() > before+50 })
+				testsync.WaitFor(t, 30*time.Second, "load after the reload", func() bool { return ld.ok.Load() > before+50 })
 				close(stop)
 				ld.wg.Wait()
 				stop = make(chan struct{})

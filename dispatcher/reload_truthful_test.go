@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -47,13 +48,13 @@ func truthApp(command []string, addr string, env map[string]string) string {
 // truthFixture runs an app file in-process, with its control socket.
 type truthFixture struct {
 	file, addr, sock string
-	logs             *syncBuffer
+	logs             *testsync.Buffer
 }
 
 func startTruth(t *testing.T, command []string, env map[string]string) *truthFixture {
 	t.Helper()
 	l, addr := tcpListener(t, "http")
-	f := &truthFixture{file: filepath.Join(t.TempDir(), "web.toml"), addr: addr, logs: &syncBuffer{}}
+	f := &truthFixture{file: filepath.Join(t.TempDir(), "web.toml"), addr: addr, logs: &testsync.Buffer{}}
 	writeFile(t, f.file, truthApp(command, addr, env))
 	app, err := appfile.ParseFile(f.file)
 	if err != nil {
@@ -82,7 +83,7 @@ func startTruth(t *testing.T, command []string, env map[string]string) *truthFix
 	// Under a readiness that does not look, READY=1 can come before the
 	// workers accept; wait until they answer, so the test starts from a
 	// serving app whatever the readiness.
-	waitFor(t, 30*time.Second, "first answer", func() bool { _, err := get("http://" + addr + "/"); return err == nil })
+	testsync.WaitFor(t, 30*time.Second, "first answer", func() bool { _, err := get("http://" + addr + "/"); return err == nil })
 	return f
 }
 

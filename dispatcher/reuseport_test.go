@@ -13,6 +13,7 @@ import (
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/internal/sockets"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
 
@@ -60,7 +61,7 @@ func TestReusePortOwnSockets(t *testing.T) {
 		}
 		// What the worker saw: its own LISTEN_PID, the listener's name.
 		seen := map[string]bool{}
-		waitFor(t, 20*time.Second, "every worker to answer", func() bool {
+		testsync.WaitFor(t, 20*time.Second, "every worker to answer", func() bool {
 			body, err := get("http://" + f.addr + "/")
 			if err != nil {
 				t.Fatal(err)
@@ -101,7 +102,7 @@ func TestReusePortKilledWorkerQueue(t *testing.T) {
 		}
 		ld.wg.Wait()
 	}()
-	waitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 100 })
+	testsync.WaitFor(t, 30*time.Second, "load under way", func() bool { return ld.ok.Load() > 100 })
 	from := len(f.rec.events)
 	writeFile(t, die, "")
 	dead := f.rec.wait(t, &from, 20*time.Second, "a worker killed by SIGKILL", func(e Event) bool {
@@ -109,7 +110,7 @@ func TestReusePortKilledWorkerQueue(t *testing.T) {
 	})
 	// Connections pile up in the dead worker's socket.
 	queued := 0
-	waitFor(t, 10*time.Second, "connections queued in the dead worker's socket", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "connections queued in the dead worker's socket", func() bool {
 		sock := f.slots[dead.Worker][0]
 		info, err := unix.GetsockoptTCPInfo(int(sock.Fd()), unix.IPPROTO_TCP, unix.TCP_INFO)
 		if err != nil {
@@ -123,7 +124,7 @@ func TestReusePortKilledWorkerQueue(t *testing.T) {
 		return e.Kind == WorkerReady && e.Worker == dead.Worker
 	})
 	before := ld.ok.Load()
-	waitFor(t, 30*time.Second, "load after the replacement", func() bool { return ld.ok.Load() > before+300 })
+	testsync.WaitFor(t, 30*time.Second, "load after the replacement", func() bool { return ld.ok.Load() > before+300 })
 	close(stop)
 	ld.wg.Wait()
 	t.Logf("worker %d (pid %d) killed; %d connections queued in its socket at most; load: %d ok, %d errors, %d non-2xx",
@@ -132,7 +133,7 @@ func TestReusePortKilledWorkerQueue(t *testing.T) {
 		t.Errorf("%d connection errors (first: %v), %d non-2xx; want 0 and 0", ld.errs.Load(), ld.firstErr, ld.non2xx.Load())
 	}
 	// The queue was served by the replacement, not lost with the worker.
-	waitFor(t, 10*time.Second, "the dead worker's queue to drain", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "the dead worker's queue to drain", func() bool {
 		info, _ := unix.GetsockoptTCPInfo(int(f.slots[dead.Worker][0].Fd()), unix.IPPROTO_TCP, unix.TCP_INFO)
 		return info != nil && info.Unacked == 0
 	})
@@ -175,7 +176,7 @@ func TestReusePortWorkerCount(t *testing.T) {
 			set[0].Close()
 		}
 	})
-	logs := &syncBuffer{}
+	logs := &testsync.Buffer{}
 	rec, _ := startRun(t, Options{App: app, SlotListeners: slots, Stderr: logs})
 	rec.waitNotify(t, 20*time.Second, "READY=1")
 	if n := rec.count(WorkerStarted); n != 2 {
@@ -237,7 +238,7 @@ func TestReusePortGroupOrder(t *testing.T) {
 				t.Fatal(err)
 			}
 			who := "?"
-			waitFor(t, 5*time.Second, fmt.Sprintf("the connection steered to index %d", k), func() bool {
+			testsync.WaitFor(t, 5*time.Second, fmt.Sprintf("the connection steered to index %d", k), func() bool {
 				for name, fd := range socks {
 					if nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC); err == nil {
 						unix.Close(nfd)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/sockets"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
 
@@ -135,7 +136,7 @@ func BenchmarkRoundRobinFDs(b *testing.B) {
 	}
 	took := time.Since(start)
 	var fds1 int
-	waitFor(b, 10*time.Second, "fd count back to baseline", func() bool {
+	testsync.WaitFor(b, 10*time.Second, "fd count back to baseline", func() bool {
 		fds1 = fdCount(b, pid)
 		return fds1 <= fds0
 	})

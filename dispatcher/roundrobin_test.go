@@ -19,6 +19,7 @@ import (
 
 	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -237,7 +238,7 @@ func TestRoundRobinKillQueued(t *testing.T) {
 			t.Cleanup(func() { syscall.Kill(victim.PID, syscall.SIGKILL) })
 			// kill returns before the group stop is complete: a thread
 			// may still run until it is scheduled and stops.
-			waitFor(t, 30*time.Second, "every thread of the victim stopped", func() bool { return allStopped(victim.PID) })
+			testsync.WaitFor(t, 30*time.Second, "every thread of the victim stopped", func() bool { return allStopped(victim.PID) })
 
 			type result struct {
 				body string
@@ -396,7 +397,7 @@ func TestRoundRobinFDsReturn(t *testing.T) {
 	pid := d.cmd.Process.Pid
 	base := fdCount(t, pid)
 	spread(t, addr, 3000, 8)
-	waitFor(t, 30*time.Second, "fd count back to baseline", func() bool { return fdCount(t, pid) <= base })
+	testsync.WaitFor(t, 30*time.Second, "fd count back to baseline", func() bool { return fdCount(t, pid) <= base })
 }
 
 // fdCount is the number of open fds of pid.
@@ -453,7 +454,7 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { syscall.Kill(w1.PID, syscall.SIGCONT) })
-	waitFor(t, 30*time.Second, "worker 1 stopped", func() bool { return allStopped(w1.PID) })
+	testsync.WaitFor(t, 30*time.Second, "worker 1 stopped", func() bool { return allStopped(w1.PID) })
 	base := fdCount(t, w0.PID)
 	for range 6 {
 		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
@@ -462,7 +463,7 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 	}
-	waitFor(t, 30*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
+	testsync.WaitFor(t, 30*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
 	syscall.Kill(w1.PID, syscall.SIGCONT)
 
 	counts := spread(t, addr, 10, 1)

@@ -18,6 +18,7 @@ import (
 	"github.com/cohort-dev/cohort/activation/rr"
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
 
@@ -128,9 +129,9 @@ func onceFile(t testing.TB) string {
 
 // runLogged is startRun with the dispatcher's log lines kept, printed if
 // the test fails.
-func runLogged(t *testing.T, opt Options) (*recorder, *syncBuffer) {
+func runLogged(t *testing.T, opt Options) (*recorder, *testsync.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testsync.Buffer{}
 	opt.Stdout, opt.Stderr = logs, logs
 	rec, _ := startRun(t, opt)
 	t.Cleanup(func() {
@@ -399,7 +400,7 @@ func TestRoundRobinNeverSpoke(t *testing.T) {
 		if failed > 0 || counts["0"] != n {
 			t.Fatalf("%d of %d requests failed (first: %v), answers %s; want all from worker 0", failed, n, first, countsString(counts))
 		}
-		waitFor(t, 10*time.Second, "the never-spoke line", func() bool { return strings.Contains(logs.String(), fmt.Sprintf(neverSpoke, 1)) })
+		testsync.WaitFor(t, 10*time.Second, "the never-spoke line", func() bool { return strings.Contains(logs.String(), fmt.Sprintf(neverSpoke, 1)) })
 		rec.waitNotify(t, 10*time.Second, "round-robin protocol never spoken: worker 1")
 		from := 0
 		e := rec.wait(t, &from, 10*time.Second, "the mute worker stopped", func(e Event) bool { return e.Kind == WorkerExited && e.Worker == 1 })
@@ -416,7 +417,7 @@ func TestRoundRobinNeverSpoke(t *testing.T) {
 		app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
 		l, _ := tcpListener(t, "http")
 		rec, logs := runLogged(t, Options{App: app, Listeners: []*os.File{l}})
-		waitFor(t, 20*time.Second, "the never-spoke lines", func() bool {
+		testsync.WaitFor(t, 20*time.Second, "the never-spoke lines", func() bool {
 			return strings.Contains(logs.String(), fmt.Sprintf(neverSpoke, 0)) && strings.Contains(logs.String(), fmt.Sprintf(neverSpoke, 1))
 		})
 		rec.waitNotify(t, 10*time.Second, "round-robin protocol never spoken: workers 0,1")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // TestSpawnErrorsThatCannotHeal: a working directory that does not exist
@@ -40,7 +41,7 @@ func TestSpawnErrorsThatCannotHeal(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 			defer cancel()
 			start := time.Now()
-			err := Run(ctx, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: t.TempDir(), Stderr: &syncBuffer{}, Observe: rec.observe})
+			err := Run(ctx, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: t.TempDir(), Stderr: &testsync.Buffer{}, Observe: rec.observe})
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("Run = %v, want an error containing %q", err, tt.want)
 			}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -53,7 +54,7 @@ while time.time() < end: pass`
 	p.waitLine(t, 20*time.Second, "all 1 workers ready")
 	sock := filepath.Join(rt, control.SocketName)
 	var w control.Worker
-	waitFor(t, 20*time.Second, "both burners counted", func() bool {
+	testsync.WaitFor(t, 20*time.Second, "both burners counted", func() bool {
 		w = callStatus(t, sock).Workers[0]
 		return w.CPUPercent > 60 && w.RSS > 2*64<<20
 	})
@@ -93,7 +94,7 @@ func TestCrashLoopClears(t *testing.T) {
 	sock := filepath.Join(rt, control.SocketName)
 	rec.waitNotify(t, 20*time.Second, "crash loop: worker 0")
 	var backoff control.Worker
-	waitFor(t, 10*time.Second, "a status in backoff", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "a status in backoff", func() bool {
 		backoff = callStatus(t, sock).Workers[0]
 		return backoff.State == "backoff"
 	})
@@ -103,7 +104,7 @@ func TestCrashLoopClears(t *testing.T) {
 	writeFile(t, ctrl, "stay")
 	from := 0
 	ready := rec.wait(t, &from, 10*time.Second, "worker ready", func(e Event) bool { return e.Kind == WorkerReady })
-	waitFor(t, 8*time.Second, "the crash loop label to clear (min_uptime 2s)", func() bool {
+	testsync.WaitFor(t, 8*time.Second, "the crash loop label to clear (min_uptime 2s)", func() bool {
 		return !strings.Contains(callStatus(t, sock).Line, "crash loop")
 	})
 	if up := time.Since(ready.Time); up < app.Restart.MinUptime-500*time.Millisecond {
@@ -134,7 +135,7 @@ func TestRoundRobinConns(t *testing.T) {
 	}
 	var handed uint64
 	var active int
-	waitFor(t, 10*time.Second, "3 open connections", func() bool {
+	testsync.WaitFor(t, 10*time.Second, "3 open connections", func() bool {
 		handed, active = 0, 0
 		for _, w := range callStatus(t, sock).Workers {
 			handed += w.Handed
@@ -168,7 +169,7 @@ func TestStatusGunicorn(t *testing.T) {
 	// would still show.
 	w := callStatus(t, sock).Workers[0]
 	time.Sleep(time.Until(w.Started.Add(5 * time.Second)))
-	waitFor(t, 60*time.Second, "gunicorn's worker's CPU in status", func() bool {
+	testsync.WaitFor(t, 60*time.Second, "gunicorn's worker's CPU in status", func() bool {
 		w = callStatus(t, sock).Workers[0]
 		return w.CPUPercent > 30
 	})

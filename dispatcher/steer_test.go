@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 
 	"context"
 	"encoding/json"
@@ -116,7 +117,7 @@ func TestWorkerCannotSteer(t *testing.T) {
 	p.waitLine(t, 20*time.Second, "all 1 workers ready")
 	dispatcherPID := p.cmd.Process.Pid
 	var b []byte
-	waitFor(t, 30*time.Second, "the 12 attempts of worker, grandchild and orphan", func() bool {
+	testsync.WaitFor(t, 30*time.Second, "the 12 attempts of worker, grandchild and orphan", func() bool {
 		b, _ = os.ReadFile(out)
 		return strings.Count(string(b), "\n") >= 12
 	})

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // shApp is an app of one /bin/sh worker running script, ready at exec.
@@ -49,12 +50,12 @@ func TestStopMessages(t *testing.T) {
 				app.StopTimeout = c.stopTimeout
 			}
 			l, _ := tcpListener(t, "http")
-			logs := &syncBuffer{}
+			logs := &testsync.Buffer{}
 			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
 			from := 0
 			w := rec.wait(t, &from, 10*time.Second, "ready", func(e Event) bool { return e.Kind == WorkerReady })
 			// sh sets its trap before it forks or execs sleep; wait for that.
-			waitFor(t, 10*time.Second, "sleep", func() bool {
+			testsync.WaitFor(t, 10*time.Second, "sleep", func() bool {
 				comm, _ := os.ReadFile("/proc/" + strconv.Itoa(w.PID) + "/comm")
 				return string(comm) == "sleep\n" || len(childrenOf(w.PID)) > 0
 			})
@@ -74,7 +75,7 @@ func TestStopMessages(t *testing.T) {
 		t.Parallel()
 		app := shApp(t, "sleep 0.2; kill -SEGV $$")
 		l, _ := tcpListener(t, "http")
-		logs := &syncBuffer{}
+		logs := &testsync.Buffer{}
 		rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
 		from := 0
 		ex := rec.wait(t, &from, 10*time.Second, "the crash", func(e Event) bool { return e.Kind == WorkerExited })
@@ -108,12 +109,12 @@ sleep 1000 & wait`)
 			app.Environment["MARK"] = mark
 			app.KillMode = mode
 			l, _ := tcpListener(t, "http")
-			logs := &syncBuffer{}
+			logs := &testsync.Buffer{}
 			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs})
 			from := 0
 			w := rec.wait(t, &from, 10*time.Second, "ready", func(e Event) bool { return e.Kind == WorkerReady })
 			var child int
-			waitFor(t, 10*time.Second, "the child's pid", func() bool {
+			testsync.WaitFor(t, 10*time.Second, "the child's pid", func() bool {
 				b, err := os.ReadFile(mark + ".pid")
 				child, _ = strconv.Atoi(strings.TrimSpace(string(b)))
 				return err == nil && child > 0
@@ -133,7 +134,7 @@ sleep 1000 & wait`)
 					t.Errorf("kill_mode = mixed: the child got SIGTERM (%q)", got)
 				}
 			}
-			waitFor(t, 5*time.Second, "the child to be gone", func() bool { return !alive(child) })
+			testsync.WaitFor(t, 5*time.Second, "the child to be gone", func() bool { return !alive(child) })
 			want := "worker 0 (pid " + strconv.Itoa(w.PID) + ") exited with status 0 (SIGTERM sent by cohort) after "
 			if !strings.Contains(logs.String(), want) {
 				t.Errorf("no %q in:\n%s", want, logs)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,7 +39,7 @@ func TestOutputPipeNobodyReads(t *testing.T) {
 		"HELPER_REPEAT": "20000", "HELPER_EXIT": "hang",
 	})
 	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
-	logs := &syncBuffer{}
+	logs := &testsync.Buffer{}
 	opt := Options{App: app, Listeners: []*os.File{l}, Stdout: w, Stderr: logs, RuntimeDir: t.TempDir()}
 	rec, stop := startRun(t, opt)
 	sock := filepath.Join(opt.RuntimeDir, control.SocketName)
@@ -53,7 +54,7 @@ func TestOutputPipeNobodyReads(t *testing.T) {
 		return rep.Status
 	}
 	// 2 × 2 MB into a 64 KiB pipe: every worker's output fills it.
-	waitFor(t, 20*time.Second, "a full pipe", func() bool {
+	testsync.WaitFor(t, 20*time.Second, "a full pipe", func() bool {
 		n, err := unix.IoctlGetInt(int(r.Fd()), unix.TIOCINQ) // FIONREAD
 		return err == nil && n >= 48<<10
 	})
@@ -66,7 +67,7 @@ func TestOutputPipeNobodyReads(t *testing.T) {
 	rec.wait(t, &from, 5*time.Second, "exit of the killed worker", func(e Event) bool { return e.Kind == WorkerExited && e.PID == st.Workers[1].PID })
 	rec.wait(t, &from, 5*time.Second, "its restart", func(e Event) bool { return e.Kind == WorkerStarted && e.Worker == 1 })
 	status()
-	waitFor(t, 20*time.Second, "lines dropped", func() bool {
+	testsync.WaitFor(t, 20*time.Second, "lines dropped", func() bool {
 		return strings.Contains(logs.String(), "stdout is not draining: dropping lines of worker")
 	})
 

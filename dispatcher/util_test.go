@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
 
@@ -173,24 +173,6 @@ func (r *recorder) count(kind EventKind) int {
 	return n
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // startRun runs the dispatcher in-process. At cleanup it stops it, waits
 // for Run to return and SIGKILLs any worker pid still alive, so a failed
 // test leaves nothing behind.
@@ -199,7 +181,7 @@ func startRun(t testing.TB, opt Options) (*recorder, func() error) {
 	rec := newRecorder()
 	opt.Observe = rec.observe
 	opt.Notify = rec.sdNotify
-	logs := &syncBuffer{}
+	logs := &testsync.Buffer{}
 	if opt.Stdout == nil {
 		opt.Stdout = logs
 	}
@@ -310,24 +292,12 @@ func field(body, key string) string {
 	return ""
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, timeout)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // proc is a helper process started with socket activation, as systemd
 // would start it: through the trampoline, so LISTEN_PID is its own.
 type proc struct {
 	cmd   *exec.Cmd
 	lines chan string // its stdout and stderr, line by line
-	out   *syncBuffer
+	out   *testsync.Buffer
 	done  chan struct{} // closed when it was reaped
 	err   error         // its exit, once done is closed
 }
@@ -361,7 +331,7 @@ func startActivated(t testing.TB, env []string, listeners []*os.File, argv ...st
 		t.Fatal(err)
 	}
 	pw.Close()
-	p := &proc{cmd: cmd, lines: make(chan string, 1024), out: &syncBuffer{}, done: make(chan struct{})}
+	p := &proc{cmd: cmd, lines: make(chan string, 1024), out: &testsync.Buffer{}, done: make(chan struct{})}
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)

@@ -13,40 +13,23 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
-
-// lockedBuffer is a strings.Builder safe for the dispatcher's writers.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // startCohortRun runs `cohort run ARGS…` in-process (its workers go
 // through this test binary's trampoline) and returns its streams and a
 // stop function that cancels it like Ctrl-C and returns the exit code.
-func startCohortRun(t *testing.T, args ...string) (stdout, stderr *lockedBuffer, stop func() int) {
+func startCohortRun(t *testing.T, args ...string) (stdout, stderr *testsync.Buffer, stop func() int) {
 	t.Helper()
 	return startCohortRunIn(t, filepath.Join(t.TempDir(), "cohort"), args...) // created 0700 by cohort run
 }
 
 // startCohortRunIn is startCohortRun with its runtime directories under
 // root.
-func startCohortRunIn(t *testing.T, root string, args ...string) (stdout, stderr *lockedBuffer, stop func() int) {
+func startCohortRunIn(t *testing.T, root string, args ...string) (stdout, stderr *testsync.Buffer, stop func() int) {
 	t.Helper()
-	stdout, stderr = &lockedBuffer{}, &lockedBuffer{}
+	stdout, stderr = &testsync.Buffer{}, &testsync.Buffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	code := make(chan int, 1)
 	go func() {
@@ -77,7 +60,7 @@ func startCohortRunIn(t *testing.T, root string, args ...string) (stdout, stderr
 
 var listeningRE = regexp.MustCompile(`listening on (\S+)`)
 
-func waitListening(t *testing.T, stderr *lockedBuffer, ready string) string {
+func waitListening(t *testing.T, stderr *testsync.Buffer, ready string) string {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {

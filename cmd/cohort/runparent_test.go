@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/internal/testproc"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // TestMain lets this test binary be the cohort binary (main) for the
@@ -31,7 +32,7 @@ func TestMain(m *testing.M) {
 // cohortProc is `cohort run ARGS…` as its own process.
 type cohortProc struct {
 	cmd    *exec.Cmd
-	stderr *lockedBuffer
+	stderr *testsync.Buffer
 	done   chan struct{} // closed when reaped
 	mark   string
 }
@@ -48,7 +49,7 @@ func startCohortProc(t *testing.T, stdout *os.File, args ...string) *cohortProc 
 	mark := t.TempDir()
 	cmd := exec.Command(self, append([]string{"run"}, args...)...)
 	cmd.Env = append(os.Environ(), "COHORT_TEST_MAIN=1", "COHORT_TEST_MARK="+mark, "COHORT_TEST_RUNTIME_ROOT="+filepath.Join(t.TempDir(), "cohort"))
-	p := &cohortProc{cmd: cmd, stderr: &lockedBuffer{}, done: make(chan struct{}), mark: mark}
+	p := &cohortProc{cmd: cmd, stderr: &testsync.Buffer{}, done: make(chan struct{}), mark: mark}
 	cmd.Stderr = p.stderr
 	if stdout != nil {
 		cmd.Stdout = stdout

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // child starts a real process whose stdout is a pipe and returns it with
@@ -49,7 +50,7 @@ func printer(line string, n int, exit string) *exec.Cmd {
 // worker's lines all pass; the dispatcher's own lines are not limited.
 func TestRateLimitBudget(t *testing.T) {
 	t.Parallel()
-	var stdout, log syncBuffer
+	var stdout, log testsync.Buffer
 	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: time.Hour, Burst: 100}})
 	noisy, noisyR := child(t, printer("noisy", 10000, "0"))
 	_, quietR := child(t, printer("quiet", 80, "0"))
@@ -86,7 +87,7 @@ func TestRateLimitBudget(t *testing.T) {
 func TestRateLimitWindow(t *testing.T) {
 	t.Parallel()
 	const interval = 300 * time.Millisecond
-	var stdout, log syncBuffer
+	var stdout, log testsync.Buffer
 	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: interval, Burst: 10}})
 	// 100 lines, then 100 more after two windows, then it stays.
 	sh, r := child(t, exec.Command("/bin/sh", "-c", "seq 1 100; sleep 0.8; seq 101 200; exec sleep 60"))
@@ -96,7 +97,7 @@ func TestRateLimitWindow(t *testing.T) {
 		o.CopyLines(Tag{Index: 0, PID: sh.Process.Pid, Gen: 1}, r)
 	}()
 	suppressed := regexp.MustCompile(fmt.Sprintf(`worker 0 \(pid %d\): 90 lines suppressed in the last (\d+ms)`, sh.Process.Pid))
-	waitFor(t, 5*time.Second, "both windows' suppressed lines", func() bool {
+	testsync.WaitFor(t, 5*time.Second, "both windows' suppressed lines", func() bool {
 		return len(suppressed.FindAllString(log.String(), -1)) == 2
 	})
 	for _, m := range suppressed.FindAllStringSubmatch(log.String(), -1) {
@@ -123,7 +124,7 @@ func TestRateLimitWindow(t *testing.T) {
 // does not get a fresh budget within the window.
 func TestRateLimitSlot(t *testing.T) {
 	t.Parallel()
-	var stdout, log syncBuffer
+	var stdout, log testsync.Buffer
 	o := New(Config{App: "a", Stdout: &stdout, Stderr: &log, RateLimit: appfile.LogRateLimit{Interval: time.Hour, Burst: 10}})
 	first, r := child(t, printer("first", 10, "kill"))
 	o.CopyLines(Tag{Index: 0, PID: first.Process.Pid, Gen: 1}, r)

@@ -1,50 +1,19 @@
 package logrelay
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"strings"
-	"sync"
 	"testing"
-	"time"
+
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
-
-// syncBuffer is a bytes.Buffer safe for a stream's writer and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// waitFor polls cond until it holds, failing t after timeout.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, timeout)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // TestCopyLinesSplit: a line longer than maxLine is passed on in
 // maxLine pieces, and a last line without a newline is passed on.
 func TestCopyLinesSplit(t *testing.T) {
 	t.Parallel()
-	var out syncBuffer
+	var out testsync.Buffer
 	o := New(Config{App: "a", Stdout: &out, Stderr: io.Discard})
 	in := strings.Repeat("z", 2*maxLine+maxLine/2) + "\nsecond\n\nno newline"
 	o.CopyLines(Tag{Index: 3}, io.NopCloser(strings.NewReader(in)))

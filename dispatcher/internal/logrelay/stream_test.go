@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
 // blockingWriter is an io.Writer whose writes wait until release is
@@ -13,7 +15,7 @@ import (
 type blockingWriter struct {
 	release chan struct{}
 	err     error
-	out     syncBuffer
+	out     testsync.Buffer
 }
 
 func (b *blockingWriter) Write(p []byte) (int, error) {
@@ -30,13 +32,13 @@ func (b *blockingWriter) Write(p []byte) (int, error) {
 func TestStreamDropsAndCounts(t *testing.T) {
 	t.Parallel()
 	bw := &blockingWriter{release: make(chan struct{})}
-	var notices syncBuffer
+	var notices testsync.Buffer
 	s := newStream("stdout", bw)
 	s.notice = func(m string) { notices.Write([]byte(m + "\n")) }
 	src := Tag{Index: 2, PID: 7}
 	line := []byte(strings.Repeat("x", 1023) + "\n")
 	s.put(src, line, false) // taken by the writer, which blocks
-	waitFor(t, 5*time.Second, "writer busy", func() bool {
+	testsync.WaitFor(t, 5*time.Second, "writer busy", func() bool {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return !s.writing.IsZero()
@@ -50,7 +52,7 @@ func TestStreamDropsAndCounts(t *testing.T) {
 	}
 	queued := perSourceQueue / len(line) // 256
 	close(bw.release)
-	waitFor(t, 5*time.Second, "queue written", func() bool {
+	testsync.WaitFor(t, 5*time.Second, "queue written", func() bool {
 		return strings.Count(bw.out.String(), "\n") == 1+queued
 	})
 	s.put(src, []byte("again\n"), false)
@@ -77,13 +79,13 @@ func TestStreamBrokenPipe(t *testing.T) {
 	}
 	r.Close()
 	defer w.Close()
-	var notices syncBuffer
+	var notices testsync.Buffer
 	s := newStream("stdout", w)
 	s.notice = func(m string) { notices.Write([]byte(m + "\n")) }
 	for range 100 {
 		s.put(Tag{Index: 0, PID: 1}, []byte("line\n"), true)
 	}
-	waitFor(t, 5*time.Second, "broken", func() bool { return strings.Contains(notices.String(), "broken pipe") })
+	testsync.WaitFor(t, 5*time.Second, "broken", func() bool { return strings.Contains(notices.String(), "broken pipe") })
 	start := time.Now()
 	for range 1000 {
 		s.put(Tag{Index: 0, PID: 1}, []byte("line\n"), true)
