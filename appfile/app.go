@@ -136,8 +136,9 @@ type App struct {
 	workingDirAt position
 }
 
-// Workers is the worker count: Auto means one per CPU the dispatcher may run
-// on (its affinity mask, read when it starts).
+// Workers is the worker count: Auto means one per CPU the dispatcher may
+// use (its affinity mask, cgroup cpuset and CPU quota: cpuset.Limit, read
+// when it starts).
 type Workers struct {
 	Auto bool
 	N    int // 1..1024 when !Auto

@@ -512,14 +512,8 @@ func (d *decoder) ready(path string, v any) Readiness {
 
 // settle reads ready_settle: a duration, "0s" allowed.
 func (d *decoder) settle(path string, v any) time.Duration {
-	s, ok := v.(string)
+	dur, _, ok := d.durationText(path, v, `"1s" or "0s"`)
 	if !ok {
-		d.errorAt(path, "", "ready_settle: want a duration such as \"1s\" or \"0s\", got %s", typeName(v))
-		return DefaultReadySettle
-	}
-	dur, err := ParseDuration(s)
-	if err != nil {
-		d.errorAt(path, "", "ready_settle: %v", err)
 		return DefaultReadySettle
 	}
 	return dur
@@ -528,14 +522,8 @@ func (d *decoder) settle(path string, v any) time.Duration {
 // logInterval reads log_rate_limit_interval: "0s" (no limit) or a
 // duration from MinLogRateLimitInterval to MaxLogRateLimitInterval.
 func (d *decoder) logInterval(path string, v any, def time.Duration) time.Duration {
-	s, ok := v.(string)
+	dur, s, ok := d.durationText(path, v, `"30s" or "0s" (no limit)`)
 	if !ok {
-		d.errorAt(path, "", "log_rate_limit_interval: want a duration such as \"30s\" or \"0s\" (no limit), got %s", typeName(v))
-		return def
-	}
-	dur, err := ParseDuration(s)
-	if err != nil {
-		d.errorAt(path, "", "log_rate_limit_interval: %v", err)
 		return def
 	}
 	if dur != 0 && (dur < MinLogRateLimitInterval || dur > MaxLogRateLimitInterval) {
@@ -547,18 +535,8 @@ func (d *decoder) logInterval(path string, v any, def time.Duration) time.Durati
 
 // duration reads a positive duration string; on error it returns def.
 func (d *decoder) duration(path string, v any, def time.Duration) time.Duration {
-	s, ok := v.(string)
+	dur, s, ok := d.durationText(path, v, `"30s" or "1min 30s"`)
 	if !ok {
-		hint := ""
-		if n, isInt := v.(int64); isInt {
-			hint = fmt.Sprintf(" (write \"%ds\")", n)
-		}
-		d.errorAt(path, "", "%s: want a duration such as \"30s\" or \"1min 30s\", got %s%s", label(path), typeName(v), hint)
-		return def
-	}
-	dur, err := ParseDuration(s)
-	if err != nil {
-		d.errorAt(path, "", "%s: %v", label(path), err)
 		return def
 	}
 	if dur <= 0 {
@@ -570,6 +548,28 @@ func (d *decoder) duration(path string, v any, def time.Duration) time.Duration 
 		return def
 	}
 	return dur
+}
+
+// durationText reads a duration written as a string, as systemd writes
+// them; examples is what the error for a value of another type suggests,
+// with the value itself in seconds when it was a bare number. ok is false
+// when an error was recorded.
+func (d *decoder) durationText(path string, v any, examples string) (dur time.Duration, text string, ok bool) {
+	s, isString := v.(string)
+	if !isString {
+		hint := ""
+		if n, isInt := v.(int64); isInt {
+			hint = fmt.Sprintf(" (write \"%ds\")", n)
+		}
+		d.errorAt(path, "", "%s: want a duration such as %s, got %s%s", label(path), examples, typeName(v), hint)
+		return 0, "", false
+	}
+	dur, err := ParseDuration(s)
+	if err != nil {
+		d.errorAt(path, "", "%s: %v", label(path), err)
+		return 0, s, false
+	}
+	return dur, s, true
 }
 
 var signalNames = []string{"SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGKILL"}

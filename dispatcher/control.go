@@ -159,6 +159,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		Since:       d.started,
 		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
+		CPUs:        control.CPUs{Count: d.limit.Count(), How: d.limit.String(), WorkersAuto: d.app.Workers.Auto},
 	}
 	switch {
 	case d.stopping:

@@ -49,9 +49,13 @@ type Options struct {
 	// Environ is the environment workers inherit (minus the dispatcher's
 	// private variables, see the package doc); nil means os.Environ().
 	Environ []string
-	// CPUs are the CPUs workers = "auto" counts and cpu_affinity pins to;
-	// nil means cpuset.Allowed().
+	// CPUs are the CPUs cpu_affinity pins to and workers = "auto"
+	// counts (within Limit); nil means Limit's Allowed.
 	CPUs []int
+	// Limit is what workers = "auto" and every worker's COHORT_CPUS
+	// count: the affinity mask, cgroup cpuset and CPU quota; nil means
+	// cpuset.Read(), or CPUs alone when CPUs is set.
+	Limit *cpuset.Limit
 	// RuntimeDir holds the notify socket; "" means $RUNTIME_DIRECTORY (its
 	// first entry) from Environ, else a private directory under
 	// os.TempDir() that Run removes.
@@ -189,6 +193,9 @@ type dispatcher struct {
 	path string   // the resolved command
 	dir  string   // working directory ("" inherits)
 	cpus []int
+	// limit is the CPU limit read at start: workers = "auto" and
+	// COHORT_CPUS are limit.Count().
+	limit cpuset.Limit
 
 	mode mode // shared, reuseport or round-robin (mode.go)
 
@@ -274,13 +281,21 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
 		return nil, err
 	}
-	d.cpus = opt.CPUs
-	if d.cpus == nil {
-		if d.cpus, err = cpuset.Allowed(); err != nil {
+	switch {
+	case opt.Limit != nil:
+		d.limit = *opt.Limit
+	case opt.CPUs == nil:
+		if d.limit, err = cpuset.Read(); err != nil {
 			return nil, fmt.Errorf("app %s: workers: %w", app.Name, err)
 		}
 	}
-	n := app.Workers.Count(len(d.cpus))
+	if opt.CPUs != nil {
+		d.limit.Allowed = opt.CPUs
+	}
+	if d.cpus = d.limit.Allowed; len(d.cpus) == 0 {
+		return nil, fmt.Errorf("app %s: workers: no CPUs allowed", app.Name)
+	}
+	n := app.Workers.Count(d.limit.Count())
 	if fixed := d.mode.fixedWorkers(); fixed.n > 0 && fixed.n != n {
 		d.out.warnf("workers = %s means %d workers here, but there are %d %s: running %d (%s)",
 			workersSetting(app.Workers), n, fixed.n, fixed.of, fixed.n, recountHint)

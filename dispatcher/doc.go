@@ -53,6 +53,9 @@
 //   - NOTIFY_SOCKET is the dispatcher's notify socket (see below);
 //   - WATCHDOG_USEC/WATCHDOG_PID are set when the app has a watchdog;
 //   - COHORT_APP, COHORT_WORKER (0-based index) and COHORT_GENERATION;
+//   - COHORT_CPUS, the CPUs the service may use (cpuset.Limit's Count:
+//     affinity, cgroup cpuset and CPU quota), the same for every worker:
+//     what workers = "auto" counts, for sizing thread pools;
 //   - everything else is the dispatcher's own environment (what systemd
 //     gave the service, or the shell's for `cohort run`), without the
 //     dispatcher's LISTEN_*, NOTIFY_SOCKET, WATCHDOG_*, JOURNAL_STREAM and

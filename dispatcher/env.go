@@ -23,6 +23,7 @@ var privateEnv = map[string]bool{
 	"JOURNAL_STREAM":      true, // the workers' stdout is a pipe to the dispatcher
 	"SYSTEMD_EXEC_PID":    true,
 	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
+	"COHORT_CPUS":         true, // the dispatcher sets its workers' own
 	WorkerPIDEnv:          true, // the trampoline sets each worker's own
 }
 

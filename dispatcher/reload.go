@@ -133,7 +133,7 @@ func (d *dispatcher) beginReload(why string, started time.Time, next spec, done 
 	// the count `cohort scale` may have set.
 	n := len(d.slots)
 	if next.app.Workers != prev.app.Workers {
-		n = next.app.Workers.Count(len(d.cpus))
+		n = next.app.Workers.Count(d.limit.Count())
 		if fixed := d.mode.fixedWorkers(); fixed.n > 0 {
 			d.out.warnf("workers changed to %s, but %s, and there are %d: keeping %d workers (%s)",
 				workersSetting(next.app.Workers), fixed.why, fixed.n, len(d.slots), recountHint)

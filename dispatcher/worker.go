@@ -431,6 +431,7 @@ func (d *dispatcher) fork(s *slot, a forkArgs) (pid int, outR, statusR *os.File,
 		"COHORT_APP="+d.app.Name,
 		"COHORT_WORKER="+strconv.Itoa(s.index),
 		"COHORT_GENERATION="+strconv.Itoa(d.gen),
+		"COHORT_CPUS="+strconv.Itoa(d.limit.Count()),
 	)
 	if d.app.Watchdog > 0 {
 		env = append(env, "WATCHDOG_USEC="+strconv.FormatInt(d.app.Watchdog.Microseconds(), 10))

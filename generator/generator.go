@@ -317,13 +317,17 @@ func Sockets(app *appfile.App, cpus int) ([]Socket, error) {
 	return out, nil
 }
 
-// AvailableCPUs counts the CPUs this process may run on. systemd runs
-// generators with its own affinity, which services inherit unless they set
-// CPUAffinity=, so it is the count the service's "auto" will see.
-// It counts cpuset.Allowed, the list the dispatcher starts workers on.
+// AvailableCPUs counts the CPUs this process may use: cpuset.Limit's
+// Count, what the dispatcher counts too. systemd runs generators with its
+// own affinity and in its own cgroup, so a container's limits (an
+// ancestor of both) are seen here as by the service; the service's own
+// CPUAffinity= and CPUQuota= only narrow the dispatcher's count.
 func AvailableCPUs() (int, error) {
-	cpus, err := cpuset.Allowed()
-	return len(cpus), err
+	l, err := cpuset.Read()
+	if err != nil {
+		return 0, err
+	}
+	return l.Count(), nil
 }
 
 // listenStream renders an address for ListenStream=: ":8080" becomes

@@ -293,6 +293,9 @@ func workerTimes(wk control.Worker, now time.Time) (pid, uptime string) {
 
 func printStatus(env *environment, st *control.Status, now time.Time) {
 	fmt.Fprintf(env.stdout, "%s: %s\n", st.App, st.Line)
+	if line := cpusLine(st.CPUs); line != "" {
+		fmt.Fprintf(env.stdout, "%s: %s\n", st.App, line)
+	}
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "WORKER\tPID\tGEN\tSTATE\tUPTIME\tRESTARTS\tCONNS\tRSS\tCPU%")
 	rr := st.Mode == string(appfile.ModeRoundRobin)
@@ -302,6 +305,19 @@ func printStatus(env *environment, st *control.Status, now time.Time) {
 			wk.Index, pid, wk.Generation, wk.State, uptime, wk.Restarts, conns(rr, wk.Active, wk.Handed), humanBytes(wk.RSS), wk.CPUPercent)
 	}
 	w.Flush()
+}
+
+// cpusLine says what workers = "auto" counted and how: "workers auto =
+// 1 (affinity 2, cgroup cpu quota 1.50)"; "" from a dispatcher that does
+// not say.
+func cpusLine(c control.CPUs) string {
+	switch {
+	case c.Count == 0:
+		return ""
+	case c.WorkersAuto:
+		return fmt.Sprintf("workers auto = %d (%s)", c.Count, c.How)
+	}
+	return fmt.Sprintf("COHORT_CPUS = %d (%s)", c.Count, c.How)
 }
 
 func humanBytes(n int64) string {

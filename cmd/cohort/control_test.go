@@ -16,6 +16,7 @@ type stubDispatcher struct{ scaled int }
 func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
 	started := time.Now().Add(-90 * time.Second)
 	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, State: "ready", PID: 4242, Since: started.Add(-time.Hour), Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
+		CPUs: control.CPUs{Count: 1, How: "affinity 2, cgroup cpu quota 1.50", WorkersAuto: true},
 		Workers: []control.Worker{
 			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 1, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
 			{Index: 1, Generation: 2, State: "backoff"},
@@ -48,7 +49,7 @@ func TestStatusAndScale(t *testing.T) {
 		t.Fatalf("status: %d %s", code, errOut)
 	}
 	for _, want := range []string{
-		"web: 2/2 workers ready · gen 2 · round-robin · 1 restart\n",
+		"web: 2/2 workers ready · gen 2 · round-robin · 1 restart\nweb: workers auto = 1 (affinity 2, cgroup cpu quota 1.50)\n",
 		"WORKER  PID  GEN  STATE    UPTIME  RESTARTS  CONNS  RSS    CPU%",
 		"0       101  2    ready    1m30s   1         3/500  30.0M  12.5",
 		"1       -    2    backoff  -       0         0/0    -      0.0",
@@ -58,7 +59,7 @@ func TestStatusAndScale(t *testing.T) {
 		}
 	}
 	code, out, _ = runCohort(t, nil, "status", "--json", "--socket", srv.Path())
-	if code != 0 || !strings.Contains(out, `"rss_bytes": 31457280`) {
+	if code != 0 || !strings.Contains(out, `"rss_bytes": 31457280`) || !strings.Contains(out, `"how": "affinity 2, cgroup cpu quota 1.50"`) {
 		t.Errorf("status --json: %d\n%s", code, out)
 	}
 	if code, _, errOut := runCohort(t, nil, "scale", "--socket", srv.Path(), "web", "3"); code != 0 || stub.scaled != 3 {
@@ -76,5 +77,19 @@ func TestStatusWithoutDispatcher(t *testing.T) {
 	}
 	if code, _, errOut := runCohort(t, nil, "status", "../etc"); code != 2 || !strings.Contains(errOut, "app name") {
 		t.Errorf("status of a bad name: %d %s", code, errOut)
+	}
+}
+
+// TestCPUsLine: a fixed count says what COHORT_CPUS is instead; an older
+// dispatcher that sends no count gets no line.
+func TestCPUsLine(t *testing.T) {
+	for c, want := range map[control.CPUs]string{
+		{Count: 2, How: "affinity 2", WorkersAuto: true}:     "workers auto = 2 (affinity 2)",
+		{Count: 1, How: "affinity 2, cgroup cpu quota 1.50"}: "COHORT_CPUS = 1 (affinity 2, cgroup cpu quota 1.50)",
+		{}: "",
+	} {
+		if got := cpusLine(c); got != want {
+			t.Errorf("cpusLine(%+v) = %q, want %q", c, got, want)
+		}
 	}
 }

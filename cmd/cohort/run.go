@@ -61,12 +61,12 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
 	if app.Mode == appfile.ModeReusePort {
-		cpus, err := cpuset.Allowed()
+		limit, err := cpuset.Read()
 		if err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1
 		}
-		n := app.Workers.Count(len(cpus))
+		n := app.Workers.Count(limit.Count())
 		if opts.SlotListeners, err = sockets.BindSlots(app, n); err != nil {
 			fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
 			return 1

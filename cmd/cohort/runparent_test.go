@@ -42,12 +42,20 @@ type cohortProc struct {
 // with its mark in the environment are SIGKILLed.
 func startCohortProc(t *testing.T, stdout *os.File, args ...string) *cohortProc {
 	t.Helper()
+	return startCohortProcVia(t, stdout, nil, args...)
+}
+
+// startCohortProcVia is startCohortProc through a trampoline: via is
+// the argv that execs the rest (nil: none).
+func startCohortProcVia(t *testing.T, stdout *os.File, via []string, args ...string) *cohortProc {
+	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	mark := t.TempDir()
-	cmd := exec.Command(self, append([]string{"run"}, args...)...)
+	argv := append(append(append([]string{}, via...), self, "run"), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), "COHORT_TEST_MAIN=1", "COHORT_TEST_MARK="+mark, "COHORT_TEST_RUNTIME_ROOT="+filepath.Join(t.TempDir(), "cohort"))
 	p := &cohortProc{cmd: cmd, stderr: &testsync.Buffer{}, done: make(chan struct{}), mark: mark}
 	cmd.Stderr = p.stderr

@@ -95,8 +95,22 @@ type Status struct {
 	PID        int       `json:"pid"`   // the dispatcher's
 	// ConfigError is the app file's first problem while it does not
 	// validate (the dispatcher runs the last configuration that did).
-	ConfigError string   `json:"config_error,omitempty"`
-	Workers     []Worker `json:"workers"`
+	ConfigError string `json:"config_error,omitempty"`
+	// CPUs is what workers = "auto" counts and how it was reached.
+	CPUs    CPUs     `json:"cpus"`
+	Workers []Worker `json:"workers"`
+}
+
+// CPUs is the CPU count of the dispatcher's service, read when it
+// started: what workers = "auto" means and what every worker gets as
+// COHORT_CPUS.
+type CPUs struct {
+	Count int `json:"count"`
+	// How names what decided it: "affinity 2, cgroup cpu quota 1.50".
+	How string `json:"how"`
+	// WorkersAuto is whether the app file says workers = "auto" (else
+	// the count sizes nothing but COHORT_CPUS).
+	WorkersAuto bool `json:"workers_auto"`
 }
 
 // Worker is one worker slot's current process.

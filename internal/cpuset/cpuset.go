@@ -1,7 +1,8 @@
-// Package cpuset reads the set of CPUs a process may run on, the one
-// answer that the generator (counting workers = "auto") and the dispatcher
-// (starting and pinning workers) must agree on, and pins a worker to one
-// of them (cpu_affinity = true).
+// Package cpuset reads the set of CPUs a process may run on and how many
+// of them its cgroups let it use (Limit: affinity, cpuset, CPU quota),
+// the one answer that the generator (counting workers = "auto") and the
+// dispatcher (starting and pinning workers) must agree on, and pins a
+// worker to one of them (cpu_affinity = true).
 package cpuset
 
 import (
