@@ -26,7 +26,10 @@ func holders(inode string) []int {
 
 // escapingApp is an app whose worker double-forks a setsid daemon that
 // keeps fd 3 (the listener), then runs on (or, with crash, exits 1 after
-// a moment). The daemon writes its pid to dir/daemon.PID-OF-WORKER.
+// a moment). The daemon writes its pid to dir/daemon.PID-OF-WORKER; the
+// worker creates dir/detached.ITS-PID once the intermediate subshell has
+// exited (the worker has waited for it), which is when the daemon has
+// been reparented: the daemon's own file may come first.
 func escapingApp(t *testing.T, dir string, crash bool) *appfile.App {
 	t.Helper()
 	if _, err := exec.LookPath("setsid"); err != nil {
@@ -36,7 +39,7 @@ func escapingApp(t *testing.T, dir string, crash bool) *appfile.App {
 	if crash {
 		tail = "sleep 0.2; exit 1"
 	}
-	script := fmt.Sprintf(`(setsid sh -c 'echo $$ > %s/daemon.$PPID_W; exec sleep 1000' &) ; %s`, dir, tail)
+	script := fmt.Sprintf(`(setsid sh -c 'echo $$ > %s/daemon.$PPID_W; exec sleep 1000' &) ; : > %s/detached.$$; %s`, dir, dir, tail)
 	app := appfile.New("esc")
 	app.Command = []string{"/bin/sh", "-c", "PPID_W=$$; export PPID_W; " + script}
 	app.Environment["ESC_TEST_DIR"] = dir
@@ -61,6 +64,34 @@ func daemons(dir string) []int {
 	return pids
 }
 
+// detached reports whether the worker pid's intermediate subshell has
+// exited, so that its daemon's parent is no longer that subshell.
+func detached(dir string, pid int) bool {
+	_, err := os.Stat(filepath.Join(dir, fmt.Sprintf("detached.%d", pid)))
+	return err == nil
+}
+
+// daemonWorkers returns the pids of the workers whose daemons wrote
+// their pids so far.
+func daemonWorkers(dir string) []int {
+	files, _ := filepath.Glob(filepath.Join(dir, "daemon.*"))
+	var pids []int
+	for _, f := range files {
+		if pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(f), "daemon.")); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// daemonOf returns the pid of the worker pid's daemon, 0 while it has not
+// written it.
+func daemonOf(dir string, pid int) int {
+	b, _ := os.ReadFile(filepath.Join(dir, fmt.Sprintf("daemon.%d", pid)))
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
+}
+
 // TestEscapedDaemonKilled (issue 14.7): a worker that double-forks a
 // setsid daemon holding the listener: the daemon lives while its worker
 // does, is killed when the worker is (and its slot restarts), and after
@@ -75,13 +106,19 @@ func TestEscapedDaemonKilled(t *testing.T) {
 	d := startDispatcherProc(t, app, []*os.File{l})
 	t.Cleanup(func() { testproc.KillMarked("ESC_TEST_DIR=" + dir) })
 	d.waitLine(t, 20*time.Second, "all 1 workers ready")
-	testsync.WaitFor(t, 10*time.Second, "the first daemon", func() bool { return len(daemons(dir)) == 1 })
-	first := daemons(dir)[0]
+	// The daemon is reparented when the intermediate subshell exits,
+	// which may be after the daemon wrote its pid.
 	worker := 0
-	for _, p := range childrenOf(d.cmd.Process.Pid) {
-		if p != first {
-			worker = p
+	testsync.WaitFor(t, 10*time.Second, "the first daemon, detached", func() bool {
+		w := daemonWorkers(dir)
+		if len(w) == 1 && daemonOf(dir, w[0]) > 0 && detached(dir, w[0]) {
+			worker = w[0]
 		}
+		return worker != 0
+	})
+	first := daemonOf(dir, worker)
+	if !slices.Contains(childrenOf(d.cmd.Process.Pid), worker) {
+		t.Fatalf("worker %d (whose daemon is %d) is no child of the dispatcher", worker, first)
 	}
 	if pp := ppidOf(first); pp != d.cmd.Process.Pid {
 		t.Errorf("daemon %d has parent %d, want the dispatcher %d (a subreaper)", first, pp, d.cmd.Process.Pid)
@@ -92,10 +129,13 @@ func TestEscapedDaemonKilled(t *testing.T) {
 
 	syscall.Kill(worker, syscall.SIGKILL)
 	testsync.WaitFor(t, 10*time.Second, "the second daemon", func() bool { return len(daemons(dir)) == 2 })
+	second := slices.DeleteFunc(daemonWorkers(dir), func(p int) bool { return p == worker })[0]
+	// Until its subshell has exited, that holds the listener too.
+	testsync.WaitFor(t, 10*time.Second, "the second daemon detached", func() bool { return detached(dir, second) })
 	testsync.WaitFor(t, 5*time.Second, "the first daemon gone", func() bool { return !alive(first) })
 	h := holders(inode)
 	if len(h) != 3 { // the dispatcher, the new worker, its daemon
-		t.Errorf("holders of the listener after the restart: %v, want 3", h)
+		t.Errorf("holders of the listener after the restart: %v, want 3 (the dispatcher, worker %d, daemon %d)", h, second, daemonOf(dir, second))
 	}
 
 	stopLeavesNoHolder(t, d, inode)

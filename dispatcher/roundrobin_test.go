@@ -19,6 +19,7 @@ import (
 
 	"github.com/cohort-dev/cohort/activation"
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
@@ -159,6 +160,42 @@ func maxMin(counts map[string]int, want int) float64 {
 	return float64(hi) / float64(lo)
 }
 
+// waitSpoken returns once every one of the n workers has spoken the
+// round-robin protocol as the balancer sees it. Until a worker's HELLO
+// has been read, the balancer gives it one connection at a time
+// (balance.limitLocked) and rotation skips it while it holds that one,
+// so counts per worker are not even; and that HELLO is read by the
+// balancer's receiver for the channel, in no order with the READY=1 that
+// the loop reads from the notify socket. Requests, one at a time, until
+// every worker has answered; then status is polled until no worker holds
+// a connection: the receiver read the ACK and CLOSED of each, which come
+// after the worker's HELLO on its channel.
+func waitSpoken(t testing.TB, addr, sock string, n int) {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	seen := map[string]bool{}
+	testsync.WaitFor(t, 20*time.Second, fmt.Sprintf("an answer from each of %d workers", n), func() bool {
+		body, err := getWith(c, "http://"+addr+"/")
+		if err != nil {
+			t.Fatalf("warm-up request: %v", err)
+		}
+		seen[workerOf(body)] = true
+		return len(seen) == n
+	})
+	testsync.WaitFor(t, 20*time.Second, "every worker's connections acknowledged and closed", func() bool {
+		ws := callStatus(t, sock).Workers
+		if len(ws) != n {
+			return false
+		}
+		for _, w := range ws {
+			if w.Handed == 0 || w.Active != 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // TestRoundRobinServes: the same Go program (cohort's activation library)
 // and the Python example each serve in round-robin mode: every worker
 // answers, the STATUS= line names the mode, and a stop is graceful.
@@ -178,9 +215,14 @@ func TestRoundRobinServes(t *testing.T) {
 				app.Command = tc.command(t)
 			}
 			l, addr := tcpListener(t, "http")
-			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
+			rt := t.TempDir()
+			rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}, RuntimeDir: rt})
 			rec.waitNotify(t, 20*time.Second, "READY=1")
 			rec.waitNotify(t, time.Second, "STATUS=2/2 workers ready · gen 1 · round-robin · 0 restarts")
+			// Strict turns hold only between workers that have spoken;
+			// then none is skipped: neither is handed more than 20,
+			// fewer than max_pending (64).
+			waitSpoken(t, addr, filepath.Join(rt, control.SocketName), 2)
 			counts := spread(t, addr, 40, 4)
 			if counts["0"] != 20 || counts["1"] != 20 {
 				t.Errorf("answers per worker %v, want 20 each", counts)
@@ -332,9 +374,24 @@ func TestRoundRobinSlowClients(t *testing.T) {
 	if took := time.Since(start); took > 5*time.Second {
 		t.Errorf("20 requests behind 20 silent connections took %s", took)
 	}
-	if len(counts) != 2 {
-		t.Errorf("answers per worker %v, want both", counts)
-	}
+	// Every worker still gets connections beside its silent ones. Not
+	// necessarily among those 20: with max_pending = 1 a worker is skipped
+	// while one connection it was handed is unacknowledged, and a worker
+	// that is not scheduled for the few milliseconds the 20 take, holding
+	// a silent one, rightly gets none of them. So requests go on, one at a
+	// time, until each worker has answered one.
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	testsync.WaitFor(t, 10*time.Second, fmt.Sprintf("an answer from each worker (%v in the 20)", counts), func() bool {
+		if len(counts) == 2 {
+			return true
+		}
+		body, err := getWith(c, "http://"+addr+"/")
+		if err != nil {
+			t.Fatalf("request behind the silent connections: %v", err)
+		}
+		counts[workerOf(body)]++
+		return false
+	})
 }
 
 // TestRoundRobinFairness: 10,000 short requests, each on its own
