@@ -522,6 +522,13 @@ func TestRoundRobinLeastConnections(t *testing.T) {
 	}
 	testsync.WaitFor(t, 30*time.Second, "worker 0 holding 5 silent connections", func() bool { return fdCount(t, w0.PID) >= base+5 })
 	syscall.Kill(w1.PID, syscall.SIGCONT)
+	// With max_pending = 1, worker 1 can take a new connection only once
+	// the dispatcher has read its acknowledgement of the silent one, which
+	// it sends after SIGCONT: until then the requests rightly go to
+	// worker 0. A request that lands on worker 1 says that moment passed.
+	testsync.WaitFor(t, 10*time.Second, "worker 1 taking connections again", func() bool {
+		return spread(t, addr, 1, 1)["1"] == 1
+	})
 
 	counts := spread(t, addr, 10, 1)
 	// Worker 1 has 1 open connection plus those of these requests that
