@@ -42,6 +42,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 20s ./activation/rr
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime 10s ./dispatcher/control
 	$(GO) test -run '^$$' -fuzz '^FuzzParseStat$$' -fuzztime 10s ./dispatcher/internal/procfs
+	$(GO) test -run '^$$' -fuzz '^FuzzRecv$$' -fuzztime 10s ./activation/rr
+	$(GO) test -run '^$$' -fuzz '^FuzzParseSyscall$$' -fuzztime 10s ./dispatcher/internal/probe
+	$(GO) test -run '^$$' -fuzz '^FuzzEpollTargets$$' -fuzztime 10s ./dispatcher/internal/probe
+	$(GO) test -run '^$$' -fuzz '^FuzzProcText$$' -fuzztime 10s ./dispatcher/internal/probe
+	$(GO) test -run '^$$' -fuzz '^FuzzSummary$$' -fuzztime 10s ./appfile
+	$(GO) test -run '^$$' -fuzz '^FuzzCgroupLimit$$' -fuzztime 10s ./internal/cpuset
 
 # The load benchmark (bench/): the hello app alone and under Node
 # cluster, PM2 and cohort, keep-alive and new-connection load; writes
