@@ -280,12 +280,9 @@ func (d *decoder) app(raw map[string]any, app *App) {
 				app.Mode = Mode(s)
 			}
 		case "max_pending":
-			n, ok := v.(int64)
-			if !ok || n < 1 || n > MaxMaxPending {
-				d.errorAt(k, "", "max_pending: want a number from 1 to %d, got %s", MaxMaxPending, describe(v))
-				break
+			if n, ok := d.integer(k, v, 1, MaxMaxPending, fmt.Sprintf("a number from 1 to %d", MaxMaxPending)); ok {
+				app.MaxPending = n
 			}
-			app.MaxPending = int(n)
 		case "ack_timeout":
 			t := d.duration(k, v, app.AckTimeout)
 			if t < MinAckTimeout || t > MaxAckTimeout {
@@ -320,12 +317,9 @@ func (d *decoder) app(raw map[string]any, app *App) {
 		case "log_rate_limit_interval":
 			app.LogRateLimit.Interval = d.logInterval(k, v, app.LogRateLimit.Interval)
 		case "log_rate_limit_burst":
-			n, ok := v.(int64)
-			if !ok || n < 0 || n > MaxLogRateLimitBurst {
-				d.errorAt(k, "", "log_rate_limit_burst: want a number of lines from 0 (no limit) to %d, got %s", MaxLogRateLimitBurst, describe(v))
-				break
+			if n, ok := d.integer(k, v, 0, MaxLogRateLimitBurst, fmt.Sprintf("a number of lines from 0 (no limit) to %d", MaxLogRateLimitBurst)); ok {
+				app.LogRateLimit.Burst = n
 			}
-			app.LogRateLimit.Burst = int(n)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -480,12 +474,22 @@ func (d *decoder) workers(path string, v any) Workers {
 
 // reloadBatch reads how many slots a rolling reload replaces at once.
 func (d *decoder) reloadBatch(path string, v any) int {
-	n, ok := v.(int64)
-	if !ok || n < 1 || n > MaxWorkers {
-		d.errorAt(path, "", "reload_batch: want a number from 1 to %d, got %s", MaxWorkers, describe(v))
+	n, ok := d.integer(path, v, 1, MaxWorkers, fmt.Sprintf("a number from 1 to %d", MaxWorkers))
+	if !ok {
 		return 1
 	}
-	return int(n)
+	return n
+}
+
+// integer reads a whole number from lo to hi; want names the range in the
+// error ("a number from 1 to 64"). ok is false when an error was recorded.
+func (d *decoder) integer(path string, v any, lo, hi int64, want string) (int, bool) {
+	n, ok := v.(int64)
+	if !ok || n < lo || n > hi {
+		d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+		return 0, false
+	}
+	return int(n), true
 }
 
 func (d *decoder) ready(path string, v any) Readiness {
@@ -685,11 +689,7 @@ func (d *decoder) listener(path string, t map[string]any) Listener {
 				l.Kind = kind
 			}
 		case "backlog":
-			n, ok := v.(int64)
-			if !ok || n < 1 || n > 65535 {
-				d.errorAt(kp, "", "backlog: want a number from 1 to 65535, got %s", describe(v))
-			}
-			l.Backlog = int(n)
+			l.Backlog, _ = d.integer(kp, v, 1, 65535, "a number from 1 to 65535")
 		case "reuse_port":
 			l.ReusePort, _ = d.boolean(kp, v)
 		case "nodelay":
