@@ -1,17 +1,14 @@
 package vmtests
 
 import (
-	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/testcgroup"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -74,88 +71,12 @@ address = "127.0.0.1:%d"
 // cgroup is removed.
 func quotaContainer(t *testing.T, c *Container) {
 	t.Helper()
-	mount, self := hostV1CPU(t)
-	parent := filepath.Join(mount, self)
-	dir := filepath.Join(parent, c.Name+"-quota") // c.Name: cohort-vmtest-<pid>-…, one per container
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	move := func(to string, pids []int) {
-		for _, pid := range pids {
-			// A process that exited meanwhile cannot move: that is fine.
-			_ = os.WriteFile(filepath.Join(to, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0o644)
-		}
-	}
-	t.Cleanup(func() {
-		deadline := time.Now().Add(15 * time.Second)
-		for {
-			b, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-			var pids []int
-			for f := range strings.FieldsSeq(string(b)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					pids = append(pids, pid)
-				}
-			}
-			move(parent, pids)
-			err := os.Remove(dir)
-			if err == nil || errors.Is(err, os.ErrNotExist) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("cgroup %s not removed: %v", dir, err)
-				return
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	})
-	for _, f := range [][2]string{{"cpu.cfs_period_us", "100000"}, {"cpu.cfs_quota_us", "150000"}} {
-		if err := os.WriteFile(filepath.Join(dir, f[0]), []byte(f[1]), 0o644); err != nil {
-			t.Fatalf("cgroup %s: %v", dir, err)
-		}
-	}
+	_, self := testcgroup.V1(t, "cpu")
+	dir := testcgroup.New(t, self, [][2]string{{"cpu.cfs_period_us", "100000"}, {"cpu.cfs_quota_us", "150000"}})
 	// Twice: what forked while the first pass moved its parent.
-	move(dir, c.cg.pids())
-	move(dir, c.cg.pids())
-	if got, want := v1CPUCgroup(t, fmt.Sprintf("/proc/%d/cgroup", c.InitPID)), strings.TrimPrefix(dir, mount); got != want {
-		t.Fatalf("the container's systemd (pid %d) is in cpu cgroup %s, not %s", c.InitPID, got, want)
+	testcgroup.Move(dir, c.cg.pids()...)
+	testcgroup.Move(dir, c.cg.pids()...)
+	if got := testcgroup.Dir(t, c.InitPID, "cpu"); got != dir {
+		t.Fatalf("the container's systemd (pid %d) is in cpu cgroup %s, not %s", c.InitPID, got, dir)
 	}
-}
-
-// hostV1CPU returns where the host's cgroup v1 cpu hierarchy is mounted
-// (its root) and this process's cgroup in it, or ends t with Missing.
-func hostV1CPU(t *testing.T) (mount, self string) {
-	t.Helper()
-	mi, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.Lines(string(mi)) {
-		pre, post, ok := strings.Cut(strings.TrimSpace(line), " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if ok && len(f) >= 5 && len(g) >= 3 && f[3] == "/" && g[0] == "cgroup" && slices.Contains(strings.Split(g[2], ","), "cpu") {
-			mount = f[4]
-			break
-		}
-	}
-	if mount == "" {
-		testtool.Missing(t, "the container's systemd has no cpu controller and the host no cgroup v1 cpu hierarchy: no way to set a CPU quota here")
-	}
-	return mount, v1CPUCgroup(t, "/proc/self/cgroup")
-}
-
-// v1CPUCgroup is the cgroup v1 cpu line's path in file, a /proc/PID/cgroup.
-func v1CPUCgroup(t *testing.T, file string) string {
-	t.Helper()
-	cg, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.Lines(string(cg)) {
-		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
-		if len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "cpu") {
-			return parts[2]
-		}
-	}
-	t.Fatalf("%s has no cpu line:\n%s", file, cg)
-	return ""
 }
