@@ -187,6 +187,8 @@ func startRun(t testing.TB, opt Options) (*recorder, func() error) {
 	}
 	if opt.Stderr == nil {
 		opt.Stderr = logs
+	} else if b, ok := opt.Stderr.(*testsync.Buffer); ok {
+		logs = b // a test's own log buffer is what a failure should show
 	}
 	if opt.RuntimeDir == "" {
 		opt.RuntimeDir = t.TempDir()
