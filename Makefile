@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.0.
 LDFLAGS := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build deps test lint fuzz bench bench-micro deb vmtest run clean
+.PHONY: all build deps test lint fuzz bench bench-micro deb vmtest vmtest-qemu run clean
 
 all: build
 
@@ -14,10 +14,11 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/cohort-hello ./examples/hello
 
 # The whole suite: lint, unit and integration tests, short fuzz runs, then
-# the end-to-end tests under a real systemd.
+# the end-to-end tests under a real systemd, in containers and in QEMU.
 test: deps lint
 	$(GO) test -count=1 -race -timeout 15m ./...
 	$(MAKE) vmtest
+	$(MAKE) vmtest-qemu
 
 # Debian packages the tests use (systemd-analyze, python3, node, debootstrap, …).
 deps:
@@ -64,8 +65,14 @@ bench-micro:
 deb:
 	packaging/build-deb.sh $(VERSION)
 
+# The scenarios in systemd-nspawn containers (TestSystemd and the rest).
 vmtest:
-	COHORT_VMTEST=1 $(GO) test -count=1 -timeout 20m -v ./vmtests/
+	COHORT_VMTEST=1 $(GO) test -count=1 -timeout 20m -v -skip '^TestQEMU$$' ./vmtests/
+
+# The scenarios that need a kernel with cgroup2 controllers, in QEMU
+# guests under TCG (vmtests/README.md: "QEMU").
+vmtest-qemu:
+	COHORT_VMTEST=1 $(GO) test -count=1 -timeout 40m -v -run '^TestQEMU$$' ./vmtests/
 
 # The README's "main job": the example worker on 127.0.0.1:8080, one per CPU.
 # examples/hello.toml runs "cohort-hello", found on PATH.

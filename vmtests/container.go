@@ -46,7 +46,8 @@ type Container struct {
 	cg      *cgroupSet    // the container's subtree
 	execCg  *cgroupSet    // leaf for commands run through nsenter
 	share   string        // host side of ShareDir
-	console string        // nspawn's output: the container's console
+	console string        // nspawn's output, or a VM's serial console
+	vm      *vmTransport  // set for a QEMU guest (qemu.go): Exec goes to its agent
 
 	mu      sync.Mutex
 	watched []string
@@ -199,7 +200,11 @@ func (c *Container) waitRunning(ctx context.Context) (string, error) {
 			return nil
 		default:
 		}
-		res, err := c.ExecContext(ctx, "systemctl", "is-system-running", "--wait")
+		// Bounded per attempt too: a VM's forward may accept a connection
+		// that the guest, still booting, never answers.
+		actx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		res, err := c.ExecContext(actx, "systemctl", "is-system-running", "--wait")
 		if err != nil {
 			last = err
 			return err
@@ -244,6 +249,9 @@ func (r Result) String() string {
 func (c *Container) ExecContext(ctx context.Context, args ...string) (Result, error) {
 	if len(args) == 0 {
 		return Result{}, errors.New("exec: no command")
+	}
+	if c.vm != nil {
+		return c.vm.exec(ctx, c.Name, args)
 	}
 	nsArgs := append([]string{"--target", strconv.Itoa(c.InitPID), "--all", "--"}, args...)
 	cmd := cgroupCommand(ctx, c.execCg, "nsenter", nsArgs...)
@@ -421,7 +429,7 @@ func (c *Container) diagnose(t testing.TB) {
 		return
 	default:
 	}
-	if c.InitPID == 0 {
+	if c.InitPID == 0 && c.vm == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

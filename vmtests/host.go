@@ -63,35 +63,46 @@ func Require(t testing.TB) {
 }
 
 func prepareHost(logf func(string, ...any)) error {
+	if err := installTools(hostTools, logf); err != nil {
+		return err
+	}
+	if err := sweepStaleCgroups(logf); err != nil {
+		return fmt.Errorf("sweep cgroups of dead test runs: %w", err)
+	}
+	return nil
+}
+
+// installTools installs, with apt-get, the package of every command in
+// tools (command → Debian package) that is not on PATH, and fails when one
+// is still missing after that.
+func installTools(tools map[string]string, logf func(string, ...any)) error {
 	var missing []string
-	for tool, pkg := range hostTools {
+	for tool, pkg := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			missing = append(missing, pkg)
 		}
 	}
-	if len(missing) > 0 {
-		sort.Strings(missing)
-		logf("installing host tools: %s", strings.Join(missing, " "))
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		defer cancel()
-		if _, err := hostRun(ctx, "", "apt-get", "update"); err != nil {
-			return fmt.Errorf("install host tools: %w", err)
-		}
-		args := append([]string{"install", "-y", "--no-install-recommends"}, missing...)
-		if _, err := hostRun(ctx, "", "apt-get", args...); err != nil {
-			return fmt.Errorf("install host tools: %w", err)
-		}
-		// A package that installed but did not bring its command (another
-		// distribution's names, a diverted binary) would otherwise fail
-		// later, in the middle of a container's start.
-		for tool, pkg := range hostTools {
-			if _, err := exec.LookPath(tool); err != nil {
-				return fmt.Errorf("host tool %s still missing after installing %s: %w", tool, pkg, err)
-			}
-		}
+	if len(missing) == 0 {
+		return nil
 	}
-	if err := sweepStaleCgroups(logf); err != nil {
-		return fmt.Errorf("sweep cgroups of dead test runs: %w", err)
+	sort.Strings(missing)
+	logf("installing host tools: %s", strings.Join(missing, " "))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if _, err := hostRun(ctx, "", "apt-get", "update"); err != nil {
+		return fmt.Errorf("install host tools: %w", err)
+	}
+	args := append([]string{"install", "-y", "--no-install-recommends"}, missing...)
+	if _, err := hostRun(ctx, "", "apt-get", args...); err != nil {
+		return fmt.Errorf("install host tools: %w", err)
+	}
+	// A package that installed but did not bring its command (another
+	// distribution's names, a diverted binary) would otherwise fail
+	// later, in the middle of a container's start.
+	for tool, pkg := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("host tool %s still missing after installing %s: %w", tool, pkg, err)
+		}
 	}
 	return nil
 }

@@ -53,7 +53,9 @@ var rules = []rule{
 	// Outside the product: examples and benchmarks use what users use.
 	{pkgs: []string{"examples/..."}, may: []string{"activation/..."}},
 	{pkgs: []string{"bench/..."}, may: []string{"bench/...", "activation/..."}},
-	{pkgs: []string{"vmtests"}, may: []string{"internal/..."}, tests: []string{"appfile", "units", "generator/...", "activation/..."}},
+	// The guest agent of vmtests' QEMU backend: its protocol and command.
+	{pkgs: []string{"vmtests/internal/..."}, may: []string{"vmtests/internal/..."}},
+	{pkgs: []string{"vmtests"}, may: []string{"internal/...", "vmtests/internal/..."}, tests: []string{"appfile", "units", "generator/...", "activation/..."}},
 	{pkgs: []string{"packaging", "packaging/..."}},
 }
 

@@ -1,0 +1,286 @@
+package vmtests
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
+	"github.com/cohort-dev/cohort/vmtests/internal/vmagent"
+)
+
+// The QEMU backend boots a release's VM image (image.go) under TCG (no
+// KVM needed) with a Debian kernel, systemd as PID 1 and a pure cgroup2
+// hierarchy with every controller, which this project's hybrid
+// development host cannot give a container. The VM is a *Container like
+// an nspawn one: Exec and everything built on it go to the guest agent
+// (package vmagent) over QEMU's user-mode network forward on 127.0.0.1;
+// WriteFile, CopyFile and Share go through the same host share, mounted
+// read-only in the guest over 9p.
+
+// Guest resources and bounds.
+const (
+	vmCPUs         = 2
+	vmMemoryMiB    = 1536
+	vmBootTimeout  = 5 * time.Minute // TCG on a loaded 2-core host: measured 25–60 s
+	vmForwards     = 16              // guest ports forwarded from the host (Listen)
+	guestPortFirst = 8001
+)
+
+// qemuTools are the host commands the QEMU backend adds to hostTools.
+var qemuTools = map[string]string{
+	"qemu-system-x86_64": "qemu-system-x86",
+	"mkfs.ext4":          "e2fsprogs",
+}
+
+var (
+	qemuOnce sync.Once
+	qemuErr  error
+)
+
+// RequireQEMU is Require for the QEMU scenarios: it also installs
+// qemu-system-x86 and e2fsprogs with apt when they are missing. When they
+// still are, the test ends through testtool.Missing: skipped on a laptop,
+// failed under CI.
+func RequireQEMU(t testing.TB) {
+	t.Helper()
+	Require(t)
+	qemuOnce.Do(func() { qemuErr = installTools(qemuTools, t.Logf) })
+	if qemuErr != nil {
+		testtool.Missing(t, "QEMU backend: %v", qemuErr)
+	}
+}
+
+// vmTransport is how a VM's Container reaches its guest.
+type vmTransport struct {
+	agent string // host address of the agent's forward
+	token string
+
+	mu       sync.Mutex
+	forwards []Endpoint // guest ports forwarded from the host
+	used     int
+}
+
+// Endpoint is an address for a server in a container: Listen is what the
+// server binds inside, Dial what the host connects to.
+type Endpoint struct {
+	Listen string // e.g. "127.0.0.1:8080" (nspawn) or "10.0.2.15:8001" (VM)
+	Dial   string // always on the host's 127.0.0.1
+}
+
+// Listen returns a fresh address for a server in c that the host (Load,
+// LoadBackground) reaches. An nspawn container shares the host's network,
+// so both are one FreePort; a VM's guest port is one of the ports QEMU
+// forwards from the host's 127.0.0.1.
+func (c *Container) Listen(t testing.TB) Endpoint {
+	t.Helper()
+	if c.vm == nil {
+		a := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+		return Endpoint{Listen: a, Dial: a}
+	}
+	c.vm.mu.Lock()
+	defer c.vm.mu.Unlock()
+	if c.vm.used == len(c.vm.forwards) {
+		t.Fatalf("%s: all %d forwarded ports are taken (raise vmForwards)", c.Name, len(c.vm.forwards))
+	}
+	e := c.vm.forwards[c.vm.used]
+	c.vm.used++
+	return e
+}
+
+// BootVM boots a fresh QEMU guest of release r and waits until its
+// systemd reports the system running ("degraded" is accepted and the
+// failed units logged). t.Cleanup stops QEMU by pid (SIGTERM, then
+// SIGKILL) and removes its cgroup whatever happens to the test.
+func BootVM(t testing.TB, r Release) *Container {
+	t.Helper()
+	RequireQEMU(t)
+	img := VMImage(t, r)
+	agent, err := buildAgent()
+	if err != nil {
+		t.Fatalf("build the guest agent: %v", err)
+	}
+	share := t.TempDir()
+	logs := t.TempDir()
+	if err := os.Chmod(share, 0o755); err != nil {
+		t.Fatalf("boot VM %s: %v", r.Name, err)
+	}
+	tok := make([]byte, 32)
+	if _, err := rand.Read(tok); err != nil {
+		t.Fatalf("boot VM %s: token: %v", r.Name, err)
+	}
+	vm := &vmTransport{token: hex.EncodeToString(tok)}
+	if err := os.WriteFile(filepath.Join(share, agentTokenFile), []byte(vm.token), 0o600); err != nil {
+		t.Fatalf("boot VM %s: %v", r.Name, err)
+	}
+	if err := copyFile(agent, filepath.Join(share, agentBinary), 0o755); err != nil {
+		t.Fatalf("boot VM %s: %v", r.Name, err)
+	}
+	name := fmt.Sprintf("%s%d-%d-vm-%s", cgroupPrefix, os.Getpid(), containerSeq.Add(1), r.Name)
+	c := &Container{
+		Release: r, Name: name, t: t,
+		exited:  make(chan struct{}),
+		share:   share,
+		console: filepath.Join(logs, "console.log"),
+		vm:      vm,
+	}
+	cg, err := newCgroupSet(name)
+	if err != nil {
+		t.Fatalf("boot %s: %v", name, err)
+	}
+	c.cg = cg
+	t.Cleanup(c.cleanup)
+
+	agentPort := FreePort(t)
+	vm.agent = fmt.Sprintf("127.0.0.1:%d", agentPort)
+	fwd := []string{fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", agentPort, guestIP, guestAgentPort)}
+	for i := 0; i < vmForwards; i++ {
+		hp, gp := FreePort(t), guestPortFirst+i
+		vm.forwards = append(vm.forwards, Endpoint{Listen: fmt.Sprintf("%s:%d", guestIP, gp), Dial: fmt.Sprintf("127.0.0.1:%d", hp)})
+		fwd = append(fwd, fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", hp, guestIP, gp))
+	}
+	c.cmd = cgroupCommand(context.Background(), cg, "qemu-system-x86_64", qemuArgs(name, img, share, c.console, fwd)...)
+	out, err := os.Create(filepath.Join(logs, "qemu.log"))
+	if err != nil {
+		t.Fatalf("boot %s: %v", name, err)
+	}
+	defer out.Close()
+	c.cmd.Stdout = out
+	c.cmd.Stderr = out
+	// If the test binary dies without cleanups, QEMU dies with it (and the
+	// next run's sweepStaleCgroups removes its cgroup).
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	start := time.Now()
+	if err := c.cmd.Start(); err != nil {
+		t.Fatalf("boot %s: start qemu: %v", name, err)
+	}
+	go func() {
+		_ = c.cmd.Wait()
+		close(c.exited)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), vmBootTimeout)
+	defer cancel()
+	state, err := c.waitRunning(ctx)
+	if err != nil {
+		q, _ := os.ReadFile(out.Name())
+		t.Fatalf("boot %s: %v\nqemu: %s\nconsole:\n%s", name, err, tail(string(q), 10), c.consoleTail(60))
+	}
+	c.BootTime = time.Since(start)
+	t.Logf("%s: booted to %q in %v (qemu pid %d)", name, state, c.BootTime.Round(time.Millisecond), c.cmd.Process.Pid)
+	if state == "degraded" {
+		t.Logf("%s: failed units:\n%s", name, c.Exec(t, "systemctl", "--failed", "--no-legend").Stdout)
+	}
+	return c
+}
+
+// qemuArgs is the QEMU command line: TCG, no default devices, the kernel
+// booted directly, an x86-64-v2 CPU, the disk with snapshot=on (the cached image is never
+// written), user networking restricted to the forwards (the guest reaches
+// nothing outside), the share over 9p, the serial console into a file.
+func qemuArgs(name string, img vmImage, share, console string, forwards []string) []string {
+	return []string{
+		"-name", name,
+		"-nodefaults", "-no-user-config",
+		"-accel", "tcg",
+		// x86-64-v2 (SSE4.2, POPCNT), which every Debian binary runs on, and
+		// no AVX, which TCG would have to emulate for glibc's string
+		// functions. (Chosen, not measured against "max".)
+		"-cpu", "Nehalem",
+		"-smp", strconv.Itoa(vmCPUs),
+		"-m", strconv.Itoa(vmMemoryMiB),
+		"-display", "none",
+		"-monitor", "none",
+		"-no-reboot", // with panic=-1: a guest panic ends QEMU, not a reboot loop
+		"-serial", "file:" + console,
+		"-kernel", img.kernel,
+		"-initrd", img.initrd,
+		"-append", "root=/dev/vda rw console=ttyS0 quiet mitigations=off panic=-1 net.ifnames=0 systemd.unified_cgroup_hierarchy=1",
+		"-drive", "file=" + img.disk + ",if=virtio,format=raw,snapshot=on,cache=unsafe",
+		"-netdev", "user,id=net0,restrict=on," + strings.Join(forwards, ","),
+		"-device", "virtio-net-pci,netdev=net0",
+		"-device", "virtio-rng-pci", // entropy early, for systemd-random-seed and the kernel's CRNG
+		"-virtfs", "local,path=" + share + ",mount_tag=" + shareTag + ",security_model=none,readonly=on",
+	}
+}
+
+// exec runs args in the guest through the agent, with the environment a
+// container's commands get.
+func (v *vmTransport) exec(ctx context.Context, name string, args []string) (Result, error) {
+	resp, err := vmagent.Call(ctx, v.agent, vmagent.Request{Token: v.token, Args: args, Env: hostEnv()})
+	res := Result{Stdout: string(resp.Stdout), Stderr: string(resp.Stderr), Code: resp.Code}
+	if resp.Truncated {
+		res.Stderr += fmt.Sprintf("\n[vmtests: output beyond %d bytes dropped by the agent]", vmagent.MaxOutput)
+	}
+	if err != nil {
+		return res, fmt.Errorf("exec %q in %s: %w", strings.Join(args, " "), name, err)
+	}
+	return res, nil
+}
+
+var (
+	agentOnce sync.Once
+	agentPath string
+	agentErr  error
+)
+
+// buildAgent builds the guest agent (static, so it runs on any release)
+// once per test process into the cache.
+func buildAgent() (string, error) {
+	agentOnce.Do(func() {
+		root, err := RepoRoot()
+		if err != nil {
+			agentErr = err
+			return
+		}
+		cache, err := CacheDir()
+		if err != nil {
+			agentErr = err
+			return
+		}
+		dir := filepath.Join(cache, "build")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			agentErr = fmt.Errorf("create build dir: %w", err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		// Built under a name of this process's, then renamed: another test
+		// process may be copying the previous build.
+		out := filepath.Join(dir, "cohort-vmtest-agent")
+		tmp := fmt.Sprintf("%s.tmp-%d", out, os.Getpid())
+		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", tmp, "./vmtests/internal/vmagent/agent")
+		cmd.Dir = root
+		cmd.Env = append(append(hostEnv(), goEnv()...), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			agentErr = fmt.Errorf("go build agent: %w\n%s", err, tail(string(b), 20))
+			return
+		}
+		if err := os.Rename(tmp, out); err != nil {
+			agentErr = fmt.Errorf("install agent build: %w", err)
+			return
+		}
+		agentPath = out
+	})
+	return agentPath, agentErr
+}
+
+func copyFile(src, dst string, mode os.FileMode) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	if err := os.WriteFile(dst, b, mode); err != nil {
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	return nil
+}
