@@ -34,11 +34,13 @@ var containerSeq atomic.Int64
 // Container is a Debian root booted with systemd as its PID 1 under
 // systemd-nspawn, on a throw-away overlay of the cached root. It shares
 // the host's network namespace: servers in it are reached on 127.0.0.1.
+// BootVM (qemu.go) returns one for a QEMU guest instead, with the same
+// methods; a server there takes its address from Listen.
 type Container struct {
 	Release  Release
 	Name     string        // machine name, also its cgroup's name
-	InitPID  int           // host pid of the container's systemd
-	BootTime time.Duration // from starting nspawn to is-system-running
+	InitPID  int           // host pid of the container's systemd (0 for a VM)
+	BootTime time.Duration // from starting nspawn (or QEMU) to is-system-running
 
 	t       testing.TB
 	cmd     *exec.Cmd
@@ -489,17 +491,17 @@ func (c *Container) poweroff(t testing.TB) {
 		t.Logf("%s: powered off in %v", c.Name, time.Since(start).Round(time.Millisecond))
 		return
 	}
-	t.Logf("%s: still running %v after SIGTERM; sending nspawn SIGTERM again\nprocesses: %s\nconsole:\n%s",
+	t.Logf("%s: still running %v after SIGTERM; sending SIGTERM again\nprocesses: %s\nconsole:\n%s",
 		c.Name, poweroffTimeout, c.processes(), c.consoleTail(20))
 	_ = c.cmd.Process.Signal(syscall.SIGTERM)
 	if wait(5 * time.Second) {
 		return
 	}
-	t.Errorf("%s: nspawn ignored two SIGTERMs; killing the container", c.Name)
+	t.Errorf("%s: nspawn or QEMU ignored two SIGTERMs; killing the container", c.Name)
 	_ = c.cmd.Process.Kill()
 	c.cg.kill()
 	if !wait(10 * time.Second) {
-		t.Errorf("%s: nspawn (pid %d) survived SIGKILL", c.Name, c.cmd.Process.Pid)
+		t.Errorf("%s: nspawn or QEMU (pid %d) survived SIGKILL", c.Name, c.cmd.Process.Pid)
 	}
 }
 

@@ -28,6 +28,10 @@
 // Every container lives in a cgroup subtree of its own (see cgroup.go), so
 // that powering it off also ends every process the test started in it, and
 // a test process that crashed leaves nothing that the next run does not
-// sweep away. README.md describes the cache, the timings and the cgroup
-// handling.
+// sweep away. Scenarios that need a kernel with cgroup2 controllers
+// (limits, OOM kills, delegation; this development host is hybrid) run in
+// QEMU guests instead: BootVM returns a *Container with the same methods,
+// whose commands go to a guest agent (internal/vmagent); TestQEMU runs
+// them. README.md describes the cache, the timings, the cgroup handling
+// and the QEMU backend.
 package vmtests

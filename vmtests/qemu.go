@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/internal/testtool"
 	"github.com/cohort-dev/cohort/vmtests/internal/vmagent"
 )
 
@@ -48,17 +47,13 @@ var (
 	qemuErr  error
 )
 
-// RequireQEMU is Require for the QEMU scenarios: it also installs
-// qemu-system-x86 and e2fsprogs with apt when they are missing. When they
-// still are, the test ends through testtool.Missing: skipped on a laptop,
-// failed under CI.
-func RequireQEMU(t testing.TB) {
-	t.Helper()
-	Require(t)
-	qemuOnce.Do(func() { qemuErr = installTools(qemuTools, t.Logf) })
-	if qemuErr != nil {
-		testtool.Missing(t, "QEMU backend: %v", qemuErr)
-	}
+// prepareQEMU installs qemu-system-x86 and e2fsprogs with apt, once per
+// process, when they are missing, and says whether they are there now.
+// TestQEMU's requireQEMU turns an error into testtool.Missing (a skip on a
+// laptop, a failure under CI); BootVM fails.
+func prepareQEMU(logf func(string, ...any)) error {
+	qemuOnce.Do(func() { qemuErr = installTools(qemuTools, logf) })
+	return qemuErr
 }
 
 // vmTransport is how a VM's Container reaches its guest.
@@ -104,7 +99,10 @@ func (c *Container) Listen(t testing.TB) Endpoint {
 // SIGKILL) and removes its cgroup whatever happens to the test.
 func BootVM(t testing.TB, r Release) *Container {
 	t.Helper()
-	RequireQEMU(t)
+	Require(t)
+	if err := prepareQEMU(t.Logf); err != nil {
+		t.Fatalf("boot VM %s: %v", r.Name, err)
+	}
 	img := VMImage(t, r)
 	agent, err := buildAgent()
 	if err != nil {

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // TestQEMU runs the scenarios that need a real kernel with cgroup2
@@ -13,7 +15,7 @@ import (
 // parallel; the subtests of one release share its VM and run in order,
 // like TestSystemd's. `make vmtest-qemu` runs it.
 func TestQEMU(t *testing.T) {
-	RequireQEMU(t)
+	requireQEMU(t)
 	for _, r := range SelectedReleases() {
 		t.Run(r.Name, func(t *testing.T) {
 			t.Parallel()
@@ -22,6 +24,17 @@ func TestQEMU(t *testing.T) {
 			InstallCohort(t, c)
 			t.Run("cgroup2", func(t *testing.T) { testVMCgroup2(t, c) })
 		})
+	}
+}
+
+// requireQEMU is Require for the QEMU scenarios, plus their host tools
+// (qemu-system-x86, e2fsprogs), installed with apt when missing; when
+// they still are, a skip on a laptop and a failure under CI.
+func requireQEMU(t *testing.T) {
+	t.Helper()
+	Require(t)
+	if err := prepareQEMU(t.Logf); err != nil {
+		testtool.Missing(t, "QEMU backend: %v", err)
 	}
 }
 

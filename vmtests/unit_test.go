@@ -2,9 +2,12 @@ package vmtests
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -179,5 +182,67 @@ address = "127.0.0.1:8080"
 	app, err := appfile.Parse("web.toml", []byte(got))
 	if err != nil || app.Workers.N != 2 || len(app.Listen) != 1 || app.Listen[0].Address != "127.0.0.1:8080" {
 		t.Errorf("parse: %+v, %v", app, err)
+	}
+}
+
+// The QEMU command line keeps the cached image read-only, the guest off
+// every network but its forwards, and those forwards on the host's
+// 127.0.0.1.
+func TestQEMUArgs(t *testing.T) {
+	img := vmImage{kernel: "/c/vmlinuz", initrd: "/c/initrd.img", disk: "/c/disk.img"}
+	fwd := []string{"hostfwd=tcp:127.0.0.1:4000-10.0.2.15:7000", "hostfwd=tcp:127.0.0.1:4001-10.0.2.15:8001"}
+	args := strings.Join(qemuArgs("vm", img, "/share", "/log/console", fwd), " ")
+	for _, want := range []string{
+		"file=/c/disk.img,if=virtio,format=raw,snapshot=on",
+		"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:4000-10.0.2.15:7000,hostfwd=tcp:127.0.0.1:4001-10.0.2.15:8001",
+		"path=/share,mount_tag=" + shareTag + ",security_model=none,readonly=on",
+		"systemd.unified_cgroup_hierarchy=1",
+		"-accel tcg", "-nodefaults", "-no-reboot", "panic=-1",
+	} {
+		if !strings.Contains(args, want) {
+			t.Errorf("qemu args lack %q:\n%s", want, args)
+		}
+	}
+	for _, bad := range []string{"0.0.0.0", "hostfwd=tcp::", "snapshot=off"} {
+		if strings.Contains(args, bad) {
+			t.Errorf("qemu args contain %q:\n%s", bad, args)
+		}
+	}
+}
+
+// The guest's fstab mounts the share read-only, and the agent unit
+// listens where the forwards point and reads the token from the share.
+func TestGuestConfig(t *testing.T) {
+	dir := t.TempDir()
+	if err := configureGuest(dir, Releases[0]); err != nil {
+		t.Fatal(err)
+	}
+	fstab, _ := os.ReadFile(filepath.Join(dir, "etc/fstab"))
+	if !strings.Contains(string(fstab), shareTag+" "+ShareDir+" 9p trans=virtio,version=9p2000.L,ro") {
+		t.Errorf("fstab: %q", fstab)
+	}
+	unit, _ := os.ReadFile(filepath.Join(dir, "etc/systemd/system", agentUnit))
+	if !strings.Contains(string(unit), fmt.Sprintf("-listen %s:%d -token-file %s/%s", guestIP, guestAgentPort, ShareDir, agentTokenFile)) {
+		t.Errorf("agent unit:\n%s", unit)
+	}
+	if strings.Contains(string(unit), "\nOOMScoreAdjust=") {
+		t.Error("agent unit sets OOMScoreAdjust=, which its commands would inherit")
+	}
+	if target, err := os.Readlink(filepath.Join(dir, "etc/systemd/system/multi-user.target.wants", agentUnit)); err != nil || target != "../"+agentUnit {
+		t.Errorf("agent unit not enabled: %q, %v", target, err)
+	}
+}
+
+// Listen on an nspawn container: one free port on 127.0.0.1, listened on
+// and dialled alike.
+func TestListenNspawn(t *testing.T) {
+	c := &Container{}
+	e := c.Listen(t)
+	if e.Listen != e.Dial || !strings.HasPrefix(e.Dial, "127.0.0.1:") {
+		t.Errorf("Listen = %+v; want one 127.0.0.1 address", e)
+	}
+	v := &Container{Name: "vm", vm: &vmTransport{forwards: []Endpoint{{Listen: "10.0.2.15:8001", Dial: "127.0.0.1:4001"}}}}
+	if e := v.Listen(t); e.Listen != "10.0.2.15:8001" || e.Dial != "127.0.0.1:4001" {
+		t.Errorf("VM Listen = %+v", e)
 	}
 }
