@@ -444,8 +444,13 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		now := time.Now()
 		d.fireDeadlines(now)
 		d.stepReplace(now)
-		d.stepRecycle(now)
 		d.report(now)
+		// After report, which may have just sent the first READY=1: a
+		// lifetime that came due before it must not wait for another
+		// event (recycleWake leaves past times out).
+		if d.stepRecycle(now) {
+			d.report(now)
+		}
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
 			if d.opt.Subreaper {

@@ -270,18 +270,21 @@ func drawLimits(w *worker, r appfile.Recycle, now time.Time) {
 
 // stepRecycle is called from the loop after every event: it keeps the
 // sampler's targets current and starts a recycle when one is due and
-// may start.
-func (d *dispatcher) stepRecycle(now time.Time) {
+// may start, and says whether it did.
+func (d *dispatcher) stepRecycle(now time.Time) bool {
 	pol := d.app.Recycle
 	if pol.Memory > 0 || d.rec.sampler != nil {
 		d.publishTargets(pol)
 	}
 	if !pol.On() || d.stopping || !d.sentReady || d.ctl.cur != nil || d.ctl.loading != nil || now.Before(d.rec.nextAt) {
-		return
+		return false
 	}
-	if w, why := d.dueRecycle(pol, now); w != nil {
-		d.startRecycle(w, why, now)
+	w, why := d.dueRecycle(pol, now)
+	if w == nil {
+		return false
 	}
+	d.startRecycle(w, why, now)
+	return true
 }
 
 // publishTargets gives the sampler the ready workers to read when they

@@ -271,11 +271,14 @@ func printAll(env *environment, all []appStatus, now time.Time) {
 	}
 	w.Flush()
 	for _, a := range all {
+		if a.Status != nil {
+			printRecycles(env, a.Name, a.Status)
+		}
+	}
+	for _, a := range all {
 		if a.Status == nil {
 			fmt.Fprintf(env.stdout, "%s: %s\n", a.Name, a.Problem)
-			continue
 		}
-		printRecycles(env, a.Name, a.Status)
 	}
 }
 
