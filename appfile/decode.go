@@ -231,7 +231,7 @@ var (
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
 		"max_connections", "max_connections_jitter", "min_interval"}
-	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
+	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
 )
 
