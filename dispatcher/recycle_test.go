@@ -3,15 +3,18 @@ package dispatcher
 import (
 	"context"
 	"os"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
 	"github.com/cohort-dev/cohort/internal/testsync"
 )
 
@@ -327,4 +330,51 @@ func TestRecycleLifetimeDueBeforeReady(t *testing.T) {
 	rec.waitNotify(t, 20*time.Second, "READY=1")
 	from := 0
 	rec.wait(t, &from, 10*time.Second, "the recycle", func(e Event) bool { return e.Kind == WorkerRecycled })
+}
+
+// BenchmarkTreeRSS is the cost of one memory sample without cgroups (one
+// scan of /proc, four worker trees), the work memory_interval repeats,
+// against a bare scan of /proc in the same run.
+func BenchmarkTreeRSS(b *testing.B) {
+	var pids []int
+	for range 4 {
+		cmd := exec.Command("sleep", "60")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		pids = append(pids, cmd.Process.Pid)
+	}
+	targets := make([]memTarget, len(pids))
+	for i, p := range pids {
+		targets[i] = memTarget{pid: p}
+	}
+	read := treeRSS(os.Getpid())
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	perOp := func(b *testing.B, start time.Duration) {
+		b.ReportMetric(float64(cpu()-start)/float64(b.N), "cpu-ns/op")
+	}
+	b.Run("scan", func(b *testing.B) {
+		defer perOp(b, cpu())
+		for b.Loop() {
+			if _, err := procfs.Scan(context.Background()); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("treeRSS", func(b *testing.B) {
+		defer perOp(b, cpu())
+		for b.Loop() {
+			for _, s := range read(context.Background(), targets) {
+				if s.err != nil || s.bytes == 0 {
+					b.Fatalf("sample %+v", s)
+				}
+			}
+		}
+	})
 }

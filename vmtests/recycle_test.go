@@ -70,6 +70,14 @@ min_interval = "0s"
 	if !strings.Contains(exit, "exited with status 0 (SIGTERM sent by cohort)") {
 		t.Errorf("the recycled worker did not end gracefully:\n%s", exit)
 	}
+	// The journal is in the dispatcher's order: the replacement was
+	// ready before the old worker was told to stop.
+	j := c.Journal(t, "-u", app+".service", "-o", "cat")
+	start := strings.Index(j, line[strings.Index(line, "worker "+m[1]+" (pid "+m[2]+") recycled"):])
+	ready := regexp.MustCompile(`worker ` + m[1] + ` \(pid \d+\) ready after`).FindStringIndex(j[max(start, 0):])
+	if start < 0 || ready == nil || start+ready[0] > strings.Index(j, exit[strings.Index(exit, "worker "+m[1]+" (pid "+m[2]):]) {
+		t.Errorf("the replacement of worker %s was not ready before the old one ended:\n%s", m[1], j)
+	}
 	after := waitWorkersReady(t, c, app, 2, 30*time.Second)
 	load.WaitOK(t, 200, 30*time.Second)
 	res, kinds := load.Stop()
