@@ -183,11 +183,14 @@ func TestRecycleLifetimeJitter(t *testing.T) {
 		if err != nil || m[2] != life.String() || j < 0 || j > jitter {
 			t.Fatalf("reason %q: jitter %s outside [0, %s] or wrong max_lifetime", e.Reason, m[3], jitter)
 		}
+		// Due at life+j after the fork, by the dispatcher's clock (the
+		// reason's lifetime, rounded to the millisecond); a recycle may
+		// wait for the one before it (a worker's start, well under 5s
+		// here). WorkerStarted is observed just after the fork.
+		lived, err := time.ParseDuration(m[1])
 		up := e.Time.Sub(started[e.PID])
-		// Due at life+j; a recycle waits for the one before it (a
-		// worker's start, well under 5s here).
-		if up < life+j-5*time.Millisecond || up > life+j+5*time.Second {
-			t.Errorf("worker pid %d recycled after %s, drawn %s", e.PID, up, life+j)
+		if err != nil || lived < life+j-time.Millisecond || up > life+j+5*time.Second {
+			t.Errorf("worker pid %d recycled after %s (%s since its start event), drawn %s", e.PID, m[1], up, life+j)
 		}
 		drawn = append(drawn, j)
 	}
@@ -377,4 +380,21 @@ func BenchmarkTreeRSS(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestDecide: the sampler's decision from what a memoryReader read: over
+// the threshold, or over memory.high since the worker started (the
+// cgroup reader's counter); unreadable workers are left alone.
+func TestDecide(t *testing.T) {
+	ts := []memTarget{{pid: 1}, {pid: 2}, {pid: 3}, {pid: 4}}
+	got := decide(samplerConfig{targets: ts, threshold: 400 << 20}, []memSample{
+		{bytes: 512 << 20},
+		{bytes: 100 << 20, high: 3},
+		{bytes: 400 << 20},
+		{bytes: 900 << 20, err: os.ErrNotExist},
+	})
+	want := []recycleCause{{pid: 1, why: "memory 512M > 400M"}, {pid: 2, why: "crossing memory.high, 3 times"}}
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("decide: %+v, want %+v", got, want)
+	}
 }
