@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math/rand/v2"
@@ -290,7 +291,8 @@ func (d *dispatcher) stepRecycle(now time.Time) bool {
 // publishTargets gives the sampler the ready workers to read when they
 // changed, starting it the first time memory is recycled.
 func (d *dispatcher) publishTargets(pol appfile.Recycle) {
-	cfg := samplerConfig{threshold: pol.Memory, interval: pol.MemoryInterval}
+	// An App built without Parse may leave the interval zero.
+	cfg := samplerConfig{threshold: pol.Memory, interval: cmp.Or(pol.MemoryInterval, appfile.DefaultRecycleMemoryInterval)}
 	if pol.Memory > 0 {
 		for _, s := range d.slots {
 			if w := s.cur; w != nil && w.state == stReady {
@@ -305,7 +307,7 @@ func (d *dispatcher) publishTargets(pol appfile.Recycle) {
 	if d.rec.sampler == nil {
 		d.rec.sampler = newSampler(d.readMemory)
 		d.wg.Go(func() { d.rec.sampler.run(d.goCtx) })
-		d.out.infof("recycle: a worker whose memory exceeds %s is replaced; memory is %s, sampled every %s", appfile.FormatSize(pol.Memory), d.rec.source, pol.MemoryInterval)
+		d.out.infof("recycle: a worker whose memory exceeds %s is replaced; memory is %s, sampled every %s", appfile.FormatSize(pol.Memory), d.rec.source, cfg.interval)
 	}
 	d.rec.published = cfg
 	d.rec.sampler.publish(cfg)
