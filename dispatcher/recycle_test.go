@@ -398,3 +398,34 @@ func TestDecide(t *testing.T) {
 		t.Errorf("decide: %+v, want %+v", got, want)
 	}
 }
+
+// TestRecycleFailedStart: when the new worker of a recycle exits before
+// it is ready, the recycle fails, the old worker keeps serving (and is
+// not counted as recycled), and the next attempt waits min_interval.
+func TestRecycleFailedStart(t *testing.T) {
+	t.Parallel()
+	ctrl := t.TempDir() + "/ctrl"
+	app := recycleApp(t, 1, map[string]string{"HELPER_CTRL": ctrl}, appfile.Recycle{MaxLifetime: 300 * time.Millisecond})
+	app.Recycle.MinInterval = time.Second
+	l, addr := tcpListener(t, "http")
+	logs := &testsync.Buffer{}
+	dir := t.TempDir()
+	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs, RuntimeDir: dir})
+	rec.waitNotify(t, 20*time.Second, "READY=1")
+	writeFile(t, ctrl, "exit") // new workers exit 3 at once
+	from := 0
+	first := rec.wait(t, &from, 10*time.Second, "a recycle", func(e Event) bool { return e.Kind == WorkerRecycled })
+	testsync.WaitFor(t, 10*time.Second, "the failure logged", func() bool {
+		return strings.Contains(logs.String(), "failed, the old worker keeps serving (retried in 1s at the earliest): new worker 0")
+	})
+	second := rec.wait(t, &from, 10*time.Second, "another attempt", func(e Event) bool { return e.Kind == WorkerRecycled })
+	if second.PID != first.PID || second.Time.Sub(first.Time) < time.Second {
+		t.Errorf("attempts %+v then %+v: want the same worker, at least min_interval apart", first, second)
+	}
+	if body, err := get("http://" + addr + "/"); err != nil || field(body, "pid") != strconv.Itoa(first.PID) {
+		t.Errorf("answer %q, %v: want the old worker pid %d", body, err, first.PID)
+	}
+	if st := callStatus(t, dir+"/"+control.SocketName); st.Recycles != 0 {
+		t.Errorf("status counts %d recycles after failed ones", st.Recycles)
+	}
+}
