@@ -78,38 +78,44 @@ func rssOf(t *testing.T, pid int) uint64 {
 	return uint64(us[0].RSS)
 }
 
-// TestRecycleMemoryUnderLoad: a worker that grows past recycle.memory is
-// replaced while clients hammer the port: its replacement is ready
-// before it drains, it ends gracefully (stop_signal, exit 0), no request
-// fails, and the log, the exit event and status say "recycled (memory
-// … > …)", counted as a recycle, not a restart.
+// TestRecycleMemoryUnderLoad: in every mode, a worker that grows past
+// recycle.memory is replaced while clients hammer the port: its
+// replacement is ready before it drains, it ends gracefully
+// (stop_signal, exit 0), no request fails, and the log, the exit event
+// and status say "recycled (memory … > …)", counted as a recycle, not a
+// restart.
 func TestRecycleMemoryUnderLoad(t *testing.T) {
 	t.Parallel()
-	app := recycleApp(t, 2, nil, appfile.Recycle{MemoryInterval: 200 * time.Millisecond})
-	l, addr := tcpListener(t, "http")
-	logs := &testsync.Buffer{}
-	dir := t.TempDir()
+	for _, mode := range []appfile.Mode{appfile.ModeShared, appfile.ModeRoundRobin, appfile.ModeReusePort} {
+		t.Run(string(mode), func(t *testing.T) {
+			t.Parallel()
+			testRecycleMemory(t, mode)
+		})
+	}
+}
+
+func testRecycleMemory(t *testing.T, mode appfile.Mode) {
 	// Far above what a fresh worker holds (a race build: 30 to 40M),
 	// far below what it holds after /grow.
-	const grow = 192
-	app.Recycle.Memory = 128 << 20
-	rec, _ := startRun(t, Options{App: app, Listeners: []*os.File{l}, Stderr: logs, RuntimeDir: dir})
-	rec.waitNotify(t, 20*time.Second, "READY=1")
+	const grow, threshold = 192, 128 << 20
+	f := startFromFile(t, appFile{workers: 2, mode: string(mode),
+		recycle: "memory = \"128M\"\nmemory_interval = \"200ms\"\nmin_interval = \"0s\"\n"})
+	rec := f.rec
 	for _, pid := range rec.workerPIDs() {
-		if rss := rssOf(t, pid); rss >= app.Recycle.Memory {
-			t.Fatalf("a fresh worker holds %s, more than the threshold %s", appfile.FormatSize(rss), appfile.FormatSize(app.Recycle.Memory))
+		if rss := rssOf(t, pid); rss >= threshold {
+			t.Fatalf("a fresh worker holds %s, more than the threshold 128M", appfile.FormatSize(rss))
 		}
 	}
-	load := loadFor(t, addr, 4)
+	load := loadFor(t, f.addr, 4)
 
-	body, err := get("http://" + addr + "/grow?mb=" + strconv.Itoa(grow))
+	body, err := get("http://" + f.addr + "/grow?mb=" + strconv.Itoa(grow))
 	if err != nil {
 		t.Fatal(err)
 	}
 	victim, _ := strconv.Atoi(field(body, "pid"))
 	from := 0
 	ev := rec.wait(t, &from, 30*time.Second, "the recycle", func(e Event) bool { return e.Kind == WorkerRecycled })
-	if ev.PID != victim || !regexp.MustCompile(`^memory [0-9.]+M > [0-9.]+M$`).MatchString(ev.Reason) {
+	if ev.PID != victim || !regexp.MustCompile(`^memory [0-9.]+M > 128M$`).MatchString(ev.Reason) {
 		t.Fatalf("recycled %+v, want pid %d for its memory", ev, victim)
 	}
 	repl := rec.wait(t, &from, 30*time.Second, "the replacement ready", func(e Event) bool { return e.Kind == WorkerReady && e.Worker == ev.Worker })
@@ -117,11 +123,11 @@ func TestRecycleMemoryUnderLoad(t *testing.T) {
 	if ex.ExitCode != 0 || ex.Signal != 0 || ex.Reason != "recycled ("+ev.Reason+")" || ex.Time.Before(repl.Time) {
 		t.Errorf("old worker's exit %+v, want exit 0 with reason recycled (%s), after its replacement was ready", ex, ev.Reason)
 	}
-	base2 := load.ok.Load()
-	testsync.WaitFor(t, 30*time.Second, "answers after the recycle", func() bool { return load.ok.Load() > base2+50 })
+	base := load.ok.Load()
+	testsync.WaitFor(t, 30*time.Second, "answers after the recycle", func() bool { return load.ok.Load() > base+50 })
 	load.check(t)
 
-	st := callStatus(t, dir+"/"+control.SocketName)
+	st := f.status(t)
 	var recycled control.Worker
 	for _, w := range st.Workers {
 		if w.Index == ev.Worker {
@@ -131,16 +137,16 @@ func TestRecycleMemoryUnderLoad(t *testing.T) {
 	if st.Recycles != 1 || recycled.Recycles != 1 || recycled.LastRecycle != ev.Reason || recycled.Restarts != 0 || !strings.Contains(st.RecycleMemory, "process-tree RSS") {
 		t.Errorf("status: recycles %d, worker %+v, memory %q", st.Recycles, recycled, st.RecycleMemory)
 	}
-	if !strings.Contains(st.Line, "2/2 workers ready · gen 1 · shared · 0 restarts · 1 recycle") {
+	if !strings.Contains(st.Line, "2/2 workers ready · gen 1 · "+string(mode)+" · 0 restarts · 1 recycle") {
 		t.Errorf("status line %q", st.Line)
 	}
 	for _, want := range []string{
-		"recycle: a worker whose memory exceeds " + appfile.FormatSize(app.Recycle.Memory) + " is replaced; memory is each worker's process-tree RSS from /proc (no per-worker cgroup), sampled every 200ms",
+		"recycle: a worker whose memory exceeds 128M is replaced; memory is each worker's process-tree RSS from /proc (no per-worker cgroup), sampled every 200ms",
 		"recycled (" + ev.Reason + "): starting its replacement",
 		"recycled (" + ev.Reason + "): exited with status 0 (SIGTERM sent by cohort) after",
 	} {
-		if !strings.Contains(logs.String(), want) {
-			t.Errorf("log lacks %q:\n%s", want, logs.String())
+		if !strings.Contains(f.logs.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, f.logs.String())
 		}
 	}
 }
