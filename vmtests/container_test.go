@@ -114,19 +114,19 @@ func TestContainerExampleFiles(t *testing.T) {
 	}
 	// Decoded as plain TOML: appfile's own reading is the running
 	// test's (TestContainer); here only the numbers matter.
-	if _, err := toml.DecodeFile(filepath.Join(dir, "app.toml"), &app); err != nil {
+	if _, err := toml.DecodeFile(filepath.Join(dir, "hello.toml"), &app); err != nil {
 		t.Fatal(err)
 	}
 	drain, err := time.ParseDuration(app.DrainDelay)
 	if err != nil {
-		t.Fatalf("app.toml drain_delay: %v", err)
+		t.Fatalf("hello.toml drain_delay: %v", err)
 	}
 	stop, err := time.ParseDuration(app.StopTimeout)
 	if err != nil {
-		t.Fatalf("app.toml stop_timeout: %v", err)
+		t.Fatalf("hello.toml stop_timeout: %v", err)
 	}
 	if len(app.Listen) != 1 || app.Metrics.Listen == "" {
-		t.Fatalf("app.toml: want one [[listen]] and [metrics] listen, got %+v", app)
+		t.Fatalf("hello.toml: want one [[listen]] and [metrics] listen, got %+v", app)
 	}
 	httpPort, metricsPort := addrPort(t, app.Listen[0].Address), addrPort(t, app.Metrics.Listen)
 
@@ -160,8 +160,8 @@ func TestContainerExampleFiles(t *testing.T) {
 	if !slices.Equal(entrypoint, []string{"cohort", "run"}) {
 		t.Errorf("Containerfile ENTRYPOINT %q, want cohort run in exec form (PID 1)", entrypoint)
 	}
-	if len(cmd) != 1 || copies[cmd[0]] != "examples/container/app.toml" {
-		t.Errorf("Containerfile CMD %q is not where it copies examples/container/app.toml (%v)", cmd, copies)
+	if len(cmd) != 1 || copies[cmd[0]] != "examples/container/hello.toml" {
+		t.Errorf("Containerfile CMD %q is not where it copies examples/container/hello.toml (%v)", cmd, copies)
 	}
 	for _, p := range []int{httpPort, metricsPort} {
 		if !slices.Contains(expose, strconv.Itoa(p)) {
@@ -269,8 +269,8 @@ func TestContainer(t *testing.T) {
 	dir := exampleDir(t)
 	// The app file must be one this cohort reads, or every step below
 	// fails with cohort run's exit 2.
-	if _, err := appfile.ParseFile(filepath.Join(dir, "app.toml")); err != nil {
-		t.Fatalf("examples/container/app.toml: %v", err)
+	if _, err := appfile.ParseFile(filepath.Join(dir, "hello.toml")); err != nil {
+		t.Fatalf("examples/container/hello.toml: %v", err)
 	}
 	deb, err := buildDeb()
 	if err != nil {

@@ -207,6 +207,7 @@ func nspawn(ctx context.Context, img *Image, what string, argv ...string) (strin
 	defer cg.remove(context.Background())
 	args := nspawnArgs(img, name)
 	cmd := cgroupCommand(ctx, cg, "systemd-nspawn", append(append(args, "--"), argv...)...)
+	cmd.Env = append(cmd.Env, nspawnEnv...)
 	var out strings.Builder
 	cmd.Stdout = &out
 	cmd.Stderr = &out
@@ -218,6 +219,11 @@ func nspawn(ctx context.Context, img *Image, what string, argv ...string) (strin
 	}
 	return out.String(), nil
 }
+
+// nspawnEnv is nspawn's own environment for an image: no tmpfs on /tmp
+// (systemd-nspawn(1), $SYSTEMD_NSPAWN_TMPFS_TMP), which would hide what
+// COPY put there; container runtimes mount none either.
+var nspawnEnv = []string{"SYSTEMD_NSPAWN_TMPFS_TMP=0"}
 
 // nspawnArgs are the options every nspawn of img gets: its root, a
 // machine name that is also unique for nspawn's own state, no
@@ -294,6 +300,7 @@ func RunImage(t testing.TB, img *Image, cgroups []string, extra ...string) *Cont
 	}
 	defer stderr.Close()
 	c.cmd = cgroupCommand(context.Background(), launch, "systemd-nspawn", append(append(args, "--"), argv...)...)
+	c.cmd.Env = append(c.cmd.Env, nspawnEnv...)
 	c.cmd.Stdout, c.cmd.Stderr = stdout, stderr
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	if err := c.cmd.Start(); err != nil {
