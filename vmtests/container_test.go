@@ -267,9 +267,11 @@ func cmp0(v, def int) int {
 func TestContainer(t *testing.T) {
 	Require(t)
 	dir := exampleDir(t)
-	// The app file must be one this cohort reads, or every step below
-	// fails with cohort run's exit 2.
-	if _, err := appfile.ParseFile(filepath.Join(dir, "hello.toml")); err != nil {
+	health := knowsHealth(t)
+	if !health {
+		t.Logf("this tree's cohort has no [metrics] listener or drain_delay yet (issue 18.1-2): running the example without them, and without checking /readyz, /livez and the drain")
+	} else if _, err := appfile.ParseFile(filepath.Join(dir, "hello.toml")); err != nil {
+		// Or every step below fails with cohort run's exit 2.
 		t.Fatalf("examples/container/hello.toml: %v", err)
 	}
 	deb, err := buildDeb()
@@ -287,8 +289,11 @@ func TestContainer(t *testing.T) {
 			start := time.Now()
 			img := BuildImage(t, r, filepath.Join(dir, "Containerfile"), root, map[string]string{"DEB": rel})
 			t.Logf("built the image in %v", time.Since(start).Round(time.Millisecond))
+			if !health {
+				withoutHealth(t, filepath.Join(img.Dir, "srv/hello/hello.toml"))
+			}
 			// One container at a time: nspawn locks the image's directory.
-			t.Run("serve", func(t *testing.T) { testContainerServe(t, img) })
+			t.Run("serve", func(t *testing.T) { testContainerServe(t, img, health) })
 			t.Run("crash", func(t *testing.T) { testContainerCrash(t, img) })
 			t.Run("cpuquota", func(t *testing.T) { testContainerCPUQuota(t, img) })
 		})
@@ -334,7 +339,7 @@ func curlCode(t *testing.T, c *Container, url string) string {
 // answer 200, `cohort status` in the container sees it; an exec
 // session's orphan is reaped by PID 1; SIGTERM (docker stop) turns
 // readiness off, stops the workers, exits 0.
-func testContainerServe(t *testing.T, img *Image) {
+func testContainerServe(t *testing.T, img *Image, health bool) {
 	c := RunImage(t, img, nil)
 	m := waitStderr(t, c, 60*time.Second, regexp.MustCompile(`all (\d+) workers ready`))
 	n, _ := strconv.Atoi(m[1])
@@ -342,6 +347,9 @@ func testContainerServe(t *testing.T, img *Image) {
 		t.Errorf("GET / = %q", body)
 	}
 	for _, path := range []string{"/readyz", "/livez"} {
+		if !health {
+			break
+		}
 		if code := curlCode(t, c, "http://127.0.0.1:9464"+path); code != "200" {
 			t.Errorf("GET %s = %s, want 200", path, code)
 		}
@@ -380,16 +388,18 @@ func testContainerServe(t *testing.T, img *Image) {
 	if err := syscall.Kill(c.InitPID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	// Readiness is off at once, while the listeners stay open for
-	// drain_delay.
-	Eventually(t, 3*time.Second, "/readyz 503 after SIGTERM", func() error {
-		if code := curlCode(t, c, "http://127.0.0.1:9464/readyz"); code != "503" {
-			return fmt.Errorf("GET /readyz = %s", code)
+	if health {
+		// Readiness is off at once, while the listeners stay open for
+		// drain_delay.
+		Eventually(t, 3*time.Second, "/readyz 503 after SIGTERM", func() error {
+			if code := curlCode(t, c, "http://127.0.0.1:9464/readyz"); code != "503" {
+				return fmt.Errorf("GET /readyz = %s", code)
+			}
+			return nil
+		})
+		if body := c.Run(t, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/"); !strings.HasPrefix(body, "hello from python worker ") {
+			t.Errorf("GET / while draining = %q", body)
 		}
-		return nil
-	})
-	if body := c.Run(t, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/"); !strings.HasPrefix(body, "hello from python worker ") {
-		t.Errorf("GET / while draining = %q", body)
 	}
 	if code := c.Wait(t, 60*time.Second); code != 0 {
 		t.Errorf("exit status %d after SIGTERM, want 0", code)
@@ -476,4 +486,39 @@ func (c *Container) zombies() []int {
 		}
 	}
 	return zs
+}
+
+// knowsHealth says whether this tree's appfile reads [metrics] listen
+// and drain_delay, which the metrics work (issue 18, items 1 and 2)
+// brings. Until it has landed, TestContainer runs the example without
+// them; once it has, this is always true and the fallback can go.
+func knowsHealth(t *testing.T) bool {
+	t.Helper()
+	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
+	return err == nil
+}
+
+// withoutHealth removes drain_delay and the [metrics] table from the app
+// file at path (see knowsHealth).
+func withoutHealth(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	inMetrics := false
+	for line := range strings.Lines(string(b)) {
+		trimmed := strings.TrimSpace(line)
+		if strings.HasPrefix(trimmed, "[") {
+			inMetrics = trimmed == "[metrics]"
+		}
+		if inMetrics || strings.HasPrefix(trimmed, "drain_delay") {
+			continue
+		}
+		out = append(out, line)
+	}
+	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
