@@ -243,10 +243,10 @@ func TestContainerExampleFiles(t *testing.T) {
 		}
 	}
 	if g := tmpl.Spec.TerminationGracePeriodSeconds; g == nil || time.Duration(*g)*time.Second <= drain+stop {
-		t.Errorf("terminationGracePeriodSeconds %v, want more than drain_delay + stop_timeout = %s", g, drain+stop)
+		t.Errorf("terminationGracePeriodSeconds %s, want more than drain_delay + stop_timeout = %s", optInt(g), drain+stop)
 	}
 	if u := tmpl.Spec.SecurityContext.RunAsUser; u == nil || strconv.Itoa(*u) != user {
-		t.Errorf("runAsUser %v, want the Containerfile's USER %q", u, user)
+		t.Errorf("runAsUser %s, want the Containerfile's USER %q", optInt(u), user)
 	}
 }
 
@@ -521,4 +521,12 @@ func withoutHealth(t *testing.T, path string) {
 	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// optInt prints an optional number of the manifest.
+func optInt(p *int) string {
+	if p == nil {
+		return "(not set)"
+	}
+	return strconv.Itoa(*p)
 }
