@@ -151,13 +151,13 @@ sleep 1000 & wait`)
 // one that became ready keeps running while its workers crash.
 func TestFailUnready(t *testing.T) {
 	t.Parallel()
-	run := func(t *testing.T, app *appfile.App) (error, string) {
+	run := func(t *testing.T, app *appfile.App, timeout time.Duration) (string, error) {
 		l, _ := tcpListener(t, "http")
 		logs := &testsync.Buffer{}
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
 		err := Run(ctx, Options{App: app, Listeners: []*os.File{l}, Stdout: logs, Stderr: logs, RuntimeDir: t.TempDir(), FailUnready: true})
-		return err, logs.String()
+		return logs.String(), err
 	}
 	t.Run("crashes at start", func(t *testing.T) {
 		t.Parallel()
@@ -165,7 +165,7 @@ func TestFailUnready(t *testing.T) {
 		app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
 		app.ReadyTimeout = 500 * time.Millisecond
 		start := time.Now()
-		err, logs := run(t, app)
+		logs, err := run(t, app, 20*time.Second)
 		if !errors.Is(err, ErrNotReady) {
 			t.Fatalf("Run: %v, want ErrNotReady\n%s", err, logs)
 		}
@@ -183,12 +183,12 @@ func TestFailUnready(t *testing.T) {
 		app := shApp(t, "sleep 0.1; exit 3")
 		app.ReadyTimeout = 300 * time.Millisecond
 		app.Restart.Max = 100 * time.Millisecond
-		l, _ := tcpListener(t, "http")
-		logs := &testsync.Buffer{}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		if err := Run(ctx, Options{App: app, Listeners: []*os.File{l}, Stdout: logs, Stderr: logs, RuntimeDir: t.TempDir(), FailUnready: true}); err != nil {
+		logs, err := run(t, app, 2*time.Second)
+		if err != nil {
 			t.Fatalf("Run: %v\n%s", err, logs)
+		}
+		if n := strings.Count(logs, "exited with status 3"); n < 3 {
+			t.Errorf("%d crashes seen, want restarts after ready_timeout:\n%s", n, logs)
 		}
 	})
 }
