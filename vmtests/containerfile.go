@@ -59,7 +59,7 @@ func ParseContainerfile(path string) ([]Instruction, error) {
 	return out, nil
 }
 
-// ExecForm decodes the JSON array form of ENTRYPOINT, CMD and RUN
+// ExecForm decodes the JSON array form of ENTRYPOINT and CMD
 // (["cohort", "run"]); the shell form is refused: an ENTRYPOINT in
 // shell form runs /bin/sh as PID 1, not the program.
 func (in Instruction) ExecForm() ([]string, error) {

@@ -20,8 +20,8 @@ import (
 // The tests here run `cohort run` as PID 1 of a pid namespace of its
 // own (unshare --pid --fork --mount-proc: what a container runtime
 // does, minus the image), where the kernel hands it every orphan of the
-// namespace and drops signals it has no handler for. vmtests/pid1_test.go
-// does the same under systemd-nspawn in a Debian root.
+// namespace and drops signals it has no handler for. vmtests/container_test.go
+// (TestContainer) does the same under systemd-nspawn in a Debian root.
 
 // pid1Via is the argv prefix that makes what follows PID 1 of a new pid
 // namespace; unshare's own child, PID 1, is killed with it.
