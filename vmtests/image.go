@@ -2,285 +2,337 @@ package vmtests
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// A QEMU guest boots a disk image made from the release's cached root
-// (root.go) plus what a VM needs and a container does not: a Debian
-// kernel and its initramfs (linux-image-amd64 from the mirror the root
-// was bootstrapped from), an fstab that mounts the host share over 9p,
-// and the unit that starts the guest agent. The root is copied, never
-// written: other tests boot it concurrently. The image is a raw ext4 file
-// made with `mkfs.ext4 -d`, cached beside the roots, and booted with
-// QEMU's snapshot=on, so every VM writes into a throw-away overlay and
-// several may boot the same image at once.
-
-// imagePackages are installed into the copy of the root for the VM.
-var imagePackages = []string{"linux-image-amd64"}
-
-// imageFormat is bumped whenever the image's build steps change.
-const imageFormat = 3
-
-// imageDiskSize is the ext4 file system's size; the file is sparse, and
-// the root fills about a fifth of it.
-const imageDiskSize = "3G"
-
-// Guest-side constants the image and the harness share.
-const (
-	guestIP        = "10.0.2.15" // QEMU user networking's default guest address
-	guestAgentPort = 7000
-	shareTag       = "cohortshare" // the 9p mount tag of the host share
-	agentUnit      = "cohort-vmtest-agent.service"
-	agentBinary    = "agent"       // in the share
-	agentTokenFile = "agent-token" // in the share, 0600 on the host
-)
-
-// vmImage is what a guest of one release boots.
-type vmImage struct {
-	kernel, initrd, disk string
+// Image is a container image built from a Containerfile by BuildImage:
+// its root directory and what its instructions said about running it.
+type Image struct {
+	Release    Release
+	Dir        string   // the root: an overlay of the release's cached root
+	Env        []string // ENV, as NAME=value
+	User       string   // USER, "" for root
+	Entrypoint []string
+	Cmd        []string
+	StopSignal string   // STOPSIGNAL, "" for SIGTERM
+	Expose     []string // EXPOSE, as written
 }
 
-func imageStamp(r Release) string {
-	return fmt.Sprintf("image-format=%d packages=%s %s", imageFormat, strings.Join(imagePackages, ","), rootStamp(r))
-}
+// buildTimeout bounds one RUN instruction.
+const buildTimeout = 10 * time.Minute
 
-// VMImage returns the cached VM image for r, building it (and the root
-// it is made from) when missing or stale. t fails when that does not work.
-func VMImage(t testing.TB, r Release) vmImage {
+// BuildImage runs the Containerfile at file the way `podman build` would,
+// with contextDir as the build context and args as the --build-arg values:
+// FROM is the cached root of release r (any Debian base image is taken
+// for it: the roots are minbase with systemd, python3, curl), seen
+// through an overlay in a temporary directory so that the cache is never
+// written; COPY copies files of the context into it; RUN runs /bin/sh -c
+// under systemd-nspawn (as PID 1, with the host's network, as a build
+// does); ARG, ENV, USER, EXPOSE, STOPSIGNAL, ENTRYPOINT and CMD are
+// recorded. Any other instruction fails t, so that a Containerfile this
+// cannot run is noticed rather than half built. The overlay is unmounted
+// at cleanup.
+func BuildImage(t testing.TB, r Release, file, contextDir string, args map[string]string) *Image {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	img, err := ensureImage(ctx, r, t.Logf)
+	Require(t)
+	steps, err := ParseContainerfile(file)
 	if err != nil {
-		t.Fatalf("VM image for %s: %v", r.Name, err)
+		t.Fatal(err)
+	}
+	img := &Image{Release: r, Dir: overlayRoot(t, Root(t, r))}
+	vars := map[string]string{}
+	for _, in := range steps {
+		where := fmt.Sprintf("%s:%d: %s", file, in.Line, in.Keyword)
+		fail := func(err error) { t.Fatalf("%s: %v", where, err) }
+		switch in.Keyword {
+		case "FROM":
+			if !strings.HasPrefix(in.Args, "debian:") {
+				fail(fmt.Errorf("%q: want a Debian base image, which the cached %s root stands for", in.Args, r.Name))
+			}
+			t.Logf("%s %s: the cached %s root", where, in.Args, r.Name)
+		case "ARG":
+			name, def, hasDef := strings.Cut(in.Args, "=")
+			if v, ok := args[name]; ok {
+				vars[name] = v
+			} else if hasDef {
+				vars[name] = def
+			}
+		case "ENV":
+			for _, kv := range strings.Fields(in.Args) {
+				name, v, ok := strings.Cut(kv, "=")
+				if !ok || strings.ContainsAny(v, `"'`) {
+					fail(fmt.Errorf("%q: only NAME=value pairs without quotes are supported", in.Args))
+				}
+				if v, err = expand(v, vars); err != nil {
+					fail(err)
+				}
+				vars[name] = v
+				img.Env = append(img.Env, name+"="+v)
+			}
+		case "COPY":
+			f, err := expand(in.Args, vars)
+			if err != nil {
+				fail(err)
+			}
+			parts := strings.Fields(f)
+			if len(parts) != 2 || strings.HasPrefix(parts[0], "--") {
+				fail(fmt.Errorf("%q: want COPY SRC DST (one file, no options)", f))
+			}
+			if err := copyIn(contextDir, parts[0], img.Dir, parts[1]); err != nil {
+				fail(err)
+			}
+		case "RUN":
+			if strings.HasPrefix(in.Args, "[") || strings.HasPrefix(in.Args, "--") {
+				fail(errors.New("only the shell form without options is supported"))
+			}
+			ctx, cancel := contextWithTimeout(buildTimeout)
+			out, err := nspawn(ctx, img, "build", "/bin/sh", "-c", in.Args)
+			cancel()
+			if err != nil {
+				fail(fmt.Errorf("%w\n%s", err, tail(out, 40)))
+			}
+		case "USER":
+			if img.User, err = expand(in.Args, vars); err != nil {
+				fail(err)
+			}
+		case "EXPOSE":
+			img.Expose = append(img.Expose, strings.Fields(in.Args)...)
+		case "STOPSIGNAL":
+			img.StopSignal = in.Args
+		case "ENTRYPOINT":
+			if img.Entrypoint, err = in.ExecForm(); err != nil {
+				fail(err)
+			}
+		case "CMD":
+			if img.Cmd, err = in.ExecForm(); err != nil {
+				fail(err)
+			}
+		default:
+			fail(errors.New("not supported by vmtests.BuildImage"))
+		}
+	}
+	if len(img.Entrypoint)+len(img.Cmd) == 0 {
+		t.Fatalf("%s: no ENTRYPOINT or CMD", file)
 	}
 	return img
 }
 
-func imagePaths(dir string) vmImage {
-	return vmImage{
-		kernel: filepath.Join(dir, "vmlinuz"),
-		initrd: filepath.Join(dir, "initrd.img"),
-		disk:   filepath.Join(dir, "disk.img"),
+func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}
+
+// overlayRoot mounts an overlay with lower as its read-only lower layer
+// and an upper layer in a temporary directory, and returns where it is
+// mounted; it is unmounted at cleanup, before the directory goes.
+func overlayRoot(t testing.TB, lower string) string {
+	t.Helper()
+	tmp := t.TempDir()
+	upper, work, merged := filepath.Join(tmp, "upper"), filepath.Join(tmp, "work"), filepath.Join(tmp, "root")
+	for _, d := range []string{upper, work, merged} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
+	if err := unix.Mount("overlay", merged, "overlay", 0, opts); err != nil {
+		t.Fatalf("mount an overlay of %s: %v", lower, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(merged, 0); err != nil {
+			// Something still uses it: detach, so that the temporary
+			// directory's removal cannot reach through to a busy mount.
+			t.Logf("unmount %s: %v; detaching it", merged, err)
+			if err := unix.Unmount(merged, unix.MNT_DETACH); err != nil {
+				t.Errorf("unmount %s: %v", merged, err)
+			}
+		}
+	})
+	return merged
 }
 
-func imageComplete(dir string, r Release) bool {
-	b, err := os.ReadFile(filepath.Join(dir, stampFile))
-	return err == nil && string(b) == imageStamp(r)
-}
-
-// ensureImage builds the image the way ensureRoot builds a root: under a
-// lock, in a temporary directory renamed into place when complete.
-func ensureImage(ctx context.Context, r Release, logf func(string, ...any)) (vmImage, error) {
-	root, err := ensureRoot(ctx, r, logf)
+// copyIn copies the file src of the build context to dst in root (into
+// dst when dst ends in "/"), as COPY does with one file: mode kept, owner
+// root, parents created.
+func copyIn(contextDir, src, root, dst string) error {
+	if filepath.IsAbs(src) || slices.Contains(strings.Split(src, "/"), "..") {
+		return fmt.Errorf("COPY %s: the source must be inside the build context", src)
+	}
+	if !filepath.IsAbs(dst) {
+		return fmt.Errorf("COPY %s %s: want an absolute destination (no WORKDIR)", src, dst)
+	}
+	if strings.HasSuffix(dst, "/") {
+		dst += filepath.Base(src)
+	}
+	from := filepath.Join(contextDir, src)
+	st, err := os.Stat(from)
 	if err != nil {
-		return vmImage{}, err
+		return fmt.Errorf("COPY %s: %w", src, err)
 	}
-	cache, err := CacheDir()
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("COPY %s: only regular files are supported", src)
+	}
+	data, err := os.ReadFile(from)
 	if err != nil {
-		return vmImage{}, err
+		return fmt.Errorf("COPY %s: %w", src, err)
 	}
-	final := filepath.Join(cache, "qemu-"+r.Name)
-	if imageComplete(final, r) {
-		return imagePaths(final), nil
+	to := filepath.Join(root, dst)
+	if err := os.MkdirAll(filepath.Dir(to), 0o755); err != nil {
+		return fmt.Errorf("COPY %s: %w", src, err)
 	}
-	unlock, err := lockFile(ctx, final+".lock")
-	if err != nil {
-		return vmImage{}, err
+	if err := os.WriteFile(to, data, st.Mode().Perm()); err != nil {
+		return fmt.Errorf("COPY %s: %w", src, err)
 	}
-	defer unlock()
-	if imageComplete(final, r) {
-		return imagePaths(final), nil
-	}
-	old, _ := filepath.Glob(final + ".tmp-*")
-	old2, _ := filepath.Glob(final + ".old-*")
-	for _, d := range append(old, old2...) {
-		if err := os.RemoveAll(d); err != nil {
-			return vmImage{}, fmt.Errorf("remove stale image build: %w", err)
-		}
-	}
-	tmp, err := os.MkdirTemp(cache, "qemu-"+r.Name+".tmp-")
-	if err != nil {
-		return vmImage{}, fmt.Errorf("create image build dir: %w", err)
-	}
-	done := false
-	defer func() {
-		if !done {
-			_ = os.RemoveAll(tmp)
-		}
-	}()
-	logf("building the %s VM image from %s (once; cached in %s)", r.Name, root, final)
-	start := time.Now()
-	if err := buildImage(ctx, root, tmp, r); err != nil {
-		return vmImage{}, fmt.Errorf("build %s VM image: %w", r.Name, err)
-	}
-	if err := os.WriteFile(filepath.Join(tmp, stampFile), []byte(imageStamp(r)), 0o644); err != nil {
-		return vmImage{}, fmt.Errorf("build %s VM image: %w", r.Name, err)
-	}
-	if _, err := os.Stat(final); err == nil {
-		trash := fmt.Sprintf("%s.old-%d", final, os.Getpid())
-		if err := os.Rename(final, trash); err != nil {
-			return vmImage{}, fmt.Errorf("replace stale image: %w", err)
-		}
-		defer os.RemoveAll(trash)
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		return vmImage{}, fmt.Errorf("install image: %w", err)
-	}
-	done = true
-	logf("built the %s VM image in %v", r.Name, time.Since(start).Round(time.Second))
-	return imagePaths(final), nil
+	return os.Chmod(to, st.Mode().Perm())
 }
 
-// buildImage copies root into dir/rootfs, installs the kernel there with
-// apt (in a one-shot nspawn container, for /proc, /dev and the host's
-// resolv.conf), configures the guest, and makes dir's kernel, initrd and
-// disk.img. dir/rootfs is removed at the end.
-func buildImage(ctx context.Context, root, dir string, r Release) error {
-	fsDir := filepath.Join(dir, "rootfs")
-	if _, err := hostRun(ctx, "", "cp", "-a", "--", root, fsDir); err != nil {
-		return fmt.Errorf("copy root: %w", err)
-	}
-	defer os.RemoveAll(fsDir)
-	// Only the modules needed to mount the root go into the initramfs (the
-	// rest load from the disk): a smaller initramfs boots faster under TCG.
-	files := map[string]string{
-		"etc/initramfs-tools/conf.d/cohort-vmtest": "MODULES=list\n",
-		"etc/initramfs-tools/modules":              "virtio_pci\nvirtio_blk\next4\n",
-	}
-	for path, data := range files {
-		if err := writeInRoot(fsDir, path, data); err != nil {
-			return err
-		}
-	}
-	if err := nspawnOnce(ctx, fsDir, "image-"+r.Name,
-		"apt-get update -qq && apt-get install -y -qq --no-install-recommends "+strings.Join(imagePackages, " ")+" && apt-get clean"); err != nil {
-		return fmt.Errorf("install the kernel: %w", err)
-	}
-	for _, f := range []struct{ glob, dst string }{
-		{"boot/vmlinuz-*", "vmlinuz"},
-		{"boot/initrd.img-*", "initrd.img"},
-	} {
-		m, _ := filepath.Glob(filepath.Join(fsDir, f.glob))
-		if len(m) != 1 {
-			return fmt.Errorf("want one %s in the image, found %d", f.glob, len(m))
-		}
-		if _, err := hostRun(ctx, "", "cp", "--", m[0], filepath.Join(dir, f.dst)); err != nil {
-			return err
-		}
-	}
-	if err := configureGuest(fsDir, r); err != nil {
-		return err
-	}
-	if _, err := hostRun(ctx, "", "mkfs.ext4", "-q", "-F", "-L", "cohort-"+r.Name, "-d", fsDir, filepath.Join(dir, "disk.img"), imageDiskSize); err != nil {
-		return fmt.Errorf("make the disk image: %w", err)
-	}
-	return nil
-}
-
-// agentUnitText starts the agent once the share is mounted, after giving
-// eth0 the address QEMU's forwards point at (minbase has no DHCP client;
-// the VM has no network beyond those forwards).
-var agentUnitText = fmt.Sprintf(`[Unit]
-Description=cohort vmtests agent (runs the harness's commands)
-RequiresMountsFor=%[1]s
-Wants=sys-subsystem-net-devices-eth0.device
-After=sys-subsystem-net-devices-eth0.device
-
-[Service]
-ExecStartPre=ip link set lo up
-ExecStartPre=ip link set eth0 up
-ExecStartPre=ip address replace %[2]s/24 dev eth0
-ExecStart=%[1]s/%[3]s -listen %[2]s:%[4]d -token-file %[1]s/%[5]s
-# No OOMScoreAdjust=: the commands the agent runs would inherit it, and
-# an oom_score_adj of -1000 makes a process the OOM killer cannot pick.
-# The agent lives in a cgroup of its own, so a scenario's memory limits
-# never make it a candidate.
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-`, ShareDir, guestIP, agentBinary, guestAgentPort, agentTokenFile)
-
-// configureGuest writes what the guest needs into the image's root.
-func configureGuest(fsDir string, r Release) error {
-	files := map[string]string{
-		"etc/hostname": "cohort-vm-" + r.Name + "\n",
-		"etc/fstab": "# the host share (read-only), through which files and the agent come in\n" +
-			shareTag + " " + ShareDir + " 9p trans=virtio,version=9p2000.L,ro,msize=262144 0 0\n",
-		"etc/systemd/system/" + agentUnit: agentUnitText,
-	}
-	for path, data := range files {
-		if err := writeInRoot(fsDir, path, data); err != nil {
-			return err
-		}
-	}
-	if err := os.MkdirAll(filepath.Join(fsDir, strings.TrimPrefix(ShareDir, "/")), 0o755); err != nil {
-		return fmt.Errorf("configure guest: %w", err)
-	}
-	links := map[string]string{
-		"etc/systemd/system/multi-user.target.wants/" + agentUnit: "../" + agentUnit,
-	}
-	// Every emulated instruction counts under TCG: masked are the timers
-	// that would wake up in the middle of a scenario, the login prompts and
-	// logind (nobody logs in), and the first-boot updates of caches that
-	// the image does not need (ldconfig, the journal catalog), which run
-	// because /etc is newer than /usr. Measured: about 40 s less boot.
-	for _, u := range []string{
-		"apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "dpkg-db-backup.timer",
-		"getty@.service", "serial-getty@.service", "getty.target", "systemd-logind.service", "systemd-user-sessions.service",
-		"ldconfig.service", "systemd-update-done.service", "systemd-journal-catalog-update.service",
-		"systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "modprobe@drm.service", "modprobe@efi_pstore.service",
-	} {
-		links["etc/systemd/system/"+u] = "/dev/null"
-	}
-	for path, target := range links {
-		p := filepath.Join(fsDir, path)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			return fmt.Errorf("configure guest: %w", err)
-		}
-		_ = os.Remove(p)
-		if err := os.Symlink(target, p); err != nil {
-			return fmt.Errorf("configure guest: %w", err)
-		}
-	}
-	return nil
-}
-
-func writeInRoot(fsDir, path, data string) error {
-	p := filepath.Join(fsDir, path)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		return fmt.Errorf("write %s in the image: %w", path, err)
-	}
-	if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
-		return fmt.Errorf("write %s in the image: %w", path, err)
-	}
-	return nil
-}
-
-// nspawnOnce runs script with /bin/sh in dir as a one-shot container (no
-// boot), in a cgroup subtree of its own like a booted container's.
-func nspawnOnce(ctx context.Context, dir, what, script string) error {
-	name := fmt.Sprintf("%s%d-%d-%s", cgroupPrefix, os.Getpid(), containerSeq.Add(1), what)
+// nspawn runs argv in img's root under systemd-nspawn (not booted: argv is
+// PID 1, with the host's network) in a cgroup subtree of its own that it
+// removes after, and returns its output.
+func nspawn(ctx context.Context, img *Image, what string, argv ...string) (string, error) {
+	name := fmt.Sprintf("%s%d-%d-%s-%s", cgroupPrefix, os.Getpid(), containerSeq.Add(1), img.Release.Name, what)
 	cg, err := newCgroupSet(name)
 	if err != nil {
-		return err
+		return "", err
 	}
-	defer func() { _ = cg.remove(context.Background()) }()
-	cmd := cgroupCommand(ctx, cg, "systemd-nspawn", "--quiet", "--directory="+dir, "--register=no", "--keep-unit",
-		"--pipe", "--resolv-conf=copy-host", "--setenv=DEBIAN_FRONTEND=noninteractive", "--", "/bin/sh", "-ec", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	defer cg.remove(context.Background())
+	args := nspawnArgs(img, name)
+	cmd := cgroupCommand(ctx, cg, "systemd-nspawn", append(append(args, "--"), argv...)...)
+	cmd.Env = append(cmd.Env, nspawnEnv...)
+	var out strings.Builder
+	cmd.Stdout = &out
+	cmd.Stderr = &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Cancel = func() error { cg.kill(); return nil }
 	cmd.WaitDelay = 5 * time.Second
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("systemd-nspawn %s: %w\n%s", what, err, tail(string(out), 40))
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("systemd-nspawn %s: %w", strings.Join(argv, " "), err)
 	}
-	return nil
+	return out.String(), nil
+}
+
+// nspawnEnv is nspawn's own environment for an image: no tmpfs on /tmp
+// (systemd-nspawn(1), $SYSTEMD_NSPAWN_TMPFS_TMP), which would hide what
+// COPY put there; container runtimes mount none either.
+var nspawnEnv = []string{"SYSTEMD_NSPAWN_TMPFS_TMP=0"}
+
+// nspawnArgs are the options every nspawn of img gets: its root, a
+// machine name that is also unique for nspawn's own state, no
+// registration (no machined on the host) and the launcher's cgroup (see
+// cgroup.go), the container's stdio as nspawn's, ENV.
+func nspawnArgs(img *Image, name string) []string {
+	args := []string{
+		"--directory=" + img.Dir,
+		"--machine=" + name,
+		"--register=no",
+		"--keep-unit",
+		"--console=pipe",
+		"--quiet",
+	}
+	for _, kv := range img.Env {
+		args = append(args, "--setenv="+kv)
+	}
+	return args
+}
+
+// RunImage starts img's ENTRYPOINT and CMD (then extra arguments, which
+// replace CMD when there are any) as PID 1 of a container under
+// systemd-nspawn without --boot, as its USER, in a network namespace of
+// its own (loopback only: reach its ports with c.Exec, like `kubectl
+// exec`), in a cgroup subtree of its own, plus the cgroup v1 directories
+// in cgroups (a CPU quota, say). PID 1's stdout and stderr go to files
+// (Output). nspawn passes SIGTERM on to PID 1 as STOPSIGNAL
+// (--kill-signal), so t.Cleanup's power-off is the runtime's stop; c.Wait
+// returns the exit status a runtime would see.
+func RunImage(t testing.TB, img *Image, cgroups []string, extra ...string) *Container {
+	t.Helper()
+	argv := append(slices.Clone(img.Entrypoint), img.Cmd...)
+	if len(extra) > 0 {
+		argv = append(slices.Clone(img.Entrypoint), extra...)
+	}
+	logs := t.TempDir()
+	name := fmt.Sprintf("%s%d-%d-%s-run", cgroupPrefix, os.Getpid(), containerSeq.Add(1), img.Release.Name)
+	c := &Container{
+		Release: img.Release, Name: name, t: t,
+		exited:   make(chan struct{}),
+		console:  filepath.Join(logs, "stderr"),
+		stdout:   filepath.Join(logs, "stdout"),
+		initComm: filepath.Base(argv[0]),
+	}
+	cg, err := newCgroupSet(name)
+	if err != nil {
+		t.Fatalf("run %s: %v", name, err)
+	}
+	c.cg = cg
+	t.Cleanup(c.cleanup)
+	if c.execCg, err = cg.child("host-exec"); err != nil {
+		t.Fatalf("run %s: %v", name, err)
+	}
+	// The launcher moves itself into the extra cgroups too (cgroupCommand
+	// writes its pid into every procs file of the set); they are the
+	// caller's to remove.
+	launch := &cgroupSet{dirs: append(slices.Clone(cg.dirs), cgroups...)}
+	stop := img.StopSignal
+	if stop == "" {
+		stop = "SIGTERM"
+	}
+	args := append(nspawnArgs(img, name), "--private-network", "--kill-signal="+stop)
+	if img.User != "" {
+		args = append(args, "--user="+img.User)
+	}
+	stdout, err := os.Create(c.stdout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdout.Close() // nspawn has its own copy
+	stderr, err := os.Create(c.console)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	c.cmd = cgroupCommand(context.Background(), launch, "systemd-nspawn", append(append(args, "--"), argv...)...)
+	c.cmd.Env = append(c.cmd.Env, nspawnEnv...)
+	c.cmd.Stdout, c.cmd.Stderr = stdout, stderr
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := c.cmd.Start(); err != nil {
+		t.Fatalf("run %s: start nspawn: %v", name, err)
+	}
+	go func() {
+		_ = c.cmd.Wait()
+		close(c.exited)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	if err := c.waitInit(ctx); err != nil {
+		t.Fatalf("run %s: %v\nstderr:\n%s", name, err, c.consoleTail(40))
+	}
+	t.Logf("%s: %s is PID 1 (host pid %d)", name, strings.Join(argv, " "), c.InitPID)
+	return c
+}
+
+// Output is what the PID 1 of a RunImage container wrote so far.
+func (c *Container) Output() (stdout, stderr string) {
+	return readString(c.stdout), readString(c.console)
+}
+
+// Wait waits at most timeout for the container to end and returns
+// nspawn's exit status, which is its PID 1's (128+N for a signal N); t
+// fails when it does not end.
+func (c *Container) Wait(t testing.TB, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case <-c.exited:
+	case <-time.After(timeout):
+		t.Fatalf("%s: still running after %s", c.Name, timeout)
+	}
+	return c.cmd.ProcessState.ExitCode()
 }

@@ -18,7 +18,7 @@ import (
 	"github.com/cohort-dev/cohort/vmtests/internal/vmagent"
 )
 
-// The QEMU backend boots a release's VM image (image.go) under TCG (no
+// The QEMU backend boots a release's VM image (vmimage.go) under TCG (no
 // KVM needed) with a Debian kernel, systemd as PID 1 and a pure cgroup2
 // hierarchy with every controller, which this project's hybrid
 // development host cannot give a container. The VM is a *Container like
@@ -127,10 +127,11 @@ func BootVM(t testing.TB, r Release) *Container {
 	name := fmt.Sprintf("%s%d-%d-vm-%s", cgroupPrefix, os.Getpid(), containerSeq.Add(1), r.Name)
 	c := &Container{
 		Release: r, Name: name, t: t,
-		exited:  make(chan struct{}),
-		share:   share,
-		console: filepath.Join(logs, "console.log"),
-		vm:      vm,
+		exited:   make(chan struct{}),
+		share:    share,
+		console:  filepath.Join(logs, "console.log"),
+		vm:       vm,
+		initComm: "systemd", // the guest's PID 1; diagnose asks its journal
 	}
 	cg, err := newCgroupSet(name)
 	if err != nil {
