@@ -159,7 +159,7 @@ func (c *Container) waitInit(ctx context.Context) error {
 	err := poll(ctx, func() error {
 		select {
 		case <-c.exited:
-			last = fmt.Errorf("nspawn exited: %v", c.cmd.ProcessState)
+			last = fmt.Errorf("nspawn or QEMU exited: %v", c.cmd.ProcessState)
 			return nil
 		default:
 		}
@@ -203,7 +203,7 @@ func (c *Container) waitRunning(ctx context.Context) (string, error) {
 	err := poll(ctx, func() error {
 		select {
 		case <-c.exited:
-			last = fmt.Errorf("nspawn exited: %v", c.cmd.ProcessState)
+			last = fmt.Errorf("nspawn or QEMU exited: %v", c.cmd.ProcessState)
 			return nil
 		default:
 		}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,7 +32,7 @@ import (
 const (
 	vmCPUs         = 2
 	vmMemoryMiB    = 1536
-	vmBootTimeout  = 5 * time.Minute // TCG on a loaded 2-core host: measured 25–60 s
+	vmBootTimeout  = 8 * time.Minute // TCG on a 2-core host: measured 28 s idle, 3 min 47 s at load 27
 	vmForwards     = 16              // guest ports forwarded from the host (Listen)
 	guestPortFirst = 8001
 )
@@ -140,38 +141,16 @@ func BootVM(t testing.TB, r Release) *Container {
 	c.cg = cg
 	t.Cleanup(c.cleanup)
 
-	agentPort := FreePort(t)
-	vm.agent = fmt.Sprintf("127.0.0.1:%d", agentPort)
-	fwd := []string{fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", agentPort, guestIP, guestAgentPort)}
-	for i := 0; i < vmForwards; i++ {
-		hp, gp := FreePort(t), guestPortFirst+i
-		vm.forwards = append(vm.forwards, Endpoint{Listen: fmt.Sprintf("%s:%d", guestIP, gp), Dial: fmt.Sprintf("127.0.0.1:%d", hp)})
-		fwd = append(fwd, fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", hp, guestIP, gp))
-	}
-	c.cmd = cgroupCommand(context.Background(), cg, "qemu-system-x86_64", qemuArgs(name, img, share, c.console, fwd)...)
-	out, err := os.Create(filepath.Join(logs, "qemu.log"))
-	if err != nil {
+	qlog := filepath.Join(logs, "qemu.log")
+	start := time.Now()
+	if err := c.startQEMU(img, qlog); err != nil {
 		t.Fatalf("boot %s: %v", name, err)
 	}
-	defer out.Close()
-	c.cmd.Stdout = out
-	c.cmd.Stderr = out
-	// If the test binary dies without cleanups, QEMU dies with it (and the
-	// next run's sweepStaleCgroups removes its cgroup).
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	start := time.Now()
-	if err := c.cmd.Start(); err != nil {
-		t.Fatalf("boot %s: start qemu: %v", name, err)
-	}
-	go func() {
-		_ = c.cmd.Wait()
-		close(c.exited)
-	}()
 	ctx, cancel := context.WithTimeout(context.Background(), vmBootTimeout)
 	defer cancel()
 	state, err := c.waitRunning(ctx)
 	if err != nil {
-		q, _ := os.ReadFile(out.Name())
+		q, _ := os.ReadFile(qlog)
 		t.Fatalf("boot %s: %v\nqemu: %s\nconsole:\n%s", name, err, tail(string(q), 10), c.consoleTail(60))
 	}
 	c.BootTime = time.Since(start)
@@ -180,6 +159,96 @@ func BootVM(t testing.TB, r Release) *Container {
 		t.Logf("%s: failed units:\n%s", name, c.Exec(t, "systemctl", "--failed", "--no-legend").Stdout)
 	}
 	return c
+}
+
+// startQEMU starts QEMU with fresh host ports for the forwards and
+// returns once it listens on them. A port FreePort found free may be taken
+// again before QEMU binds it (by anyone on the host); QEMU then exits at
+// once with "Could not set up host forwarding rule", and startQEMU tries
+// again with new ports, three times at most.
+func (c *Container) startQEMU(img vmImage, qlog string) error {
+	for attempt := 1; ; attempt++ {
+		ports, err := freePorts(1 + vmForwards)
+		if err != nil {
+			return err
+		}
+		vm := c.vm
+		vm.agent = fmt.Sprintf("127.0.0.1:%d", ports[0])
+		vm.forwards = nil
+		fwd := []string{fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", ports[0], guestIP, guestAgentPort)}
+		for i, hp := range ports[1:] {
+			gp := guestPortFirst + i
+			vm.forwards = append(vm.forwards, Endpoint{Listen: fmt.Sprintf("%s:%d", guestIP, gp), Dial: fmt.Sprintf("127.0.0.1:%d", hp)})
+			fwd = append(fwd, fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-%s:%d", hp, guestIP, gp))
+		}
+		out, err := os.Create(qlog)
+		if err != nil {
+			return err
+		}
+		c.exited = make(chan struct{})
+		c.cmd = cgroupCommand(context.Background(), c.cg, "qemu-system-x86_64", qemuArgs(c.Name, img, c.share, c.console, fwd)...)
+		c.cmd.Stdout = out
+		c.cmd.Stderr = out
+		// If the test binary dies without cleanups, QEMU dies with it (and
+		// the next run's sweepStaleCgroups removes its cgroup).
+		c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+		err = c.cmd.Start()
+		out.Close()
+		if err != nil {
+			return fmt.Errorf("start qemu: %w", err)
+		}
+		exited := c.exited
+		cmd := c.cmd
+		go func() {
+			_ = cmd.Wait()
+			close(exited)
+		}()
+		// QEMU binds every forward before the guest runs: once the agent's
+		// port accepts a connection, all of them are QEMU's.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err = poll(ctx, func() error {
+			select {
+			case <-exited:
+				return nil
+			default:
+			}
+			conn, err := net.DialTimeout("tcp", vm.agent, time.Second)
+			if err != nil {
+				return err
+			}
+			conn.Close()
+			return nil
+		})
+		cancel()
+		select {
+		case <-exited:
+			q, _ := os.ReadFile(qlog)
+			if strings.Contains(string(q), "Could not set up host forwarding rule") && attempt < 3 {
+				continue
+			}
+			return fmt.Errorf("qemu exited at start: %v\n%s", cmd.ProcessState, tail(string(q), 10))
+		default:
+		}
+		if err != nil {
+			return fmt.Errorf("qemu does not listen on %s: %w", vm.agent, err)
+		}
+		return nil
+	}
+}
+
+// freePorts returns n distinct ports on 127.0.0.1 that are free right
+// now: each found while the others are still held, so that none repeats.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find free ports: %w", err)
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
 }
 
 // qemuArgs is the QEMU command line: TCG, no default devices, the kernel

@@ -246,3 +246,20 @@ func TestListenNspawn(t *testing.T) {
 		t.Errorf("VM Listen = %+v", e)
 	}
 }
+
+// freePorts never hands out one port twice (FreePort one at a time can:
+// the kernel may give a just-closed port again, and QEMU then fails to
+// set up the forward).
+func TestFreePortsDistinct(t *testing.T) {
+	ports, err := freePorts(64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for _, p := range ports {
+		if seen[p] || p <= 0 {
+			t.Fatalf("port %d twice or invalid in %v", p, ports)
+		}
+		seen[p] = true
+	}
+}
