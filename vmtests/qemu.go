@@ -32,7 +32,7 @@ import (
 const (
 	vmCPUs         = 2
 	vmMemoryMiB    = 1536
-	vmBootTimeout  = 8 * time.Minute // TCG on a 2-core host: measured 28 s idle, 3 min 47 s at load 27
+	vmBootTimeout  = 8 * time.Minute // TCG on a 2-core host: measured 28 s on a quieter host, 3 min 47 s at load 27
 	vmForwards     = 16              // guest ports forwarded from the host (Listen)
 	guestPortFirst = 8001
 )
