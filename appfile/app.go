@@ -120,6 +120,10 @@ type App struct {
 	// generator sizes journald's per-unit limit from it.
 	LogRateLimit LogRateLimit
 
+	// Limits are each worker's cgroup limits ([limits]); the zero value
+	// sets none.
+	Limits Limits
+
 	Enable    bool
 	Hardening string
 
@@ -163,6 +167,44 @@ type LogRateLimit struct {
 
 // Off says whether there is no limit.
 func (l LogRateLimit) Off() bool { return l.Interval == 0 || l.Burst == 0 }
+
+// Limits are the cgroup v2 limits of each worker's own cgroup, written
+// before the worker starts. A zero field sets nothing (the kernel's
+// default, no limit), except where said.
+type Limits struct {
+	// MemoryHigh is memory.high in bytes: above it the worker's tree is
+	// throttled and reclaimed hard, not killed.
+	MemoryHigh int64
+	// MemoryMax is memory.max in bytes: the tree cannot use more; the
+	// kernel's OOM killer ends it (all of it: memory.oom.group) when
+	// reclaim fails.
+	MemoryMax int64
+	// MemorySwapMax is memory.swap.max in bytes; SwapNone writes 0 (no
+	// swap at all).
+	MemorySwapMax int64
+	// CPUWeight is cpu.weight (1..10000; the kernel's default is 100).
+	CPUWeight int
+	// CPUQuota is cpu.max as a percentage of one CPU per worker (150:
+	// one and a half CPUs' worth of time per 100 ms period).
+	CPUQuota int
+	// TasksMax is pids.max: processes and threads of the tree.
+	TasksMax int
+}
+
+// SwapNone is Limits.MemorySwapMax for memory_swap_max = 0.
+const SwapNone = -1
+
+// Any says whether l sets some limit.
+func (l Limits) Any() bool { return l != Limits{} }
+
+// Bounds of [limits].
+const (
+	MinMemoryLimit = 1 << 20 // memory_high, memory_max: a smaller one is a unit typo ("512" for "512M")
+	MaxMemoryLimit = 1 << 50
+	MaxCPUWeight   = 10000
+	MaxCPUQuota    = 100 * MaxWorkers // percent
+	MaxTasks       = 4194304          // the kernel's PID_MAX_LIMIT
+)
 
 // Readiness says when a worker counts as ready.
 type Readiness struct {
@@ -307,4 +349,48 @@ func New(name string) *App {
 			Burst:    DefaultLogRateLimitBurst,
 		},
 	}
+}
+
+// ParseSize parses a byte count as systemd writes one: digits, then
+// optionally K, M, G or T (base 1024). ok is false for anything else and
+// for a count that overflows.
+func ParseSize(s string) (int64, bool) {
+	mult := int64(1)
+	if s != "" {
+		switch s[len(s)-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			s = s[:len(s)-1]
+		}
+	}
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n > (1<<62)/mult {
+		return 0, false
+	}
+	return n * mult, true
+}
+
+// FormatSize writes n bytes in the largest unit of K, M, G, T that
+// divides it ("512M"), as ParseSize reads it.
+func FormatSize(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		shift  uint
+	}{{"T", 40}, {"G", 30}, {"M", 20}, {"K", 10}} {
+		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
+			return strconv.FormatInt(n>>u.shift, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
 }

@@ -226,9 +226,10 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
-		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
+		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
+	limitsKeys  = []string{"memory_high", "memory_max", "memory_swap_max", "cpu_weight", "cpu_quota", "tasks_max"}
 	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
 )
@@ -320,6 +321,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			if n, ok := d.integer(k, v, 0, MaxLogRateLimitBurst, fmt.Sprintf("a number of lines from 0 (no limit) to %d", MaxLogRateLimitBurst)); ok {
 				app.LogRateLimit.Burst = n
 			}
+		case "limits":
+			d.limits(k, v, &app.Limits)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -633,6 +636,85 @@ func (d *decoder) restart(path string, v any, r *Restart) {
 	if r.Initial > r.Max {
 		d.errorAt(path, "", "restart: initial (%v) is longer than max (%v)", r.Initial, r.Max)
 	}
+}
+
+// limits reads [limits]: sizes as systemd writes them (bytes, or K, M, G,
+// T with base 1024; "infinity" for none), cpu_quota as a percentage.
+func (d *decoder) limits(path string, v any, l *Limits) {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "limits: want a table ([limits]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, m) {
+		kp := joinPath(path, k)
+		switch k {
+		case "memory_high":
+			l.MemoryHigh = d.size(kp, m[k], MinMemoryLimit)
+		case "memory_max":
+			l.MemoryMax = d.size(kp, m[k], MinMemoryLimit)
+		case "memory_swap_max":
+			if n := d.size(kp, m[k], 0); n == 0 && !isInfinity(m[k]) {
+				l.MemorySwapMax = SwapNone
+			} else {
+				l.MemorySwapMax = n
+			}
+		case "cpu_weight":
+			l.CPUWeight, _ = d.integer(kp, m[k], 1, MaxCPUWeight, fmt.Sprintf("a number from 1 to %d (the default weight is 100)", MaxCPUWeight))
+		case "cpu_quota":
+			l.CPUQuota = d.percent(kp, m[k])
+		case "tasks_max":
+			l.TasksMax, _ = d.integer(kp, m[k], 1, MaxTasks, fmt.Sprintf("a number from 1 to %d", MaxTasks))
+		default:
+			d.unknown(kp, k, limitsKeys)
+		}
+	}
+	if l.MemoryHigh > 0 && l.MemoryMax > 0 && l.MemoryHigh > l.MemoryMax {
+		d.errorAt(joinPath(path, "memory_high"), "", "limits: memory_high (%s) is above memory_max (%s): the kernel would kill before it throttles", FormatSize(l.MemoryHigh), FormatSize(l.MemoryMax))
+	}
+}
+
+func isInfinity(v any) bool { s, ok := v.(string); return ok && s == "infinity" }
+
+// size reads a byte count from min to MaxMemoryLimit: an integer, or a
+// string "512M" (K, M, G, T: base 1024), or "infinity" (0: no limit).
+func (d *decoder) size(path string, v any, min int64) int64 {
+	want := fmt.Sprintf(`a size such as "512M" or "2G" (K, M, G, T), bytes from %s to %s, or "infinity"`, FormatSize(min), FormatSize(MaxMemoryLimit))
+	var n int64
+	switch val := v.(type) {
+	case int64:
+		n = val
+	case string:
+		if val == "infinity" {
+			return 0
+		}
+		var ok bool
+		if n, ok = ParseSize(val); !ok {
+			d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+			return 0
+		}
+	default:
+		d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+		return 0
+	}
+	if n < min || n > MaxMemoryLimit {
+		d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+		return 0
+	}
+	return n
+}
+
+// percent reads cpu_quota: "50%" … MaxCPUQuota%.
+func (d *decoder) percent(path string, v any) int {
+	want := fmt.Sprintf(`a percentage of one CPU such as "50%%" or "200%%", from 1%% to %d%%`, MaxCPUQuota)
+	s, ok := v.(string)
+	num, isPct := strings.CutSuffix(s, "%")
+	n, err := strconv.Atoi(num)
+	if !ok || !isPct || err != nil || n < 1 || n > MaxCPUQuota || strings.HasPrefix(num, "+") {
+		d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+		return 0
+	}
+	return n
 }
 
 func (d *decoder) listeners(path string, v any) []Listener {
