@@ -1,0 +1,163 @@
+package cgroup
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/cohort-dev/cohort/appfile"
+	"golang.org/x/sys/unix"
+)
+
+// Tree is a subtree a supervisor owns: its workers' cgroups are made in
+// Base, and the supervisor itself sits in a leaf of its own beside them
+// (cgroup v2 lets a cgroup hold processes or enable controllers for its
+// children, not both: "no internal processes").
+type Tree struct {
+	// Base is where worker cgroups are made.
+	Base string
+	// Controllers are those enabled for Base's children (its
+	// cgroup.subtree_control once Prepare is done): what limits can use.
+	Controllers []string
+	// EnableErr is why some controller that Base has could not be
+	// enabled for its children; nil when none failed.
+	EnableErr error
+
+	leaf    string   // the leaf Prepare moved this process into; "" when it was there already
+	enabled []string // what Prepare enabled, for Close
+}
+
+// wanted are the controllers a Tree enables when its cgroup has them.
+var wanted = []string{Memory, CPU, Pids}
+
+// Prepare makes a Tree out of self, the cgroup this process is in, with
+// the supervisor's leaf named leaf. When self is already called leaf,
+// systemd put this process there (DelegateSubgroup=, systemd ≥ 254) and
+// Base is its parent. Otherwise this process must be alone in self (what
+// systemd ≥ 252 gives a Delegate=yes service's main process, and a
+// container with its own cgroup namespace its init): it moves itself into
+// self/leaf and Base is self. Then the memory, cpu and pids controllers,
+// those that Base has, are enabled for its children.
+//
+// Prepare fails when the subtree cannot be used: self is shared with
+// other processes, or it is not writable (no Delegate=, or
+// ProtectControlGroups= made /sys/fs/cgroup read-only).
+func Prepare(self, leaf string) (*Tree, error) {
+	if err := checkName(leaf); err != nil {
+		return nil, err
+	}
+	t := &Tree{Base: self}
+	if filepath.Base(self) == leaf {
+		t.Base = filepath.Dir(self)
+	} else {
+		pids, err := Procs(self)
+		if err != nil {
+			return nil, fmt.Errorf("cgroup %s: %w", self, err)
+		}
+		if others := slices.DeleteFunc(pids, func(p int) bool { return p == os.Getpid() }); len(others) > 0 {
+			return nil, fmt.Errorf("cgroup %s holds %d other processes (pid %d…): workers need a cgroup subtree of their own (a systemd service with Delegate=yes, or a container with its own cgroup namespace)", self, len(others), others[0])
+		}
+		t.leaf = filepath.Join(self, leaf)
+		if err := os.Mkdir(t.leaf, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("cgroup %s is not writable: %w", self, err)
+		}
+		if err := MoveSelf(t.leaf); err != nil {
+			Remove(t.leaf)
+			return nil, fmt.Errorf("cgroup %s: move the supervisor into a leaf of its own: %w", self, err)
+		}
+	}
+	if err := unix.Access(t.Base, unix.W_OK); err != nil {
+		t.Close()
+		return nil, fmt.Errorf("cgroup %s is not writable: %w", t.Base, err)
+	}
+	have, err := Controllers(t.Base)
+	if err != nil {
+		t.Close()
+		return nil, err
+	}
+	on, err := SubtreeControl(t.Base)
+	if err != nil {
+		t.Close()
+		return nil, err
+	}
+	for _, c := range wanted {
+		if !slices.Contains(have, c) || slices.Contains(on, c) {
+			continue
+		}
+		if err := Enable(t.Base, []string{c}); err != nil {
+			t.EnableErr = errors.Join(t.EnableErr, err)
+			continue
+		}
+		t.enabled = append(t.enabled, c)
+	}
+	if t.Controllers, err = SubtreeControl(t.Base); err != nil {
+		t.Close()
+		return nil, err
+	}
+	return t, nil
+}
+
+// Close undoes Prepare where it changed something: it disables what it
+// enabled, moves this process back from its leaf into Base and removes
+// the leaf. The worker cgroups must be gone by then.
+func (t *Tree) Close() error {
+	if t.leaf == "" {
+		return nil
+	}
+	err := Disable(t.Base, t.enabled)
+	if err == nil {
+		if err = MoveSelf(t.Base); err == nil {
+			err = Remove(t.leaf)
+		}
+	}
+	t.leaf, t.enabled = "", nil
+	return err
+}
+
+// checkName accepts a single cgroup directory name that cannot be taken
+// for an interface file ("cgroup.procs", "memory.max").
+func checkName(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/.\x00\n") || len(name) > 200 {
+		return fmt.Errorf("cgroup name %q: want a single name without dots", name)
+	}
+	return nil
+}
+
+// NewWorker makes the cgroup Base/name for one worker process with l's
+// limits written into it, and opens it for CLONE_INTO_CGROUP; the caller
+// closes f once the process is forked, and calls Release when it has
+// been reaped. Nothing is left behind on error.
+func (t *Tree) NewWorker(name string, l appfile.Limits) (dir string, f *os.File, err error) {
+	if err := checkName(name); err != nil {
+		return "", nil, err
+	}
+	dir = filepath.Join(t.Base, name)
+	if err := Create(dir); err != nil {
+		return "", nil, err
+	}
+	if err = WriteLimits(dir, l, t.Controllers); err == nil {
+		f, err = Open(dir)
+	}
+	if err != nil {
+		Remove(dir)
+		return "", nil, err
+	}
+	return dir, f, nil
+}
+
+// Release kills what is left in a worker's cgroup dir and removes it.
+// Removal fails with EBUSY (Busy) while the killed processes are still
+// exiting: the caller retries.
+func Release(dir string) error {
+	// A failed kill (cgroup.kill is missing before Linux 5.14, the
+	// cgroup is gone) shows as Remove's error, which is what counts.
+	Kill(dir)
+	return Remove(dir)
+}
+
+// Busy says whether err is Remove's EBUSY: the cgroup still holds
+// processes or child cgroups.
+func Busy(err error) bool { return errors.Is(err, unix.EBUSY) }
