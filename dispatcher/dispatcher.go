@@ -110,6 +110,20 @@ type Options struct {
 	// JournalSocket is journald's native socket, for Journal; ""
 	// means /run/systemd/journal/socket.
 	JournalSocket string
+
+	// Cgroups gives every worker a cgroup of its own (cgroups.go): Run
+	// makes its own cgroup v2 cgroup the base of the worker cgroups and
+	// itself moves into a leaf there, "supervisor" (where systemd ≥ 254
+	// with DelegateSubgroup=supervisor already put it). It needs a
+	// cgroup that it may write and shares with no other process: a
+	// service with Delegate=yes, a container with its own cgroup
+	// namespace. Without one, workers share the dispatcher's cgroup, and
+	// an app with [limits] is refused.
+	Cgroups bool
+	// CgroupBase, when set, is the cgroup v2 directory worker cgroups
+	// are made in as it is, the dispatcher staying where it runs (tests;
+	// it overrides Cgroups).
+	CgroupBase string
 }
 
 // errUnknownMode is an app whose mode is none of the dispatcher's: only
@@ -151,6 +165,11 @@ func Run(ctx context.Context, opt Options) error {
 			d.out.close()
 			return fmt.Errorf("app %s: %w", d.app.Name, err)
 		}
+	}
+	if err := d.openCgroups(); err != nil {
+		d.closeCgroups(0)
+		d.out.close()
+		return fmt.Errorf("app %s: %w", d.app.Name, err)
 	}
 	if err := d.open(); err != nil {
 		d.close()
@@ -219,6 +238,7 @@ type dispatcher struct {
 	readers   map[*os.File]struct{} // pipes being read by goroutines
 
 	ctl  ctlState    // reloads and control requests (reload.go, control.go)
+	cg   cgroups     // the workers' own cgroups (cgroups.go)
 	orph orphanState // with Options.Subreaper (orphans.go)
 
 	fileCh      chan string // the app file's first problem, from watchAppFile
@@ -371,6 +391,7 @@ func (d *dispatcher) close() {
 	d.readersMu.Unlock()
 	d.mode.close() // its goroutines end before d.wg's wait
 	d.wg.Wait()
+	d.closeCgroups(2 * time.Second)
 	if d.devnull != nil {
 		d.devnull.Close()
 	}
@@ -626,6 +647,7 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 			}
 		}
 	}
+	d.retryCgroups(now)
 	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
 		d.sendNotify("WATCHDOG=1")
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
@@ -665,6 +687,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 		consider(s.restartAt)
 	}
 	consider(d.wdNext)
+	consider(d.cg.next)
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)
 	}
