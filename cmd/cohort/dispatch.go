@@ -72,7 +72,7 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		// (Delegate=yes); the whole process moves, so only when it is
 		// the dispatcher's own.
 		Cgroups: env.ownsChildren,
-		Load:          func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
+		Load:    func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
 	if app.Mode == appfile.ModeReusePort {
 		opts.SlotListeners, err = sockets.MatchSlots(app, files)
