@@ -191,6 +191,12 @@ type Limits struct {
 	TasksMax int
 }
 
+// SupervisorCgroup is the dispatcher's own leaf in its service's
+// delegated cgroup, beside the workers' cgroups: the generator's
+// DelegateSubgroup= and where the dispatcher moves itself where systemd
+// did not put it (a contract of the two, like the fd names).
+const SupervisorCgroup = "supervisor"
+
 // SwapNone is Limits.MemorySwapMax for memory_swap_max = 0.
 const SwapNone = -1
 

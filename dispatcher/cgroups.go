@@ -31,10 +31,6 @@ import (
 // are still exiting, rmdir fails with EBUSY and the loop tries again
 // (cgroupRetry apart) until it succeeds, for at most cgroupGiveUp.
 
-// supervisorLeaf is the dispatcher's own cgroup's name, here and in the
-// generator's DelegateSubgroup=.
-const supervisorLeaf = "supervisor"
-
 const (
 	cgroupRetry  = 50 * time.Millisecond
 	cgroupGiveUp = time.Minute
@@ -70,7 +66,7 @@ func (d *dispatcher) openCgroups() error {
 	case d.opt.Cgroups:
 		self, err := cgroup.Self()
 		if err == nil {
-			d.cg.tree, err = cgroup.Prepare(self, supervisorLeaf)
+			d.cg.tree, err = cgroup.Prepare(self, appfile.SupervisorCgroup)
 		}
 		if err != nil {
 			d.cg.why = err.Error()
