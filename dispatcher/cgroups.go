@@ -8,6 +8,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/cgroup"
+	"golang.org/x/sys/unix"
 )
 
 // Every worker process runs in a cgroup of its own (Options.Cgroups),
@@ -47,6 +48,8 @@ type cgroups struct {
 	// emptied, with when each was first tried.
 	gone map[string]time.Time
 	next time.Time // when to try gone again
+	// noClone3: clone3 failed with ENOSYS; forkInto uses the trampoline.
+	noClone3 bool
 }
 
 // openCgroups sets up d.cg from the options: nothing when cgroups are not
@@ -137,6 +140,28 @@ func (d *dispatcher) noteOOM(w *worker) {
 	}
 	w.slot.oomKills += e.OOMKill
 	w.oomKilled = e.OOMKill > 0 || e.OOMGroupKill > 0
+}
+
+// forkInto forks slot s's worker into its cgroup dir (opened as f): by
+// clone3 with CLONE_INTO_CGROUP, so it is there before its first
+// instruction; where clone3 fails with ENOSYS, which is what systemd's
+// seccomp filters answer (RestrictNamespaces=, SystemCallFilter=: clone3's
+// flags sit behind a pointer a filter cannot read, so systemd makes
+// callers fall back to clone), by the trampoline, which moves itself in
+// before it execs the command. The first ENOSYS decides for the rest of
+// the dispatcher's life.
+func (d *dispatcher) forkInto(s *slot, a forkArgs, dir string, f *os.File) (int, *os.File, *os.File, error) {
+	if f != nil && !d.cg.noClone3 {
+		a.cgroup = f
+		pid, outR, statusR, err := d.fork(s, a)
+		if !errors.Is(err, unix.ENOSYS) {
+			return pid, outR, statusR, err
+		}
+		d.cg.noClone3 = true
+		d.out.infof("cgroups: clone3 is refused here (%v); workers move into their cgroups before they exec", err)
+	}
+	a.cgroup, a.cgroupPath = nil, dir
+	return d.fork(s, a)
 }
 
 // killCgroup SIGKILLs everything in w's cgroup at once, the worker and

@@ -93,6 +93,9 @@ type forkArgs struct {
 	// instruction): its own (cgroups.go), which spawn adds next to the
 	// mode's start.
 	cgroup *os.File
+	// cgroupPath is, where clone3 is refused, that cgroup's directory:
+	// the trampoline moves itself in before it execs the command.
+	cgroupPath string
 }
 
 // sysProcAttr is what the fork of a needs from the kernel.

@@ -369,8 +369,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 		// The worker's own cgroup (cgroups.go), which fork starts it in.
 		var f *os.File
 		if cg, f, err = d.newWorkerCgroup(s.index); err == nil {
-			ws.args.cgroup = f
-			pid, outR, statusR, err = d.fork(s, ws.args)
+			pid, outR, statusR, err = d.forkInto(s, ws.args, cg, f)
 			if f != nil {
 				f.Close()
 			}
@@ -446,6 +445,9 @@ func (d *dispatcher) fork(s *slot, a forkArgs) (pid int, outR, statusR *os.File,
 		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+a.names)
 	}
 	env = append(env, a.env...)
+	if a.cgroupPath != "" {
+		env = append(env, trampolineCgroupEnv+"="+a.cgroupPath)
+	}
 	env = append(env,
 		"NOTIFY_SOCKET="+d.notifyPath,
 		"COHORT_APP="+d.app.Name,
