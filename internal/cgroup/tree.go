@@ -53,21 +53,11 @@ func Prepare(self, leaf string) (*Tree, error) {
 	if filepath.Base(self) == leaf {
 		t.Base = filepath.Dir(self)
 	} else {
-		pids, err := Procs(self)
+		dir, err := EnterLeaf(self, leaf)
 		if err != nil {
-			return nil, fmt.Errorf("cgroup %s: %w", self, err)
+			return nil, err
 		}
-		if others := slices.DeleteFunc(pids, func(p int) bool { return p == os.Getpid() }); len(others) > 0 {
-			return nil, fmt.Errorf("cgroup %s holds %d other processes (pid %d…): workers need a cgroup subtree of their own (a systemd service with Delegate=yes, or a container with its own cgroup namespace)", self, len(others), others[0])
-		}
-		t.leaf = filepath.Join(self, leaf)
-		if err := os.Mkdir(t.leaf, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-			return nil, fmt.Errorf("cgroup %s is not writable: %w", self, err)
-		}
-		if err := MoveSelf(t.leaf); err != nil {
-			Remove(t.leaf)
-			return nil, fmt.Errorf("cgroup %s: move the supervisor into a leaf of its own: %w", self, err)
-		}
+		t.leaf = dir
 	}
 	if err := unix.Access(t.Base, unix.W_OK); err != nil {
 		t.Close()
@@ -100,21 +90,54 @@ func Prepare(self, leaf string) (*Tree, error) {
 	return t, nil
 }
 
-// Close undoes Prepare where it changed something: it disables what it
-// enabled, moves this process back from its leaf into Base and removes
-// the leaf. The worker cgroups must be gone by then.
+// Close undoes Prepare: it disables the controllers it enabled and, when
+// it moved this process into its leaf, moves it back and removes the
+// leaf (LeaveLeaf). The worker cgroups must be gone by then.
 func (t *Tree) Close() error {
-	if t.leaf == "" {
-		return nil
-	}
 	err := Disable(t.Base, t.enabled)
-	if err == nil {
-		if err = MoveSelf(t.Base); err == nil {
-			err = Remove(t.leaf)
-		}
+	if err == nil && t.leaf != "" {
+		err = LeaveLeaf(t.leaf)
 	}
 	t.leaf, t.enabled = "", nil
 	return err
+}
+
+// EnterLeaf moves this process, which must be alone in its cgroup self,
+// into self/leaf (made if need be) and returns that directory: self can
+// then enable controllers for its children, which a cgroup holding a
+// process cannot. `cohort run`'s parent process enters the leaf before
+// it starts the dispatcher, which then finds itself there, as under
+// systemd's DelegateSubgroup=.
+func EnterLeaf(self, leaf string) (string, error) {
+	if err := checkName(leaf); err != nil {
+		return "", err
+	}
+	pids, err := Procs(self)
+	if err != nil {
+		return "", fmt.Errorf("cgroup %s: %w", self, err)
+	}
+	if others := slices.DeleteFunc(pids, func(p int) bool { return p == os.Getpid() }); len(others) > 0 {
+		return "", fmt.Errorf("cgroup %s holds %d other processes (pid %d…): workers need a cgroup subtree of their own (a systemd service with Delegate=yes, or a container with its own cgroup namespace)", self, len(others), others[0])
+	}
+	dir := filepath.Join(self, leaf)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("cgroup %s is not writable: %w", self, err)
+	}
+	if err := MoveSelf(dir); err != nil {
+		Remove(dir)
+		return "", fmt.Errorf("cgroup %s: move into a leaf of its own: %w", self, err)
+	}
+	return dir, nil
+}
+
+// LeaveLeaf undoes EnterLeaf: it moves this process back into the
+// leaf's parent and removes the leaf (which fails while other processes
+// are still in it). The parent must enable no controllers by then.
+func LeaveLeaf(dir string) error {
+	if err := MoveSelf(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	return Remove(dir)
 }
 
 // checkName accepts a single cgroup directory name that cannot be taken
