@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -143,5 +144,31 @@ func TestLimitsRefused(t *testing.T) {
 	}
 	if left := workerCgroups(t, base); len(left) > 0 {
 		t.Errorf("cgroups left in %s: %v", base, left)
+	}
+}
+
+// TestTrampolineEntersCgroup: where clone3 is refused (systemd's seccomp
+// filters), the trampoline moves itself into the worker's cgroup before
+// it execs the command, which runs there and does not see the variable
+// that said where.
+func TestTrampolineEntersCgroup(t *testing.T) {
+	base := testcgroup.V2(t)
+	dir := filepath.Join(base, "w0-g1-1")
+	if err := cgroup.Create(dir); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := `grep '^0::' /proc/self/cgroup; echo "env=${` + trampolineCgroupEnv + `:-unset}"`
+	cmd := exec.Command(self, TrampolineArg, "-1", "-1", "/bin/sh", "sh", "-c", script)
+	cmd.Env = append(os.Environ(), trampolineCgroupEnv+"="+dir)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("trampoline: %v\n%s", err, out)
+	}
+	if got := string(out); !strings.Contains(got, "/"+filepath.Base(base)+"/w0-g1-1\n") || !strings.Contains(got, "env=unset") {
+		t.Errorf("the command said:\n%s\nwant it in %s, without %s", got, dir, trampolineCgroupEnv)
 	}
 }
