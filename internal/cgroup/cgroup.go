@@ -8,9 +8,9 @@
 //
 // The files are handled here rather than with containerd/cgroups or
 // runc's libcontainer: those bring D-Bus and systemd clients along, and
-// what cohort needs is a dozen one-line files. (internal/cpuset reads the
-// CPU limits of v1 and v2 for workers = "auto"; its reading of
-// /proc/self/cgroup covers v1 hierarchies too.)
+// what cohort needs is a dozen one-line files. internal/cpuset reads the
+// CPU limits of v1 and v2 for workers = "auto" through this package's
+// /proc/PID/cgroup and mountinfo parsers (ParseMemberships, ScanMounts).
 package cgroup
 
 import (
@@ -33,7 +33,8 @@ import (
 const (
 	maxFile      = 16 << 10
 	maxMountinfo = 4 << 20
-	maxLine      = 64 << 10
+	// MaxMountLine is the longest mountinfo line ScanMounts reads.
+	MaxMountLine = 64 << 10
 	// MaxProcs bounds how many pids Procs returns.
 	MaxProcs = 1 << 16
 )
@@ -63,24 +64,59 @@ func Self() (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	mount, root, ok := cgroup2Mount(io.LimitReader(f, maxMountinfo))
-	if !ok {
+	var v2 *Mount
+	for _, m := range ScanMounts(io.LimitReader(f, maxMountinfo)) {
+		if m.V2 {
+			v2 = &m
+			break
+		}
+	}
+	if v2 == nil {
 		return "", fmt.Errorf("/proc/self/mountinfo: %w mounted", ErrNoCgroup2)
 	}
 	p, ok := ParseProcCgroup(cg)
 	if !ok {
 		return "", fmt.Errorf("/proc/self/cgroup: %w membership", ErrNoCgroup2)
 	}
-	return Join(mount, root, p)
+	return Join(v2.Point, v2.Root, p)
 }
 
-// ParseProcCgroup returns the cgroup2 path of /proc/PID/cgroup's "0::PATH"
-// line; ok is false when there is none or it is not an absolute path.
-func ParseProcCgroup(s string) (string, bool) {
+// Membership is one line of /proc/PID/cgroup, "ID:CONTROLLERS:PATH": the
+// cgroup's path in the v1 hierarchy of those controllers, or, with none,
+// in the cgroup2 hierarchy.
+type Membership struct {
+	Controllers []string // nil for cgroup2; a named v1 hierarchy is "name=systemd"
+	Path        string
+}
+
+// ParseMemberships parses /proc/PID/cgroup, skipping malformed lines and
+// paths that are not absolute.
+func ParseMemberships(s string) []Membership {
+	var out []Membership
 	for line := range strings.Lines(s) {
-		p, found := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "0::")
-		if found && strings.HasPrefix(p, "/") {
-			return p, true
+		_, rest, ok := strings.Cut(strings.TrimSuffix(line, "\n"), ":")
+		if !ok {
+			continue
+		}
+		ctl, p, ok := strings.Cut(rest, ":")
+		if !ok || !strings.HasPrefix(p, "/") {
+			continue
+		}
+		var c []string
+		if ctl != "" {
+			c = strings.Split(ctl, ",")
+		}
+		out = append(out, Membership{Controllers: c, Path: p})
+	}
+	return out
+}
+
+// ParseProcCgroup returns the cgroup2 path of /proc/PID/cgroup (its
+// "0::PATH" line); ok is false when there is none.
+func ParseProcCgroup(s string) (string, bool) {
+	for _, m := range ParseMemberships(s) {
+		if m.Controllers == nil {
+			return m.Path, true
 		}
 	}
 	return "", false
@@ -103,41 +139,51 @@ func Join(mount, root, p string) (string, error) {
 	return filepath.Join(mount, strings.TrimPrefix(p, root)), nil
 }
 
-// cgroup2Mount scans mountinfo for the first cgroup2 mount: its mount
-// point and the hierarchy's directory mounted there.
-func cgroup2Mount(r io.Reader) (mount, root string, ok bool) {
+// Mount is a cgroup (v1) or cgroup2 mount of /proc/PID/mountinfo.
+type Mount struct {
+	Root, Point string // the hierarchy's directory that is mounted, and where
+	V2          bool
+	Options     []string // super options: a v1 hierarchy's controllers are among them
+}
+
+// ScanMounts reads mountinfo a line at a time for its cgroup mounts; a
+// line over 64 KiB ends the scan (what came before stands). The caller
+// bounds r.
+func ScanMounts(r io.Reader) []Mount {
+	var out []Mount
 	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), maxLine)
+	sc.Buffer(make([]byte, 0, 4096), MaxMountLine)
 	for sc.Scan() {
-		if m, rt, ok := ParseMountLine(sc.Text()); ok {
-			return m, rt, true
+		if m, ok := ParseMountLine(sc.Text()); ok {
+			out = append(out, m)
 		}
 	}
-	return "", "", false
+	return out
 }
 
 // ParseMountLine parses one mountinfo line, "36 35 98:0 ROOT POINT OPTS
-// [OPTIONAL…] - TYPE SOURCE SUPEROPTS", and returns its mount point and
-// root when TYPE is cgroup2.
-func ParseMountLine(line string) (mount, root string, ok bool) {
-	pre, post, found := strings.Cut(line, " - ")
-	if !found {
-		return "", "", false
+// [OPTIONAL…] - TYPE SOURCE SUPEROPTS", when TYPE is cgroup or cgroup2.
+// The kernel writes ROOT and POINT absolute and POINT canonical; a line
+// that does not is not the kernel's.
+func ParseMountLine(line string) (Mount, bool) {
+	pre, post, ok := strings.Cut(line, " - ")
+	if !ok {
+		return Mount{}, false
 	}
 	f, g := strings.Fields(pre), strings.Fields(post)
-	if len(f) < 6 || len(g) < 1 || g[0] != "cgroup2" {
-		return "", "", false
+	if len(f) < 6 || len(g) < 3 || (g[0] != "cgroup" && g[0] != "cgroup2") {
+		return Mount{}, false
 	}
 	root, ok1 := unescape(f[3])
-	mount, ok2 := unescape(f[4])
-	// The kernel writes both canonical; anything else is not its line.
-	if !ok1 || !ok2 || !strings.HasPrefix(root, "/") || filepath.Clean(mount) != mount || !strings.HasPrefix(mount, "/") {
-		return "", "", false
+	point, ok2 := unescape(f[4])
+	if !ok1 || !ok2 || !strings.HasPrefix(root, "/") || !strings.HasPrefix(point, "/") || filepath.Clean(point) != point {
+		return Mount{}, false
 	}
-	return mount, root, true
+	return Mount{Root: root, Point: point, V2: g[0] == "cgroup2", Options: strings.Split(g[2], ",")}, true
 }
 
-// unescape undoes mountinfo's octal escapes (\040 for a space).
+// unescape undoes mountinfo's octal escapes (\040 for a space, \134 for
+// a backslash); a malformed escape makes the field unusable.
 func unescape(s string) (string, bool) {
 	if !strings.Contains(s, `\`) {
 		return s, true

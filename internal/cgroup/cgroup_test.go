@@ -71,12 +71,15 @@ func TestSelfPath(t *testing.T) {
 	if _, ok := ParseProcCgroup("1:cpu:/\n"); ok {
 		t.Error("a v1-only /proc/self/cgroup has a cgroup2 path")
 	}
-	m, r, ok := ParseMountLine(`35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate`)
-	if !ok || m != "/sys/fs/cgroup/unified" || r != "/" {
-		t.Errorf("ParseMountLine: %q %q %v", m, r, ok)
+	m, ok := ParseMountLine(`35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate`)
+	if !ok || m.Point != "/sys/fs/cgroup/unified" || m.Root != "/" || !m.V2 {
+		t.Errorf("ParseMountLine: %+v %v", m, ok)
 	}
-	if _, _, ok := ParseMountLine(`35 25 0:30 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu`); ok {
-		t.Error("a v1 mount taken for cgroup2")
+	if m, ok := ParseMountLine(`35 25 0:30 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu`); !ok || m.V2 {
+		t.Errorf("a v1 mount: %+v %v", m, ok)
+	}
+	if _, ok := ParseMountLine(`35 25 0:30 / /sys/fs/cgroup/../x rw - cgroup2 cgroup2 rw`); ok {
+		t.Error("a mount point with .. parsed")
 	}
 	for _, c := range []struct{ mount, root, p, want string }{
 		{"/sys/fs/cgroup", "/", "/system.slice/web.service", "/sys/fs/cgroup/system.slice/web.service"},

@@ -41,12 +41,17 @@ func FuzzParse(f *testing.F) {
 		if p, ok := ParseProcCgroup(s); ok && !strings.HasPrefix(p, "/") {
 			t.Errorf("ParseProcCgroup: %q", p)
 		}
-		if m, r, ok := ParseMountLine(s); ok {
-			if !strings.HasPrefix(m, "/") || !strings.HasPrefix(r, "/") {
-				t.Errorf("ParseMountLine: %q %q", m, r)
+		if m, ok := ParseMountLine(s); ok {
+			if !strings.HasPrefix(m.Point, "/") || !strings.HasPrefix(m.Root, "/") {
+				t.Errorf("ParseMountLine: %+v", m)
 			}
-			if dir, err := Join(m, r, r+"/x"); err == nil && !strings.HasPrefix(dir, strings.TrimSuffix(m, "/")) {
+			if dir, err := Join(m.Point, m.Root, m.Root+"/x"); err == nil && !strings.HasPrefix(dir, strings.TrimSuffix(m.Point, "/")) {
 				t.Errorf("Join escaped the mount: %q", dir)
+			}
+		}
+		for _, m := range ParseMemberships(s) {
+			if !strings.HasPrefix(m.Path, "/") {
+				t.Errorf("ParseMemberships: %+v", m)
 			}
 		}
 		parseUint(s)
