@@ -123,6 +123,9 @@ type App struct {
 	// Limits are each worker's cgroup limits ([limits]); the zero value
 	// sets none.
 	Limits Limits
+	// Recycle is when a serving worker is replaced by a fresh one, the
+	// way a reload replaces a slot ([recycle]); zero values are off.
+	Recycle Recycle
 
 	Enable    bool
 	Hardening string
@@ -206,11 +209,39 @@ func (l Limits) Any() bool { return l != Limits{} }
 // Bounds of [limits].
 const (
 	MinMemoryLimit = 1 << 20 // memory_high, memory_max: a smaller one is a unit typo ("512" for "512M")
-	MaxMemoryLimit = 1 << 50
 	MaxCPUWeight   = 10000
 	MaxCPUQuota    = 100 * MaxWorkers // percent
 	MaxTasks       = 4194304          // the kernel's PID_MAX_LIMIT
 )
+
+// Recycle is the [recycle] table: the policies that replace a worker
+// that has grown, aged or served enough, without dropping a request (a
+// new worker starts and is ready before the old one drains). Zero
+// fields are off.
+type Recycle struct {
+	// Memory recycles a worker whose memory (its cgroup's
+	// memory.current, else its process tree's RSS) is above this many
+	// bytes; MemoryInterval is how often it is sampled.
+	Memory         uint64
+	MemoryInterval time.Duration
+	// MaxLifetime recycles a worker that has run this long, plus a
+	// random part of LifetimeJitter drawn for each worker, so that
+	// workers started together do not all go at once.
+	MaxLifetime    time.Duration
+	LifetimeJitter time.Duration
+	// MaxConnections recycles, in round-robin mode (the only one where
+	// the dispatcher hands the connections and can count them), a worker
+	// that was handed this many connections, plus a random part of
+	// ConnectionsJitter drawn for each worker.
+	MaxConnections    int
+	ConnectionsJitter int
+	// MinInterval is the least time from the end of one recycle to the
+	// start of the next. Recycles run one at a time in any case.
+	MinInterval time.Duration
+}
+
+// On says whether any recycle policy is set.
+func (r Recycle) On() bool { return r.Memory > 0 || r.MaxLifetime > 0 || r.MaxConnections > 0 }
 
 // Readiness says when a worker counts as ready.
 type Readiness struct {
@@ -321,6 +352,16 @@ const (
 	// a generator run (and systemd's load of the units) well under a
 	// second.
 	MaxReusePortSockets = 1024
+	// DefaultRecycleMemoryInterval is how often [recycle] memory is
+	// sampled; MinRecycleMemoryInterval bounds it below (each sample
+	// reads every worker's /proc or cgroup files).
+	DefaultRecycleMemoryInterval = 5 * time.Second
+	MinRecycleMemoryInterval     = 100 * time.Millisecond
+	// DefaultRecycleMinInterval is the least time between two recycles.
+	DefaultRecycleMinInterval = 10 * time.Second
+	// MaxRecycleConnections bounds [recycle] max_connections and its
+	// jitter.
+	MaxRecycleConnections = 1 << 40
 	// MaxDirectives is how many directives one pass-through table
 	// ([unit], [service], [socket]) may add, counting array items.
 	MaxDirectives = 256
@@ -350,53 +391,13 @@ func New(name string) *App {
 		AckTimeout:  DefaultAckTimeout,
 		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
+		Recycle: Recycle{
+			MemoryInterval: DefaultRecycleMemoryInterval,
+			MinInterval:    DefaultRecycleMinInterval,
+		},
 		LogRateLimit: LogRateLimit{
 			Interval: DefaultLogRateLimitInterval,
 			Burst:    DefaultLogRateLimitBurst,
 		},
 	}
-}
-
-// ParseSize parses a byte count as systemd writes one: digits, then
-// optionally K, M, G or T (base 1024). ok is false for anything else and
-// for a count that overflows.
-func ParseSize(s string) (int64, bool) {
-	mult := int64(1)
-	if s != "" {
-		switch s[len(s)-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			s = s[:len(s)-1]
-		}
-	}
-	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n > (1<<62)/mult {
-		return 0, false
-	}
-	return n * mult, true
-}
-
-// FormatSize writes n bytes in the largest unit of K, M, G, T that
-// divides it ("512M"), as ParseSize reads it.
-func FormatSize(n int64) string {
-	for _, u := range []struct {
-		suffix string
-		shift  uint
-	}{{"T", 40}, {"G", 30}, {"M", 20}, {"K", 10}} {
-		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
-			return strconv.FormatInt(n>>u.shift, 10) + u.suffix
-		}
-	}
-	return strconv.FormatInt(n, 10)
 }

@@ -257,8 +257,8 @@ cpu_quota = 1.5
 tasks_max = "64"
 memory_mx = "1G"
 `, []string{
-			`web.toml:6:1: limits.memory_max: want a size such as "512M" or "2G" (K, M, G, T), bytes from 1M to 1024T, or "infinity", got "512"`,
-			`web.toml:8:1: limits.memory_swap_max: want a size such as "512M" or "2G" (K, M, G, T), bytes from 0 to 1024T, or "infinity", got "2X"`,
+			`web.toml:6:1: limits.memory_max: want at least 1M, got "512" (a size needs its unit: "512M")`,
+			`web.toml:8:1: limits.memory_swap_max: size "2X": want bytes or a number with K, M, G or T (powers of 1024, as systemd's MemoryMax=), e.g. "400M"`,
 			`web.toml:9:1: limits.cpu_weight: want a number from 1 to 10000 (the default weight is 100), got integer 0`,
 			`web.toml:10:1: limits.cpu_quota: want a percentage of one CPU such as "50%" or "200%", from 1% to 102400%, got float 1.5`,
 			`web.toml:11:1: limits.tasks_max: want a number from 1 to 4194304, got "64"`,
