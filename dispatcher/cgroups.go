@@ -69,7 +69,11 @@ func (d *dispatcher) openCgroups() error {
 	case d.opt.Cgroups:
 		self, err := cgroup.Self()
 		if err == nil {
-			d.cg.tree, err = cgroup.Prepare(self, appfile.SupervisorCgroup)
+			want := cgroup.All
+			if d.opt.CgroupsForLimitsOnly {
+				want = cgroup.Needs(d.app.Limits)
+			}
+			d.cg.tree, err = cgroup.Prepare(self, appfile.SupervisorCgroup, want)
 		}
 		if err != nil {
 			d.cg.why = err.Error()

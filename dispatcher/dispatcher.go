@@ -129,6 +129,14 @@ type Options struct {
 	// namespace. Without one, workers share the dispatcher's cgroup, and
 	// an app with [limits] is refused.
 	Cgroups bool
+	// CgroupsForLimitsOnly enables for the workers' cgroups only the
+	// controllers the app's [limits] need (none without limits), not
+	// all that status reads. For cohort run in a container: the
+	// processes of an exec session (docker exec, kubectl exec) join the
+	// container's cgroup, which the kernel refuses once it enables
+	// controllers for its children. A reload cannot add a limit whose
+	// controller is not enabled.
+	CgroupsForLimitsOnly bool
 	// CgroupBase, when set, is the cgroup v2 directory worker cgroups
 	// are made in as it is, the dispatcher staying where it runs (tests;
 	// it overrides Cgroups).

@@ -63,8 +63,10 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		// The same per-worker cgroups as under systemd where this process
 		// has a cgroup2 subtree of its own (a container with its own
 		// cgroup namespace, systemd-run --scope -p Delegate=yes); elsewhere
-		// [limits] are refused, saying why.
-		Cgroups: env.ownsChildren}
+		// [limits] are refused, saying why. Only the controllers the
+		// limits need, so that a container's exec sessions can still join
+		// its cgroup.
+		Cgroups: env.ownsChildren, CgroupsForLimitsOnly: true}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {

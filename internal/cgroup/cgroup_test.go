@@ -271,7 +271,7 @@ func TestHelperProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tree, err := Prepare(self, "supervisor")
+	tree, err := Prepare(self, "supervisor", All)
 	if err != nil {
 		t.Log(err)
 		return

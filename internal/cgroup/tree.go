@@ -30,8 +30,9 @@ type Tree struct {
 	enabled []string // what Prepare enabled, for Close
 }
 
-// wanted are the controllers a Tree enables when its cgroup has them.
-var wanted = []string{Memory, CPU, Pids}
+// All are the controllers a Tree can enable for its workers, those
+// WriteLimits and the readers use.
+var All = []string{Memory, CPU, Pids}
 
 // Prepare makes a Tree out of self, the cgroup this process is in, with
 // the supervisor's leaf named leaf. When self is already called leaf,
@@ -39,13 +40,13 @@ var wanted = []string{Memory, CPU, Pids}
 // Base is its parent. Otherwise this process must be alone in self (what
 // systemd ≥ 252 gives a Delegate=yes service's main process, and a
 // container with its own cgroup namespace its init): it moves itself into
-// self/leaf and Base is self. Then the memory, cpu and pids controllers,
-// those that Base has, are enabled for its children.
+// self/leaf and Base is self. Then the controllers of want (a subset of
+// All) that Base has are enabled for its children.
 //
 // Prepare fails when the subtree cannot be used: self is shared with
 // other processes, or it is not writable (no Delegate=, or
 // ProtectControlGroups= made /sys/fs/cgroup read-only).
-func Prepare(self, leaf string) (*Tree, error) {
+func Prepare(self, leaf string, want []string) (*Tree, error) {
 	if err := checkName(leaf); err != nil {
 		return nil, err
 	}
@@ -73,7 +74,7 @@ func Prepare(self, leaf string) (*Tree, error) {
 		t.Close()
 		return nil, err
 	}
-	for _, c := range wanted {
+	for _, c := range want {
 		if !slices.Contains(have, c) || slices.Contains(on, c) {
 			continue
 		}
