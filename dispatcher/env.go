@@ -25,6 +25,7 @@ var privateEnv = map[string]bool{
 	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
 	"COHORT_CPUS":         true, // the dispatcher sets its workers' own
 	WorkerPIDEnv:          true, // the trampoline sets each worker's own
+	trampolineCgroupEnv:   true, // the trampoline's, never the command's
 }
 
 // baseEnv is the environment every worker of app starts from: inherited

@@ -59,7 +59,14 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	defer inst.release()
 	fmt.Fprintf(env.stderr, "[%s] control socket: %s (cohort status %s)\n", app.Name, filepath.Join(inst.dir, control.SocketName), app.Name)
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true}
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true,
+		// The same per-worker cgroups as under systemd where this process
+		// has a cgroup2 subtree of its own (a container with its own
+		// cgroup namespace, systemd-run --scope -p Delegate=yes); elsewhere
+		// [limits] are refused, saying why. Only the controllers the
+		// limits need, so that a container's exec sessions can still join
+		// its cgroup.
+		Cgroups: env.ownsChildren, CgroupsForLimitsOnly: true}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {
