@@ -23,6 +23,9 @@ func TestQEMU(t *testing.T) {
 			t.Run("boot", func(t *testing.T) { testVMBoot(t, c) })
 			InstallCohort(t, c)
 			t.Run("cgroup2", func(t *testing.T) { testVMCgroup2(t, c) })
+			for _, s := range LimitScenarios { // limits_test.go: cohort's [limits]
+				t.Run(s.Name, func(t *testing.T) { s.Run(t, c) })
+			}
 		})
 	}
 }
