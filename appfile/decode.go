@@ -227,8 +227,9 @@ var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "metrics"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
+	metricsKeys = []string{"listen", "min_ready", "drain_delay"}
 	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
 )
@@ -326,6 +327,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.Hardening, _ = d.str(k, v)
 		case "listen":
 			app.Listen = d.listeners(k, v)
+		case "metrics":
+			d.metrics(k, v, &app.Metrics)
 		case "unit":
 			app.Unit = d.directives(k, v)
 		case "service":
@@ -632,6 +635,50 @@ func (d *decoder) restart(path string, v any, r *Restart) {
 	}
 	if r.Initial > r.Max {
 		d.errorAt(path, "", "restart: initial (%v) is longer than max (%v)", r.Initial, r.Max)
+	}
+}
+
+// metrics decodes the [metrics] table.
+func (d *decoder) metrics(path string, v any, m *Metrics) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "metrics: want a table ([metrics]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, t) {
+		kp := joinPath(path, k)
+		switch k {
+		case "listen":
+			s, ok := d.str(kp, t[k])
+			if !ok {
+				break
+			}
+			kind, hint, err := ParseAddress(s)
+			if err != nil {
+				d.errorAt(kp, hint, "metrics listen: %v", err)
+				break
+			}
+			m.Listen = Listener{Name: MetricsFDName, Address: s, Kind: kind}
+		case "min_ready":
+			m.MinReady, _ = d.integer(kp, t[k], 1, MaxWorkers, fmt.Sprintf("a number of workers from 1 to %d", MaxWorkers))
+		case "drain_delay":
+			dur, s, ok := d.durationText(kp, t[k], `"5s" or "0s"`)
+			if ok && dur > MaxDrainDelay {
+				d.errorAt(kp, "", "%s: want at most %s, got %q", kp, MaxDrainDelay, s)
+				break
+			}
+			m.DrainDelay = dur
+		default:
+			d.unknown(kp, k, metricsKeys)
+		}
+	}
+	if !m.On() {
+		for _, k := range []string{"min_ready", "drain_delay"} {
+			kp := joinPath(path, k)
+			if _, written := d.idx[kp]; written {
+				d.errorAt(kp, "", "%s needs [metrics] listen: without /readyz no load balancer sees it", kp)
+			}
+		}
 	}
 }
 

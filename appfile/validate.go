@@ -80,6 +80,11 @@ func (d *decoder) validate(app *App) {
 		}
 		addrs[l.Address] = i
 	}
+	if m := app.Metrics.Listen; m.Address != "" {
+		if j, dup := addrs[m.Address]; dup {
+			d.errorAt("metrics.listen", "", "metrics listen %q is already used by listener %d", m.Address, j+1)
+		}
+	}
 }
 
 // checkReusePort refuses what reuseport mode cannot do: it binds every
