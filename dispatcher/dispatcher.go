@@ -231,6 +231,11 @@ type dispatcher struct {
 	lastStatus    string
 	wdNext        time.Time
 	stopping      bool
+	// draining: asked to stop with [metrics] drain_delay, /readyz says
+	// 503 while the workers go on serving until drainUntil, then stop.
+	draining   bool
+	drainUntil time.Time
+	drainWhy   string
 	restarts      int
 	foreign       int
 }
@@ -427,8 +432,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		case <-timer.C:
 		case <-done:
 			done = nil
-			if !d.stopping {
-				d.stop("stop requested")
+			if !d.stopping && !d.draining {
+				d.shutdown("stop requested", time.Now())
 			}
 		}
 		now := time.Now()
@@ -458,7 +463,7 @@ func (d *dispatcher) onSignal(sig os.Signal) {
 		d.startReload("SIGHUP", time.Now(), nil)
 	default:
 		if !d.stopping {
-			d.stop(fmt.Sprintf("got %s", sig))
+			d.shutdown(fmt.Sprintf("got %s", sig), time.Now())
 			return
 		}
 		d.out.warnf("got %s again: killing the workers now", sig)
@@ -493,12 +498,39 @@ func (d *dispatcher) onFileProblem(p string) {
 	d.fileProblem = p
 }
 
+// shutdown is a request to stop. With a drain delay ([metrics]
+// drain_delay) the dispatcher drains first: /readyz answers 503 at once,
+// so that load balancers polling it move traffic away, while the workers
+// and listeners keep serving what still arrives; the graceful stop
+// begins when the delay is over. Asked again while draining, it stops at
+// once.
+func (d *dispatcher) shutdown(why string, now time.Time) {
+	delay := d.app.Metrics.DrainDelay
+	switch {
+	case d.stopping:
+	case d.draining:
+		d.stop(why + " while draining")
+	case delay > 0:
+		d.draining, d.drainUntil, d.drainWhy = true, now.Add(delay), why
+		d.abortReplace()
+		d.out.infof("draining (%s): /readyz says 503; workers serve for drain_delay %s, then stop", why, delay)
+		d.sendNotify("STOPPING=1")
+		d.observe(Event{Kind: Draining, Worker: -1})
+	default:
+		d.stop(why)
+	}
+}
+
 // stop begins the graceful stop: STOPPING=1, stop_signal to every worker.
 func (d *dispatcher) stop(why string) {
+	drained := d.draining
+	d.draining = false
 	d.stopping = true
 	d.abortReplace()
 	d.out.infof("stopping (%s): sending %s to %d workers, SIGKILL after %s", why, unix.SignalName(d.app.StopSignal), len(d.procs), d.app.StopTimeout)
-	d.sendNotify("STOPPING=1")
+	if !drained { // the drain said it
+		d.sendNotify("STOPPING=1")
+	}
 	d.observe(Event{Kind: Stopping, Worker: -1})
 	d.mode.stop()
 	for _, s := range d.slots {
@@ -626,6 +658,9 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 			}
 		}
 	}
+	if d.draining && !now.Before(d.drainUntil) {
+		d.stop(fmt.Sprintf("%s; drain_delay %s over", d.drainWhy, d.app.Metrics.DrainDelay))
+	}
 	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
 		d.sendNotify("WATCHDOG=1")
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
@@ -665,6 +700,9 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 		consider(s.restartAt)
 	}
 	consider(d.wdNext)
+	if d.draining {
+		consider(d.drainUntil)
+	}
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)
 	}
@@ -676,7 +714,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 func (d *dispatcher) report(now time.Time) {
 	ready := d.readyCount()
 	var msgs []string
-	if !d.sentReady && !d.stopping && ready > 0 {
+	if !d.sentReady && !d.stopping && !d.draining && ready > 0 {
 		switch {
 		case ready == len(d.slots):
 			d.sentReady = true
@@ -719,6 +757,10 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	if d.stopping {
 		fmt.Fprintf(&b, "stopping · %d workers left", len(d.procs))
 		return b.String()
+	}
+	if d.draining {
+		// Not a countdown: STATUS= is sent whenever the line changes.
+		fmt.Fprintf(&b, "draining (/readyz 503) for drain_delay %s, then stopping · ", d.app.Metrics.DrainDelay)
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	b.WriteString(d.replaceStatus())

@@ -20,12 +20,14 @@ const (
 	Ready                                  // READY=1 was sent to systemd
 	Stopping                               // the dispatcher began to stop (STOPPING=1)
 	WorkerUnhealthy                        // a ready worker failed its round-robin channel and is being replaced
+	Draining                               // asked to stop with a drain_delay: /readyz says 503, the workers serve on (STOPPING=1)
 )
 
 var kindNames = map[EventKind]string{
 	WorkerStarted: "worker-started", WorkerReady: "worker-ready", WorkerExited: "worker-exited",
 	WorkerSpawnFailed: "worker-spawn-failed", WorkerWatchdog: "worker-watchdog",
 	ForeignNotify: "foreign-notify", Ready: "ready", Stopping: "stopping", WorkerUnhealthy: "worker-unhealthy",
+	Draining: "draining",
 }
 
 // String returns the kind's name, e.g. "worker-exited".
