@@ -42,6 +42,10 @@ type Options struct {
 	// steers to a slot whose worker is being replaced wait in its queue.
 	// The caller owns them.
 	SlotListeners [][]*os.File
+	// Metrics is the metrics listener ([metrics] listen), nil for none:
+	// Run serves /metrics, /readyz and /livez on it (metrics.go) on a
+	// duplicate, which it closes; the caller owns Metrics.
+	Metrics *os.File
 
 	// Self is the executable that runs Trampoline when argv[1] is
 	// TrampolineArg; "" means /proc/self/exe.
@@ -175,6 +179,7 @@ func Run(ctx context.Context, opt Options) error {
 		})
 	})
 	d.serveControl(goCtx, filepath.Dir(d.notifyPath)) // control.go
+	d.serveMetrics(goCtx)                             // metrics.go
 	if path := opt.App.Path; path != "" {
 		d.wg.Go(func() { watchAppFile(goCtx, path, d.fileCh) }) // appfile.go
 	}
@@ -198,6 +203,9 @@ type dispatcher struct {
 	limit cpuset.Limit
 
 	mode mode // shared, reuseport or round-robin (mode.go)
+	// socks are the listening sockets as status lists them, named for
+	// sock_diag once at start (metrics.go).
+	socks []listenerSock
 
 	slots []*slot
 	procs map[int]*worker // live (unreaped) workers by pid
@@ -236,8 +244,8 @@ type dispatcher struct {
 	draining   bool
 	drainUntil time.Time
 	drainWhy   string
-	restarts      int
-	foreign       int
+	restarts   int
+	foreign    int
 }
 
 // execResult is what a worker's exec-status pipe said: "" when the
@@ -312,6 +320,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	for i := range n {
 		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
 	}
+	d.socks = listenerSocks(app, opt, d.out)
 	return d, nil
 }
 

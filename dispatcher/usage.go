@@ -46,35 +46,40 @@ type cpuSample struct {
 	at    time.Time
 }
 
-// usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
-// reads /proc at most twice, for all workers together, and gives up
-// (leaving zeros) when ctx or usageTimeout ends.
-func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
-	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
-	defer cancel()
+// trees measures the process tree of each of snap's workers, all in one
+// scan of /proc; us[i] is st.Workers[i]'s (zero without a process). ok
+// is false when /proc could not be read or ctx ended.
+func (h *ctlHandler) trees(ctx context.Context, snap *statusSnapshot) (us []procfs.Usage, at time.Time, ok bool) {
 	owner := func(pid int) int {
 		v, _ := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
 		n, _ := strconv.Atoi(v)
 		return n
 	}
+	t, err := procfs.Scan(ctx)
+	at = time.Now()
+	if err != nil {
+		return nil, at, false
+	}
+	us = make([]procfs.Usage, len(snap.procs))
+	for i, pid := range snap.procs {
+		if pid != 0 {
+			us[i] = t.Tree(pid, h.supervisor, owner)
+		}
+	}
+	return us, at, true
+}
+
+// usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's
+// workers. It reads /proc at most twice, for all workers together, and
+// gives up (leaving zeros) when ctx or usageTimeout ends.
+func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
+	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
+	defer cancel()
 	keys := make([]workerKey, len(snap.procs))
 	for i, pid := range snap.procs {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
 	}
-	measure := func() ([]procfs.Usage, time.Time, bool) {
-		t, err := procfs.Scan(ctx)
-		at := time.Now()
-		if err != nil {
-			return nil, at, false
-		}
-		us := make([]procfs.Usage, len(keys))
-		for i, k := range keys {
-			if k.pid != 0 {
-				us[i] = t.Tree(k.pid, h.supervisor, owner)
-			}
-		}
-		return us, at, true
-	}
+	measure := func() ([]procfs.Usage, time.Time, bool) { return h.trees(ctx, snap) }
 	now, at, ok := measure()
 	if !ok {
 		return
@@ -122,6 +127,7 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		w := &snap.st.Workers[i]
 		u := now[i]
 		w.RSS = u.RSS
+		w.CPUSeconds = float64(u.Ticks) / procfs.ClockTick
 		next[k] = cpuSample{ticks: u.Ticks, at: at}
 		window := at.Sub(prev[i].at)
 		if window <= 0 || u.Procs == 0 {

@@ -54,12 +54,12 @@ const crashLoopAfter = 3
 // the restart policy's memory.
 type slot struct {
 	index      int
-	cur        *worker       // nil while waiting for a restart
-	restartAt  time.Time     // when to fork again (zero: not scheduled)
-	delay      time.Duration // the next backoff delay
-	quickExits int           // exits before min_uptime, in a row
-	restarts   int           // restarts of this slot, for status
-	gen        int           // generation of its last process, for status while in backoff
+	cur        *worker        // nil while waiting for a restart
+	restartAt  time.Time      // when to fork again (zero: not scheduled)
+	delay      time.Duration  // the next backoff delay
+	quickExits int            // exits before min_uptime, in a row
+	restarts   int            // restarts of this slot, for status
+	gen        int            // generation of its last process, for status while in backoff
 	causes     map[string]int // restarts by cause (the worker's restartCause)
 	lastCause  string         // the cause of the last restart, "" before one
 }
