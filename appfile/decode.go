@@ -672,7 +672,7 @@ func (d *decoder) metrics(path string, v any, m *Metrics) {
 			d.unknown(kp, k, metricsKeys)
 		}
 	}
-	if !m.On() {
+	if _, written := d.idx[joinPath(path, "listen")]; !m.On() && !written { // a refused listen has its error
 		for _, k := range []string{"min_ready", "drain_delay"} {
 			kp := joinPath(path, k)
 			if _, written := d.idx[kp]; written {
