@@ -94,6 +94,14 @@ func testMetrics(t *testing.T, c *Container) {
 			mu.Unlock()
 		}
 	})
+	Eventually(t, 10*time.Second, "a first /readyz answer", func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(codes) == 0 {
+			return fmt.Errorf("none yet")
+		}
+		return nil
+	})
 	start := time.Now()
 	c.Run(t, "systemctl", "restart", app+".service")
 	took := time.Since(start)
