@@ -3,6 +3,8 @@ package dispatcher
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,12 +13,14 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/sockets"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -313,5 +317,80 @@ func TestMetricsHostile(t *testing.T) {
 	}
 	if code, _, _ := scrape(t, base+"/nothing", ""); code != 404 {
 		t.Errorf("unknown path: %d, want 404", code)
+	}
+}
+
+// TestMetricsReloadsAndReusePort: reloads are counted by result with the
+// last one's duration, and in reuseport mode each worker's own socket
+// has its queue series, labelled with its worker.
+func TestMetricsReloadsAndReusePort(t *testing.T) {
+	t.Parallel()
+	app := testApp(t, 2, nil)
+	app.Mode = appfile.ModeReusePort
+	app.Metrics.Listen = appfile.Listener{Name: appfile.MetricsFDName, Address: "127.0.0.1:0", Kind: appfile.ListenTCP}
+	slots, err := sockets.BindSlots(app, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, s := range slots {
+			for _, f := range s {
+				f.Close()
+			}
+		}
+	})
+	mf, maddr := tcpListener(t, appfile.MetricsFDName)
+	fail := false
+	var mu sync.Mutex
+	load := func() (*appfile.App, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if fail {
+			return nil, errors.New("broken on purpose")
+		}
+		return app, nil
+	}
+	rt := t.TempDir()
+	rec, _ := startRun(t, Options{App: app, SlotListeners: slots, Metrics: mf, RuntimeDir: rt, Load: load})
+	from := 0
+	rec.wait(t, &from, 20*time.Second, "ready", func(e Event) bool { return e.Kind == Ready })
+	call := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		rep, err := control.Call(ctx, rt+"/"+control.SocketName, control.Request{Cmd: control.CmdReload})
+		if err == nil && !rep.OK {
+			err = errors.New(rep.Error)
+		}
+		return err
+	}
+	if err := call(); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	mu.Lock()
+	fail = true
+	mu.Unlock()
+	if err := call(); err == nil {
+		t.Fatalf("a reload whose app does not load succeeded")
+	}
+	_, _, body := scrape(t, "http://"+maddr+"/metrics", "")
+	s := samples(t, body)
+	for k, v := range map[string]float64{
+		`cohort_reloads_total{app="t",result="ok"}`:     1,
+		`cohort_reloads_total{app="t",result="failed"}`: 1,
+		`cohort_reload_last_success{app="t"}`:           0,
+		`cohort_generation{app="t"}`:                    2,
+	} {
+		if s[k] != v {
+			t.Errorf("%s = %v, want %v", k, s[k], v)
+		}
+	}
+	if d, ok := s[`cohort_reload_last_duration_seconds{app="t"}`]; !ok || d <= 0 || d > 30 {
+		t.Errorf("last reload duration %v (present %v)", d, ok)
+	}
+	for _, w := range []string{"0", "1"} {
+		k := `cohort_listener_queue_limit{app="t",listener="http",worker="` + w + `"}`
+		if v, ok := s[k]; !ok || v <= 0 {
+			t.Errorf("%s = %v (present %v)\n%s", k, v, ok, body)
+		}
 	}
 }

@@ -2,6 +2,7 @@ package sockdiag
 
 import (
 	"context"
+	"encoding/binary"
 	"net"
 	"os"
 	"path/filepath"
@@ -158,3 +159,30 @@ func TestParseHostile(t *testing.T) {
 }
 
 func itoa(p uint16) string { return strconv.Itoa(int(p)) }
+
+// FuzzReplies: whatever a netlink read holds, walking it and parsing its
+// payloads as either reply never panics or reads out of range, and a
+// parsed message never claims more than its bytes hold.
+func FuzzReplies(f *testing.F) {
+	msg := func(typ uint16, seq uint32, payload []byte) []byte {
+		b := make([]byte, unix.NLMSG_HDRLEN+len(payload))
+		binary.NativeEndian.PutUint32(b[0:], uint32(len(b)))
+		binary.NativeEndian.PutUint16(b[4:], typ)
+		binary.NativeEndian.PutUint32(b[8:], seq)
+		copy(b[unix.NLMSG_HDRLEN:], payload)
+		return b
+	}
+	f.Add(msg(unix.SOCK_DIAG_BY_FAMILY, 1, make([]byte, sizeofInetDiagMsg)))
+	f.Add(append(msg(unix.SOCK_DIAG_BY_FAMILY, 1, make([]byte, sizeofUnixDiagMsg+12)), msg(unix.NLMSG_DONE, 1, nil)...))
+	f.Add(msg(unix.NLMSG_ERROR, 1, []byte{0xfe, 0xff, 0xff, 0xff}))
+	f.Add([]byte{255, 255, 255, 255})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		walk(b, 1, false, func(p []byte) error {
+			ParseInetDiagMsg(p)
+			if m, err := ParseUnixDiagMsg(p); err == nil && m.HasRQLen && len(p) < sizeofUnixDiagMsg+12 {
+				t.Fatalf("queue read from %d bytes", len(p))
+			}
+			return nil
+		})
+	})
+}
