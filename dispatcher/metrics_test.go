@@ -341,12 +341,16 @@ func TestMetricsReloadsAndReusePort(t *testing.T) {
 	})
 	mf, maddr := tcpListener(t, appfile.MetricsFDName)
 	fail := false
+	var next *appfile.App
 	var mu sync.Mutex
 	load := func() (*appfile.App, error) {
 		mu.Lock()
 		defer mu.Unlock()
 		if fail {
 			return nil, errors.New("broken on purpose")
+		}
+		if next != nil {
+			return next, nil
 		}
 		return app, nil
 	}
@@ -372,11 +376,19 @@ func TestMetricsReloadsAndReusePort(t *testing.T) {
 	if err := call(); err == nil {
 		t.Fatalf("a reload whose app does not load succeeded")
 	}
+	moved := *app
+	moved.Metrics.Listen.Address = "127.0.0.1:1"
+	mu.Lock()
+	fail, next = false, &moved
+	mu.Unlock()
+	if err := call(); err == nil || !strings.Contains(err.Error(), "[metrics] listen changed") {
+		t.Fatalf("a reload that moves the metrics listener: %v, want a refusal", err)
+	}
 	_, _, body := scrape(t, "http://"+maddr+"/metrics", "")
 	s := samples(t, body)
 	for k, v := range map[string]float64{
 		`cohort_reloads_total{app="t",result="ok"}`:     1,
-		`cohort_reloads_total{app="t",result="failed"}`: 1,
+		`cohort_reloads_total{app="t",result="failed"}`: 2,
 		`cohort_reload_last_success{app="t"}`:           0,
 		`cohort_generation{app="t"}`:                    2,
 	} {
