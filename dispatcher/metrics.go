@@ -204,6 +204,8 @@ type metricsServer struct {
 	scrapeMu sync.Mutex           // one scrape reads /proc and sock_diag at a time
 	last     map[workerKey]uint64 // under scrapeMu: CPU ticks of each worker at lastAt
 	lastAt   time.Time
+	util     float64 // under scrapeMu: the last window's utilisation, when haveUtil
+	haveUtil bool
 }
 
 func (m *metricsServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -340,16 +342,19 @@ func (m *metricsServer) measure(ctx context.Context, snap *statusSnapshot) (floa
 	window := at.Sub(m.lastAt)
 	fresh := !m.lastAt.IsZero() && window <= utilMaxAge
 	if fresh && window < utilMinWindow {
-		// Too short to measure: report over the older sample's window
-		// next time; nothing now.
-		return 0, false
+		// Too short to measure: the last window's figure again (a
+		// series that came and went with scrape jitter would read as
+		// stale), and the next scrape measures from the older sample.
+		return m.util, m.haveUtil
 	}
 	m.last, m.lastAt = ticks, at
 	cpus := snap.st.CPUs.Count
-	if !fresh || cpus <= 0 {
-		return 0, false
+	m.haveUtil = fresh && cpus > 0
+	m.util = 0
+	if m.haveUtil {
+		m.util = float64(used) / procfs.ClockTick / (window.Seconds() * float64(cpus))
 	}
-	return float64(used) / procfs.ClockTick / (window.Seconds() * float64(cpus)), true
+	return m.util, m.haveUtil
 }
 
 // Worker and app states as status names them, each a series of the

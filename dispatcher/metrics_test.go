@@ -169,6 +169,12 @@ func TestMetricsMatchStatus(t *testing.T) {
 	if u, ok := s[`cohort_utilisation{app="t"}`]; !ok || u < 0 || u > 1.5 {
 		t.Errorf("utilisation %v (present %v), want a fraction", u, ok)
 	}
+	// A scrape right after (scrape jitter, a second scraper) repeats the
+	// figure: the series must not come and go.
+	_, _, body = scrape(t, base+"/metrics", "")
+	if u, ok := samples(t, body)[`cohort_utilisation{app="t"}`]; !ok || u != s[`cohort_utilisation{app="t"}`] {
+		t.Errorf("utilisation of a scrape less than %s after the last: %v (present %v), want %v again", utilMinWindow, u, ok, s[`cohort_utilisation{app="t"}`])
+	}
 }
 
 // TestReadyzDrain: on a stop with drain_delay, /readyz turns 503 at once
