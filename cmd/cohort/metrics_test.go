@@ -338,6 +338,7 @@ func drainRun(t *testing.T, py, delay string, poll time.Duration) (r drainResult
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var wg sync.WaitGroup
+	var errs testsync.Buffer
 	var stoppedAt, unreadyAt atomic.Int64 // unix nanos of the SIGTERM and of its first 503 after, 0 before
 	probe := func(b *backend) {
 		resp, err := client.Get(b.readyz)
@@ -345,6 +346,13 @@ func drainRun(t *testing.T, py, delay string, poll time.Duration) (r drainResult
 			resp.Body.Close()
 		}
 		healthy := err == nil && resp.StatusCode == 200
+		if !healthy && b != bs[0] {
+			code := 0
+			if err == nil {
+				code = resp.StatusCode
+			}
+			fmt.Fprintf(&errs, "probe of %s: %d %v\n", b.readyz, code, err)
+		}
 		b.healthy.Store(healthy)
 		if s := stoppedAt.Load(); b == bs[0] && s != 0 && !healthy {
 			unreadyAt.CompareAndSwap(0, time.Now().UnixNano())
@@ -365,14 +373,14 @@ func drainRun(t *testing.T, py, delay string, poll time.Duration) (r drainResult
 			}
 		})
 	}
-	var errs testsync.Buffer
 	var next atomic.Uint64
 	for range 4 {
 		wg.Go(func() {
 			for ctx.Err() == nil {
 				var pick *backend
-				for range len(bs) {
-					b := bs[next.Add(1)%uint64(len(bs))]
+				first := next.Add(1) // one draw: concurrent draws could land on the same backend twice
+				for i := range uint64(len(bs)) {
+					b := bs[(first+i)%uint64(len(bs))]
 					if b.healthy.Load() {
 						pick = b
 						break
