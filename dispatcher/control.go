@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/dispatcher/internal/sockdiag"
 )
@@ -165,6 +166,10 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
 		CPUs:        control.CPUs{Count: d.limit.Count(), How: d.limit.String(), WorkersAuto: d.app.Workers.Auto},
+		Recycles:    d.rec.total,
+	}
+	if d.app.Recycle.Memory > 0 {
+		st.RecycleMemory = fmt.Sprintf("over %s, %s", appfile.FormatSize(d.app.Recycle.Memory), d.rec.source)
 	}
 	st.ReadyWorkers = d.readyCount()
 	st.MinReady = d.app.Metrics.ReadyNeeded(len(d.slots))
@@ -198,7 +203,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	add := func(s *slot, w *worker) {
 		// A slot in backoff shows its last process's generation (the
 		// current one when it never had a process).
-		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, Recycles: s.recycles, LastRecycle: s.lastRecycle, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
 		if len(s.causes) > 0 {
 			cw.RestartCauses = maps.Clone(s.causes) // the handler reads it off the loop
 		}

@@ -106,6 +106,15 @@ type Options struct {
 	// Run then reaps any child that exits, and kills at its end any child
 	// left.
 	Subreaper bool
+	// FailUnready makes Run stop the workers and return ErrNotReady
+	// when no worker is ready ready_timeout after the start, as systemd
+	// fails a Type=notify service that never sends READY=1
+	// (TimeoutStartSec=, which the generator derives from
+	// ready_timeout). cohort run sets it, so that a container whose app
+	// cannot start exits non-zero and its runtime restarts it with its
+	// own backoff; after the first READY=1, exits are restarted as
+	// always.
+	FailUnready bool
 	// LoadTimeout bounds a reload's reading of the app: Load, the
 	// environment files, the command's lookup. A reload that takes longer
 	// fails and the old workers keep serving; the read goes on off the
@@ -120,12 +129,18 @@ type Options struct {
 // an App built without config's validation can have one.
 var errUnknownMode = errors.New("unknown mode")
 
+// ErrNotReady is what Run returns, with Options.FailUnready, when no
+// worker was ready ready_timeout after the start.
+var ErrNotReady = errors.New("no worker ready")
+
 // Run supervises opt.App's workers until ctx is cancelled or, with
 // HandleSignals, a SIGTERM or SIGINT arrives; then it stops them
 // gracefully (stop_signal, stop_timeout, SIGKILL) and returns nil once all
 // have been reaped. It returns an error without starting any worker when
 // the options are unusable (no command, command not found, an environment
-// file that cannot be read, a mode it does not implement).
+// file that cannot be read, a mode it does not implement), and, with
+// FailUnready, one wrapping ErrNotReady after it stopped workers of which
+// none became ready.
 //
 // Run locks its goroutine to one OS thread for its whole life: workers are
 // forked from that thread, whose exit would deliver their
@@ -226,8 +241,12 @@ type dispatcher struct {
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
 
-	ctl  ctlState    // reloads and control requests (reload.go, control.go)
-	orph orphanState // with Options.Subreaper (orphans.go)
+	ctl ctlState     // reloads and control requests (reload.go, control.go)
+	rec recycleState // [recycle] (recycle.go)
+	// readMemory reads workers' memory for [recycle] memory, off the
+	// loop (recycle.go's seam: treeRSS until cgroups plug in).
+	readMemory memoryReader
+	orph       orphanState // with Options.Subreaper (orphans.go)
 
 	fileCh      chan string // the app file's first problem, from watchAppFile
 	fileProblem string      // "" while the app file validates
@@ -246,6 +265,7 @@ type dispatcher struct {
 	drainWhy   string
 	restarts   int
 	foreign    int
+	failed     error // why Run fails once the workers have ended (FailUnready)
 }
 
 // execResult is what a worker's exec-status pipe said: "" when the
@@ -282,6 +302,10 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
+	// Without per-worker cgroups, what there is to read is the process
+	// trees' RSS (issue 17, item 4's fallback).
+	d.readMemory = treeRSS(os.Getpid())
+	d.rec.source = "each worker's process-tree RSS from /proc (no per-worker cgroup)"
 	d.out = openOutput(app, opt)
 	defer func() {
 		if err != nil {
@@ -438,6 +462,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
 			d.onFileProblem(p)
+		case cs := <-d.samplerCauses():
+			d.onRecycleCauses(cs)
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -449,12 +475,18 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.fireDeadlines(now)
 		d.stepReplace(now)
 		d.report(now)
+		// After report, which may have just sent the first READY=1: a
+		// lifetime that came due before it must not wait for another
+		// event (recycleWake leaves past times out).
+		if d.stepRecycle(now) {
+			d.report(now)
+		}
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
 			if d.opt.Subreaper {
 				d.endOrphans(2 * time.Second)
 			}
-			return nil
+			return d.failed
 		}
 		timer.Reset(d.nextDeadline(now).Sub(now))
 	}
@@ -712,6 +744,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 	if d.draining {
 		consider(d.drainUntil)
 	}
+	consider(d.recycleWake(now))
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)
 	}
@@ -722,6 +755,11 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 // the status line changes.
 func (d *dispatcher) report(now time.Time) {
 	ready := d.readyCount()
+	if d.opt.FailUnready && !d.sentReady && !d.stopping && ready == 0 && !now.Before(d.readyDeadline) {
+		d.failed = fmt.Errorf("app %s: %w after ready_timeout (%s)", d.app.Name, ErrNotReady, d.app.ReadyTimeout)
+		d.stop(fmt.Sprintf("no worker ready after ready_timeout %s", d.app.ReadyTimeout))
+		return
+	}
 	var msgs []string
 	if !d.sentReady && !d.stopping && !d.draining && ready > 0 {
 		switch {
@@ -772,6 +810,9 @@ func (d *dispatcher) statusLine(now time.Time) string {
 		fmt.Fprintf(&b, "draining (/readyz 503) for drain_delay %s, then stopping · ", d.app.Metrics.DrainDelay)
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
+	if n := d.rec.total; n > 0 {
+		fmt.Fprintf(&b, " · %d recycle%s", n, plural(n))
+	}
 	b.WriteString(d.replaceStatus())
 	b.WriteString(d.mode.status(len(d.slots)))
 	var sick []int
@@ -834,6 +875,7 @@ func (d *dispatcher) observe(e Event) {
 	}
 	e.Restarts = d.restarts
 	e.Status = d.lastStatus
+	e.Serving = d.readyCount()
 	d.opt.Observe(e)
 }
 

@@ -34,7 +34,7 @@ import (
 // status` gets (snapshot, control.go), asked for like a control request:
 // the loop builds it and goes on, and never waits for the server. What
 // takes time is done here, off the loop: one scan of /proc for the
-// workers' trees (usage.go's trees) and one sock_diag request per port
+// workers' trees (treeUsage, as status) and one sock_diag request per port
 // for the listeners' queues. Scrapes take turns at that work (scrapeMu),
 // so many scrapers cost what one does, not more.
 //
@@ -319,8 +319,9 @@ func (m *metricsServer) measure(ctx context.Context, snap *statusSnapshot) (floa
 	m.scrapeMu.Lock()
 	defer m.scrapeMu.Unlock()
 	queues(ctx, snap)
-	us, at, ok := m.ctl.trees(ctx, snap)
-	if !ok {
+	us, err := treeUsage(ctx, m.ctl.supervisor, snap.procs) // recycle.go: what status and [recycle] memory read
+	at := time.Now()
+	if err != nil {
 		return 0, false
 	}
 	ticks := map[workerKey]uint64{}
@@ -364,6 +365,11 @@ var (
 	appStates     = []string{"starting", "ready", "reloading", "draining", "stopping"}
 	restartCauses = []string{causeExited, causeCrashed, causeWatchdog, causeReadyTimeout, causeUnhealthy, causeSpawnFailed}
 )
+
+// causeRecycled is the cause label of status's Recycles: the slot's
+// workers replaced by a [recycle] policy, which status counts apart
+// from its restarts.
+const causeRecycled = "recycled"
 
 // writeMetrics writes st's figures. Per-worker series carry app, worker
 // (the slot index) and generation; during a restart-worker the old and
@@ -485,7 +491,7 @@ func writeMetrics(w *openmetrics.Writer, st *control.Status, util float64, haveU
 			w.Sample(float64(wk.Active), wl(wk)...)
 		}
 	}
-	w.Counter("cohort_worker_restarts", "Restarts of the worker slot by cause: exited, crashed, watchdog, ready_timeout, unhealthy, spawn_failed.")
+	w.Counter("cohort_worker_restarts", "Replacements of the worker slot's process by cause: exited, crashed, watchdog, ready_timeout, unhealthy, spawn_failed (status's restarts), and recycled (a [recycle] policy; status's recycles).")
 	done := map[int]bool{}
 	for _, wk := range rows {
 		if done[wk.Index] {
@@ -502,6 +508,7 @@ func writeMetrics(w *openmetrics.Writer, st *control.Status, util float64, haveU
 		for _, c := range causes {
 			w.Sample(float64(wk.RestartCauses[c]), app, lb("worker", strconv.Itoa(wk.Index)), lb("cause", c))
 		}
+		w.Sample(float64(wk.Recycles), app, lb("worker", strconv.Itoa(wk.Index)), lb("cause", causeRecycled))
 	}
 
 	ll := func(l control.Listener) []L {

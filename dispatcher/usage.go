@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"strconv"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
@@ -46,29 +45,6 @@ type cpuSample struct {
 	at    time.Time
 }
 
-// trees measures the process tree of each of snap's workers, all in one
-// scan of /proc; us[i] is st.Workers[i]'s (zero without a process). ok
-// is false when /proc could not be read or ctx ended.
-func (h *ctlHandler) trees(ctx context.Context, snap *statusSnapshot) (us []procfs.Usage, at time.Time, ok bool) {
-	owner := func(pid int) int {
-		v, _ := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
-		n, _ := strconv.Atoi(v)
-		return n
-	}
-	t, err := procfs.Scan(ctx)
-	at = time.Now()
-	if err != nil {
-		return nil, at, false
-	}
-	us = make([]procfs.Usage, len(snap.procs))
-	for i, pid := range snap.procs {
-		if pid != 0 {
-			us[i] = t.Tree(pid, h.supervisor, owner)
-		}
-	}
-	return us, at, true
-}
-
 // usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's
 // workers. It reads /proc at most twice, for all workers together, and
 // gives up (leaving zeros) when ctx or usageTimeout ends.
@@ -79,7 +55,10 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	for i, pid := range snap.procs {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
 	}
-	measure := func() ([]procfs.Usage, time.Time, bool) { return h.trees(ctx, snap) }
+	measure := func() ([]procfs.Usage, time.Time, bool) {
+		us, err := treeUsage(ctx, h.supervisor, snap.procs) // recycle.go: also what [recycle] memory reads
+		return us, time.Now(), err == nil
+	}
 	now, at, ok := measure()
 	if !ok {
 		return

@@ -196,7 +196,8 @@ func differences(t *testing.T, prom string, st control.Status) []string {
 		one(`sum(cohort_listener_connections_accepted_total)`, float64(accepted))
 	}
 	for _, w := range st.Workers {
-		one(fmt.Sprintf(`sum(cohort_worker_restarts_total{worker="%d"})`, w.Index), float64(w.Restarts))
+		one(fmt.Sprintf(`sum(cohort_worker_restarts_total{worker="%d",cause!="recycled"})`, w.Index), float64(w.Restarts))
+		one(fmt.Sprintf(`cohort_worker_restarts_total{worker="%d",cause="recycled"}`, w.Index), float64(w.Recycles))
 	}
 	for _, s := range promQuery(t, prom, "cohort_worker_resident_memory_bytes") {
 		if s.value() <= 0 {

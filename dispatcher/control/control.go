@@ -115,7 +115,12 @@ type Status struct {
 	// Listeners are the app's listening sockets, in [[listen]] order (in
 	// reuseport mode each worker's own, by worker for each listener).
 	Listeners []Listener `json:"listeners"`
-	Workers   []Worker   `json:"workers"`
+	// Recycles counts the workers replaced by a [recycle] policy, apart
+	// from Restarts (crashes); RecycleMemory says what memory figure the
+	// memory policy compares, when it is set.
+	Recycles      int      `json:"recycles"`
+	RecycleMemory string   `json:"recycle_memory,omitempty"`
+	Workers       []Worker `json:"workers"`
 }
 
 // Reloads counts rolling reloads (SIGHUP, systemctl reload, the control
@@ -170,14 +175,19 @@ type Worker struct {
 	Generation int       `json:"generation"`
 	State      string    `json:"state"` // "starting", "ready", "draining", "exited", "unhealthy", "backoff"
 	Started    time.Time `json:"started"`
-	Restarts   int       `json:"restarts"`
+	Restarts   int       `json:"restarts"` // restarts after its process ended on its own (crashes), not recycles
 	// RestartCauses counts the slot's restarts by why its worker ended:
 	// "exited" (on its own), "crashed" (a signal cohort did not send),
 	// "watchdog", "ready_timeout", "unhealthy" (its round-robin channel
 	// failed), "spawn_failed"; they add up to Restarts.
 	RestartCauses map[string]int `json:"restart_causes,omitempty"`
-	Handed        uint64         `json:"handed"` // round-robin: connections passed to it
-	Active        int            `json:"active"` // round-robin: passed and not yet closed
+	// Recycles counts the slot's workers replaced by a [recycle]
+	// policy; LastRecycle says why the last one was ("memory 512M >
+	// 400M").
+	Recycles    int    `json:"recycles"`
+	LastRecycle string `json:"last_recycle,omitempty"`
+	Handed      uint64 `json:"handed"` // round-robin: connections passed to it
+	Active      int    `json:"active"` // round-robin: passed and not yet closed
 	// RSS and CPUPercent are those of the worker's whole process tree
 	// (its process group, what it forked and the orphans it left):
 	// resident memory summed over the processes, and CPU time over the
