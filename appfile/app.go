@@ -96,6 +96,10 @@ type App struct {
 	// SIGKILL still goes to the group), like systemd's KillMode=.
 	KillMode    string
 	StopTimeout time.Duration
+	// DrainDelay is how long a stopping dispatcher answers 503 on
+	// /readyz ([metrics]), its workers still serving, before it stops
+	// them (StopSignal, StopTimeout). Zero: it stops them at once.
+	DrainDelay time.Duration
 	Restart     Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
@@ -255,9 +259,6 @@ type Metrics struct {
 	// MinReady is how many workers must be ready for /readyz to answer
 	// 200; 0 means the default, ReadyNeeded's.
 	MinReady int
-	// DrainDelay is how long a stopping dispatcher answers 503 on
-	// /readyz, its workers still serving, before it stops them.
-	DrainDelay time.Duration
 }
 
 // On says whether the app has a metrics listener.
@@ -360,7 +361,7 @@ const (
 	// MaxDirectives is how many directives one pass-through table
 	// ([unit], [service], [socket]) may add, counting array items.
 	MaxDirectives = 256
-	// MaxDrainDelay bounds [metrics] drain_delay: a load balancer's
+	// MaxDrainDelay bounds drain_delay: a load balancer's
 	// readiness period is seconds, and systemd waits drain_delay +
 	// stop_timeout for a stop.
 	MaxDrainDelay = 10 * time.Minute

@@ -176,9 +176,9 @@ address = ":8080"
 				t.Errorf("ready = %+v, settle %v; want listening, 0", app.Ready, app.ReadySettle)
 			}
 		}},
-		{"metrics", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:9464\"\nmin_ready = 3\ndrain_delay = \"5s\"\n", func(t *testing.T, app *App) {
-			want := Metrics{Listen: Listener{Name: MetricsFDName, Address: "127.0.0.1:9464", Kind: ListenTCP}, MinReady: 3, DrainDelay: 5 * time.Second}
-			if app.Metrics != want || !app.Metrics.On() {
+		{"metrics", "command = [\"/bin/app\"]\ndrain_delay = \"5s\"\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:9464\"\nmin_ready = 3\n", func(t *testing.T, app *App) {
+			want := Metrics{Listen: Listener{Name: MetricsFDName, Address: "127.0.0.1:9464", Kind: ListenTCP}, MinReady: 3}
+			if app.Metrics != want || !app.Metrics.On() || app.DrainDelay != 5*time.Second {
 				t.Errorf("metrics = %+v, want %+v", app.Metrics, want)
 			}
 			if n := app.Metrics.ReadyNeeded(2); n != 2 {
@@ -186,7 +186,7 @@ address = ":8080"
 			}
 		}},
 		{"metrics on a unix socket, default min_ready", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nlisten = \"/run/web-metrics.sock\"\n", func(t *testing.T, app *App) {
-			if app.Metrics.Listen.Kind != ListenUnix || app.Metrics.DrainDelay != 0 {
+			if app.Metrics.Listen.Kind != ListenUnix || app.DrainDelay != 0 {
 				t.Errorf("metrics = %+v", app.Metrics)
 			}
 			for workers, want := range map[int]int{1: 1, 2: 1, 4: 3, 16: 15} {
@@ -248,15 +248,17 @@ hardening = "paranoid"
 				`web.toml:6:1: kill_mode: want "group" or "mixed", got "mixd" (did you mean "mixed"?)`,
 				`web.toml:7:1: hardening: want "default", "strict" or "none", got "paranoid"`,
 			}},
-		{"metrics", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:8080\"\nmin_ready = 0\ndrain_delay = \"1h\"\nlisten_to = 1\n",
+		{"metrics", "command = [\"/bin/app\"]\ndrain_delay = \"1h\"\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:8080\"\nmin_ready = 0\nlisten_to = 1\n",
 			[]string{
-				`web.toml:6:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
-				`web.toml:7:1: metrics.min_ready: want a number of workers from 1 to 1024, got integer 0`,
-				`web.toml:8:1: metrics.drain_delay: want at most 10m0s, got "1h"`,
+				`web.toml:2:1: drain_delay: want at most 10m0s, got "1h"`,
+				`web.toml:7:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
+				`web.toml:8:1: metrics.min_ready: want a number of workers from 1 to 1024, got integer 0`,
 				`web.toml:9:1: unknown key "listen_to" (did you mean "listen"?)`,
 			}},
-		{"metrics without listen", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\ndrain_delay = \"5s\"\n",
-			[]string{`web.toml:6:1: metrics.drain_delay needs [metrics] listen: without /readyz no load balancer sees it`}},
+		{"drain_delay without metrics", "command = [\"/bin/app\"]\ndrain_delay = \"5s\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: drain_delay needs [metrics] listen: without /readyz no load balancer sees the drain`}},
+		{"min_ready without listen", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nmin_ready = 2\n",
+			[]string{`web.toml:6:1: metrics.min_ready needs [metrics] listen: without /readyz no load balancer sees it`}},
 		{"metrics not a table", "command = [\"/bin/app\"]\nmetrics = \"127.0.0.1:9464\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: metrics: want a table ([metrics]), got string`}},
 		{"reuseport typo", "command = [\"/bin/app\"]\nmode = \"reuse-port\"\n" + listenHTTP,

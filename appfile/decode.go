@@ -227,9 +227,9 @@ var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
-	metricsKeys = []string{"listen", "min_ready", "drain_delay"}
+	metricsKeys = []string{"listen", "min_ready"}
 	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
 		"max_connections", "max_connections_jitter", "min_interval"}
 	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
@@ -311,6 +311,13 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.KillMode = d.killMode(k, v)
 		case "stop_timeout":
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
+		case "drain_delay":
+			dur, s, ok := d.durationText(k, v, `"5s" or "0s"`)
+			if ok && dur > MaxDrainDelay {
+				d.errorAt(k, "", "drain_delay: want at most %s, got %q", MaxDrainDelay, s)
+				break
+			}
+			app.DrainDelay = dur
 		case "restart":
 			d.restart(k, v, &app.Restart)
 		case "recycle":
@@ -665,23 +672,14 @@ func (d *decoder) metrics(path string, v any, m *Metrics) {
 			m.Listen = Listener{Name: MetricsFDName, Address: s, Kind: kind}
 		case "min_ready":
 			m.MinReady, _ = d.integer(kp, t[k], 1, MaxWorkers, fmt.Sprintf("a number of workers from 1 to %d", MaxWorkers))
-		case "drain_delay":
-			dur, s, ok := d.durationText(kp, t[k], `"5s" or "0s"`)
-			if ok && dur > MaxDrainDelay {
-				d.errorAt(kp, "", "%s: want at most %s, got %q", kp, MaxDrainDelay, s)
-				break
-			}
-			m.DrainDelay = dur
 		default:
 			d.unknown(kp, k, metricsKeys)
 		}
 	}
 	if _, written := d.idx[joinPath(path, "listen")]; !m.On() && !written { // a refused listen has its error
-		for _, k := range []string{"min_ready", "drain_delay"} {
-			kp := joinPath(path, k)
-			if _, written := d.idx[kp]; written {
-				d.errorAt(kp, "", "%s needs [metrics] listen: without /readyz no load balancer sees it", kp)
-			}
+		kp := joinPath(path, "min_ready")
+		if _, written := d.idx[kp]; written {
+			d.errorAt(kp, "", "%s needs [metrics] listen: without /readyz no load balancer sees it", kp)
 		}
 	}
 }

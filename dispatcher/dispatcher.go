@@ -258,7 +258,7 @@ type dispatcher struct {
 	lastStatus    string
 	wdNext        time.Time
 	stopping      bool
-	// draining: asked to stop with [metrics] drain_delay, /readyz says
+	// draining: asked to stop with drain_delay, /readyz says
 	// 503 while the workers go on serving until drainUntil, then stop.
 	draining   bool
 	drainUntil time.Time
@@ -546,7 +546,7 @@ func (d *dispatcher) onFileProblem(p string) {
 // begins when the delay is over. Asked again while draining, it stops at
 // once.
 func (d *dispatcher) shutdown(why string, now time.Time) {
-	delay := d.app.Metrics.DrainDelay
+	delay := d.app.DrainDelay
 	switch {
 	case d.stopping:
 	case d.draining:
@@ -700,7 +700,7 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 		}
 	}
 	if d.draining && !now.Before(d.drainUntil) {
-		d.stop(fmt.Sprintf("%s; drain_delay %s over", d.drainWhy, d.app.Metrics.DrainDelay))
+		d.stop(fmt.Sprintf("%s; drain_delay %s over", d.drainWhy, d.app.DrainDelay))
 	}
 	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
 		d.sendNotify("WATCHDOG=1")
@@ -807,7 +807,7 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	}
 	if d.draining {
 		// Not a countdown: STATUS= is sent whenever the line changes.
-		fmt.Fprintf(&b, "draining (/readyz 503) for drain_delay %s, then stopping · ", d.app.Metrics.DrainDelay)
+		fmt.Fprintf(&b, "draining (/readyz 503) for drain_delay %s, then stopping · ", d.app.DrainDelay)
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	if n := d.rec.total; n > 0 {

@@ -183,7 +183,8 @@ func TestMetricsMatchStatus(t *testing.T) {
 func TestReadyzDrain(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 2, nil)
-	app.Metrics = appfile.Metrics{Listen: appfile.Listener{Name: appfile.MetricsFDName, Address: "127.0.0.1:0", Kind: appfile.ListenTCP}, DrainDelay: 1500 * time.Millisecond}
+	app.Metrics = appfile.Metrics{Listen: appfile.Listener{Name: appfile.MetricsFDName, Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
+	app.DrainDelay = 1500 * time.Millisecond
 	ln, addr := tcpListener(t, "http")
 	mf, maddr := tcpListener(t, appfile.MetricsFDName)
 	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{ln}, Metrics: mf})
@@ -211,8 +212,8 @@ func TestReadyzDrain(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	s := rec.wait(t, &from, 10*time.Second, "stopping", func(e Event) bool { return e.Kind == Stopping })
-	if d := s.Time.Sub(e.Time); d < app.Metrics.DrainDelay {
-		t.Errorf("workers told to stop %s after the drain began, before drain_delay %s", d, app.Metrics.DrainDelay)
+	if d := s.Time.Sub(e.Time); d < app.DrainDelay {
+		t.Errorf("workers told to stop %s after the drain began, before drain_delay %s", d, app.DrainDelay)
 	}
 	if err := <-stopped; err != nil {
 		t.Errorf("Run: %v", err)

@@ -184,7 +184,7 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 		// longer so that it never cuts the dispatcher short.
 		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
 		// A stop drains for drain_delay before stop_timeout begins.
-		StopTimeout:  addMargin(addMargin(app.StopTimeout, app.Metrics.DrainDelay), stopMargin),
+		StopTimeout:  addMargin(addMargin(app.StopTimeout, app.DrainDelay), stopMargin),
 		Hardening:    app.Hardening,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),

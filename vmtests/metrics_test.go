@@ -25,8 +25,8 @@ func testMetrics(t *testing.T, c *Container) {
 	installHello(t, c, worker)
 	port, mport := FreePort(t), FreePort(t)
 	// [metrics] after [[listen]]: a table goes on to the next header.
-	file := appFile(fmt.Sprintf("[%q]", worker), 2, lifeSettings, port) +
-		fmt.Sprintf("[metrics]\nlisten = \"127.0.0.1:%d\"\ndrain_delay = \"2s\"\n", mport)
+	file := appFile(fmt.Sprintf("[%q]", worker), 2, lifeSettings+"drain_delay = \"2s\"\n", port) +
+		fmt.Sprintf("[metrics]\nlisten = \"127.0.0.1:%d\"\n", mport)
 	startApp(t, c, app, file)
 	t.Cleanup(func() {
 		c.Exec(t, "systemctl", "stop", app+".socket", msock, app+".service")

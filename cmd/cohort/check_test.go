@@ -152,11 +152,11 @@ func TestCheckFIFO(t *testing.T) {
 // TestCheckMetrics: check reports a [metrics] table's errors at their
 // keys, and names the metrics listener of a good file.
 func TestCheckMetrics(t *testing.T) {
-	bad := writeApp(t, t.TempDir(), "web.toml", "command = [\"/bin/sh\"]\n"+listen+"[metrics]\nlisten = \"127.0.0.1:8080\"\ndrain_delay = \"1h\"\n")
+	bad := writeApp(t, t.TempDir(), "web.toml", "command = [\"/bin/sh\"]\ndrain_delay = \"1h\"\n"+listen+"[metrics]\nlisten = \"127.0.0.1:8080\"\n")
 	code, errOut := checkLines(t, bad)
 	for _, want := range []string{
-		`web.toml:6:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
-		`web.toml:7:1: metrics.drain_delay: want at most 10m0s, got "1h"`,
+		`web.toml:2:1: drain_delay: want at most 10m0s, got "1h"`,
+		`web.toml:7:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
 	} {
 		if code != 1 || !strings.Contains(errOut, want) {
 			t.Errorf("exit %d, stderr %q; want 1 and %q", code, errOut, want)

@@ -318,7 +318,7 @@ func drainRun(t *testing.T, py, delay string, poll time.Duration) (r drainResult
 	if delay != "0s" {
 		metricsLine = fmt.Sprintf("drain_delay = %q\n", delay)
 	}
-	const body = "command = [%q, %q]\nworkers = 2\nready = \"notify\"\nstop_timeout = \"5s\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:%s\"\n[metrics]\nlisten = \"127.0.0.1:%s\"\n%s"
+	const body = "command = [%q, %q]\nworkers = 2\nready = \"notify\"\nstop_timeout = \"5s\"\n%s[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:%s\"\n[metrics]\nlisten = \"127.0.0.1:%s\"\n"
 	type backend struct {
 		p       *cohortProc
 		app     string // http://host:port
@@ -327,7 +327,7 @@ func drainRun(t *testing.T, py, delay string, poll time.Duration) (r drainResult
 	}
 	var bs []*backend
 	for i := range 2 {
-		app := writeApp(t, t.TempDir(), fmt.Sprintf("lb%d.toml", i), fmt.Sprintf(body, py, script, freePort(t), freePort(t), metricsLine))
+		app := writeApp(t, t.TempDir(), fmt.Sprintf("lb%d.toml", i), fmt.Sprintf(body, py, script, metricsLine, freePort(t), freePort(t)))
 		p := startCohortProc(t, nil, app)
 		b := &backend{p: p}
 		b.app = fmt.Sprintf("http://127.0.0.1:%d/", p.port(t))
