@@ -100,7 +100,7 @@ type App struct {
 	// /readyz ([metrics]), its workers still serving, before it stops
 	// them (StopSignal, StopTimeout). Zero: it stops them at once.
 	DrainDelay time.Duration
-	Restart     Restart
+	Restart    Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
 	Watchdog time.Duration
