@@ -96,7 +96,11 @@ type App struct {
 	// SIGKILL still goes to the group), like systemd's KillMode=.
 	KillMode    string
 	StopTimeout time.Duration
-	Restart     Restart
+	// DrainDelay is how long a stopping dispatcher answers 503 on
+	// /readyz ([metrics]), its workers still serving, before it stops
+	// them (StopSignal, StopTimeout). Zero: it stops them at once.
+	DrainDelay time.Duration
+	Restart    Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
 	Watchdog time.Duration
@@ -131,6 +135,11 @@ type App struct {
 	Hardening string
 
 	Listen []Listener
+
+	// Metrics is the [metrics] table: the dispatcher's own listener for
+	// /metrics, /readyz and /livez; Metrics.Listen.Address is "" when it
+	// is off.
+	Metrics Metrics
 
 	// Pass-through directives, validated only for syntax, rendered verbatim
 	// into the [Unit], [Service] and [Socket] sections. Order is the file's.
@@ -283,6 +292,39 @@ type Listener struct {
 	SocketMode  uint32 // 0: systemd's default (0666)
 }
 
+// MetricsFDName is the FileDescriptorName= of the metrics listener's
+// socket unit. Listener names may not start with "cohort-", so it is
+// never a [[listen]]'s.
+const MetricsFDName = "cohort-metrics"
+
+// Metrics is the [metrics] table (docs/config.md).
+type Metrics struct {
+	// Listen is the metrics listener: Name is MetricsFDName, Address ""
+	// means no metrics listener.
+	Listen Listener
+	// MinReady is how many workers must be ready for /readyz to answer
+	// 200; 0 means the default, ReadyNeeded's.
+	MinReady int
+}
+
+// On says whether the app has a metrics listener.
+func (m Metrics) On() bool { return m.Listen.Address != "" }
+
+// ReadyNeeded is how many ready workers /readyz needs when workers
+// slots run: min_ready when set (at most workers, so that `cohort scale`
+// down does not leave an instance unready for good), else all but one,
+// at least one. All but one because a single crash or a slot in backoff
+// is what a cluster of workers is there to absorb: taking the whole
+// instance out of its load balancer for it would move all its traffic
+// onto the other instances, which is how one bad request becomes an
+// outage; two slots down at once is no longer noise.
+func (m Metrics) ReadyNeeded(workers int) int {
+	if m.MinReady > 0 {
+		return min(m.MinReady, max(workers, 1))
+	}
+	return max(workers-1, 1)
+}
+
 // SlotFDName is, in reuseport mode, the FileDescriptorName= of worker
 // slot's socket for a listener: "http.0", "http.1"… The generator names
 // the sockets so and the dispatcher takes them apart with ParseSlotFDName.
@@ -365,6 +407,10 @@ const (
 	// MaxDirectives is how many directives one pass-through table
 	// ([unit], [service], [socket]) may add, counting array items.
 	MaxDirectives = 256
+	// MaxDrainDelay bounds drain_delay: a load balancer's
+	// readiness period is seconds, and systemd waits drain_delay +
+	// stop_timeout for a stop.
+	MaxDrainDelay = 10 * time.Minute
 )
 
 // New returns an App named name with every default applied and no command

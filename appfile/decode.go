@@ -227,9 +227,10 @@ var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	limitsKeys  = []string{"memory_high", "memory_max", "memory_swap_max", "cpu_weight", "cpu_quota", "tasks_max"}
+	metricsKeys = []string{"listen", "min_ready"}
 	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
 		"max_connections", "max_connections_jitter", "min_interval"}
 	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
@@ -311,6 +312,13 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.KillMode = d.killMode(k, v)
 		case "stop_timeout":
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
+		case "drain_delay":
+			dur, s, ok := d.durationText(k, v, `"5s" or "0s"`)
+			if ok && dur > MaxDrainDelay {
+				d.errorAt(k, "", "drain_delay: want at most %s, got %q", MaxDrainDelay, s)
+				break
+			}
+			app.DrainDelay = dur
 		case "restart":
 			d.restart(k, v, &app.Restart)
 		case "recycle":
@@ -333,6 +341,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.Hardening, _ = d.str(k, v)
 		case "listen":
 			app.Listen = d.listeners(k, v)
+		case "metrics":
+			d.metrics(k, v, &app.Metrics)
 		case "unit":
 			app.Unit = d.directives(k, v)
 		case "service":
@@ -711,6 +721,41 @@ func (d *decoder) percent(path string, v any) int {
 		return 0
 	}
 	return n
+}
+
+// metrics decodes the [metrics] table.
+func (d *decoder) metrics(path string, v any, m *Metrics) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "metrics: want a table ([metrics]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, t) {
+		kp := joinPath(path, k)
+		switch k {
+		case "listen":
+			s, ok := d.str(kp, t[k])
+			if !ok {
+				break
+			}
+			kind, hint, err := ParseAddress(s)
+			if err != nil {
+				d.errorAt(kp, hint, "metrics listen: %v", err)
+				break
+			}
+			m.Listen = Listener{Name: MetricsFDName, Address: s, Kind: kind}
+		case "min_ready":
+			m.MinReady, _ = d.integer(kp, t[k], 1, MaxWorkers, fmt.Sprintf("a number of workers from 1 to %d", MaxWorkers))
+		default:
+			d.unknown(kp, k, metricsKeys)
+		}
+	}
+	if _, written := d.idx[joinPath(path, "listen")]; !m.On() && !written { // a refused listen has its error
+		kp := joinPath(path, "min_ready")
+		if _, written := d.idx[kp]; written {
+			d.errorAt(kp, "", "%s needs [metrics] listen: without /readyz no load balancer sees it", kp)
+		}
+	}
 }
 
 // recycle reads the [recycle] table. What depends on other keys (the

@@ -83,6 +83,16 @@ func (d *decoder) validate(app *App) {
 		}
 		addrs[l.Address] = i
 	}
+	if _, written := d.idx["drain_delay"]; written && app.DrainDelay > 0 && !app.Metrics.On() {
+		if _, tried := d.idx["metrics.listen"]; !tried { // a refused listen has its error
+			d.errorAt("drain_delay", "", "drain_delay needs [metrics] listen: without /readyz no load balancer sees the drain")
+		}
+	}
+	if m := app.Metrics.Listen; m.Address != "" {
+		if j, dup := addrs[m.Address]; dup {
+			d.errorAt("metrics.listen", "", "metrics listen %q is already used by listener %d", m.Address, j+1)
+		}
+	}
 }
 
 // checkReusePort refuses what reuseport mode cannot do: it binds every

@@ -277,7 +277,7 @@ func (d *dispatcher) stepRecycle(now time.Time) bool {
 	if pol.Memory > 0 || d.rec.sampler != nil {
 		d.publishTargets(pol)
 	}
-	if !pol.On() || d.stopping || !d.sentReady || d.ctl.cur != nil || d.ctl.loading != nil || now.Before(d.rec.nextAt) {
+	if !pol.On() || d.stopping || d.draining || !d.sentReady || d.ctl.cur != nil || d.ctl.loading != nil || now.Before(d.rec.nextAt) {
 		return false
 	}
 	w, why := d.dueRecycle(pol, now)
@@ -372,7 +372,7 @@ func (d *dispatcher) dueRecycle(pol appfile.Recycle, now time.Time) (*worker, st
 // ends with an event of its own.
 func (d *dispatcher) recycleWake(now time.Time) time.Time {
 	pol := d.app.Recycle
-	if !pol.On() || d.stopping {
+	if !pol.On() || d.stopping || d.draining {
 		return time.Time{}
 	}
 	var next time.Time

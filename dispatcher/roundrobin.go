@@ -74,6 +74,7 @@ func (m *roundRobin) stop()                        { m.b.Stop() }
 func (m *roundRobin) status(slots int) string      { return m.b.Status(slots) }
 func (m *roundRobin) conns(pid int) (uint64, int)  { return m.b.Counts(pid) }
 func (m *roundRobin) faults() <-chan struct{}      { return m.b.Faults() }
+func (m *roundRobin) accepted() []uint64           { return m.b.Accepted() }
 func (m *roundRobin) fixedWorkers() fixedCount     { return fixedCount{} }
 
 func (m *roundRobin) takeFaults(serving func(pid int) bool) []modeFault {

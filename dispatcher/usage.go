@@ -47,9 +47,9 @@ type cpuSample struct {
 	at    time.Time
 }
 
-// usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
-// reads /proc at most twice, for all workers together, and gives up
-// (leaving zeros) when ctx or usageTimeout ends.
+// usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's
+// workers. It reads /proc at most twice, for all workers together, and
+// gives up (leaving zeros) when ctx or usageTimeout ends.
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
@@ -113,6 +113,7 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		w := &snap.st.Workers[i]
 		u := now[i]
 		w.RSS = u.RSS
+		w.CPUSeconds = float64(u.Ticks) / procfs.ClockTick
 		next[k] = cpuSample{ticks: u.Ticks, at: at}
 		window := at.Sub(prev[i].at)
 		if window <= 0 || u.Procs == 0 {

@@ -46,6 +46,7 @@ func (b *Balancer) accept(index int, f *os.File) {
 			return true
 		})
 		if len(batch) > 0 {
+			b.accepted[index].Add(uint64(len(batch)))
 			b.dispatch(batch)
 		}
 		if err != nil { // the listener was closed: Close

@@ -81,6 +81,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
@@ -122,8 +123,9 @@ type Balancer struct {
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
-	wg        sync.WaitGroup // every goroutine of the balancer
-	listeners []*os.File     // non-blocking duplicates of the app's listeners, owned here
+	wg        sync.WaitGroup  // every goroutine of the balancer
+	listeners []*os.File      // non-blocking duplicates of the app's listeners, owned here
+	accepted  []atomic.Uint64 // connections accepted on listeners[i], by its acceptor
 
 	byPID    map[int]*worker // loop only: until reaped and its channel retired
 	silent   map[int]bool    // loop only: slots whose last worker never spoke
@@ -236,6 +238,7 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		}
 		b.listeners = append(b.listeners, os.NewFile(uintptr(fd), cfg.Names[i]))
 	}
+	b.accepted = make([]atomic.Uint64, len(b.listeners))
 	b.env = []string{rr.ListenersEnv + "=" + strings.Join(cfg.Names, ":"), rr.HelloEnv + "=1"}
 	b.wg.Go(b.flusher)
 	b.wg.Go(b.watch)
@@ -243,6 +246,16 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		b.wg.Go(func() { b.accept(i, f) })
 	}
 	return b, nil
+}
+
+// Accepted is how many connections were accepted on each listener so
+// far, in Config.Listeners order. Any goroutine may call it.
+func (b *Balancer) Accepted() []uint64 {
+	out := make([]uint64, len(b.accepted))
+	for i := range b.accepted {
+		out[i] = b.accepted[i].Load()
+	}
+	return out
 }
 
 // Env is what a worker's environment needs beyond LISTEN_FDS and
