@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 
 	"github.com/cohort-dev/cohort/activation/rr"
@@ -25,19 +26,35 @@ func newRoundRobin(app *appfile.App, listeners []*os.File, names []string, out *
 	if ackTimeout <= 0 {
 		ackTimeout = appfile.DefaultAckTimeout
 	}
-	var policy balance.Policy = balance.RoundRobin{}
-	if app.Balance == appfile.BalanceLeastConnections {
-		policy = balance.LeastConnections{}
-	}
 	return &roundRobin{cfg: balance.Config{
-		Listeners:  listeners,
-		Names:      names,
-		MaxPending: app.MaxPending,
-		AckTimeout: ackTimeout,
-		Policy:     policy,
-		Warnf:      out.warnf,
-		Infof:      out.infof,
+		Listeners:     listeners,
+		Names:         names,
+		MaxPending:    app.MaxPending,
+		AckTimeout:    ackTimeout,
+		Policy:        policyOf(app),
+		Sticky:        app.Sticky == appfile.StickyClientIP,
+		ProxyProtocol: app.Sticky == appfile.StickyProxyProtocol,
+		AcceptThreads: app.AcceptThreads,
+		Warnf:         out.warnf,
+		Infof:         out.infof,
 	}}
+}
+
+// policyOf maps balance = and sticky = to the balancer's Policy.
+func policyOf(app *appfile.App) balance.Policy {
+	var policy balance.Policy = balance.RoundRobin{}
+	switch app.Balance {
+	case appfile.BalanceLeastConnections:
+		policy = balance.LeastConnections{}
+	case appfile.BalanceP2C:
+		policy = balance.NewP2C(rand.Uint64())
+	case appfile.BalanceWeighted:
+		policy = balance.NewWeighted(app.Weights)
+	}
+	if app.Sticky != appfile.StickyNone {
+		policy = &balance.Sticky{LoadFactor: balance.DefaultLoadFactor, Fallback: policy}
+	}
+	return policy
 }
 
 func (m *roundRobin) open(ctx context.Context, workers int) error {

@@ -19,9 +19,11 @@ package balance
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/cohort-dev/cohort/activation/rr"
 	"golang.org/x/sys/unix"
@@ -90,7 +92,7 @@ func (l *loop) stop() { l.ep.Close() }
 
 // run is a loop's goroutine: it waits for the set, then handles every
 // ready fd, until stop (Close, or New's ctx ended).
-func (b *Balancer) run(l *loop) {
+func (b *Balancer) run(li int, l *loop) {
 	events := make([]unix.EpollEvent, maxEvents)
 	batch := make([]rr.Conn, 0, rr.MaxFDs)
 	for {
@@ -113,8 +115,12 @@ func (b *Balancer) run(l *loop) {
 		}
 		held := false
 		for _, ev := range events[:n] {
+			if ev.Fd < 0 {
+				b.headerReady(ev.Fd)
+				continue
+			}
 			if int(ev.Fd) < len(b.lfds) {
-				batch = b.acceptOn(int(ev.Fd), batch[:0])
+				batch = b.acceptOn(li, int(ev.Fd), batch[:0])
 				continue
 			}
 			b.mu.Lock()
@@ -133,7 +139,7 @@ func (b *Balancer) run(l *loop) {
 // acceptOn accepts on listener index as many connections as ready
 // workers have room for (at most one message's worth), numbers them and
 // sends them on.
-func (b *Balancer) acceptOn(index int, batch []rr.Conn) []rr.Conn {
+func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) []rr.Conn {
 	b.mu.Lock()
 	room := min(b.roomLocked(), rr.MaxFDs)
 	if room == 0 {
@@ -142,8 +148,15 @@ func (b *Balancer) acceptOn(index int, batch []rr.Conn) []rr.Conn {
 	b.mu.Unlock()
 	fd := b.lfds[index]
 	var aerr unix.Errno
+	var keys [rr.MaxFDs]uint64
 	for len(batch) < room {
-		nfd, errno := accept4(fd)
+		var nfd uintptr
+		var errno unix.Errno
+		if b.sticky && !b.proxy {
+			nfd, keys[len(batch)], errno = acceptKey(fd)
+		} else {
+			nfd, errno = accept4(fd)
+		}
 		if errno == 0 {
 			batch = append(batch, rr.Conn{Listener: uint16(index), File: os.NewFile(nfd, "conn")})
 			continue
@@ -156,8 +169,12 @@ func (b *Balancer) acceptOn(index int, batch []rr.Conn) []rr.Conn {
 		}
 		break
 	}
+	ks := keys[:len(batch)]
+	if b.proxy && len(batch) > 0 {
+		batch, ks = b.proxyKeys(l, batch, ks)
+	}
 	if len(batch) > 0 {
-		b.dispatch(batch)
+		b.dispatch(batch, ks)
 	}
 	if aerr != 0 {
 		b.acceptFailed(index, aerr)
@@ -194,6 +211,39 @@ func (b *Balancer) acceptFailed(index int, err error) {
 func accept4(fd int) (uintptr, unix.Errno) {
 	nfd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(fd), 0, 0, unix.SOCK_CLOEXEC, 0, 0)
 	return nfd, errno
+}
+
+// acceptKey is accept4 that also returns the AddrKey of the peer's IP
+// address (0 for a unix socket): what a sticky policy needs, at no cost
+// of a system call more.
+func acceptKey(fd int) (uintptr, uint64, unix.Errno) {
+	var sa unix.RawSockaddrAny
+	n := uint32(unix.SizeofSockaddrAny)
+	nfd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC, 0, 0)
+	if errno != 0 {
+		return 0, 0, errno
+	}
+	return nfd, sockaddrKey(&sa, n), 0
+}
+
+// sockaddrKey is the AddrKey of an AF_INET or AF_INET6 address (an
+// IPv4-mapped IPv6 address counts as its IPv4 address), 0 otherwise.
+func sockaddrKey(sa *unix.RawSockaddrAny, n uint32) uint64 {
+	switch sa.Addr.Family {
+	case unix.AF_INET:
+		if n < unix.SizeofSockaddrInet4 {
+			return 0
+		}
+		p := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return AddrKey(p.Addr[:])
+	case unix.AF_INET6:
+		if n < unix.SizeofSockaddrInet6 {
+			return 0
+		}
+		p := (*unix.RawSockaddrInet6)(unsafe.Pointer(sa))
+		return IPKey(netip.AddrFrom16(p.Addr))
+	}
+	return 0
 }
 
 // armLocked puts the listeners into every loop's set; with more than one
@@ -270,8 +320,9 @@ func (b *Balancer) wakeLocked() {
 	}
 }
 
-// dispatch numbers freshly accepted connections and sends them on.
-func (b *Balancer) dispatch(conns []rr.Conn) {
+// dispatch numbers freshly accepted connections and sends them on;
+// keys (nil, or one per connection) are their sticky keys.
+func (b *Balancer) dispatch(conns []rr.Conn, keys []uint64) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -281,6 +332,9 @@ func (b *Balancer) dispatch(conns []rr.Conn) {
 	for i := range conns {
 		b.nextID++
 		conns[i].ID = b.nextID
+		if b.sticky && keys[i] != 0 {
+			b.keys[b.nextID] = keys[i]
+		}
 	}
 	b.held = append(b.held, conns...)
 	b.mu.Unlock()

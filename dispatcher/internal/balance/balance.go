@@ -109,6 +109,12 @@ type Config struct {
 	AckTimeout time.Duration
 	// Policy picks the worker of each connection; nil is RoundRobin.
 	Policy Policy
+	// Sticky: read each client's address at accept and pass its
+	// AddrKey to the Policy (a Sticky policy uses it).
+	Sticky bool
+	// ProxyProtocol: take the client's address from the connection's
+	// PROXY protocol header instead (peeked, never consumed; proxy.go).
+	ProxyProtocol bool
 	// AcceptThreads is the number of event loops (at least 1): how many
 	// connections can be accepted and handed on at the same time.
 	AcceptThreads int
@@ -125,6 +131,8 @@ type Balancer struct {
 	maxHandoffs  int // a connection handed back this often is closed
 	ackTimeout   time.Duration
 	policy       Policy
+	sticky       bool
+	proxy        bool
 	env          []string // what workers get besides LISTEN_*: COHORT_RR_LISTENERS, COHORT_RR_HELLO
 
 	ctx       context.Context // cancelled by Close
@@ -140,17 +148,20 @@ type Balancer struct {
 
 	faultCh chan struct{} // capacity 1: faults wait for the loop
 
-	mu       sync.Mutex
-	workers  []*worker // live channels, in start order
-	next     int       // round-robin cursor into workers
-	held     []rr.Conn // accepted or returned, not yet sent
-	nextID   uint64
-	handoffs map[uint64]int    // times each connection still in flight was handed back
-	faults   []fault           // for the loop
-	kick     chan struct{}     // wakes the flusher; buffered, never closed
-	byToken  map[int32]*worker // channels by their token in the epoll sets
-	tokens   int32             // the last token given to a channel
-	armed    bool              // the listeners are in the epoll sets
+	mu         sync.Mutex
+	workers    []*worker // live channels, in start order
+	next       int       // round-robin cursor into workers
+	held       []rr.Conn // accepted or returned, not yet sent
+	nextID     uint64
+	handoffs   map[uint64]int     // times each connection still in flight was handed back
+	keys       map[uint64]uint64  // sticky: the client key of each connection in flight
+	waiting    map[int32]*waiting // proxy-protocol: connections waiting for their header, by token
+	waitTokens int32              // the last token given to a waiting connection (negative)
+	faults     []fault            // for the loop
+	kick       chan struct{}      // wakes the flusher; buffered, never closed
+	byToken    map[int32]*worker  // channels by their token in the epoll sets
+	tokens     int32              // the last token given to a channel
+	armed      bool               // the listeners are in the epoll sets
 	// pausedAccept: accept failed (EMFILE…); re-armed after acceptPause.
 	pausedAccept   bool
 	acceptFailures int
@@ -223,6 +234,10 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		maxHandoffs: cfg.MaxHandoffs,
 		ackTimeout:  cfg.AckTimeout,
 		policy:      cfg.Policy,
+		sticky:      cfg.Sticky || cfg.ProxyProtocol,
+		proxy:       cfg.ProxyProtocol,
+		waiting:     map[int32]*waiting{},
+		keys:        map[uint64]uint64{},
 		ctx:         ctx,
 		cancel:      cancel,
 		byPID:       map[int]*worker{},
@@ -262,8 +277,8 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 	b.env = []string{rr.ListenersEnv + "=" + strings.Join(cfg.Names, ":"), rr.HelloEnv + "=1"}
 	b.wg.Go(b.flusher)
 	b.wg.Go(b.watch)
-	for _, l := range b.loops {
-		b.wg.Go(func() { b.run(l) })
+	for i, l := range b.loops {
+		b.wg.Go(func() { b.run(i, l) })
 	}
 	b.wg.Go(func() {
 		<-ctx.Done() // New's ctx or Close
@@ -538,6 +553,7 @@ func (b *Balancer) Close() {
 	}
 	b.mu.Lock()
 	b.closed = true
+	b.closeWaitingLocked()
 	workers, held := b.workers, b.held
 	b.workers, b.held = nil, nil
 	b.mu.Unlock()

@@ -27,6 +27,9 @@ func (b *Balancer) watch() {
 			return
 		}
 		now := time.Now()
+		if b.proxy {
+			b.expireHeaders(now)
+		}
 		var late []*worker
 		var silent []bool
 		b.mu.Lock()
@@ -131,9 +134,10 @@ func (b *Balancer) apply(w *worker, ev rr.Event) bool {
 	case rr.TypeReject:
 		b.requeueLocked(ev.Rejected, true)
 	case rr.TypeAck:
-		if len(b.handoffs) > 0 {
+		if len(b.handoffs) > 0 || len(b.keys) > 0 {
 			for _, id := range ev.IDs {
 				delete(b.handoffs, id)
+				delete(b.keys, id)
 			}
 		}
 	}
