@@ -22,13 +22,15 @@ import (
 )
 
 // appFile is the TOML of an app whose workers are helperWorker (ready =
-// notify), listening on addr; a reload re-reads it.
+// notify), listening on addr; a reload re-reads it. helper picks another
+// helper ("cohort-worker"); extra is added to the top-level keys.
 type appFile struct {
 	workers, batch int
 	mode           string
 	env            map[string]string
 	addr           string
 	readyTimeout   string
+	helper, extra  string
 }
 
 func (a appFile) toml(t testing.TB) string {
@@ -46,6 +48,9 @@ func (a appFile) toml(t testing.TB) string {
 	if a.readyTimeout == "" {
 		a.readyTimeout = "20s"
 	}
+	if a.helper == "" {
+		a.helper = "worker"
+	}
 	var env strings.Builder
 	keys := make([]string, 0, len(a.env))
 	for k := range a.env {
@@ -62,9 +67,9 @@ ready = "notify"
 ready_timeout = %q
 stop_timeout = "10s"
 reload_batch = %d
-
+%s
 [environment]
-COHORT_TEST_HELPER = "worker"
+COHORT_TEST_HELPER = %q
 HELPER_READY = "1"
 %s
 [restart]
@@ -75,7 +80,7 @@ min_uptime = "1s"
 [[listen]]
 name = "http"
 address = %q
-`, self, a.workers, a.mode, a.readyTimeout, a.batch, env.String(), a.addr)
+`, self, a.workers, a.mode, a.readyTimeout, a.batch, a.extra, a.helper, env.String(), a.addr)
 }
 
 // reloadFixture is an in-process dispatcher running the app of a file.
