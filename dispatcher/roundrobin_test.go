@@ -55,6 +55,17 @@ func helperCohortWorker() int {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprintf(w, "worker=%s slow done by pid %d\n", os.Getenv("COHORT_WORKER"), os.Getpid())
 	})
+	// "/work?ms=N" takes N ms, ten times that on the worker named by
+	// HELPER_SLOW_WORKER: a worker whose requests are 10x slower.
+	slow := os.Getenv("HELPER_SLOW_WORKER") != "" && os.Getenv("HELPER_SLOW_WORKER") == os.Getenv("COHORT_WORKER")
+	mux.HandleFunc("/work", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		if slow {
+			ms *= 10
+		}
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		fmt.Fprintf(w, "worker=%s\n", os.Getenv("COHORT_WORKER"))
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second}
 	if err := activation.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
 		fmt.Fprintln(os.Stderr, "helper cohort worker:", err)
