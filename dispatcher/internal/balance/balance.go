@@ -33,9 +33,12 @@
 //     wakes per connection, and the loops accept in parallel;
 //   - one writer per worker channel: after a send found the worker's
 //     queue full, waits until it has room again;
-//   - one flusher: sends held connections when room appears. Receivers
-//     never send themselves, so a worker that is slow to read can never
-//     keep the dispatcher from reading that worker's acknowledgements;
+//   - one flusher: sends held connections when room appears on a call of
+//     the supervisor's (Ready, Exited) or a writer's. An event loop sends
+//     itself, after an ACK or a rejection, since a send never waits
+//     (MSG_DONTWAIT): a worker that is slow to read can never keep the
+//     loop from reading acknowledgements;
+//   - one that ends the loops when New's ctx ends;
 //   - one watcher: takes the channel back from a worker that has left a
 //     connection unacknowledged for ack_timeout.
 //
@@ -44,7 +47,7 @@
 // that stops reading cannot stop the event loops, whatever max_pending is.
 //
 // Connections are "held" only between accept (or a worker's death or
-// rejection) and the next free worker; acceptors stop accepting while
+// rejection) and the next free worker; the event loops stop accepting while
 // anything is held or no ready worker has room, so the kernel's listen
 // backlog holds the rest: nothing is buffered without bound (the
 // listeners leave the epoll sets until room appears).
@@ -61,17 +64,16 @@
 // well-formed message gets one connection at a time and, when it fails
 // that one or ends, the log says it never spoke the protocol.
 //
-// # What comes next
+// # Policies
 //
 // Balance policies (issue 19: round-robin, least-connections, p2c,
-// sticky, weighted) are a [Policy]: it picks, under the balancer's lock,
+// weighted, sticky) are a [Policy]: it picks, under the balancer's lock,
 // one worker among those that can take a connection now, given in
-// rotation order with their unacknowledged and open counts. Everything
-// else (who is usable, max_pending, hand-backs, the cursor) stays here, so
-// a new policy is one type with a Pick method and one case where the
-// supervisor maps `balance =` to a Policy. A policy that needs more than
-// the counts (sticky: the client's address; weighted: a weight per slot)
-// gets it through Candidate, filled in pickLocked.
+// rotation order with their unacknowledged and open counts, and the
+// connection's client key (Config.Sticky: the peer address, read by
+// accept4 itself; Config.ProxyProtocol: the PROXY header's, proxy.go).
+// Everything else (who is usable, max_pending, hand-backs, the cursor)
+// stays here.
 //
 // Per-worker resource limits (issue 17, cgroups) do not touch the
 // balancer: the supervisor places a process in its cgroup at fork time,
@@ -223,7 +225,7 @@ type Fault struct {
 const tooManyRefsPause = 10 * time.Millisecond
 
 // New starts balancing: it duplicates cfg.Listeners and starts the
-// acceptors, the flusher and the watcher, which run until Close (or ctx
+// event loops, the flusher and the watcher, which run until Close (or ctx
 // is cancelled). On error nothing is left open or running.
 func New(ctx context.Context, cfg Config) (*Balancer, error) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -541,7 +543,7 @@ func (b *Balancer) closeLoops() {
 	}
 }
 
-// Close ends balancing: acceptors stop, every channel is closed and every
+// Close ends balancing: the event loops stop, every channel is closed and every
 // connection still held is closed (its client sees a reset); it returns
 // when every goroutine of the balancer has ended. The supervisor calls it
 // once every worker has been reaped. It may be called more than once.
