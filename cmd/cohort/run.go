@@ -59,7 +59,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	defer inst.release()
 	fmt.Fprintf(env.stderr, "[%s] control socket: %s (cohort status %s)\n", app.Name, filepath.Join(inst.dir, control.SocketName), app.Name)
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir}
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {
