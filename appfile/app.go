@@ -137,7 +137,8 @@ type App struct {
 	// Sticky is StickyNone, StickyClientIP or StickyProxyProtocol.
 	Sticky string
 	// AcceptThreads is, in round-robin mode, how many event loops accept
-	// and hand connections on at the same time (1..MaxAcceptThreads).
+	// and hand connections on at the same time (1..MaxAcceptThreads); 0
+	// (unset) lets the dispatcher choose from the number of workers.
 	AcceptThreads int
 
 	// LogRateLimit is the dispatcher's budget of each worker slot's
@@ -325,12 +326,11 @@ func New(name string) *App {
 			Max:       DefaultRestartMax,
 			MinUptime: DefaultMinUptime,
 		},
-		ReloadBatch:   1,
-		MaxPending:    DefaultMaxPending,
-		AckTimeout:    DefaultAckTimeout,
-		Balance:       BalanceRoundRobin,
-		AcceptThreads: 1,
-		Hardening:     HardeningDefault,
+		ReloadBatch: 1,
+		MaxPending:  DefaultMaxPending,
+		AckTimeout:  DefaultAckTimeout,
+		Balance:     BalanceRoundRobin,
+		Hardening:   HardeningDefault,
 		LogRateLimit: LogRateLimit{
 			Interval: DefaultLogRateLimitInterval,
 			Burst:    DefaultLogRateLimitBurst,

@@ -41,7 +41,7 @@ func TestParseGood(t *testing.T) {
 			}
 		}},
 		{"balance p2c, proxy-protocol", "mode = \"round-robin\"\nbalance = \"p2c\"\nsticky = \"proxy-protocol\"\n" + minimal, func(t *testing.T, app *App) {
-			if app.Balance != BalanceP2C || app.Sticky != StickyProxyProtocol || app.AcceptThreads != 1 {
+			if app.Balance != BalanceP2C || app.Sticky != StickyProxyProtocol || app.AcceptThreads != 0 {
 				t.Errorf("balance %q sticky %q accept_threads %d", app.Balance, app.Sticky, app.AcceptThreads)
 			}
 		}},

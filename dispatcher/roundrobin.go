@@ -40,6 +40,18 @@ func newRoundRobin(app *appfile.App, listeners []*os.File, names []string, out *
 	}}
 }
 
+// workersPerAcceptThread is how many workers one event loop keeps up
+// with: a loop spends about a quarter of what a request on a new
+// connection costs a worker (docs/config.md, Round-robin's cost), so it
+// saturates a core of its own when about 4 cores of workers are busy.
+const workersPerAcceptThread = 4
+
+// autoAcceptThreads is accept_threads when the app file does not say:
+// one event loop per 4 workers, at least 1.
+func autoAcceptThreads(workers int) int {
+	return min(max(1, (workers+workersPerAcceptThread-1)/workersPerAcceptThread), appfile.MaxAcceptThreads)
+}
+
 // policyOf maps balance = and sticky = to the balancer's Policy.
 func policyOf(app *appfile.App) balance.Policy {
 	var policy balance.Policy = balance.RoundRobin{}
@@ -60,6 +72,9 @@ func policyOf(app *appfile.App) balance.Policy {
 func (m *roundRobin) open(ctx context.Context, workers int) error {
 	cfg := m.cfg
 	cfg.MaxHandoffs = 2 * workers // a connection back this often is closed
+	if cfg.AcceptThreads <= 0 {
+		cfg.AcceptThreads = autoAcceptThreads(workers)
+	}
 	b, err := balance.New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("round-robin: %w", err)

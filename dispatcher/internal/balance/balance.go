@@ -22,7 +22,7 @@
 // All are started by New or Forked and waited for by Close (or end with
 // their worker's channel):
 //
-//   - one event loop per accept thread (Config.AcceptThreads, default 1;
+//   - one event loop per accept thread (Config.AcceptThreads, at least 1;
 //     accept.go): an epoll set holding the listeners while some ready
 //     worker has room, and the channels of its share of the workers. It
 //     accepts (accept4, up to the room) and sends, and it applies HELLO,
