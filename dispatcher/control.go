@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 )
 
@@ -160,6 +161,10 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
 		CPUs:        control.CPUs{Count: d.limit.Count(), How: d.limit.String(), WorkersAuto: d.app.Workers.Auto},
+		Recycles:    d.rec.total,
+	}
+	if d.app.Recycle.Memory > 0 {
+		st.RecycleMemory = fmt.Sprintf("over %s, %s", appfile.FormatSize(d.app.Recycle.Memory), d.rec.source)
 	}
 	switch {
 	case d.stopping:
@@ -175,7 +180,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	add := func(s *slot, w *worker) {
 		// A slot in backoff shows its last process's generation (the
 		// current one when it never had a process).
-		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, Recycles: s.recycles, LastRecycle: s.lastRecycle, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status

@@ -31,6 +31,7 @@ type appFile struct {
 	addr           string
 	readyTimeout   string
 	helper, extra  string
+	recycle        string // the [recycle] table's lines
 }
 
 func (a appFile) toml(t testing.TB) string {
@@ -80,7 +81,9 @@ min_uptime = "1s"
 [[listen]]
 name = "http"
 address = %q
-`, self, a.workers, a.mode, a.readyTimeout, a.batch, a.extra, a.helper, env.String(), a.addr)
+
+[recycle]
+%s`, self, a.workers, a.mode, a.readyTimeout, a.batch, a.extra, a.helper, env.String(), a.addr, a.recycle)
 }
 
 // reloadFixture is an in-process dispatcher running the app of a file.

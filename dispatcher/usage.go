@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"strconv"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
@@ -52,28 +51,13 @@ type cpuSample struct {
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
-	owner := func(pid int) int {
-		v, _ := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
-		n, _ := strconv.Atoi(v)
-		return n
-	}
 	keys := make([]workerKey, len(snap.procs))
 	for i, pid := range snap.procs {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
 	}
 	measure := func() ([]procfs.Usage, time.Time, bool) {
-		t, err := procfs.Scan(ctx)
-		at := time.Now()
-		if err != nil {
-			return nil, at, false
-		}
-		us := make([]procfs.Usage, len(keys))
-		for i, k := range keys {
-			if k.pid != 0 {
-				us[i] = t.Tree(k.pid, h.supervisor, owner)
-			}
-		}
-		return us, at, true
+		us, err := treeUsage(ctx, h.supervisor, snap.procs) // recycle.go: also what [recycle] memory reads
+		return us, time.Now(), err == nil
 	}
 	now, at, ok := measure()
 	if !ok {
