@@ -37,6 +37,23 @@ const (
 	// BalanceLeastConnections hands each connection to the ready worker
 	// with the fewest open (and unacknowledged) connections.
 	BalanceLeastConnections = "least-connections"
+	// BalanceP2C (power of two choices) draws two ready workers at random
+	// and hands the connection to the one with fewer open connections.
+	BalanceP2C = "p2c"
+	// BalanceWeighted is smooth weighted round-robin over App.Weights.
+	BalanceWeighted = "weighted"
+)
+
+// The sticky-session kinds of round-robin mode (App.Sticky).
+const (
+	// StickyNone: the balance policy alone picks the worker.
+	StickyNone = ""
+	// StickyClientIP sends the connections of one client address to one
+	// worker slot (a consistent hash over the slots, with bounded load).
+	StickyClientIP = "client-ip"
+	// StickyProxyProtocol is StickyClientIP with the client address of
+	// a PROXY protocol v1 or v2 header, read without consuming it.
+	StickyProxyProtocol = "proxy-protocol"
 )
 
 // ReadyKind says when a freshly started worker counts as ready.
@@ -115,9 +132,18 @@ type App struct {
 	// then the dispatcher takes back what that worker has not
 	// acknowledged, hands it to other workers and replaces the worker.
 	AckTimeout time.Duration
-	// Balance is the round-robin mode's policy: BalanceRoundRobin or
-	// BalanceLeastConnections.
+	// Balance is the round-robin mode's policy: BalanceRoundRobin,
+	// BalanceLeastConnections, BalanceP2C or BalanceWeighted.
 	Balance string
+	// Weights are BalanceWeighted's weight of each worker slot, in slot
+	// order (1..MaxWeight); slots past the list weigh 1.
+	Weights []int
+	// Sticky is StickyNone, StickyClientIP or StickyProxyProtocol.
+	Sticky string
+	// AcceptThreads is, in round-robin mode, how many event loops accept
+	// and hand connections on at the same time (1..MaxAcceptThreads); 0
+	// (unset) lets the dispatcher choose from the number of workers.
+	AcceptThreads int
 
 	// LogRateLimit is the dispatcher's budget of each worker slot's
 	// output lines (log_rate_limit_interval, log_rate_limit_burst); the
@@ -368,6 +394,9 @@ const (
 	DefaultMinUptime      = 5 * time.Second
 	DefaultMaxPending     = 64
 	MaxMaxPending         = 65535
+	MaxWeight             = 100
+	MaxWeights            = 1024
+	MaxAcceptThreads      = 64
 	DefaultAckTimeout     = 10 * time.Second
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour

@@ -59,6 +59,16 @@ tasks_max = 64
 				t.Errorf("limits %+v, want none", app.Limits)
 			}
 		}},
+		{"balance weighted, sticky, accept threads", "mode = \"round-robin\"\nbalance = \"weighted\"\nweights = [2, 1, 1]\nsticky = \"client-ip\"\naccept_threads = 2\n" + minimal, func(t *testing.T, app *App) {
+			if app.Balance != BalanceWeighted || !reflect.DeepEqual(app.Weights, []int{2, 1, 1}) || app.Sticky != StickyClientIP || app.AcceptThreads != 2 {
+				t.Errorf("balance %q weights %v sticky %q accept_threads %d", app.Balance, app.Weights, app.Sticky, app.AcceptThreads)
+			}
+		}},
+		{"balance p2c, proxy-protocol", "mode = \"round-robin\"\nbalance = \"p2c\"\nsticky = \"proxy-protocol\"\n" + minimal, func(t *testing.T, app *App) {
+			if app.Balance != BalanceP2C || app.Sticky != StickyProxyProtocol || app.AcceptThreads != 0 {
+				t.Errorf("balance %q sticky %q accept_threads %d", app.Balance, app.Sticky, app.AcceptThreads)
+			}
+		}},
 		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
 			if want := (LogRateLimit{Interval: time.Minute, Burst: 250}); app.LogRateLimit != want || app.LogRateLimit.Off() {
 				t.Errorf("log rate limit %+v, want %+v", app.LogRateLimit, want)
@@ -427,8 +437,17 @@ Description = "multi\nline"
 		{"round-robin knobs", "command = [\"/bin/app\"]\nmax_pending = 0\nbalance = \"least-connection\"\n" + listenHTTP,
 			[]string{
 				`web.toml:2:1: max_pending: want a number from 1 to 65535, got integer 0`,
-				`web.toml:3:1: balance: want "round-robin" or "least-connections", got "least-connection" (did you mean "least-connections"?)`,
+				`web.toml:3:1: balance: want "round-robin", "least-connections", "p2c" or "weighted", got "least-connection" (did you mean "least-connections"?)`,
 			}},
+		{"weights and sticky", "command = [\"/bin/app\"]\nweights = [2, 0]\nsticky = \"client_ip\"\naccept_threads = 0\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: weights apply only to balance = "weighted" (balance is "round-robin")`,
+				`web.toml:2:15: weights: want whole numbers from 1 to 100, got integer 0`,
+				`web.toml:3:1: sticky: want "client-ip" or "proxy-protocol", got "client_ip" (did you mean "client-ip"?)`,
+				`web.toml:4:1: accept_threads: want a number from 1 to 64, got integer 0`,
+			}},
+		{"weighted without weights", "command = [\"/bin/app\"]\nbalance = \"weighted\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: balance = "weighted" needs weights = [...], one per worker slot`}},
 		{"round-robin knob types", "command = [\"/bin/app\"]\nmax_pending = \"64\"\nbalance = 1\nmax_pendng = 3\n" + listenHTTP,
 			[]string{
 				`web.toml:2:1: max_pending: want a number from 1 to 65535, got "64"`,

@@ -225,7 +225,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -297,6 +297,16 @@ func (d *decoder) app(raw map[string]any, app *App) {
 		case "balance":
 			if s, ok := d.str(k, v); ok {
 				app.Balance = s
+			}
+		case "weights":
+			app.Weights = d.weights(k, v)
+		case "sticky":
+			if s, ok := d.str(k, v); ok {
+				app.Sticky = s
+			}
+		case "accept_threads":
+			if n, ok := d.integer(k, v, 1, MaxAcceptThreads, fmt.Sprintf("a number from 1 to %d", MaxAcceptThreads)); ok {
+				app.AcceptThreads = n
 			}
 		case "cpu_affinity":
 			app.CPUAffinity, _ = d.boolean(k, v)
@@ -507,6 +517,25 @@ func (d *decoder) integer(path string, v any, lo, hi int64, want string) (int, b
 		return 0, false
 	}
 	return int(n), true
+}
+
+// weights reads weights = [2, 1, 1]: one whole number per worker slot.
+func (d *decoder) weights(path string, v any) []int {
+	list, ok := v.([]any)
+	if !ok || len(list) == 0 || len(list) > MaxWeights {
+		d.errorAt(path, "", "weights: want a list of 1 to %d numbers, one per worker slot, got %s", MaxWeights, describe(v))
+		return nil
+	}
+	out := make([]int, 0, len(list))
+	for i, x := range list {
+		n, ok := x.(int64)
+		if !ok || n < 1 || n > MaxWeight {
+			d.errorAt(fmt.Sprintf("%s.%d", path, i), "", "weights: want whole numbers from 1 to %d, got %s", MaxWeight, describe(x))
+			return nil
+		}
+		out = append(out, int(n))
+	}
+	return out
 }
 
 func (d *decoder) ready(path string, v any) Readiness {
