@@ -54,6 +54,7 @@ func commands() map[string]command {
 		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU); every app without APP", cmdStatus},
 		"scale":            {"change the number of an app's workers until its next restart", cmdScale},
 		"init":             {"write an app file for a command, check it and start the app under systemd", cmdInit},
+		"signal":           {"send a signal to an app's workers (not the dispatcher) through its control socket", cmdSignal},
 		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
 		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
 		"dispatch":         {"the dispatcher that a generated service runs (not for people)", cmdDispatch},
