@@ -72,6 +72,9 @@ type Options struct {
 	// colours and control characters in lines are made visible
 	// (internal/logline); not in journal mode.
 	Color bool
+	// NodePreload is the Node preload module's file (node_preload in
+	// cohort.toml(5)); "" means DefaultNodePreload.
+	NodePreload string
 	// Journal sends worker lines to the journal with COHORT_WORKER,
 	// COHORT_PID and COHORT_GENERATION fields (falling back to Stdout when
 	// the journal refuses them) and prefixes log lines on Stderr with
@@ -285,6 +288,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
 		return nil, err
 	}
+	d.env = nodePreloadEnv(app, d.env, opt.NodePreload, d.out.warnf)
 	switch {
 	case opt.Limit != nil:
 		d.limit = *opt.Limit

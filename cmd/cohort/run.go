@@ -61,7 +61,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	defer inst.release()
 	fmt.Fprintf(env.stderr, "%s | control socket: %s (cohort status %s)\n", logline.Dispatcher(app.Name), filepath.Join(inst.dir, control.SocketName), app.Name)
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, Color: colorTerminal(env.stdout)}
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, Color: colorTerminal(env.stdout), NodePreload: nodePreloadFile()}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {
@@ -122,6 +122,7 @@ func runApp(args []string, listens listFlag) (*appfile.App, error) {
 	}
 	app := appfile.New(defaultName(args))
 	app.Command = args
+	app.NodePreload = appfile.NodeProgram(args)
 	seen := map[string]bool{}
 	for i, l := range listens {
 		name, addr, ok := strings.Cut(l, "=")
@@ -299,3 +300,19 @@ type listFlag []string
 
 func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+// nodePreloadFile is the Node preload module `cohort run` gives node
+// workers: the installed one (dispatcher.DefaultNodePreload), else, for
+// a binary run from a build tree (bin/cohort), the repository's.
+func nodePreloadFile() string {
+	if _, err := os.Stat(dispatcher.DefaultNodePreload); err == nil {
+		return dispatcher.DefaultNodePreload
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "..", "packaging", "node-preload.js")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return ""
+}
