@@ -102,4 +102,3 @@ func Modules(t testing.TB, pkgs ...string) string {
 	}
 	return modules
 }
-
