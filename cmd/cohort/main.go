@@ -59,6 +59,7 @@ func commands() map[string]command {
 		"init":             {"write an app file for a command, check it and start the app under systemd", cmdInit},
 		"signal":           {"send a signal to an app's workers (not the dispatcher) through its control socket", cmdSignal},
 		"logs":             {"print the journal's lines of every app, or of one, labelled app.N; -f follows", cmdLogs},
+		"monit":            {"a live terminal view of every app's workers, events and logs; keys reload, restart, scale", cmdMonit},
 		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
 		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
 		"dispatch":         {"the dispatcher that a generated service runs (not for people)", cmdDispatch},

@@ -65,6 +65,13 @@ func Append(dst []byte, label string, c Color, msg []byte) []byte {
 	dst = append(dst, label...)
 	dst = append(dst, "\x1b[0m"...)
 	dst = append(dst, Sep...)
+	return AppendVisible(dst, msg)
+}
+
+// AppendVisible appends msg to dst with every control character but a
+// tab written as \xNN and invalid UTF-8 as U+FFFD: what a terminal shows
+// of a worker's line without obeying it.
+func AppendVisible(dst, msg []byte) []byte {
 	for len(msg) > 0 {
 		r, n := utf8.DecodeRune(msg)
 		switch {
