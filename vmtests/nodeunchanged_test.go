@@ -130,6 +130,17 @@ process.on('SIGTERM', () => fastify.close().then(() => process.exit(0)));
 		t.Errorf("after SIGUSR2 worker 1 is %+v, was %+v", st.Workers[1], before.Workers[1])
 	}
 
+	// cohort monit in a real terminal on a generated service: the
+	// selected worker's journal lines, and r reloads through systemd.
+	monit := testterm.Start(t, 160, 40, nil, "nsenter", "--target", strconv.Itoa(c.InitPID), "--all", "--", "env", "TERM=xterm-256color", "cohort", "monit", "nexpress")
+	monit.WaitFor(t, 20*time.Second, "nexpress.0", "nexpress.1", "2/2 ready · gen 3 · shared")
+	monit.Keys(t, "Down", "Down")
+	monit.WaitFor(t, 20*time.Second, "log: nexpress.1", "express got SIGUSR2")
+	monit.Keys(t, "r")
+	screen = monit.WaitFor(t, 60*time.Second, "nexpress: reload done", "nexpress: generation 3 → 4 (reload)")
+	t.Logf("cohort monit in tmux (%s):\n%s", c.Release.Name, screen)
+	monit.Keys(t, "q")
+
 	for _, a := range apps {
 		c.Run(t, "systemctl", "stop", a.name+".socket", a.name+".service")
 		c.Run(t, "rm", "-rf", "/etc/cohort/"+a.name+".toml", "/srv/"+a.name)

@@ -210,16 +210,21 @@ func (m *monitUI) render(now time.Time) {
 	m.rows = m.rows[:0]
 	sel := 0
 	for _, a := range m.model.apps {
-		line := a.problem
-		if a.st != nil {
-			line = a.st.Line
-		}
 		m.rows = append(m.rows, monitRow{app: a, index: -1})
 		r := len(m.rows)
-		m.table.SetCell(r, 0, tview.NewTableCell(tview.Escape(a.name)).SetAttributes(tcell.AttrBold))
-		m.table.SetCell(r, 1, tview.NewTableCell(tview.Escape(line)).SetExpansion(1))
 		if (monitKey{a.name, -1}) == keep {
 			sel = r
+		}
+		cells := []string{a.name, "-", "down", "", a.problem}
+		if a.st != nil {
+			cells = appCells(a.st, now)
+		}
+		for i, c := range cells {
+			cell := tview.NewTableCell(tview.Escape(c)).SetAttributes(tcell.AttrBold)
+			if i == 2 && c != "ready" {
+				cell.SetTextColor(tcell.ColorYellow)
+			}
+			m.table.SetCell(r, i, cell)
 		}
 		if a.st == nil {
 			continue
@@ -256,6 +261,33 @@ func (m *monitUI) render(now time.Time) {
 	}
 	m.events.SetText(strings.Join(m.model.events, "\n"))
 	m.events.ScrollToEnd()
+}
+
+// appCells is an app's row: its dispatcher's pid and state, the sum of
+// its workers' CPU and memory, what it runs (generation, mode, file
+// problem) where the workers have their sparkline, restarts, uptime.
+func appCells(st *control.Status, now time.Time) []string {
+	var cpu float64
+	var rss int64
+	restarts, ready := 0, 0
+	ws := current(st)
+	for _, w := range ws {
+		cpu += w.CPUPercent
+		rss += w.RSS
+		restarts += w.Restarts
+		if w.State == "ready" {
+			ready++
+		}
+	}
+	what := fmt.Sprintf("%d/%d ready · gen %d · %s", ready, len(ws), st.Generation, st.Mode)
+	if st.ConfigError != "" {
+		what += " · file broken: " + st.ConfigError
+	}
+	uptime := "-"
+	if !st.Since.IsZero() {
+		uptime = now.Sub(st.Since).Round(time.Second).String()
+	}
+	return []string{st.App, strconv.Itoa(st.PID), st.State, fmt.Sprintf("%.1f", cpu), what, humanBytes(rss), strconv.Itoa(restarts), "", uptime}
 }
 
 // selected follows the selection: the log panel tails the selected
