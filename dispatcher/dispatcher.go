@@ -109,6 +109,15 @@ type Options struct {
 	// Run then reaps any child that exits, and kills at its end any child
 	// left.
 	Subreaper bool
+	// FailUnready makes Run stop the workers and return ErrNotReady
+	// when no worker is ready ready_timeout after the start, as systemd
+	// fails a Type=notify service that never sends READY=1
+	// (TimeoutStartSec=, which the generator derives from
+	// ready_timeout). cohort run sets it, so that a container whose app
+	// cannot start exits non-zero and its runtime restarts it with its
+	// own backoff; after the first READY=1, exits are restarted as
+	// always.
+	FailUnready bool
 	// LoadTimeout bounds a reload's reading of the app: Load, the
 	// environment files, the command's lookup. A reload that takes longer
 	// fails and the old workers keep serving; the read goes on off the
@@ -123,12 +132,18 @@ type Options struct {
 // an App built without config's validation can have one.
 var errUnknownMode = errors.New("unknown mode")
 
+// ErrNotReady is what Run returns, with Options.FailUnready, when no
+// worker was ready ready_timeout after the start.
+var ErrNotReady = errors.New("no worker ready")
+
 // Run supervises opt.App's workers until ctx is cancelled or, with
 // HandleSignals, a SIGTERM or SIGINT arrives; then it stops them
 // gracefully (stop_signal, stop_timeout, SIGKILL) and returns nil once all
 // have been reaped. It returns an error without starting any worker when
 // the options are unusable (no command, command not found, an environment
-// file that cannot be read, a mode it does not implement).
+// file that cannot be read, a mode it does not implement), and, with
+// FailUnready, one wrapping ErrNotReady after it stopped workers of which
+// none became ready.
 //
 // Run locks its goroutine to one OS thread for its whole life: workers are
 // forked from that thread, whose exit would deliver their
@@ -240,6 +255,7 @@ type dispatcher struct {
 	stopping      bool
 	restarts      int
 	foreign       int
+	failed        error // why Run fails once the workers have ended (FailUnready)
 }
 
 // execResult is what a worker's exec-status pipe said: "" when the
@@ -448,7 +464,7 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			if d.opt.Subreaper {
 				d.endOrphans(2 * time.Second)
 			}
-			return nil
+			return d.failed
 		}
 		timer.Reset(d.nextDeadline(now).Sub(now))
 	}
@@ -683,6 +699,11 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 // the status line changes.
 func (d *dispatcher) report(now time.Time) {
 	ready := d.readyCount()
+	if d.opt.FailUnready && !d.sentReady && !d.stopping && ready == 0 && !now.Before(d.readyDeadline) {
+		d.failed = fmt.Errorf("app %s: %w after ready_timeout (%s)", d.app.Name, ErrNotReady, d.app.ReadyTimeout)
+		d.stop(fmt.Sprintf("no worker ready after ready_timeout %s", d.app.ReadyTimeout))
+		return
+	}
 	var msgs []string
 	if !d.sentReady && !d.stopping && ready > 0 {
 		switch {

@@ -1,6 +1,8 @@
 package dispatcher
 
 import (
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -141,4 +143,52 @@ sleep 1000 & wait`)
 			}
 		})
 	}
+}
+
+// TestFailUnready: with FailUnready (cohort run), an app of which no
+// worker is ready within ready_timeout is stopped and Run returns
+// ErrNotReady, as systemd fails a service that never sends READY=1;
+// one that became ready keeps running while its workers crash.
+func TestFailUnready(t *testing.T) {
+	t.Parallel()
+	run := func(t *testing.T, app *appfile.App, timeout time.Duration) (string, error) {
+		l, _ := tcpListener(t, "http")
+		logs := &testsync.Buffer{}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		err := Run(ctx, Options{App: app, Listeners: []*os.File{l}, Stdout: logs, Stderr: logs, RuntimeDir: t.TempDir(), FailUnready: true})
+		return logs.String(), err
+	}
+	t.Run("crashes at start", func(t *testing.T) {
+		t.Parallel()
+		app := shApp(t, "exit 3")
+		app.Ready = appfile.Readiness{Kind: appfile.ReadyNotify}
+		app.ReadyTimeout = 500 * time.Millisecond
+		start := time.Now()
+		logs, err := run(t, app, 20*time.Second)
+		if !errors.Is(err, ErrNotReady) {
+			t.Fatalf("Run: %v, want ErrNotReady\n%s", err, logs)
+		}
+		if took := time.Since(start); took > 10*time.Second {
+			t.Errorf("Run returned after %s, want soon after ready_timeout", took)
+		}
+		if !strings.Contains(logs, "stopping (no worker ready after ready_timeout 500ms)") {
+			t.Errorf("no stop line:\n%s", logs)
+		}
+	})
+	t.Run("crashes once ready", func(t *testing.T) {
+		t.Parallel()
+		// Ready at exec, then a crash every 100ms: restarted, not failed;
+		// the context ends the run (nil) long after ready_timeout.
+		app := shApp(t, "sleep 0.1; exit 3")
+		app.ReadyTimeout = 300 * time.Millisecond
+		app.Restart.Max = 100 * time.Millisecond
+		logs, err := run(t, app, 2*time.Second)
+		if err != nil {
+			t.Fatalf("Run: %v\n%s", err, logs)
+		}
+		if n := strings.Count(logs, "exited with status 3"); n < 3 {
+			t.Errorf("%d crashes seen, want restarts after ready_timeout:\n%s", n, logs)
+		}
+	})
 }

@@ -46,7 +46,11 @@ type Container struct {
 	cg      *cgroupSet    // the container's subtree
 	execCg  *cgroupSet    // leaf for commands run through nsenter
 	share   string        // host side of ShareDir
-	console string        // nspawn's output: the container's console
+	console string        // nspawn's output: the container's console (with RunImage, its PID 1's stderr)
+	stdout  string        // with RunImage, its PID 1's stdout
+	// initComm is the name PID 1 runs as: "systemd" (Boot), or what
+	// RunImage started.
+	initComm string
 
 	mu      sync.Mutex
 	watched []string
@@ -71,9 +75,10 @@ func Boot(t testing.TB, r Release) *Container {
 	name := fmt.Sprintf("%s%d-%d-%s", cgroupPrefix, os.Getpid(), containerSeq.Add(1), r.Name)
 	c := &Container{
 		Release: r, Name: name, t: t,
-		exited:  make(chan struct{}),
-		share:   share,
-		console: filepath.Join(logs, "console.log"),
+		exited:   make(chan struct{}),
+		share:    share,
+		console:  filepath.Join(logs, "console.log"),
+		initComm: "systemd",
 	}
 	cg, err := newCgroupSet(name)
 	if err != nil {
@@ -145,7 +150,7 @@ exec "$@"`
 }
 
 // waitInit finds the container's PID 1 among the processes of its cgroup:
-// the one whose pid in its own namespace is 1, once it runs systemd.
+// the one whose pid in its own namespace is 1, once it runs c.initComm.
 func (c *Container) waitInit(ctx context.Context) error {
 	var last error
 	err := poll(ctx, func() error {
@@ -164,8 +169,8 @@ func (c *Container) waitInit(ctx context.Context) error {
 				f := strings.Fields(line)
 				if len(f) >= 3 && f[0] == "NSpid:" && f[len(f)-1] == "1" {
 					comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-					if strings.TrimSpace(string(comm)) != "systemd" {
-						last = fmt.Errorf("container pid 1 (%d) is %q, not systemd yet", pid, strings.TrimSpace(string(comm)))
+					if strings.TrimSpace(string(comm)) != c.initComm {
+						last = fmt.Errorf("container pid 1 (%d) is %q, not %s yet", pid, strings.TrimSpace(string(comm)), c.initComm)
 						return last
 					}
 					c.InitPID = pid
@@ -424,6 +429,10 @@ func (c *Container) diagnose(t testing.TB) {
 	if c.InitPID == 0 {
 		return
 	}
+	if c.initComm != "systemd" {
+		t.Logf("%s: PID 1's stdout:\n%s\nits stderr:\n%s", c.Name, tail(readString(c.stdout), 80), c.consoleTail(80))
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	show := func(what string, args ...string) {
@@ -442,8 +451,16 @@ func (c *Container) diagnose(t testing.TB) {
 }
 
 func (c *Container) consoleTail(n int) string {
-	b, _ := os.ReadFile(c.console)
-	return tail(string(b), n)
+	return tail(readString(c.console), n)
+}
+
+// readString is the content of the file path, "" when it cannot be read.
+func readString(path string) string {
+	if path == "" {
+		return ""
+	}
+	b, _ := os.ReadFile(path)
+	return string(b)
 }
 
 // cleanup diagnoses a failed test, powers the container off (SIGTERM to

@@ -21,13 +21,20 @@ import (
 // line that says how the count was reached.
 func runInCgroup(t *testing.T, dir string) (workerLines []string, status string) {
 	t.Helper()
+	return runInCgroupVia(t, dir, nil)
+}
+
+// runInCgroupVia is runInCgroup with cohort run started through via (an
+// argv prefix that execs the rest) once in the cgroup.
+func runInCgroupVia(t *testing.T, dir string, via []string) (workerLines []string, status string) {
+	t.Helper()
 	outPath := filepath.Join(t.TempDir(), "stdout")
 	out, err := os.Create(outPath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer out.Close()
-	via := []string{"/bin/sh", "-c", `echo $$ > "$0/cgroup.procs" && exec "$@"`, dir}
+	via = append([]string{"/bin/sh", "-c", `echo $$ > "$0/cgroup.procs" && exec "$@"`, dir}, via...)
 	p := startCohortProcVia(t, out, via, "--listen", "127.0.0.1:0", "--workers", "auto", "--ready", "exec", "--name", "cg",
 		"--", "/bin/sh", "-c", `echo "cpus=$COHORT_CPUS"; exec sleep 60`)
 	p.port(t)

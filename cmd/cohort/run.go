@@ -61,7 +61,8 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	defer inst.release()
 	fmt.Fprintf(env.stderr, "%s | control socket: %s (cohort status %s)\n", logline.Dispatcher(app.Name), filepath.Join(inst.dir, control.SocketName), app.Name)
 
-	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, Color: colorTerminal(env.stdout), NodePreload: nodePreloadFile()}
+	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true,
+		Color: colorTerminal(env.stdout), NodePreload: nodePreloadFile()}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {

@@ -1,9 +1,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"runtime"
 	"syscall"
@@ -31,11 +31,29 @@ const runChildEnv = "COHORT_RUN_CHILD"
 //     they started is reparented to the parent, a subreaper too, which
 //     kills it all once the child has exited.
 //
+// As PID 1 of a container (docker, podman, Kubernetes, systemd-nspawn
+// without --boot) the parent is the namespace's init: every process
+// orphaned in the container is reparented to it, not only the
+// dispatcher's. Those are mostly left by `docker exec`/`kubectl exec`
+// sessions (the dispatcher, a subreaper, is the nearer reaper of
+// everything its workers leave). So the parent reaps any child of its
+// own, any time, with wait4(-1) — which can never take a worker's exit
+// status from the dispatcher: workers are the child's children, not the
+// parent's. That is the reason for the split (tini's), rather than one
+// process that is both init and supervisor, where a wait4(-1) would race
+// the supervisor's own waits. Orphans are only reaped while the child
+// runs, not killed: they are not cohort's; once the child has exited,
+// whatever is left is killed (the container ends anyway). Outside a
+// container the same code runs: as a subreaper the parent gets orphans
+// only after the child has died, and reaping them at once is right
+// there too.
+//
 // The child runs in a process group of its own, so a Ctrl-C reaches it
 // once, forwarded by the parent: SIGINT, SIGTERM, SIGHUP (reload) and
-// SIGQUIT are passed on. The child's stdin, stdout and stderr are the
-// parent's; the parent writes nothing after it started, and exits with
-// the child's status (128+N when a signal N ended it).
+// SIGQUIT are passed on (as PID 1, a signal without a handler would be
+// dropped by the kernel; these have one). The child's stdin, stdout and
+// stderr are the parent's; the parent writes nothing after it started,
+// and exits with the child's status (128+N when a signal N ended it).
 func runParent(args []string) int {
 	// PR_SET_PDEATHSIG fires when the thread that forked the child
 	// exits: fork from this one and keep it.
@@ -43,38 +61,59 @@ func runParent(args []string) int {
 	if err := dispatcher.SetSubreaper(); err != nil {
 		fmt.Fprintf(os.Stderr, "cohort run: %v (processes that escape the workers may survive a kill of the dispatcher)\n", err)
 	}
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPIPE)
+	// SIGCHLD before the fork, so that no exit goes unnoticed.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGCHLD, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPIPE)
 	defer signal.Stop(sigs)
 
-	cmd := exec.Command("/proc/self/exe", args...)
-	cmd.Args[0] = os.Args[0]
-	cmd.Env = append(os.Environ(), runChildEnv+"=1")
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(os.Stderr, "cohort run: %v\n", err)
+	// syscall.ForkExec rather than os/exec: the child is reaped by the
+	// wait4(-1) below, and an exec.Cmd (or os.Process, with its pidfd)
+	// would wait for it a second time.
+	argv := append([]string{os.Args[0]}, args...)
+	child, err := syscall.ForkExec("/proc/self/exe", argv, &syscall.ProcAttr{
+		Env:   append(os.Environ(), runChildEnv+"=1"),
+		Files: []uintptr{0, 1, 2},
+		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM},
+	})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cohort run: start the dispatcher: %v\n", err)
 		return 1
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-wait:
+	var status syscall.WaitStatus
 	for {
-		select {
-		case sig := <-sigs:
-			if sig != syscall.SIGPIPE {
-				cmd.Process.Signal(sig)
-			}
-		case <-done:
-			break wait
+		ws, done := reapChildren(child)
+		if done {
+			status = ws
+			break
+		}
+		switch sig := <-sigs; sig {
+		case syscall.SIGCHLD, syscall.SIGPIPE:
+		default:
+			syscall.Kill(child, sig.(syscall.Signal))
 		}
 	}
 	// The child is gone; whatever of its tree is left has been
 	// reparented here.
 	dispatcher.EndChildren(5 * time.Second)
-	st := cmd.ProcessState
-	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return 128 + int(ws.Signal())
+	if status.Signaled() {
+		return 128 + int(status.Signal())
 	}
-	return st.ExitCode()
+	return status.ExitStatus()
+}
+
+// reapChildren reaps every child of the process that has exited, without
+// waiting; done is true, with its status, once child is among them.
+func reapChildren(child int) (status syscall.WaitStatus, done bool) {
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+		switch {
+		case errors.Is(err, syscall.EINTR):
+			continue
+		case err != nil || pid <= 0: // ECHILD, or none has exited
+			return status, done
+		case pid == child:
+			status, done = ws, true
+		}
+	}
 }
