@@ -124,12 +124,3 @@ func cpuTicks(t *testing.T, pid int) int64 {
 	return u + s
 }
 
-// procState is the state letter of pid.
-func procState(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
-	return f[0]
-}
