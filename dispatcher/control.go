@@ -62,7 +62,7 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	if d.tempDir != "" {
 		d.out.infof("control socket: %s (cohort status --socket %s)", path, path)
 	}
-	h := &ctlHandler{reqs: d.ctl.reqs, supervisor: os.Getpid()}
+	h := &ctlHandler{reqs: d.ctl.reqs, supervisor: os.Getpid(), subreaper: d.opt.Subreaper}
 	d.wg.Go(func() {
 		defer srv.Close()
 		if err := srv.Serve(ctx, h); err != nil {
@@ -77,6 +77,9 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 type ctlHandler struct {
 	reqs       chan<- ctlRequest
 	supervisor int // this process: the subreaper that adopts workers' orphans
+	// subreaper: it is one (Options.Subreaper), so every process of a
+	// worker tree descends from it and usage reads only its descendants.
+	subreaper bool
 
 	mu   sync.Mutex
 	last map[workerKey]cpuSample // each worker's last CPU sample (usage.go)

@@ -46,6 +46,19 @@ type cpuSample struct {
 	at    time.Time
 }
 
+// scan reads the processes usage needs: the dispatcher's descendants
+// when it is the subreaper of the worker trees (a status a second then
+// costs what the workers' processes cost to read, whatever else runs on
+// the host), else every process.
+func (h *ctlHandler) scan(ctx context.Context) (procfs.Table, error) {
+	if h.subreaper {
+		if t, ok, err := procfs.ScanTree(ctx, h.supervisor); ok {
+			return t, err
+		}
+	}
+	return procfs.Scan(ctx)
+}
+
 // usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
 // reads /proc at most twice, for all workers together, and gives up
 // (leaving zeros) when ctx or usageTimeout ends.
@@ -62,7 +75,7 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
 	}
 	measure := func() ([]procfs.Usage, time.Time, bool) {
-		t, err := procfs.Scan(ctx)
+		t, err := h.scan(ctx)
 		at := time.Now()
 		if err != nil {
 			return nil, at, false

@@ -4,13 +4,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/internal/testproc"
+	"github.com/cohort-dev/cohort/internal/testsync"
 	"github.com/cohort-dev/cohort/internal/testterm"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
@@ -24,18 +28,45 @@ import (
 func TestMonitInTerminal(t *testing.T) {
 	py := testtool.System(t, "python3")
 	script, _ := filepath.Abs(filepath.Join("..", "..", "examples", "python", "shared_worker.py"))
+	// The binary as users get it: the CPU figures of this race-built test
+	// binary would say nothing.
+	bin := filepath.Join(t.TempDir(), "cohort")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
 	// A name of its own, and monit shown only it: other apps on this host
 	// (another test's) are not this test's to scale.
 	app := fmt.Sprintf("mon%d", os.Getpid())
-	p := startCohortProc(t, nil, "--listen", "http=127.0.0.1:0", "--workers", "2", "--ready", "notify", "--name", app, "--", py, script)
-	p.port(t)
-	root := ""
-	for _, kv := range p.cmd.Env {
-		if v, ok := strings.CutPrefix(kv, "COHORT_TEST_RUNTIME_ROOT="); ok {
-			root = v
-		}
+	mark := "COHORT_TEST_MARK=" + t.TempDir()
+	run := exec.Command(bin, "run", "--listen", "http=127.0.0.1:0", "--workers", "2", "--ready", "notify", "--name", app, "--", py, script)
+	run.Env = append(os.Environ(), mark)
+	var runErr testsync.Buffer
+	run.Stderr = &runErr
+	if err := run.Start(); err != nil {
+		t.Fatal(err)
 	}
-	sock := filepath.Join(root, app, control.SocketName)
+	reaped := make(chan struct{})
+	go func() { run.Wait(); close(reaped) }()
+	t.Cleanup(func() {
+		run.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-reaped:
+		case <-time.After(20 * time.Second):
+			run.Process.Kill()
+			<-reaped
+		}
+		testproc.KillMarked(mark)
+		if t.Failed() {
+			t.Logf("cohort run:\n%s", runErr.String())
+		}
+	})
+	var sock string
+	testsync.WaitFor(t, 30*time.Second, "cohort run's control socket", func() bool {
+		if m := controlRE.FindStringSubmatch(runErr.String()); m != nil {
+			sock = m[1]
+		}
+		return sock != ""
+	})
 	st := waitStatus(t, sock, func(st *control.Status) bool { return strings.HasPrefix(st.Line, "2/2 workers ready") })
 	dispatcher := st.PID
 
@@ -45,11 +76,7 @@ func TestMonitInTerminal(t *testing.T) {
 	time.Sleep(window)
 	idle = cpuTicks(t, dispatcher) - idle
 
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pane := testterm.Start(t, 150, 40, []string{"COHORT_TEST_MAIN=1", "COHORT_TEST_RUNTIME_ROOT=" + root}, self, "monit", app)
+	pane := testterm.Start(t, 150, 40, nil, bin, "monit", app)
 	pane.WaitFor(t, 20*time.Second, app+".0", app+".1", "2/2 ready · gen 1 · shared", "cohort monit")
 	monit := pane.PID(t)
 	before, monitBefore := cpuTicks(t, dispatcher), cpuTicks(t, monit)
@@ -59,12 +86,12 @@ func TestMonitInTerminal(t *testing.T) {
 	pct := func(ticks int64) float64 { return float64(ticks) / hz / window.Seconds() * 100 }
 	t.Logf("over %v: dispatcher idle %d ticks (%.2f%% CPU), with monit at 1s %d ticks (%.2f%%); monit itself %d ticks (%.2f%% CPU)",
 		window, idle, pct(idle), watched, pct(watched), monitUsed, pct(monitUsed))
-	if pct(monitUsed) >= 2 {
+	switch {
+	case pct(monitUsed) >= 2:
 		t.Errorf("monit used %.2f%% of a CPU, want < 2%%", pct(monitUsed))
-	}
-	// A status a second reads /proc for two workers: a few ms a
-	// second at most; more than 0.5 % of a CPU would be measurable.
-	if pct(watched-idle) > 0.5 {
+	case pct(watched-idle) > 0.5:
+		// A status a second reads /proc for two workers: a few ms a
+		// second at most; more than 0.5 % of a CPU would be measurable.
 		t.Errorf("the dispatcher used %.2f%% of a CPU more with monit watching", pct(watched-idle))
 	}
 

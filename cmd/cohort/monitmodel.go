@@ -81,12 +81,16 @@ func (m *monitModel) update(now time.Time, apps []monitApp) {
 }
 
 // current is each slot's newest process: during a replacement the
-// status lists the retiring worker and its candidate under one index.
+// status lists the retiring worker and its candidate under one index
+// (of one generation when only that worker is restarted), so the one
+// started last is the slot's.
 func current(st *control.Status) []control.Worker {
 	var out []control.Worker
 	for _, w := range st.Workers {
 		if n := len(out); n > 0 && out[n-1].Index == w.Index {
-			out[n-1] = w
+			if !w.Started.Before(out[n-1].Started) {
+				out[n-1] = w
+			}
 			continue
 		}
 		out = append(out, w)

@@ -55,8 +55,12 @@ func TestMonitEvents(t *testing.T) {
 	}
 	// During a replacement the candidate (listed after the retiring
 	// worker of the same index) is the slot's current one.
-	if c := current(st(1, 1, w(0, 5, 1, 0, 0), w(0, 6, 2, 0, 0), w(1, 7, 1, 0, 0))); len(c) != 2 || c[0].PID != 6 {
-		t.Errorf("current: %+v", c)
+	old, cand := w(0, 5, 1, 0, 0), w(0, 6, 1, 0, 0)
+	old.Started, cand.Started = at, at.Add(time.Second)
+	for _, order := range [][]control.Worker{{old, cand}, {cand, old}} {
+		if c := current(st(1, 1, append(order, w(1, 7, 1, 0, 0))...)); len(c) != 2 || c[0].PID != 6 {
+			t.Errorf("current of %v: %+v", order, c)
+		}
 	}
 }
 

@@ -199,7 +199,7 @@ func TestPID1Stop(t *testing.T) {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
 	b, _ := os.ReadFile(outPath)
-	for _, want := range []string{"[pid1.0] hello from 0\n", "[pid1.1] hello from 1\n", "[pid1.0] bye from 0\n", "[pid1.1] bye from 1\n"} {
+	for _, want := range []string{"pid1.0 | hello from 0\n", "pid1.1 | hello from 1\n", "pid1.0 | bye from 0\n", "pid1.1 | bye from 1\n"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("stdout lacks %q:\n%s", want, b)
 		}
