@@ -125,6 +125,10 @@ type App struct {
 	// generator sizes journald's per-unit limit from it.
 	LogRateLimit LogRateLimit
 
+	// Recycle is when a serving worker is replaced by a fresh one, the
+	// way a reload replaces a slot ([recycle]); zero values are off.
+	Recycle Recycle
+
 	Enable    bool
 	Hardening string
 
@@ -184,6 +188,35 @@ type LogRateLimit struct {
 
 // Off says whether there is no limit.
 func (l LogRateLimit) Off() bool { return l.Interval == 0 || l.Burst == 0 }
+
+// Recycle is the [recycle] table: the policies that replace a worker
+// that has grown, aged or served enough, without dropping a request (a
+// new worker starts and is ready before the old one drains). Zero
+// fields are off.
+type Recycle struct {
+	// Memory recycles a worker whose memory (its cgroup's
+	// memory.current, else its process tree's RSS) is above this many
+	// bytes; MemoryInterval is how often it is sampled.
+	Memory         uint64
+	MemoryInterval time.Duration
+	// MaxLifetime recycles a worker that has run this long, plus a
+	// random part of LifetimeJitter drawn for each worker, so that
+	// workers started together do not all go at once.
+	MaxLifetime    time.Duration
+	LifetimeJitter time.Duration
+	// MaxConnections recycles, in round-robin mode (the only one where
+	// the dispatcher hands the connections and can count them), a worker
+	// that was handed this many connections, plus a random part of
+	// ConnectionsJitter drawn for each worker.
+	MaxConnections    int
+	ConnectionsJitter int
+	// MinInterval is the least time from the end of one recycle to the
+	// start of the next. Recycles run one at a time in any case.
+	MinInterval time.Duration
+}
+
+// On says whether any recycle policy is set.
+func (r Recycle) On() bool { return r.Memory > 0 || r.MaxLifetime > 0 || r.MaxConnections > 0 }
 
 // Readiness says when a worker counts as ready.
 type Readiness struct {
@@ -294,6 +327,16 @@ const (
 	// a generator run (and systemd's load of the units) well under a
 	// second.
 	MaxReusePortSockets = 1024
+	// DefaultRecycleMemoryInterval is how often [recycle] memory is
+	// sampled; MinRecycleMemoryInterval bounds it below (each sample
+	// reads every worker's /proc or cgroup files).
+	DefaultRecycleMemoryInterval = 5 * time.Second
+	MinRecycleMemoryInterval     = 100 * time.Millisecond
+	// DefaultRecycleMinInterval is the least time between two recycles.
+	DefaultRecycleMinInterval = 10 * time.Second
+	// MaxRecycleConnections bounds [recycle] max_connections and its
+	// jitter.
+	MaxRecycleConnections = 1 << 40
 	// MaxDirectives is how many directives one pass-through table
 	// ([unit], [service], [socket]) may add, counting array items.
 	MaxDirectives = 256
@@ -323,6 +366,10 @@ func New(name string) *App {
 		AckTimeout:  DefaultAckTimeout,
 		Balance:     BalanceRoundRobin,
 		Hardening:   HardeningDefault,
+		Recycle: Recycle{
+			MemoryInterval: DefaultRecycleMemoryInterval,
+			MinInterval:    DefaultRecycleMinInterval,
+		},
 		LogRateLimit: LogRateLimit{
 			Interval: DefaultLogRateLimitInterval,
 			Burst:    DefaultLogRateLimitBurst,

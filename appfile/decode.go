@@ -236,9 +236,11 @@ var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
-	listenKeys  = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
+	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
+		"max_connections", "max_connections_jitter", "min_interval"}
+	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
 		"socket_user", "socket_group", "socket_mode"}
 )
 
@@ -323,6 +325,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
 		case "restart":
 			d.restart(k, v, &app.Restart)
+		case "recycle":
+			d.recycle(k, v, &app.Recycle)
 		case "watchdog":
 			app.Watchdog = d.duration(k, v, 0)
 		case "reload_batch":
@@ -646,6 +650,85 @@ func (d *decoder) restart(path string, v any, r *Restart) {
 	if r.Initial > r.Max {
 		d.errorAt(path, "", "restart: initial (%v) is longer than max (%v)", r.Initial, r.Max)
 	}
+}
+
+// recycle reads the [recycle] table. What depends on other keys (the
+// mode, for max_connections) is checked in validate.
+func (d *decoder) recycle(path string, v any, r *Recycle) {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "recycle: want a table ([recycle]), got %s", typeName(v))
+		return
+	}
+	conns := fmt.Sprintf("a number of connections from 1 to %d", MaxRecycleConnections)
+	for _, k := range d.sortedKeys(path, m) {
+		kp := joinPath(path, k)
+		switch k {
+		case "memory":
+			r.Memory = d.size(kp, m[k])
+		case "memory_interval":
+			t := d.duration(kp, m[k], r.MemoryInterval)
+			if t < MinRecycleMemoryInterval {
+				d.errorAt(kp, "", "memory_interval: want at least %s, got %s", MinRecycleMemoryInterval, t)
+				break
+			}
+			r.MemoryInterval = t
+		case "max_lifetime":
+			r.MaxLifetime = d.duration(kp, m[k], 0)
+		case "max_lifetime_jitter":
+			r.LifetimeJitter, _, _ = d.durationText(kp, m[k], `"1h" or "0s"`)
+		case "max_connections":
+			r.MaxConnections, _ = d.integer(kp, m[k], 1, MaxRecycleConnections, conns)
+		case "max_connections_jitter":
+			r.ConnectionsJitter, _ = d.integer(kp, m[k], 0, MaxRecycleConnections, fmt.Sprintf("a number of connections from 0 to %d", MaxRecycleConnections))
+		case "min_interval":
+			dur, s, ok := d.durationText(kp, m[k], `"10s" or "0s"`)
+			if ok && dur > MaxDuration {
+				d.errorAt(kp, "", "min_interval: %q is longer than the longest duration cohort accepts, %s", s, maxDurationText)
+				break
+			}
+			if ok {
+				r.MinInterval = dur
+			}
+		default:
+			d.unknown(kp, k, recycleKeys)
+		}
+	}
+	if r.LifetimeJitter > MaxDuration {
+		d.errorAt(joinPath(path, "max_lifetime_jitter"), "", "max_lifetime_jitter is longer than the longest duration cohort accepts, %s", maxDurationText)
+		r.LifetimeJitter = 0
+	}
+	// A modifier without its policy is a mistake the user would not see
+	// otherwise: nothing would be recycled. (Sorted for file order.)
+	for _, p := range [][2]string{{"max_connections_jitter", "max_connections"}, {"max_lifetime_jitter", "max_lifetime"}, {"memory_interval", "memory"}} {
+		_, mod := m[p[0]]
+		_, base := m[p[1]]
+		if mod && !base {
+			d.errorAt(joinPath(path, p[0]), "", "%s applies only with %s, which is not set", p[0], p[1])
+		}
+	}
+}
+
+// size reads a memory size: a string as systemd writes MemoryMax=
+// ("400M"), or an integer number of bytes. It returns 0 after an error.
+func (d *decoder) size(path string, v any) uint64 {
+	switch val := v.(type) {
+	case int64:
+		if val < 1 || uint64(val) > MaxSize {
+			d.errorAt(path, "", "%s: want a size such as \"400M\" or a number of bytes from 1 to %d, got %d", label(path), MaxSize, val)
+			return 0
+		}
+		return uint64(val)
+	case string:
+		b, err := ParseSize(val)
+		if err != nil {
+			d.errorAt(path, "", "%s: %v", label(path), err)
+			return 0
+		}
+		return b
+	}
+	d.errorAt(path, "", "%s: want a size such as \"400M\", got %s", label(path), typeName(v))
+	return 0
 }
 
 func (d *decoder) listeners(path string, v any) []Listener {

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 )
 
@@ -62,7 +63,7 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 	if d.tempDir != "" {
 		d.out.infof("control socket: %s (cohort status --socket %s)", path, path)
 	}
-	h := &ctlHandler{reqs: d.ctl.reqs, supervisor: os.Getpid(), subreaper: d.opt.Subreaper}
+	h := &ctlHandler{reqs: d.ctl.reqs, supervisor: os.Getpid()}
 	d.wg.Go(func() {
 		defer srv.Close()
 		if err := srv.Serve(ctx, h); err != nil {
@@ -77,9 +78,6 @@ func (d *dispatcher) serveControl(ctx context.Context, dir string) {
 type ctlHandler struct {
 	reqs       chan<- ctlRequest
 	supervisor int // this process: the subreaper that adopts workers' orphans
-	// subreaper: it is one (Options.Subreaper), so every process of a
-	// worker tree descends from it and usage reads only its descendants.
-	subreaper bool
 
 	mu   sync.Mutex
 	last map[workerKey]cpuSample // each worker's last CPU sample (usage.go)
@@ -224,6 +222,10 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		PID:         os.Getpid(),
 		ConfigError: d.fileProblem,
 		CPUs:        control.CPUs{Count: d.limit.Count(), How: d.limit.String(), WorkersAuto: d.app.Workers.Auto},
+		Recycles:    d.rec.total,
+	}
+	if d.app.Recycle.Memory > 0 {
+		st.RecycleMemory = fmt.Sprintf("over %s, %s", appfile.FormatSize(d.app.Recycle.Memory), d.rec.source)
 	}
 	switch {
 	case d.stopping:
@@ -239,7 +241,7 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	add := func(s *slot, w *worker) {
 		// A slot in backoff shows its last process's generation (the
 		// current one when it never had a process).
-		cw := control.Worker{Index: s.index, Restarts: s.restarts, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
+		cw := control.Worker{Index: s.index, Restarts: s.restarts, Recycles: s.recycles, LastRecycle: s.lastRecycle, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status

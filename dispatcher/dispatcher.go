@@ -240,8 +240,12 @@ type dispatcher struct {
 	readersMu sync.Mutex
 	readers   map[*os.File]struct{} // pipes being read by goroutines
 
-	ctl  ctlState    // reloads and control requests (reload.go, control.go)
-	orph orphanState // with Options.Subreaper (orphans.go)
+	ctl ctlState     // reloads and control requests (reload.go, control.go)
+	rec recycleState // [recycle] (recycle.go)
+	// readMemory reads workers' memory for [recycle] memory, off the
+	// loop (recycle.go's seam: treeRSS until cgroups plug in).
+	readMemory memoryReader
+	orph       orphanState // with Options.Subreaper (orphans.go)
 
 	fileCh      chan string // the app file's first problem, from watchAppFile
 	fileProblem string      // "" while the app file validates
@@ -292,6 +296,10 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.self == "" {
 		d.self = "/proc/self/exe"
 	}
+	// Without per-worker cgroups, what there is to read is the process
+	// trees' RSS (issue 17, item 4's fallback).
+	d.readMemory = treeRSS(os.Getpid())
+	d.rec.source = "each worker's process-tree RSS from /proc (no per-worker cgroup)"
 	d.out = openOutput(app, opt)
 	defer func() {
 		if err != nil {
@@ -448,6 +456,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 			d.onLoaded(res, time.Now())
 		case p := <-d.fileCh:
 			d.onFileProblem(p)
+		case cs := <-d.samplerCauses():
+			d.onRecycleCauses(cs)
 		case <-timer.C:
 		case <-done:
 			done = nil
@@ -459,6 +469,12 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		d.fireDeadlines(now)
 		d.stepReplace(now)
 		d.report(now)
+		// After report, which may have just sent the first READY=1: a
+		// lifetime that came due before it must not wait for another
+		// event (recycleWake leaves past times out).
+		if d.stepRecycle(now) {
+			d.report(now)
+		}
 		if d.stopping && len(d.procs) == 0 {
 			d.out.infof("all workers ended")
 			if d.opt.Subreaper {
@@ -689,6 +705,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 		consider(s.restartAt)
 	}
 	consider(d.wdNext)
+	consider(d.recycleWake(now))
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)
 	}
@@ -750,6 +767,9 @@ func (d *dispatcher) statusLine(now time.Time) string {
 		return b.String()
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
+	if n := d.rec.total; n > 0 {
+		fmt.Fprintf(&b, " · %d recycle%s", n, plural(n))
+	}
 	b.WriteString(d.replaceStatus())
 	b.WriteString(d.mode.status(len(d.slots)))
 	var sick []int
@@ -812,6 +832,7 @@ func (d *dispatcher) observe(e Event) {
 	}
 	e.Restarts = d.restarts
 	e.Status = d.lastStatus
+	e.Serving = d.readyCount()
 	d.opt.Observe(e)
 }
 

@@ -94,6 +94,17 @@
 // doubles from Restart.Initial up to Restart.Max and is reset by a worker
 // that ran at least Restart.MinUptime.
 //
+// # Recycling
+//
+// With a [recycle] table, a ready worker that is over its memory
+// threshold, has run max_lifetime (+ jitter) or, in round-robin mode,
+// was handed max_connections (+ jitter) is replaced the way
+// restart-worker replaces one: the new worker is ready before the old
+// one drains. One recycle runs at a time, min_interval apart, and never
+// during a reload (recycle.go). Memory is sampled off the loop through a
+// memoryReader: each worker's process-tree RSS until per-worker cgroups
+// provide memory.current.
+//
 // # Modes
 //
 // The three modes are one interface (mode.go): the supervisor calls its

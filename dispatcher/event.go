@@ -20,12 +20,14 @@ const (
 	Ready                                  // READY=1 was sent to systemd
 	Stopping                               // the dispatcher began to stop (STOPPING=1)
 	WorkerUnhealthy                        // a ready worker failed its round-robin channel and is being replaced
+	WorkerRecycled                         // a ready worker is being recycled ([recycle]); Reason says why
 )
 
 var kindNames = map[EventKind]string{
 	WorkerStarted: "worker-started", WorkerReady: "worker-ready", WorkerExited: "worker-exited",
 	WorkerSpawnFailed: "worker-spawn-failed", WorkerWatchdog: "worker-watchdog",
 	ForeignNotify: "foreign-notify", Ready: "ready", Stopping: "stopping", WorkerUnhealthy: "worker-unhealthy",
+	WorkerRecycled: "worker-recycled",
 }
 
 // String returns the kind's name, e.g. "worker-exited".
@@ -55,4 +57,11 @@ type Event struct {
 
 	Foreign int    // for ForeignNotify: datagrams ignored so far
 	Status  string // the STATUS= line at the time of the event
+	// Reason is, for WorkerRecycled, why ("memory 512M > 400M"); for
+	// WorkerExited, "recycled (…)" when the worker was retired by one.
+	Reason string
+	// Serving is how many slots had a ready current worker when the
+	// event happened (a worker being recycled serves until its
+	// replacement does).
+	Serving int
 }

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -64,7 +65,9 @@ func TestMain(m *testing.M) {
 //	HELPER_DIE_FILE=file  serve one connection at a time (helperSequential),
 //	                      and SIGKILL itself once file exists
 //	HELPER_SIGNAL_FILE=file  append "<pid> <signal>" to file on SIGUSR2 or SIGHUP
+//	HELPER_GROW=N      hold N MiB more, touched, from the start
 //
+// "/grow?mb=N" makes it hold N MiB more (resident: every page touched).
 // It answers "/" with its identity, "/slow?ms=N" after N ms (printing
 // "slow-start" first), and stops gracefully on SIGTERM.
 func helperWorker() int {
@@ -95,7 +98,26 @@ func helperWorker() int {
 	if d, err := time.ParseDuration(os.Getenv("HELPER_START_DELAY")); err == nil {
 		time.Sleep(d)
 	}
+	var held [][]byte
+	var heldMu sync.Mutex
+	grow := func(mb int) {
+		b := make([]byte, mb<<20)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1
+		}
+		heldMu.Lock()
+		held = append(held, b)
+		heldMu.Unlock()
+	}
+	if mb, err := strconv.Atoi(os.Getenv("HELPER_GROW")); err == nil && mb > 0 {
+		grow(mb)
+	}
 	mux := http.NewServeMux()
+	mux.HandleFunc("/grow", func(w http.ResponseWriter, r *http.Request) {
+		mb, _ := strconv.Atoi(r.URL.Query().Get("mb"))
+		grow(min(max(mb, 0), 1024))
+		fmt.Fprintf(w, "grown pid=%d mb=%d\n", os.Getpid(), mb)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "worker=%s pid=%d gen=%s listen_pid=%s notify=%s watchdog_usec=%s fdnames=%s\n",
 			os.Getenv("COHORT_WORKER"), os.Getpid(), os.Getenv("COHORT_GENERATION"), listenPID,

@@ -36,6 +36,7 @@ type replaceKind int
 const (
 	kindReload        replaceKind = iota // a new generation from the re-read app file
 	kindRestartWorker                    // one slot, same generation
+	kindRecycle                          // one slot, same generation, for a [recycle] policy (recycle.go)
 )
 
 // spec is what a generation of workers is started from: everything fork
@@ -65,6 +66,7 @@ type replacement struct {
 	waiters  []report           // who waits for the result (control requests)
 	failedBy map[*worker]string // how a candidate ended, recorded at its exit
 	batchMax int                // reload_batch
+	cause    string             // a recycle's: "memory 512M > 400M"
 }
 
 // ctlState is the dispatcher's part of reloads and the control socket;
@@ -83,6 +85,9 @@ type ctlState struct {
 // reload cannot change ([[listen]], mode). done, if not nil, is called
 // once with the result when the reload has finished.
 func (d *dispatcher) startReload(why string, now time.Time, done report) {
+	if d.sentReady && !d.stopping {
+		d.yieldRecycle("a reload ("+why+")", now)
+	}
 	if d.stopping {
 		done.send(errors.New("reload refused: the dispatcher is stopping"))
 		return
@@ -162,6 +167,10 @@ func (d *dispatcher) startRestartWorker(index int, now time.Time, done report) {
 	case d.stopping:
 		done.send(errors.New("restart-worker refused: the dispatcher is stopping"))
 		return
+	case index >= 0 && index < len(d.slots):
+		d.yieldRecycle(fmt.Sprintf("a restart of worker %d", index), now)
+	}
+	switch {
 	case d.ctl.cur != nil:
 		done.send(fmt.Errorf("restart-worker refused: a %s is running", d.ctl.cur.what()))
 		return
@@ -169,17 +178,23 @@ func (d *dispatcher) startRestartWorker(index int, now time.Time, done report) {
 		done.send(fmt.Errorf("restart-worker: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1))
 		return
 	}
-	r := &replacement{
-		kind: kindRestartWorker, why: fmt.Sprintf("restart of worker %d", index), started: now, prev: d.current(),
-		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
-		todo: []*slot{d.slots[index]}, total: 1, batchMax: 1,
-	}
+	r := d.newReplacement(kindRestartWorker, fmt.Sprintf("restart of worker %d", index), []*slot{d.slots[index]}, now)
 	if done != nil {
 		r.waiters = append(r.waiters, done)
 	}
 	d.ctl.cur = r
 	d.out.infof("restarting worker %d gracefully", index)
 	d.stepReplace(now)
+}
+
+// newReplacement is a replacement of slots, one at a time, in the
+// current generation (restart-worker, a recycle).
+func (d *dispatcher) newReplacement(kind replaceKind, why string, slots []*slot, now time.Time) *replacement {
+	return &replacement{
+		kind: kind, why: why, started: now, prev: d.current(),
+		batch: map[*slot]*worker{}, retiring: map[*worker]bool{}, failedBy: map[*worker]string{},
+		todo: slots, total: len(slots), batchMax: 1,
+	}
 }
 
 func (r *replacement) what() string {
@@ -257,6 +272,12 @@ func (d *dispatcher) swapBatch(r *replacement) {
 		old := s.cur
 		s.cur, s.restartAt = w, time.Time{}
 		r.replaced++
+		if old != nil && r.kind == kindRecycle {
+			old.recycled = "recycled (" + r.cause + ")"
+			s.recycles++
+			s.lastRecycle = r.cause
+			d.rec.total++
+		}
 		if old != nil {
 			d.retire(old, r)
 		}
@@ -321,6 +342,9 @@ func (d *dispatcher) retire(w *worker, r *replacement) {
 // current one: a candidate of a replacement, or a retired worker. Its
 // slot is not restarted.
 func (d *dispatcher) detachedExited(w *worker, how string, uptime time.Duration) {
+	if w.recycled != "" {
+		how = w.recycled + ": " + how
+	}
 	d.out.infof("worker %d (pid %d, generation %d) %s after %s", w.slot.index, w.pid, w.gen, how, uptime.Round(time.Millisecond))
 	r := d.ctl.cur
 	if r == nil {
@@ -357,10 +381,16 @@ func (d *dispatcher) failReplace(err error) {
 	if r.replaced > 0 {
 		err = fmt.Errorf("%w; %d of %d workers had already been replaced and keep running generation %d", err, r.replaced, r.total, d.gen)
 	}
-	if r.kind == kindReload {
+	switch r.kind {
+	case kindReload:
 		d.apply(r.prev)
 		err = fmt.Errorf("reload failed, old workers keep serving: %w", err)
-	} else {
+	case kindRecycle:
+		// A slot whose new workers fail to start is not retried at
+		// once: at least restart's max backoff later.
+		d.rec.nextAt = time.Now().Add(max(d.app.Recycle.MinInterval, d.app.Restart.Max))
+		err = fmt.Errorf("%s failed, the old worker keeps serving (retried in %s at the earliest): %w", r.why, max(d.app.Recycle.MinInterval, d.app.Restart.Max), err)
+	default:
 		err = fmt.Errorf("%s failed, the old worker keeps serving: %w", r.why, err)
 	}
 	for _, done := range r.waiters {
@@ -396,6 +426,9 @@ func (d *dispatcher) finishReplace(now time.Time) {
 	} else {
 		d.out.infof("%s done in %s", r.why, took)
 	}
+	if r.kind == kindRecycle {
+		d.rec.nextAt = now.Add(d.app.Recycle.MinInterval)
+	}
 	for _, done := range r.waiters {
 		done.send(nil)
 	}
@@ -403,6 +436,7 @@ func (d *dispatcher) finishReplace(now time.Time) {
 
 // abortReplace fails a running replacement because the dispatcher stops.
 func (d *dispatcher) abortReplace() {
+	d.yieldRecycle("the stop", time.Now())
 	d.abortLoad()
 	if d.ctl.cur != nil {
 		d.failReplace(errors.New("the dispatcher is stopping"))
@@ -419,6 +453,9 @@ func (d *dispatcher) scale(n int, now time.Time) error {
 	switch {
 	case d.stopping:
 		return errors.New("scale refused: the dispatcher is stopping")
+	}
+	d.yieldRecycle("a scale", now)
+	switch {
 	case d.ctl.cur != nil:
 		return fmt.Errorf("scale refused: a %s is running; try again when it has finished", d.ctl.cur.what())
 	case n < 1 || n > appfile.MaxWorkers:
@@ -508,6 +545,9 @@ func (d *dispatcher) replaceStatus() string {
 	}
 	if r := d.ctl.cur; r != nil && r.kind == kindReload {
 		return fmt.Sprintf(" · reloading: %d/%d replaced", r.replaced, r.total)
+	}
+	if r := d.ctl.cur; r != nil && r.kind == kindRecycle {
+		return " · " + r.why
 	}
 	if d.ctl.lastErr != "" {
 		return " · " + d.ctl.lastErr

@@ -29,6 +29,7 @@ type appFile struct {
 	env            map[string]string
 	addr           string
 	readyTimeout   string
+	recycle        string // the [recycle] table's lines
 }
 
 func (a appFile) toml(t testing.TB) string {
@@ -75,7 +76,9 @@ min_uptime = "1s"
 [[listen]]
 name = "http"
 address = %q
-`, self, a.workers, a.mode, a.readyTimeout, a.batch, env.String(), a.addr)
+
+[recycle]
+%s`, self, a.workers, a.mode, a.readyTimeout, a.batch, env.String(), a.addr, a.recycle)
 }
 
 // reloadFixture is an in-process dispatcher running the app of a file.

@@ -2,8 +2,11 @@ package dispatcher
 
 import (
 	"context"
-	"strconv"
+	"os"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
 )
@@ -46,13 +49,17 @@ type cpuSample struct {
 	at    time.Time
 }
 
-// scan reads the processes usage needs: the dispatcher's descendants
-// when it is the subreaper of the worker trees (a status a second then
-// costs what the workers' processes cost to read, whatever else runs on
-// the host), else every process.
-func (h *ctlHandler) scan(ctx context.Context) (procfs.Table, error) {
-	if h.subreaper {
-		if t, ok, err := procfs.ScanTree(ctx, h.supervisor); ok {
+// scanTrees reads the processes the worker trees of supervisor can hold:
+// only supervisor's descendants when it is this process and the child
+// subreaper (Options.Subreaper: every process of a worker tree then
+// descends from it), so a status a second (cohort monit) costs what the
+// workers' processes cost to read, whatever else runs on the host; else
+// every process.
+func scanTrees(ctx context.Context, supervisor int) (procfs.Table, error) {
+	var sub int32
+	err := unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&sub)), 0, 0, 0)
+	if err == nil && sub != 0 && supervisor == os.Getpid() {
+		if t, ok, err := procfs.ScanTree(ctx, supervisor); ok {
 			return t, err
 		}
 	}
@@ -65,28 +72,13 @@ func (h *ctlHandler) scan(ctx context.Context) (procfs.Table, error) {
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
-	owner := func(pid int) int {
-		v, _ := procfs.EnvValue(pid, WorkerPIDEnv, maxEnviron)
-		n, _ := strconv.Atoi(v)
-		return n
-	}
 	keys := make([]workerKey, len(snap.procs))
 	for i, pid := range snap.procs {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
 	}
 	measure := func() ([]procfs.Usage, time.Time, bool) {
-		t, err := h.scan(ctx)
-		at := time.Now()
-		if err != nil {
-			return nil, at, false
-		}
-		us := make([]procfs.Usage, len(keys))
-		for i, k := range keys {
-			if k.pid != 0 {
-				us[i] = t.Tree(k.pid, h.supervisor, owner)
-			}
-		}
-		return us, at, true
+		us, err := treeUsage(ctx, h.supervisor, snap.procs) // recycle.go: also what [recycle] memory reads
+		return us, time.Now(), err == nil
 	}
 	now, at, ok := measure()
 	if !ok {

@@ -53,13 +53,15 @@ const crashLoopAfter = 3
 // slot is one worker index: it holds the current process, if any, and
 // the restart policy's memory.
 type slot struct {
-	index      int
-	cur        *worker       // nil while waiting for a restart
-	restartAt  time.Time     // when to fork again (zero: not scheduled)
-	delay      time.Duration // the next backoff delay
-	quickExits int           // exits before min_uptime, in a row
-	restarts   int           // restarts of this slot, for status
-	gen        int           // generation of its last process, for status while in backoff
+	index       int
+	cur         *worker       // nil while waiting for a restart
+	restartAt   time.Time     // when to fork again (zero: not scheduled)
+	delay       time.Duration // the next backoff delay
+	quickExits  int           // exits before min_uptime, in a row
+	restarts    int           // restarts of this slot, for status
+	recycles    int           // recycles of this slot (recycle.go), counted apart from restarts
+	lastRecycle string        // why its last recycle was, for status
+	gen         int           // generation of its last process, for status while in backoff
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -87,6 +89,13 @@ type worker struct {
 	probe     probe.Targets  // the sockets ready = "listening" watches, from its mode's start
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
+
+	// [recycle] limits drawn at its fork (recycle.go's drawLimits).
+	recycleAt  time.Time     // max_lifetime + lifeJitter after its start; zero: none
+	lifeJitter time.Duration // the part of max_lifetime_jitter drawn
+	maxConns   uint64        // max_connections + connJitter; 0: none
+	connJitter int           // the part of max_connections_jitter drawn
+	recycled   string        // "recycled (…)" once it was retired by a recycle, for its exit line
 }
 
 // stopProbe ends w's ready = "listening" probe, if one runs.
@@ -263,7 +272,8 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 		s.cur = nil
 	}
 	uptime := now.Sub(w.started)
-	ev := Event{Kind: WorkerExited, Worker: s.index, PID: w.pid, Gen: w.gen, Uptime: uptime, ExitCode: -1}
+	ev := Event{Kind: WorkerExited, Worker: s.index, PID: w.pid, Gen: w.gen, Uptime: uptime, ExitCode: -1, Reason: w.recycled}
+	delete(d.rec.over, w.pid)
 	how := describeExit(ws, w)
 	if ws.Signaled() {
 		ev.Signal = ws.Signal()
@@ -370,6 +380,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 	}
 	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now, probe: ws.probe}
 	w.deadline = now.Add(d.app.ReadyTimeout)
+	drawLimits(w, d.app.Recycle, now)
 	s.cur, s.gen = w, d.gen
 	d.procs[pid] = w
 	tag := workerTag{Index: s.index, PID: pid, Gen: d.gen}

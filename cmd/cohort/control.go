@@ -87,6 +87,9 @@ func fetchStatus(ctx context.Context, path string) (*control.Status, error) {
 func encodeJSON(env *environment, v any) int {
 	enc := json.NewEncoder(env.stdout)
 	enc.SetIndent("", "  ")
+	// For scripts and people, not for HTML: "memory 512M > 400M" stays
+	// as written rather than "\u003e".
+	enc.SetEscapeHTML(false)
 	if enc.Encode(v) != nil {
 		return 1
 	}
@@ -268,8 +271,26 @@ func printAll(env *environment, all []appStatus, now time.Time) {
 	}
 	w.Flush()
 	for _, a := range all {
+		if a.Status != nil {
+			printRecycles(env, a.Name, a.Status)
+		}
+	}
+	for _, a := range all {
 		if a.Status == nil {
 			fmt.Fprintf(env.stdout, "%s: %s\n", a.Name, a.Problem)
+		}
+	}
+}
+
+// printRecycles says, below a table, which workers were recycled and why
+// the last time: recycles are not restarts (RESTARTS counts crashes).
+func printRecycles(env *environment, app string, st *control.Status) {
+	if st.RecycleMemory != "" {
+		fmt.Fprintf(env.stdout, "%s: recycle memory %s\n", app, st.RecycleMemory)
+	}
+	for _, wk := range st.Workers {
+		if wk.Recycles > 0 {
+			fmt.Fprintf(env.stdout, "%s.%d: recycled %d time%s, last: %s\n", app, wk.Index, wk.Recycles, map[bool]string{true: "", false: "s"}[wk.Recycles == 1], wk.LastRecycle)
 		}
 	}
 }
@@ -305,6 +326,7 @@ func printStatus(env *environment, st *control.Status, now time.Time) {
 			wk.Index, pid, wk.Generation, wk.State, uptime, wk.Restarts, conns(rr, wk.Active, wk.Handed), humanBytes(wk.RSS), wk.CPUPercent)
 	}
 	w.Flush()
+	printRecycles(env, st.App, st)
 }
 
 // cpusLine says what workers = "auto" counted and how: "workers auto =

@@ -25,8 +25,8 @@ func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
 		CPUs: control.CPUs{Count: 1, How: "affinity 2, cgroup cpu quota 1.50", WorkersAuto: true},
 		Workers: []control.Worker{
 			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 1, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
-			{Index: 1, Generation: 2, State: "backoff"},
-		}}, nil
+			{Index: 1, Generation: 2, State: "backoff", Recycles: 2, LastRecycle: "memory 512M > 400M"},
+		}, Recycles: 2, RecycleMemory: "over 400M, each worker's process-tree RSS from /proc (no per-worker cgroup)"}, nil
 }
 func (s *stubDispatcher) Reload(ctx context.Context) error { return nil }
 func (s *stubDispatcher) Scale(ctx context.Context, n int) error {
@@ -59,13 +59,15 @@ func TestStatusAndScale(t *testing.T) {
 		"WORKER  PID  GEN  STATE    UPTIME  RESTARTS  CONNS  RSS    CPU%",
 		"0       101  2    ready    1m30s   1         3/500  30.0M  12.5",
 		"1       -    2    backoff  -       0         0/0    -      0.0",
+		"web: recycle memory over 400M, each worker's process-tree RSS from /proc (no per-worker cgroup)\n",
+		"web.1: recycled 2 times, last: memory 512M > 400M\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
 		}
 	}
 	code, out, _ = runCohort(t, nil, "status", "--json", "--socket", srv.Path())
-	if code != 0 || !strings.Contains(out, `"rss_bytes": 31457280`) || !strings.Contains(out, `"how": "affinity 2, cgroup cpu quota 1.50"`) {
+	if code != 0 || !strings.Contains(out, `"rss_bytes": 31457280`) || !strings.Contains(out, `"how": "affinity 2, cgroup cpu quota 1.50"`) || !strings.Contains(out, `"last_recycle": "memory 512M > 400M"`) {
 		t.Errorf("status --json: %d\n%s", code, out)
 	}
 	if code, _, errOut := runCohort(t, nil, "scale", "--socket", srv.Path(), "web", "3"); code != 0 || stub.scaled != 3 {

@@ -114,3 +114,20 @@ func TestUsageAndVersion(t *testing.T) {
 		t.Errorf("check --help: %d %s", code, errOut)
 	}
 }
+
+// TestCheckRecycle: cohort check accepts a [recycle] table and refuses
+// max_connections outside round-robin mode, at its key, saying why.
+func TestCheckRecycle(t *testing.T) {
+	dir := t.TempDir()
+	base := strings.Replace(goodApp, "/bin/app", "/bin/sh", 1)
+	good := writeApp(t, dir, "web.toml", "mode = \"round-robin\"\n"+base+"[recycle]\nmemory = \"400M\"\nmax_lifetime = \"6h\"\nmax_lifetime_jitter = \"30min\"\nmax_connections = 10000\n")
+	if code, out, errOut := runCohort(t, nil, "check", good); code != 0 || errOut != "" {
+		t.Errorf("check with [recycle]: code %d\nstdout %s\nstderr %s", code, out, errOut)
+	}
+	bad := writeApp(t, dir, "api.toml", base+"[recycle]\nmax_connections = 10000\n")
+	code, _, errOut := runCohort(t, nil, "check", bad)
+	want := bad + `:7:1: max_connections applies only to mode = "round-robin": in mode = "shared" the workers accept on their own and the dispatcher cannot count their connections (use max_lifetime or memory)` + "\n"
+	if code != 1 || errOut != want {
+		t.Errorf("check max_connections in shared mode: code %d\nstderr %s\nwant   %s", code, errOut, want)
+	}
+}

@@ -105,8 +105,13 @@ type Status struct {
 	// validate (the dispatcher runs the last configuration that did).
 	ConfigError string `json:"config_error,omitempty"`
 	// CPUs is what workers = "auto" counts and how it was reached.
-	CPUs    CPUs     `json:"cpus"`
-	Workers []Worker `json:"workers"`
+	CPUs CPUs `json:"cpus"`
+	// Recycles counts the workers replaced by a [recycle] policy, apart
+	// from Restarts (crashes); RecycleMemory says what memory figure the
+	// memory policy compares, when it is set.
+	Recycles      int      `json:"recycles"`
+	RecycleMemory string   `json:"recycle_memory,omitempty"`
+	Workers       []Worker `json:"workers"`
 }
 
 // CPUs is the CPU count of the dispatcher's service, read when it
@@ -130,9 +135,14 @@ type Worker struct {
 	Generation int       `json:"generation"`
 	State      string    `json:"state"` // "starting", "ready", "draining", "exited", "unhealthy", "backoff"
 	Started    time.Time `json:"started"`
-	Restarts   int       `json:"restarts"`
-	Handed     uint64    `json:"handed"` // round-robin: connections passed to it
-	Active     int       `json:"active"` // round-robin: passed and not yet closed
+	Restarts   int       `json:"restarts"` // restarts after its process ended on its own (crashes), not recycles
+	// Recycles counts the slot's workers replaced by a [recycle]
+	// policy; LastRecycle says why the last one was ("memory 512M >
+	// 400M").
+	Recycles    int    `json:"recycles"`
+	LastRecycle string `json:"last_recycle,omitempty"`
+	Handed      uint64 `json:"handed"` // round-robin: connections passed to it
+	Active      int    `json:"active"` // round-robin: passed and not yet closed
 	// RSS and CPUPercent are those of the worker's whole process tree
 	// (its process group, what it forked and the orphans it left):
 	// resident memory summed over the processes, and CPU time over the
