@@ -49,6 +49,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzSummary$$' -fuzztime 10s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzCgroupLimit$$' -fuzztime 10s ./internal/cpuset
 	$(GO) test -run '^$$' -fuzz '^FuzzAppend$$' -fuzztime 10s ./internal/logline
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./internal/cgroup
 
 # The load benchmark (bench/): the hello app alone and under Node
 # cluster, PM2 and cohort, keep-alive and new-connection load; writes

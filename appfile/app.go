@@ -125,6 +125,9 @@ type App struct {
 	// generator sizes journald's per-unit limit from it.
 	LogRateLimit LogRateLimit
 
+	// Limits are each worker's cgroup limits ([limits]); the zero value
+	// sets none.
+	Limits Limits
 	// Recycle is when a serving worker is replaced by a fresh one, the
 	// way a reload replaces a slot ([recycle]); zero values are off.
 	Recycle Recycle
@@ -188,6 +191,49 @@ type LogRateLimit struct {
 
 // Off says whether there is no limit.
 func (l LogRateLimit) Off() bool { return l.Interval == 0 || l.Burst == 0 }
+
+// Limits are the cgroup v2 limits of each worker's own cgroup, written
+// before the worker starts. A zero field sets nothing (the kernel's
+// default, no limit), except where said.
+type Limits struct {
+	// MemoryHigh is memory.high in bytes: above it the worker's tree is
+	// throttled and reclaimed hard, not killed.
+	MemoryHigh int64
+	// MemoryMax is memory.max in bytes: the tree cannot use more; the
+	// kernel's OOM killer ends it (all of it: memory.oom.group) when
+	// reclaim fails.
+	MemoryMax int64
+	// MemorySwapMax is memory.swap.max in bytes; SwapNone writes 0 (no
+	// swap at all).
+	MemorySwapMax int64
+	// CPUWeight is cpu.weight (1..10000; the kernel's default is 100).
+	CPUWeight int
+	// CPUQuota is cpu.max as a percentage of one CPU per worker (150:
+	// one and a half CPUs' worth of time per 100 ms period).
+	CPUQuota int
+	// TasksMax is pids.max: processes and threads of the tree.
+	TasksMax int
+}
+
+// SupervisorCgroup is the dispatcher's own leaf in its service's
+// delegated cgroup, beside the workers' cgroups: the generator's
+// DelegateSubgroup= and where the dispatcher moves itself where systemd
+// did not put it (a contract of the two, like the fd names).
+const SupervisorCgroup = "supervisor"
+
+// SwapNone is Limits.MemorySwapMax for memory_swap_max = 0.
+const SwapNone = -1
+
+// Any says whether l sets some limit.
+func (l Limits) Any() bool { return l != Limits{} }
+
+// Bounds of [limits].
+const (
+	MinMemoryLimit = 1 << 20 // memory_high, memory_max: a smaller one is a unit typo ("512" for "512M")
+	MaxCPUWeight   = 10000
+	MaxCPUQuota    = 100 * MaxWorkers // percent
+	MaxTasks       = 4194304          // the kernel's PID_MAX_LIMIT
+)
 
 // Recycle is the [recycle] table: the policies that replace a worker
 // that has grown, aged or served enough, without dropping a request (a

@@ -51,6 +51,30 @@ func TestParseGood(t *testing.T) {
 				t.Error("node_preload = true is off")
 			}
 		}},
+		{"limits", minimal + `
+[limits]
+memory_high = "400M"
+memory_max = "512M"
+memory_swap_max = 0
+cpu_weight = 50
+cpu_quota = "150%"
+tasks_max = 64
+`, func(t *testing.T, app *App) {
+			want := Limits{MemoryHigh: 400 << 20, MemoryMax: 512 << 20, MemorySwapMax: SwapNone, CPUWeight: 50, CPUQuota: 150, TasksMax: 64}
+			if app.Limits != want || !app.Limits.Any() {
+				t.Errorf("limits %+v, want %+v", app.Limits, want)
+			}
+		}},
+		{"limits in bytes and infinity", minimal + "[limits]\nmemory_max = 1073741824\nmemory_swap_max = \"infinity\"\nmemory_high = \"infinity\"\n", func(t *testing.T, app *App) {
+			if want := (Limits{MemoryMax: 1 << 30}); app.Limits != want {
+				t.Errorf("limits %+v, want %+v", app.Limits, want)
+			}
+		}},
+		{"no limits", minimal, func(t *testing.T, app *App) {
+			if app.Limits.Any() {
+				t.Errorf("limits %+v, want none", app.Limits)
+			}
+		}},
 		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
 			if want := (LogRateLimit{Interval: time.Minute, Burst: 250}); app.LogRateLimit != want || app.LogRateLimit.Off() {
 				t.Errorf("log rate limit %+v, want %+v", app.LogRateLimit, want)
@@ -244,6 +268,25 @@ hardening = "paranoid"
 			[]string{`web.toml:3:1: node_preload works in shared and reuseport mode only: in round-robin mode connections arrive over cohort's channel, which Node's public APIs cannot receive fds from (see node_preload in cohort.toml(5))`}},
 		{"node_preload not a boolean", "command = [\"node\"]\nnode_preload = \"yes\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: node_preload: want true or false, got string`}},
+		{"limits", minimal + `[limits]
+memory_max = "512"
+memory_high = "1G"
+memory_swap_max = "2X"
+cpu_weight = 0
+cpu_quota = 1.5
+tasks_max = "64"
+memory_mx = "1G"
+`, []string{
+			`web.toml:6:1: limits.memory_max: want at least 1M, got "512" (a size needs its unit: "512M")`,
+			`web.toml:8:1: limits.memory_swap_max: size "2X": want bytes or a number with K, M, G or T (powers of 1024, as systemd's MemoryMax=), e.g. "400M"`,
+			`web.toml:9:1: limits.cpu_weight: want a number from 1 to 10000 (the default weight is 100), got integer 0`,
+			`web.toml:10:1: limits.cpu_quota: want a percentage of one CPU such as "50%" or "200%", from 1% to 102400%, got float 1.5`,
+			`web.toml:11:1: limits.tasks_max: want a number from 1 to 4194304, got "64"`,
+			`web.toml:12:1: unknown key "memory_mx" (did you mean "memory_max"?)`,
+		}},
+		{"limits high above max", minimal + "[limits]\nmemory_max = \"512M\"\nmemory_high = \"1G\"\n", []string{
+			`web.toml:7:1: limits: memory_high (1G) is above memory_max (512M): the kernel would kill before it throttles`,
+		}},
 		{"reuseport typo", "command = [\"/bin/app\"]\nmode = \"reuse-port\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: mode: want "shared", "round-robin" or "reuseport", got "reuse-port" (did you mean "reuseport"?)`}},
 		{"reuseport needs tcp", `command = ["/bin/app"]

@@ -235,9 +235,10 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
 		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
-		"restart", "watchdog", "enable", "hardening", "listen", "unit", "service", "socket",
+		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
+	limitsKeys  = []string{"memory_high", "memory_max", "memory_swap_max", "cpu_weight", "cpu_quota", "tasks_max"}
 	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
 		"max_connections", "max_connections_jitter", "min_interval"}
 	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
@@ -337,6 +338,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			if n, ok := d.integer(k, v, 0, MaxLogRateLimitBurst, fmt.Sprintf("a number of lines from 0 (no limit) to %d", MaxLogRateLimitBurst)); ok {
 				app.LogRateLimit.Burst = n
 			}
+		case "limits":
+			d.limits(k, v, &app.Limits)
 		case "enable":
 			app.Enable, _ = d.boolean(k, v)
 		case "hardening":
@@ -650,6 +653,77 @@ func (d *decoder) restart(path string, v any, r *Restart) {
 	if r.Initial > r.Max {
 		d.errorAt(path, "", "restart: initial (%v) is longer than max (%v)", r.Initial, r.Max)
 	}
+}
+
+// limits reads [limits]: sizes as systemd writes them (bytes, or K, M, G,
+// T with base 1024; "infinity" for none), cpu_quota as a percentage.
+func (d *decoder) limits(path string, v any, l *Limits) {
+	m, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "limits: want a table ([limits]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, m) {
+		kp := joinPath(path, k)
+		switch k {
+		case "memory_high":
+			l.MemoryHigh = d.limitSize(kp, m[k], MinMemoryLimit, false)
+		case "memory_max":
+			l.MemoryMax = d.limitSize(kp, m[k], MinMemoryLimit, false)
+		case "memory_swap_max":
+			l.MemorySwapMax = d.limitSize(kp, m[k], 1, true)
+		case "cpu_weight":
+			l.CPUWeight, _ = d.integer(kp, m[k], 1, MaxCPUWeight, fmt.Sprintf("a number from 1 to %d (the default weight is 100)", MaxCPUWeight))
+		case "cpu_quota":
+			l.CPUQuota = d.percent(kp, m[k])
+		case "tasks_max":
+			l.TasksMax, _ = d.integer(kp, m[k], 1, MaxTasks, fmt.Sprintf("a number from 1 to %d", MaxTasks))
+		default:
+			d.unknown(kp, k, limitsKeys)
+		}
+	}
+	if l.MemoryHigh > 0 && l.MemoryMax > 0 && l.MemoryHigh > l.MemoryMax {
+		d.errorAt(joinPath(path, "memory_high"), "", "limits: memory_high (%s) is above memory_max (%s): the kernel would kill before it throttles", FormatSize(uint64(l.MemoryHigh)), FormatSize(uint64(l.MemoryMax)))
+	}
+}
+
+// limitSize reads a [limits] size: "infinity" for none (0), else a size
+// as d.size reads one, at least min bytes; zero only where zeroOK (a
+// swap max of nothing), which then reads as SwapNone. It returns 0 after
+// an error.
+func (d *decoder) limitSize(path string, v any, min uint64, zeroOK bool) int64 {
+	switch val := v.(type) {
+	case string:
+		if val == "infinity" {
+			return 0
+		}
+	case int64:
+		if val == 0 && zeroOK {
+			return SwapNone
+		}
+	}
+	n := d.size(path, v)
+	if n == 0 {
+		return 0
+	}
+	if n < min {
+		d.errorAt(path, "", "%s: want at least %s, got %s (a size needs its unit: \"512M\")", label(path), FormatSize(min), describe(v))
+		return 0
+	}
+	return int64(n)
+}
+
+// percent reads cpu_quota: "50%" … MaxCPUQuota%.
+func (d *decoder) percent(path string, v any) int {
+	want := fmt.Sprintf(`a percentage of one CPU such as "50%%" or "200%%", from 1%% to %d%%`, MaxCPUQuota)
+	s, ok := v.(string)
+	num, isPct := strings.CutSuffix(s, "%")
+	n, err := strconv.Atoi(num)
+	if !ok || !isPct || err != nil || n < 1 || n > MaxCPUQuota || strings.HasPrefix(num, "+") {
+		d.errorAt(path, "", "%s: want %s, got %s", label(path), want, describe(v))
+		return 0
+	}
+	return n
 }
 
 // recycle reads the [recycle] table. What depends on other keys (the

@@ -250,6 +250,10 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 			}
 			pid = w.pid
 			cw.Handed, cw.Active = d.mode.conns(w.pid)
+			if w.cgroup != "" && w.state != stExited {
+				l := d.app.Limits
+				cw.Cgroup = &control.Cgroup{Path: w.cgroup, MemoryHigh: l.MemoryHigh, MemoryMax: l.MemoryMax, OOMKills: s.oomKills}
+			}
 		}
 		st.Workers = append(st.Workers, cw)
 		snap.procs = append(snap.procs, pid)

@@ -126,6 +126,28 @@ type Options struct {
 	// JournalSocket is journald's native socket, for Journal; ""
 	// means /run/systemd/journal/socket.
 	JournalSocket string
+
+	// Cgroups gives every worker a cgroup of its own (cgroups.go): Run
+	// makes its own cgroup v2 cgroup the base of the worker cgroups and
+	// itself moves into a leaf there, "supervisor" (where systemd ≥ 254
+	// with DelegateSubgroup=supervisor already put it). It needs a
+	// cgroup that it may write and shares with no other process: a
+	// service with Delegate=yes, a container with its own cgroup
+	// namespace. Without one, workers share the dispatcher's cgroup, and
+	// an app with [limits] is refused.
+	Cgroups bool
+	// CgroupsForLimitsOnly enables for the workers' cgroups only the
+	// controllers the app's [limits] need (none without limits), not
+	// all that status reads. For cohort run in a container: the
+	// processes of an exec session (docker exec, kubectl exec) join the
+	// container's cgroup, which the kernel refuses once it enables
+	// controllers for its children. A reload cannot add a limit whose
+	// controller is not enabled.
+	CgroupsForLimitsOnly bool
+	// CgroupBase, when set, is the cgroup v2 directory worker cgroups
+	// are made in as it is, the dispatcher staying where it runs (tests;
+	// it overrides Cgroups).
+	CgroupBase string
 }
 
 // errUnknownMode is an app whose mode is none of the dispatcher's: only
@@ -173,6 +195,11 @@ func Run(ctx context.Context, opt Options) error {
 			d.out.close()
 			return fmt.Errorf("app %s: %w", d.app.Name, err)
 		}
+	}
+	if err := d.openCgroups(); err != nil {
+		d.closeCgroups(0)
+		d.out.close()
+		return fmt.Errorf("app %s: %w", d.app.Name, err)
 	}
 	if err := d.open(); err != nil {
 		d.close()
@@ -242,6 +269,7 @@ type dispatcher struct {
 
 	ctl ctlState     // reloads and control requests (reload.go, control.go)
 	rec recycleState // [recycle] (recycle.go)
+	cg  cgroups      // the workers' own cgroups (cgroups.go)
 	// readMemory reads workers' memory for [recycle] memory, off the
 	// loop (recycle.go's seam: treeRSS until cgroups plug in).
 	readMemory memoryReader
@@ -403,6 +431,7 @@ func (d *dispatcher) close() {
 	d.readersMu.Unlock()
 	d.mode.close() // its goroutines end before d.wg's wait
 	d.wg.Wait()
+	d.closeCgroups(2 * time.Second)
 	if d.devnull != nil {
 		d.devnull.Close()
 	}
@@ -666,6 +695,7 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 			}
 		}
 	}
+	d.retryCgroups(now)
 	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
 		d.sendNotify("WATCHDOG=1")
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
@@ -705,6 +735,7 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 		consider(s.restartAt)
 	}
 	consider(d.wdNext)
+	consider(d.cg.next)
 	consider(d.recycleWake(now))
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)

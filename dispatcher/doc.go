@@ -102,8 +102,18 @@
 // restart-worker replaces one: the new worker is ready before the old
 // one drains. One recycle runs at a time, min_interval apart, and never
 // during a reload (recycle.go). Memory is sampled off the loop through a
-// memoryReader: each worker's process-tree RSS until per-worker cgroups
-// provide memory.current.
+// memoryReader: each worker's process-tree RSS (cgroups.go gives each
+// worker a cgroup whose memory.current internal/cgroup.MemoryCurrent
+// reads; wiring it in as the memoryReader is left to the recycler).
+//
+// # Cgroups
+//
+// With Options.Cgroups every worker runs in a cgroup of its own, beside
+// the dispatcher's leaf "supervisor": the service's delegated subtree
+// under systemd, cohort run's own where it has one (cgroups.go). Its
+// [limits] are written there before it starts; stopping or killing it
+// kills the cgroup (cgroup.kill), so nothing it forked survives it; status
+// reads memory.current, cpu.stat, memory.events and PSI from it.
 //
 // # Modes
 //

@@ -26,6 +26,7 @@ var privateEnv = map[string]bool{
 	"COHORT_CPUS":         true, // the dispatcher sets its workers' own
 	ListenPortsEnv:        true, // socket modes set their workers' own
 	WorkerPIDEnv:          true, // the trampoline sets each worker's own
+	trampolineCgroupEnv:   true, // the trampoline's, never the command's
 }
 
 // baseEnv is the environment every worker of app starts from: inherited

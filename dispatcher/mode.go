@@ -90,10 +90,12 @@ type forkArgs struct {
 
 	// cgroup, when set, is the cgroup directory the worker starts in
 	// (clone3 with CLONE_INTO_CGROUP, before it runs a single
-	// instruction): the seam for per-worker limits (issue 17). A cgroup
-	// manager would fill it in spawn, next to the mode's start; nothing
-	// does yet, and workers run in the dispatcher's cgroup.
+	// instruction): its own (cgroups.go), which spawn adds next to the
+	// mode's start.
 	cgroup *os.File
+	// cgroupPath is, where clone3 is refused, that cgroup's directory:
+	// the trampoline moves itself in before it execs the command.
+	cgroupPath string
 }
 
 // sysProcAttr is what the fork of a needs from the kernel.

@@ -520,6 +520,9 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if app.Mode != cur.app.Mode {
 		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", cur.app.Mode, app.Mode, cur.app.Name)
 	}
+	if err := d.cg.check(app.Limits); err != nil {
+		return spec{}, err
+	}
 	env, path, err := prepareCommand(app, d.opt.Environ)
 	if err != nil {
 		return spec{}, err

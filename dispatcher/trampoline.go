@@ -6,8 +6,10 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 
+	"github.com/cohort-dev/cohort/internal/cgroup"
 	"github.com/cohort-dev/cohort/internal/cpuset"
 	"golang.org/x/sys/unix"
 )
@@ -27,6 +29,12 @@ const TrampolineArg = "__exec-worker"
 // failed. CPU is the CPU to pin to (-1: none). PATH is the resolved
 // command and ARGV0 ARGS… its argv.
 const trampolineFixedArgs = 4
+
+// trampolineCgroupEnv, in the trampoline's environment, is the cgroup it
+// moves itself into before it execs the command: the worker's own
+// (cgroups.go), where the fork could not start it there (clone3 refused,
+// as systemd's seccomp filters do). The command never sees it.
+const trampolineCgroupEnv = "COHORT_TRAMPOLINE_CGROUP"
 
 // Trampoline turns the current process into a worker: it sets LISTEN_PID,
 // WorkerPIDEnv (and WATCHDOG_PID when WATCHDOG_USEC is set) to its own pid, pins itself
@@ -65,10 +73,20 @@ func Trampoline(args []string) int {
 			return fail(1, err)
 		}
 	}
+	if dir := os.Getenv(trampolineCgroupEnv); dir != "" {
+		if err := cgroup.MoveSelf(dir); err != nil {
+			return fail(1, err)
+		}
+	}
 	pid := strconv.Itoa(os.Getpid())
 	// WorkerPIDEnv first, where the dispatcher looks for it in an
 	// orphan's /proc/PID/environ (orphans.go).
-	env := append([]string{WorkerPIDEnv + "=" + pid}, os.Environ()...)
+	env := []string{WorkerPIDEnv + "=" + pid}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, trampolineCgroupEnv+"=") {
+			env = append(env, kv)
+		}
+	}
 	env = append(env, "LISTEN_PID="+pid)
 	if os.Getenv("WATCHDOG_USEC") != "" {
 		env = append(env, "WATCHDOG_PID="+pid)

@@ -8,7 +8,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 // What `cohort status` shows of a worker's resources is its whole process
@@ -72,6 +74,11 @@ func scanTrees(ctx context.Context, supervisor int) (procfs.Table, error) {
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
+	for i := range snap.st.Workers {
+		if c := snap.st.Workers[i].Cgroup; c != nil {
+			cgroupUsage(c)
+		}
+	}
 	keys := make([]workerKey, len(snap.procs))
 	for i, pid := range snap.procs {
 		keys[i] = workerKey{pid, snap.st.Workers[i].Started}
@@ -138,4 +145,30 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		}
 	}
 	h.last = next
+}
+
+// cgroupUsage fills in what a worker's own cgroup says of it: its whole
+// tree's memory (memory.current), CPU time (cpu.stat), memory.high
+// crossings and OOM kills (memory.events) and pressure. A file that is
+// missing (no such controller, no PSI) or unreadable leaves its figure
+// out; the worker may have exited meanwhile.
+func cgroupUsage(c *control.Cgroup) {
+	if n, err := cgroup.MemoryCurrent(c.Path); err == nil {
+		c.MemoryCurrent = &n
+	}
+	if e, err := cgroup.ReadMemoryEvents(c.Path); err == nil {
+		c.MemoryHighEvents = e.High
+		c.OOMKills += e.OOMKill
+	}
+	if st, err := cgroup.ReadCPUStat(c.Path); err == nil {
+		c.CPUUsageUsec, c.CPUThrottledUsec = st.UsageUsec, st.ThrottledUsec
+	}
+	psi := func(resource string) *control.Pressure {
+		p, err := cgroup.ReadPressure(c.Path, resource)
+		if err != nil {
+			return nil
+		}
+		return &control.Pressure{Some10: p.Some.Avg10, Some60: p.Some.Avg60}
+	}
+	c.MemoryPressure, c.CPUPressure = psi("memory"), psi("cpu")
 }

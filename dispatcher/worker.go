@@ -10,6 +10,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/internal/probe"
+	"github.com/cohort-dev/cohort/internal/cgroup"
 	"golang.org/x/sys/unix"
 )
 
@@ -62,6 +63,7 @@ type slot struct {
 	recycles    int           // recycles of this slot (recycle.go), counted apart from restarts
 	lastRecycle string        // why its last recycle was, for status
 	gen         int           // generation of its last process, for status while in backoff
+	oomKills    uint64        // kernel OOM kills in its earlier processes' cgroups, for status
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -87,6 +89,8 @@ type worker struct {
 	silent    bool           // it never spoke the round-robin protocol: its exit counts as a failed start
 	status    string         // last STATUS=
 	probe     probe.Targets  // the sockets ready = "listening" watches, from its mode's start
+	cgroup    string         // its own cgroup's directory (cgroups.go); "" when it has none
+	oomKilled bool           // memory.events says the kernel's OOM killer killed in it
 
 	endProbe func() // stops the ready = "listening" probe; nil when none runs
 
@@ -250,11 +254,13 @@ func (d *dispatcher) sendAbort(w *worker) {
 	unix.Kill(w.pid, syscall.SIGABRT)
 }
 
-// kill SIGKILLs w's whole process group, whatever kill_mode says.
+// kill SIGKILLs w's whole process group, whatever kill_mode says, and
+// with a cgroup of its own everything in it: what left the group too.
 func (d *dispatcher) kill(w *worker, why string) {
 	if !w.killed {
 		w.killed, w.killWhy = true, why
 		unix.Kill(-w.pid, unix.SIGKILL)
+		d.killCgroup(w)
 	}
 	w.deadline = time.Time{}
 }
@@ -266,6 +272,8 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	w.state, w.deadline, w.readyAt = stExited, time.Time{}, time.Time{}
 	delete(d.procs, w.pid)
 	d.mode.exited(w.pid)
+	d.noteOOM(w)
+	d.releaseCgroup(w, now)
 	s := w.slot
 	detached := s.cur != w // a reload's candidate or a retired worker (reload.go)
 	if s.cur == w {
@@ -339,6 +347,8 @@ func describeExit(ws unix.WaitStatus, w *worker) string {
 	switch {
 	case ws.Signaled() && ws.Signal() == unix.SIGKILL && w.killed:
 		s = "stopped (" + sentBy(unix.SIGKILL, w.killWhy) + ")"
+	case ws.Signaled() && ws.Signal() == unix.SIGKILL && w.oomKilled:
+		s = "was killed by the kernel's OOM killer (memory.events oom_kill)"
 	case ws.Signaled() && w.sent != 0 && ws.Signal() == w.sent:
 		s = "stopped (" + sentBy(w.sent, "") + ")"
 	case ws.Signaled():
@@ -361,13 +371,22 @@ func describeExit(ws unix.WaitStatus, w *worker) string {
 // spawn forks a worker for slot s through the trampoline. On failure the
 // slot is scheduled for a restart as if the worker had exited at once.
 func (d *dispatcher) spawn(s *slot, now time.Time) {
-	// Issue 17's cgroup manager would add to ws.args here: the worker's
-	// cgroup, which fork then starts it in.
 	ws, err := d.mode.start(s.index)
 	var pid int
 	var outR, statusR *os.File
+	var cg string
 	if err == nil {
-		pid, outR, statusR, err = d.fork(s, ws.args)
+		// The worker's own cgroup (cgroups.go), which fork starts it in.
+		var f *os.File
+		if cg, f, err = d.newWorkerCgroup(s.index); err == nil {
+			pid, outR, statusR, err = d.forkInto(s, ws.args, cg, f)
+			if f != nil {
+				f.Close()
+			}
+			if err != nil && cg != "" {
+				cgroup.Remove(cg)
+			}
+		}
 		if ws.forked != nil {
 			ws.forked(pid)
 		}
@@ -378,7 +397,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 		d.observe(Event{Kind: WorkerSpawnFailed, Worker: s.index, Err: err, RestartIn: wait})
 		return
 	}
-	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now, probe: ws.probe}
+	w := &worker{slot: s, pid: pid, gen: d.gen, state: stStarting, started: now, probe: ws.probe, cgroup: cg}
 	w.deadline = now.Add(d.app.ReadyTimeout)
 	drawLimits(w, d.app.Recycle, now)
 	s.cur, s.gen = w, d.gen
@@ -437,6 +456,9 @@ func (d *dispatcher) fork(s *slot, a forkArgs) (pid int, outR, statusR *os.File,
 		env = append(env, "LISTEN_FDS="+strconv.Itoa(n), "LISTEN_FDNAMES="+a.names)
 	}
 	env = append(env, a.env...)
+	if a.cgroupPath != "" {
+		env = append(env, trampolineCgroupEnv+"="+a.cgroupPath)
+	}
 	env = append(env,
 		"NOTIFY_SOCKET="+d.notifyPath,
 		"COHORT_APP="+d.app.Name,

@@ -122,7 +122,7 @@ func checkRoundTrip(t *testing.T, app *appfile.App, us *Units) {
 	svc := us.Files[len(sockets)]
 	got := readBack(t, svc)
 	ref := &units.Service{Name: "ref.service", ExecStartPre: []string{"/x"}, ExecStart: []string{"/x"}, ExecReload: []string{"/x"}, Sockets: names,
-		User: app.User, Group: app.Group, RuntimeDirectory: "x", StartTimeout: 1, StopTimeout: 1, Hardening: app.Hardening,
+		User: app.User, Group: app.Group, RuntimeDirectory: "x", StartTimeout: 1, StopTimeout: 1, Hardening: app.Hardening, Delegate: true,
 		SyslogIdentifier: "x", LogRateLimit: JournalRateLimit(app.LogRateLimit, 1)}
 	want := expectKeys(t, ref.Render, app.Unit, app.Service, "Service")
 	checkKeys(t, svc.Name, got, want)

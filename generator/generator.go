@@ -51,6 +51,12 @@ const MaxAppUnitBytes = 8 << 20
 type Options struct {
 	CohortPath string   // the binary in ExecStart=; DefaultCohortPath when empty
 	UnitDirs   []string // checked for name clashes; none when empty
+	// SystemdVersion is the running systemd's version (RunningSystemd);
+	// 0 when unknown, which renders units that work on every version.
+	// From 254 on, the service has DelegateSubgroup=, which puts the
+	// dispatcher into its leaf of the delegated subtree before it runs;
+	// before, the dispatcher moves itself there (see dispatcher/cgroups.go).
+	SystemdVersion int
 	// CPUs is how many workers `workers = "auto"` means in reuseport mode,
 	// where the generator must emit one socket set per worker; 0 counts
 	// the CPUs this process may run on (see AvailableCPUs).
@@ -158,11 +164,17 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
 		StopTimeout:  addMargin(app.StopTimeout, stopMargin),
 		Hardening:    app.Hardening,
+		// Every worker gets a cgroup of its own in the service's
+		// delegated subtree (dispatcher/cgroups.go).
+		Delegate:     true,
 		ExtraUnit:    options(app.Unit),
 		ExtraService: options(app.Service),
 		// The dispatcher's own lines are "web[pid]:", its workers'
 		// "web.2/4711[pid]:" (the dispatcher's logrelay.JournalIdentifier).
 		SyslogIdentifier: app.Name,
+	}
+	if opts.SystemdVersion >= MinDelegateSubgroup {
+		svc.DelegateSubgroup = appfile.SupervisorCgroup
 	}
 	n := len(sockets) / max(len(app.Listen), 1) // reuseport: the slots
 	if app.Mode != appfile.ModeReusePort {

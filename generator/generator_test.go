@@ -406,3 +406,40 @@ func TestJournalRateLimitUserWins(t *testing.T) {
 		}
 	}
 }
+
+// TestDelegateSubgroup: the service always delegates (a cgroup per
+// worker), with a writable cgroupfs; DelegateSubgroup= only for a systemd
+// that has it (254), so that 252's verify stays silent.
+func TestDelegateSubgroup(t *testing.T) {
+	app, err := appfile.Parse("/etc/cohort/web.toml", []byte("command = [\"/bin/app\"]\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		version int
+		want    bool
+	}{{0, false}, {252, false}, {253, false}, {254, true}, {257, true}} {
+		us, err := Render(app, Options{SystemdVersion: c.version, CPUs: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc := string(us.Files[len(us.Files)-1].Content)
+		if !strings.Contains(svc, "\nDelegate=yes\n") || !strings.Contains(svc, "\nProtectControlGroups=no\n") || strings.Contains(svc, "ProtectControlGroups=yes") {
+			t.Errorf("systemd %d: no Delegate=yes with ProtectControlGroups=no:\n%s", c.version, svc)
+		}
+		if got := strings.Contains(svc, "\nDelegateSubgroup=supervisor\n"); got != c.want {
+			t.Errorf("systemd %d: DelegateSubgroup=supervisor %v, want %v", c.version, got, c.want)
+		}
+	}
+}
+
+func TestParseSystemdVersion(t *testing.T) {
+	if v, err := ParseSystemdVersion("systemd 257 (257.13-1~deb13u1)\n+PAM +AUDIT\n"); err != nil || v != 257 {
+		t.Errorf("got %d, %v", v, err)
+	}
+	for _, bad := range []string{"", "systemd\n", "udev 252\n", "systemd x\n", "systemd -1\n"} {
+		if v, err := ParseSystemdVersion(bad); err == nil {
+			t.Errorf("ParseSystemdVersion(%q) = %d", bad, v)
+		}
+	}
+}

@@ -32,6 +32,16 @@ type Service struct {
 	StartTimeout     time.Duration // TimeoutStartSec=
 	StopTimeout      time.Duration // TimeoutStopSec=
 	Hardening        string        // "default", "strict" or "none"
+	// Delegate renders Delegate=yes: the service gets a cgroup subtree
+	// it may change (systemd.resource-control(5)), where its dispatcher
+	// makes each worker's cgroup. The hardening's ProtectControlGroups=
+	// is then "no": "yes" mounts /sys/fs/cgroup read-only, delegated
+	// subtree included. The service's user owns only that subtree (systemd
+	// chowns it, DynamicUser= too); the rest stays root's.
+	Delegate bool
+	// DelegateSubgroup is the leaf of the delegated subtree systemd
+	// starts the main process in (systemd ≥ 254; "" renders none).
+	DelegateSubgroup string
 	// SyslogIdentifier names the dispatcher's own lines in the journal
 	// (its stdout and stderr); "" renders none.
 	SyslogIdentifier string
@@ -100,6 +110,15 @@ func (s *Service) Render() (File, error) {
 		}
 		o.add("Service", "LogRateLimitIntervalSec", Seconds(l.Interval))
 		o.addIf(l.Interval > 0, "Service", "LogRateLimitBurst", fmt.Sprint(l.Burst))
+	}
+	if s.Delegate {
+		o.add("Service", "Delegate", "yes")
+		o.addIf(s.DelegateSubgroup != "", "Service", "DelegateSubgroup", s.DelegateSubgroup)
+		for i, opt := range sandbox {
+			if opt.Key == "ProtectControlGroups" {
+				sandbox[i].Value = "no"
+			}
+		}
 	}
 	o.addVerbatim("Service", sandbox)
 	o.addVerbatim("Service", s.ExtraService)

@@ -84,19 +84,20 @@ func testPurge(t *testing.T, c *Container) {
 }
 
 // cgroupProcsFiles returns the cgroup.procs files of cgroup (a
-// ControlGroup= path) that exist in the container, in whichever hierarchy
+// ControlGroup= path) and of the cgroups below it that exist in the
+// container, in whichever hierarchy
 // it mounts (unified, or the v1 name=systemd one under hybrid).
 func cgroupProcsFiles(t *testing.T, c *Container, cgroup string) []string {
 	t.Helper()
 	if cgroup == "" {
 		return nil
 	}
+	// The whole subtree: the service is delegated, and its dispatcher and
+	// workers sit in cgroups below ControlGroup= (supervisor, w0-g1-1…).
 	var files []string
 	for _, base := range []string{"/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"} {
-		f := base + cgroup + "/cgroup.procs"
-		if c.Exec(t, "test", "-f", f).Code == 0 {
-			files = append(files, f)
-		}
+		out := c.Exec(t, "find", base+cgroup, "-name", "cgroup.procs", "-type", "f").Stdout
+		files = append(files, strings.Fields(out)...)
 	}
 	return files
 }

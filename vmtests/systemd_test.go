@@ -45,6 +45,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("control", func(t *testing.T) { testControl(t, c) })
 			t.Run("status", func(t *testing.T) { testStatus(t, c) })
 			t.Run("cpuquota", func(t *testing.T) { testCPUQuota(t, c) })
+			t.Run("cgroups", func(t *testing.T) { testCgroups(t, c) })
 			t.Run("recycle", func(t *testing.T) { testRecycle(t, c) })
 			t.Run("logflood", func(t *testing.T) { testLogFlood(t, c) })
 			t.Run("purge", func(t *testing.T) { testPurge(t, c) }) // last: removes cohort

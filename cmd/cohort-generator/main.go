@@ -21,9 +21,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator"
@@ -40,11 +42,19 @@ func run(args []string) int {
 		return 2
 	}
 	log := newSystemLog(os.Stderr, os.Getenv("COHORT_GENERATOR_LOG") == "stderr")
+	// Which systemd the units are for: DelegateSubgroup= only from 254.
+	// Unknown (not run by systemd, /proc/1/exe not readable) renders
+	// what every version takes.
+	version, err := generator.RunningSystemd(context.Background(), 2*time.Second)
+	if err != nil {
+		version = 0
+	}
 	g := &generator.Generator{
 		SearchPath: pathList("COHORT_SEARCH_PATH", appfile.SearchPath()),
 		Options: generator.Options{
-			UnitDirs:   pathList("COHORT_UNIT_DIRS", generator.UnitDirs()),
-			RunningDir: envOr("COHORT_RUNNING_DIR", running.Dir),
+			UnitDirs:       pathList("COHORT_UNIT_DIRS", generator.UnitDirs()),
+			RunningDir:     envOr("COHORT_RUNNING_DIR", running.Dir),
+			SystemdVersion: version,
 		},
 		Log: log,
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -326,7 +327,47 @@ func printStatus(env *environment, st *control.Status, now time.Time) {
 			wk.Index, pid, wk.Generation, wk.State, uptime, wk.Restarts, conns(rr, wk.Active, wk.Handed), humanBytes(wk.RSS), wk.CPUPercent)
 	}
 	w.Flush()
+	printCgroups(env, st)
 	printRecycles(env, st.App, st)
+}
+
+// printCgroups is what the workers' own cgroups say, when they have
+// them: memory.current against memory.max, CPU time (cpu.stat, and how
+// long cpu.max throttled it), memory.high crossings, OOM kills and PSI
+// (some, avg10) where the kernel has it; "-" for what it does not count.
+func printCgroups(env *environment, st *control.Status) {
+	show := false
+	for _, wk := range st.Workers {
+		show = show || wk.Cgroup != nil
+	}
+	if !show {
+		return
+	}
+	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "WORKER	CGROUP	MEM	MEM MAX	CPU TIME	THROTTLED	HIGH	OOM KILLS	PSI MEM	PSI CPU")
+	for _, wk := range st.Workers {
+		c := wk.Cgroup
+		if c == nil {
+			continue
+		}
+		mem, max := "-", "-"
+		if c.MemoryCurrent != nil {
+			mem = humanBytes(int64(*c.MemoryCurrent))
+		}
+		if c.MemoryMax > 0 {
+			max = humanBytes(c.MemoryMax)
+		}
+		psi := func(p *control.Pressure) string {
+			if p == nil {
+				return "-"
+			}
+			return fmt.Sprintf("%.2f", p.Some10)
+		}
+		usec := func(n uint64) string { return (time.Duration(n) * time.Microsecond).Round(time.Millisecond).String() }
+		fmt.Fprintf(w, "%d	%s	%s	%s	%s	%s	%d	%d	%s	%s\n", wk.Index, filepath.Base(c.Path), mem, max,
+			usec(c.CPUUsageUsec), usec(c.CPUThrottledUsec), c.MemoryHighEvents, c.OOMKills, psi(c.MemoryPressure), psi(c.CPUPressure))
+	}
+	w.Flush()
 }
 
 // cpusLine says what workers = "auto" counted and how: "workers auto =

@@ -109,3 +109,38 @@ func (s *stubDispatcher) Signal(ctx context.Context, sig syscall.Signal, worker 
 	}
 	return []int{42, 43}, nil
 }
+
+// TestPrintCgroups: the cgroup table shows each worker's own cgroup
+// figures, "-" for what its cgroup does not count, and nothing at all
+// when no worker has a cgroup.
+func TestPrintCgroups(t *testing.T) {
+	mem := uint64(48 << 20)
+	st := &control.Status{Workers: []control.Worker{
+		{Index: 0, Cgroup: &control.Cgroup{Path: "/sys/fs/cgroup/system.slice/web.service/w0-g2-7", MemoryCurrent: &mem, MemoryMax: 512 << 20,
+			CPUUsageUsec: 1500000, CPUThrottledUsec: 250000, MemoryHighEvents: 3, OOMKills: 1,
+			MemoryPressure: &control.Pressure{Some10: 1.25}, CPUPressure: &control.Pressure{Some10: 0.5}}},
+		{Index: 1, Cgroup: &control.Cgroup{Path: "/x/w1-g2-8"}},
+		{Index: 2},
+	}}
+	var out strings.Builder
+	printCgroups(&environment{stdout: &out}, st)
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	want := [][]string{
+		{"WORKER", "CGROUP", "MEM", "MEM", "MAX", "CPU", "TIME", "THROTTLED", "HIGH", "OOM", "KILLS", "PSI", "MEM", "PSI", "CPU"},
+		{"0", "w0-g2-7", "48.0M", "512.0M", "1.5s", "250ms", "3", "1", "1.25", "0.50"},
+		{"1", "w1-g2-8", "-", "-", "0s", "0s", "0", "0", "-", "-"},
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("cgroup table:\n%s", out.String())
+	}
+	for i, l := range lines {
+		if got := strings.Fields(l); strings.Join(got, " ") != strings.Join(want[i], " ") {
+			t.Errorf("line %d: %q, want %q", i, got, want[i])
+		}
+	}
+	out.Reset()
+	printCgroups(&environment{stdout: &out}, &control.Status{Workers: []control.Worker{{Index: 0}}})
+	if out.Len() != 0 {
+		t.Errorf("a table without cgroups:\n%s", out.String())
+	}
+}

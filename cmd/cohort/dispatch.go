@@ -68,7 +68,11 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Notify:        sdNotify,
 		HandleSignals: true,
 		Subreaper:     env.ownsChildren,
-		Load:          func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
+		// A cgroup per worker in the service's delegated subtree
+		// (Delegate=yes); the whole process moves, so only when it is
+		// the dispatcher's own.
+		Cgroups: env.ownsChildren,
+		Load:    func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
 	if app.Mode == appfile.ModeReusePort {
 		opts.SlotListeners, err = sockets.MatchSlots(app, files)

@@ -62,6 +62,13 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 	fmt.Fprintf(env.stderr, "%s | control socket: %s (cohort status %s)\n", logline.Dispatcher(app.Name), filepath.Join(inst.dir, control.SocketName), app.Name)
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true,
+		// The same per-worker cgroups as under systemd where this process
+		// has a cgroup2 subtree of its own (a container with its own
+		// cgroup namespace, systemd-run --scope -p Delegate=yes); elsewhere
+		// [limits] are refused, saying why. Only the controllers the
+		// limits need, so that a container's exec sessions can still join
+		// its cgroup.
+		Cgroups: env.ownsChildren, CgroupsForLimitsOnly: true,
 		Color: colorTerminal(env.stdout), NodePreload: nodePreloadFile()}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()

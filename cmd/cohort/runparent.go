@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher"
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 // runChildEnv marks the `cohort run` process that does the work; the
@@ -66,6 +69,20 @@ func runParent(args []string) int {
 	signal.Notify(sigs, syscall.SIGCHLD, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPIPE)
 	defer signal.Stop(sigs)
 
+	// Alone in a cgroup it may write (a container's own cgroup
+	// namespace): into its leaf before the dispatcher starts, so that
+	// the dispatcher, in it too, can give its workers cgroups beside it
+	// (dispatcher.Options.Cgroups); back out once it has ended. Anywhere
+	// else the dispatcher says why workers share its cgroup.
+	if self, err := cgroup.Self(); err == nil && filepath.Base(self) != appfile.SupervisorCgroup {
+		if leaf, err := cgroup.EnterLeaf(self, appfile.SupervisorCgroup); err == nil {
+			defer func() {
+				if err := cgroup.LeaveLeaf(leaf); err != nil {
+					fmt.Fprintf(os.Stderr, "cohort run: %v\n", err)
+				}
+			}()
+		}
+	}
 	// syscall.ForkExec rather than os/exec: the child is reaped by the
 	// wait4(-1) below, and an exec.Cmd (or os.Process, with its pidfd)
 	// would wait for it a second time.

@@ -152,6 +152,43 @@ type Worker struct {
 	CPUPercent float64 `json:"cpu_percent"`
 	CPUWindow  float64 `json:"cpu_window_seconds"`
 	Status     string  `json:"status,omitempty"` // the worker's own STATUS=
+	// Cgroup is what the kernel counts in the worker's own cgroup; nil
+	// when it has none (per-worker cgroups off or impossible here).
+	Cgroup *Cgroup `json:"cgroup,omitempty"`
+}
+
+// Cgroup is a worker's own cgroup and what its files say, its whole
+// process tree included.
+type Cgroup struct {
+	Path string `json:"path"`
+	// MemoryCurrent is memory.current (bytes); nil without the memory
+	// controller. MemoryHigh and MemoryMax are the limits written
+	// ([limits]), 0 for none.
+	MemoryCurrent *uint64 `json:"memory_current_bytes,omitempty"`
+	MemoryHigh    int64   `json:"memory_high_bytes,omitempty"`
+	MemoryMax     int64   `json:"memory_max_bytes,omitempty"`
+	// MemoryHighEvents is memory.events "high": how often the worker
+	// went over memory.high and was throttled.
+	MemoryHighEvents uint64 `json:"memory_high_events"`
+	// OOMKills counts the worker slot's kills by the kernel's OOM killer
+	// (memory.events "oom_kill" of this and the slot's earlier cgroups).
+	OOMKills uint64 `json:"oom_kills"`
+	// CPUUsageUsec is cpu.stat usage_usec, the tree's CPU time since
+	// the worker started; CPUThrottledUsec how long cpu.max held it back.
+	CPUUsageUsec     uint64 `json:"cpu_usage_usec"`
+	CPUThrottledUsec uint64 `json:"cpu_throttled_usec"`
+	// MemoryPressure and CPUPressure are PSI (memory.pressure,
+	// cpu.pressure); nil when the kernel has none.
+	MemoryPressure *Pressure `json:"memory_pressure,omitempty"`
+	CPUPressure    *Pressure `json:"cpu_pressure,omitempty"`
+}
+
+// Pressure is a PSI file's "some" averages: the share of the last 10 and
+// 60 seconds (percent) in which some of the cgroup's tasks stalled on
+// the resource.
+type Pressure struct {
+	Some10 float64 `json:"some_avg10"`
+	Some60 float64 `json:"some_avg60"`
 }
 
 // Handler carries out requests. The server calls it from one goroutine per

@@ -1,7 +1,6 @@
 package cpuset
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"io/fs"
@@ -9,6 +8,8 @@ import (
 	"path"
 	"strconv"
 	"strings"
+
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 // Limit is how many CPUs this process may use, and what decided it: the
@@ -89,12 +90,11 @@ func Read() (Limit, error) {
 
 // Bounds on what is read: every cgroup file is a line, /proc/self/cgroup
 // a few dozen; mountinfo can be long in a container, so it is scanned a
-// line at a time up to maxMountinfo bytes; a walk stops after maxDepth
+// line at a time (cgroup.ScanMounts) up to maxMountinfo bytes; a walk stops after maxDepth
 // directories.
 const (
 	maxSmallFile  = 4 << 10
 	maxMountinfo  = 4 << 20
-	maxLine       = 64 << 10
 	maxDepth      = 256
 	maxCPU        = 1 << 20 // beyond any NR_CPUS
 	maxQuotaValue = 1 << 40 // µs; the kernel's own bound is lower
@@ -107,7 +107,7 @@ func cgroupLimit(fsys fs.FS) Limit {
 	if err != nil {
 		return l
 	}
-	groups := parseProcCgroup(cg)
+	groups := cgroup.ParseMemberships(cg)
 	mounts := readMounts(fsys)
 	tighter := func(quota, period int64) {
 		// quota/period < l.Quota/l.Period, without overflow: both are
@@ -173,104 +173,15 @@ func readSmall(fsys fs.FS, name string) (string, error) {
 	return string(b), nil
 }
 
-// procCgroup is a line of /proc/self/cgroup: "ID:controllers:path".
-type procCgroup struct {
-	controllers []string // empty for cgroup v2 ("0::/path")
-	path        string
-}
-
-func parseProcCgroup(s string) []procCgroup {
-	var out []procCgroup
-	for line := range strings.Lines(s) {
-		_, rest, ok := strings.Cut(strings.TrimSuffix(line, "\n"), ":")
-		if !ok {
-			continue
-		}
-		ctl, p, ok := strings.Cut(rest, ":")
-		if !ok || !strings.HasPrefix(p, "/") {
-			continue
-		}
-		var c []string
-		if ctl != "" {
-			c = strings.Split(ctl, ",")
-		}
-		out = append(out, procCgroup{controllers: c, path: p})
-	}
-	return out
-}
-
-// mount is a cgroup mount of /proc/self/mountinfo.
-type mount struct {
-	root, point string // the hierarchy's directory that is mounted, and where
-	v2          bool
-	options     []string // super options: a v1 hierarchy's controllers are among them
-}
-
 // readMounts scans /proc/self/mountinfo for cgroup mounts, a line at a
 // time and at most maxMountinfo bytes of it.
-func readMounts(fsys fs.FS) []mount {
+func readMounts(fsys fs.FS) []cgroup.Mount {
 	f, err := fsys.Open("proc/self/mountinfo")
 	if err != nil {
 		return nil
 	}
 	defer f.Close()
-	return parseMountinfo(io.LimitReader(f, maxMountinfo))
-}
-
-func parseMountinfo(r io.Reader) []mount {
-	var out []mount
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), maxLine)
-	for sc.Scan() {
-		if m, ok := parseMountLine(sc.Text()); ok {
-			out = append(out, m)
-		}
-	}
-	return out // a line over maxLine ends the scan: what came before stands
-}
-
-// parseMountLine parses "36 35 98:0 ROOT POINT OPTS [OPTIONAL…] - TYPE
-// SOURCE SUPEROPTS" when TYPE is cgroup or cgroup2.
-func parseMountLine(line string) (mount, bool) {
-	pre, post, ok := strings.Cut(line, " - ")
-	if !ok {
-		return mount{}, false
-	}
-	f, g := strings.Fields(pre), strings.Fields(post)
-	if len(f) < 6 || len(g) < 3 || (g[0] != "cgroup" && g[0] != "cgroup2") {
-		return mount{}, false
-	}
-	root, ok1 := unescapeMount(f[3])
-	point, ok2 := unescapeMount(f[4])
-	if !ok1 || !ok2 || !strings.HasPrefix(root, "/") || !strings.HasPrefix(point, "/") {
-		return mount{}, false
-	}
-	return mount{root: root, point: point, v2: g[0] == "cgroup2", options: strings.Split(g[2], ",")}, true
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space, \134
-// for a backslash); a malformed escape makes the field unusable.
-func unescapeMount(s string) (string, bool) {
-	if !strings.Contains(s, `\`) {
-		return s, true
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] != '\\' {
-			b.WriteByte(s[i])
-			continue
-		}
-		if i+4 > len(s) {
-			return "", false
-		}
-		n, err := strconv.ParseUint(s[i+1:i+4], 8, 8)
-		if err != nil {
-			return "", false
-		}
-		b.WriteByte(byte(n))
-		i += 3
-	}
-	return b.String(), true
+	return cgroup.ScanMounts(io.LimitReader(f, maxMountinfo))
 }
 
 // cgroupDirs are the directories, relative to /, of this process's cgroup
@@ -278,12 +189,12 @@ func unescapeMount(s string) (string, bool) {
 // up to the mounted root, leaf first. A cgroup path that is not under the
 // mount's root (a cgroup namespace that hides it) yields the mount point
 // alone; a path with "." or ".." in it yields nothing.
-func cgroupDirs(groups []procCgroup, mounts []mount, controller string) []string {
+func cgroupDirs(groups []cgroup.Membership, mounts []cgroup.Mount, controller string) []string {
 	var p string
 	found := false
 	for _, g := range groups {
-		if (controller == "" && len(g.controllers) == 0) || (controller != "" && hasString(g.controllers, controller)) {
-			p, found = g.path, true
+		if (controller == "" && len(g.Controllers) == 0) || (controller != "" && hasString(g.Controllers, controller)) {
+			p, found = g.Path, true
 			break
 		}
 	}
@@ -291,14 +202,14 @@ func cgroupDirs(groups []procCgroup, mounts []mount, controller string) []string
 		return nil
 	}
 	for _, m := range mounts {
-		if m.v2 != (controller == "") || (controller != "" && !hasString(m.options, controller)) {
+		if m.V2 != (controller == "") || (controller != "" && !hasString(m.Options, controller)) {
 			continue
 		}
-		top := strings.TrimPrefix(path.Clean(m.point), "/")
+		top := strings.TrimPrefix(path.Clean(m.Point), "/")
 		if top == "" {
 			top = "."
 		}
-		rel, ok := under(p, m.root)
+		rel, ok := under(p, m.Root)
 		if !ok {
 			return []string{top}
 		}

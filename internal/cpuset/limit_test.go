@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 	"testing/fstest"
+
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 func TestParseCPUMax(t *testing.T) {
@@ -183,7 +185,7 @@ func TestCgroupLimitHostile(t *testing.T) {
 		},
 		"garbage": {
 			"proc/self/cgroup":      file("\x00:::\n::\n0::relative\n"),
-			"proc/self/mountinfo":   file("- - -\n1 2 3 \\9 /x - cgroup2 x rw\n" + strings.Repeat("x", maxLine+1) + "\n"),
+			"proc/self/mountinfo":   file("- - -\n1 2 3 \\9 /x - cgroup2 x rw\n" + strings.Repeat("x", cgroup.MaxMountLine+1) + "\n"),
 			"sys/fs/cgroup/cpu.max": file("150000 100000"),
 		},
 		"bad escape": {

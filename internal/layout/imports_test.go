@@ -43,6 +43,9 @@ var rules = []rule{
 	// needs activation's name for an unnamed fd; activation imports
 	// nothing of cohort, so this makes no cycle.
 	{pkgs: []string{"internal/sockets"}, may: []string{"appfile", "activation"}},
+	// cgroup v2 files: a worker's cgroup with the app's [limits], and
+	// what the kernel counts in it. It needs no other plumbing.
+	{pkgs: []string{"internal/cgroup"}, may: []string{"appfile"}},
 	{pkgs: []string{"internal/...", "dispatcher/internal/..."}, may: []string{"internal/...", "dispatcher/internal/...", "appfile"}},
 	// The generator turns app files into units; it runs no worker.
 	{pkgs: []string{"generator/..."}, may: []string{"appfile", "units", "generator/...", "internal/..."}, tests: []string{"activation/..."}},

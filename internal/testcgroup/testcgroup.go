@@ -1,8 +1,10 @@
-// Package testcgroup makes cgroup v1 directories for tests on hosts that
-// mount v1 hierarchies (this development machine has cpu and cpuset on
-// v1 and no cgroup2 controllers), and removes them again, also when the
-// test fails. It reads mountinfo itself rather than through
-// internal/cpuset, whose reading is what these tests check.
+// Package testcgroup makes cgroup directories for tests and removes them
+// again, also when the test fails: v2 ones (V2) anywhere cgroup2 is
+// mounted, and v1 ones (V1) on hosts with v1 hierarchies (this
+// development machine has cpu and cpuset on v1, and a cgroup2 hierarchy
+// without controllers). It reads mountinfo itself rather than through
+// internal/cpuset or internal/cgroup, whose reading is what these tests
+// check.
 package testcgroup
 
 import (
