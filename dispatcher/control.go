@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sort"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/dispatcher/internal/sockdiag"
 )
 
 // The control socket: $RUNTIME_DIRECTORY/control.sock (or the private
@@ -42,7 +44,9 @@ type ctlReply struct {
 // adds what it reads from /proc, outside the loop.
 type statusSnapshot struct {
 	st    control.Status
-	procs []int // pid of st.Workers[i], 0 for none
+	procs []int             // pid of st.Workers[i], 0 for none
+	socks []sockdiag.Socket // st.Listeners[i]'s socket, for its queue
+	known []bool            // whether socks[i] could be identified
 }
 
 // serveControl creates the control socket in dir and serves it until ctx
@@ -118,6 +122,7 @@ func (h *ctlHandler) Status(ctx context.Context) (*control.Status, error) {
 	}
 	snap := rep.status
 	h.usage(ctx, snap)
+	queues(ctx, snap)
 	return &snap.st, nil
 }
 
@@ -227,9 +232,24 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	if d.app.Recycle.Memory > 0 {
 		st.RecycleMemory = fmt.Sprintf("over %s, %s", appfile.FormatSize(d.app.Recycle.Memory), d.rec.source)
 	}
+	st.ReadyWorkers = d.readyCount()
+	st.MinReady = d.app.Metrics.ReadyNeeded(len(d.slots))
+	st.Serving = !d.stopping && !d.draining && st.ReadyWorkers >= st.MinReady
+	st.Live = d.live(now)
+	st.Reloads = d.ctl.reloads
+	acc := d.mode.accepted()
+	for _, l := range d.socks {
+		cl := control.Listener{Name: l.name, Worker: l.worker, Queue: -1, QueueLimit: -1}
+		if l.index < len(acc) {
+			cl.Accepted = acc[l.index]
+		}
+		st.Listeners = append(st.Listeners, cl)
+	}
 	switch {
 	case d.stopping:
 		st.State = "stopping"
+	case d.draining:
+		st.State = "draining"
 	case d.ctl.cur != nil && d.ctl.cur.kind == kindReload:
 		st.State = "reloading"
 	case !d.sentReady:
@@ -238,10 +258,16 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		st.State = "ready"
 	}
 	snap := &statusSnapshot{}
+	for _, l := range d.socks {
+		snap.socks, snap.known = append(snap.socks, l.id), append(snap.known, l.known)
+	}
 	add := func(s *slot, w *worker) {
 		// A slot in backoff shows its last process's generation (the
 		// current one when it never had a process).
 		cw := control.Worker{Index: s.index, Restarts: s.restarts, Recycles: s.recycles, LastRecycle: s.lastRecycle, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
+		if len(s.causes) > 0 {
+			cw.RestartCauses = maps.Clone(s.causes) // the handler reads it off the loop
+		}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
@@ -286,4 +312,25 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	st.Workers, snap.procs = ws, ps
 	snap.st = st
 	return snap
+}
+
+// live is false while every slot's worker has missed its watchdog: its
+// current worker is being stopped for it (or overdue and about to be),
+// or the slot waits to restart after such a stop. Without a watchdog
+// there is nothing to miss.
+func (d *dispatcher) live(now time.Time) bool {
+	if d.app.Watchdog <= 0 || len(d.slots) == 0 {
+		return true
+	}
+	for _, s := range d.slots {
+		w := s.cur
+		switch {
+		case w == nil && s.lastCause == causeWatchdog:
+		case w != nil && w.cause == causeWatchdog:
+		case w != nil && w.state == stReady && !w.lastPing.IsZero() && now.Sub(w.lastPing) > d.app.Watchdog:
+		default:
+			return true
+		}
+	}
+	return false
 }

@@ -221,9 +221,9 @@ func helperDispatcher() int {
 	}
 	os.Unsetenv("COHORT_TEST_APP")
 	os.Unsetenv("COHORT_TEST_HELPER")
-	files := activation.Files(true)
+	metrics, files := sockets.TakeMetrics(activation.Files(true))
 	// This process owns all its children: it may be their subreaper.
-	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
+	opt := Options{App: &app, HandleSignals: true, Subreaper: true, Metrics: metrics}
 	var err error
 	if app.Mode == appfile.ModeReusePort {
 		opt.SlotListeners, err = sockets.MatchSlots(&app, files)

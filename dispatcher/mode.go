@@ -52,6 +52,9 @@ type mode interface {
 	// were handed to it and how many it holds; zeros where the mode does
 	// not hand connections.
 	conns(pid int) (handed uint64, open int)
+	// accepted is how many connections the dispatcher accepted on each
+	// listener ([[listen]] order); nil where the workers accept.
+	accepted() []uint64
 	// faults is ready when takeFaults may have something; nil (never
 	// ready) for modes without faults.
 	faults() <-chan struct{}
@@ -210,6 +213,7 @@ func (m *socketMode) exited(int)                                {}
 func (m *socketMode) stop()                                     {}
 func (m *socketMode) status(int) string                         { return "" }
 func (m *socketMode) conns(int) (uint64, int)                   { return 0, 0 }
+func (m *socketMode) accepted() []uint64                        { return nil }
 func (m *socketMode) faults() <-chan struct{}                   { return nil }
 func (m *socketMode) takeFaults(func(pid int) bool) []modeFault { return nil }
 func (m *socketMode) close()                                    {}

@@ -68,9 +68,9 @@ func scanTrees(ctx context.Context, supervisor int) (procfs.Table, error) {
 	return procfs.Scan(ctx)
 }
 
-// usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
-// reads /proc at most twice, for all workers together, and gives up
-// (leaving zeros) when ctx or usageTimeout ends.
+// usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's
+// workers. It reads /proc at most twice, for all workers together, and
+// gives up (leaving zeros) when ctx or usageTimeout ends.
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
@@ -134,6 +134,7 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		w := &snap.st.Workers[i]
 		u := now[i]
 		w.RSS = u.RSS
+		w.CPUSeconds = float64(u.Ticks) / procfs.ClockTick
 		next[k] = cpuSample{ticks: u.Ticks, at: at}
 		window := at.Sub(prev[i].at)
 		if window <= 0 || u.Procs == 0 {

@@ -494,7 +494,7 @@ func (c *Container) zombies() []int {
 // them; once it has, this is always true and the fallback can go.
 func knowsHealth(t *testing.T) bool {
 	t.Helper()
-	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
+	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
 	return err == nil
 }
 

@@ -98,6 +98,17 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		}
 		opts.Listeners = files
 	}
+	metrics, cleanupMetrics, err := sockets.BindMetrics(app)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 1
+	}
+	if metrics != nil {
+		defer cleanupMetrics()
+		defer metrics.Close()
+		fmt.Fprintf(env.stderr, "[%s] metrics on %s (/metrics, /readyz, /livez)\n", app.Name, listenAddr(metrics, app.Metrics.Listen.Address))
+		opts.Metrics = metrics
+	}
 	// A reload (SIGHUP, or the control socket) re-reads the file and
 	// applies the same flags again.
 	load := func() (*appfile.App, error) {
