@@ -48,6 +48,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzProcText$$' -fuzztime 10s ./dispatcher/internal/probe
 	$(GO) test -run '^$$' -fuzz '^FuzzSummary$$' -fuzztime 10s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzCgroupLimit$$' -fuzztime 10s ./internal/cpuset
+	$(GO) test -run '^$$' -fuzz '^FuzzAppend$$' -fuzztime 10s ./internal/logline
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./internal/cgroup
 	$(GO) test -run '^$$' -fuzz '^FuzzReplies$$' -fuzztime 10s ./dispatcher/internal/sockdiag
 	$(GO) test -run '^$$' -fuzz '^FuzzParseProxy$$' -fuzztime 10s ./dispatcher/internal/balance

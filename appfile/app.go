@@ -99,6 +99,11 @@ type App struct {
 	Workers     Workers
 	Mode        Mode
 	CPUAffinity bool
+	// NodePreload: the workers' NODE_OPTIONS get --require of cohort's
+	// preload module, which turns a listen on a port cohort was given
+	// into the inherited socket (shared and reuseport mode). The default
+	// is NodeProgram(Command); node_preload sets it.
+	NodePreload bool
 
 	Ready Readiness
 	// ReadySettle is, for ReadyListening, how long a worker must stay up
@@ -176,6 +181,22 @@ type App struct {
 	// workingDirAt is where working_directory is written, for CheckHost;
 	// zero when it is not.
 	workingDirAt position
+}
+
+// NodeProgram reports whether command runs Node.js itself: its program
+// is node or nodejs (node20, /usr/bin/node…), not a shell or npm that
+// would start it (those set node_preload = true, and the preload module
+// works in the process whose LISTEN_PID it is).
+func NodeProgram(command []string) bool {
+	if len(command) == 0 {
+		return false
+	}
+	base := command[0]
+	if i := strings.LastIndexByte(base, '/'); i >= 0 {
+		base = base[i+1:]
+	}
+	base = strings.TrimRight(base, "0123456789.-")
+	return base == "node" || base == "nodejs"
 }
 
 // Workers is the worker count: Auto means one per CPU the dispatcher may

@@ -28,11 +28,27 @@ func TestParseGood(t *testing.T) {
 			want.Path = "/etc/cohort/web.toml"
 			want.Command = []string{"/usr/bin/node", "server.js"}
 			want.Listen = []Listener{{Name: "http", Address: "127.0.0.1:8080", Kind: ListenTCP}}
+			want.NodePreload = true // the program is node
 			if app.KillMode != KillModeGroup {
 				t.Errorf("kill_mode = %q, want %q", app.KillMode, KillModeGroup)
 			}
 			if !reflect.DeepEqual(app, want) {
 				t.Errorf("got  %+v\nwant %+v", app, want)
+			}
+		}},
+		{"node_preload", "node_preload = false\n" + minimal, func(t *testing.T, app *App) {
+			if app.NodePreload {
+				t.Error("node_preload = false is on")
+			}
+		}},
+		{"node_preload default off for other programs", "command = [\"/bin/sh\", \"-c\", \"exec node x.js\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if app.NodePreload {
+				t.Error("preload on for /bin/sh")
+			}
+		}},
+		{"node_preload on for a shell", "node_preload = true\nmode = \"reuseport\"\ncommand = [\"/bin/sh\", \"-c\", \"exec node x.js\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if !app.NodePreload {
+				t.Error("node_preload = true is off")
 			}
 		}},
 		{"limits", minimal + `
@@ -282,6 +298,10 @@ hardening = "paranoid"
 				`web.toml:6:1: kill_mode: want "group" or "mixed", got "mixd" (did you mean "mixed"?)`,
 				`web.toml:7:1: hardening: want "default", "strict" or "none", got "paranoid"`,
 			}},
+		{"node_preload in round-robin mode", "command = [\"node\"]\nmode = \"round-robin\"\nnode_preload = true\n" + listenHTTP,
+			[]string{`web.toml:3:1: node_preload works in shared and reuseport mode only: in round-robin mode connections arrive over cohort's channel, which Node's public APIs cannot receive fds from (see node_preload in cohort.toml(5))`}},
+		{"node_preload not a boolean", "command = [\"node\"]\nnode_preload = \"yes\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: node_preload: want true or false, got string`}},
 		{"limits", minimal + `[limits]
 memory_max = "512"
 memory_high = "1G"
@@ -601,5 +621,19 @@ func TestParseSlotFDName(t *testing.T) {
 		if ok && SlotFDName(l, slot) != tc.name {
 			t.Errorf("SlotFDName(%q, %d) = %q; want %q", l, slot, SlotFDName(l, slot), tc.name)
 		}
+	}
+}
+
+func TestNodeProgram(t *testing.T) {
+	for cmd, want := range map[string]bool{
+		"node": true, "/usr/bin/node": true, "nodejs": true, "node20": true, "/opt/node-22/bin/node": true,
+		"/bin/sh": false, "npm": false, "nodemon": false, "deno": false, "": false,
+	} {
+		if got := NodeProgram([]string{cmd, "x.js"}); got != want {
+			t.Errorf("NodeProgram(%q) = %v, want %v", cmd, got, want)
+		}
+	}
+	if NodeProgram(nil) {
+		t.Error("NodeProgram(nil)")
 	}
 }

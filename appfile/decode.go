@@ -90,6 +90,13 @@ func Parse(path string, data []byte) (*App, error) {
 		d.add(&Error{File: path, Line: 1, Col: 1, Msg: "the app file's path " + why})
 	}
 	d.app(raw, app)
+	app.NodePreload = NodeProgram(app.Command)
+	if d.nodePreload != nil {
+		app.NodePreload = *d.nodePreload
+		if app.NodePreload && app.Mode == ModeRoundRobin {
+			d.errorAt("node_preload", "", "node_preload works in shared and reuseport mode only: in round-robin mode connections arrive over cohort's channel, which Node's public APIs cannot receive fds from (see node_preload in cohort.toml(5))")
+		}
+	}
 	d.validate(app)
 	if len(d.errs) > 0 {
 		return nil, d.report()
@@ -168,6 +175,8 @@ type decoder struct {
 	idx     keyIndex
 	errs    Errors // the first MaxErrors by position, sorted
 	dropped int    // errors found but not kept
+	// nodePreload is node_preload when the file sets it.
+	nodePreload *bool
 }
 
 // keeps reports whether an error at p would be among the first MaxErrors
@@ -225,7 +234,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -310,6 +319,10 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			}
 		case "cpu_affinity":
 			app.CPUAffinity, _ = d.boolean(k, v)
+		case "node_preload":
+			if b, ok := d.boolean(k, v); ok {
+				d.nodePreload = &b
+			}
 		case "ready":
 			app.Ready = d.ready(k, v)
 		case "ready_settle":

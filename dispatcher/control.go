@@ -10,7 +10,10 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
@@ -25,7 +28,8 @@ import (
 // ctlRequest is one control request handed to the loop.
 type ctlRequest struct {
 	cmd   string
-	n     int            // scale: workers; restart-worker: index
+	n     int            // scale: workers; restart-worker, signal: index (signal: -1 for all)
+	sig   syscall.Signal // signal
 	reply func(ctlReply) // called once, from the loop; never blocks
 }
 
@@ -33,6 +37,7 @@ type ctlRequest struct {
 type ctlReply struct {
 	err    error
 	status *statusSnapshot
+	pids   []int // signal: the processes signalled
 }
 
 // statusSnapshot is the loop's view for a status request; the handler
@@ -88,8 +93,12 @@ var _ control.Handler = (*ctlHandler)(nil)
 var errGone = errors.New("the dispatcher is stopping")
 
 func (h *ctlHandler) ask(ctx context.Context, cmd string, n int) (ctlReply, error) {
+	return h.askReq(ctx, ctlRequest{cmd: cmd, n: n})
+}
+
+func (h *ctlHandler) askReq(ctx context.Context, req ctlRequest) (ctlReply, error) {
 	replies := make(chan ctlReply, 1) // buffered: the loop never waits for this handler
-	req := ctlRequest{cmd: cmd, n: n, reply: func(r ctlReply) { replies <- r }}
+	req.reply = func(r ctlReply) { replies <- r }
 	select {
 	case h.reqs <- req:
 	case <-ctx.Done():
@@ -136,6 +145,55 @@ func (h *ctlHandler) RestartWorker(ctx context.Context, index int) error {
 	return err
 }
 
+// Signal sends sig to the workers' main processes (of slot *worker only,
+// when given); the loop sends it, as it owns which pids are still its
+// children (a reaped worker's pid may belong to someone else by now).
+func (h *ctlHandler) Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error) {
+	n := -1
+	if worker != nil {
+		n = *worker
+	}
+	rep, err := h.askReq(ctx, ctlRequest{cmd: control.CmdSignal, n: n, sig: sig})
+	return rep.pids, err
+}
+
+// signal is a signal request in the loop: sig to the main process of
+// every live worker (the current ones, and candidates and retiring ones
+// during a replacement) of slot index, or of all slots for -1. Never the
+// dispatcher, never a worker's other processes: like Node's
+// worker.process.kill and PM2's sendSignal, the program decides what its
+// children get.
+func (d *dispatcher) signal(index int, sig syscall.Signal) ([]int, error) {
+	if index >= len(d.slots) {
+		return nil, fmt.Errorf("signal: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1)
+	}
+	var ws []*worker
+	for _, w := range d.procs {
+		if w.state != stExited && (index < 0 || w.slot.index == index) {
+			ws = append(ws, w)
+		}
+	}
+	sort.Slice(ws, func(a, b int) bool {
+		if ws[a].slot.index != ws[b].slot.index {
+			return ws[a].slot.index < ws[b].slot.index
+		}
+		return ws[a].gen < ws[b].gen
+	})
+	var pids []int
+	for _, w := range ws {
+		if err := unix.Kill(w.pid, sig); err != nil {
+			d.out.warnf("signal %s to worker %d (pid %d): %v", unix.SignalName(sig), w.slot.index, w.pid, err)
+			continue
+		}
+		pids = append(pids, w.pid)
+		d.out.infof("sent %s to worker %d (pid %d) (control socket)", unix.SignalName(sig), w.slot.index, w.pid)
+	}
+	if len(pids) == 0 {
+		return nil, errors.New("signal: no worker process is running to receive it")
+	}
+	return pids, nil
+}
+
 // onControl carries out a control request in the loop.
 func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 	done := func(err error) { req.reply(ctlReply{err: err}) }
@@ -148,6 +206,9 @@ func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 		done(d.scale(req.n, now))
 	case control.CmdRestartWorker:
 		d.startRestartWorker(req.n, now, done)
+	case control.CmdSignal:
+		pids, err := d.signal(req.n, req.sig)
+		req.reply(ctlReply{err: err, pids: pids})
 	default:
 		done(fmt.Errorf("unknown command %q", req.cmd))
 	}

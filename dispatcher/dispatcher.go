@@ -65,13 +65,20 @@ type Options struct {
 	// os.TempDir() that Run removes.
 	RuntimeDir string
 
-	// Stdout receives worker output, "[app.N] line"s, whole lines in
+	// Stdout receives worker output, "app.N | line"s, whole lines in
 	// each write; Stderr receives the dispatcher's own log lines. Each is
 	// written by a goroutine of its own from a bounded queue, so a writer
 	// that blocks never blocks supervision: lines it has no room for are
 	// dropped and counted on Stderr (internal/logrelay). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
+	// Color: Stdout and Stderr are terminals, so worker labels get their
+	// colours and control characters in lines are made visible
+	// (internal/logline); not in journal mode.
+	Color bool
+	// NodePreload is the Node preload module's file (node_preload in
+	// cohort.toml(5)); "" means DefaultNodePreload.
+	NodePreload string
 	// Journal sends worker lines to the journal with COHORT_WORKER,
 	// COHORT_PID and COHORT_GENERATION fields (falling back to Stdout when
 	// the journal refuses them) and prefixes log lines on Stderr with
@@ -346,6 +353,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
 		return nil, err
 	}
+	d.env = nodePreloadEnv(app, d.env, opt.NodePreload, d.out.warnf)
 	switch {
 	case opt.Limit != nil:
 		d.limit = *opt.Limit
@@ -390,7 +398,7 @@ func openOutput(app *appfile.App, opt Options) *output {
 	if opt.Journal {
 		jw = journal.NewSender(opt.JournalSocket)
 	}
-	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
+	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit, opt.Color && !opt.Journal)
 }
 
 // open acquires what the loop needs: /dev/null and the notify socket

@@ -167,8 +167,9 @@ type socketMode struct {
 	perSlot bool
 	names   string // LISTEN_FDNAMES
 
-	fds [][]uintptr // set i's fds, in blocking mode
-	ino [][]uint64  // their socket inodes, for ready = "listening"
+	fds   [][]uintptr // set i's fds, in blocking mode
+	ino   [][]uint64  // their socket inodes, for ready = "listening"
+	ports []string    // their ListenPortsEnv values
 }
 
 // open puts the sockets in blocking mode (workers share their file
@@ -186,7 +187,11 @@ func (m *socketMode) open(context.Context, int) error {
 		if err != nil {
 			return err
 		}
-		m.fds, m.ino = append(m.fds, fds), append(m.ino, ino)
+		ports, err := listenPorts(fds)
+		if err != nil {
+			return err
+		}
+		m.fds, m.ino, m.ports = append(m.fds, fds), append(m.ino, ino), append(m.ports, ports)
 	}
 	return nil
 }
@@ -197,7 +202,7 @@ func (m *socketMode) start(slot int) (workerStart, error) {
 		i = slot
 	}
 	return workerStart{
-		args:  forkArgs{fds: m.fds[i], names: m.names},
+		args:  forkArgs{fds: m.fds[i], names: m.names, env: []string{ListenPortsEnv + "=" + m.ports[i]}},
 		probe: probe.Targets{Inodes: m.ino[i]},
 	}, nil
 }

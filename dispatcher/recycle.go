@@ -140,10 +140,10 @@ func cgroupMemory(fallback memoryReader) memoryReader {
 }
 
 // treeUsage reads the usage of the process trees of the workers pids
-// (0: none) from one scan of /proc; supervisor is this process, which
+// (0: none) from one scan of /proc (scanTrees); supervisor is this process, which
 // adopts the workers' orphans (usage.go says what a tree is).
 func treeUsage(ctx context.Context, supervisor int, pids []int) ([]procfs.Usage, error) {
-	t, err := procfs.Scan(ctx)
+	t, err := scanTrees(ctx, supervisor) // usage.go
 	if err != nil {
 		return nil, err
 	}

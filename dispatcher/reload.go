@@ -549,6 +549,7 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if err != nil {
 		return spec{}, err
 	}
+	env = nodePreloadEnv(app, env, d.opt.NodePreload, d.out.warnf)
 	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: cur.gen + 1}, nil
 }
 

@@ -2,7 +2,11 @@ package dispatcher
 
 import (
 	"context"
+	"os"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
@@ -45,6 +49,23 @@ type workerKey struct {
 type cpuSample struct {
 	ticks uint64
 	at    time.Time
+}
+
+// scanTrees reads the processes the worker trees of supervisor can hold:
+// only supervisor's descendants when it is this process and the child
+// subreaper (Options.Subreaper: every process of a worker tree then
+// descends from it), so a status a second (cohort monit) costs what the
+// workers' processes cost to read, whatever else runs on the host; else
+// every process.
+func scanTrees(ctx context.Context, supervisor int) (procfs.Table, error) {
+	var sub int32
+	err := unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&sub)), 0, 0, 0)
+	if err == nil && sub != 0 && supervisor == os.Getpid() {
+		if t, ok, err := procfs.ScanTree(ctx, supervisor); ok {
+			return t, err
+		}
+	}
+	return procfs.Scan(ctx)
 }
 
 // usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's

@@ -435,7 +435,7 @@ address = "127.0.0.1:8080"
 		t.Errorf("exit status %d, want 1", code)
 	}
 	stdout, stderr := c.Output()
-	if !strings.Contains(stderr, "cohort run: app crash: no worker ready after ready_timeout (2s)") || !strings.Contains(stdout, "[crash.0] crashing") {
+	if !strings.Contains(stderr, "cohort run: app crash: no worker ready after ready_timeout (2s)") || !strings.Contains(stdout, "crash.0 | crashing") {
 		t.Errorf("stdout:\n%s\nstderr:\n%s", stdout, stderr)
 	}
 }

@@ -33,6 +33,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("hostilefiles", func(t *testing.T) { testHostileFiles(t, c) })
 			t.Run("checkhost", func(t *testing.T) { testCheckHost(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
+			t.Run("nodeunchanged", func(t *testing.T) { testNodeUnchanged(t, c) })
 			t.Run("deploy", func(t *testing.T) { testDeploy(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
 			t.Run("badedit", func(t *testing.T) { testBadEdit(t, c) })

@@ -53,7 +53,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Commands.
@@ -62,6 +66,7 @@ const (
 	CmdReload        = "reload"
 	CmdScale         = "scale"
 	CmdRestartWorker = "restart-worker"
+	CmdSignal        = "signal"
 )
 
 // MaxRequest is the longest request line accepted, newline included.
@@ -74,7 +79,8 @@ const SocketName = "control.sock"
 type Request struct {
 	Cmd     string `json:"cmd"`
 	Workers int    `json:"workers,omitempty"` // scale
-	Worker  *int   `json:"worker,omitempty"`  // restart-worker
+	Worker  *int   `json:"worker,omitempty"`  // restart-worker; signal: one worker only
+	Signal  string `json:"signal,omitempty"`  // signal: a name, "SIGUSR2" (see SignalByName)
 }
 
 // Reply is the line the server answers with.
@@ -82,6 +88,8 @@ type Reply struct {
 	OK     bool    `json:"ok"`
 	Error  string  `json:"error,omitempty"`
 	Status *Status `json:"status,omitempty"`
+	// PIDs are the worker processes a signal request reached.
+	PIDs []int `json:"pids,omitempty"`
 }
 
 // Status is the dispatcher's view of its app.
@@ -248,6 +256,10 @@ type Handler interface {
 	Reload(ctx context.Context) error
 	Scale(ctx context.Context, workers int) error
 	RestartWorker(ctx context.Context, index int) error
+	// Signal sends sig to the main process of every live worker, or of
+	// the workers of slot *worker only, never to the dispatcher, and
+	// returns the pids it reached.
+	Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error)
 }
 
 // ChangesState reports whether r asks the dispatcher to change something.
@@ -277,10 +289,44 @@ func ParseRequest(line []byte) (Request, error) {
 		if r.Worker == nil || *r.Worker < 0 {
 			return r, errors.New("restart-worker: needs \"worker\": the index of a worker")
 		}
+	case CmdSignal:
+		if _, err := SignalByName(r.Signal); err != nil {
+			return r, fmt.Errorf("signal: %w", err)
+		}
+		if r.Worker != nil && *r.Worker < 0 {
+			return r, errors.New("signal: \"worker\" must be the index of a worker")
+		}
 	case "":
 		return r, errors.New("request has no \"cmd\"")
 	default:
-		return r, fmt.Errorf("unknown command %q (known: status, reload, scale, restart-worker)", r.Cmd)
+		return r, fmt.Errorf("unknown command %q (known: status, reload, scale, restart-worker, signal)", r.Cmd)
 	}
 	return r, nil
+}
+
+// signalNames are the signals a signal request may carry: the ones
+// programs handle themselves (PM2's sendSignal and Node's
+// process.on('SIGUSR2') are about these), and the ones that stop, pause
+// or end a worker (the dispatcher then sees it exit or stop answering as
+// it would for any other cause). Numbers are refused: they differ
+// between architectures.
+var signalNames = []string{
+	"SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGALRM",
+	"SIGTERM", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGWINCH",
+	"SIGPROF", "SIGPWR",
+}
+
+// SignalByName returns the signal named name ("SIGUSR2", "USR2", any
+// case), one of those a signal request may carry.
+func SignalByName(name string) (syscall.Signal, error) {
+	up := strings.ToUpper(name)
+	if !strings.HasPrefix(up, "SIG") {
+		up = "SIG" + up
+	}
+	for _, n := range signalNames {
+		if n == up {
+			return unix.SignalNum(n), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown signal %q (known: %s)", name, strings.Join(signalNames, " "))
 }
