@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 0.0.
 LDFLAGS := -s -w -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build deps test lint fuzz bench bench-micro deb vmtest vmtest-qemu run clean
+.PHONY: all build deps test lint fuzz bench bench-cost bench-micro deb vmtest vmtest-qemu run clean
 
 all: build
 
@@ -49,7 +49,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzProcText$$' -fuzztime 10s ./dispatcher/internal/probe
 	$(GO) test -run '^$$' -fuzz '^FuzzSummary$$' -fuzztime 10s ./appfile
 	$(GO) test -run '^$$' -fuzz '^FuzzCgroupLimit$$' -fuzztime 10s ./internal/cpuset
+	$(GO) test -run '^$$' -fuzz '^FuzzAppend$$' -fuzztime 10s ./internal/logline
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./internal/cgroup
+	$(GO) test -run '^$$' -fuzz '^FuzzReplies$$' -fuzztime 10s ./dispatcher/internal/sockdiag
+	$(GO) test -run '^$$' -fuzz '^FuzzParseProxy$$' -fuzztime 10s ./dispatcher/internal/balance
 
 # The load benchmark (bench/): the hello app alone and under Node
 # cluster, PM2 and cohort, keep-alive and new-connection load; writes
@@ -60,6 +63,11 @@ bench: build
 
 # Go micro-benchmarks beside the code (BenchmarkPassFD, BenchmarkGenerate100, …),
 # each printing its ratio against a baseline from the same run.
+# The cost benchmark (issue 19): CPU per handed connection of the dispatcher and of
+# Node's SCHED_RR primary, over a fixed number of connections, in one run.
+bench-cost: build
+	$(GO) run ./bench/cmd/cohort-bench -cost -cohort $(BIN)/cohort
+
 bench-micro:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
 

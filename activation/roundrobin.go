@@ -29,11 +29,13 @@ type demux struct {
 	err         error         // set once reading has ended for good
 	flushing    bool
 	sockClosed  bool
-	acked       uint64   // number of ids appended to ack so far
-	ackSent     uint64   // how many of those are written (or the channel broke)
-	ackOK       uint64   // how many of those are written: acks go out in order, the first failure ends the channel
-	ack         []uint64 // taken, not yet acknowledged
-	closed      []uint64 // closed by the application, not yet reported
+	acked       uint64      // number of ids appended to ack so far
+	ackSent     uint64      // how many of those are written (or the channel broke)
+	ackOK       uint64      // how many of those are written: acks go out in order, the first failure ends the channel
+	ack         []uint64    // taken, not yet acknowledged
+	closed      []uint64    // closed by the application, not yet reported
+	closedTimer *time.Timer // flushes closed when no ACK carries it first
+	timerArmed  bool
 	reject      []uint64 // not taken, fds closed, not yet reported
 }
 
@@ -178,6 +180,15 @@ func (d *demux) conn(dl rr.Delivery) (net.Conn, error) {
 	return &otherConn{Conn: c, onClose: onClose}, nil
 }
 
+// closedDelay is how long a CLOSED may wait for an ACK to travel with.
+// A CLOSED only feeds the dispatcher's count of open connections (for
+// least-connections and p2c), which a few milliseconds do not spoil;
+// sent on its own, it costs the dispatcher a wake-up per connection, as
+// much as the ACK (issue 19). Under load the next ACK carries it (the
+// two messages are read in one wake-up); an idle worker sends it when
+// the timer fires.
+const closedDelay = 5 * time.Millisecond
+
 func (d *demux) connClosed(id uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -185,6 +196,25 @@ func (d *demux) connClosed(id uint64) {
 		return
 	}
 	d.closed = append(d.closed, id)
+	if len(d.closed) >= rr.MaxIDs {
+		d.flushLocked()
+		return
+	}
+	if !d.timerArmed {
+		d.timerArmed = true
+		if d.closedTimer == nil {
+			d.closedTimer = time.AfterFunc(closedDelay, d.flushClosed)
+		} else {
+			d.closedTimer.Reset(closedDelay)
+		}
+	}
+}
+
+// flushClosed sends the CLOSED ids no ACK has carried.
+func (d *demux) flushClosed() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.timerArmed = false
 	d.flushLocked()
 }
 
@@ -199,6 +229,10 @@ func (d *demux) flushLocked() {
 	for !d.sockClosed && len(d.ack)+len(d.reject)+len(d.closed) > 0 {
 		ack, reject, closed := d.ack, d.reject, d.closed
 		d.ack, d.reject, d.closed = nil, nil, nil
+		if len(closed) > 0 && d.timerArmed {
+			d.closedTimer.Stop()
+			d.timerArmed = false
+		}
 		d.mu.Unlock()
 		err := d.w.Send(rr.TypeAck, ack)
 		ackErr := err

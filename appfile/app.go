@@ -37,6 +37,23 @@ const (
 	// BalanceLeastConnections hands each connection to the ready worker
 	// with the fewest open (and unacknowledged) connections.
 	BalanceLeastConnections = "least-connections"
+	// BalanceP2C (power of two choices) draws two ready workers at random
+	// and hands the connection to the one with fewer open connections.
+	BalanceP2C = "p2c"
+	// BalanceWeighted is smooth weighted round-robin over App.Weights.
+	BalanceWeighted = "weighted"
+)
+
+// The sticky-session kinds of round-robin mode (App.Sticky).
+const (
+	// StickyNone: the balance policy alone picks the worker.
+	StickyNone = ""
+	// StickyClientIP sends the connections of one client address to one
+	// worker slot (a consistent hash over the slots, with bounded load).
+	StickyClientIP = "client-ip"
+	// StickyProxyProtocol is StickyClientIP with the client address of
+	// a PROXY protocol v1 or v2 header, read without consuming it.
+	StickyProxyProtocol = "proxy-protocol"
 )
 
 // ReadyKind says when a freshly started worker counts as ready.
@@ -82,6 +99,11 @@ type App struct {
 	Workers     Workers
 	Mode        Mode
 	CPUAffinity bool
+	// NodePreload: the workers' NODE_OPTIONS get --require of cohort's
+	// preload module, which turns a listen on a port cohort was given
+	// into the inherited socket (shared and reuseport mode). The default
+	// is NodeProgram(Command); node_preload sets it.
+	NodePreload bool
 
 	Ready Readiness
 	// ReadySettle is, for ReadyListening, how long a worker must stay up
@@ -96,7 +118,11 @@ type App struct {
 	// SIGKILL still goes to the group), like systemd's KillMode=.
 	KillMode    string
 	StopTimeout time.Duration
-	Restart     Restart
+	// DrainDelay is how long a stopping dispatcher answers 503 on
+	// /readyz ([metrics]), its workers still serving, before it stops
+	// them (StopSignal, StopTimeout). Zero: it stops them at once.
+	DrainDelay time.Duration
+	Restart    Restart
 	// Watchdog is the per-worker watchdog: a worker that sent WATCHDOG=1
 	// once and then stays silent this long is killed. Zero disables it.
 	Watchdog time.Duration
@@ -111,9 +137,18 @@ type App struct {
 	// then the dispatcher takes back what that worker has not
 	// acknowledged, hands it to other workers and replaces the worker.
 	AckTimeout time.Duration
-	// Balance is the round-robin mode's policy: BalanceRoundRobin or
-	// BalanceLeastConnections.
+	// Balance is the round-robin mode's policy: BalanceRoundRobin,
+	// BalanceLeastConnections, BalanceP2C or BalanceWeighted.
 	Balance string
+	// Weights are BalanceWeighted's weight of each worker slot, in slot
+	// order (1..MaxWeight); slots past the list weigh 1.
+	Weights []int
+	// Sticky is StickyNone, StickyClientIP or StickyProxyProtocol.
+	Sticky string
+	// AcceptThreads is, in round-robin mode, how many event loops accept
+	// and hand connections on at the same time (1..MaxAcceptThreads); 0
+	// (unset) lets the dispatcher choose from the number of workers.
+	AcceptThreads int
 
 	// LogRateLimit is the dispatcher's budget of each worker slot's
 	// output lines (log_rate_limit_interval, log_rate_limit_burst); the
@@ -132,6 +167,11 @@ type App struct {
 
 	Listen []Listener
 
+	// Metrics is the [metrics] table: the dispatcher's own listener for
+	// /metrics, /readyz and /livez; Metrics.Listen.Address is "" when it
+	// is off.
+	Metrics Metrics
+
 	// Pass-through directives, validated only for syntax, rendered verbatim
 	// into the [Unit], [Service] and [Socket] sections. Order is the file's.
 	Unit    []Directive
@@ -141,6 +181,22 @@ type App struct {
 	// workingDirAt is where working_directory is written, for CheckHost;
 	// zero when it is not.
 	workingDirAt position
+}
+
+// NodeProgram reports whether command runs Node.js itself: its program
+// is node or nodejs (node20, /usr/bin/node…), not a shell or npm that
+// would start it (those set node_preload = true, and the preload module
+// works in the process whose LISTEN_PID it is).
+func NodeProgram(command []string) bool {
+	if len(command) == 0 {
+		return false
+	}
+	base := command[0]
+	if i := strings.LastIndexByte(base, '/'); i >= 0 {
+		base = base[i+1:]
+	}
+	base = strings.TrimRight(base, "0123456789.-")
+	return base == "node" || base == "nodejs"
 }
 
 // Workers is the worker count: Auto means one per CPU the dispatcher may
@@ -283,6 +339,39 @@ type Listener struct {
 	SocketMode  uint32 // 0: systemd's default (0666)
 }
 
+// MetricsFDName is the FileDescriptorName= of the metrics listener's
+// socket unit. Listener names may not start with "cohort-", so it is
+// never a [[listen]]'s.
+const MetricsFDName = "cohort-metrics"
+
+// Metrics is the [metrics] table (docs/config.md).
+type Metrics struct {
+	// Listen is the metrics listener: Name is MetricsFDName, Address ""
+	// means no metrics listener.
+	Listen Listener
+	// MinReady is how many workers must be ready for /readyz to answer
+	// 200; 0 means the default, ReadyNeeded's.
+	MinReady int
+}
+
+// On says whether the app has a metrics listener.
+func (m Metrics) On() bool { return m.Listen.Address != "" }
+
+// ReadyNeeded is how many ready workers /readyz needs when workers
+// slots run: min_ready when set (at most workers, so that `cohort scale`
+// down does not leave an instance unready for good), else all but one,
+// at least one. All but one because a single crash or a slot in backoff
+// is what a cluster of workers is there to absorb: taking the whole
+// instance out of its load balancer for it would move all its traffic
+// onto the other instances, which is how one bad request becomes an
+// outage; two slots down at once is no longer noise.
+func (m Metrics) ReadyNeeded(workers int) int {
+	if m.MinReady > 0 {
+		return min(m.MinReady, max(workers, 1))
+	}
+	return max(workers-1, 1)
+}
+
 // SlotFDName is, in reuseport mode, the FileDescriptorName= of worker
 // slot's socket for a listener: "http.0", "http.1"… The generator names
 // the sockets so and the dispatcher takes them apart with ParseSlotFDName.
@@ -326,6 +415,9 @@ const (
 	DefaultMinUptime      = 5 * time.Second
 	DefaultMaxPending     = 64
 	MaxMaxPending         = 65535
+	MaxWeight             = 100
+	MaxWeights            = 1024
+	MaxAcceptThreads      = 64
 	DefaultAckTimeout     = 10 * time.Second
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour
@@ -365,6 +457,10 @@ const (
 	// MaxDirectives is how many directives one pass-through table
 	// ([unit], [service], [socket]) may add, counting array items.
 	MaxDirectives = 256
+	// MaxDrainDelay bounds drain_delay: a load balancer's
+	// readiness period is seconds, and systemd waits drain_delay +
+	// stop_timeout for a stop.
+	MaxDrainDelay = 10 * time.Minute
 )
 
 // New returns an App named name with every default applied and no command

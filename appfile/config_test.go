@@ -28,11 +28,27 @@ func TestParseGood(t *testing.T) {
 			want.Path = "/etc/cohort/web.toml"
 			want.Command = []string{"/usr/bin/node", "server.js"}
 			want.Listen = []Listener{{Name: "http", Address: "127.0.0.1:8080", Kind: ListenTCP}}
+			want.NodePreload = true // the program is node
 			if app.KillMode != KillModeGroup {
 				t.Errorf("kill_mode = %q, want %q", app.KillMode, KillModeGroup)
 			}
 			if !reflect.DeepEqual(app, want) {
 				t.Errorf("got  %+v\nwant %+v", app, want)
+			}
+		}},
+		{"node_preload", "node_preload = false\n" + minimal, func(t *testing.T, app *App) {
+			if app.NodePreload {
+				t.Error("node_preload = false is on")
+			}
+		}},
+		{"node_preload default off for other programs", "command = [\"/bin/sh\", \"-c\", \"exec node x.js\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if app.NodePreload {
+				t.Error("preload on for /bin/sh")
+			}
+		}},
+		{"node_preload on for a shell", "node_preload = true\nmode = \"reuseport\"\ncommand = [\"/bin/sh\", \"-c\", \"exec node x.js\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if !app.NodePreload {
+				t.Error("node_preload = true is off")
 			}
 		}},
 		{"limits", minimal + `
@@ -57,6 +73,16 @@ tasks_max = 64
 		{"no limits", minimal, func(t *testing.T, app *App) {
 			if app.Limits.Any() {
 				t.Errorf("limits %+v, want none", app.Limits)
+			}
+		}},
+		{"balance weighted, sticky, accept threads", "mode = \"round-robin\"\nbalance = \"weighted\"\nweights = [2, 1, 1]\nsticky = \"client-ip\"\naccept_threads = 2\n" + minimal, func(t *testing.T, app *App) {
+			if app.Balance != BalanceWeighted || !reflect.DeepEqual(app.Weights, []int{2, 1, 1}) || app.Sticky != StickyClientIP || app.AcceptThreads != 2 {
+				t.Errorf("balance %q weights %v sticky %q accept_threads %d", app.Balance, app.Weights, app.Sticky, app.AcceptThreads)
+			}
+		}},
+		{"balance p2c, proxy-protocol", "mode = \"round-robin\"\nbalance = \"p2c\"\nsticky = \"proxy-protocol\"\n" + minimal, func(t *testing.T, app *App) {
+			if app.Balance != BalanceP2C || app.Sticky != StickyProxyProtocol || app.AcceptThreads != 0 {
+				t.Errorf("balance %q sticky %q accept_threads %d", app.Balance, app.Sticky, app.AcceptThreads)
 			}
 		}},
 		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
@@ -200,6 +226,30 @@ address = ":8080"
 				t.Errorf("ready = %+v, settle %v; want listening, 0", app.Ready, app.ReadySettle)
 			}
 		}},
+		{"metrics", "command = [\"/bin/app\"]\ndrain_delay = \"5s\"\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:9464\"\nmin_ready = 3\n", func(t *testing.T, app *App) {
+			want := Metrics{Listen: Listener{Name: MetricsFDName, Address: "127.0.0.1:9464", Kind: ListenTCP}, MinReady: 3}
+			if app.Metrics != want || !app.Metrics.On() || app.DrainDelay != 5*time.Second {
+				t.Errorf("metrics = %+v, want %+v", app.Metrics, want)
+			}
+			if n := app.Metrics.ReadyNeeded(2); n != 2 {
+				t.Errorf("min_ready 3 with 2 workers needs %d, want 2 (scaled down)", n)
+			}
+		}},
+		{"metrics on a unix socket, default min_ready", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nlisten = \"/run/web-metrics.sock\"\n", func(t *testing.T, app *App) {
+			if app.Metrics.Listen.Kind != ListenUnix || app.DrainDelay != 0 {
+				t.Errorf("metrics = %+v", app.Metrics)
+			}
+			for workers, want := range map[int]int{1: 1, 2: 1, 4: 3, 16: 15} {
+				if n := app.Metrics.ReadyNeeded(workers); n != want {
+					t.Errorf("%d workers need %d ready, want %d", workers, n, want)
+				}
+			}
+		}},
+		{"no metrics", "command = [\"/bin/app\"]\n" + listenHTTP, func(t *testing.T, app *App) {
+			if app.Metrics.On() {
+				t.Errorf("metrics on by default: %+v", app.Metrics)
+			}
+		}},
 		{"listen as inline array", `command = ["/bin/app"]
 listen = [{ name = "a", address = "127.0.0.1:1" }, { name = "b", address = "127.0.0.1:2" }]
 `, func(t *testing.T, app *App) {
@@ -248,6 +298,10 @@ hardening = "paranoid"
 				`web.toml:6:1: kill_mode: want "group" or "mixed", got "mixd" (did you mean "mixed"?)`,
 				`web.toml:7:1: hardening: want "default", "strict" or "none", got "paranoid"`,
 			}},
+		{"node_preload in round-robin mode", "command = [\"node\"]\nmode = \"round-robin\"\nnode_preload = true\n" + listenHTTP,
+			[]string{`web.toml:3:1: node_preload works in shared and reuseport mode only: in round-robin mode connections arrive over cohort's channel, which Node's public APIs cannot receive fds from (see node_preload in cohort.toml(5))`}},
+		{"node_preload not a boolean", "command = [\"node\"]\nnode_preload = \"yes\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: node_preload: want true or false, got string`}},
 		{"limits", minimal + `[limits]
 memory_max = "512"
 memory_high = "1G"
@@ -267,6 +321,19 @@ memory_mx = "1G"
 		{"limits high above max", minimal + "[limits]\nmemory_max = \"512M\"\nmemory_high = \"1G\"\n", []string{
 			`web.toml:7:1: limits: memory_high (1G) is above memory_max (512M): the kernel would kill before it throttles`,
 		}},
+		{"metrics", "command = [\"/bin/app\"]\ndrain_delay = \"1h\"\n" + listenHTTP + "[metrics]\nlisten = \"127.0.0.1:8080\"\nmin_ready = 0\nlisten_to = 1\n",
+			[]string{
+				`web.toml:2:1: drain_delay: want at most 10m0s, got "1h"`,
+				`web.toml:7:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
+				`web.toml:8:1: metrics.min_ready: want a number of workers from 1 to 1024, got integer 0`,
+				`web.toml:9:1: unknown key "listen_to" (did you mean "listen"?)`,
+			}},
+		{"drain_delay without metrics", "command = [\"/bin/app\"]\ndrain_delay = \"5s\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: drain_delay needs [metrics] listen: without /readyz no load balancer sees the drain`}},
+		{"min_ready without listen", "command = [\"/bin/app\"]\n" + listenHTTP + "[metrics]\nmin_ready = 2\n",
+			[]string{`web.toml:6:1: metrics.min_ready needs [metrics] listen: without /readyz no load balancer sees it`}},
+		{"metrics not a table", "command = [\"/bin/app\"]\nmetrics = \"127.0.0.1:9464\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: metrics: want a table ([metrics]), got string`}},
 		{"reuseport typo", "command = [\"/bin/app\"]\nmode = \"reuse-port\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: mode: want "shared", "round-robin" or "reuseport", got "reuse-port" (did you mean "reuseport"?)`}},
 		{"reuseport needs tcp", `command = ["/bin/app"]
@@ -390,8 +457,17 @@ Description = "multi\nline"
 		{"round-robin knobs", "command = [\"/bin/app\"]\nmax_pending = 0\nbalance = \"least-connection\"\n" + listenHTTP,
 			[]string{
 				`web.toml:2:1: max_pending: want a number from 1 to 65535, got integer 0`,
-				`web.toml:3:1: balance: want "round-robin" or "least-connections", got "least-connection" (did you mean "least-connections"?)`,
+				`web.toml:3:1: balance: want "round-robin", "least-connections", "p2c" or "weighted", got "least-connection" (did you mean "least-connections"?)`,
 			}},
+		{"weights and sticky", "command = [\"/bin/app\"]\nweights = [2, 0]\nsticky = \"client_ip\"\naccept_threads = 0\n" + listenHTTP,
+			[]string{
+				`web.toml:2:1: weights apply only to balance = "weighted" (balance is "round-robin")`,
+				`web.toml:2:15: weights: want whole numbers from 1 to 100, got integer 0`,
+				`web.toml:3:1: sticky: want "client-ip" or "proxy-protocol", got "client_ip" (did you mean "client-ip"?)`,
+				`web.toml:4:1: accept_threads: want a number from 1 to 64, got integer 0`,
+			}},
+		{"weighted without weights", "command = [\"/bin/app\"]\nbalance = \"weighted\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: balance = "weighted" needs weights = [...], one per worker slot`}},
 		{"round-robin knob types", "command = [\"/bin/app\"]\nmax_pending = \"64\"\nbalance = 1\nmax_pendng = 3\n" + listenHTTP,
 			[]string{
 				`web.toml:2:1: max_pending: want a number from 1 to 65535, got "64"`,
@@ -545,5 +621,19 @@ func TestParseSlotFDName(t *testing.T) {
 		if ok && SlotFDName(l, slot) != tc.name {
 			t.Errorf("SlotFDName(%q, %d) = %q; want %q", l, slot, SlotFDName(l, slot), tc.name)
 		}
+	}
+}
+
+func TestNodeProgram(t *testing.T) {
+	for cmd, want := range map[string]bool{
+		"node": true, "/usr/bin/node": true, "nodejs": true, "node20": true, "/opt/node-22/bin/node": true,
+		"/bin/sh": false, "npm": false, "nodemon": false, "deno": false, "": false,
+	} {
+		if got := NodeProgram([]string{cmd, "x.js"}); got != want {
+			t.Errorf("NodeProgram(%q) = %v, want %v", cmd, got, want)
+		}
+	}
+	if NodeProgram(nil) {
+		t.Error("NodeProgram(nil)")
 	}
 }

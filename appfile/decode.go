@@ -90,6 +90,13 @@ func Parse(path string, data []byte) (*App, error) {
 		d.add(&Error{File: path, Line: 1, Col: 1, Msg: "the app file's path " + why})
 	}
 	d.app(raw, app)
+	app.NodePreload = NodeProgram(app.Command)
+	if d.nodePreload != nil {
+		app.NodePreload = *d.nodePreload
+		if app.NodePreload && app.Mode == ModeRoundRobin {
+			d.errorAt("node_preload", "", "node_preload works in shared and reuseport mode only: in round-robin mode connections arrive over cohort's channel, which Node's public APIs cannot receive fds from (see node_preload in cohort.toml(5))")
+		}
+	}
 	d.validate(app)
 	if len(d.errs) > 0 {
 		return nil, d.report()
@@ -168,6 +175,8 @@ type decoder struct {
 	idx     keyIndex
 	errs    Errors // the first MaxErrors by position, sorted
 	dropped int    // errors found but not kept
+	// nodePreload is node_preload when the file sets it.
+	nodePreload *bool
 }
 
 // keeps reports whether an error at p would be among the first MaxErrors
@@ -225,11 +234,12 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "cpu_affinity", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
-		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle"}
+		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
 	limitsKeys  = []string{"memory_high", "memory_max", "memory_swap_max", "cpu_weight", "cpu_quota", "tasks_max"}
+	metricsKeys = []string{"listen", "min_ready"}
 	recycleKeys = []string{"memory", "memory_interval", "max_lifetime", "max_lifetime_jitter",
 		"max_connections", "max_connections_jitter", "min_interval"}
 	listenKeys = []string{"name", "address", "backlog", "reuse_port", "nodelay", "keepalive",
@@ -297,8 +307,22 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			if s, ok := d.str(k, v); ok {
 				app.Balance = s
 			}
+		case "weights":
+			app.Weights = d.weights(k, v)
+		case "sticky":
+			if s, ok := d.str(k, v); ok {
+				app.Sticky = s
+			}
+		case "accept_threads":
+			if n, ok := d.integer(k, v, 1, MaxAcceptThreads, fmt.Sprintf("a number from 1 to %d", MaxAcceptThreads)); ok {
+				app.AcceptThreads = n
+			}
 		case "cpu_affinity":
 			app.CPUAffinity, _ = d.boolean(k, v)
+		case "node_preload":
+			if b, ok := d.boolean(k, v); ok {
+				d.nodePreload = &b
+			}
 		case "ready":
 			app.Ready = d.ready(k, v)
 		case "ready_settle":
@@ -311,6 +335,13 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.KillMode = d.killMode(k, v)
 		case "stop_timeout":
 			app.StopTimeout = d.duration(k, v, app.StopTimeout)
+		case "drain_delay":
+			dur, s, ok := d.durationText(k, v, `"5s" or "0s"`)
+			if ok && dur > MaxDrainDelay {
+				d.errorAt(k, "", "drain_delay: want at most %s, got %q", MaxDrainDelay, s)
+				break
+			}
+			app.DrainDelay = dur
 		case "restart":
 			d.restart(k, v, &app.Restart)
 		case "recycle":
@@ -333,6 +364,8 @@ func (d *decoder) app(raw map[string]any, app *App) {
 			app.Hardening, _ = d.str(k, v)
 		case "listen":
 			app.Listen = d.listeners(k, v)
+		case "metrics":
+			d.metrics(k, v, &app.Metrics)
 		case "unit":
 			app.Unit = d.directives(k, v)
 		case "service":
@@ -497,6 +530,25 @@ func (d *decoder) integer(path string, v any, lo, hi int64, want string) (int, b
 		return 0, false
 	}
 	return int(n), true
+}
+
+// weights reads weights = [2, 1, 1]: one whole number per worker slot.
+func (d *decoder) weights(path string, v any) []int {
+	list, ok := v.([]any)
+	if !ok || len(list) == 0 || len(list) > MaxWeights {
+		d.errorAt(path, "", "weights: want a list of 1 to %d numbers, one per worker slot, got %s", MaxWeights, describe(v))
+		return nil
+	}
+	out := make([]int, 0, len(list))
+	for i, x := range list {
+		n, ok := x.(int64)
+		if !ok || n < 1 || n > MaxWeight {
+			d.errorAt(fmt.Sprintf("%s.%d", path, i), "", "weights: want whole numbers from 1 to %d, got %s", MaxWeight, describe(x))
+			return nil
+		}
+		out = append(out, int(n))
+	}
+	return out
 }
 
 func (d *decoder) ready(path string, v any) Readiness {
@@ -711,6 +763,41 @@ func (d *decoder) percent(path string, v any) int {
 		return 0
 	}
 	return n
+}
+
+// metrics decodes the [metrics] table.
+func (d *decoder) metrics(path string, v any, m *Metrics) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		d.errorAt(path, "", "metrics: want a table ([metrics]), got %s", typeName(v))
+		return
+	}
+	for _, k := range d.sortedKeys(path, t) {
+		kp := joinPath(path, k)
+		switch k {
+		case "listen":
+			s, ok := d.str(kp, t[k])
+			if !ok {
+				break
+			}
+			kind, hint, err := ParseAddress(s)
+			if err != nil {
+				d.errorAt(kp, hint, "metrics listen: %v", err)
+				break
+			}
+			m.Listen = Listener{Name: MetricsFDName, Address: s, Kind: kind}
+		case "min_ready":
+			m.MinReady, _ = d.integer(kp, t[k], 1, MaxWorkers, fmt.Sprintf("a number of workers from 1 to %d", MaxWorkers))
+		default:
+			d.unknown(kp, k, metricsKeys)
+		}
+	}
+	if _, written := d.idx[joinPath(path, "listen")]; !m.On() && !written { // a refused listen has its error
+		kp := joinPath(path, "min_ready")
+		if _, written := d.idx[kp]; written {
+			d.errorAt(kp, "", "%s needs [metrics] listen: without /readyz no load balancer sees it", kp)
+		}
+	}
 }
 
 // recycle reads the [recycle] table. What depends on other keys (the

@@ -59,10 +59,21 @@ func (d *decoder) validate(app *App) {
 	if _, set := d.idx["recycle.max_connections"]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
 		d.errorAt("recycle.max_connections", "", "max_connections applies only to mode = \"round-robin\": in mode = %q the workers accept on their own and the dispatcher cannot count their connections (use max_lifetime or memory)", app.Mode)
 	}
-	balances := []string{BalanceRoundRobin, BalanceLeastConnections}
+	balances := []string{BalanceRoundRobin, BalanceLeastConnections, BalanceP2C, BalanceWeighted}
 	if !slices.Contains(balances, app.Balance) {
-		d.errorAt("balance", suggest(app.Balance, balances), "balance: want \"round-robin\" or \"least-connections\", got %q", app.Balance)
+		d.errorAt("balance", suggest(app.Balance, balances), "balance: want \"round-robin\", \"least-connections\", \"p2c\" or \"weighted\", got %q", app.Balance)
 	}
+	if _, set := d.idx["weights"]; set && app.Balance != BalanceWeighted {
+		d.errorAt("weights", "", "weights apply only to balance = \"weighted\" (balance is %q)", app.Balance)
+	}
+	if _, set := d.idx["weights"]; !set && app.Balance == BalanceWeighted {
+		d.errorAt("balance", "", "balance = \"weighted\" needs weights = [...], one per worker slot")
+	}
+	stickies := []string{StickyClientIP, StickyProxyProtocol}
+	if app.Sticky != StickyNone && !slices.Contains(stickies, app.Sticky) {
+		d.errorAt("sticky", suggest(app.Sticky, stickies), "sticky: want \"client-ip\" or \"proxy-protocol\", got %q", app.Sticky)
+	}
+
 	profiles := []string{HardeningDefault, HardeningStrict, HardeningNone}
 	if !slices.Contains(profiles, app.Hardening) {
 		d.errorAt("hardening", suggest(app.Hardening, profiles), "hardening: want \"default\", \"strict\" or \"none\", got %q", app.Hardening)
@@ -82,6 +93,16 @@ func (d *decoder) validate(app *App) {
 			d.errorAt(fmt.Sprintf("listen.%d.address", i), "", "address %q is already used by listener %d", l.Address, j+1)
 		}
 		addrs[l.Address] = i
+	}
+	if _, written := d.idx["drain_delay"]; written && app.DrainDelay > 0 && !app.Metrics.On() {
+		if _, tried := d.idx["metrics.listen"]; !tried { // a refused listen has its error
+			d.errorAt("drain_delay", "", "drain_delay needs [metrics] listen: without /readyz no load balancer sees the drain")
+		}
+	}
+	if m := app.Metrics.Listen; m.Address != "" {
+		if j, dup := addrs[m.Address]; dup {
+			d.errorAt("metrics.listen", "", "metrics listen %q is already used by listener %d", m.Address, j+1)
+		}
 	}
 }
 

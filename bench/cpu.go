@@ -10,6 +10,7 @@ import (
 type pstat struct {
 	ppid  int
 	cpu   uint64 // utime + stime + cutime + cstime, in clock ticks
+	self  uint64 // utime + stime: the process's own threads only
 	start uint64 // start time after boot, in clock ticks: tells pid reuse apart
 }
 
@@ -34,7 +35,7 @@ func readProc(pid int) (pstat, bool) {
 	// worker that exits during a window (a reload replaces them all)
 	// takes its own time out of /proc, and it reappears here, in its
 	// parent's, instead of counting as other processes' time.
-	return pstat{ppid: int(num(4)), cpu: num(14) + num(15) + num(16) + num(17), start: num(22)}, true
+	return pstat{ppid: int(num(4)), cpu: num(14) + num(15) + num(16) + num(17), self: num(14) + num(15), start: num(22)}, true
 }
 
 // allProcs reads every process of the machine.

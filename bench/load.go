@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -32,6 +33,14 @@ type Load struct {
 	Warmup, Duration time.Duration
 	// Timeout bounds one request (connect + write + response).
 	Timeout time.Duration
+	// Total, when > 0, stops the load after this many requests started
+	// in the measured window (Duration is then an upper bound): a fixed
+	// amount of work, to divide a process's CPU time by.
+	Total int64
+	// Rate, when > 0, paces the measured window's requests to this many
+	// per second over all connections (request k starts no earlier than
+	// k/Rate after the window opens); 0 sends as fast as responses come.
+	Rate float64
 }
 
 // Errors counts failed requests by kind, like wrk's "socket errors".
@@ -161,8 +170,9 @@ func Apply(ctx context.Context, l Load) (Result, error) {
 
 	clients := make([]*client, l.Conns)
 	var wg sync.WaitGroup
+	var started atomic.Int64 // requests started in the window, for Total and Rate
 	for i := range clients {
-		c := &client{load: &l, req: []byte(req), measure: measure, end: end, perWorker: map[string]*int64{}}
+		c := &client{load: &l, req: []byte(req), measure: measure, end: end, started: &started, perWorker: map[string]*int64{}}
 		clients[i] = c
 		wg.Add(1)
 		go func() { // owned by Run: waited for below
@@ -177,7 +187,11 @@ func Apply(ctx context.Context, l Load) (Result, error) {
 
 	res := Result{Elapsed: l.Duration, PerWorker: map[string]int64{}}
 	var lat []time.Duration
+	var last time.Time
 	for _, c := range clients {
+		if c.last.After(last) {
+			last = c.last
+		}
 		res.Requests += c.requests
 		res.Errors.add(c.errors)
 		lat = append(lat, c.latencies...)
@@ -185,7 +199,10 @@ func Apply(ctx context.Context, l Load) (Result, error) {
 			res.PerWorker[k] += *n
 		}
 	}
-	res.RPS = float64(res.Requests) / l.Duration.Seconds()
+	if l.Total > 0 && last.After(measure) && last.Before(end) {
+		res.Elapsed = last.Sub(measure) // the fixed amount ended before the window
+	}
+	res.RPS = float64(res.Requests) / res.Elapsed.Seconds()
 	if len(lat) > 0 {
 		slices.Sort(lat)
 		res.P50 = percentile(lat, 0.50)
@@ -207,6 +224,8 @@ type client struct {
 	load         *Load
 	req          []byte
 	measure, end time.Time
+	started      *atomic.Int64 // shared by the Load's clients
+	last         time.Time     // when the last counted response ended
 
 	conn   net.Conn
 	reused bool // conn has served a response
@@ -232,6 +251,23 @@ func (c *client) run(ctx context.Context) {
 			t0 = retry
 		}
 		counted := !t0.Before(c.measure)
+		if counted && retry.IsZero() && (c.load.Total > 0 || c.load.Rate > 0) {
+			k := c.started.Add(1)
+			if c.load.Total > 0 && k > c.load.Total {
+				return
+			}
+			if c.load.Rate > 0 {
+				at := c.measure.Add(time.Duration(float64(k-1) / c.load.Rate * float64(time.Second)))
+				if d := time.Until(at); d > 0 {
+					select {
+					case <-time.After(d):
+					case <-ctx.Done():
+						return
+					}
+				}
+				t0 = time.Now()
+			}
+		}
 		if c.conn == nil {
 			conn, err := dialer.DialContext(ctx, "tcp", c.load.Addr)
 			if err != nil {
@@ -309,6 +345,7 @@ func (c *client) run(ctx context.Context) {
 			continue
 		}
 		c.requests++
+		c.last = done
 		c.latencies = append(c.latencies, done.Sub(t0))
 		if n := c.perWorker[string(c.body)]; n != nil {
 			*n++

@@ -192,3 +192,78 @@ func procCPU(b testing.TB, pid int) time.Duration {
 	}
 	return time.Duration(total)
 }
+
+// BenchmarkScrape measures /metrics of a dispatcher process with 16
+// workers: the time one scrape takes and the dispatcher's CPU per
+// scrape, against the CPU it uses idle over the same wall time, in
+// interleaved rounds of the same run (the machine may be busy). ns/op
+// is one scrape.
+func BenchmarkScrape(b *testing.B) {
+	const (
+		workers = 16
+		rounds  = 3
+		dur     = 2 * time.Second
+	)
+	app := testApp(b, workers, nil)
+	app.Command = []string{"/bin/sleep", "600"}
+	app.Ready = appfile.Readiness{Kind: appfile.ReadyExec}
+	app.Metrics.Listen = appfile.Listener{Name: appfile.MetricsFDName, Address: "127.0.0.1:0", Kind: appfile.ListenTCP}
+	l, _ := tcpListener(b, "http")
+	m, maddr := tcpListener(b, appfile.MetricsFDName)
+	d := startDispatcherProc(b, app, []*os.File{l, m})
+	d.waitLine(b, 30*time.Second, fmt.Sprintf("all %d workers ready", workers))
+	pid := d.cmd.Process.Pid
+	c := &http.Client{Timeout: 10 * time.Second}
+	defer c.CloseIdleConnections()
+	get := func(url string) {
+		resp, err := c.Get(url)
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			b.Fatalf("%s: %d", url, resp.StatusCode)
+		}
+	}
+	scrape := func() { get("http://" + maddr + "/metrics") }
+	scrape()
+	var idleCPU, scrapeCPU, scrapeWall, readyCPU time.Duration
+	var n, probes int
+	for range rounds {
+		before := procCPU(b, pid)
+		time.Sleep(dur)
+		idleCPU += procCPU(b, pid) - before
+
+		before = procCPU(b, pid)
+		start := time.Now()
+		for time.Since(start) < dur {
+			scrape()
+			n++
+		}
+		scrapeWall += time.Since(start)
+		scrapeCPU += procCPU(b, pid) - before
+
+		before = procCPU(b, pid)
+		start = time.Now()
+		for time.Since(start) < dur {
+			get("http://" + maddr + "/readyz")
+			probes++
+		}
+		readyCPU += procCPU(b, pid) - before
+	}
+	perScrape := (scrapeCPU - idleCPU) / time.Duration(n)
+	perProbe := (readyCPU - idleCPU) / time.Duration(probes)
+	b.Logf("/readyz: %d probes, dispatcher CPU %.3f ms per probe (the loop's snapshot, no /proc)", probes, float64(perProbe.Microseconds())/1000)
+	b.Logf("%d workers, %d rounds of %s: %d scrapes, %.2f ms each; dispatcher CPU %s scraping vs %s idle in the same wall time (%.1fx): %.2f ms CPU per scrape",
+		workers, rounds, dur, n, float64(scrapeWall.Microseconds())/float64(n)/1000, scrapeCPU, idleCPU,
+		float64(scrapeCPU)/float64(max(idleCPU, time.Microsecond)), float64(perScrape.Microseconds())/1000)
+	for b.Loop() {
+		scrape()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(scrapeWall.Microseconds())/float64(n)/1000, "ms/scrape")
+	b.ReportMetric(float64(perScrape.Microseconds())/1000, "dispatcher-cpu-ms/scrape")
+	b.ReportMetric(float64(scrapeCPU)/float64(max(idleCPU, time.Microsecond)), "cpu-scraping/idle")
+	b.ReportMetric(float64(perProbe.Microseconds())/1000, "dispatcher-cpu-ms/readyz")
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
@@ -86,6 +87,10 @@ func (d *dispatcher) openCgroups() error {
 			d.out.warnf("cgroups: not every controller could be enabled for the workers: %v", t.EnableErr)
 		}
 		d.out.infof("cgroups: one per worker in %s (controllers: %s)", t.Base, controllerList(t.Controllers))
+		if slices.Contains(t.Controllers, "memory") {
+			d.readMemory = cgroupMemory(d.readMemory)
+			d.rec.source = "each worker's cgroup memory.current (its whole tree), and memory.high crossings from memory.events"
+		}
 	} else if d.opt.Cgroups && !d.app.Limits.Any() {
 		d.out.infof("cgroups: workers share the dispatcher's cgroup: %s", d.cg.why)
 	}

@@ -5,14 +5,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/control"
+	"github.com/cohort-dev/cohort/dispatcher/internal/sockdiag"
 )
 
 // The control socket: $RUNTIME_DIRECTORY/control.sock (or the private
@@ -23,7 +28,8 @@ import (
 // ctlRequest is one control request handed to the loop.
 type ctlRequest struct {
 	cmd   string
-	n     int            // scale: workers; restart-worker: index
+	n     int            // scale: workers; restart-worker, signal: index (signal: -1 for all)
+	sig   syscall.Signal // signal
 	reply func(ctlReply) // called once, from the loop; never blocks
 }
 
@@ -31,13 +37,16 @@ type ctlRequest struct {
 type ctlReply struct {
 	err    error
 	status *statusSnapshot
+	pids   []int // signal: the processes signalled
 }
 
 // statusSnapshot is the loop's view for a status request; the handler
 // adds what it reads from /proc, outside the loop.
 type statusSnapshot struct {
 	st    control.Status
-	procs []int // pid of st.Workers[i], 0 for none
+	procs []int             // pid of st.Workers[i], 0 for none
+	socks []sockdiag.Socket // st.Listeners[i]'s socket, for its queue
+	known []bool            // whether socks[i] could be identified
 }
 
 // serveControl creates the control socket in dir and serves it until ctx
@@ -84,8 +93,12 @@ var _ control.Handler = (*ctlHandler)(nil)
 var errGone = errors.New("the dispatcher is stopping")
 
 func (h *ctlHandler) ask(ctx context.Context, cmd string, n int) (ctlReply, error) {
+	return h.askReq(ctx, ctlRequest{cmd: cmd, n: n})
+}
+
+func (h *ctlHandler) askReq(ctx context.Context, req ctlRequest) (ctlReply, error) {
 	replies := make(chan ctlReply, 1) // buffered: the loop never waits for this handler
-	req := ctlRequest{cmd: cmd, n: n, reply: func(r ctlReply) { replies <- r }}
+	req.reply = func(r ctlReply) { replies <- r }
 	select {
 	case h.reqs <- req:
 	case <-ctx.Done():
@@ -109,6 +122,7 @@ func (h *ctlHandler) Status(ctx context.Context) (*control.Status, error) {
 	}
 	snap := rep.status
 	h.usage(ctx, snap)
+	queues(ctx, snap)
 	return &snap.st, nil
 }
 
@@ -131,6 +145,55 @@ func (h *ctlHandler) RestartWorker(ctx context.Context, index int) error {
 	return err
 }
 
+// Signal sends sig to the workers' main processes (of slot *worker only,
+// when given); the loop sends it, as it owns which pids are still its
+// children (a reaped worker's pid may belong to someone else by now).
+func (h *ctlHandler) Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error) {
+	n := -1
+	if worker != nil {
+		n = *worker
+	}
+	rep, err := h.askReq(ctx, ctlRequest{cmd: control.CmdSignal, n: n, sig: sig})
+	return rep.pids, err
+}
+
+// signal is a signal request in the loop: sig to the main process of
+// every live worker (the current ones, and candidates and retiring ones
+// during a replacement) of slot index, or of all slots for -1. Never the
+// dispatcher, never a worker's other processes: like Node's
+// worker.process.kill and PM2's sendSignal, the program decides what its
+// children get.
+func (d *dispatcher) signal(index int, sig syscall.Signal) ([]int, error) {
+	if index >= len(d.slots) {
+		return nil, fmt.Errorf("signal: no worker %d (there are %d, 0 to %d)", index, len(d.slots), len(d.slots)-1)
+	}
+	var ws []*worker
+	for _, w := range d.procs {
+		if w.state != stExited && (index < 0 || w.slot.index == index) {
+			ws = append(ws, w)
+		}
+	}
+	sort.Slice(ws, func(a, b int) bool {
+		if ws[a].slot.index != ws[b].slot.index {
+			return ws[a].slot.index < ws[b].slot.index
+		}
+		return ws[a].gen < ws[b].gen
+	})
+	var pids []int
+	for _, w := range ws {
+		if err := unix.Kill(w.pid, sig); err != nil {
+			d.out.warnf("signal %s to worker %d (pid %d): %v", unix.SignalName(sig), w.slot.index, w.pid, err)
+			continue
+		}
+		pids = append(pids, w.pid)
+		d.out.infof("sent %s to worker %d (pid %d) (control socket)", unix.SignalName(sig), w.slot.index, w.pid)
+	}
+	if len(pids) == 0 {
+		return nil, errors.New("signal: no worker process is running to receive it")
+	}
+	return pids, nil
+}
+
 // onControl carries out a control request in the loop.
 func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 	done := func(err error) { req.reply(ctlReply{err: err}) }
@@ -143,6 +206,9 @@ func (d *dispatcher) onControl(req ctlRequest, now time.Time) {
 		done(d.scale(req.n, now))
 	case control.CmdRestartWorker:
 		d.startRestartWorker(req.n, now, done)
+	case control.CmdSignal:
+		pids, err := d.signal(req.n, req.sig)
+		req.reply(ctlReply{err: err, pids: pids})
 	default:
 		done(fmt.Errorf("unknown command %q", req.cmd))
 	}
@@ -166,9 +232,24 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	if d.app.Recycle.Memory > 0 {
 		st.RecycleMemory = fmt.Sprintf("over %s, %s", appfile.FormatSize(d.app.Recycle.Memory), d.rec.source)
 	}
+	st.ReadyWorkers = d.readyCount()
+	st.MinReady = d.app.Metrics.ReadyNeeded(len(d.slots))
+	st.Serving = !d.stopping && !d.draining && st.ReadyWorkers >= st.MinReady
+	st.Live = d.live(now)
+	st.Reloads = d.ctl.reloads
+	acc := d.mode.accepted()
+	for _, l := range d.socks {
+		cl := control.Listener{Name: l.name, Worker: l.worker, Queue: -1, QueueLimit: -1}
+		if l.index < len(acc) {
+			cl.Accepted = acc[l.index]
+		}
+		st.Listeners = append(st.Listeners, cl)
+	}
 	switch {
 	case d.stopping:
 		st.State = "stopping"
+	case d.draining:
+		st.State = "draining"
 	case d.ctl.cur != nil && d.ctl.cur.kind == kindReload:
 		st.State = "reloading"
 	case !d.sentReady:
@@ -177,10 +258,16 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 		st.State = "ready"
 	}
 	snap := &statusSnapshot{}
+	for _, l := range d.socks {
+		snap.socks, snap.known = append(snap.socks, l.id), append(snap.known, l.known)
+	}
 	add := func(s *slot, w *worker) {
 		// A slot in backoff shows its last process's generation (the
 		// current one when it never had a process).
 		cw := control.Worker{Index: s.index, Restarts: s.restarts, Recycles: s.recycles, LastRecycle: s.lastRecycle, State: "backoff", Generation: cmp.Or(s.gen, d.gen)}
+		if len(s.causes) > 0 {
+			cw.RestartCauses = maps.Clone(s.causes) // the handler reads it off the loop
+		}
 		pid := 0
 		if w != nil {
 			cw.PID, cw.Generation, cw.State, cw.Started, cw.Status = w.pid, w.gen, w.state.String(), w.started, w.status
@@ -225,4 +312,25 @@ func (d *dispatcher) snapshot(now time.Time) *statusSnapshot {
 	st.Workers, snap.procs = ws, ps
 	snap.st = st
 	return snap
+}
+
+// live is false while every slot's worker has missed its watchdog: its
+// current worker is being stopped for it (or overdue and about to be),
+// or the slot waits to restart after such a stop. Without a watchdog
+// there is nothing to miss.
+func (d *dispatcher) live(now time.Time) bool {
+	if d.app.Watchdog <= 0 || len(d.slots) == 0 {
+		return true
+	}
+	for _, s := range d.slots {
+		w := s.cur
+		switch {
+		case w == nil && s.lastCause == causeWatchdog:
+		case w != nil && w.cause == causeWatchdog:
+		case w != nil && w.state == stReady && !w.lastPing.IsZero() && now.Sub(w.lastPing) > d.app.Watchdog:
+		default:
+			return true
+		}
+	}
+	return false
 }

@@ -34,7 +34,7 @@ func TestCPULimit(t *testing.T) {
 	rec.wait(t, &from, 10*time.Second, "start", func(e Event) bool { return e.Kind == WorkerStarted })
 	rec.waitNotify(t, 10*time.Second, "READY=1")
 	testsync.WaitFor(t, 10*time.Second, "the worker's line", func() bool { return strings.Contains(stdout.String(), "cpus=") })
-	if got := stdout.String(); got != "[q.0] cpus=1\n" {
+	if got := stdout.String(); got != "q.0 | cpus=1\n" {
 		t.Errorf("worker output %q, want one worker with COHORT_CPUS=1", got)
 	}
 	st := callStatus(t, rt+"/"+control.SocketName)

@@ -42,6 +42,10 @@ type Options struct {
 	// steers to a slot whose worker is being replaced wait in its queue.
 	// The caller owns them.
 	SlotListeners [][]*os.File
+	// Metrics is the metrics listener ([metrics] listen), nil for none:
+	// Run serves /metrics, /readyz and /livez on it (metrics.go) on a
+	// duplicate, which it closes; the caller owns Metrics.
+	Metrics *os.File
 
 	// Self is the executable that runs Trampoline when argv[1] is
 	// TrampolineArg; "" means /proc/self/exe.
@@ -61,13 +65,20 @@ type Options struct {
 	// os.TempDir() that Run removes.
 	RuntimeDir string
 
-	// Stdout receives worker output, "[app.N] line"s, whole lines in
+	// Stdout receives worker output, "app.N | line"s, whole lines in
 	// each write; Stderr receives the dispatcher's own log lines. Each is
 	// written by a goroutine of its own from a bounded queue, so a writer
 	// that blocks never blocks supervision: lines it has no room for are
 	// dropped and counted on Stderr (internal/logrelay). nil means os.Stdout and
 	// os.Stderr.
 	Stdout, Stderr io.Writer
+	// Color: Stdout and Stderr are terminals, so worker labels get their
+	// colours and control characters in lines are made visible
+	// (internal/logline); not in journal mode.
+	Color bool
+	// NodePreload is the Node preload module's file (node_preload in
+	// cohort.toml(5)); "" means DefaultNodePreload.
+	NodePreload string
 	// Journal sends worker lines to the journal with COHORT_WORKER,
 	// COHORT_PID and COHORT_GENERATION fields (falling back to Stdout when
 	// the journal refuses them) and prefixes log lines on Stderr with
@@ -217,6 +228,7 @@ func Run(ctx context.Context, opt Options) error {
 		})
 	})
 	d.serveControl(goCtx, filepath.Dir(d.notifyPath)) // control.go
+	d.serveMetrics(goCtx)                             // metrics.go
 	if path := opt.App.Path; path != "" {
 		d.wg.Go(func() { watchAppFile(goCtx, path, d.fileCh) }) // appfile.go
 	}
@@ -240,6 +252,9 @@ type dispatcher struct {
 	limit cpuset.Limit
 
 	mode mode // shared, reuseport or round-robin (mode.go)
+	// socks are the listening sockets as status lists them, named for
+	// sock_diag once at start (metrics.go).
+	socks []listenerSock
 
 	slots []*slot
 	procs map[int]*worker // live (unreaped) workers by pid
@@ -278,9 +293,14 @@ type dispatcher struct {
 	lastStatus    string
 	wdNext        time.Time
 	stopping      bool
-	restarts      int
-	foreign       int
-	failed        error // why Run fails once the workers have ended (FailUnready)
+	// draining: asked to stop with drain_delay, /readyz says
+	// 503 while the workers go on serving until drainUntil, then stop.
+	draining   bool
+	drainUntil time.Time
+	drainWhy   string
+	restarts   int
+	foreign    int
+	failed     error // why Run fails once the workers have ended (FailUnready)
 }
 
 // execResult is what a worker's exec-status pipe said: "" when the
@@ -333,6 +353,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	if d.env, d.path, err = prepareCommand(app, opt.Environ); err != nil {
 		return nil, err
 	}
+	d.env = nodePreloadEnv(app, d.env, opt.NodePreload, d.out.warnf)
 	switch {
 	case opt.Limit != nil:
 		d.limit = *opt.Limit
@@ -359,6 +380,7 @@ func newDispatcher(opt Options) (_ *dispatcher, err error) {
 	for i := range n {
 		d.slots = append(d.slots, &slot{index: i, delay: app.Restart.Initial})
 	}
+	d.socks = listenerSocks(app, opt, d.out)
 	return d, nil
 }
 
@@ -376,7 +398,7 @@ func openOutput(app *appfile.App, opt Options) *output {
 	if opt.Journal {
 		jw = journal.NewSender(opt.JournalSocket)
 	}
-	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit)
+	return newOutput(app.Name, stdout, stderr, jw, app.LogRateLimit, opt.Color && !opt.Journal)
 }
 
 // open acquires what the loop needs: /dev/null and the notify socket
@@ -482,8 +504,8 @@ func (d *dispatcher) loop(ctx context.Context, sigs <-chan os.Signal) error {
 		case <-timer.C:
 		case <-done:
 			done = nil
-			if !d.stopping {
-				d.stop("stop requested")
+			if !d.stopping && !d.draining {
+				d.shutdown("stop requested", time.Now())
 			}
 		}
 		now := time.Now()
@@ -519,7 +541,7 @@ func (d *dispatcher) onSignal(sig os.Signal) {
 		d.startReload("SIGHUP", time.Now(), nil)
 	default:
 		if !d.stopping {
-			d.stop(fmt.Sprintf("got %s", sig))
+			d.shutdown(fmt.Sprintf("got %s", sig), time.Now())
 			return
 		}
 		d.out.warnf("got %s again: killing the workers now", sig)
@@ -554,12 +576,39 @@ func (d *dispatcher) onFileProblem(p string) {
 	d.fileProblem = p
 }
 
+// shutdown is a request to stop. With a drain delay ([metrics]
+// drain_delay) the dispatcher drains first: /readyz answers 503 at once,
+// so that load balancers polling it move traffic away, while the workers
+// and listeners keep serving what still arrives; the graceful stop
+// begins when the delay is over. Asked again while draining, it stops at
+// once.
+func (d *dispatcher) shutdown(why string, now time.Time) {
+	delay := d.app.DrainDelay
+	switch {
+	case d.stopping:
+	case d.draining:
+		d.stop(why + " while draining")
+	case delay > 0:
+		d.draining, d.drainUntil, d.drainWhy = true, now.Add(delay), why
+		d.abortReplace()
+		d.out.infof("draining (%s): /readyz says 503; workers serve for drain_delay %s, then stop", why, delay)
+		d.sendNotify("STOPPING=1")
+		d.observe(Event{Kind: Draining, Worker: -1})
+	default:
+		d.stop(why)
+	}
+}
+
 // stop begins the graceful stop: STOPPING=1, stop_signal to every worker.
 func (d *dispatcher) stop(why string) {
+	drained := d.draining
+	d.draining = false
 	d.stopping = true
 	d.abortReplace()
 	d.out.infof("stopping (%s): sending %s to %d workers, SIGKILL after %s", why, unix.SignalName(d.app.StopSignal), len(d.procs), d.app.StopTimeout)
-	d.sendNotify("STOPPING=1")
+	if !drained { // the drain said it
+		d.sendNotify("STOPPING=1")
+	}
 	d.observe(Event{Kind: Stopping, Worker: -1})
 	d.mode.stop()
 	for _, s := range d.slots {
@@ -688,6 +737,9 @@ func (d *dispatcher) fireDeadlines(now time.Time) {
 		}
 	}
 	d.retryCgroups(now)
+	if d.draining && !now.Before(d.drainUntil) {
+		d.stop(fmt.Sprintf("%s; drain_delay %s over", d.drainWhy, d.app.DrainDelay))
+	}
 	if !d.wdNext.IsZero() && !now.Before(d.wdNext) {
 		d.sendNotify("WATCHDOG=1")
 		d.wdNext = now.Add(d.opt.Watchdog / 2)
@@ -728,6 +780,9 @@ func (d *dispatcher) nextDeadline(now time.Time) time.Time {
 	}
 	consider(d.wdNext)
 	consider(d.cg.next)
+	if d.draining {
+		consider(d.drainUntil)
+	}
 	consider(d.recycleWake(now))
 	if !d.sentReady && !d.stopping {
 		consider(d.readyDeadline)
@@ -745,7 +800,7 @@ func (d *dispatcher) report(now time.Time) {
 		return
 	}
 	var msgs []string
-	if !d.sentReady && !d.stopping && ready > 0 {
+	if !d.sentReady && !d.stopping && !d.draining && ready > 0 {
 		switch {
 		case ready == len(d.slots):
 			d.sentReady = true
@@ -788,6 +843,10 @@ func (d *dispatcher) statusLine(now time.Time) string {
 	if d.stopping {
 		fmt.Fprintf(&b, "stopping · %d workers left", len(d.procs))
 		return b.String()
+	}
+	if d.draining {
+		// Not a countdown: STATUS= is sent whenever the line changes.
+		fmt.Fprintf(&b, "draining (/readyz 503) for drain_delay %s, then stopping · ", d.app.DrainDelay)
 	}
 	fmt.Fprintf(&b, "%d/%d workers ready · gen %d · %s · %d restart%s", d.readyCount(), len(d.slots), d.gen, d.app.Mode, d.restarts, plural(d.restarts))
 	if n := d.rec.total; n > 0 {

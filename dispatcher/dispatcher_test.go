@@ -387,7 +387,7 @@ func countFDs(t testing.TB) int {
 }
 
 // TestOutputLines: worker output comes out line by line with the
-// "[app.N] " prefix, and a last line without a newline is not lost.
+// "app.N | " label, and a last line without a newline is not lost.
 func TestOutputLines(t *testing.T) {
 	t.Parallel()
 	app := appfile.New("out")
@@ -401,12 +401,12 @@ func TestOutputLines(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	want := "[out.0] one\n[out.0] two\n[out.0] no newline\n"
+	want := "out.0 | one\nout.0 | two\nout.0 | no newline\n"
 	if got := stdout.String(); got != want {
 		t.Errorf("worker output:\n%q\nwant\n%q", got, want)
 	}
-	if !strings.Contains(stderr.String(), "[out] worker 0 (pid") {
-		t.Errorf("dispatcher log lacks the [out] prefix:\n%s", stderr.String())
+	if !strings.Contains(stderr.String(), "out.cohort | worker 0 (pid") {
+		t.Errorf("dispatcher log lacks the out.cohort label:\n%s", stderr.String())
 	}
 }
 
@@ -443,7 +443,7 @@ func TestCPUAffinity(t *testing.T) {
 		return strings.Count(stdout.String(), "Cpus_allowed_list") == len(cpus)
 	})
 	for i, c := range cpus {
-		if want := fmt.Sprintf("[aff.%d] Cpus_allowed_list:\t%d\n", i, c); !strings.Contains(stdout.String(), want) {
+		if want := fmt.Sprintf("aff.%d | Cpus_allowed_list:\t%d\n", i, c); !strings.Contains(stdout.String(), want) {
 			t.Errorf("worker %d not pinned to CPU %d:\n%s", i, c, stdout.String())
 		}
 	}

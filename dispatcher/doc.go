@@ -102,9 +102,9 @@
 // restart-worker replaces one: the new worker is ready before the old
 // one drains. One recycle runs at a time, min_interval apart, and never
 // during a reload (recycle.go). Memory is sampled off the loop through a
-// memoryReader: each worker's process-tree RSS (cgroups.go gives each
-// worker a cgroup whose memory.current internal/cgroup.MemoryCurrent
-// reads; wiring it in as the memoryReader is left to the recycler).
+// memoryReader: each worker's cgroup's memory.current and memory.high
+// crossings when the workers have cgroups with the memory controller
+// (cgroupMemory, set up by openCgroups), else its process-tree RSS.
 //
 // # Cgroups
 //

@@ -24,6 +24,7 @@ var privateEnv = map[string]bool{
 	"SYSTEMD_EXEC_PID":    true,
 	"COHORT_RR_LISTENERS": true, // round-robin mode sets the workers' own
 	"COHORT_CPUS":         true, // the dispatcher sets its workers' own
+	ListenPortsEnv:        true, // socket modes set their workers' own
 	WorkerPIDEnv:          true, // the trampoline sets each worker's own
 	trampolineCgroupEnv:   true, // the trampoline's, never the command's
 }

@@ -20,6 +20,7 @@ const (
 	Ready                                  // READY=1 was sent to systemd
 	Stopping                               // the dispatcher began to stop (STOPPING=1)
 	WorkerUnhealthy                        // a ready worker failed its round-robin channel and is being replaced
+	Draining                               // asked to stop with a drain_delay: /readyz says 503, the workers serve on (STOPPING=1)
 	WorkerRecycled                         // a ready worker is being recycled ([recycle]); Reason says why
 )
 
@@ -27,6 +28,7 @@ var kindNames = map[EventKind]string{
 	WorkerStarted: "worker-started", WorkerReady: "worker-ready", WorkerExited: "worker-exited",
 	WorkerSpawnFailed: "worker-spawn-failed", WorkerWatchdog: "worker-watchdog",
 	ForeignNotify: "foreign-notify", Ready: "ready", Stopping: "stopping", WorkerUnhealthy: "worker-unhealthy",
+	Draining:       "draining",
 	WorkerRecycled: "worker-recycled",
 }
 

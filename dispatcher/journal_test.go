@@ -87,7 +87,7 @@ func TestJournalAttribution(t *testing.T) {
 }
 
 // TestJournalUnreachable: when journald cannot be reached, lines go to
-// stdout with their "[app.N]" prefix rather than being lost.
+// stdout with their "app.N | " label rather than being lost.
 func TestJournalUnreachable(t *testing.T) {
 	t.Parallel()
 	app := testApp(t, 1, map[string]string{"COHORT_TEST_HELPER": "printer", "HELPER_LINES": "hello", "HELPER_EXIT": "0"})
@@ -95,5 +95,5 @@ func TestJournalUnreachable(t *testing.T) {
 	l, _ := tcpListener(t, "http")
 	stdout := &testsync.Buffer{}
 	startRun(t, Options{App: app, Listeners: []*os.File{l}, Journal: true, JournalSocket: filepath.Join(t.TempDir(), "none"), Stdout: stdout})
-	testsync.WaitFor(t, 10*time.Second, "the fallback line", func() bool { return strings.Contains(stdout.String(), "[t.0] hello\n") })
+	testsync.WaitFor(t, 10*time.Second, "the fallback line", func() bool { return strings.Contains(stdout.String(), "t.0 | hello\n") })
 }

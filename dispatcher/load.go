@@ -83,10 +83,12 @@ func (d *dispatcher) onLoaded(res loadResult, now time.Time) {
 	d.ctl.loading = nil
 	switch {
 	case res.err != nil:
+		d.countReload(false, p.started, now)
 		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: %w", res.err), p.done, true)
-	case d.stopping:
+	case d.stopping || d.draining:
 		p.done.send(errStoppingReload)
 	case d.ctl.cur != nil:
+		d.countReload(false, p.started, now)
 		d.reloadFailed(fmt.Errorf("reload failed, workers untouched: a %s began while the app file was read", d.ctl.cur.what()), p.done, true)
 	default:
 		d.beginReload(p.why, p.started, res.next, p.done, now)

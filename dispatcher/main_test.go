@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,6 +21,7 @@ import (
 	"github.com/cohort-dev/cohort/internal/sockets"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
 )
 
 // The test binary is also the trampoline and the helper processes the
@@ -62,6 +64,7 @@ func TestMain(m *testing.M) {
 //	HELPER_START_DELAY=D  sleep D before serving and READY=1 (a slow start)
 //	HELPER_DIE_FILE=file  serve one connection at a time (helperSequential),
 //	                      and SIGKILL itself once file exists
+//	HELPER_SIGNAL_FILE=file  append "<pid> <signal>" to file on SIGUSR2 or SIGHUP
 //	HELPER_GROW=N      hold N MiB more, touched, from the start
 //
 // "/grow?mb=N" makes it hold N MiB more (resident: every page touched).
@@ -78,6 +81,19 @@ func helperWorker() int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "helper worker: no listeners (LISTEN_PID=%s pid=%d): %v\n", listenPID, os.Getpid(), err)
 		return 4
+	}
+	if file := os.Getenv("HELPER_SIGNAL_FILE"); file != "" {
+		sigs := make(chan os.Signal, 4)
+		signal.Notify(sigs, syscall.SIGUSR2, syscall.SIGHUP)
+		go func() { // ends with the helper process
+			for sig := range sigs {
+				f, err := os.OpenFile(file, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+				if err == nil {
+					fmt.Fprintf(f, "%d %s\n", os.Getpid(), unix.SignalName(sig.(syscall.Signal)))
+					f.Close()
+				}
+			}
+		}()
 	}
 	if d, err := time.ParseDuration(os.Getenv("HELPER_START_DELAY")); err == nil {
 		time.Sleep(d)
@@ -205,9 +221,9 @@ func helperDispatcher() int {
 	}
 	os.Unsetenv("COHORT_TEST_APP")
 	os.Unsetenv("COHORT_TEST_HELPER")
-	files := activation.Files(true)
+	metrics, files := sockets.TakeMetrics(activation.Files(true))
 	// This process owns all its children: it may be their subreaper.
-	opt := Options{App: &app, HandleSignals: true, Subreaper: true}
+	opt := Options{App: &app, HandleSignals: true, Subreaper: true, Metrics: metrics}
 	var err error
 	if app.Mode == appfile.ModeReusePort {
 		opt.SlotListeners, err = sockets.MatchSlots(&app, files)

@@ -52,6 +52,9 @@ type mode interface {
 	// were handed to it and how many it holds; zeros where the mode does
 	// not hand connections.
 	conns(pid int) (handed uint64, open int)
+	// accepted is how many connections the dispatcher accepted on each
+	// listener ([[listen]] order); nil where the workers accept.
+	accepted() []uint64
 	// faults is ready when takeFaults may have something; nil (never
 	// ready) for modes without faults.
 	faults() <-chan struct{}
@@ -164,8 +167,9 @@ type socketMode struct {
 	perSlot bool
 	names   string // LISTEN_FDNAMES
 
-	fds [][]uintptr // set i's fds, in blocking mode
-	ino [][]uint64  // their socket inodes, for ready = "listening"
+	fds   [][]uintptr // set i's fds, in blocking mode
+	ino   [][]uint64  // their socket inodes, for ready = "listening"
+	ports []string    // their ListenPortsEnv values
 }
 
 // open puts the sockets in blocking mode (workers share their file
@@ -183,7 +187,11 @@ func (m *socketMode) open(context.Context, int) error {
 		if err != nil {
 			return err
 		}
-		m.fds, m.ino = append(m.fds, fds), append(m.ino, ino)
+		ports, err := listenPorts(fds)
+		if err != nil {
+			return err
+		}
+		m.fds, m.ino, m.ports = append(m.fds, fds), append(m.ino, ino), append(m.ports, ports)
 	}
 	return nil
 }
@@ -194,7 +202,7 @@ func (m *socketMode) start(slot int) (workerStart, error) {
 		i = slot
 	}
 	return workerStart{
-		args:  forkArgs{fds: m.fds[i], names: m.names},
+		args:  forkArgs{fds: m.fds[i], names: m.names, env: []string{ListenPortsEnv + "=" + m.ports[i]}},
 		probe: probe.Targets{Inodes: m.ino[i]},
 	}, nil
 }
@@ -205,6 +213,7 @@ func (m *socketMode) exited(int)                                {}
 func (m *socketMode) stop()                                     {}
 func (m *socketMode) status(int) string                         { return "" }
 func (m *socketMode) conns(int) (uint64, int)                   { return 0, 0 }
+func (m *socketMode) accepted() []uint64                        { return nil }
 func (m *socketMode) faults() <-chan struct{}                   { return nil }
 func (m *socketMode) takeFaults(func(pid int) bool) []modeFault { return nil }
 func (m *socketMode) close()                                    {}

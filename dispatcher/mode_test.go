@@ -21,3 +21,13 @@ func TestForkArgsCgroup(t *testing.T) {
 		t.Errorf("cgroup fd %d: UseCgroupFD %v CgroupFD %d", dir.Fd(), sys.UseCgroupFD, sys.CgroupFD)
 	}
 }
+
+// TestAutoAcceptThreads: without accept_threads, one event loop per 4
+// workers, at least 1, at most appfile.MaxAcceptThreads.
+func TestAutoAcceptThreads(t *testing.T) {
+	for workers, want := range map[int]int{1: 1, 2: 1, 4: 1, 5: 2, 16: 4, 64: 16, 1000: 64} {
+		if got := autoAcceptThreads(workers); got != want {
+			t.Errorf("autoAcceptThreads(%d) = %d, want %d", workers, got, want)
+		}
+	}
+}

@@ -22,9 +22,9 @@ type workerTag = logrelay.Tag
 
 // newOutput starts the relay toward stdout and stderr, and toward jw when
 // it is set (journal mode); close ends it.
-func newOutput(app string, stdout, stderr io.Writer, jw *journal.Sender, lim appfile.LogRateLimit) *output {
+func newOutput(app string, stdout, stderr io.Writer, jw *journal.Sender, lim appfile.LogRateLimit, color bool) *output {
 	return &output{
-		r:  logrelay.New(logrelay.Config{App: app, Stdout: stdout, Stderr: stderr, Journal: jw, RateLimit: lim}),
+		r:  logrelay.New(logrelay.Config{App: app, Stdout: stdout, Stderr: stderr, Journal: jw, RateLimit: lim, Color: color}),
 		jw: jw,
 	}
 }

@@ -39,7 +39,7 @@ func TestSIGTERMLetsInflightFinish(t *testing.T) {
 		b, err := get("http://" + addr + "/slow?ms=1500")
 		res <- result{b, err}
 	}()
-	d.waitLine(t, 10*time.Second, "] slow-start")
+	d.waitLine(t, 10*time.Second, " | slow-start")
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	d.waitLine(t, 30*time.Second, "stopping (got terminated)")
 	r := <-res

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 // Recycling ([recycle], issue 17 item 3) replaces a serving worker that
@@ -50,6 +51,7 @@ const connCheckEvery = time.Second
 type memTarget struct {
 	pid     int
 	started time.Time // with pid, names the process (pids are reused)
+	cgroup  string    // its own cgroup's directory; "" when it has none
 }
 
 // memSample is what a memoryReader read of one worker.
@@ -98,11 +100,50 @@ func treeRSS(supervisor int) memoryReader {
 	}
 }
 
+// cgroupMemory is the memoryReader with per-worker cgroups that have the
+// memory controller: memory.current (the whole tree, page cache and
+// kernel memory included, what memory.max judges) and memory.events'
+// high counter, so that crossing memory_high recycles before the kernel
+// throttles the worker for long. A target without a cgroup of its own
+// (forked before the tree existed, or its cgroup could not be made) is
+// read by fallback.
+func cgroupMemory(fallback memoryReader) memoryReader {
+	return func(ctx context.Context, targets []memTarget) []memSample {
+		out := make([]memSample, len(targets))
+		var rest []memTarget
+		var restAt []int
+		for i, t := range targets {
+			if t.cgroup == "" {
+				rest = append(rest, t)
+				restAt = append(restAt, i)
+				continue
+			}
+			n, err := cgroup.MemoryCurrent(t.cgroup)
+			if err != nil {
+				out[i].err = err
+				continue
+			}
+			ev, err := cgroup.ReadMemoryEvents(t.cgroup)
+			if err != nil {
+				out[i].err = err
+				continue
+			}
+			out[i].bytes, out[i].high = n, ev.High
+		}
+		if len(rest) > 0 {
+			for j, smp := range fallback(ctx, rest) {
+				out[restAt[j]] = smp
+			}
+		}
+		return out
+	}
+}
+
 // treeUsage reads the usage of the process trees of the workers pids
-// (0: none) from one scan of /proc; supervisor is this process, which
+// (0: none) from one scan of /proc (scanTrees); supervisor is this process, which
 // adopts the workers' orphans (usage.go says what a tree is).
 func treeUsage(ctx context.Context, supervisor int, pids []int) ([]procfs.Usage, error) {
-	t, err := procfs.Scan(ctx)
+	t, err := scanTrees(ctx, supervisor) // usage.go
 	if err != nil {
 		return nil, err
 	}
@@ -277,7 +318,7 @@ func (d *dispatcher) stepRecycle(now time.Time) bool {
 	if pol.Memory > 0 || d.rec.sampler != nil {
 		d.publishTargets(pol)
 	}
-	if !pol.On() || d.stopping || !d.sentReady || d.ctl.cur != nil || d.ctl.loading != nil || now.Before(d.rec.nextAt) {
+	if !pol.On() || d.stopping || d.draining || !d.sentReady || d.ctl.cur != nil || d.ctl.loading != nil || now.Before(d.rec.nextAt) {
 		return false
 	}
 	w, why := d.dueRecycle(pol, now)
@@ -296,7 +337,7 @@ func (d *dispatcher) publishTargets(pol appfile.Recycle) {
 	if pol.Memory > 0 {
 		for _, s := range d.slots {
 			if w := s.cur; w != nil && w.state == stReady {
-				cfg.targets = append(cfg.targets, memTarget{w.pid, w.started})
+				cfg.targets = append(cfg.targets, memTarget{w.pid, w.started, w.cgroup})
 			}
 		}
 	}
@@ -372,7 +413,7 @@ func (d *dispatcher) dueRecycle(pol appfile.Recycle, now time.Time) (*worker, st
 // ends with an event of its own.
 func (d *dispatcher) recycleWake(now time.Time) time.Time {
 	pol := d.app.Recycle
-	if !pol.On() || d.stopping {
+	if !pol.On() || d.stopping || d.draining {
 		return time.Time{}
 	}
 	var next time.Time

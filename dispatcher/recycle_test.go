@@ -303,7 +303,11 @@ func TestRecycleYieldsToReload(t *testing.T) {
 	if _, err := f.call(t, 60*time.Second, control.Request{Cmd: control.CmdReload}); err != nil {
 		t.Fatalf("reload: %v", err)
 	}
-	// The log is written in the loop's order.
+	// The log is written in the loop's order, by the output's own writer:
+	// the reply can overtake the reload's last line.
+	testsync.WaitFor(t, 10*time.Second, "the reload's last log line", func() bool {
+		return strings.Contains(f.logs.String(), "reload done in")
+	})
 	log := f.logs.String()
 	i, j := strings.Index(log, "reloading (control socket)"), strings.Index(log, "reload done in")
 	if i < 0 || j < i {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/appfile"
+	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/coreos/go-systemd/v22/daemon"
 )
 
@@ -78,6 +79,20 @@ type ctlState struct {
 	socketPath string          // the control socket, "" when it could not be created
 	loading    *pendingLoad    // a reload whose app file is being read (load.go)
 	loadSeq    uint64          // numbers loads, so a late result is told apart
+	reloads    control.Reloads // reloads by result, for status and metrics
+}
+
+// countReload records a finished reload that began at started.
+func (d *dispatcher) countReload(ok bool, started, now time.Time) {
+	r := &d.ctl.reloads
+	if ok {
+		r.OK++
+		r.LastResult = "ok"
+	} else {
+		r.Failed++
+		r.LastResult = "failed"
+	}
+	r.LastStarted, r.LastSeconds = started, now.Sub(started).Seconds()
 }
 
 // startReload begins a rolling reload from the re-read app file. It fails
@@ -85,10 +100,10 @@ type ctlState struct {
 // reload cannot change ([[listen]], mode). done, if not nil, is called
 // once with the result when the reload has finished.
 func (d *dispatcher) startReload(why string, now time.Time, done report) {
-	if d.sentReady && !d.stopping {
+	if d.sentReady && !d.stopping && !d.draining {
 		d.yieldRecycle("a reload ("+why+")", now)
 	}
-	if d.stopping {
+	if d.stopping || d.draining {
 		done.send(errors.New("reload refused: the dispatcher is stopping"))
 		return
 	}
@@ -396,6 +411,9 @@ func (d *dispatcher) failReplace(err error) {
 	for _, done := range r.waiters {
 		done.send(err)
 	}
+	if r.kind == kindReload {
+		d.countReload(false, r.started, time.Now())
+	}
 	d.reloadFailed(err, nil, r.kind == kindReload)
 }
 
@@ -419,6 +437,7 @@ func (d *dispatcher) finishReplace(now time.Time) {
 	d.ctl.cur = nil
 	took := now.Sub(r.started).Round(time.Millisecond)
 	if r.kind == kindReload {
+		d.countReload(true, r.started, now)
 		d.ctl.lastErr = ""
 		d.out.infof("reload done in %s: %d workers of generation %d", took, len(d.slots), d.gen)
 		d.lastStatus = ""
@@ -451,7 +470,7 @@ const recountHint = "to change the count, change workers in the app file and res
 // workers now, surplus slots' workers are retired.
 func (d *dispatcher) scale(n int, now time.Time) error {
 	switch {
-	case d.stopping:
+	case d.stopping || d.draining:
 		return errors.New("scale refused: the dispatcher is stopping")
 	}
 	d.yieldRecycle("a scale", now)
@@ -517,6 +536,9 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if !reflect.DeepEqual(app.Listen, cur.app.Listen) {
 		return spec{}, fmt.Errorf("[[listen]] changed: a reload cannot change the listening sockets, which systemd owns; run 'systemctl daemon-reload', then 'systemctl restart %s.socket' (under 'cohort run': restart it)", cur.app.Name)
 	}
+	if app.Metrics.Listen != cur.app.Metrics.Listen {
+		return spec{}, fmt.Errorf("[metrics] listen changed: a reload cannot change the metrics socket, which systemd owns; run 'systemctl daemon-reload', then 'systemctl restart %s.socket' (under 'cohort run': restart it)", cur.app.Name)
+	}
 	if app.Mode != cur.app.Mode {
 		return spec{}, fmt.Errorf("mode changed from %q to %q: a reload cannot change the mode; run 'systemctl daemon-reload', then 'systemctl restart %s'", cur.app.Mode, app.Mode, cur.app.Name)
 	}
@@ -527,6 +549,7 @@ func (d *dispatcher) loadSpec(cur spec) (spec, error) {
 	if err != nil {
 		return spec{}, err
 	}
+	env = nodePreloadEnv(app, env, d.opt.NodePreload, d.out.warnf)
 	return spec{app: app, env: env, path: path, dir: app.WorkingDirectory, gen: cur.gen + 1}, nil
 }
 

@@ -43,7 +43,7 @@ func (c *countWriter) Write(p []byte) (int, error) {
 }
 
 // BenchmarkLogRelay: one worker writes 100-byte lines as fast as it can;
-// lines/s relayed by the dispatcher (terminal mode, "[app.0] " prefix, to
+// lines/s relayed by the dispatcher (terminal mode, "app.0 | " label, to
 // a discarding writer; and journal mode, native protocol to a socket
 // that only counts), against the same program writing to /dev/null
 // directly, in the same run.

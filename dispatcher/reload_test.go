@@ -22,13 +22,15 @@ import (
 )
 
 // appFile is the TOML of an app whose workers are helperWorker (ready =
-// notify), listening on addr; a reload re-reads it.
+// notify), listening on addr; a reload re-reads it. helper picks another
+// helper ("cohort-worker"); extra is added to the top-level keys.
 type appFile struct {
 	workers, batch int
 	mode           string
 	env            map[string]string
 	addr           string
 	readyTimeout   string
+	helper, extra  string
 	recycle        string // the [recycle] table's lines
 }
 
@@ -47,6 +49,9 @@ func (a appFile) toml(t testing.TB) string {
 	if a.readyTimeout == "" {
 		a.readyTimeout = "20s"
 	}
+	if a.helper == "" {
+		a.helper = "worker"
+	}
 	var env strings.Builder
 	keys := make([]string, 0, len(a.env))
 	for k := range a.env {
@@ -63,9 +68,9 @@ ready = "notify"
 ready_timeout = %q
 stop_timeout = "10s"
 reload_batch = %d
-
+%s
 [environment]
-COHORT_TEST_HELPER = "worker"
+COHORT_TEST_HELPER = %q
 HELPER_READY = "1"
 %s
 [restart]
@@ -78,7 +83,7 @@ name = "http"
 address = %q
 
 [recycle]
-%s`, self, a.workers, a.mode, a.readyTimeout, a.batch, env.String(), a.addr, a.recycle)
+%s`, self, a.workers, a.mode, a.readyTimeout, a.batch, a.extra, a.helper, env.String(), a.addr, a.recycle)
 }
 
 // reloadFixture is an in-process dispatcher running the app of a file.

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 
 	"github.com/cohort-dev/cohort/activation/rr"
@@ -25,24 +26,55 @@ func newRoundRobin(app *appfile.App, listeners []*os.File, names []string, out *
 	if ackTimeout <= 0 {
 		ackTimeout = appfile.DefaultAckTimeout
 	}
-	var policy balance.Policy = balance.RoundRobin{}
-	if app.Balance == appfile.BalanceLeastConnections {
-		policy = balance.LeastConnections{}
-	}
 	return &roundRobin{cfg: balance.Config{
-		Listeners:  listeners,
-		Names:      names,
-		MaxPending: app.MaxPending,
-		AckTimeout: ackTimeout,
-		Policy:     policy,
-		Warnf:      out.warnf,
-		Infof:      out.infof,
+		Listeners:     listeners,
+		Names:         names,
+		MaxPending:    app.MaxPending,
+		AckTimeout:    ackTimeout,
+		Policy:        policyOf(app),
+		Sticky:        app.Sticky == appfile.StickyClientIP,
+		ProxyProtocol: app.Sticky == appfile.StickyProxyProtocol,
+		AcceptThreads: app.AcceptThreads,
+		Warnf:         out.warnf,
+		Infof:         out.infof,
 	}}
+}
+
+// workersPerAcceptThread is how many workers one event loop keeps up
+// with: a loop spends about a quarter of what a request on a new
+// connection costs a worker (docs/config.md, Round-robin's cost), so it
+// saturates a core of its own when about 4 cores of workers are busy.
+const workersPerAcceptThread = 4
+
+// autoAcceptThreads is accept_threads when the app file does not say:
+// one event loop per 4 workers, at least 1.
+func autoAcceptThreads(workers int) int {
+	return min(max(1, (workers+workersPerAcceptThread-1)/workersPerAcceptThread), appfile.MaxAcceptThreads)
+}
+
+// policyOf maps balance = and sticky = to the balancer's Policy.
+func policyOf(app *appfile.App) balance.Policy {
+	var policy balance.Policy = balance.RoundRobin{}
+	switch app.Balance {
+	case appfile.BalanceLeastConnections:
+		policy = balance.LeastConnections{}
+	case appfile.BalanceP2C:
+		policy = balance.NewP2C(rand.Uint64())
+	case appfile.BalanceWeighted:
+		policy = balance.NewWeighted(app.Weights)
+	}
+	if app.Sticky != appfile.StickyNone {
+		policy = &balance.Sticky{LoadFactor: balance.DefaultLoadFactor, Fallback: policy}
+	}
+	return policy
 }
 
 func (m *roundRobin) open(ctx context.Context, workers int) error {
 	cfg := m.cfg
 	cfg.MaxHandoffs = 2 * workers // a connection back this often is closed
+	if cfg.AcceptThreads <= 0 {
+		cfg.AcceptThreads = autoAcceptThreads(workers)
+	}
 	b, err := balance.New(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("round-robin: %w", err)
@@ -74,6 +106,7 @@ func (m *roundRobin) stop()                        { m.b.Stop() }
 func (m *roundRobin) status(slots int) string      { return m.b.Status(slots) }
 func (m *roundRobin) conns(pid int) (uint64, int)  { return m.b.Counts(pid) }
 func (m *roundRobin) faults() <-chan struct{}      { return m.b.Faults() }
+func (m *roundRobin) accepted() []uint64           { return m.b.Accepted() }
 func (m *roundRobin) fixedWorkers() fixedCount     { return fixedCount{} }
 
 func (m *roundRobin) takeFaults(serving func(pid int) bool) []modeFault {

@@ -41,6 +41,9 @@ func helperCohortWorker() int {
 		return 4
 	}
 	files.Close()
+	if os.Getenv("HELPER_PROXY") == "1" {
+		ln = proxyListener{ln}
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "worker=%s pid=%d gen=%s listener=%s\n",
@@ -52,12 +55,43 @@ func helperCohortWorker() int {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprintf(w, "worker=%s slow done by pid %d\n", os.Getenv("COHORT_WORKER"), os.Getpid())
 	})
+	// "/work?ms=N" takes N ms, ten times that on the worker named by
+	// HELPER_SLOW_WORKER: a worker whose requests are 10x slower.
+	slow := os.Getenv("HELPER_SLOW_WORKER") != "" && os.Getenv("HELPER_SLOW_WORKER") == os.Getenv("COHORT_WORKER")
+	mux.HandleFunc("/work", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		if slow {
+			ms *= 10
+		}
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		fmt.Fprintf(w, "worker=%s\n", os.Getenv("COHORT_WORKER"))
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 30 * time.Second}
 	if err := activation.Serve(context.Background(), srv, ln, 10*time.Second); err != nil {
 		fmt.Fprintln(os.Stderr, "helper cohort worker:", err)
 		return 1
 	}
 	return 0
+}
+
+// proxyListener reads and drops a PROXY protocol v1 line at the start of
+// each connection, as a server behind a load balancer does (HELPER_PROXY).
+type proxyListener struct{ net.Listener }
+
+func (l proxyListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var b [1]byte
+	for n := 0; n < 108; n++ {
+		if _, err := c.Read(b[:]); err != nil || b[0] == '\n' {
+			break
+		}
+	}
+	c.SetReadDeadline(time.Time{})
+	return c, nil
 }
 
 // rrApp is an app of n helperCohortWorker processes in round-robin mode.

@@ -35,6 +35,7 @@ func helperSteer() int {
 			{Cmd: control.CmdScale, Workers: 3},
 			{Cmd: control.CmdReload},
 			{Cmd: control.CmdRestartWorker, Worker: &zero},
+			{Cmd: control.CmdSignal, Signal: "SIGKILL"},
 			{Cmd: control.CmdStatus},
 		} {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -117,9 +118,9 @@ func TestWorkerCannotSteer(t *testing.T) {
 	p.waitLine(t, 20*time.Second, "all 1 workers ready")
 	dispatcherPID := p.cmd.Process.Pid
 	var b []byte
-	testsync.WaitFor(t, 30*time.Second, "the 12 attempts of worker, grandchild and orphan", func() bool {
+	testsync.WaitFor(t, 30*time.Second, "the 15 attempts of worker, grandchild and orphan", func() bool {
 		b, _ = os.ReadFile(out)
-		return strings.Count(string(b), "\n") >= 12
+		return strings.Count(string(b), "\n") >= 15
 	})
 	t.Logf("attempts (role cmd ppid result):\n%s", b)
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
@@ -135,7 +136,7 @@ func TestWorkerCannotSteer(t *testing.T) {
 		}
 	}
 	for _, role := range []string{"worker", "grandchild", "orphan"} {
-		for _, cmd := range []string{control.CmdScale, control.CmdReload, control.CmdRestartWorker} {
+		for _, cmd := range []string{control.CmdScale, control.CmdReload, control.CmdRestartWorker, control.CmdSignal} {
 			if res, ok := got[role+" "+cmd]; !ok || !strings.Contains(res, "permission denied") {
 				t.Errorf("%s %s: %q, want a refusal", role, cmd, res)
 			}

@@ -2,7 +2,11 @@ package dispatcher
 
 import (
 	"context"
+	"os"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/dispatcher/internal/procfs"
@@ -47,9 +51,26 @@ type cpuSample struct {
 	at    time.Time
 }
 
-// usage fills in RSS, CPUPercent and CPUWindow of snap's workers. It
-// reads /proc at most twice, for all workers together, and gives up
-// (leaving zeros) when ctx or usageTimeout ends.
+// scanTrees reads the processes the worker trees of supervisor can hold:
+// only supervisor's descendants when it is this process and the child
+// subreaper (Options.Subreaper: every process of a worker tree then
+// descends from it), so a status a second (cohort monit) costs what the
+// workers' processes cost to read, whatever else runs on the host; else
+// every process.
+func scanTrees(ctx context.Context, supervisor int) (procfs.Table, error) {
+	var sub int32
+	err := unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&sub)), 0, 0, 0)
+	if err == nil && sub != 0 && supervisor == os.Getpid() {
+		if t, ok, err := procfs.ScanTree(ctx, supervisor); ok {
+			return t, err
+		}
+	}
+	return procfs.Scan(ctx)
+}
+
+// usage fills in RSS, CPUSeconds, CPUPercent and CPUWindow of snap's
+// workers. It reads /proc at most twice, for all workers together, and
+// gives up (leaving zeros) when ctx or usageTimeout ends.
 func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 	ctx, cancel := context.WithTimeout(ctx, usageTimeout)
 	defer cancel()
@@ -113,6 +134,7 @@ func (h *ctlHandler) usage(ctx context.Context, snap *statusSnapshot) {
 		w := &snap.st.Workers[i]
 		u := now[i]
 		w.RSS = u.RSS
+		w.CPUSeconds = float64(u.Ticks) / procfs.ClockTick
 		next[k] = cpuSample{ticks: u.Ticks, at: at}
 		window := at.Sub(prev[i].at)
 		if window <= 0 || u.Procs == 0 {

@@ -55,15 +55,17 @@ const crashLoopAfter = 3
 // the restart policy's memory.
 type slot struct {
 	index       int
-	cur         *worker       // nil while waiting for a restart
-	restartAt   time.Time     // when to fork again (zero: not scheduled)
-	delay       time.Duration // the next backoff delay
-	quickExits  int           // exits before min_uptime, in a row
-	restarts    int           // restarts of this slot, for status
-	recycles    int           // recycles of this slot (recycle.go), counted apart from restarts
-	lastRecycle string        // why its last recycle was, for status
-	gen         int           // generation of its last process, for status while in backoff
-	oomKills    uint64        // kernel OOM kills in its earlier processes' cgroups, for status
+	cur         *worker        // nil while waiting for a restart
+	restartAt   time.Time      // when to fork again (zero: not scheduled)
+	delay       time.Duration  // the next backoff delay
+	quickExits  int            // exits before min_uptime, in a row
+	restarts    int            // restarts of this slot, for status
+	recycles    int            // recycles of this slot (recycle.go), counted apart from restarts
+	lastRecycle string         // why its last recycle was, for status
+	gen         int            // generation of its last process, for status while in backoff
+	oomKills    uint64         // kernel OOM kills in its earlier processes' cgroups, for status
+	causes      map[string]int // restarts by cause (the worker's restartCause)
+	lastCause   string         // the cause of the last restart, "" before one
 }
 
 func (s *slot) crashLooping() bool { return s.quickExits >= crashLoopAfter }
@@ -86,6 +88,7 @@ type worker struct {
 	killed    bool           // SIGKILL was sent
 	killWhy   string         // why, for the exit line ("" when asked to stop at once)
 	unhealthy string         // why it is being replaced as unhealthy (round-robin), for status
+	cause     string         // why cohort stopped it, when for its health: "watchdog", "ready_timeout", "unhealthy"
 	silent    bool           // it never spoke the round-robin protocol: its exit counts as a failed start
 	status    string         // last STATUS=
 	probe     probe.Targets  // the sockets ready = "listening" watches, from its mode's start
@@ -148,14 +151,17 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 		case trWatchdogTrigger:
 			d.out.warnf("worker %d (pid %d) asked to be treated as hung (WATCHDOG=trigger) before ready; sending SIGABRT", w.slot.index, w.pid)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			w.cause = causeWatchdog
 			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
 			d.toDraining(w, now, nil)
 		case trDeadline:
 			d.out.warnf("worker %d (pid %d) not ready after ready_timeout (%s); stopping it", w.slot.index, w.pid, app.ReadyTimeout)
+			w.cause = causeReadyTimeout
 			d.toDraining(w, now, d.sendStop)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			w.cause = causeUnhealthy
 			d.toDraining(w, now, d.sendStop)
 		case trStop:
 			d.toDraining(w, now, d.sendStop)
@@ -177,12 +183,14 @@ func (d *dispatcher) transition(w *worker, tr trigger, ws unix.WaitStatus) {
 			}
 			d.out.warnf("worker %d (pid %d) %s; sending SIGABRT", w.slot.index, w.pid, why)
 			d.observe(Event{Kind: WorkerWatchdog, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			w.cause = causeWatchdog
 			d.toDraining(w, now, d.sendAbort)
 		case trStopping:
 			d.out.infof("worker %d (pid %d) is stopping on its own", w.slot.index, w.pid)
 			d.toDraining(w, now, nil)
 		case trUnhealthy:
 			d.observe(Event{Kind: WorkerUnhealthy, Worker: w.slot.index, PID: w.pid, Gen: w.gen})
+			w.cause = causeUnhealthy
 			d.toDraining(w, now, d.sendStop)
 		case trStop:
 			d.toDraining(w, now, d.sendStop)
@@ -302,7 +310,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	if w.silent {
 		up = 0 // a program that cannot serve in this mode: back off as from a crash at start
 	}
-	ev.RestartIn = d.scheduleRestart(s, up, now)
+	ev.RestartIn = d.scheduleRestart(s, up, restartCause(w, ws), now)
 	msg := fmt.Sprintf("worker %d (pid %d) %s after %s; restarting in %s", s.index, w.pid, how, uptime.Round(time.Millisecond), ev.RestartIn)
 	if s.crashLooping() {
 		d.out.warnf("%s (crash loop: %d quick exits in a row)", msg, s.quickExits)
@@ -312,9 +320,34 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 	d.observe(ev)
 }
 
+// The causes of restarts (status's RestartCauses, the metrics' cause
+// label).
+const (
+	causeExited       = "exited"        // it exited on its own (any status, or STOPPING=1)
+	causeCrashed      = "crashed"       // killed by a signal cohort did not send
+	causeWatchdog     = "watchdog"      // missed its watchdog or sent WATCHDOG=trigger
+	causeReadyTimeout = "ready_timeout" // not ready within ready_timeout
+	causeUnhealthy    = "unhealthy"     // its round-robin channel failed
+	causeSpawnFailed  = "spawn_failed"  // it could not be forked
+)
+
+// restartCause is why the reaped worker w ended, for its slot's restart.
+func restartCause(w *worker, ws unix.WaitStatus) string {
+	switch {
+	case w.cause != "":
+		return w.cause
+	case w.silent:
+		return causeUnhealthy
+	case ws.Signaled() && !w.killed && (w.sent == 0 || ws.Signal() != w.sent):
+		return causeCrashed
+	}
+	return causeExited
+}
+
 // scheduleRestart applies the backoff policy to a slot whose process
-// ended after uptime and returns the delay before the next fork.
-func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, now time.Time) time.Duration {
+// ended after uptime, for cause, and returns the delay before the next
+// fork.
+func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, cause string, now time.Time) time.Duration {
 	r := d.app.Restart
 	if uptime >= r.MinUptime {
 		s.delay, s.quickExits = r.Initial, 0
@@ -326,6 +359,11 @@ func (d *dispatcher) scheduleRestart(s *slot, uptime time.Duration, now time.Tim
 	s.restartAt = now.Add(wait)
 	d.restarts++
 	s.restarts++
+	if s.causes == nil {
+		s.causes = map[string]int{}
+	}
+	s.causes[cause]++
+	s.lastCause = cause
 	return wait
 }
 
@@ -392,7 +430,7 @@ func (d *dispatcher) spawn(s *slot, now time.Time) {
 		}
 	}
 	if err != nil {
-		wait := d.scheduleRestart(s, 0, now)
+		wait := d.scheduleRestart(s, 0, causeSpawnFailed, now)
 		d.out.warnf("worker %d: %v; retrying in %s", s.index, err, wait)
 		d.observe(Event{Kind: WorkerSpawnFailed, Worker: s.index, Err: err, RestartIn: wait})
 		return

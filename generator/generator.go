@@ -96,6 +96,12 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 	for i, s := range sockets {
 		socketNames[i] = s.Unit
 	}
+	if app.Metrics.On() {
+		// Its own unit, like a listener's: systemd holds it across
+		// restarts of the service, so scrapes and readiness probes
+		// queue instead of being refused while the dispatcher restarts.
+		socketNames = append(socketNames, MetricsSocket(app))
+	}
 
 	prepare := []string{cohort, "dispatch-prepare", app.Path}
 	out := &Units{}
@@ -144,6 +150,27 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 		out.Files = append(out.Files, f)
 	}
 
+	if app.Metrics.On() {
+		l := app.Metrics.Listen
+		s := &units.Socket{
+			Name:               MetricsSocket(app),
+			Description:        fmt.Sprintf("cohort app %s: metrics, readiness and liveness on %s", app.Name, l.Address),
+			SourcePath:         app.Path,
+			Service:            service,
+			ListenStream:       listenStream(l),
+			FileDescriptorName: appfile.MetricsFDName,
+			PartOf:             socketNames[0],
+			// [unit] applies to every unit of the app; [socket] tunes
+			// the app's own listeners, not this one.
+			ExtraUnit: options(app.Unit),
+		}
+		f, err := s.Render()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", app.Path, err)
+		}
+		out.Files = append(out.Files, f)
+	}
+
 	workers := workersText(app.Workers)
 	if app.Mode == appfile.ModeReusePort {
 		workers = fmt.Sprint(len(sockets) / len(app.Listen))
@@ -162,8 +189,9 @@ func Render(app *appfile.App, opts Options) (*Units, error) {
 		// and kills workers after stop_timeout: systemd waits a little
 		// longer so that it never cuts the dispatcher short.
 		StartTimeout: addMargin(app.ReadyTimeout, startMargin),
-		StopTimeout:  addMargin(app.StopTimeout, stopMargin),
-		Hardening:    app.Hardening,
+		// A stop drains for drain_delay before stop_timeout begins.
+		StopTimeout: addMargin(addMargin(app.StopTimeout, app.DrainDelay), stopMargin),
+		Hardening:   app.Hardening,
 		// Every worker gets a cgroup of its own in the service's
 		// delegated subtree (dispatcher/cgroups.go).
 		Delegate:     true,
@@ -269,6 +297,13 @@ func addMargin(d, margin time.Duration) time.Duration {
 		return math.MaxInt64
 	}
 	return d + margin
+}
+
+// MetricsSocket is the name of app's metrics socket unit,
+// <app>-cohort-metrics.socket: listener names may not start with
+// "cohort-", so no listener's unit has it.
+func MetricsSocket(app *appfile.App) string {
+	return app.Name + "-cohort-metrics.socket"
 }
 
 // Socket is one socket unit of an app: which listener it binds, for which

@@ -103,7 +103,12 @@ func TestCompletionWordsAreAccepted(t *testing.T) {
 		_, help := cohort(cmd, "--help")
 		values := map[string]string{} // flag → its value type, "" for a boolean
 		for _, m := range flagLine.FindAllStringSubmatch(help, -1) {
-			values["--"+m[1]] = m[2]
+			// One-letter flags are offered as -f, as journalctl's are.
+			if len(m[1]) == 1 {
+				values["-"+m[1]] = m[2]
+			} else {
+				values["--"+m[1]] = m[2]
+			}
 		}
 		offered := complete(t, script, "cohort", cmd, "-")
 		for flag := range values {
@@ -121,7 +126,7 @@ func TestCompletionWordsAreAccepted(t *testing.T) {
 				}
 				args = append(args, v)
 				// The values offered for the option are named in its help.
-				usage := help[strings.Index(help, "  -"+opt[2:]+" "):]
+				usage := help[strings.Index(help, "  -"+strings.TrimLeft(opt, "-")+" "):]
 				if i := strings.Index(usage[3:], "\n  -"); i >= 0 {
 					usage = usage[:i+3]
 				}

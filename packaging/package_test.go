@@ -239,6 +239,7 @@ func TestDebContents(t *testing.T) {
 		"/usr/share/man/man5/cohort.toml.5.gz":          "-rw-r--r--",
 		"/usr/share/man/man8/cohort-generator.8.gz":     "-rw-r--r--",
 		"/usr/share/bash-completion/completions/cohort": "-rw-r--r--",
+		"/usr/share/cohort/node-preload.js":             "-rw-r--r--",
 		"/usr/share/doc/cohort/copyright":               "-rw-r--r--",
 		"/usr/share/doc/cohort/changelog.gz":            "-rw-r--r--",
 		"/usr/share/lintian/overrides/cohort":           "-rw-r--r--",

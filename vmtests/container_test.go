@@ -435,7 +435,7 @@ address = "127.0.0.1:8080"
 		t.Errorf("exit status %d, want 1", code)
 	}
 	stdout, stderr := c.Output()
-	if !strings.Contains(stderr, "cohort run: app crash: no worker ready after ready_timeout (2s)") || !strings.Contains(stdout, "[crash.0] crashing") {
+	if !strings.Contains(stderr, "cohort run: app crash: no worker ready after ready_timeout (2s)") || !strings.Contains(stdout, "crash.0 | crashing") {
 		t.Errorf("stdout:\n%s\nstderr:\n%s", stdout, stderr)
 	}
 }
@@ -494,7 +494,7 @@ func (c *Container) zombies() []int {
 // them; once it has, this is always true and the fallback can go.
 func knowsHealth(t *testing.T) bool {
 	t.Helper()
-	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
+	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
 	return err == nil
 }
 

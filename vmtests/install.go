@@ -81,6 +81,11 @@ func installBinaries(t testing.TB, c *Container) {
 	c.CopyFile(t, filepath.Join(dir, "cohort"), "/usr/bin/cohort", 0o755)
 	c.CopyFile(t, filepath.Join(dir, "cohort-generator"), "/usr/lib/systemd/system-generators/cohort-generator", 0o755)
 	c.Run(t, "mkdir", "-p", "/etc/cohort")
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.CopyFile(t, filepath.Join(root, "packaging", "node-preload.js"), "/usr/share/cohort/node-preload.js", 0o644)
 }
 
 var (

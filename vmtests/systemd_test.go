@@ -33,6 +33,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("hostilefiles", func(t *testing.T) { testHostileFiles(t, c) })
 			t.Run("checkhost", func(t *testing.T) { testCheckHost(t, c) })
 			t.Run("node", func(t *testing.T) { testNode(t, c) })
+			t.Run("nodeunchanged", func(t *testing.T) { testNodeUnchanged(t, c) })
 			t.Run("deploy", func(t *testing.T) { testDeploy(t, c) })
 			t.Run("restart", func(t *testing.T) { testRestart(t, c) })
 			t.Run("badedit", func(t *testing.T) { testBadEdit(t, c) })
@@ -45,6 +46,7 @@ func TestSystemd(t *testing.T) {
 			t.Run("status", func(t *testing.T) { testStatus(t, c) })
 			t.Run("cpuquota", func(t *testing.T) { testCPUQuota(t, c) })
 			t.Run("cgroups", func(t *testing.T) { testCgroups(t, c) })
+			t.Run("metrics", func(t *testing.T) { testMetrics(t, c) })
 			t.Run("recycle", func(t *testing.T) { testRecycle(t, c) })
 			t.Run("logflood", func(t *testing.T) { testLogFlood(t, c) })
 			t.Run("purge", func(t *testing.T) { testPurge(t, c) }) // last: removes cohort

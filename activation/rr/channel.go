@@ -50,7 +50,8 @@ type Event struct {
 var ErrInvalidConn = errors.New("invalid connection")
 
 // ErrWouldBlock is wrapped by TrySend's error when the worker's receive
-// queue is full: the worker is not reading its channel fast enough.
+// queue is full (the worker is not reading its channel fast enough), and
+// by TryRecv's when no message is queued.
 var ErrWouldBlock = errors.New("channel full")
 
 // ErrNotSent is wrapped by Send's error when it sent nothing and took
@@ -321,6 +322,31 @@ func (ch *Channel) register(conns []Conn) error {
 // re-send what Close returns.
 func (ch *Channel) Recv() (Event, error) {
 	b, fds, err := recvMsg(ch.c, ch.rbuf, ch.roob)
+	return ch.apply(b, fds, err)
+}
+
+// TryRecv is Recv without waiting: when no message is queued it returns
+// an error wrapping ErrWouldBlock at once. It is for a caller that waits
+// for the channel's readiness itself (an epoll set holding many
+// channels), so that one thread serves every worker's acknowledgements
+// without a goroutine, and a wake-up, per channel. Like Recv, it must not
+// be called concurrently with itself or with Recv.
+func (ch *Channel) TryRecv() (Event, error) {
+	b, fds, err := tryRecvMsg(ch.rc, ch.rbuf, ch.roob)
+	if errors.Is(err, unix.EAGAIN) {
+		return Event{}, fmt.Errorf("recv: %w", ErrWouldBlock)
+	}
+	return ch.apply(b, fds, err)
+}
+
+// FD calls f with the channel's descriptor, for adding it to an epoll
+// set; f must not keep it past Close.
+func (ch *Channel) FD(f func(fd int)) error {
+	return ch.rc.Control(func(u uintptr) { f(int(u)) })
+}
+
+// apply turns one received message into an Event and applies it.
+func (ch *Channel) apply(b []byte, fds []int, err error) (Event, error) {
 	if errors.Is(err, errEOF) {
 		return Event{}, fmt.Errorf("recv: %w: %w", errEOF, net.ErrClosed)
 	}

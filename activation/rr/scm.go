@@ -110,6 +110,58 @@ func recvMsg(c *net.UnixConn, b, oob []byte) ([]byte, []int, error) {
 	return b[:n], fds, nil
 }
 
+// tryRecvMsg is recvMsg without waiting (MSG_DONTWAIT, never parked in
+// the netpoller): with nothing queued it returns an error wrapping
+// unix.EAGAIN.
+func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
+	var (
+		n, oobn, flags int
+		rerr           error
+	)
+	err := rc.Read(func(fd uintptr) bool {
+		for i := 0; ; {
+			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), b, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			switch {
+			case rerr == unix.EINTR:
+				continue
+			case rerr == unix.ECONNRESET && i < 4:
+				i++ // as in recvMsg: the peer's last messages follow
+				continue
+			}
+			return true
+		}
+	})
+	if err == nil {
+		err = rerr
+	}
+	if n < 0 {
+		n = 0
+	}
+	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
+	switch {
+	case errors.Is(err, unix.EAGAIN):
+		closeFDs(fds)
+		return nil, nil, fmt.Errorf("recvmsg: %w", err)
+	case err != nil:
+		err = fmt.Errorf("recvmsg: %w", err)
+	case perr != nil:
+		err = fmt.Errorf("recvmsg: %w: %w", ErrProtocol, perr)
+	case flags&unix.MSG_CTRUNC != 0:
+		err = fmt.Errorf("recvmsg: %w: control data truncated (more than %d fds?)", ErrProtocol, MaxFDs)
+	case flags&unix.MSG_TRUNC != 0:
+		err = fmt.Errorf("recvmsg: %w: message longer than %d bytes", ErrProtocol, len(b))
+	case n == 0 && len(fds) == 0:
+		err = errEOF
+	case n == 0:
+		err = fmt.Errorf("recvmsg: %w: empty message with %d fds", ErrProtocol, len(fds))
+	}
+	if err != nil {
+		closeFDs(fds)
+		return nil, nil, err
+	}
+	return b[:n], fds, nil
+}
+
 // parseRights returns every fd in every SCM_RIGHTS message of oob. It keeps
 // going past a bad message so that the caller can close all fds.
 func parseRights(oob []byte) ([]int, error) {

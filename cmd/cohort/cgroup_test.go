@@ -77,7 +77,7 @@ func TestCgroupCPUQuota(t *testing.T) {
 	}
 	dir := testcgroup.New(t, self, [][2]string{{"cpu.cfs_period_us", "100000"}, {"cpu.cfs_quota_us", "150000"}})
 	lines, status := runInCgroup(t, dir)
-	if !slices.Equal(lines, []string{"[cg.0] cpus=1"}) {
+	if !slices.Equal(lines, []string{"cg.0 | cpus=1"}) {
 		t.Errorf("worker lines %q, want one worker with COHORT_CPUS=1", lines)
 	}
 	if !regexp.MustCompile(`^cg: workers auto = 1 \(affinity \d+, cgroup cpu quota 1\.50\)$`).MatchString(status) {
@@ -103,7 +103,7 @@ func TestCgroupCpuset(t *testing.T) {
 	}
 	dir := testcgroup.New(t, self, [][2]string{{"cpuset.mems", strings.TrimSpace(string(mems))}, {"cpuset.cpus", string(first)}})
 	lines, status := runInCgroup(t, dir)
-	if !slices.Equal(lines, []string{"[cg.0] cpus=1"}) {
+	if !slices.Equal(lines, []string{"cg.0 | cpus=1"}) {
 		t.Errorf("worker lines %q, want one worker with COHORT_CPUS=1", lines)
 	}
 	if status != "cg: workers auto = 1 (affinity 1)" {

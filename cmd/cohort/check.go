@@ -118,6 +118,9 @@ func describeApp(w io.Writer, app *appfile.App) {
 	if len(app.Listen) != 1 {
 		fmt.Fprint(w, "s")
 	}
+	if app.Metrics.On() {
+		fmt.Fprintf(w, ", metrics on %s", app.Metrics.Listen.Address)
+	}
 	fmt.Fprintln(w, ")")
 }
 

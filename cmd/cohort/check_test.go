@@ -148,3 +148,23 @@ func TestCheckFIFO(t *testing.T) {
 		t.Fatal("cohort check on a FIFO blocked for 5 s")
 	}
 }
+
+// TestCheckMetrics: check reports a [metrics] table's errors at their
+// keys, and names the metrics listener of a good file.
+func TestCheckMetrics(t *testing.T) {
+	bad := writeApp(t, t.TempDir(), "web.toml", "command = [\"/bin/sh\"]\ndrain_delay = \"1h\"\n"+listen+"[metrics]\nlisten = \"127.0.0.1:8080\"\n")
+	code, errOut := checkLines(t, bad)
+	for _, want := range []string{
+		`web.toml:2:1: drain_delay: want at most 10m0s, got "1h"`,
+		`web.toml:7:1: metrics listen "127.0.0.1:8080" is already used by listener 1`,
+	} {
+		if code != 1 || !strings.Contains(errOut, want) {
+			t.Errorf("exit %d, stderr %q; want 1 and %q", code, errOut, want)
+		}
+	}
+	good := writeApp(t, t.TempDir(), "web.toml", "command = [\"/bin/sh\"]\n"+listen+"[metrics]\nlisten = \"127.0.0.1:9464\"\n")
+	code, out, errOut := runCohort(t, nil, "check", good)
+	if code != 0 || !strings.Contains(out, "metrics on 127.0.0.1:9464") {
+		t.Errorf("exit %d, stdout %q, stderr %q; want 0 and the metrics listener named", code, out, errOut)
+	}
+}

@@ -5,13 +5,19 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cohort-dev/cohort/dispatcher/control"
 )
 
-type stubDispatcher struct{ scaled int }
+type stubDispatcher struct {
+	scaled int
+	// The last signal request: its signal and worker (-1: all).
+	sig    syscall.Signal
+	worker int
+}
 
 func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
 	started := time.Now().Add(-90 * time.Second)
@@ -94,6 +100,14 @@ func TestCPUsLine(t *testing.T) {
 			t.Errorf("cpusLine(%+v) = %q, want %q", c, got, want)
 		}
 	}
+}
+
+func (s *stubDispatcher) Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error) {
+	s.sig, s.worker = sig, -1
+	if worker != nil {
+		s.worker = *worker
+	}
+	return []int{42, 43}, nil
 }
 
 // TestPrintCgroups: the cgroup table shows each worker's own cgroup

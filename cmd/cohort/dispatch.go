@@ -74,10 +74,21 @@ func cmdDispatch(ctx context.Context, env *environment, args []string) int {
 		Cgroups: env.ownsChildren,
 		Load:    func() (*appfile.App, error) { return loadRunning(*dir, path, running.LoadCandidate) },
 	}
+	// The metrics socket is a unit of its own (APP-cohort-metrics.socket);
+	// without it (units generated before [metrics] was added, until
+	// daemon-reload) the app runs and says so.
+	metrics, appFiles := sockets.TakeMetrics(files)
+	switch {
+	case app.Metrics.On() && metrics == nil:
+		fmt.Fprintf(env.stderr, "cohort dispatch: [metrics] listen = %q, but systemd passed no %q socket: /metrics, /readyz and /livez will not answer (run 'systemctl daemon-reload', then 'systemctl restart %s.socket')\n", app.Metrics.Listen.Address, appfile.MetricsFDName, app.Name)
+	case !app.Metrics.On() && metrics != nil:
+		metrics = nil // passed by units of an earlier configuration: not served
+	}
+	opts.Metrics = metrics
 	if app.Mode == appfile.ModeReusePort {
-		opts.SlotListeners, err = sockets.MatchSlots(app, files)
+		opts.SlotListeners, err = sockets.MatchSlots(app, appFiles)
 	} else {
-		opts.Listeners, err = sockets.Match(app, files)
+		opts.Listeners, err = sockets.Match(app, appFiles)
 	}
 	if err != nil {
 		fmt.Fprintf(env.stderr, "cohort dispatch: %v\n", err)

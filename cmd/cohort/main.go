@@ -40,6 +40,12 @@ type environment struct {
 	// units overrides how status asks systemd about an app's units
 	// (tests); nil means D-Bus.
 	units func(ctx context.Context, app string) (service, socket unitState, err error)
+	// initSystemd overrides how init asks systemd to reload and start
+	// units (tests); nil means D-Bus.
+	initSystemd initSystemd
+	// journalctl overrides the journalctl that logs runs (tests); ""
+	// means the one on PATH.
+	journalctl string
 }
 
 func commands() map[string]command {
@@ -50,6 +56,10 @@ func commands() map[string]command {
 		"run":              {"run an app in the foreground, binding its sockets itself", cmdRun},
 		"status":           {"show an app's workers (pid, generation, state, uptime, restarts, memory, CPU); every app without APP", cmdStatus},
 		"scale":            {"change the number of an app's workers until its next restart", cmdScale},
+		"init":             {"write an app file for a command, check it and start the app under systemd", cmdInit},
+		"signal":           {"send a signal to an app's workers (not the dispatcher) through its control socket", cmdSignal},
+		"logs":             {"print the journal's lines of every app, or of one, labelled app.N; -f follows", cmdLogs},
+		"monit":            {"a live terminal view of every app's workers, events and logs; keys reload, restart, scale", cmdMonit},
 		"list":             {"list every app with the state of its systemd units (D-Bus)", cmdList},
 		"reload":           {"rolling-restart an app's workers through systemd and wait for the result", cmdReload},
 		"dispatch":         {"the dispatcher that a generated service runs (not for people)", cmdDispatch},

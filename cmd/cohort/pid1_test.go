@@ -199,7 +199,7 @@ func TestPID1Stop(t *testing.T) {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
 	b, _ := os.ReadFile(outPath)
-	for _, want := range []string{"[pid1.0] hello from 0\n", "[pid1.1] hello from 1\n", "[pid1.0] bye from 0\n", "[pid1.1] bye from 1\n"} {
+	for _, want := range []string{"pid1.0 | hello from 0\n", "pid1.1 | hello from 1\n", "pid1.0 | bye from 0\n", "pid1.1 | bye from 1\n"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("stdout lacks %q:\n%s", want, b)
 		}
@@ -264,7 +264,7 @@ func TestPID1CPUQuota(t *testing.T) {
 	}
 	dir := testcgroup.New(t, self, [][2]string{{"cpu.cfs_period_us", "100000"}, {"cpu.cfs_quota_us", "150000"}})
 	lines, status := runInCgroupVia(t, dir, pid1Via(t))
-	if !slices.Equal(lines, []string{"[cg.0] cpus=1"}) {
+	if !slices.Equal(lines, []string{"cg.0 | cpus=1"}) {
 		t.Errorf("worker lines %q, want one worker with COHORT_CPUS=1", lines)
 	}
 	if !regexp.MustCompile(`^cg: workers auto = 1 \(affinity \d+, cgroup cpu quota 1\.50\)$`).MatchString(status) {

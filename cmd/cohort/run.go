@@ -13,6 +13,7 @@ import (
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/dispatcher/control"
 	"github.com/cohort-dev/cohort/internal/cpuset"
+	"github.com/cohort-dev/cohort/internal/logline"
 	"github.com/cohort-dev/cohort/internal/sockets"
 )
 
@@ -21,7 +22,8 @@ const runArgs = `[OPTIONS] FILE.toml
 
 const runAbout = `Run an app in the foreground, binding its sockets itself (like
 systemd-socket-activate) and supervising its workers as the service would:
-worker output is printed with an "[app.N]" prefix, Ctrl-C stops the workers
+worker output is printed as "app.N | line" (cohort's own lines as
+"app.cohort | …"), Ctrl-C stops the workers
 gracefully (a second Ctrl-C kills them). Options override the file.`
 
 // cmdRun is `cohort run`: the dispatcher in the foreground, with
@@ -57,7 +59,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		return 1
 	}
 	defer inst.release()
-	fmt.Fprintf(env.stderr, "[%s] control socket: %s (cohort status %s)\n", app.Name, filepath.Join(inst.dir, control.SocketName), app.Name)
+	fmt.Fprintf(env.stderr, "%s | control socket: %s (cohort status %s)\n", logline.Dispatcher(app.Name), filepath.Join(inst.dir, control.SocketName), app.Name)
 
 	opts := dispatcher.Options{App: app, Stdout: env.stdout, Stderr: env.stderr, Notify: sdNotify, HandleSignals: true, Subreaper: env.ownsChildren, RuntimeDir: inst.dir, FailUnready: true,
 		// The same per-worker cgroups as under systemd where this process
@@ -66,7 +68,8 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		// [limits] are refused, saying why. Only the controllers the
 		// limits need, so that a container's exec sessions can still join
 		// its cgroup.
-		Cgroups: env.ownsChildren, CgroupsForLimitsOnly: true}
+		Cgroups: env.ownsChildren, CgroupsForLimitsOnly: true,
+		Color: colorTerminal(env.stdout), NodePreload: nodePreloadFile()}
 	if app.Mode == appfile.ModeReusePort {
 		limit, err := cpuset.Read()
 		if err != nil {
@@ -80,7 +83,7 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		}
 		defer closeAll(opts.SlotListeners...)
 		for i, f := range opts.SlotListeners[0] {
-			fmt.Fprintf(env.stderr, "[%s] listening on %s (%s, %d reuseport sockets)\n", app.Name, listenAddr(f, app.Listen[i].Address), app.Listen[i].Name, n)
+			fmt.Fprintf(env.stderr, "%s | listening on %s (%s, %d reuseport sockets)\n", logline.Dispatcher(app.Name), listenAddr(f, app.Listen[i].Address), app.Listen[i].Name, n)
 		}
 	} else {
 		files, cleanup, err := sockets.Bind(app)
@@ -91,9 +94,20 @@ func cmdRun(ctx context.Context, env *environment, args []string) int {
 		defer cleanup()
 		defer closeAll(files)
 		for i, f := range files {
-			fmt.Fprintf(env.stderr, "[%s] listening on %s (%s)\n", app.Name, listenAddr(f, app.Listen[i].Address), app.Listen[i].Name)
+			fmt.Fprintf(env.stderr, "%s | listening on %s (%s)\n", logline.Dispatcher(app.Name), listenAddr(f, app.Listen[i].Address), app.Listen[i].Name)
 		}
 		opts.Listeners = files
+	}
+	metrics, cleanupMetrics, err := sockets.BindMetrics(app)
+	if err != nil {
+		fmt.Fprintf(env.stderr, "cohort run: %v\n", err)
+		return 1
+	}
+	if metrics != nil {
+		defer cleanupMetrics()
+		defer metrics.Close()
+		fmt.Fprintf(env.stderr, "[%s] metrics on %s (/metrics, /readyz, /livez)\n", app.Name, listenAddr(metrics, app.Metrics.Listen.Address))
+		opts.Metrics = metrics
 	}
 	// A reload (SIGHUP, or the control socket) re-reads the file and
 	// applies the same flags again.
@@ -127,6 +141,7 @@ func runApp(args []string, listens listFlag) (*appfile.App, error) {
 	}
 	app := appfile.New(defaultName(args))
 	app.Command = args
+	app.NodePreload = appfile.NodeProgram(args)
 	seen := map[string]bool{}
 	for i, l := range listens {
 		name, addr, ok := strings.Cut(l, "=")
@@ -304,3 +319,19 @@ type listFlag []string
 
 func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
+
+// nodePreloadFile is the Node preload module `cohort run` gives node
+// workers: the installed one (dispatcher.DefaultNodePreload), else, for
+// a binary run from a build tree (bin/cohort), the repository's.
+func nodePreloadFile() string {
+	if _, err := os.Stat(dispatcher.DefaultNodePreload); err == nil {
+		return dispatcher.DefaultNodePreload
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "..", "packaging", "node-preload.js")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return ""
+}

@@ -138,7 +138,7 @@ func TestRunListenCommand(t *testing.T) {
 	if code := stop(); code != 0 {
 		t.Errorf("exit status %d", code)
 	}
-	for _, want := range []string{"[py.0] python worker 0", "[py.1] python worker 1"} {
+	for _, want := range []string{"py.0 | python worker 0", "py.1 | python worker 1"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("stdout lacks %q:\n%s", want, stdout)
 		}

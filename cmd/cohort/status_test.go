@@ -265,7 +265,7 @@ func TestRunSocketPlace(t *testing.T) {
 	_, stderr, stop := startCohortRunIn(t, root, args...)
 	waitListening(t, stderr, "all 1 workers ready")
 	dir := filepath.Join(root, "shared_worker")
-	if want := "[shared_worker] control socket: " + filepath.Join(dir, control.SocketName) + " (cohort status shared_worker)"; !strings.Contains(stderr.String(), want) {
+	if want := "shared_worker.cohort | control socket: " + filepath.Join(dir, control.SocketName) + " (cohort status shared_worker)"; !strings.Contains(stderr.String(), want) {
 		t.Errorf("cohort run did not say %q:\n%s", want, stderr)
 	}
 	code, out, errOut := statusEnv(t, []string{t.TempDir()}, root, noUnits(t), "status", "shared_worker")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -170,31 +171,39 @@ func cmdReload(ctx context.Context, env *environment, args []string) int {
 			return 1
 		}
 	}
-	conn, err := connectSystemd(ctx)
-	if err != nil {
+	unit := app + ".service"
+	if err := reloadUnit(ctx, unit, *timeout); err != nil {
 		fmt.Fprintf(env.stderr, "cohort reload: %v\n", err)
 		return 1
 	}
+	fmt.Fprintf(env.stdout, "%s reloaded\n", unit)
+	return 0
+}
+
+// reloadUnit asks systemd to reload unit and waits up to timeout for the
+// job's result: nil when it is "done", else an error that says where to
+// look.
+func reloadUnit(ctx context.Context, unit string, timeout time.Duration) error {
+	conn, err := connectSystemd(ctx)
+	if err != nil {
+		return err
+	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	unit := app + ".service"
 	done := make(chan string, 1)
 	if _, err := conn.ReloadUnitContext(ctx, unit, "replace", done); err != nil {
-		fmt.Fprintf(env.stderr, "cohort reload: %s: %v\n", unit, err)
-		return 1
+		return fmt.Errorf("%s: %w", unit, err)
 	}
+	app := strings.TrimSuffix(unit, ".service")
 	select {
 	case result := <-done:
 		if result != "done" {
-			fmt.Fprintf(env.stderr, "cohort reload: reload of %s %s; see 'systemctl status %s' and 'journalctl -u %s'\n", unit, result, app, app)
-			return 1
+			return fmt.Errorf("reload of %s %s; see 'systemctl status %s' and 'journalctl -u %s'", unit, result, app, app)
 		}
-		fmt.Fprintf(env.stdout, "%s reloaded\n", unit)
-		return 0
+		return nil
 	case <-ctx.Done():
-		fmt.Fprintf(env.stderr, "cohort reload: no result for %s after %v\n", unit, *timeout)
-		return 1
+		return fmt.Errorf("no result for %s after %v", unit, timeout)
 	}
 }
 

@@ -53,7 +53,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Commands.
@@ -62,6 +66,7 @@ const (
 	CmdReload        = "reload"
 	CmdScale         = "scale"
 	CmdRestartWorker = "restart-worker"
+	CmdSignal        = "signal"
 )
 
 // MaxRequest is the longest request line accepted, newline included.
@@ -74,7 +79,8 @@ const SocketName = "control.sock"
 type Request struct {
 	Cmd     string `json:"cmd"`
 	Workers int    `json:"workers,omitempty"` // scale
-	Worker  *int   `json:"worker,omitempty"`  // restart-worker
+	Worker  *int   `json:"worker,omitempty"`  // restart-worker; signal: one worker only
+	Signal  string `json:"signal,omitempty"`  // signal: a name, "SIGUSR2" (see SignalByName)
 }
 
 // Reply is the line the server answers with.
@@ -82,6 +88,8 @@ type Reply struct {
 	OK     bool    `json:"ok"`
 	Error  string  `json:"error,omitempty"`
 	Status *Status `json:"status,omitempty"`
+	// PIDs are the worker processes a signal request reached.
+	PIDs []int `json:"pids,omitempty"`
 }
 
 // Status is the dispatcher's view of its app.
@@ -89,7 +97,7 @@ type Status struct {
 	App        string    `json:"app"`
 	Mode       string    `json:"mode"`
 	Generation int       `json:"generation"`
-	State      string    `json:"state"` // "starting", "ready", "reloading", "stopping"
+	State      string    `json:"state"` // "starting", "ready", "reloading", "draining", "stopping"
 	Line       string    `json:"line"`  // the STATUS= line systemd shows
 	Since      time.Time `json:"since"` // when the dispatcher started
 	PID        int       `json:"pid"`   // the dispatcher's
@@ -98,12 +106,60 @@ type Status struct {
 	ConfigError string `json:"config_error,omitempty"`
 	// CPUs is what workers = "auto" counts and how it was reached.
 	CPUs CPUs `json:"cpus"`
+	// ReadyWorkers is how many slots' current workers are ready;
+	// MinReady how many /readyz needs ([metrics] min_ready, or all
+	// workers but one). Serving is what /readyz answers: true while
+	// ReadyWorkers ≥ MinReady and the dispatcher is neither draining nor
+	// stopping.
+	ReadyWorkers int  `json:"ready_workers"`
+	MinReady     int  `json:"min_ready"`
+	Serving      bool `json:"serving"`
+	// Live is what /livez answers besides the loop answering at all:
+	// false while every slot's worker has missed its watchdog (and is
+	// being replaced for it).
+	Live bool `json:"live"`
+	// Reloads counts the rolling reloads since the dispatcher started.
+	Reloads Reloads `json:"reloads"`
+	// Listeners are the app's listening sockets, in [[listen]] order (in
+	// reuseport mode each worker's own, by worker for each listener).
+	Listeners []Listener `json:"listeners"`
 	// Recycles counts the workers replaced by a [recycle] policy, apart
 	// from Restarts (crashes); RecycleMemory says what memory figure the
 	// memory policy compares, when it is set.
 	Recycles      int      `json:"recycles"`
 	RecycleMemory string   `json:"recycle_memory,omitempty"`
 	Workers       []Worker `json:"workers"`
+}
+
+// Reloads counts rolling reloads (SIGHUP, systemctl reload, the control
+// socket's "reload") by result: a reload refused before it began (one was
+// running, the dispatcher was stopping) is not counted; one whose app
+// file did not load, or whose new workers failed, is Failed.
+type Reloads struct {
+	OK     int `json:"ok"`
+	Failed int `json:"failed"`
+	// The last finished reload: its result ("ok", "failed"; "" before
+	// the first), when it began and how long it took.
+	LastResult  string    `json:"last_result,omitempty"`
+	LastStarted time.Time `json:"last_started"`
+	LastSeconds float64   `json:"last_seconds"`
+}
+
+// Listener is one listening socket of the app.
+type Listener struct {
+	Name string `json:"name"` // the [[listen]] name
+	// Worker is, in reuseport mode, the worker slot whose own socket
+	// this is; -1 for a socket all workers share (shared, round-robin).
+	Worker int `json:"worker"`
+	// Queue and QueueLimit are its accept queue as the kernel reports
+	// it (sock_diag; what `ss -lt` shows as Recv-Q and Send-Q):
+	// connections completed and waiting to be accepted, and the backlog
+	// that bounds them. Both are -1 when the kernel could not be asked.
+	Queue      int `json:"queue"`
+	QueueLimit int `json:"queue_limit"`
+	// Accepted counts the connections the dispatcher accepted on it:
+	// round-robin mode only (the workers accept in the other modes).
+	Accepted uint64 `json:"accepted"`
 }
 
 // CPUs is the CPU count of the dispatcher's service, read when it
@@ -128,6 +184,11 @@ type Worker struct {
 	State      string    `json:"state"` // "starting", "ready", "draining", "exited", "unhealthy", "backoff"
 	Started    time.Time `json:"started"`
 	Restarts   int       `json:"restarts"` // restarts after its process ended on its own (crashes), not recycles
+	// RestartCauses counts the slot's restarts by why its worker ended:
+	// "exited" (on its own), "crashed" (a signal cohort did not send),
+	// "watchdog", "ready_timeout", "unhealthy" (its round-robin channel
+	// failed), "spawn_failed"; they add up to Restarts.
+	RestartCauses map[string]int `json:"restart_causes,omitempty"`
 	// Recycles counts the slot's workers replaced by a [recycle]
 	// policy; LastRecycle says why the last one was ("memory 512M >
 	// 400M").
@@ -143,6 +204,10 @@ type Worker struct {
 	RSS        int64   `json:"rss_bytes"`
 	CPUPercent float64 `json:"cpu_percent"`
 	CPUWindow  float64 `json:"cpu_window_seconds"`
+	// CPUSeconds is the CPU time the tree has used so far (user and
+	// system, with its reaped children's): a counter, which drops only
+	// when adopted orphans that used CPU are reaped outside it.
+	CPUSeconds float64 `json:"cpu_seconds"`
 	Status     string  `json:"status,omitempty"` // the worker's own STATUS=
 	// Cgroup is what the kernel counts in the worker's own cgroup; nil
 	// when it has none (per-worker cgroups off or impossible here).
@@ -191,6 +256,10 @@ type Handler interface {
 	Reload(ctx context.Context) error
 	Scale(ctx context.Context, workers int) error
 	RestartWorker(ctx context.Context, index int) error
+	// Signal sends sig to the main process of every live worker, or of
+	// the workers of slot *worker only, never to the dispatcher, and
+	// returns the pids it reached.
+	Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error)
 }
 
 // ChangesState reports whether r asks the dispatcher to change something.
@@ -220,10 +289,44 @@ func ParseRequest(line []byte) (Request, error) {
 		if r.Worker == nil || *r.Worker < 0 {
 			return r, errors.New("restart-worker: needs \"worker\": the index of a worker")
 		}
+	case CmdSignal:
+		if _, err := SignalByName(r.Signal); err != nil {
+			return r, fmt.Errorf("signal: %w", err)
+		}
+		if r.Worker != nil && *r.Worker < 0 {
+			return r, errors.New("signal: \"worker\" must be the index of a worker")
+		}
 	case "":
 		return r, errors.New("request has no \"cmd\"")
 	default:
-		return r, fmt.Errorf("unknown command %q (known: status, reload, scale, restart-worker)", r.Cmd)
+		return r, fmt.Errorf("unknown command %q (known: status, reload, scale, restart-worker, signal)", r.Cmd)
 	}
 	return r, nil
+}
+
+// signalNames are the signals a signal request may carry: the ones
+// programs handle themselves (PM2's sendSignal and Node's
+// process.on('SIGUSR2') are about these), and the ones that stop, pause
+// or end a worker (the dispatcher then sees it exit or stop answering as
+// it would for any other cause). Numbers are refused: they differ
+// between architectures.
+var signalNames = []string{
+	"SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGALRM",
+	"SIGTERM", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGWINCH",
+	"SIGPROF", "SIGPWR",
+}
+
+// SignalByName returns the signal named name ("SIGUSR2", "USR2", any
+// case), one of those a signal request may carry.
+func SignalByName(name string) (syscall.Signal, error) {
+	up := strings.ToUpper(name)
+	if !strings.HasPrefix(up, "SIG") {
+		up = "SIG" + up
+	}
+	for _, n := range signalNames {
+		if n == up {
+			return unix.SignalNum(n), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown signal %q (known: %s)", name, strings.Join(signalNames, " "))
 }

@@ -290,3 +290,7 @@ func FuzzParseRequest(f *testing.F) {
 		}
 	})
 }
+
+func (f *fakeHandler) Signal(ctx context.Context, sig syscall.Signal, worker *int) ([]int, error) {
+	return []int{42}, nil
+}

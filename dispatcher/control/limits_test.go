@@ -3,6 +3,7 @@ package control
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -253,7 +254,9 @@ func TestIdleConnectionDropped(t *testing.T) {
 			go tt.sends(c)
 			c.SetReadDeadline(start.Add(15 * time.Second))
 			b, err := io.ReadAll(c)
-			if err != nil {
+			// Closing with the trickle's bytes unread resets the
+			// connection: closed all the same.
+			if err != nil && !errors.Is(err, syscall.ECONNRESET) {
 				t.Fatalf("still open after %s (%v); got %q", time.Since(start).Round(time.Millisecond), err, b)
 			}
 			t.Logf("closed after %s with %q", time.Since(start).Round(time.Millisecond), b)

@@ -304,6 +304,7 @@ func (s *Server) send(conn *net.UnixConn, rep Reply) bool {
 func handle(ctx context.Context, h Handler, req Request) Reply {
 	var err error
 	var st *Status
+	var pids []int
 	switch req.Cmd {
 	case CmdStatus:
 		st, err = h.Status(ctx)
@@ -313,11 +314,14 @@ func handle(ctx context.Context, h Handler, req Request) Reply {
 		err = h.Scale(ctx, req.Workers)
 	case CmdRestartWorker:
 		err = h.RestartWorker(ctx, *req.Worker)
+	case CmdSignal:
+		sig, _ := SignalByName(req.Signal) // ParseRequest checked it
+		pids, err = h.Signal(ctx, sig, req.Worker)
 	}
 	if err != nil {
 		return Reply{Error: err.Error()}
 	}
-	return Reply{OK: true, Status: st}
+	return Reply{OK: true, Status: st, PIDs: pids}
 }
 
 // reply writes one reply line and reports whether that worked.

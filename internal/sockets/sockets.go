@@ -227,6 +227,43 @@ func BindSlots(app *appfile.App, n int) (slots [][]*os.File, err error) {
 	return slots, nil
 }
 
+// BindMetrics binds app's metrics listener ([metrics] listen) as the
+// generated metrics socket unit would, for `cohort run`: nil when the
+// app has none. The caller owns the socket and calls cleanup (which
+// removes a unix socket file it created) when done. On error nothing is
+// left open.
+func BindMetrics(app *appfile.App) (f *os.File, cleanup func(), err error) {
+	cleanup = func() {}
+	if !app.Metrics.On() {
+		return nil, cleanup, nil
+	}
+	l := app.Metrics.Listen
+	f, path, err := bindOne(l)
+	if err != nil {
+		return nil, cleanup, fmt.Errorf("[metrics] listen on %s: %w", l.Address, err)
+	}
+	if path != "" {
+		cleanup = func() { os.Remove(path) }
+	}
+	return f, cleanup, nil
+}
+
+// TakeMetrics takes the metrics listener's socket (named
+// appfile.MetricsFDName) out of the fds systemd passed: it returns it
+// (nil when there is none) and the others, for Match or MatchSlots.
+// A second socket of that name is left among the others, where Match
+// refuses it.
+func TakeMetrics(files []*os.File) (metrics *os.File, rest []*os.File) {
+	for _, f := range files {
+		if metrics == nil && f.Name() == appfile.MetricsFDName {
+			metrics = f
+			continue
+		}
+		rest = append(rest, f)
+	}
+	return metrics, rest
+}
+
 // BoundAddr is the host:port a TCP socket is bound to (the port that
 // ":0" got), or "" for other sockets.
 func BoundAddr(f *os.File) string {

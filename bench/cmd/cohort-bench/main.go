@@ -37,6 +37,10 @@ func main() {
 	flag.IntVar(&cfg.BasePort, "port", 18300, "first port; each row uses the next one")
 	flag.StringVar(&only, "only", "", "comma-separated setup `ids` to run (default: all; -list shows them)")
 	list := flag.Bool("list", false, "list the setups and exit")
+	cost := flag.Bool("cost", false, "run the cost benchmark instead (issue 19): the balancer's own CPU per connection, Node's SCHED_RR primary as the baseline")
+	costTotal := flag.Int64("cost-total", 20000, "requests per phase of -cost")
+	costRate := flag.Float64("cost-rate", 4000, "requests per second of -cost's paced phase")
+	costConns := flag.Int("cost-conns", 8, "clients of -cost")
 	render := flag.String("render", "", "do not measure: render `results.json` of an earlier run again into -out")
 	flag.Parse()
 	if *list {
@@ -63,6 +67,18 @@ func main() {
 	cfg.Log = os.Stderr
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *cost {
+		rep, err := bench.Cost(ctx, bench.CostConfig{
+			Root: cfg.Root, Cohort: cfg.Cohort, Workers: cfg.Workers, Conns: *costConns, Total: *costTotal, Rate: *costRate, Only: cfg.Only,
+			Log: func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) },
+		})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "cohort-bench:", err)
+			os.Exit(1)
+		}
+		fmt.Print(rep.Markdown())
+		return
+	}
 	start := time.Now()
 	rep, err := bench.Run(ctx, cfg)
 	if err != nil {

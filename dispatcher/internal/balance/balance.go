@@ -22,29 +22,35 @@
 // All are started by New or Forked and waited for by Close (or end with
 // their worker's channel):
 //
-//   - one acceptor per listener: waits until some ready worker has room,
-//     accepts (accept4 on the listener's RawConn, drained until EAGAIN or
-//     the room is used up) and dispatches;
-//   - one receiver per worker channel: applies HELLO, ACK, CLOSED and
-//     REJECT, and retires the channel when it ends (the worker closed it
-//     or died, or the dispatcher shut it down), after reading every
-//     message the worker sent before;
+//   - one event loop per accept thread (Config.AcceptThreads, at least 1;
+//     accept.go): an epoll set holding the listeners while some ready
+//     worker has room, and the channels of its share of the workers. It
+//     accepts (accept4, up to the room) and sends, and it applies HELLO,
+//     ACK, CLOSED and REJECT, and retires a channel when it ends (the
+//     worker closed it or died, or the dispatcher shut it down), after
+//     reading every message the worker sent before. With more than one
+//     loop the listeners are in every set with EPOLLEXCLUSIVE: one loop
+//     wakes per connection, and the loops accept in parallel;
 //   - one writer per worker channel: after a send found the worker's
 //     queue full, waits until it has room again;
-//   - one flusher: sends held connections when room appears. Receivers
-//     never send themselves, so a worker that is slow to read can never
-//     keep the dispatcher from reading that worker's acknowledgements;
+//   - one flusher: sends held connections when room appears on a call of
+//     the supervisor's (Ready, Exited) or a writer's. An event loop sends
+//     itself, after an ACK or a rejection, since a send never waits
+//     (MSG_DONTWAIT): a worker that is slow to read can never keep the
+//     loop from reading acknowledgements;
+//   - one that ends the loops when New's ctx ends;
 //   - one watcher: takes the channel back from a worker that has left a
 //     connection unacknowledged for ack_timeout.
 //
 // Sends never wait: a worker whose queue is full is skipped until its
 // writer sees room, and what did not fit goes to the others. So a worker
-// that stops reading cannot stop the acceptors, whatever max_pending is.
+// that stops reading cannot stop the event loops, whatever max_pending is.
 //
 // Connections are "held" only between accept (or a worker's death or
-// rejection) and the next free worker; acceptors stop accepting while
+// rejection) and the next free worker; the event loops stop accepting while
 // anything is held or no ready worker has room, so the kernel's listen
-// backlog holds the rest: nothing is buffered without bound.
+// backlog holds the rest: nothing is buffered without bound (the
+// listeners leave the epoll sets until room appears).
 //
 // Taking connections back from a worker that still runs (it is too slow,
 // or its channel broke) is a Shutdown of the channel: the worker can no
@@ -58,17 +64,16 @@
 // well-formed message gets one connection at a time and, when it fails
 // that one or ends, the log says it never spoke the protocol.
 //
-// # What comes next
+// # Policies
 //
 // Balance policies (issue 19: round-robin, least-connections, p2c,
-// sticky, weighted) are a [Policy]: it picks, under the balancer's lock,
+// weighted, sticky) are a [Policy]: it picks, under the balancer's lock,
 // one worker among those that can take a connection now, given in
-// rotation order with their unacknowledged and open counts. Everything
-// else (who is usable, max_pending, hand-backs, the cursor) stays here, so
-// a new policy is one type with a Pick method and one case where the
-// supervisor maps `balance =` to a Policy. A policy that needs more than
-// the counts (sticky: the client's address; weighted: a weight per slot)
-// gets it through Candidate, filled in pickLocked.
+// rotation order with their unacknowledged and open counts, and the
+// connection's client key (Config.Sticky: the peer address, read by
+// accept4 itself; Config.ProxyProtocol: the PROXY header's, proxy.go).
+// Everything else (who is usable, max_pending, hand-backs, the cursor)
+// stays here.
 //
 // Per-worker resource limits (issue 17, cgroups) do not touch the
 // balancer: the supervisor places a process in its cgroup at fork time,
@@ -78,9 +83,11 @@ package balance
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
@@ -105,25 +112,39 @@ type Config struct {
 	AckTimeout time.Duration
 	// Policy picks the worker of each connection; nil is RoundRobin.
 	Policy Policy
+	// Sticky: read each client's address at accept and pass its
+	// AddrKey to the Policy (a Sticky policy uses it).
+	Sticky bool
+	// ProxyProtocol: take the client's address from the connection's
+	// PROXY protocol header instead (peeked, never consumed; proxy.go).
+	ProxyProtocol bool
+	// AcceptThreads is the number of event loops (at least 1): how many
+	// connections can be accepted and handed on at the same time.
+	AcceptThreads int
 	// Warnf and Infof log a line each; they must not block for long.
 	Warnf, Infof func(format string, args ...any)
 }
 
 // Balancer is round-robin mode's state. Fields under mu are shared by the
-// acceptors, the receivers, the writers, the watcher and the loop; the
-// others belong to the loop (the supervisor's goroutine).
+// event loops, the writers, the flusher, the watcher and the supervisor's
+// loop; byPID, silent and stopping belong to the supervisor's loop.
 type Balancer struct {
 	warnf, infof func(format string, args ...any)
 	maxPending   int
 	maxHandoffs  int // a connection handed back this often is closed
 	ackTimeout   time.Duration
 	policy       Policy
+	sticky       bool
+	proxy        bool
 	env          []string // what workers get besides LISTEN_*: COHORT_RR_LISTENERS, COHORT_RR_HELLO
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
-	wg        sync.WaitGroup // every goroutine of the balancer
-	listeners []*os.File     // non-blocking duplicates of the app's listeners, owned here
+	wg        sync.WaitGroup  // every goroutine of the balancer
+	listeners []*os.File      // non-blocking duplicates of the app's listeners, owned here (out of Go's netpoller)
+	lfds      []int           // their fds: the tokens 0…len-1 of the epoll sets
+	loops     []*loop         // the event loops
+	accepted  []atomic.Uint64 // connections accepted on listeners[i], by the event loops
 
 	byPID    map[int]*worker // loop only: until reaped and its channel retired
 	silent   map[int]bool    // loop only: slots whose last worker never spoke
@@ -131,20 +152,27 @@ type Balancer struct {
 
 	faultCh chan struct{} // capacity 1: faults wait for the loop
 
-	mu       sync.Mutex
-	workers  []*worker // live channels, in start order
-	next     int       // round-robin cursor into workers
-	held     []rr.Conn // accepted or returned, not yet sent
-	nextID   uint64
-	handoffs map[uint64]int // times each connection still in flight was handed back
-	faults   []fault        // for the loop
-	space    chan struct{}  // closed (and replaced) when room may have appeared
-	kick     chan struct{}  // wakes the flusher; buffered, never closed
-	waiting  bool           // an acceptor waits on space
-	closed   bool
-	refused  int         // sends refused with ETOOMANYREFS, for the log
-	cands    []Candidate // pickLocked's scratch
-	candAt   []int       // the index in workers of each of cands
+	mu         sync.Mutex
+	workers    []*worker // live channels, in start order
+	next       int       // round-robin cursor into workers
+	held       []rr.Conn // accepted or returned, not yet sent
+	nextID     uint64
+	handoffs   map[uint64]int     // times each connection still in flight was handed back
+	keys       map[uint64]uint64  // sticky: the client key of each connection in flight
+	waiting    map[int32]*waiting // proxy-protocol: connections waiting for their header, by token
+	waitTokens int32              // the last token given to a waiting connection (negative)
+	faults     []fault            // for the loop
+	kick       chan struct{}      // wakes the flusher; buffered, never closed
+	byToken    map[int32]*worker  // channels by their token in the epoll sets
+	tokens     int32              // the last token given to a channel
+	armed      bool               // the listeners are in the epoll sets
+	// pausedAccept: accept failed (EMFILE…); re-armed after acceptPause.
+	pausedAccept   bool
+	acceptFailures int
+	closed         bool
+	refused        int         // sends refused with ETOOMANYREFS, for the log
+	cands          []Candidate // pickLocked's scratch
+	candAt         []int       // the index in workers of each of cands
 }
 
 // worker is one worker process's channel.
@@ -154,11 +182,13 @@ type worker struct {
 	index int
 	wake  chan struct{} // capacity 1: the writer should wait for room
 	done  chan struct{} // closed by retire: the writer ends
+	token int32         // in its loop's epoll set
+	loop  int           // the index of the loop that reads its channel
 
 	// Under Balancer.mu.
 	ready     bool   // the worker is in state ready and the dispatcher not stopping
 	gone      bool   // retired: the channel is closed or closing
-	revoked   bool   // the channel was shut down: the receiver drains it, then retires it
+	revoked   bool   // the channel was shut down: its event loop drains it, then retires it
 	revokeWhy string // why, for the loop ("" when the worker was reaped)
 	blocked   bool   // its queue was full: skipped until the writer sees room
 	pause     bool   // blocked by ETOOMANYREFS: the writer waits a moment instead
@@ -170,7 +200,7 @@ type worker struct {
 	// Loop only.
 	drained bool // the supervisor took it out of rotation to retire it (reload, restart-worker)
 	reaped  bool
-	ended   bool // its receiver retired the channel
+	ended   bool // its event loop retired the channel
 	spokeOK bool // seen to have spoken (clears its slot's mark in the status line)
 	named   bool // logged as never having spoken
 }
@@ -179,7 +209,7 @@ type worker struct {
 type fault struct {
 	pid    int
 	why    string // "did not acknowledge …", "closed its round-robin channel", …
-	ended  bool   // the receiver has retired the channel
+	ended  bool   // the event loop has retired the channel
 	silent bool   // the worker never sent a well-formed message
 }
 
@@ -197,7 +227,7 @@ type Fault struct {
 const tooManyRefsPause = 10 * time.Millisecond
 
 // New starts balancing: it duplicates cfg.Listeners and starts the
-// acceptors, the flusher and the watcher, which run until Close (or ctx
+// event loops, the flusher and the watcher, which run until Close (or ctx
 // is cancelled). On error nothing is left open or running.
 func New(ctx context.Context, cfg Config) (*Balancer, error) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -208,41 +238,68 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		maxHandoffs: cfg.MaxHandoffs,
 		ackTimeout:  cfg.AckTimeout,
 		policy:      cfg.Policy,
+		sticky:      cfg.Sticky || cfg.ProxyProtocol,
+		proxy:       cfg.ProxyProtocol,
+		waiting:     map[int32]*waiting{},
+		keys:        map[uint64]uint64{},
 		ctx:         ctx,
 		cancel:      cancel,
 		byPID:       map[int]*worker{},
 		silent:      map[int]bool{},
 		faultCh:     make(chan struct{}, 1),
 		handoffs:    map[uint64]int{},
-		space:       make(chan struct{}),
 		kick:        make(chan struct{}, 1),
+		byToken:     map[int32]*worker{},
 	}
 	if b.policy == nil {
 		b.policy = RoundRobin{}
 	}
 	for i, f := range cfg.Listeners {
 		fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-		if err == nil {
-			if err = unix.SetNonblock(fd, true); err != nil {
-				unix.Close(fd)
-				err = fmt.Errorf("set non-blocking: %w", err)
-			}
-		} else {
-			err = fmt.Errorf("dup: %w", err)
-		}
 		if err != nil {
 			b.Close()
-			return nil, fmt.Errorf("listener %s: %w", f.Name(), err)
+			return nil, fmt.Errorf("listener %s: dup: %w", f.Name(), err)
 		}
-		b.listeners = append(b.listeners, os.NewFile(uintptr(fd), cfg.Names[i]))
+		// os.NewFile before O_NONBLOCK keeps the copy out of Go's
+		// netpoller: only the event loops' epoll sets watch it.
+		lf := os.NewFile(uintptr(fd), cfg.Names[i])
+		b.listeners = append(b.listeners, lf)
+		b.lfds = append(b.lfds, fd)
+		if err := unix.SetNonblock(fd, true); err != nil {
+			b.Close()
+			return nil, fmt.Errorf("listener %s: set non-blocking: %w", f.Name(), err)
+		}
 	}
+	for range max(1, cfg.AcceptThreads) {
+		l, err := newLoop()
+		if err != nil {
+			b.Close()
+			return nil, fmt.Errorf("round-robin: %w", err)
+		}
+		b.loops = append(b.loops, l)
+	}
+	b.accepted = make([]atomic.Uint64, len(b.listeners))
 	b.env = []string{rr.ListenersEnv + "=" + strings.Join(cfg.Names, ":"), rr.HelloEnv + "=1"}
 	b.wg.Go(b.flusher)
 	b.wg.Go(b.watch)
-	for i, f := range b.listeners {
-		b.wg.Go(func() { b.accept(i, f) })
+	for i, l := range b.loops {
+		b.wg.Go(func() { b.run(i, l) })
 	}
+	b.wg.Go(func() {
+		<-ctx.Done() // New's ctx or Close
+		b.closeLoops()
+	})
 	return b, nil
+}
+
+// Accepted is how many connections were accepted on each listener so
+// far, in Config.Listeners order. Any goroutine may call it.
+func (b *Balancer) Accepted() []uint64 {
+	out := make([]uint64, len(b.accepted))
+	for i := range b.accepted {
+		out[i] = b.accepted[i].Load()
+	}
+	return out
 }
 
 // Env is what a worker's environment needs beyond LISTEN_FDS and
@@ -291,10 +348,25 @@ func (s *Start) Forked(pid int) {
 	w := &worker{ch: s.ch, pid: pid, index: s.index, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	b.byPID[pid] = w
 	b.mu.Lock()
+	b.tokens++
+	w.token = int32(len(b.lfds)) + b.tokens
+	w.loop = int(b.tokens) % len(b.loops)
+	b.byToken[w.token] = w
 	b.workers = append(b.workers, w)
+	var werr error
+	if err := s.ch.FD(func(fd int) { werr = b.loops[w.loop].ctl(unix.EPOLL_CTL_ADD, fd, w.token, unix.EPOLLIN) }); err != nil {
+		werr = err
+	}
 	b.mu.Unlock()
-	b.wg.Go(func() { b.receive(w) })
 	b.wg.Go(func() { b.writer(w) })
+	if werr != nil {
+		// Unwatched, nothing it sends would be read: its connections
+		// would wait for ack_timeout. Take it back at once.
+		why := fmt.Sprintf("round-robin channel could not be watched (%v)", werr)
+		b.warnf("worker %d (pid %d): %s", w.index, pid, why)
+		b.revoke(w, why)
+		b.ended(w, net.ErrClosed)
+	}
 }
 
 // Ready puts pid, now in state ready, into the rotation (unless the
@@ -471,17 +543,32 @@ func (b *Balancer) Counts(pid int) (handed uint64, active int) {
 	return handed, w.ch.Unacked() + w.ch.Open()
 }
 
-// Close ends balancing: acceptors stop, every channel is closed and every
+// closeLoops takes the listeners out of the epoll sets (a copy of a
+// listener elsewhere would keep its registration alive past its close)
+// and closes the sets, which ends the event loops.
+func (b *Balancer) closeLoops() {
+	b.mu.Lock()
+	b.disarmLocked()
+	b.closed = true
+	b.mu.Unlock()
+	for _, l := range b.loops {
+		l.stop()
+	}
+}
+
+// Close ends balancing: the event loops stop, every channel is closed and every
 // connection still held is closed (its client sees a reset); it returns
 // when every goroutine of the balancer has ended. The supervisor calls it
 // once every worker has been reaped. It may be called more than once.
 func (b *Balancer) Close() {
 	b.cancel()
+	b.closeLoops()
 	for _, f := range b.listeners {
-		f.Close() // wakes an acceptor blocked in RawConn.Read
+		f.Close()
 	}
 	b.mu.Lock()
 	b.closed = true
+	b.closeWaitingLocked()
 	workers, held := b.workers, b.held
 	b.workers, b.held = nil, nil
 	b.mu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
+	"golang.org/x/sys/unix"
 )
 
 // watch takes the channel back from every worker that has left a
@@ -26,6 +27,9 @@ func (b *Balancer) watch() {
 			return
 		}
 		now := time.Now()
+		if b.proxy {
+			b.expireHeaders(now)
+		}
 		var late []*worker
 		var silent []bool
 		b.mu.Lock()
@@ -77,59 +81,75 @@ func (b *Balancer) fault(f fault) {
 	}
 }
 
-// receive reads w's channel until it ends, then retires w and tells the
-// loop.
-func (b *Balancer) receive(w *worker) {
-	for {
-		ev, err := w.ch.Recv()
+// drain reads what w sent, without waiting, and applies it; when the
+// channel has ended it retires w and tells the supervisor's loop. It
+// reports whether connections are held that a flush should send now (a
+// rejection, or a worker's first word, which raises its limit). Only the
+// event loop holding w's channel calls it.
+func (b *Balancer) drain(w *worker) (flush bool) {
+	for range maxRecvPerEvent {
+		ev, err := w.ch.TryRecv()
+		if errors.Is(err, rr.ErrWouldBlock) {
+			return flush
+		}
 		if err != nil {
-			b.mu.Lock()
-			closing := b.closed
-			revoked, why, spoke := w.revoked, w.revokeWhy, w.spoke
-			b.mu.Unlock()
-			if !revoked {
-				why = "closed its round-robin channel"
-				if !errors.Is(err, net.ErrClosed) {
-					why = fmt.Sprintf("broke its round-robin channel (%v)", err)
-				}
-			}
-			b.retire(w)
-			if !closing {
-				b.fault(fault{pid: w.pid, why: why, ended: true, silent: !spoke})
-			}
-			return
+			b.ended(w, err)
+			return false
 		}
-		b.mu.Lock()
-		first := !w.spoke
-		w.spoke = true
-		if first {
-			b.wakeLocked() // its limit grows from 1 to max_pending
-		}
-		prevIgnored := w.ignored
-		w.ignored += uint64(ev.Ignored)
-		ignored := w.ignored
-		held := len(b.held) > 0
-		switch ev.Type {
-		case rr.TypeReject:
-			b.wakeLocked()
-			b.requeueLocked(ev.Rejected, true)
-			held = true
-		case rr.TypeAck:
-			if len(b.handoffs) > 0 {
-				for _, id := range ev.IDs {
-					delete(b.handoffs, id)
-				}
-			}
-			b.wakeLocked()
-		}
-		b.mu.Unlock()
-		if bits.Len64(ignored) != bits.Len64(prevIgnored) { // past 1, 2, 4, 8…: log without flooding
-			b.warnf("worker %d (pid %d) sent %v for %d ids it does not hold; ignored (%d so far)", w.index, w.pid, ev.Type, ev.Ignored, ignored)
-		}
-		if held || first {
-			b.flushLater()
+		if b.apply(w, ev) {
+			flush = true
 		}
 	}
+	return flush
+}
+
+// ended retires w, whose channel ended with err, and tells the loop.
+func (b *Balancer) ended(w *worker, err error) {
+	b.mu.Lock()
+	closing := b.closed
+	revoked, why, spoke := w.revoked, w.revokeWhy, w.spoke
+	b.mu.Unlock()
+	if !revoked {
+		why = "closed its round-robin channel"
+		if !errors.Is(err, net.ErrClosed) {
+			why = fmt.Sprintf("broke its round-robin channel (%v)", err)
+		}
+	}
+	b.retire(w)
+	if !closing {
+		b.fault(fault{pid: w.pid, why: why, ended: true, silent: !spoke})
+	}
+}
+
+// apply takes one message of w into account; it reports whether a flush
+// should follow.
+func (b *Balancer) apply(w *worker, ev rr.Event) bool {
+	b.mu.Lock()
+	first := !w.spoke
+	w.spoke = true
+	prevIgnored := w.ignored
+	w.ignored += uint64(ev.Ignored)
+	ignored := w.ignored
+	switch ev.Type {
+	case rr.TypeReject:
+		b.requeueLocked(ev.Rejected, true)
+	case rr.TypeAck:
+		if len(b.handoffs) > 0 || len(b.keys) > 0 {
+			for _, id := range ev.IDs {
+				delete(b.handoffs, id)
+				delete(b.keys, id)
+			}
+		}
+	}
+	held := len(b.held) > 0
+	if first || ev.Type == rr.TypeReject || ev.Type == rr.TypeAck {
+		b.wakeLocked() // room: its limit grew from 1 to max_pending, or it took or gave back some
+	}
+	b.mu.Unlock()
+	if bits.Len64(ignored) != bits.Len64(prevIgnored) { // past 1, 2, 4, 8…: log without flooding
+		b.warnf("worker %d (pid %d) sent %v for %d ids it does not hold; ignored (%d so far)", w.index, w.pid, ev.Type, ev.Ignored, ignored)
+	}
+	return held
 }
 
 // retire stops using w's channel and hands every connection it had not
@@ -139,6 +159,8 @@ func (b *Balancer) retire(w *worker) {
 	if !w.gone {
 		w.gone = true
 		close(w.done)
+		delete(b.byToken, w.token)
+		w.ch.FD(func(fd int) { b.loops[w.loop].ctl(unix.EPOLL_CTL_DEL, fd, 0, 0) })
 		for i, x := range b.workers {
 			if x == w {
 				b.workers = append(b.workers[:i], b.workers[i+1:]...)

@@ -41,6 +41,7 @@ func (b *Balancer) requeueLocked(conns []rr.Conn, handedBack bool) {
 			b.handoffs[c.ID]++
 			if b.handoffs[c.ID] > b.maxHandoffs {
 				delete(b.handoffs, c.ID)
+				delete(b.keys, c.ID)
 				b.warnf("connection %d came back from a worker %d times (rejected, not acknowledged, or its worker died; does any worker serve listener %d?); closed it", c.ID, b.maxHandoffs+1, c.Listener)
 				c.File.Close()
 				continue
@@ -84,7 +85,7 @@ func (b *Balancer) flush() {
 		var plan []batch
 		b.mu.Lock()
 		for len(b.held) > 0 && !b.closed {
-			w := b.pickLocked()
+			w := b.pickLocked(b.keys[b.held[0].ID])
 			if w == nil {
 				break
 			}
@@ -147,7 +148,7 @@ func (b *Balancer) flush() {
 // ready worker has room: the policy picks among the usable workers with
 // room, in rotation order from the cursor, and the cursor moves past the
 // one it picked.
-func (b *Balancer) pickLocked() *worker {
+func (b *Balancer) pickLocked(key uint64) *worker {
 	n := len(b.workers)
 	b.cands, b.candAt = b.cands[:0], b.candAt[:0]
 	for i := range n {
@@ -166,7 +167,7 @@ func (b *Balancer) pickLocked() *worker {
 	if len(b.cands) == 0 {
 		return nil
 	}
-	k := b.policy.Pick(b.cands)
+	k := b.policy.Pick(b.cands, key)
 	if k < 0 || k >= len(b.cands) {
 		k = 0 // a policy's bug must not stall the balancer
 	}

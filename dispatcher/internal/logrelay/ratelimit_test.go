@@ -63,10 +63,10 @@ func TestRateLimitBudget(t *testing.T) {
 	}
 	o.Close()
 	out, lg := stdout.String(), log.String()
-	if n := strings.Count(out, "[a.0] noisy\n"); n != 100 {
+	if n := strings.Count(out, "a.0 | noisy\n"); n != 100 {
 		t.Errorf("worker 0: %d lines passed, want its budget of 100", n)
 	}
-	if n := strings.Count(out, "[a.1] quiet\n"); n != 80 {
+	if n := strings.Count(out, "a.1 | quiet\n"); n != 80 {
 		t.Errorf("worker 1: %d lines passed, want all 80", n)
 	}
 	want := fmt.Sprintf("worker 0 (pid %d): 9,900 lines suppressed in its last ", noisy.Process.Pid)
@@ -111,7 +111,7 @@ func TestRateLimitWindow(t *testing.T) {
 	var lines []string
 	for _, l := range strings.Split(stdout.String(), "\n") {
 		if l != "" {
-			lines = append(lines, strings.TrimPrefix(l, "[a.0] "))
+			lines = append(lines, strings.TrimPrefix(l, "a.0 | "))
 		}
 	}
 	want := "1 2 3 4 5 6 7 8 9 10 101 102 103 104 105 106 107 108 109 110"

@@ -17,6 +17,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/journal"
+	"github.com/cohort-dev/cohort/internal/logline"
 )
 
 // maxLine is the longest worker output line passed on in one piece;
@@ -37,6 +38,7 @@ type Relay struct {
 	log     *stream         // the dispatcher's log (stderr)
 	lines   *stream         // worker lines (stdout), and the journal's fallback
 	limit   *limiter        // each worker slot's budget of lines; nil: none (ratelimit.go)
+	color   bool            // terminal mode: labels in colour (logline)
 }
 
 // Config is what a Relay writes to.
@@ -50,11 +52,14 @@ type Config struct {
 	Journal *journal.Sender
 	// RateLimit is each worker slot's budget of lines (ratelimit.go).
 	RateLimit appfile.LogRateLimit
+	// Color: Stdout and Stderr are terminals; labels get their colours
+	// and control characters in lines are made visible (logline.Append).
+	Color bool
 }
 
 // New starts the streams toward c.Stdout and c.Stderr; Close ends them.
 func New(c Config) *Relay {
-	o := &Relay{app: c.App, journal: c.Journal != nil, jw: c.Journal}
+	o := &Relay{app: c.App, journal: c.Journal != nil, jw: c.Journal, color: c.Color}
 	o.log = newStream("stderr", c.Stderr)
 	o.lines = newStream("stdout", c.Stdout)
 	o.log.notice = o.noticef
@@ -91,16 +96,20 @@ type Tag struct {
 
 // logf writes one dispatcher log line (Infof, Warnf). In journal mode prio becomes a
 // syslog "<N>" prefix (stderr is then a journal stream); in terminal
-// mode the line is prefixed "[app] ". It never blocks: a line the log
+// mode it is labelled "app.cohort | " (logline). It never blocks: a line the log
 // has no room for is dropped and counted.
 func (o *Relay) logf(prio journal.Priority, format string, args ...any) {
 	var b []byte
 	if o.journal {
 		b = fmt.Appendf(nil, "<%d>", prio)
+		b = fmt.Appendf(b, format, args...)
 	} else {
-		b = fmt.Appendf(nil, "[%s] ", o.app)
+		c := logline.NoColor
+		if o.color {
+			c = logline.Bold
+		}
+		b = logline.Append(nil, logline.Dispatcher(o.app), c, fmt.Appendf(nil, format, args...))
 	}
-	b = fmt.Appendf(b, format, args...)
 	b = append(b, '\n')
 	o.log.put(logSource, b, false)
 }
@@ -129,11 +138,16 @@ type workerSink struct {
 	tag    Tag
 	budget *budget
 	fields []journal.Field // MESSAGE and PRIORITY first, filled per line
-	prefix []byte          // "[app.N] "
+	label  string          // "app.N" (logline)
+	color  logline.Color
 }
 
 func (o *Relay) sink(t Tag) *workerSink {
 	pid := strconv.AppendInt(nil, int64(t.PID), 10)
+	color := logline.NoColor
+	if o.color {
+		color = logline.WorkerColor(t.Index)
+	}
 	return &workerSink{
 		o: o, tag: t, budget: o.limit.slot(t.Index),
 		fields: []journal.Field{
@@ -146,7 +160,8 @@ func (o *Relay) sink(t Tag) *workerSink {
 			{Key: "COHORT_PID", Value: pid},
 			{Key: "COHORT_GENERATION", Value: strconv.AppendInt(nil, int64(t.Gen), 10)},
 		},
-		prefix: fmt.Appendf(nil, "[%s.%d] ", o.app, t.Index),
+		label: logline.Worker(o.app, t.Index),
+		color: color,
 	}
 }
 
@@ -155,7 +170,7 @@ var priorities = [8][]byte{{'0'}, {'1'}, {'2'}, {'3'}, {'4'}, {'5'}, {'6'}, {'7'
 // line passes on one line of the worker's output (without its newline),
 // unless the slot's budget is spent (ratelimit.go). In journal mode it
 // becomes a journal entry with the worker's fields and the priority of a
-// leading "<N>"; otherwise it is queued for stdout prefixed "[app.N] ",
+// leading "<N>"; otherwise it is queued for stdout labelled "app.N | ",
 // waiting while stdout drains, dropped (and counted) when it does not.
 // Only the worker's own goroutine calls it.
 func (w *workerSink) line(line []byte) {
@@ -175,9 +190,7 @@ func (w *workerSink) line(line []byte) {
 			return
 		}
 	}
-	buf := make([]byte, 0, len(line)+len(w.prefix)+1)
-	buf = append(buf, w.prefix...)
-	buf = append(buf, line...)
+	buf := logline.Append(make([]byte, 0, len(line)+len(w.label)+len(logline.Sep)+16), w.label, w.color, line)
 	buf = append(buf, '\n')
 	o.lines.put(w.tag, buf, true)
 }

@@ -247,23 +247,80 @@ const maxChildren = 1 << 20
 // of one of the threads, whichever reaped it for the subreaper). A thread
 // that ends meanwhile is skipped; nil when /proc cannot be read.
 func Children() []int {
-	tasks, err := os.ReadDir(root + "/self/task")
+	pids, _ := childrenOf("self")
+	return pids
+}
+
+// childrenOf lists the children of the process proc ("self" or a pid)
+// from its threads' children files. errNoChildrenFiles: the kernel has
+// none (built without CONFIG_PROC_CHILDREN).
+func childrenOf(proc string) ([]int, error) {
+	tasks, err := os.ReadDir(root + "/" + proc + "/task")
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	var pids []int
-	for _, t := range tasks {
-		b, err := ReadBounded(root+"/self/task/"+t.Name()+"/children", maxChildren)
+	for i, t := range tasks {
+		b, err := ReadBounded(root+"/"+proc+"/task/"+t.Name()+"/children", maxChildren)
+		if i == 0 && errors.Is(err, os.ErrNotExist) {
+			if _, serr := os.Stat(root + "/" + proc + "/task/" + t.Name()); serr == nil {
+				return nil, errNoChildrenFiles
+			}
+		}
 		if err != nil {
 			continue
 		}
 		for _, f := range strings.Fields(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
 				pids = append(pids, pid)
 			}
 		}
 	}
-	return pids
+	return pids, nil
+}
+
+var errNoChildrenFiles = errors.New("no /proc/PID/task/TID/children (kernel without CONFIG_PROC_CHILDREN)")
+
+// ScanTree is Scan of top and its descendants only, found through their
+// threads' children files: all that Tree needs when top is the child
+// subreaper of the trees it measures (the dispatcher of cohort dispatch
+// and cohort run), at a cost that grows with those processes rather than
+// with every process of the host. A pid that a child file named but that
+// now has another parent (it exited and was reused) is left out. ok is
+// false, with nothing read, when the kernel has no children files: Scan
+// then. Bounded like Scan.
+func ScanTree(ctx context.Context, top int) (t Table, ok bool, err error) {
+	page := int64(os.Getpagesize())
+	t = Table{}
+	self, err := Stat(top)
+	if err != nil {
+		return nil, true, err
+	}
+	t[top] = self
+	for queue := []int{top}; len(queue) > 0 && len(t) < MaxProcs; queue = queue[1:] {
+		if ctx.Err() != nil {
+			return t, true, ctx.Err()
+		}
+		parent := queue[0]
+		kids, err := childrenOf(strconv.Itoa(parent))
+		if errors.Is(err, errNoChildrenFiles) {
+			return nil, false, nil
+		}
+		for _, pid := range kids {
+			if _, seen := t[pid]; seen || len(t) >= MaxProcs {
+				continue
+			}
+			b, err := ReadBounded(root+"/"+strconv.Itoa(pid)+"/stat", maxStat)
+			if err != nil {
+				continue
+			}
+			if p, ok := ParseStat(b, page); ok && p.PID == pid && p.PPID == parent {
+				t[pid] = p
+				queue = append(queue, pid)
+			}
+		}
+	}
+	return t, true, nil
 }
 
 // EnvValue is the value of the variable key in the environment pid

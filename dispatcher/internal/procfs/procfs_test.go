@@ -225,3 +225,63 @@ func TestEnvValue(t *testing.T) {
 		t.Error("read a process that does not exist")
 	}
 }
+
+// TestScanTreeFrom: ScanTree of this process holds it and a child tree
+// it started (sh and the sleep sh forks, in another process group), with
+// the same figures a full Scan gives for that tree, and nothing that does
+// not descend from it (pid 1, when this is not pid 1).
+func TestScanTreeFrom(t *testing.T) {
+	cmd := exec.Command("/bin/sh", "-c", `sleep 60 & wait`)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	t.Cleanup(func() {
+		syscall.Kill(-pid, syscall.SIGKILL)
+		cmd.Wait()
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tab, ok, err := ScanTree(context.Background(), os.Getpid())
+		if !ok {
+			t.Skip("this kernel has no /proc/PID/task/TID/children")
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, in := tab[1]; in && os.Getpid() != 1 {
+			t.Fatalf("ScanTree of %d holds pid 1: %v", os.Getpid(), tab)
+		}
+		full, err := Scan(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, want := tab.Tree(pid, os.Getpid(), nil), full.Tree(pid, os.Getpid(), nil)
+		if u.Procs == 2 && want.Procs == 2 && u.RSS > 0 {
+			if _, self := tab[os.Getpid()]; !self {
+				t.Errorf("ScanTree lacks its top %d", os.Getpid())
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tree of sh %d: ScanTree %+v, Scan %+v", pid, u, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// BenchmarkScanTree: reading the dispatcher's own trees against every
+// process of the host (the status a second of cohort monit).
+func BenchmarkScanTree(b *testing.B) {
+	b.Run("Scan", func(b *testing.B) {
+		for b.Loop() {
+			Scan(context.Background())
+		}
+	})
+	b.Run("ScanTree", func(b *testing.B) {
+		for b.Loop() {
+			ScanTree(context.Background(), os.Getpid())
+		}
+	})
+}

@@ -1,0 +1,166 @@
+package balance
+
+import (
+	"context"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation/rr"
+	"golang.org/x/sys/unix"
+)
+
+// fakeWorker serves one channel end as a cohort worker does, without
+// HTTP: HELLO, then for each CONNS an ACK, close, and a CLOSED, until
+// the channel ends; served counts the connections.
+func fakeWorker(end *os.File, served *atomic.Int64) {
+	w, err := rr.NewWorker(end)
+	if err != nil {
+		return
+	}
+	defer w.Close()
+	if w.Hello() != nil {
+		return
+	}
+	for {
+		ds, err := w.Recv()
+		if err != nil {
+			return
+		}
+		ids := make([]uint64, len(ds))
+		for i, d := range ds {
+			ids[i] = d.ID
+			d.File.Close()
+		}
+		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
+			return
+		}
+		served.Add(int64(len(ds)))
+	}
+}
+
+// BenchmarkAcceptThreads measures the balancer's saturation rate, new
+// connections per second accepted and handed to 4 in-process workers,
+// with 1 and with 2 accept threads (event loops), 8 clients that connect
+// and close as fast as they can, in interleaved rounds; it logs both
+// rates and their ratio. Clients, workers and balancer share this
+// process and the machine's CPUs: on N CPUs the second loop can only
+// add what the others leave.
+func BenchmarkAcceptThreads(b *testing.B) {
+	const (
+		total   = 20000
+		clients = 8
+		rounds  = 3
+	)
+	rate := map[int][]float64{}
+	for range rounds {
+		for _, threads := range []int{1, 2} {
+			rate[threads] = append(rate[threads], acceptRate(b, threads, total, clients))
+		}
+	}
+	med := func(x []float64) float64 {
+		s := append([]float64(nil), x...)
+		for i := range s {
+			for j := i + 1; j < len(s); j++ {
+				if s[j] < s[i] {
+					s[i], s[j] = s[j], s[i]
+				}
+			}
+		}
+		return s[len(s)/2]
+	}
+	one, two := med(rate[1]), med(rate[2])
+	b.Logf("saturation, %d connections, %d clients, median of %d rounds: 1 accept thread %.0f conns/s %v; 2 accept threads %.0f conns/s %v; 2/1 = %.2f",
+		total, clients, rounds, one, rate[1], two, rate[2], two/one)
+	b.ReportMetric(one, "conns/s-1thread")
+	b.ReportMetric(two, "conns/s-2threads")
+	b.ReportMetric(two/one, "2/1")
+	for b.Loop() {
+	}
+}
+
+// acceptRate runs one round: total connections through a balancer with
+// threads event loops.
+func acceptRate(b testing.TB, threads, total, clients int) float64 {
+	n, took := acceptRun(b, threads, total, clients)
+	return float64(n) / took.Seconds()
+}
+
+// acceptRun is acceptRate's run: how many connections the workers got,
+// and in how long.
+func acceptRun(b testing.TB, threads, total, clients int) (int64, time.Duration) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	lf, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer lf.Close()
+	bal, err := New(context.Background(), Config{
+		Listeners: []*os.File{lf}, Names: []string{"http"}, MaxPending: 64, MaxHandoffs: 8,
+		AckTimeout: 10 * time.Second, AcceptThreads: threads,
+		Warnf: func(string, ...any) {}, Infof: func(string, ...any) {},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer bal.Close()
+	var served atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 4 {
+		st, err := bal.NewChannel(i)
+		if err != nil {
+			b.Fatal(err)
+		}
+		fd, err := unix.FcntlInt(st.End.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		end := os.NewFile(uintptr(fd), rr.FDName)
+		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
+		bal.Ready(1000 + i)
+		wg.Go(func() { fakeWorker(end, &served) })
+	}
+	addr := ln.Addr().String()
+	var dialed atomic.Int64
+	start := time.Now()
+	var cw sync.WaitGroup
+	for range clients {
+		cw.Go(func() {
+			for dialed.Add(1) <= int64(total) {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				c.Close()
+			}
+		})
+	}
+	cw.Wait()
+	for served.Load() < int64(total) && time.Since(start) < time.Minute {
+		time.Sleep(time.Millisecond)
+	}
+	took := time.Since(start)
+	bal.Stop()
+	bal.Close()
+	wg.Wait()
+	return served.Load(), took
+}
+
+// TestAcceptThreads: with 1 and with 3 event loops every connection
+// reaches a worker exactly once (EPOLLEXCLUSIVE wakes one loop, and a
+// loop that finds nothing to accept goes back to waiting).
+func TestAcceptThreads(t *testing.T) {
+	for _, threads := range []int{1, 3} {
+		if n, _ := acceptRun(t, threads, 2000, 8); n != 2000 {
+			t.Errorf("%d accept threads: workers got %d of 2000 connections", threads, n)
+		}
+	}
+}
