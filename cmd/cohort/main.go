@@ -80,9 +80,16 @@ func processMain(env *environment) int {
 	}
 	os.Unsetenv(runChildEnv)
 	// Signals become a cancelled context here and nowhere else in this
-	// binary; the dispatcher takes its own signals (see dispatch.go).
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
+	// binary, except where the dispatcher runs: it takes SIGINT and
+	// SIGTERM itself (Options.HandleSignals), a first one to stop and a
+	// second to kill, and a signal context as well made one SIGTERM count
+	// twice (the workers got SIGKILL right after their SIGTERM).
+	ctx := context.Background()
+	if len(os.Args) < 2 || !runsDispatcher(os.Args[1]) {
+		var stop context.CancelFunc
+		ctx, stop = signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+		defer stop()
+	}
 	return runMain(ctx, env, os.Args[1:])
 }
 
@@ -118,3 +125,8 @@ func usage(w io.Writer) {
 	}
 	fmt.Fprintln(w, "\n'cohort COMMAND --help' describes one command.")
 }
+
+// runsDispatcher says whether the command cmd runs a dispatcher, which
+// handles its own signals: `dispatch`, and `run` (here its child: the
+// parent only forwards them, runparent.go).
+func runsDispatcher(cmd string) bool { return cmd == "dispatch" || cmd == "run" }
