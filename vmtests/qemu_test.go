@@ -26,6 +26,8 @@ func TestQEMU(t *testing.T) {
 			for _, s := range LimitScenarios { // limits_test.go: cohort's [limits]
 				t.Run(s.Name, func(t *testing.T) { s.Run(t, c) })
 			}
+			// [recycle] memory on the workers' cgroups' memory.current.
+			t.Run("recycle", func(t *testing.T) { testRecycle(t, c) })
 		})
 	}
 }

@@ -14,7 +14,8 @@ import (
 // the next. It holds no terminal state, so it is tested without one.
 type monitModel struct {
 	apps   []monitApp
-	prev   map[string]*control.Status
+	prev   map[string]*control.Status // each app's last status that answered
+	up     map[string]bool            // whether the app's last poll answered; absent before its first
 	hist   map[monitKey][]float64 // CPU% per poll, oldest first, at most sparkWidth
 	events []string               // newest last, at most maxEvents
 }
@@ -39,18 +40,21 @@ const (
 )
 
 func newMonitModel() *monitModel {
-	return &monitModel{prev: map[string]*control.Status{}, hist: map[monitKey][]float64{}}
+	return &monitModel{prev: map[string]*control.Status{}, up: map[string]bool{}, hist: map[monitKey][]float64{}}
 }
 
 // update takes one poll's apps and records what changed since the last.
 func (m *monitModel) update(now time.Time, apps []monitApp) {
 	seen := map[monitKey]bool{}
 	for _, a := range apps {
-		old, had := m.prev[a.name]
+		// Compared with the last status that answered, not the last
+		// poll: a crash while the dispatcher did not answer is still told.
+		old := m.prev[a.name]
+		wasUp, had := m.up[a.name]
 		switch {
-		case a.st == nil && had && old != nil:
+		case a.st == nil && wasUp:
 			m.event(now, "%s: dispatcher gone (%s)", a.name, a.problem)
-		case a.st != nil && had && old == nil:
+		case a.st != nil && had && !wasUp:
 			m.event(now, "%s: dispatcher up (pid %d)", a.name, a.st.PID)
 		case a.st != nil && !had:
 			m.event(now, "%s: %s", a.name, a.st.Line)
@@ -58,10 +62,11 @@ func (m *monitModel) update(now time.Time, apps []monitApp) {
 		if a.st != nil && old != nil {
 			m.diff(now, a.name, old, a.st)
 		}
-		m.prev[a.name] = a.st
+		m.up[a.name] = a.st != nil
 		if a.st == nil {
 			continue
 		}
+		m.prev[a.name] = a.st
 		for _, w := range current(a.st) {
 			k := monitKey{a.name, w.Index}
 			seen[k] = true

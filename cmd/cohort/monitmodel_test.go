@@ -30,7 +30,11 @@ func TestMonitEvents(t *testing.T) {
 		{[]monitApp{{name: "web", st: st(1, 10, w(0, 11, 1, 0, 5), w(1, 13, 1, 1, 9))}}, []string{"web.1 crashed and restarted (pid 12 → 13, 1 restarts)"}},
 		{[]monitApp{{name: "web", st: st(2, 10, w(0, 21, 2, 0, 1), w(1, 22, 2, 1, 1), w(2, 23, 2, 0, 0))}}, []string{"web: generation 1 → 2 (reload)", "web: 2 → 3 workers", "web.0 replaced (pid 11 → 21, gen 2)", "web.1 replaced (pid 13 → 22, gen 2)"}},
 		{[]monitApp{{name: "web", problem: "not running"}}, []string{"web: dispatcher gone (not running)"}},
-		{[]monitApp{{name: "web", st: st(1, 30, w(0, 31, 1, 0, 0))}}, []string{"web: dispatcher up (pid 30)"}},
+		{[]monitApp{{name: "web", st: st(1, 30, w(0, 31, 1, 0, 0))}}, []string{"web: dispatcher up (pid 30)", "web: dispatcher restarted (pid 10 → 30)"}},
+		// A poll the dispatcher did not answer, and a crash meanwhile:
+		// still told, against the last status that answered.
+		{[]monitApp{{name: "web", problem: "timeout"}}, []string{"web: dispatcher gone (timeout)"}},
+		{[]monitApp{{name: "web", st: st(1, 30, w(0, 32, 1, 1, 0))}}, []string{"web: dispatcher up (pid 30)", "web.0 crashed and restarted (pid 31 → 32, 1 restarts)"}},
 	}
 	for i, s := range steps {
 		n := len(m.events)
