@@ -330,7 +330,9 @@ func Remove(dir string) error {
 	return &fs.PathError{Op: "remove cgroup", Path: dir, Err: err}
 }
 
-// Procs lists the processes in dir (cgroup.procs), at most MaxProcs.
+// Procs lists the processes in dir (cgroup.procs), at most MaxProcs. A
+// process outside this one's pid namespace is listed as 0, as the kernel
+// writes it (a container that shares its host's cgroup but not its pids).
 func Procs(dir string) ([]int, error) {
 	f, err := os.Open(filepath.Join(dir, "cgroup.procs"))
 	if err != nil {
@@ -341,7 +343,7 @@ func Procs(dir string) ([]int, error) {
 	sc := bufio.NewScanner(io.LimitReader(f, MaxProcs*12))
 	for sc.Scan() && len(pids) < MaxProcs {
 		pid, err := strconv.Atoi(strings.TrimSpace(sc.Text()))
-		if err != nil || pid <= 0 {
+		if err != nil || pid < 0 {
 			return nil, fmt.Errorf("%s: malformed line %q", f.Name(), sc.Text())
 		}
 		pids = append(pids, pid)

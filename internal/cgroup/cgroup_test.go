@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -281,4 +282,30 @@ func TestHelperProcess(t *testing.T) {
 	after, _ := Self()
 	_, statErr := os.Stat(now)
 	t.Logf("base=%s leaf=%s closed=%s leafgone=%v (%v)", tree.Base, now, after, os.IsNotExist(statErr), closeErr)
+}
+
+// TestProcsOutsideNamespace: the kernel lists a process of another pid
+// namespace as 0; that is a process, not a malformed file (cohort run in
+// `unshare --pid` said "malformed line \"0\"" for its host's processes).
+func TestProcsOutsideNamespace(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte("0\n4242\n0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pids, err := Procs(dir)
+	if err != nil || !slices.Equal(pids, []int{0, 4242, 0}) {
+		t.Errorf("Procs = %v, %v; want [0 4242 0]", pids, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte("-1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Procs(dir); err == nil {
+		t.Error("Procs took -1")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EnterLeaf(dir, "supervisor"); err == nil || !strings.Contains(err.Error(), "outside this pid namespace") {
+		t.Errorf("EnterLeaf beside processes of another pid namespace: %v", err)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/cohort-dev/cohort/appfile"
@@ -118,7 +119,11 @@ func EnterLeaf(self, leaf string) (string, error) {
 		return "", fmt.Errorf("cgroup %s: %w", self, err)
 	}
 	if others := slices.DeleteFunc(pids, func(p int) bool { return p == os.Getpid() }); len(others) > 0 {
-		return "", fmt.Errorf("cgroup %s holds %d other processes (pid %d…): workers need a cgroup subtree of their own (a systemd service with Delegate=yes, or a container with its own cgroup namespace)", self, len(others), others[0])
+		pid := strconv.Itoa(others[0])
+		if others[0] == 0 {
+			pid = "0: outside this pid namespace"
+		}
+		return "", fmt.Errorf("cgroup %s holds %d other processes (pid %s…): workers need a cgroup subtree of their own (a systemd service with Delegate=yes, or a container with its own cgroup namespace)", self, len(others), pid)
 	}
 	dir := filepath.Join(self, leaf)
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
