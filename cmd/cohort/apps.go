@@ -31,8 +31,16 @@ import (
 //     own, mode 0700, and no symlink: /tmp is everyone's, and a directory
 //     planted there by another user would let them at the sockets.
 
-// systemRoot is where the generated services' runtime directories are.
-const systemRoot = appfile.RuntimeRoot
+// systemRoot is where the generated services' runtime directories are:
+// appfile.RuntimeRoot, or env.runtimeRoot where a test set one, so that
+// it sees none of the host's apps (another test's `cohort run` among
+// them).
+func (env *environment) systemRoot() string {
+	if env.runtimeRoot != "" {
+		return env.runtimeRoot
+	}
+	return filepath.Clean(appfile.RuntimeRoot)
+}
 
 // userRoot is the directory under which `cohort run` of the current user
 // puts its apps' runtime directories, checked (see above) but not
@@ -42,7 +50,7 @@ func (env *environment) userRoot() (string, error) {
 		return env.runtimeRoot, nil
 	}
 	if os.Geteuid() == 0 {
-		return filepath.Clean(systemRoot), nil
+		return env.systemRoot(), nil
 	}
 	if x := os.Getenv("XDG_RUNTIME_DIR"); filepath.IsAbs(x) {
 		return filepath.Join(x, "cohort"), nil
@@ -94,7 +102,7 @@ func (env *environment) claimRunDir(ctx context.Context, name string) (*runInsta
 	if err != nil {
 		return nil, err
 	}
-	if root == filepath.Clean(systemRoot) {
+	if root == env.systemRoot() {
 		if err := os.MkdirAll(root, 0o755); err != nil {
 			return nil, fmt.Errorf("runtime directory: %w", err)
 		}
@@ -168,9 +176,9 @@ func (env *environment) knownApps() []knownApp {
 	files, _ := appFiles(env, nil)
 	for _, f := range files {
 		n := appfile.AppName(f)
-		byName[n] = knownApp{Name: n, Source: "unit", Socket: filepath.Join(systemRoot, n, control.SocketName), File: f}
+		byName[n] = knownApp{Name: n, Source: "unit", Socket: filepath.Join(env.systemRoot(), n, control.SocketName), File: f}
 	}
-	roots := []string{filepath.Clean(systemRoot)}
+	roots := []string{env.systemRoot()}
 	if r, err := env.userRoot(); err == nil && !slices.Contains(roots, r) {
 		roots = append(roots, r)
 	}
@@ -223,5 +231,5 @@ func (env *environment) socketFor(app string) string {
 			return p
 		}
 	}
-	return filepath.Join(systemRoot, app, control.SocketName)
+	return filepath.Join(env.systemRoot(), app, control.SocketName)
 }

@@ -20,7 +20,9 @@ type stubDispatcher struct {
 }
 
 func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
-	started := time.Now().Add(-90 * time.Second)
+	// 89.5 s ago: an uptime read up to 1 s later still rounds to 1m30s
+	// (TestStatusAll failed with 1m31s on a loaded machine).
+	started := time.Now().Add(-89500 * time.Millisecond)
 	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, State: "ready", PID: 4242, Since: started.Add(-time.Hour), Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
 		CPUs: control.CPUs{Count: 1, How: "affinity 2, cgroup cpu quota 1.50", WorkersAuto: true},
 		Workers: []control.Worker{

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
 // TestParseStat: fields are found after the last ")", whatever the
@@ -215,6 +217,19 @@ func TestEnvValue(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	// Until its exec the child's environment is still this process's
+	// (failed in CI: `got "" false`).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
+		if string(b) == "/bin/sleep\x0030\x00" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d did not exec /bin/sleep within 10s: %q", cmd.Process.Pid, b)
+		}
+		time.Sleep(time.Millisecond)
+	}
 	if v, ok := EnvValue(cmd.Process.Pid, "COHORT_WORKER_PID", 1<<16); !ok || v != "77" {
 		t.Errorf("got %q %v", v, ok)
 	}
@@ -245,7 +260,7 @@ func TestScanTreeFrom(t *testing.T) {
 	for {
 		tab, ok, err := ScanTree(context.Background(), os.Getpid())
 		if !ok {
-			t.Skip("this kernel has no /proc/PID/task/TID/children")
+			testtool.Missing(t, "this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
 		}
 		if err != nil {
 			t.Fatal(err)
