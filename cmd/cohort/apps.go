@@ -102,7 +102,9 @@ func (env *environment) claimRunDir(ctx context.Context, name string) (*runInsta
 	if err != nil {
 		return nil, err
 	}
-	if root == env.systemRoot() {
+	// The host's own root is shared with the services (0755); any other
+	// must be private. A test's runtimeRoot is the latter.
+	if root == filepath.Clean(appfile.RuntimeRoot) {
 		if err := os.MkdirAll(root, 0o755); err != nil {
 			return nil, fmt.Errorf("runtime directory: %w", err)
 		}
