@@ -1,7 +1,6 @@
 package vmtests
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -17,6 +16,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/testcgroup"
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"sigs.k8s.io/yaml"
 )
 
@@ -267,10 +267,7 @@ func cmp0(v, def int) int {
 func TestContainer(t *testing.T) {
 	Require(t)
 	dir := exampleDir(t)
-	health := knowsHealth(t)
-	if !health {
-		t.Logf("this tree's cohort has no [metrics] listener or drain_delay yet (issue 18.1-2): running the example without them, and without checking /readyz, /livez and the drain")
-	} else if _, err := appfile.ParseFile(filepath.Join(dir, "hello.toml")); err != nil {
+	if _, err := appfile.ParseFile(filepath.Join(dir, "hello.toml")); err != nil {
 		// Or every step below fails with cohort run's exit 2.
 		t.Fatalf("examples/container/hello.toml: %v", err)
 	}
@@ -289,11 +286,8 @@ func TestContainer(t *testing.T) {
 			start := time.Now()
 			img := BuildImage(t, r, filepath.Join(dir, "Containerfile"), root, map[string]string{"DEB": rel})
 			t.Logf("built the image in %v", time.Since(start).Round(time.Millisecond))
-			if !health {
-				withoutHealth(t, filepath.Join(img.Dir, "srv/hello/hello.toml"))
-			}
 			// One container at a time: nspawn locks the image's directory.
-			t.Run("serve", func(t *testing.T) { testContainerServe(t, img, health) })
+			t.Run("serve", func(t *testing.T) { testContainerServe(t, img) })
 			t.Run("crash", func(t *testing.T) { testContainerCrash(t, img) })
 			t.Run("cpuquota", func(t *testing.T) { testContainerCPUQuota(t, img) })
 		})
@@ -339,7 +333,7 @@ func curlCode(t *testing.T, c *Container, url string) string {
 // answer 200, `cohort status` in the container sees it; an exec
 // session's orphan is reaped by PID 1; SIGTERM (docker stop) turns
 // readiness off, stops the workers, exits 0.
-func testContainerServe(t *testing.T, img *Image, health bool) {
+func testContainerServe(t *testing.T, img *Image) {
 	c := RunImage(t, img, nil)
 	m := waitStderr(t, c, 60*time.Second, regexp.MustCompile(`all (\d+) workers ready`))
 	n, _ := strconv.Atoi(m[1])
@@ -347,9 +341,6 @@ func testContainerServe(t *testing.T, img *Image, health bool) {
 		t.Errorf("GET / = %q", body)
 	}
 	for _, path := range []string{"/readyz", "/livez"} {
-		if !health {
-			break
-		}
 		if code := curlCode(t, c, "http://127.0.0.1:9464"+path); code != "200" {
 			t.Errorf("GET %s = %s, want 200", path, code)
 		}
@@ -361,20 +352,20 @@ func testContainerServe(t *testing.T, img *Image, health bool) {
 
 	// The orphan of an exec session (nsenter's child has its parent
 	// outside the container) is PID 1's to reap.
-	before := childPIDs(c.InitPID)
+	before := testproc.Children(c.InitPID)
 	c.Run(t, "/bin/sh", "-c", "sleep 2 </dev/null >/dev/null 2>&1 & exit 0")
 	var orphan int
 	Eventually(t, 5*time.Second, "the orphan reparented to PID 1", func() error {
-		for _, pid := range childPIDs(c.InitPID) {
+		for _, pid := range testproc.Children(c.InitPID) {
 			if !slices.Contains(before, pid) {
 				orphan = pid
 				return nil
 			}
 		}
-		return fmt.Errorf("PID 1's children %v", childPIDs(c.InitPID))
+		return fmt.Errorf("PID 1's children %v", testproc.Children(c.InitPID))
 	})
 	Eventually(t, 10*time.Second, fmt.Sprintf("orphan %d reaped", orphan), func() error {
-		if st := procState(orphan); st != "" {
+		if st := testproc.State(orphan); st != "" {
 			return fmt.Errorf("state %s", st)
 		}
 		return nil
@@ -388,18 +379,16 @@ func testContainerServe(t *testing.T, img *Image, health bool) {
 	if err := syscall.Kill(c.InitPID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if health {
-		// Readiness is off at once, while the listeners stay open for
-		// drain_delay.
-		Eventually(t, 3*time.Second, "/readyz 503 after SIGTERM", func() error {
-			if code := curlCode(t, c, "http://127.0.0.1:9464/readyz"); code != "503" {
-				return fmt.Errorf("GET /readyz = %s", code)
-			}
-			return nil
-		})
-		if body := c.Run(t, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/"); !strings.HasPrefix(body, "hello from python worker ") {
-			t.Errorf("GET / while draining = %q", body)
+	// Readiness is off at once, while the listeners stay open for
+	// drain_delay.
+	Eventually(t, 3*time.Second, "/readyz 503 after SIGTERM", func() error {
+		if code := curlCode(t, c, "http://127.0.0.1:9464/readyz"); code != "503" {
+			return fmt.Errorf("GET /readyz = %s", code)
 		}
+		return nil
+	})
+	if body := c.Run(t, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/"); !strings.HasPrefix(body, "hello from python worker ") {
+		t.Errorf("GET / while draining = %q", body)
 	}
 	if code := c.Wait(t, 60*time.Second); code != 0 {
 		t.Errorf("exit status %d after SIGTERM, want 0", code)
@@ -407,7 +396,7 @@ func testContainerServe(t *testing.T, img *Image, health bool) {
 	t.Logf("stopped in %v", time.Since(stopAt).Round(time.Millisecond))
 	stdout, _ := c.Output()
 	for i := range n {
-		re := regexp.MustCompile(`(?m)^\[hello\.` + strconv.Itoa(i) + `\] python worker ` + strconv.Itoa(i) + ` \(pid \d+\) stopping on SIGTERM$`)
+		re := regexp.MustCompile(`(?m)^hello\.` + strconv.Itoa(i) + ` \| python worker ` + strconv.Itoa(i) + ` \(pid \d+\) stopping on SIGTERM$`)
 		if !re.MatchString(stdout) {
 			t.Errorf("stdout lacks worker %d's stop line %s:\n%s", i, re, stdout)
 		}
@@ -453,74 +442,15 @@ func testContainerCPUQuota(t *testing.T, img *Image) {
 	}
 }
 
-// childPIDs lists pid's children (/proc/PID/task/PID/children).
-func childPIDs(pid int) []int {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	var kids []int
-	for f := range strings.FieldsSeq(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil {
-			kids = append(kids, n)
-		}
-	}
-	return kids
-}
-
-// procState is the state letter of pid ("" when it is gone).
-func procState(pid int) string {
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) {
-		return string(st[i+2])
-	}
-	return ""
-}
-
 // zombies lists the zombies among the container's processes.
 func (c *Container) zombies() []int {
 	var zs []int
 	for _, pid := range c.cg.pids() {
-		if procState(pid) == "Z" {
+		if testproc.State(pid) == "Z" {
 			zs = append(zs, pid)
 		}
 	}
 	return zs
-}
-
-// knowsHealth says whether this tree's appfile reads [metrics] listen
-// and drain_delay, which the metrics work (issue 18, items 1 and 2)
-// brings. Until it has landed, TestContainer runs the example without
-// them; once it has, this is always true and the fallback can go.
-func knowsHealth(t *testing.T) bool {
-	t.Helper()
-	_, err := appfile.Parse("probe.toml", []byte("command = [\"/bin/true\"]\ndrain_delay = \"5s\"\n[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"))
-	return err == nil
-}
-
-// withoutHealth removes drain_delay and the [metrics] table from the app
-// file at path (see knowsHealth).
-func withoutHealth(t *testing.T, path string) {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	inMetrics := false
-	for line := range strings.Lines(string(b)) {
-		trimmed := strings.TrimSpace(line)
-		if strings.HasPrefix(trimmed, "[") {
-			inMetrics = trimmed == "[metrics]"
-		}
-		if inMetrics || strings.HasPrefix(trimmed, "drain_delay") {
-			continue
-		}
-		out = append(out, line)
-	}
-	if err := os.WriteFile(path, []byte(strings.Join(out, "")), 0o644); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // optInt prints an optional number of the manifest.

@@ -114,7 +114,7 @@ func TestMonitInTerminal(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for alive := true; alive; {
 		_, err := os.Stat(fmt.Sprintf("/proc/%d/stat", monit))
-		if alive = err == nil && procState(monit) != "Z"; alive && time.Now().After(deadline) {
+		if alive = err == nil && testproc.State(monit) != "Z"; alive && time.Now().After(deadline) {
 			t.Fatalf("monit (pid %d) still runs after q", monit)
 		}
 		time.Sleep(50 * time.Millisecond)

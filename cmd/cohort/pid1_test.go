@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/internal/testcgroup"
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"github.com/cohort-dev/cohort/internal/testtool"
 )
 
@@ -41,7 +42,7 @@ func startPID1(t *testing.T, stdout *os.File, via []string, args ...string) (*co
 	p := startCohortProcVia(t, stdout, append(via, pid1Via(t)...), args...)
 	var init int
 	waitUntil(t, 10*time.Second, "unshare's child", func() bool {
-		kids := childPIDs(p.cmd.Process.Pid)
+		kids := testproc.Children(p.cmd.Process.Pid)
 		if len(kids) == 1 {
 			init = kids[0]
 		}
@@ -51,18 +52,6 @@ func startPID1(t *testing.T, stdout *os.File, via []string, args ...string) (*co
 		t.Fatalf("pid %d is pid %d in its namespace, want 1", init, ns)
 	}
 	return p, init
-}
-
-// childPIDs lists pid's children (/proc/PID/task/PID/children).
-func childPIDs(pid int) []int {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	var kids []int
-	for f := range strings.FieldsSeq(string(b)) {
-		if n, err := strconv.Atoi(f); err == nil {
-			kids = append(kids, n)
-		}
-	}
-	return kids
 }
 
 // nsPID is pid's pid in its own (innermost) pid namespace, 0 when gone.
@@ -92,23 +81,11 @@ func zombiesIn(init int) []int {
 		if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", pid)); l != ns {
 			continue
 		}
-		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); regexp.MustCompile(`\) Z `).Match(st) {
+		if testproc.State(pid) == "Z" {
 			zs = append(zs, pid)
 		}
 	}
 	return zs
-}
-
-// procState is the state letter of pid ("" when it is gone).
-func procState(pid int) string {
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	if i := strings.LastIndexByte(string(st), ')'); i > 0 && i+2 < len(st) {
-		return string(st[i+2])
-	}
-	return ""
 }
 
 // waitExit waits for p to exit and returns its exit code (unshare's: its
@@ -136,7 +113,7 @@ func TestPID1ReapsOrphans(t *testing.T) {
 		"--", "/bin/sh", "-c", `(sleep 0.2 &); exec sleep 1000`)
 	p.port(t)
 	waitUntil(t, 20*time.Second, "the workers ready", func() bool { return strings.Contains(p.stderr.String(), "all 2 workers ready") })
-	dispatcherPID := childPIDs(init)
+	dispatcherPID := testproc.Children(init)
 	if len(dispatcherPID) != 1 {
 		t.Fatalf("PID 1's children %v, want the dispatcher alone", dispatcherPID)
 	}
@@ -150,7 +127,7 @@ func TestPID1ReapsOrphans(t *testing.T) {
 	}
 	var orphan int
 	waitUntil(t, 5*time.Second, "the orphan reparented to PID 1", func() bool {
-		for _, pid := range childPIDs(init) {
+		for _, pid := range testproc.Children(init) {
 			if pid != dispatcherPID[0] {
 				orphan = pid
 			}
@@ -160,9 +137,9 @@ func TestPID1ReapsOrphans(t *testing.T) {
 	if nsPID(orphan) < 2 {
 		t.Fatalf("orphan %d is not in the namespace", orphan)
 	}
-	for deadline := time.Now().Add(10 * time.Second); procState(orphan) != ""; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); testproc.State(orphan) != ""; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("orphan %d not reaped within 10s: state %q", orphan, procState(orphan))
+			t.Fatalf("orphan %d not reaped within 10s: state %q", orphan, testproc.State(orphan))
 		}
 	}
 	time.Sleep(300 * time.Millisecond) // the workers' sleep 0.2 too
@@ -240,7 +217,7 @@ address = "127.0.0.1:`+freePort(t)+`"
 		p, init := startPID1(t, nil, nil, "--listen", "127.0.0.1:0", "--workers", "1", "--ready", "exec", "--", "/bin/sh", "-c", wrapperWorker)
 		port := p.port(t)
 		waitUntil(t, 20*time.Second, "the worker ready", func() bool { return strings.Contains(p.stderr.String(), "all 1 workers ready") })
-		kids := childPIDs(init)
+		kids := testproc.Children(init)
 		if len(kids) != 1 {
 			t.Fatalf("PID 1's children %v, want the dispatcher alone", kids)
 		}

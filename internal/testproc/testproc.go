@@ -57,3 +57,29 @@ func KillMarked(kv string) {
 		}
 	}
 }
+
+// Children lists pid's children (/proc/PID/task/PID/children; a
+// single-threaded parent's, as tests' are).
+func Children(pid int) []int {
+	b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "task", strconv.Itoa(pid), "children"))
+	var kids []int
+	for _, f := range bytes.Fields(b) {
+		if n, err := strconv.Atoi(string(f)); err == nil {
+			kids = append(kids, n)
+		}
+	}
+	return kids
+}
+
+// State is the state letter of pid from /proc/PID/stat ("Z" for a
+// zombie), "" when it is gone.
+func State(pid int) string {
+	st, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return ""
+	}
+	if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) {
+		return string(st[i+2])
+	}
+	return ""
+}

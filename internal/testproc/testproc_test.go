@@ -1,11 +1,13 @@
 package testproc
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"slices"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -64,3 +66,49 @@ func TestHoldersAndKillMarked(t *testing.T) {
 }
 
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// TestChildrenAndState: a shell's child is listed (a single-threaded
+// parent: a Go test forks from any of its threads, and children lists
+// one thread's); a child that exited is a zombie until it is waited for;
+// then it is gone.
+func TestChildrenAndState(t *testing.T) {
+	sh := exec.Command("/bin/sh", "-c", "sleep 30 & echo $!; wait")
+	out, err := sh.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sh.Process.Kill(); sh.Wait() })
+	var sleep int
+	if _, err := fmt.Fscan(out, &sleep); err != nil {
+		t.Fatal(err)
+	}
+	if kids := Children(sh.Process.Pid); !slices.Contains(kids, sleep) {
+		t.Errorf("children of the shell %v lack its sleep %d", kids, sleep)
+	}
+	syscall.Kill(sleep, syscall.SIGKILL)
+
+	cmd := exec.Command("/bin/sh", "-c", "read x")
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	in.Close() // read gets EOF: the shell exits
+	deadline := time.Now().Add(10 * time.Second)
+	for State(pid) != "Z" && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if st := State(pid); st != "Z" {
+		t.Errorf("state of the exited child %q, want Z", st)
+	}
+	cmd.Wait()
+	if st := State(pid); st != "" {
+		t.Errorf("state of a reaped child %q, want none", st)
+	}
+}
