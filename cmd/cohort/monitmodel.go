@@ -16,8 +16,8 @@ type monitModel struct {
 	apps   []monitApp
 	prev   map[string]*control.Status // each app's last status that answered
 	up     map[string]bool            // whether the app's last poll answered; absent before its first
-	hist   map[monitKey][]float64 // CPU% per poll, oldest first, at most sparkWidth
-	events []string               // newest last, at most maxEvents
+	hist   map[monitKey][]float64     // CPU% per poll, oldest first, at most sparkWidth
+	events []string                   // newest last, at most maxEvents
 }
 
 // monitApp is one app as the last poll saw it: its status, or why there
