@@ -86,6 +86,15 @@ func recvMsg(c *net.UnixConn, b, oob []byte) ([]byte, []int, error) {
 	for i := 0; i < 4 && errors.Is(err, syscall.ECONNRESET); i++ {
 		n, oobn, flags, _, err = c.ReadMsgUnix(b, oob)
 	}
+	return recvResult(b, oob, n, oobn, flags, err)
+}
+
+// recvResult judges what one recvmsg(2) returned, for recvMsg and
+// tryRecvMsg alike: the payload and the fds it carried, or an error
+// (errEOF at end of stream, ErrProtocol for a malformed message), in which
+// case every fd received is closed.
+func recvResult(b, oob []byte, n, oobn, flags int, err error) ([]byte, []int, error) {
+	n = max(n, 0)
 	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
 	switch {
 	case errors.Is(err, io.EOF) && len(fds) == 0:
@@ -134,32 +143,7 @@ func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
 	if err == nil {
 		err = rerr
 	}
-	if n < 0 {
-		n = 0
-	}
-	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
-	switch {
-	case errors.Is(err, unix.EAGAIN):
-		closeFDs(fds)
-		return nil, nil, fmt.Errorf("recvmsg: %w", err)
-	case err != nil:
-		err = fmt.Errorf("recvmsg: %w", err)
-	case perr != nil:
-		err = fmt.Errorf("recvmsg: %w: %w", ErrProtocol, perr)
-	case flags&unix.MSG_CTRUNC != 0:
-		err = fmt.Errorf("recvmsg: %w: control data truncated (more than %d fds?)", ErrProtocol, MaxFDs)
-	case flags&unix.MSG_TRUNC != 0:
-		err = fmt.Errorf("recvmsg: %w: message longer than %d bytes", ErrProtocol, len(b))
-	case n == 0 && len(fds) == 0:
-		err = errEOF
-	case n == 0:
-		err = fmt.Errorf("recvmsg: %w: empty message with %d fds", ErrProtocol, len(fds))
-	}
-	if err != nil {
-		closeFDs(fds)
-		return nil, nil, err
-	}
-	return b[:n], fds, nil
+	return recvResult(b, oob, n, oobn, flags, err)
 }
 
 // parseRights returns every fd in every SCM_RIGHTS message of oob. It keeps
