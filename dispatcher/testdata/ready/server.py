@@ -10,7 +10,9 @@ when it accepts. How it waits for connections (argv[1]):
 
 Environment: START_DELAY=seconds sleeps before listening (a slow start);
 DIE_AFTER=seconds exits 3 that long after it started listening (a crash
-just after start). SIGTERM stops it gracefully in the select and poll
+just after start); in the select and poll modes it dies between two
+connections, since a request a worker holds when it crashes is lost under
+any supervisor and a test of the reload's report must not count it. SIGTERM stops it gracefully in the select and poll
 modes (it finishes the connection it serves; the others wake up every
 100 ms to look), at once in the others. Standard library only.
 """
@@ -21,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 BODY = "hello from python worker %s (pid %d, gen %s)\n" % (
     os.environ.get("COHORT_WORKER", "-"), os.getpid(), os.environ.get("COHORT_GENERATION", "-"))
@@ -39,13 +42,22 @@ def answer(conn):
         conn.sendall(RESPONSE)
 
 
+def die():
+    print("dying on purpose", flush=True)
+    os._exit(3)
+
+
 def die_later():
+    """Arms DIE_AFTER as a timer that kills the process wherever it is."""
     after = os.environ.get("DIE_AFTER")
     if after:
-        def die():
-            print("dying on purpose", flush=True)
-            os._exit(3)
         threading.Timer(float(after), die).start()
+
+
+def die_at():
+    """Returns when DIE_AFTER falls due (monotonic seconds), or None."""
+    after = os.environ.get("DIE_AFTER")
+    return time.monotonic() + float(after) if after else None
 
 
 def main():
@@ -63,7 +75,10 @@ def main():
         threading.Event().wait(delay)
     lst = socket.socket(fileno=3)
     print("listening (%s)" % how, flush=True)
-    die_later()
+    if how in ("select", "poll"):
+        deadline = die_at()
+    else:
+        die_later()
     if how == "asyncio":
         async def handle(reader, writer):
             while (await reader.readline()) not in (b"\r\n", b""):
@@ -87,6 +102,8 @@ def main():
     poller = select.poll()
     poller.register(lst, select.POLLIN)
     while not stopping:
+        if deadline is not None and time.monotonic() >= deadline:
+            die()
         if how == "select":
             select.select([lst], [], [], 0.1)
         else:
