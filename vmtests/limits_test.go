@@ -95,7 +95,7 @@ func startLimitsApp(t *testing.T, c *Container, app, limits string, hog bool) En
 	c.Watch(t, app+".service")
 	startApp(t, c, app, fmt.Sprintf("command = %s\nworkers = 2\nmode = \"reuseport\"\nstop_timeout = \"5s\"\n%s\n[[listen]]\nname = \"http\"\naddress = \"%s\"\n", cmd, limits, ep.Listen))
 	t.Cleanup(func() {
-		c.Exec(t, "systemctl", "stop", app+".service")
+		stopApp(t, c, app, false)
 		c.Exec(t, "rm", "-f", "/etc/cohort/"+app+".toml")
 		c.Exec(t, "systemctl", "daemon-reload")
 	})
@@ -137,11 +137,17 @@ func testOOMKill(t *testing.T, c *Container) {
 	if after.Workers[1].PID != before.Workers[1].PID {
 		t.Errorf("worker 1 changed pid %d → %d: the OOM kill was not worker 0's alone", before.Workers[1].PID, after.Workers[1].PID)
 	}
-	if res.Failed() > 4 {
-		t.Errorf("%d of %d requests failed; want at most the 4 worker 0 can have held", res.Failed(), res.Sent)
+	// Each OOM kill can fail the requests worker 0 held then, at most
+	// the load's concurrency; worker 0 may be killed more than once.
+	var kills uint64 = 1
+	if cg := after.Workers[0].Cgroup; cg != nil {
+		kills = max(kills, cg.OOMKills)
+	}
+	if res.Failed() > 4*int(kills) {
+		t.Errorf("%d of %d requests failed; want at most the 4 worker 0 can have held at each of its %d OOM kills", res.Failed(), res.Sent, kills)
 	}
 	svc := c.Property(t, app+".service", "ControlGroup")
-	c.Run(t, "systemctl", "stop", app+".service")
+	stopApp(t, c, app, true)
 	// systemd removes the unit's cgroup once the kernel says it is empty,
 	// which may come after `systemctl stop` returns: under QEMU on trixie
 	// the (childless) directory was seen right after it.
@@ -159,6 +165,21 @@ func testOOMKill(t *testing.T, c *Container) {
 	if out := strings.TrimSpace(c.Exec(t, "pgrep", "-f", "hog.py|hello.py").Stdout); out != "" {
 		t.Errorf("processes left after the stop: %s", out)
 	}
+}
+
+// stopApp stops app's service and its sockets. The sockets go too: a
+// connection still in a listener's queue at the stop (a client of the
+// load that gave up) would have systemd start the service again, which
+// is socket activation doing its job, not a process the stop left. With
+// must, a failed stop fails t.
+func stopApp(t *testing.T, c *Container, app string, must bool) {
+	t.Helper()
+	args := []string{"systemctl", "stop", app + ".service", app + ".socket", app + "-*.socket"}
+	if must {
+		c.Run(t, args...)
+		return
+	}
+	c.Exec(t, args...)
 }
 
 // testMemoryStatus: status's memory of a worker is its cgroup's
@@ -203,7 +224,7 @@ func testWorkerCPUQuota(t *testing.T, c *Container) {
 	ep := c.Listen(t)
 	startApp(t, c, app, fmt.Sprintf("command = [\"/usr/bin/python3\", \"-c\", \"while True: pass\"]\nworkers = 1\nready = \"exec\"\nstop_timeout = \"5s\"\n[limits]\ncpu_quota = \"20%%\"\n[[listen]]\nname = \"http\"\naddress = \"%s\"\n", ep.Listen))
 	t.Cleanup(func() {
-		c.Exec(t, "systemctl", "stop", app+".service")
+		stopApp(t, c, app, false)
 		c.Exec(t, "rm", "-f", "/etc/cohort/"+app+".toml")
 		c.Exec(t, "systemctl", "daemon-reload")
 	})
