@@ -50,6 +50,9 @@ const (
 	metricsReadTimeout  = 5 * time.Second
 	metricsWriteTimeout = 10 * time.Second
 	metricsIdleTimeout  = 30 * time.Second
+	// metricsStopGrace is how long the dispatcher's end waits for the
+	// answers of requests it has already accepted.
+	metricsStopGrace = time.Second
 	// loopTimeout is how long /livez (and every other path) waits for
 	// the loop's snapshot: the loop answers in microseconds unless it is
 	// stuck.
@@ -163,7 +166,18 @@ func (d *dispatcher) serveMetrics(ctx context.Context) {
 	})
 	d.wg.Go(func() {
 		<-ctx.Done()
-		srv.Close() // closes ln and every connection
+		lim.Close() // new probes wait in the socket, which systemd keeps, for the next dispatcher
+		srv.SetKeepAlivesEnabled(false)
+		// A probe already accepted gets its answer, for at most
+		// metricsStopGrace: not http.Server.Shutdown, which drops a
+		// request it reads once it has begun, nor Close, which cuts off
+		// every connection at once (a /readyz probe failed during a
+		// restart in CI).
+		deadline := time.Now().Add(metricsStopGrace)
+		for len(lim.slots) > 0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		srv.Close() // closes every connection left
 	})
 }
 
@@ -229,10 +243,14 @@ func (m *metricsServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // snapshot asks the loop for its status snapshot, waiting at most
 // loopTimeout.
 func (m *metricsServer) snapshot(ctx context.Context) (*statusSnapshot, error) {
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, loopTimeout)
 	defer cancel()
 	rep, err := m.ctl.ask(ctx, control.CmdStatus, 0)
 	if err != nil {
+		if parent.Err() != nil {
+			return nil, errors.New("the dispatcher is ending")
+		}
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("the supervision loop did not answer within %s", loopTimeout)
 		}

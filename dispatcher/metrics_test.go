@@ -220,6 +220,49 @@ func TestReadyzDrain(t *testing.T) {
 	}
 }
 
+// TestMetricsStopAnswersAccepted: a probe the metrics listener accepted
+// before the dispatcher's end still gets its answer (it closed every
+// connection at once: a /readyz probe failed during a restart in CI).
+func TestMetricsStopAnswersAccepted(t *testing.T) {
+	t.Parallel()
+	app := testApp(t, 1, nil)
+	app.Metrics = appfile.Metrics{Listen: appfile.Listener{Name: appfile.MetricsFDName, Address: "127.0.0.1:0", Kind: appfile.ListenTCP}}
+	ln, _ := tcpListener(t, "http")
+	mf, maddr := tcpListener(t, appfile.MetricsFDName)
+	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{ln}, Metrics: mf})
+	from := 0
+	rec.wait(t, &from, 20*time.Second, "worker ready", func(e Event) bool { return e.Kind == WorkerReady })
+	c, err := net.DialTimeout("tcp", maddr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	// Half a request: the server has accepted the connection and waits
+	// for the rest of its headers when the stop comes.
+	if _, err := io.WriteString(c, "GET /readyz HTTP/1.1\r\nHost: cohort\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	rec.wait(t, &from, 10*time.Second, "stopping", func(e Event) bool { return e.Kind == Stopping })
+	rec.wait(t, &from, 10*time.Second, "the worker's exit", func(e Event) bool { return e.Kind == WorkerExited })
+	time.Sleep(300 * time.Millisecond) // the dispatcher's end has begun
+	if _, err := io.WriteString(c, "\r\n"); err != nil {
+		t.Fatalf("the rest of the request after the stop: %v", err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("a probe accepted before the stop got no answer: %v", err)
+	}
+	resp.Body.Close()
+	t.Logf("answered %s", resp.Status)
+	if err := <-stopped; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
+
 // TestLivezWatchdog: /livez answers 503 while the only worker has missed
 // its watchdog (it pings once, then never again), and /readyz follows
 // its readiness.
