@@ -259,7 +259,13 @@ func qemuArgs(name string, img vmImage, share, console string, forwards []string
 	return []string{
 		"-name", name,
 		"-nodefaults", "-no-user-config",
-		"-accel", "tcg",
+		// One host thread for both vCPUs: with multi-threaded TCG the
+		// trixie kernel once died at boot in CI ("Oops: int3" in
+		// sched_clock_cpu, a static key being patched while the other
+		// vCPU ran it: cross-modifying code that MTTCG does not
+		// serialise). Single-threaded TCG cannot race there; on a 2-CPU
+		// host running two VMs it costs little (boots of 31 s and 44 s).
+		"-accel", "tcg,thread=single",
 		// x86-64-v2 (SSE4.2, POPCNT), which every Debian binary runs on, and
 		// no AVX, which TCG would have to emulate for glibc's string
 		// functions. (Chosen, not measured against "max".)
