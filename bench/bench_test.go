@@ -238,14 +238,14 @@ func TestTargets(t *testing.T) {
 	}
 	reuseportReload := "cohort reload, reuseport: 0 errors under load (Node and Go, both workloads)"
 	for name, want := range map[string]string{
-		"cohort round-robin ≥ 85 % of shared (Go, new-conn)":   "n/a",
-		"cohort shared (Node) ≥ Node SCHED_NONE, keep-alive":   "MISS",
-		"cohort shared (Node) ≥ Node SCHED_NONE, new-conn":     "PASS",
-		"cohort shared (Node) ≥ PM2, keep-alive":               "PASS",
-		"cohort reload: 0 errors under load (both workloads)":  "PASS",
-		"cohort reuseport spread max/min ≤ 1.2 (Go, new-conn)": "PASS",
-		"cohort reuseport ≥ 95 % of shared (Go, new-conn)":     "PASS",
-		"cohort reuseport ≥ 95 % of shared (Go, keep-alive)":   "MISS",
+		"cohort round-robin ≥ 90 % of shared (Go, new-conn; issue 19)": "n/a",
+		"cohort shared (Node) ≥ Node SCHED_NONE, keep-alive":           "MISS",
+		"cohort shared (Node) ≥ Node SCHED_NONE, new-conn":             "PASS",
+		"cohort shared (Node) ≥ PM2, keep-alive":                       "PASS",
+		"cohort reload: 0 errors under load (both workloads)":          "PASS",
+		"cohort reuseport spread max/min ≤ 1.2 (Go, new-conn)":         "PASS",
+		"cohort reuseport ≥ 95 % of shared (Go, new-conn)":             "PASS",
+		"cohort reuseport ≥ 95 % of shared (Go, keep-alive)":           "MISS",
 		reuseportReload: "MISS",
 	} {
 		if got[name] != want {

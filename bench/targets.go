@@ -98,13 +98,13 @@ func targets(rows []Row) []Target {
 		}
 	}
 	{
-		name := "cohort round-robin ≥ 85 % of shared (Go, new-conn)"
+		name := "cohort round-robin ≥ 90 % of shared (Go, new-conn; issue 19)"
 		rr, why1 := pick(rows, "cohort-rr-go", false)
 		sh, why2 := pick(rows, "cohort-shared-go", false)
 		if why := firstOf(why1, why2); why != "" {
 			ts = append(ts, na(name, why))
 		} else {
-			ts = append(ts, busy(atLeast(name, rr.RPS/sh.RPS, 0.85, "the dispatcher's accept+SCM_RIGHTS hop costs more than 15 % here"), rr, sh))
+			ts = append(ts, busy(atLeast(name, rr.RPS/sh.RPS, 0.90, "the dispatcher's accept+SCM_RIGHTS hop costs more than 10 % here"), rr, sh))
 		}
 	}
 	for _, base := range []struct{ id, name string }{{"node-cluster-none", "Node SCHED_NONE"}, {"pm2", "PM2"}} {

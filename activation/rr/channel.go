@@ -54,6 +54,10 @@ var ErrInvalidConn = errors.New("invalid connection")
 // by TryRecv's when no message is queued.
 var ErrWouldBlock = errors.New("channel full")
 
+// errRecvWouldBlock is TryRecv's error when nothing is queued, made once:
+// an event loop that polls channels gets it for most of its calls.
+var errRecvWouldBlock = fmt.Errorf("recv: %w", ErrWouldBlock)
+
 // ErrNotSent is wrapped by Send's error when it sent nothing and took
 // nothing: the caller still owns every File it passed. It distinguishes a
 // Channel that was already closed (also net.ErrClosed) from a sendmsg that
@@ -333,8 +337,8 @@ func (ch *Channel) Recv() (Event, error) {
 // be called concurrently with itself or with Recv.
 func (ch *Channel) TryRecv() (Event, error) {
 	b, fds, err := tryRecvMsg(ch.rc, ch.rbuf, ch.roob)
-	if errors.Is(err, unix.EAGAIN) {
-		return Event{}, fmt.Errorf("recv: %w", ErrWouldBlock)
+	if err == unix.EAGAIN {
+		return Event{}, errRecvWouldBlock
 	}
 	return ch.apply(b, fds, err)
 }

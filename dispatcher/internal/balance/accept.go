@@ -100,7 +100,7 @@ func (b *Balancer) run(li int, l *loop) {
 		var werr error
 		err := l.rc.Read(func(ep uintptr) bool {
 			for {
-				n, werr = unix.EpollWait(int(ep), events, 0)
+				n, werr = epollWaitNow(int(ep), events)
 				if werr != unix.EINTR {
 					return werr != nil || n > 0
 				}
@@ -210,7 +210,7 @@ func (b *Balancer) acceptFailed(index int, err error) {
 // worker acknowledges it), and the worker sets the mode it wants, as
 // net.FileConn and Python's socket timeouts do.
 func accept4(fd int) (uintptr, unix.Errno) {
-	nfd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(fd), 0, 0, unix.SOCK_CLOEXEC, 0, 0)
+	nfd, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), 0, 0, unix.SOCK_CLOEXEC, 0, 0)
 	return nfd, errno
 }
 
@@ -220,7 +220,7 @@ func accept4(fd int) (uintptr, unix.Errno) {
 func acceptKey(fd int) (uintptr, uint64, unix.Errno) {
 	var sa unix.RawSockaddrAny
 	n := uint32(unix.SizeofSockaddrAny)
-	nfd, _, errno := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC, 0, 0)
+	nfd, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_CLOEXEC, 0, 0)
 	if errno != 0 {
 		return 0, 0, errno
 	}
@@ -340,4 +340,16 @@ func (b *Balancer) dispatch(conns []rr.Conn, keys []uint64) {
 	b.held = append(b.held, conns...)
 	b.mu.Unlock()
 	b.flush()
+}
+
+// epollWaitNow is epoll_wait(2) with a timeout of 0. It, accept4 and
+// acceptKey use RawSyscall, as the channel's sends and receives do
+// (activation/rr/scm.go says why): they never block, and a Syscall would
+// wake the runtime's sysmon thread on each wake-up of an idle loop.
+func epollWaitNow(ep int, events []unix.EpollEvent) (int, error) {
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }

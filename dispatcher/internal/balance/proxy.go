@@ -188,7 +188,11 @@ func (b *Balancer) await(l int, c rr.Conn, fd int) bool {
 		b.waitTokens = -2
 	}
 	tok := b.waitTokens
-	if err := b.loops[l].ctl(unix.EPOLL_CTL_ADD, fd, tok, unix.EPOLLIN|unix.EPOLLRDHUP); err != nil {
+	// Edge-triggered: the bytes it has sent stay queued (peeked, never
+	// read), so level-triggered epoll would report them again at once
+	// and the loop would spin until the header is whole; an edge comes
+	// with each new segment, and with the client's hang-up.
+	if err := b.loops[l].ctl(unix.EPOLL_CTL_ADD, fd, tok, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
 		return false
 	}
 	b.waiting[tok] = &waiting{conn: c, fd: fd, loop: l, deadline: time.Now().Add(proxyWait)}

@@ -1,9 +1,19 @@
 package balance
 
 import (
+	"context"
 	"encoding/binary"
+	"io"
+	"net"
 	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation/rr"
+	"golang.org/x/sys/unix"
 )
 
 func proxyV2(cmd, fam byte, addr []byte) []byte {
@@ -78,4 +88,84 @@ func FuzzParseProxy(f *testing.F) {
 			t.Fatalf("%q: waits for more than a peek holds", b)
 		}
 	})
+}
+
+// TestProxySlowHeaderIdle: while a client's PROXY header is half sent,
+// the event loop waits for the rest instead of spinning on the peeked
+// bytes (it registered the connection level-triggered, so epoll
+// reported the same bytes again at once, and a few slow clients kept a
+// core busy for proxyWait); once the rest comes the connection goes on.
+func TestProxySlowHeaderIdle(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	lf, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	bal, err := New(context.Background(), Config{
+		Listeners: []*os.File{lf}, Names: []string{"http"}, MaxPending: 64, MaxHandoffs: 8,
+		AckTimeout: 10 * time.Second, AcceptThreads: 1, ProxyProtocol: true, Policy: &Sticky{LoadFactor: DefaultLoadFactor, Fallback: RoundRobin{}},
+		Warnf: t.Logf, Infof: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bal.Close()
+	st, err := bal.NewChannel(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.FcntlInt(st.End.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := os.NewFile(uintptr(fd), rr.FDName)
+	st.Forked(1000)
+	bal.Ready(1000)
+	var served atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() { fakeWorker(end, &served) })
+	defer func() { bal.Stop(); bal.Close(); wg.Wait() }()
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "PROXY TCP4 10.0.0.7 "); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // accepted and waiting for the rest
+	cpu0 := processCPU(t)
+	time.Sleep(500 * time.Millisecond)
+	if used := processCPU(t) - cpu0; used > 100*time.Millisecond {
+		t.Errorf("the test process used %v of CPU in 500 ms while a header was half sent: the event loop spins", used)
+	}
+	if served.Load() != 0 {
+		t.Fatalf("a connection with half a header was handed on")
+	}
+	if _, err := io.WriteString(c, "10.0.0.1 4000 80\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for served.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if served.Load() != 1 {
+		t.Errorf("the connection did not reach the worker once its header was whole")
+	}
+}
+
+// processCPU is this process's user and system CPU time so far.
+func processCPU(t *testing.T) time.Duration {
+	t.Helper()
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
