@@ -161,7 +161,7 @@ func TestProxySlowHeaderIdle(t *testing.T) {
 }
 
 // processCPU is this process's user and system CPU time so far.
-func processCPU(t *testing.T) time.Duration {
+func processCPU(t testing.TB) time.Duration {
 	t.Helper()
 	var ru unix.Rusage
 	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
