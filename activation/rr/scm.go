@@ -130,7 +130,7 @@ func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
 	)
 	err := rc.Read(func(fd uintptr) bool {
 		for i := 0; ; {
-			n, oobn, flags, rerr = rawRecvmsg(int(fd), b, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			n, oobn, flags, rerr = rawMsg(unix.SYS_RECVMSG, int(fd), b, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
 			switch {
 			case rerr == unix.EINTR:
 				continue
@@ -243,8 +243,10 @@ func unixConn(f *os.File) (*net.UnixConn, error) {
 // calls are MSG_DONTWAIT on a non-blocking socket, so they never block,
 // which is what RawSyscall requires.
 
-// rawSendmsg is sendmsg(2) of b with control data oob on fd.
-func rawSendmsg(fd int, b, oob []byte, flags int) (int, error) {
+// rawMsg is sendmsg(2) or recvmsg(2) (call) of b and oob on fd; it
+// returns the call's result and, for recvmsg, the control data's length
+// and the message's flags.
+func rawMsg(call uintptr, fd int, b, oob []byte, flags int) (n, oobn, rflags int, err error) {
 	var iov unix.Iovec
 	var msg unix.Msghdr
 	if len(b) > 0 {
@@ -257,31 +259,15 @@ func rawSendmsg(fd int, b, oob []byte, flags int) (int, error) {
 		msg.Control = &oob[0]
 		msg.SetControllen(len(oob))
 	}
-	n, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), nil
-}
-
-// rawRecvmsg is recvmsg(2) into b and oob from fd; it returns the
-// payload's and the control data's lengths and the message's flags.
-func rawRecvmsg(fd int, b, oob []byte, flags int) (n, oobn, rflags int, err error) {
-	var iov unix.Iovec
-	var msg unix.Msghdr
-	if len(b) > 0 {
-		iov.Base = &b[0]
-		iov.SetLen(len(b))
-		msg.Iov = &iov
-		msg.Iovlen = 1
-	}
-	if len(oob) > 0 {
-		msg.Control = &oob[0]
-		msg.SetControllen(len(oob))
-	}
-	r, _, errno := unix.RawSyscall(unix.SYS_RECVMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
+	r, _, errno := unix.RawSyscall(call, uintptr(fd), uintptr(unsafe.Pointer(&msg)), uintptr(flags))
 	if errno != 0 {
 		return 0, 0, 0, errno
 	}
 	return int(r), int(msg.Controllen), int(msg.Flags), nil
+}
+
+// rawSendmsg is sendmsg(2) of b with control data oob on fd.
+func rawSendmsg(fd int, b, oob []byte, flags int) (int, error) {
+	n, _, _, err := rawMsg(unix.SYS_SENDMSG, fd, b, oob, flags)
+	return n, err
 }

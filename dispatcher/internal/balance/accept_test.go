@@ -89,45 +89,62 @@ func acceptRate(b testing.TB, threads, total, clients int) float64 {
 	return float64(n) / took.Seconds()
 }
 
-// acceptRun is acceptRate's run: how many connections the workers got,
-// and in how long.
-func acceptRun(b testing.TB, threads, total, clients int) (int64, time.Duration) {
+// testBalancer starts a balancer with cfg (its listener, names and
+// loggers filled in) on a new 127.0.0.1 listener and workers fakeWorkers
+// (pids 1000…), all ready. It returns the listener's address, the count
+// of connections the workers served and a stop that ends it all; the
+// test's cleanup calls stop too.
+func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *atomic.Int64, stop func()) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
-	defer ln.Close()
+	addr = ln.Addr().String()
 	lf, err := ln.(*net.TCPListener).File()
+	ln.Close() // lf is a copy of the socket
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
-	defer lf.Close()
-	bal, err := New(context.Background(), Config{
-		Listeners: []*os.File{lf}, Names: []string{"http"}, MaxPending: 64, MaxHandoffs: 8,
-		AckTimeout: 10 * time.Second, AcceptThreads: threads,
-		Warnf: func(string, ...any) {}, Infof: func(string, ...any) {},
-	})
+	cfg.Listeners, cfg.Names = []*os.File{lf}, []string{"http"}
+	if cfg.Warnf == nil {
+		cfg.Warnf, cfg.Infof = func(string, ...any) {}, func(string, ...any) {}
+	}
+	bal, err := New(context.Background(), cfg)
 	if err != nil {
-		b.Fatal(err)
+		lf.Close()
+		t.Fatal(err)
 	}
-	defer bal.Close()
-	var served atomic.Int64
+	served = new(atomic.Int64)
 	var wg sync.WaitGroup
-	for i := range 4 {
+	stop = sync.OnceFunc(func() {
+		bal.Stop()
+		bal.Close()
+		wg.Wait()
+		lf.Close()
+	})
+	t.Cleanup(stop)
+	for i := range workers {
 		st, err := bal.NewChannel(i)
 		if err != nil {
-			b.Fatal(err)
+			t.Fatal(err)
 		}
 		fd, err := unix.FcntlInt(st.End.Fd(), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
-			b.Fatal(err)
+			t.Fatal(err)
 		}
 		end := os.NewFile(uintptr(fd), rr.FDName)
 		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
 		bal.Ready(1000 + i)
-		wg.Go(func() { fakeWorker(end, &served) })
+		wg.Go(func() { fakeWorker(end, served) })
 	}
-	addr := ln.Addr().String()
+	return addr, served, stop
+}
+
+// acceptRun is acceptRate's run: how many connections the workers got,
+// and in how long.
+func acceptRun(b testing.TB, threads, total, clients int) (int64, time.Duration) {
+	addr, served, stop := testBalancer(b, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second, AcceptThreads: threads}, 4)
 	var dialed atomic.Int64
 	start := time.Now()
 	var cw sync.WaitGroup
@@ -148,9 +165,7 @@ func acceptRun(b testing.TB, threads, total, clients int) (int64, time.Duration)
 		time.Sleep(time.Millisecond)
 	}
 	took := time.Since(start)
-	bal.Stop()
-	bal.Close()
-	wg.Wait()
+	stop()
 	return served.Load(), took
 }
 

@@ -1,18 +1,13 @@
 package balance
 
 import (
-	"context"
 	"encoding/binary"
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/activation/rr"
 	"golang.org/x/sys/unix"
 )
 
@@ -96,42 +91,12 @@ func FuzzParseProxy(f *testing.F) {
 // reported the same bytes again at once, and a few slow clients kept a
 // core busy for proxyWait); once the rest comes the connection goes on.
 func TestProxySlowHeaderIdle(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	lf, err := ln.(*net.TCPListener).File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lf.Close()
-	bal, err := New(context.Background(), Config{
-		Listeners: []*os.File{lf}, Names: []string{"http"}, MaxPending: 64, MaxHandoffs: 8,
-		AckTimeout: 10 * time.Second, AcceptThreads: 1, ProxyProtocol: true, Policy: &Sticky{LoadFactor: DefaultLoadFactor, Fallback: RoundRobin{}},
+	addr, served, _ := testBalancer(t, Config{
+		MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second, AcceptThreads: 1,
+		ProxyProtocol: true, Policy: &Sticky{LoadFactor: DefaultLoadFactor, Fallback: RoundRobin{}},
 		Warnf: t.Logf, Infof: t.Logf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bal.Close()
-	st, err := bal.NewChannel(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fd, err := unix.FcntlInt(st.End.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	end := os.NewFile(uintptr(fd), rr.FDName)
-	st.Forked(1000)
-	bal.Ready(1000)
-	var served atomic.Int64
-	var wg sync.WaitGroup
-	wg.Go(func() { fakeWorker(end, &served) })
-	defer func() { bal.Stop(); bal.Close(); wg.Wait() }()
-
-	c, err := net.Dial("tcp", ln.Addr().String())
+	}, 1)
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
