@@ -347,7 +347,8 @@ func (b *Balancer) dispatch(conns []rr.Conn, keys []uint64) {
 // (activation/rr/scm.go says why): they never block, and a Syscall would
 // wake the runtime's sysmon thread on each wake-up of an idle loop.
 func epollWaitNow(ep int, events []unix.EpollEvent) (int, error) {
-	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	// epoll_pwait with no signal mask is epoll_wait, which arm64 lacks.
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
 	if errno != 0 {
 		return 0, errno
 	}
