@@ -186,7 +186,10 @@ func testCgroups(t *testing.T, c *Container) {
 	}
 	c.WriteFile(t, "/etc/cohort/"+app+".toml", []byte(appFile(cmd, 2, lifeSettings+"\n[limits]\nmemory_max = \"256M\"\n", port)), 0o644)
 	c.Run(t, "systemctl", "daemon-reload")
-	c.Run(t, "cohort", "check", "/etc/cohort/"+app+".toml")
+	// check says beforehand what the start then does.
+	if res := c.Exec(t, "cohort", "check", "/etc/cohort/"+app+".toml"); res.Code != 1 || !strings.Contains(res.Stderr, "[limits] need the memory controller, which this host does not offer its services") {
+		t.Errorf("cohort check of [limits] without the memory controller: %s; want exit 1 and the refusal", res)
+	}
 	c.Exec(t, "systemctl", "start", app+".service")
 	c.WaitJournal(t, 20*time.Second, "[limits] need the memory controller", "-u", app+".service")
 }

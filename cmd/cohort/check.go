@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -81,7 +82,7 @@ func cmdCheck(ctx context.Context, env *environment, args []string) int {
 		fmt.Fprintf(env.stderr, "cohort check: %v\n", err)
 		code = 1
 	}
-	hc := &hostChecks{ctx: ctx, offline: *offline, stderr: env.stderr}
+	hc := &hostChecks{ctx: ctx, offline: *offline, stderr: env.stderr, cgroupRoot: cmp.Or(env.cgroupRoot, "/sys/fs/cgroup")}
 	for _, path := range files {
 		app, data, err := appfile.ParseFileSource(path)
 		var us *generator.Units

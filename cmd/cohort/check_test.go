@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -166,5 +168,58 @@ func TestCheckMetrics(t *testing.T) {
 	code, out, errOut := runCohort(t, nil, "check", good)
 	if code != 0 || !strings.Contains(out, "metrics on 127.0.0.1:9464") {
 		t.Errorf("exit %d, stdout %q, stderr %q; want 0 and the metrics listener named", code, out, errOut)
+	}
+}
+
+// TestCheckControllers: [limits] that need a cgroup controller this host
+// does not offer its services are an error at the first key that needs
+// it (a warning with --offline): the dispatcher would refuse the app at
+// its start. Before, check said "ok" and only the start failed.
+func TestCheckControllers(t *testing.T) {
+	body := "command = [\"/bin/sh\"]\n" + listen + "[limits]\ncpu_quota = \"50%\"\nmemory_max = \"256M\"\n"
+	file := writeApp(t, t.TempDir(), "web.toml", body)
+	withControllers := func(list string) string {
+		root := t.TempDir()
+		if list != "-" {
+			writeApp(t, root, "cgroup.controllers", list+"\n")
+		}
+		return root
+	}
+	for _, tc := range []struct {
+		name, controllers, want string
+	}{
+		{"all there", "cpuset cpu io memory pids", ""},
+		{"no memory", "cpu pids", ":7:1: [limits] need the memory controller, which this host does not offer its services (ROOT offers: cpu pids): the app would be refused when it starts"},
+		{"no cgroup2", "-", ":6:1: [limits] need the cpu controller, which this host does not offer its services (no cgroup2 hierarchy at ROOT, which offers: none): the app would be refused when it starts\n" +
+			"FILE:7:1: [limits] need the memory controller, which this host does not offer its services (no cgroup2 hierarchy at ROOT, which offers: none): the app would be refused when it starts"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := withControllers(tc.controllers)
+			for _, offline := range []bool{false, true} {
+				var out, errOut bytes.Buffer
+				env := &environment{stdout: &out, stderr: &errOut, cgroupRoot: root}
+				args := []string{"check", file}
+				if offline {
+					args = []string{"check", "--offline", file}
+				}
+				code := runMain(context.Background(), env, args)
+				got := ""
+				for _, l := range strings.SplitAfter(errOut.String(), "\n") {
+					if !strings.HasPrefix(l, "cohort check: systemd-analyze not found") {
+						got += l
+					}
+				}
+				want, wantCode := "", 0
+				if tc.want != "" {
+					want, wantCode = file+strings.NewReplacer("ROOT", root, "FILE", file).Replace(tc.want)+"\n", 1
+					if offline {
+						want, wantCode = strings.ReplaceAll(want, ": [limits]", ": warning: [limits]"), 0
+					}
+				}
+				if code != wantCode || got != want {
+					t.Errorf("offline %v: code %d, stderr\n%s\nwant code %d,\n%s", offline, code, got, wantCode, want)
+				}
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/cohort-dev/cohort/dispatcher"
 	"github.com/cohort-dev/cohort/generator"
 	"github.com/cohort-dev/cohort/generator/verify"
+	"github.com/cohort-dev/cohort/internal/cgroup"
 )
 
 // verifyTimeout bounds one systemd-analyze verify run (it takes a few
@@ -29,8 +31,49 @@ type hostChecks struct {
 	offline bool
 	stderr  io.Writer
 
+	// cgroupRoot is where the cgroup2 hierarchy is mounted
+	// (/sys/fs/cgroup; tests set another).
+	cgroupRoot string
+
 	noAnalyzer bool                // systemd-analyze is missing; said once
 	known      map[string][]string // systemd's directives by section, read once
+}
+
+// hostControllers lists the cgroup v2 controllers this host can give a
+// service, those its cgroup2 root offers (systemd enables a delegated
+// unit's from them), and which directory it read: root, or the unified
+// hierarchy of a hybrid host.
+func hostControllers(root string) (have []string, where string) {
+	for _, dir := range []string{root, filepath.Join(root, "unified")} {
+		if c, err := cgroup.Controllers(dir); err == nil {
+			return c, dir
+		}
+	}
+	return nil, "no cgroup2 hierarchy at " + root + ", which"
+}
+
+// limitsKey is the first [limits] key of l written through controller c,
+// for the position of check's report.
+func limitsKey(l appfile.Limits, c string) string {
+	var keys []string
+	switch c {
+	case cgroup.Memory:
+		keys = []string{"memory_high", "memory_max", "memory_swap_max"}
+	case cgroup.CPU:
+		keys = []string{"cpu_weight", "cpu_quota"}
+	case cgroup.Pids:
+		keys = []string{"tasks_max"}
+	}
+	set := map[string]bool{
+		"memory_high": l.MemoryHigh != 0, "memory_max": l.MemoryMax != 0, "memory_swap_max": l.MemorySwapMax != 0,
+		"cpu_weight": l.CPUWeight != 0, "cpu_quota": l.CPUQuota != 0, "tasks_max": l.TasksMax != 0,
+	}
+	for _, k := range keys {
+		if set[k] {
+			return "limits." + k
+		}
+	}
+	return "limits"
 }
 
 // cohortPath is the cohort binary the units' ExecStart= names while they
@@ -83,6 +126,20 @@ func (hc *hostChecks) check(path string, app *appfile.App, data []byte, us *gene
 			report("command.0", "command[0] %q is not an executable file", app.Command[0])
 		default:
 			report("command.0", "command[0] %v on this host", err)
+		}
+	}
+	if need := cgroup.Needs(app.Limits); len(need) > 0 {
+		have, where := hostControllers(hc.cgroupRoot)
+		list := strings.Join(have, " ")
+		if list == "" {
+			list = "none"
+		}
+		// The dispatcher refuses such an app when it starts (its
+		// cgroups.check); say so now, where each key is written.
+		for _, m := range need {
+			if cgroup.Missing([]string{m}, have) != "" {
+				report(limitsKey(app.Limits, m), "[limits] need the %s controller, which this host does not offer its services (%s offers: %s): the app would be refused when it starts", m, where, list)
+			}
 		}
 	}
 	ctx, cancel := context.WithTimeout(hc.ctx, verifyTimeout)

@@ -37,6 +37,9 @@ type environment struct {
 	// directories and status looks for them (tests); "" means the place
 	// for this user (apps.go).
 	runtimeRoot string
+	// cgroupRoot overrides where check looks for the cgroup2 hierarchy
+	// (tests); "" means /sys/fs/cgroup.
+	cgroupRoot string
 	// units overrides how status asks systemd about an app's units
 	// (tests); nil means D-Bus.
 	units func(ctx context.Context, app string) (service, socket unitState, err error)
