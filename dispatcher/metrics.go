@@ -381,7 +381,7 @@ func (m *metricsServer) measure(ctx context.Context, snap *statusSnapshot) (floa
 var (
 	workerStates  = []string{"starting", "ready", "draining", "unhealthy", "exited", "backoff"}
 	appStates     = []string{"starting", "ready", "reloading", "draining", "stopping"}
-	restartCauses = []string{causeExited, causeCrashed, causeWatchdog, causeReadyTimeout, causeUnhealthy, causeSpawnFailed}
+	restartCauses = []string{causeExited, causeCrashed, causeOOMKilled, causeWatchdog, causeReadyTimeout, causeUnhealthy, causeSpawnFailed}
 )
 
 // causeRecycled is the cause label of status's Recycles: the slot's

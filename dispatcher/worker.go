@@ -325,6 +325,7 @@ func (d *dispatcher) exited(w *worker, ws unix.WaitStatus, now time.Time) {
 const (
 	causeExited       = "exited"        // it exited on its own (any status, or STOPPING=1)
 	causeCrashed      = "crashed"       // killed by a signal cohort did not send
+	causeOOMKilled    = "oom_killed"    // killed by the kernel's OOM killer (its cgroup's memory.events)
 	causeWatchdog     = "watchdog"      // missed its watchdog or sent WATCHDOG=trigger
 	causeReadyTimeout = "ready_timeout" // not ready within ready_timeout
 	causeUnhealthy    = "unhealthy"     // its round-robin channel failed
@@ -338,6 +339,8 @@ func restartCause(w *worker, ws unix.WaitStatus) string {
 		return w.cause
 	case w.silent:
 		return causeUnhealthy
+	case ws.Signaled() && ws.Signal() == unix.SIGKILL && !w.killed && w.oomKilled:
+		return causeOOMKilled // as describeExit names it: counted apart from crashes, seen while the slot waits
 	case ws.Signaled() && !w.killed && (w.sent == 0 || ws.Signal() != w.sent):
 		return causeCrashed
 	}

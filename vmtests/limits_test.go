@@ -47,10 +47,11 @@ func requireControllers(t *testing.T, c *Container) string {
 // --json`.
 type limitsStatusJSON struct {
 	Workers []struct {
-		Index    int `json:"index"`
-		PID      int `json:"pid"`
-		Restarts int `json:"restarts"`
-		Cgroup   *struct {
+		Index         int            `json:"index"`
+		PID           int            `json:"pid"`
+		Restarts      int            `json:"restarts"`
+		RestartCauses map[string]int `json:"restart_causes"`
+		Cgroup        *struct {
 			Path             string  `json:"path"`
 			MemoryCurrent    *uint64 `json:"memory_current_bytes"`
 			OOMKills         uint64  `json:"oom_kills"`
@@ -133,6 +134,9 @@ func testOOMKill(t *testing.T, c *Container) {
 		return nil
 	}); err != nil {
 		t.Error(err)
+	}
+	if n := after.Workers[0].RestartCauses["oom_killed"]; n == 0 {
+		t.Errorf("worker 0's restart causes %v count no oom_killed", after.Workers[0].RestartCauses)
 	}
 	if after.Workers[1].PID != before.Workers[1].PID {
 		t.Errorf("worker 1 changed pid %d → %d: the OOM kill was not worker 0's alone", before.Workers[1].PID, after.Workers[1].PID)

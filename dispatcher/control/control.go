@@ -186,6 +186,7 @@ type Worker struct {
 	Restarts   int       `json:"restarts"` // restarts after its process ended on its own (crashes), not recycles
 	// RestartCauses counts the slot's restarts by why its worker ended:
 	// "exited" (on its own), "crashed" (a signal cohort did not send),
+	// "oom_killed" (the kernel's OOM killer, as its cgroup counted),
 	// "watchdog", "ready_timeout", "unhealthy" (its round-robin channel
 	// failed), "spawn_failed"; they add up to Restarts.
 	RestartCauses map[string]int `json:"restart_causes,omitempty"`
