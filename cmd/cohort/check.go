@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/generator"
@@ -43,6 +44,19 @@ func parseFlags(fs *flag.FlagSet, args []string) (code int, done bool) {
 		return 2, true
 	}
 	return 0, false
+}
+
+// parseLeading is parseFlags for commands whose positional arguments may
+// come before the options too ("cohort logs web -f"): it returns them,
+// those before and those after.
+func parseLeading(fs *flag.FlagSet, args []string) (pos []string, code int, done bool) {
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		pos, args = append(pos, args[0]), args[1:]
+	}
+	if code, done := parseFlags(fs, args); done {
+		return nil, code, true
+	}
+	return append(pos, fs.Args()...), 0, false
 }
 
 // appFiles returns the files named on the command line, or every app file

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -52,14 +51,10 @@ func cmdLogs(ctx context.Context, env *environment, args []string) int {
 	worker := fs.Int("worker", -1, "worker `N`'s lines only")
 	since := fs.String("since", "", "lines from `TIME` on, as journalctl --since takes it (\"10 min ago\", \"today\", \"2026-12-02 10:00\")")
 	asJSON := fs.Bool("json", false, "one JSON object per line, for scripts")
-	var pos []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		pos, args = append(pos, args[0]), args[1:]
-	}
-	if code, done := parseFlags(fs, args); done {
+	pos, code, done := parseLeading(fs, args)
+	if done {
 		return code
 	}
-	pos = append(pos, fs.Args()...)
 	if len(pos) > 1 {
 		fs.Usage()
 		return 2

@@ -24,14 +24,10 @@ func cmdSignal(ctx context.Context, env *environment, args []string) int {
 	worker := fs.Int("worker", -1, "the worker `N` (its index, as in 'cohort status') only")
 	socket := fs.String("socket", "", "the control socket (default: the app's, see cohort(1))")
 	// APP SIGNAL may come before the options.
-	var pos []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		pos, args = append(pos, args[0]), args[1:]
-	}
-	if code, done := parseFlags(fs, args); done {
+	pos, code, done := parseLeading(fs, args)
+	if done {
 		return code
 	}
-	pos = append(pos, fs.Args()...)
 	if len(pos) != 2 {
 		fs.Usage()
 		return 2
