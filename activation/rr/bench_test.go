@@ -39,7 +39,7 @@ func BenchmarkPassFD(b *testing.B) {
 				es[i] = entry{id: uint64(sent + i)}
 			}
 			buf = appendConns(buf[:0], es[:n])
-			if err := sendMsg(ch.c, buf, fds[:n]); err != nil {
+			if err := ch.s.send(buf, fds[:n]); err != nil {
 				sendErr = err
 				return
 			}
@@ -74,7 +74,7 @@ func baseline(b *testing.B, n int) float64 {
 	start := time.Now()
 	wg.Go(func() { // sends n messages, then ends
 		for range n {
-			if _, err := ch.c.Write([]byte{1}); err != nil {
+			if err := ch.s.send([]byte{1}, nil); err != nil {
 				return
 			}
 		}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -71,8 +70,7 @@ var ErrNotSent = errors.New("nothing sent")
 // that Recv must not be called concurrently with itself. SetReadDeadline
 // bounds Recv.
 type Channel struct {
-	c  *net.UnixConn
-	rc syscall.RawConn
+	s *sock
 
 	sendMu sync.Mutex // held for a whole Send, so Close never hands back a File that sendmsg is using
 	buf    []byte     // under sendMu
@@ -114,29 +112,22 @@ const maxOpenTracked = 1 << 16
 // LISTEN_FDS entry named FDName (for example through exec.Cmd.ExtraFiles)
 // and closes its own copy once the worker has started.
 func NewPair() (ch *Channel, worker *os.File, err error) {
-	d, w, err := socketpair()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
 	}
-	c, err := unixConn(d)
+	s, err := newSock(fds[0], "cohort-rr-dispatcher")
 	if err != nil {
-		w.Close()
+		unix.Close(fds[1])
 		return nil, nil, err
-	}
-	rc, err := c.SyscallConn()
-	if err != nil {
-		c.Close()
-		w.Close()
-		return nil, nil, fmt.Errorf("round-robin channel: %w", err)
 	}
 	return &Channel{
-		c:       c,
-		rc:      rc,
+		s:       s,
 		rbuf:    make([]byte, MaxMessage+1),
 		roob:    make([]byte, oobSize),
 		unacked: make(map[uint64]inflight),
 		open:    make(map[uint64]struct{}),
-	}, w, nil
+	}, os.NewFile(uintptr(fds[1]), FDName), nil
 }
 
 // Send hands conns to the worker, in messages of at most MaxFDs
@@ -169,7 +160,7 @@ func (ch *Channel) Send(conns ...Conn) error {
 			es = append(es, entry{id: c.ID, listener: c.Listener})
 		}
 		ch.buf = appendConns(ch.buf[:0], es)
-		if err := sendMsg(ch.c, ch.buf, fds); err != nil {
+		if err := ch.s.send(ch.buf, fds); err != nil {
 			return fmt.Errorf("send %d conns: %w", len(batch), err)
 		}
 	}
@@ -207,7 +198,7 @@ func (ch *Channel) TrySend(conns ...Conn) (int, error) {
 		}
 		if err == nil {
 			ch.buf = appendConns(ch.buf[:0], es)
-			err = trySendMsg(ch.rc, ch.buf, fds)
+			err = ch.s.trySend(ch.buf, fds)
 		}
 		if err != nil {
 			ch.unregister(conns[n:])
@@ -237,27 +228,7 @@ func (ch *Channel) unregister(conns []Conn) {
 // closed (then it returns an error, or nil when a shutdown made the
 // socket report an error or hang-up: TrySend then fails at once).
 func (ch *Channel) WaitWritable() error {
-	var perr error
-	err := ch.rc.Write(func(fd uintptr) bool {
-		// Polled after the netpoller re-armed: room that appears later
-		// wakes it.
-		for {
-			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-			n, err := unix.Poll(pfd, 0)
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				perr = fmt.Errorf("poll: %w", err)
-				return true
-			}
-			return n > 0 && pfd[0].Revents != 0
-		}
-	})
-	if err == nil {
-		err = perr
-	}
-	if err != nil {
+	if err := ch.s.wait(unix.POLLOUT, false); err != nil {
 		return fmt.Errorf("wait for room on round-robin channel: %w", err)
 	}
 	return nil
@@ -276,12 +247,7 @@ func (ch *Channel) Shutdown() error {
 	ch.mu.Lock()
 	ch.shut = true
 	ch.mu.Unlock()
-	var serr error
-	err := ch.rc.Control(func(fd uintptr) { serr = unix.Shutdown(int(fd), unix.SHUT_RDWR) })
-	if err == nil {
-		err = serr
-	}
-	if err != nil && !errors.Is(err, unix.ENOTCONN) {
+	if err := ch.s.shutdown(); err != nil && !errors.Is(err, unix.ENOTCONN) {
 		return fmt.Errorf("shut down round-robin channel: %w", err)
 	}
 	return nil
@@ -325,7 +291,7 @@ func (ch *Channel) register(conns []Conn) error {
 // timeout (see SetReadDeadline) the caller should Close the Channel and
 // re-send what Close returns.
 func (ch *Channel) Recv() (Event, error) {
-	b, fds, err := recvMsg(ch.c, ch.rbuf, ch.roob)
+	b, fds, err := ch.s.recv(ch.rbuf, ch.roob)
 	return ch.apply(b, fds, err)
 }
 
@@ -336,7 +302,7 @@ func (ch *Channel) Recv() (Event, error) {
 // without a goroutine, and a wake-up, per channel. Like Recv, it must not
 // be called concurrently with itself or with Recv.
 func (ch *Channel) TryRecv() (Event, error) {
-	b, fds, err := tryRecvMsg(ch.rc, ch.rbuf, ch.roob)
+	b, fds, err := ch.s.tryRecv(ch.rbuf, ch.roob)
 	if err == unix.EAGAIN {
 		return Event{}, errRecvWouldBlock
 	}
@@ -346,7 +312,7 @@ func (ch *Channel) TryRecv() (Event, error) {
 // FD calls f with the channel's descriptor, for adding it to an epoll
 // set; f must not keep it past Close.
 func (ch *Channel) FD(f func(fd int)) error {
-	return ch.rc.Control(func(u uintptr) { f(int(u)) })
+	return ch.s.control(f)
 }
 
 // apply turns one received message into an Event and applies it.
@@ -469,7 +435,7 @@ func (ch *Channel) Ignored() uint64 {
 // that times out has read nothing: the Channel stays usable, and Recv
 // can be called again (after moving the deadline).
 func (ch *Channel) SetReadDeadline(t time.Time) error {
-	return ch.c.SetReadDeadline(t)
+	return ch.s.setReadDeadline(t)
 }
 
 // Unacked reports how many connections were sent (or are being sent) and
@@ -497,7 +463,7 @@ func (ch *Channel) Open() int {
 // their Files: hand them to another worker or close them. Later calls
 // return nothing.
 func (ch *Channel) Close() ([]Conn, error) {
-	err := ch.c.Close()
+	err := ch.s.close()
 	ch.sendMu.Lock() // wait for a running Send to let go of the Files
 	defer ch.sendMu.Unlock()
 	ch.mu.Lock()

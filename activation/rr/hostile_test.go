@@ -100,7 +100,7 @@ func TestHello(t *testing.T) {
 		t.Fatal("Spoke = false after HELLO")
 	}
 	// A dispatcher never sends HELLO; a worker refuses it.
-	if err := sendMsg(ch.c, appendHello(nil), nil); err != nil {
+	if err := ch.s.send(appendHello(nil), nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := w.Recv(); !errors.Is(err, ErrProtocol) {

@@ -199,15 +199,6 @@ func rawFD(f *os.File) (int, error) {
 	return fd, nil
 }
 
-// socketpair returns a connected SOCK_SEQPACKET pair, both ends close-on-exec.
-func socketpair() (a, b *os.File, err error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, fmt.Errorf("socketpair: %w", err)
-	}
-	return os.NewFile(uintptr(fds[0]), "cohort-rr-dispatcher"), os.NewFile(uintptr(fds[1]), FDName), nil
-}
-
 // unixConn turns f (a connected unix SOCK_SEQPACKET socket) into a
 // *net.UnixConn. It always closes f; the returned conn holds its own copy.
 func unixConn(f *os.File) (*net.UnixConn, error) {
