@@ -9,12 +9,16 @@ package balance
 // receiver per channel) spent most of the dispatcher's CPU on thread
 // wake-ups between them (issue 19).
 //
-// The epoll fd itself sits in Go's netpoller (a non-blocking epoll fd is
-// pollable), so a loop is an ordinary goroutine that parks while nothing
-// is ready, and Close wakes it by closing the fd. Waiting in a blocking
-// epoll_wait instead (a goroutine in a system call) measured worse: the
-// runtime preempts a goroutine that never parks every 10 ms and
-// reschedules it (2.4 context switches per connection against 1.3).
+// A loop waits in a blocking epoll_wait made with RawSyscall, so it keeps
+// its thread and its P while it waits (New adds a P per loop to
+// GOMAXPROCS, Close takes them back), and a wake-up is the kernel's alone:
+// no netpoller, no goroutine to wake, no sysmon. Measured with one byte
+// every 250 µs from another process (BenchmarkWakeFloor), a wake-up cost
+// 16–19 µs of CPU this way against 40–49 µs for a goroutine parked in
+// Go's netpoller and 62–65 µs for a blocking Syscall (which sysmon
+// retakes the P from on every wait). The runtime still preempts the
+// loop every 10 ms (a signal: epoll_wait returns EINTR), which is how a
+// stop-the-world reaches it. Stop wakes it with an eventfd in its set.
 
 import (
 	"errors"
@@ -31,9 +35,21 @@ import (
 
 // loop is one event loop.
 type loop struct {
-	ep *os.File // the epoll set, non-blocking, in Go's netpoller
+	// ep is the epoll set, in blocking mode: os.NewFile keeps it out of
+	// Go's netpoller, and its Close waits for no one (a wait holds a
+	// reference, so the fd is released when that wait returns).
+	ep *os.File
 	rc syscall.RawConn
+	// wake is an eventfd in the set (token wakeToken): stop makes it
+	// readable, which ends the wait. Only run closes it, after its last
+	// wait: a closed fd would leave the set before the wait saw it.
+	wake *os.File
 }
+
+// wakeToken names the loop's eventfd in its events: listeners have
+// 0…len-1, channels the tokens after, waiting PROXY connections -2 and
+// below.
+const wakeToken = -1
 
 // maxEvents bounds what one epoll_wait returns; what is left stays ready
 // (level-triggered) for the next.
@@ -47,29 +63,29 @@ const maxRecvPerEvent = 64
 // EMFILE, ENFILE, ENOBUFS…: the connections wait in the backlog.
 const acceptPause = 50 * time.Millisecond
 
-// newLoop makes an empty epoll set in Go's netpoller.
+// newLoop makes an epoll set holding its wake eventfd.
 func newLoop() (*loop, error) {
 	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("epoll set non-blocking: %w", err)
-	}
 	ep := os.NewFile(uintptr(fd), "cohort-rr-epoll")
-	// An fd the netpoller refused has no deadlines: RawConn.Read would
-	// then fail instead of waiting.
-	if err := ep.SetReadDeadline(time.Time{}); err != nil {
-		ep.Close()
-		return nil, fmt.Errorf("epoll set not pollable: %w", err)
-	}
 	rc, err := ep.SyscallConn()
 	if err != nil {
 		ep.Close()
 		return nil, fmt.Errorf("epoll set: %w", err)
 	}
-	return &loop{ep: ep, rc: rc}, nil
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		ep.Close()
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	l := &loop{ep: ep, rc: rc, wake: os.NewFile(uintptr(efd), "cohort-rr-wake")}
+	if err := l.ctl(unix.EPOLL_CTL_ADD, efd, wakeToken, unix.EPOLLIN); err != nil {
+		l.close()
+		return nil, fmt.Errorf("epoll_ctl: %w", err)
+	}
+	return l, nil
 }
 
 // ctl adds (op EPOLL_CTL_ADD) or removes (EPOLL_CTL_DEL) fd, named by
@@ -86,27 +102,72 @@ func (l *loop) ctl(op, fd int, token int32, events uint32) error {
 	return err
 }
 
-// stop closes the set, which ends its loop (parked in RawConn.Read, or
-// at its next wait).
-func (l *loop) stop() { l.ep.Close() }
+// stop ends the loop: its wait (or its next) returns, and the closed set
+// fails the one after. It may be called more than once.
+func (l *loop) stop() {
+	// Any non-zero counter makes the eventfd readable, whatever the
+	// byte order. The write fails only once run has closed it (the loop
+	// has ended), the Close only when it is closed already.
+	l.wake.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0})
+	l.ep.Close()
+}
+
+// close releases the loop's fds; only run (or newLoop) calls it.
+func (l *loop) close() {
+	l.ep.Close()
+	l.wake.Close()
+}
+
+// wait blocks until something in the set is ready, timeoutMs passes
+// (-1: no timeout) or stop; it reports
+// false once the loop has been stopped.
+func (l *loop) wait(events []unix.EpollEvent, timeoutMs int) (int, bool, error) {
+	var n int
+	var werr error
+	err := l.rc.Control(func(ep uintptr) {
+		for {
+			n, werr = epollWait(int(ep), events, timeoutMs)
+			if werr != unix.EINTR {
+				return
+			}
+		}
+	})
+	return n, err == nil, werr
+}
+
+// ackReadDelay bounds how long a loop leaves its channels' messages
+// unread while it reads them lazily (see run).
+const ackReadDelay = time.Millisecond
 
 // run is a loop's goroutine: it waits for the set, then handles every
 // ready fd, until stop (Close, or New's ctx ended).
+//
+// Reading acknowledgements lazily halves the wake-ups of a paced stream
+// of connections: one for the connection, none for its ACK. While the
+// listeners are in the set and a channel of the loop has connections
+// unacknowledged, the loop's channels leave the set for reading (they
+// stay in it for hang-ups), the loop reads every channel that may have
+// something to say on each wake-up, before accepting (room depends on
+// the ACKs), and it waits at most ackReadDelay. The dispatcher's copy of
+// a connection keeps the connection open until the ACK is read, so a
+// client that waits for the server's FIN sees it up to ackReadDelay late;
+// when no connection comes meanwhile the delay ends the wait. A wait that
+// ended with nothing new puts the channels back for reading, so an idle
+// loop sleeps until something happens; so does a loop whose listeners
+// left the set (no worker has room: an ACK must wake it at once).
 func (b *Balancer) run(li int, l *loop) {
+	defer l.close()
 	events := make([]unix.EpollEvent, maxEvents)
 	batch := make([]rr.Conn, 0, rr.MaxFDs)
+	var mine []*worker // scratch: this loop's channels that may have something to say
+	lazy := false      // this loop's channels are read on each wake-up, not watched for reading
 	for {
-		var n int
-		var werr error
-		err := l.rc.Read(func(ep uintptr) bool {
-			for {
-				n, werr = epollWaitNow(int(ep), events)
-				if werr != unix.EINTR {
-					return werr != nil || n > 0
-				}
-			}
-		})
-		if err != nil {
+		timeout := -1
+		if lazy {
+			timeout = int(ackReadDelay / time.Millisecond)
+		}
+		n, ok, werr := l.wait(events, timeout)
+		if !ok {
 			return // stopped
 		}
 		if werr != nil {
@@ -114,7 +175,19 @@ func (b *Balancer) run(li int, l *loop) {
 			return
 		}
 		held := false
+		heard := false
+		if lazy {
+			mine = b.speakers(li, mine[:0])
+			for _, w := range mine {
+				got, flush := b.drain(w)
+				heard = heard || got
+				held = held || flush
+			}
+		}
 		for _, ev := range events[:n] {
+			if ev.Fd == wakeToken {
+				continue // stop: the next wait fails
+			}
 			if ev.Fd < 0 {
 				b.headerReady(ev.Fd)
 				continue
@@ -126,14 +199,63 @@ func (b *Balancer) run(li int, l *loop) {
 			b.mu.Lock()
 			w := b.byToken[ev.Fd]
 			b.mu.Unlock()
-			if w != nil && b.drain(w) {
-				held = true
+			if w != nil {
+				if _, flush := b.drain(w); flush {
+					held = true
+				}
 			}
 		}
 		if held {
 			b.flush()
 		}
+		lazy = b.pace(li, n > 0 || heard)
 	}
+}
+
+// speakers appends the live channels of loop li that may have a message
+// queued: connections unacknowledged or open, or no word yet.
+func (b *Balancer) speakers(li int, out []*worker) []*worker {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, w := range b.workers {
+		if w.loop == li && !w.gone && (b.loadLocked(w) > 0 || w.ch.Open() > 0 || !w.spoke) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// pace decides whether loop li reads its channels lazily until its next
+// wake-up, and sets their registrations to match (a channel starts out
+// watched for reading; they stay in the set for hang-ups and errors
+// either way). Lazily only while busy (this wake-up brought an event or
+// a message), the listeners are in the set (a connection will wake the
+// loop) and one of its channels has connections unacknowledged (an ACK
+// is due).
+func (b *Balancer) pace(li int, busy bool) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	lazy := false
+	if busy && b.armed {
+		for _, w := range b.workers {
+			if w.loop == li && !w.gone && b.loadLocked(w) > 0 {
+				lazy = true
+				break
+			}
+		}
+	}
+	events := uint32(unix.EPOLLIN | unix.EPOLLRDHUP)
+	if lazy {
+		events = unix.EPOLLRDHUP
+	}
+	for _, w := range b.workers {
+		if w.loop == li && !w.gone && w.lazy != lazy {
+			w.lazy = lazy
+			// ENOENT: retired meanwhile; nothing else can fail.
+			w.ch.FD(func(fd int) { b.loops[li].ctl(unix.EPOLL_CTL_MOD, fd, w.token, events) })
+		}
+	}
+	return lazy
 }
 
 // acceptOn accepts on listener index as many connections as ready
@@ -342,13 +464,13 @@ func (b *Balancer) dispatch(conns []rr.Conn, keys []uint64) {
 	b.flush()
 }
 
-// epollWaitNow is epoll_wait(2) with a timeout of 0. It, accept4 and
-// acceptKey use RawSyscall, as the channel's sends and receives do
-// (activation/rr/scm.go says why): they never block, and a Syscall would
-// wake the runtime's sysmon thread on each wake-up of an idle loop.
-func epollWaitNow(ep int, events []unix.EpollEvent) (int, error) {
+// epollWait is a blocking epoll_wait(2) made with RawSyscall (see the top
+// of this file); accept4 and acceptKey use RawSyscall too, as the
+// channel's sends and receives do (activation/rr/scm.go says why): they
+// never block, and a Syscall would wake the runtime's sysmon thread.
+func epollWait(ep int, events []unix.EpollEvent, timeoutMs int) (int, error) {
 	// epoll_pwait with no signal mask is epoll_wait, which arm64 lacks.
-	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(timeoutMs), 0, 0)
 	if errno != 0 {
 		return 0, errno
 	}

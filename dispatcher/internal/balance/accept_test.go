@@ -2,6 +2,8 @@ package balance
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -177,5 +179,40 @@ func TestAcceptThreads(t *testing.T) {
 		if n, _ := acceptRun(t, threads, 2000, 8); n != 2000 {
 			t.Errorf("%d accept threads: workers got %d of 2000 connections", threads, n)
 		}
+	}
+}
+
+// TestLazyAcksDelayFINLittle: while a loop reads acknowledgements lazily
+// (run), the dispatcher's copy of a connection keeps it open until the
+// ACK is read, so a client that waits for the server's FIN depends on
+// the loop's bound: with one connection at a time and nothing else to
+// wake the loop, each client must still see end of stream within
+// ackReadDelay (plus scheduling), not at the next connection or when
+// the watcher's ack_timeout ends the wait.
+func TestLazyAcksDelayFINLittle(t *testing.T) {
+	addr, _, _ := testBalancer(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second}, 2)
+	const (
+		conns = 50
+		bound = 250 * time.Millisecond // ackReadDelay is 1 ms; the rest is a loaded CI machine
+	)
+	var worst time.Duration
+	for i := range conns {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		c.SetReadDeadline(start.Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1)) // the fake worker closes without a word
+		took := time.Since(start)
+		c.Close()
+		if !errors.Is(err, io.EOF) {
+			t.Fatalf("connection %d: read = %v, want EOF", i, err)
+		}
+		worst = max(worst, took)
+	}
+	t.Logf("end of stream within %v of the connect, at worst", worst)
+	if worst > bound {
+		t.Fatalf("a client waited %v for the server's FIN (bound %v)", worst, bound)
 	}
 }

@@ -85,6 +85,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -144,6 +145,7 @@ type Balancer struct {
 	listeners []*os.File      // non-blocking duplicates of the app's listeners, owned here (out of Go's netpoller)
 	lfds      []int           // their fds: the tokens 0…len-1 of the epoll sets
 	loops     []*loop         // the event loops
+	procs     int             // Ps New added to GOMAXPROCS for them; Close gives them back
 	accepted  []atomic.Uint64 // connections accepted on listeners[i], by the event loops
 
 	byPID    map[int]*worker // loop only: until reaped and its channel retired
@@ -193,6 +195,7 @@ type worker struct {
 	blocked   bool   // its queue was full: skipped until the writer sees room
 	pause     bool   // blocked by ETOOMANYREFS: the writer waits a moment instead
 	spoke     bool   // it sent a well-formed message
+	lazy      bool   // out of its loop's set for reading: the loop reads it on each wake-up (run)
 	sending   int    // connections picked for it whose TrySend has not returned
 	handed    uint64 // connections sent to it, for status
 	ignored   uint64 // ids it sent that the channel did not apply
@@ -278,6 +281,10 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		}
 		b.loops = append(b.loops, l)
 	}
+	// Each loop keeps a P while it waits (accept.go): one P more per loop
+	// leaves the rest of the process the Ps it had.
+	b.procs = len(b.loops)
+	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + b.procs)
 	b.accepted = make([]atomic.Uint64, len(b.listeners))
 	b.env = []string{rr.ListenersEnv + "=" + strings.Join(cfg.Names, ":"), rr.HelloEnv + "=1"}
 	b.wg.Go(b.flusher)
@@ -354,7 +361,9 @@ func (s *Start) Forked(pid int) {
 	b.byToken[w.token] = w
 	b.workers = append(b.workers, w)
 	var werr error
-	if err := s.ch.FD(func(fd int) { werr = b.loops[w.loop].ctl(unix.EPOLL_CTL_ADD, fd, w.token, unix.EPOLLIN) }); err != nil {
+	if err := s.ch.FD(func(fd int) {
+		werr = b.loops[w.loop].ctl(unix.EPOLL_CTL_ADD, fd, w.token, unix.EPOLLIN|unix.EPOLLRDHUP)
+	}); err != nil {
 		werr = err
 	}
 	b.mu.Unlock()
@@ -578,4 +587,11 @@ func (b *Balancer) Close() {
 	}
 	closeConns(held)
 	b.wg.Wait()
+	b.mu.Lock()
+	procs := b.procs
+	b.procs = 0
+	b.mu.Unlock()
+	if procs > 0 {
+		runtime.GOMAXPROCS(max(1, runtime.GOMAXPROCS(0)-procs))
+	}
 }

@@ -83,24 +83,26 @@ func (b *Balancer) fault(f fault) {
 
 // drain reads what w sent, without waiting, and applies it; when the
 // channel has ended it retires w and tells the supervisor's loop. It
-// reports whether connections are held that a flush should send now (a
-// rejection, or a worker's first word, which raises its limit). Only the
-// event loop holding w's channel calls it.
-func (b *Balancer) drain(w *worker) (flush bool) {
+// reports whether it read anything, and whether connections are held
+// that a flush should send now (a rejection, or a worker's first word,
+// which raises its limit). Only the event loop holding w's channel calls
+// it.
+func (b *Balancer) drain(w *worker) (got, flush bool) {
 	for range maxRecvPerEvent {
 		ev, err := w.ch.TryRecv()
 		if errors.Is(err, rr.ErrWouldBlock) {
-			return flush
+			return got, flush
 		}
+		got = true
 		if err != nil {
 			b.ended(w, err)
-			return false
+			return got, false
 		}
 		if b.apply(w, ev) {
 			flush = true
 		}
 	}
-	return flush
+	return got, flush
 }
 
 // ended retires w, whose channel ended with err, and tells the loop.
