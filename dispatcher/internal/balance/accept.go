@@ -161,6 +161,7 @@ func (b *Balancer) run(li int, l *loop) {
 	batch := make([]rr.Conn, 0, rr.MaxFDs)
 	var mine []*worker // scratch: this loop's channels that may have something to say
 	lazy := false      // this loop's channels are read on each wake-up, not watched for reading
+	var lastAll time.Time
 	for {
 		timeout := -1
 		if lazy {
@@ -177,7 +178,13 @@ func (b *Balancer) run(li int, l *loop) {
 		held := false
 		heard := false
 		if lazy {
-			mine = b.speakers(li, mine[:0])
+			// Channels with ACKs due are read on every wake-up, the rest
+			// (CLOSED, HELLO) once per ackReadDelay.
+			all := false
+			if now := time.Now(); now.Sub(lastAll) >= ackReadDelay {
+				all, lastAll = true, now
+			}
+			mine = b.speakers(li, mine[:0], all)
 			for _, w := range mine {
 				got, flush := b.drain(w)
 				heard = heard || got
@@ -213,12 +220,13 @@ func (b *Balancer) run(li int, l *loop) {
 }
 
 // speakers appends the live channels of loop li that may have a message
-// queued: connections unacknowledged or open, or no word yet.
-func (b *Balancer) speakers(li int, out []*worker) []*worker {
+// queued: connections unacknowledged, and with all also connections open
+// or no word yet.
+func (b *Balancer) speakers(li int, out []*worker, all bool) []*worker {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, w := range b.workers {
-		if w.loop == li && !w.gone && (b.loadLocked(w) > 0 || w.ch.Open() > 0 || !w.spoke) {
+		if w.loop == li && !w.gone && (b.loadLocked(w) > 0 || all && (w.ch.Open() > 0 || !w.spoke)) {
 			out = append(out, w)
 		}
 	}
