@@ -270,8 +270,12 @@ func zombieChildren(t testing.TB, ppid int) []int {
 }
 
 // get fetches url with a fresh connection and returns the body.
-func get(url string) (string, error) {
-	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+func get(url string) (string, error) { return getWithin(url, 5*time.Second) }
+
+// getWithin is get with its own timeout, for a request that is slow by
+// design.
+func getWithin(url string, timeout time.Duration) (string, error) {
+	c := &http.Client{Timeout: timeout, Transport: &http.Transport{DisableKeepAlives: true}}
 	resp, err := c.Get(url)
 	if err != nil {
 		return "", err
