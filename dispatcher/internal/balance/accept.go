@@ -17,14 +17,16 @@ package balance
 // 16–19 µs of CPU this way against 40–49 µs for a goroutine parked in
 // Go's netpoller and 62–65 µs for a blocking Syscall (which sysmon
 // retakes the P from on every wait). The runtime still preempts the
-// loop every 10 ms (a signal: epoll_wait returns EINTR), which is how a
-// stop-the-world reaches it. Stop wakes it with an eventfd in its set.
+// loop every 10 ms and for each stop-the-world (a signal: epoll_wait
+// returns EINTR, and the loop yields: see wait). Stop wakes it with an
+// eventfd in its set.
 
 import (
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 	"unsafe"
@@ -119,20 +121,25 @@ func (l *loop) close() {
 }
 
 // wait blocks until something in the set is ready, timeoutMs passes
-// (-1: no timeout) or stop; it reports
-// false once the loop has been stopped.
+// (-1: no timeout) or stop; it reports false once the loop has been
+// stopped.
 func (l *loop) wait(events []unix.EpollEvent, timeoutMs int) (int, bool, error) {
-	var n int
-	var werr error
-	err := l.rc.Control(func(ep uintptr) {
-		for {
-			n, werr = epollWait(int(ep), events, timeoutMs)
-			if werr != unix.EINTR {
-				return
-			}
+	for {
+		var n int
+		var werr error
+		if err := l.rc.Control(func(ep uintptr) { n, werr = epollWait(int(ep), events, timeoutMs) }); err != nil {
+			return 0, false, nil
 		}
-	})
-	return n, err == nil, werr
+		if werr != unix.EINTR {
+			return n, true, werr
+		}
+		// A signal, most often the runtime's: a stop-the-world, or
+		// sysmon preempting a goroutine that has run for 10 ms. The
+		// raw call's path has no preemption point, and waiting again
+		// at once would keep the whole process stopped (and the
+		// runtime signalling) until a connection came: yield first.
+		runtime.Gosched()
+	}
 }
 
 // ackReadDelay bounds how long a loop leaves its channels' messages

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -214,5 +215,24 @@ func TestLazyAcksDelayFINLittle(t *testing.T) {
 	t.Logf("end of stream within %v of the connect, at worst", worst)
 	if worst > bound {
 		t.Fatalf("a client waited %v for the server's FIN (bound %v)", worst, bound)
+	}
+}
+
+// TestIdleLoopLetsTheWorldStop: a loop waits in a system call that the
+// runtime cannot preempt; a stop-the-world (every GC has two) interrupts
+// it with a signal, and the loop must then yield instead of waiting again,
+// or the whole process stands still until a connection comes.
+func TestIdleLoopLetsTheWorldStop(t *testing.T) {
+	testBalancer(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second, AcceptThreads: 2}, 2)
+	time.Sleep(100 * time.Millisecond) // the workers' HELLOs are read; the loops wait with no timeout
+	done := make(chan struct{})
+	go func() {
+		runtime.GC()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("runtime.GC did not return within 5 s: an idle event loop keeps the world from stopping")
 	}
 }
