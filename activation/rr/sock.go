@@ -32,7 +32,8 @@ type sock struct {
 
 	// kick is an eventfd that SetReadDeadline makes readable, so that a
 	// Recv waiting in poll(2) notices the new deadline; only Recv reads it.
-	kick *os.File
+	kick   *os.File
+	kickRC syscall.RawConn
 
 	mu       sync.Mutex
 	deadline time.Time // Recv's; zero: none
@@ -59,7 +60,14 @@ func newSock(fd int, name string) (*sock, error) {
 		f.Close()
 		return nil, fmt.Errorf("round-robin channel: eventfd: %w", err)
 	}
-	return &sock{f: f, rc: rc, kick: os.NewFile(uintptr(efd), "cohort-rr-kick")}, nil
+	kick := os.NewFile(uintptr(efd), "cohort-rr-kick")
+	kickRC, err := kick.SyscallConn()
+	if err != nil {
+		f.Close()
+		kick.Close()
+		return nil, fmt.Errorf("round-robin channel: %w", err)
+	}
+	return &sock{f: f, rc: rc, kick: kick, kickRC: kickRC}, nil
 }
 
 // closedErr turns the error of a call on a closed sock into net.ErrClosed,
@@ -178,11 +186,7 @@ func (s *sock) wait(events int16, reading bool) error {
 
 // kickControl is control for the kick eventfd.
 func (s *sock) kickControl(f func(fd int)) error {
-	rc, err := s.kick.SyscallConn()
-	if err != nil {
-		return s.closedErr(err)
-	}
-	return s.closedErr(rc.Control(func(u uintptr) { f(int(u)) }))
+	return s.closedErr(s.kickRC.Control(func(u uintptr) { f(int(u)) }))
 }
 
 // drainKick resets the kick eventfd's counter.
