@@ -58,14 +58,18 @@ func KillMarked(kv string) {
 	}
 }
 
-// Children lists pid's children (/proc/PID/task/PID/children; a
-// single-threaded parent's, as tests' are).
+// Children lists pid's children: those of every one of its threads
+// (/proc/PID/task/TID/children lists the children a thread forked, and a
+// Go program forks from whichever thread runs the goroutine).
 func Children(pid int) []int {
-	b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "task", strconv.Itoa(pid), "children"))
+	tasks, _ := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
 	var kids []int
-	for _, f := range bytes.Fields(b) {
-		if n, err := strconv.Atoi(string(f)); err == nil {
-			kids = append(kids, n)
+	for _, task := range tasks {
+		b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "task", task.Name(), "children"))
+		for _, f := range bytes.Fields(b) {
+			if n, err := strconv.Atoi(string(f)); err == nil {
+				kids = append(kids, n)
+			}
 		}
 	}
 	return kids

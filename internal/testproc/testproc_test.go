@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"syscall"
@@ -110,5 +111,43 @@ func TestChildrenAndState(t *testing.T) {
 	cmd.Wait()
 	if st := State(pid); st != "" {
 		t.Errorf("state of a reaped child %q, want none", st)
+	}
+}
+
+// TestChildrenOfAnyThread: a child forked from a thread other than the
+// main one is pid's child too (it is listed under that thread's task).
+func TestChildrenOfAnyThread(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	// Each goroutine keeps its thread locked until the end, so a second
+	// one cannot land on the main thread if the first did.
+	var cmd *exec.Cmd
+	for range 2 {
+		started := make(chan *exec.Cmd)
+		go func() {
+			runtime.LockOSThread() // the thread ends with the goroutine
+			if unix.Gettid() == os.Getpid() {
+				started <- nil
+				<-release
+				return
+			}
+			c := exec.Command("sleep", "1000")
+			if c.Start() != nil {
+				c = nil
+			}
+			started <- c
+			<-release
+		}()
+		if cmd = <-started; cmd != nil {
+			break
+		}
+	}
+	if cmd == nil {
+		t.Fatal("could not start a child from a thread other than the main one")
+	}
+	defer cmd.Wait()
+	defer cmd.Process.Kill() // by pid
+	if kids := Children(os.Getpid()); !slices.Contains(kids, cmd.Process.Pid) {
+		t.Fatalf("Children = %v, want it to hold %d, forked by a thread other than the main one", kids, cmd.Process.Pid)
 	}
 }
