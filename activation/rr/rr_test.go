@@ -368,7 +368,7 @@ func TestMalformedMessagesLeakNoFDs(t *testing.T) {
 		ch, w := newPair(t)
 		before := countFDs(t)
 		// A worker must not send fds; reach under Worker.Send to do it.
-		if err := sendMsg(w.c, appendIDs(nil, TypeAck, []uint64{1}), fdsOf(3)); err != nil {
+		if err := w.s.send(appendIDs(nil, TypeAck, []uint64{1}), fdsOf(3)); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := ch.Recv(); !errors.Is(err, ErrProtocol) {

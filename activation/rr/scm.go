@@ -1,15 +1,13 @@
 package rr
 
 // The only functions that touch SCM_RIGHTS. Every fd has one owner:
-// sendMsg and trySendMsg never close the fds they send; recvMsg hands
-// every fd it received to its caller on success and closes all of them on
-// any error.
+// trySendMsg never closes the fds it sends; tryRecvMsg hands every fd it
+// received to its caller on success and closes all of them on any error.
 
 import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"syscall"
 	"unsafe"
@@ -21,26 +19,10 @@ import (
 // when a peer sends more (the kernel then sets MSG_CTRUNC).
 var oobSize = unix.CmsgSpace((MaxFDs + 1) * 4)
 
-// sendMsg writes b as one message with fds attached as SCM_RIGHTS. The fds
-// stay owned by the caller.
-func sendMsg(c *net.UnixConn, b []byte, fds []int) error {
-	var oob []byte
-	if len(fds) > 0 {
-		oob = unix.UnixRights(fds...)
-	}
-	n, oobn, err := c.WriteMsgUnix(b, oob, nil)
-	if err != nil {
-		return fmt.Errorf("sendmsg: %w", err)
-	}
-	if n != len(b) || oobn != len(oob) {
-		return fmt.Errorf("sendmsg: short write (%d of %d bytes, %d of %d control bytes)", n, len(b), oobn, len(oob))
-	}
-	return nil
-}
-
-// trySendMsg is sendMsg without waiting for room: it returns an error
-// wrapping unix.EAGAIN when the peer's receive queue is full. It never
-// raises SIGPIPE.
+// trySendMsg writes b as one message with fds attached as SCM_RIGHTS
+// (the fds stay owned by the caller), without waiting for room: it
+// returns an error wrapping unix.EAGAIN when the peer's receive queue is
+// full. It never raises SIGPIPE.
 func trySendMsg(rc syscall.RawConn, b []byte, fds []int) error {
 	var oob []byte
 	if len(fds) > 0 {
@@ -70,30 +52,13 @@ func trySendMsg(rc syscall.RawConn, b []byte, fds []int) error {
 	return nil
 }
 
-// errEOF is returned by recvMsg when the peer closed its end.
+// errEOF is returned by tryRecvMsg when the peer closed its end.
 var errEOF = errors.New("peer closed the channel")
 
-// recvMsg reads one message into b, using oob (at least oobSize bytes) for
-// control data. It returns the payload and the received fds, opened
-// close-on-exec, which the caller then owns. On any error, including a
-// truncated message or control data (MSG_TRUNC, MSG_CTRUNC), it closes every
-// fd it received and returns none. At end of stream it returns errEOF.
-func recvMsg(c *net.UnixConn, b, oob []byte) ([]byte, []int, error) {
-	n, oobn, flags, _, err := c.ReadMsgUnix(b, oob)
-	// A peer that closes its end with messages it did not read makes the
-	// kernel report ECONNRESET once, before the messages it sent that we
-	// have not read yet (an ACK, say). Read on: they follow, then end of
-	// stream.
-	for i := 0; i < 4 && errors.Is(err, syscall.ECONNRESET); i++ {
-		n, oobn, flags, _, err = c.ReadMsgUnix(b, oob)
-	}
-	return recvResult(b, oob, n, oobn, flags, err)
-}
-
-// recvResult judges what one recvmsg(2) returned, for recvMsg and
-// tryRecvMsg alike: the payload and the fds it carried, or an error
-// (errEOF at end of stream, ErrProtocol for a malformed message), in which
-// case every fd received is closed.
+// recvResult judges what one recvmsg(2) of tryRecvMsg returned: the
+// payload and the fds it carried, or an error (errEOF at end of stream,
+// ErrProtocol for a malformed message), in which case every fd received
+// is closed.
 func recvResult(b, oob []byte, n, oobn, flags int, err error) ([]byte, []int, error) {
 	n = max(n, 0)
 	fds, perr := parseRights(oob[:max(0, min(oobn, len(oob)))])
@@ -120,9 +85,13 @@ func recvResult(b, oob []byte, n, oobn, flags int, err error) ([]byte, []int, er
 	return b[:n], fds, nil
 }
 
-// tryRecvMsg is recvMsg without waiting (MSG_DONTWAIT, never parked in
-// the netpoller): with nothing queued it returns an error wrapping
-// unix.EAGAIN.
+// tryRecvMsg reads one message into b, using oob (at least oobSize bytes)
+// for control data, without waiting (MSG_DONTWAIT): with nothing queued
+// it returns an error wrapping unix.EAGAIN. It returns the payload and the
+// received fds, opened close-on-exec, which the caller then owns. On any
+// error, including a truncated message or control data (MSG_TRUNC,
+// MSG_CTRUNC), it closes every fd it received and returns none. At end of
+// stream it returns errEOF.
 func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
 	var (
 		n, oobn, flags int
@@ -135,7 +104,12 @@ func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
 			case rerr == unix.EINTR:
 				continue
 			case rerr == unix.ECONNRESET && i < 4:
-				i++ // as in recvMsg: the peer's last messages follow
+				// A peer that closes its end with messages it did
+				// not read makes the kernel report ECONNRESET once,
+				// before the messages it sent that we have not read
+				// yet (an ACK, say). Read on: they follow, then end
+				// of stream.
+				i++
 				continue
 			}
 			return true
@@ -199,9 +173,9 @@ func rawFD(f *os.File) (int, error) {
 	return fd, nil
 }
 
-// unixConn turns f (a connected unix SOCK_SEQPACKET socket) into a
-// *net.UnixConn. It always closes f; the returned conn holds its own copy.
-func unixConn(f *os.File) (*net.UnixConn, error) {
+// workerSock turns f (a connected unix SOCK_SEQPACKET socket) into a
+// sock. It always closes f; the sock holds its own copy.
+func workerSock(f *os.File) (*sock, error) {
 	defer f.Close()
 	fd, err := rawFD(f)
 	if err != nil {
@@ -214,16 +188,11 @@ func unixConn(f *os.File) (*net.UnixConn, error) {
 	if typ != unix.SOCK_SEQPACKET {
 		return nil, fmt.Errorf("round-robin channel %s: socket type %d, want SOCK_SEQPACKET", f.Name(), typ)
 	}
-	c, err := net.FileConn(f)
+	own, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("round-robin channel %s: %w", f.Name(), err)
+		return nil, fmt.Errorf("round-robin channel %s: dup: %w", f.Name(), err)
 	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, fmt.Errorf("round-robin channel %s: not a unix socket", f.Name())
-	}
-	return uc, nil
+	return newSock(own, f.Name())
 }
 
 // The dispatcher's non-waiting sendmsg and recvmsg go through RawSyscall,

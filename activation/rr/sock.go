@@ -13,7 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sock is the dispatcher's end of a channel, kept out of Go's netpoller.
+// sock is one end of a channel (the dispatcher's or a worker's), kept out
+// of Go's netpoller.
 //
 // The netpoller watches every fd it holds for reading and for writing,
 // edge-triggered, whether or not a goroutine waits on it: with the

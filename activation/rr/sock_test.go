@@ -41,6 +41,30 @@ func epollTargets(t *testing.T) map[int]bool {
 	return out
 }
 
+// netpollerFD returns an fd that is in Go's netpoller, so that a test that
+// finds some fd missing from every epoll set knows it looked in the right
+// place.
+func netpollerFD(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fd int
+	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		t.Fatal(err)
+	}
+	if !epollTargets(t)[fd] {
+		t.Fatalf("a net.Listener's fd %d is in no epoll set: epollTargets cannot see the netpoller", fd)
+	}
+	return fd
+}
+
 // The dispatcher's end stays out of Go's netpoller: there, every ACK and
 // every message the worker read woke a runtime thread for nothing (the
 // netpoller watches both directions, edge-triggered, waiter or not).
@@ -50,11 +74,7 @@ func TestChannelOutOfNetpoller(t *testing.T) {
 	if err := ch.FD(func(f int) { fd = f }); err != nil {
 		t.Fatal(err)
 	}
-	watched := epollTargets(t)
-	if len(watched) == 0 {
-		t.Fatal("no epoll set watches anything: the worker's end should be in the netpoller")
-	}
-	if watched[fd] {
+	if watched := epollTargets(t); watched[fd] {
 		t.Fatalf("the dispatcher's end (fd %d) is in an epoll set of the process (%v)", fd, watched)
 	}
 	// It still works both ways.
@@ -125,5 +145,66 @@ func TestChannelCloseWakesWaiters(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("%s still waits after Close", name)
 		}
+	}
+}
+
+// The worker's end stays out of Go's netpoller too: there, each ACK the
+// dispatcher read woke the worker's idle netpoller thread, and the
+// dispatcher paid for that wake-up (issue 19).
+func TestWorkerOutOfNetpoller(t *testing.T) {
+	netpollerFD(t)
+	ch, w := newPair(t)
+	var fd int
+	if err := w.s.control(func(f int) { fd = f }); err != nil {
+		t.Fatal(err)
+	}
+	if watched := epollTargets(t); watched[fd] {
+		t.Fatalf("the worker's end (fd %d) is in an epoll set of the process (%v)", fd, watched)
+	}
+	// Both directions still work.
+	if _, err := ch.TrySend(conns(t, 1, 1)[0]); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := w.Recv()
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("Recv = %v, %v, want one delivery", ds, err)
+	}
+	ds[0].File.Close()
+	if err := w.Send(TypeAck, []uint64{ds[0].ID}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := ch.Recv(); err != nil || ev.Type != TypeAck {
+		t.Fatalf("Recv = %+v, %v, want ACK", ev, err)
+	}
+}
+
+// Close and a new deadline end a worker's Recv that waits.
+func TestWorkerRecvWakes(t *testing.T) {
+	for _, how := range []string{"close", "deadline"} {
+		t.Run(how, func(t *testing.T) {
+			_, w := newPair(t)
+			w.SetReadDeadline(time.Time{})
+			got := make(chan error, 1)
+			go func() {
+				_, err := w.Recv()
+				got <- err
+			}()
+			time.Sleep(20 * time.Millisecond) // let it wait
+			want := net.ErrClosed
+			if how == "close" {
+				w.Close()
+			} else {
+				w.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+				want = os.ErrDeadlineExceeded
+			}
+			select {
+			case err := <-got:
+				if !errors.Is(err, want) {
+					t.Fatalf("Recv = %v, want %v", err, want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Recv still waits")
+			}
+		})
 	}
 }

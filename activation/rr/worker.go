@@ -21,8 +21,16 @@ type Delivery struct {
 
 // Worker is the worker's end of a round-robin channel. Recv must not be
 // called concurrently with itself; Send may be called from any goroutine.
+//
+// Like the dispatcher's end, it stays out of Go's netpoller, which watches
+// every fd it holds for writing too, edge-triggered: each message of the
+// worker's that the dispatcher read (every ACK) made the kernel report the
+// socket writable and woke the worker's idle netpoller thread for nothing,
+// at the dispatcher's expense (issue 19: half of the dispatcher's thread
+// wake-ups, and one of the worker's per connection). Recv waits in
+// poll(2) for reading only.
 type Worker struct {
-	c        *net.UnixConn
+	s        *sock
 	buf, oob []byte
 	sendMu   sync.Mutex
 	sendBuf  []byte
@@ -32,11 +40,11 @@ type Worker struct {
 // LISTEN_FDS entry named FDName). It always closes f; the Worker holds its
 // own copy until Close.
 func NewWorker(f *os.File) (*Worker, error) {
-	c, err := unixConn(f)
+	s, err := workerSock(f)
 	if err != nil {
 		return nil, err
 	}
-	return &Worker{c: c, buf: make([]byte, MaxMessage+1), oob: make([]byte, oobSize)}, nil
+	return &Worker{s: s, buf: make([]byte, MaxMessage+1), oob: make([]byte, oobSize)}, nil
 }
 
 // Recv waits for the next CONNS message and returns its connections; the
@@ -46,7 +54,7 @@ func NewWorker(f *os.File) (*Worker, error) {
 // ErrProtocol; the channel should then be closed, so that the dispatcher
 // hands what it sent to another worker.
 func (w *Worker) Recv() ([]Delivery, error) {
-	b, fds, err := recvMsg(w.c, w.buf, w.oob)
+	b, fds, err := w.s.recv(w.buf, w.oob)
 	if errors.Is(err, errEOF) {
 		return nil, fmt.Errorf("recv: dispatcher closed the channel: %w", net.ErrClosed)
 	}
@@ -82,7 +90,7 @@ func (w *Worker) Send(t Type, ids []uint64) error {
 	defer w.sendMu.Unlock()
 	for batch := range slices.Chunk(ids, MaxIDs) {
 		w.sendBuf = appendIDs(w.sendBuf[:0], t, batch)
-		if err := sendMsg(w.c, w.sendBuf, nil); err != nil {
+		if err := w.s.send(w.sendBuf, nil); err != nil {
 			return fmt.Errorf("send %v: %w", t, err)
 		}
 	}
@@ -97,7 +105,7 @@ func (w *Worker) Hello() error {
 	w.sendMu.Lock()
 	defer w.sendMu.Unlock()
 	w.sendBuf = appendHello(w.sendBuf[:0])
-	if err := sendMsg(w.c, w.sendBuf, nil); err != nil {
+	if err := w.s.send(w.sendBuf, nil); err != nil {
 		return fmt.Errorf("send %v: %w", TypeHello, err)
 	}
 	return nil
@@ -106,11 +114,11 @@ func (w *Worker) Hello() error {
 // SetReadDeadline makes a blocked or later Recv return a timeout error at
 // t; the zero time means no deadline.
 func (w *Worker) SetReadDeadline(t time.Time) error {
-	return w.c.SetReadDeadline(t)
+	return w.s.setReadDeadline(t)
 }
 
 // Close closes the worker's end. The dispatcher sees end of stream and
 // hands every connection the worker has not acknowledged to another worker.
 func (w *Worker) Close() error {
-	return w.c.Close()
+	return w.s.close()
 }
