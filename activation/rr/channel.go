@@ -22,8 +22,32 @@ type Conn struct {
 	// Listener is the index of the listener that accepted it, in the
 	// order of the worker's COHORT_RR_LISTENERS.
 	Listener uint16
-	// File is the dispatcher's copy of the connection.
+	// File is the dispatcher's copy of the connection; close it with
+	// Close.
 	File *os.File
+}
+
+// Close closes the dispatcher's copy of the connection without waiting
+// for its client.
+//
+// The copy shares its socket with the worker's, and a worker may have set
+// SO_LINGER (some servers do, to have close wait for delivery). Once the
+// worker has closed its own copy, the dispatcher's close is the last and,
+// with a linger time, waits until the client acknowledges everything or
+// the time runs out, with the dispatcher's event loop stopped. Turning the
+// linger time off first makes the close return at once while the kernel
+// still delivers what is queued, as for any close; the worker's own close,
+// if it comes later, returns at once too, which is all it loses. An abort
+// (SO_LINGER on with 0 s) never waits and is left as the worker set it.
+//
+// A worker that sets a linger time again between the check and the close
+// can still make the close wait; Conn does not defend against that race.
+func (c Conn) Close() error {
+	fd := int(c.File.Fd()) // the copy is in blocking mode: Fd changes nothing
+	if l, err := unix.GetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER); err == nil && l.Onoff != 0 && l.Linger > 0 {
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{})
+	}
+	return c.File.Close()
 }
 
 // Event is one message from a worker, already applied to the Channel's
@@ -347,7 +371,7 @@ func (ch *Channel) apply(b []byte, fds []int, err error) (Event, error) {
 				continue
 			}
 			delete(ch.unacked, id)
-			c.File.Close()
+			c.Close()
 			if len(ch.open) < maxOpenTracked {
 				ch.open[id] = struct{}{}
 			} else {

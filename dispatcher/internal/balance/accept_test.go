@@ -99,6 +99,16 @@ func acceptRate(b testing.TB, threads, total, clients int) float64 {
 // test's cleanup calls stop too.
 func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *atomic.Int64, stop func()) {
 	t.Helper()
+	served = new(atomic.Int64)
+	addr, stop = testBalancerOf(t, cfg, workers, func(_ int, end *os.File) { fakeWorker(end, served) })
+	return addr, served, stop
+}
+
+// testBalancerOf is testBalancer with workers of the test's own: serve
+// runs in a goroutine of its own for worker i and must return when its
+// channel ends.
+func testBalancerOf(t testing.TB, cfg Config, workers int, serve func(i int, end *os.File)) (addr string, stop func()) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -118,7 +128,6 @@ func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *a
 		lf.Close()
 		t.Fatal(err)
 	}
-	served = new(atomic.Int64)
 	var wg sync.WaitGroup
 	stop = sync.OnceFunc(func() {
 		bal.Stop()
@@ -139,9 +148,9 @@ func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *a
 		end := os.NewFile(uintptr(fd), rr.FDName)
 		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
 		bal.Ready(1000 + i)
-		wg.Go(func() { fakeWorker(end, served) })
+		wg.Go(func() { serve(i, end) })
 	}
-	return addr, served, stop
+	return addr, stop
 }
 
 // acceptRun is acceptRate's run: how many connections the workers got,

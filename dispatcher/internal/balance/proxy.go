@@ -248,7 +248,7 @@ func (b *Balancer) expireHeaders(now time.Time) {
 // closeWaiting closes every waiting connection (Close).
 func (b *Balancer) closeWaitingLocked() {
 	for tok, w := range b.waiting {
-		w.conn.File.Close()
+		w.conn.Close()
 		delete(b.waiting, tok)
 	}
 }

@@ -189,6 +189,6 @@ func (b *Balancer) retire(w *worker) {
 
 func closeConns(conns []rr.Conn) {
 	for _, c := range conns {
-		c.File.Close()
+		c.Close()
 	}
 }

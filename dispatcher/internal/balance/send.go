@@ -43,7 +43,7 @@ func (b *Balancer) requeueLocked(conns []rr.Conn, handedBack bool) {
 				delete(b.handoffs, c.ID)
 				delete(b.keys, c.ID)
 				b.warnf("connection %d came back from a worker %d times (rejected, not acknowledged, or its worker died; does any worker serve listener %d?); closed it", c.ID, b.maxHandoffs+1, c.Listener)
-				c.File.Close()
+				c.Close()
 				continue
 			}
 		}

@@ -1,0 +1,123 @@
+package balance
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/activation/rr"
+	"golang.org/x/sys/unix"
+)
+
+// lingerWorker serves one channel end as fakeWorker does, except that
+// before it closes the first connection it fills the socket's send
+// buffer and sets SO_LINGER to 30 s, as some servers do to have close
+// wait for delivery; it acknowledges only after its close, so the
+// dispatcher's copy is the last one and the dispatcher's close is the
+// one that would linger. lingered is closed once that is done.
+func lingerWorker(t *testing.T, end *os.File, lingered chan<- struct{}) {
+	w, err := rr.NewWorker(end)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	defer w.Close()
+	if w.Hello() != nil {
+		return
+	}
+	first, done := true, false
+	for {
+		ds, err := w.Recv()
+		if err != nil {
+			return
+		}
+		ids := make([]uint64, len(ds))
+		for i, d := range ds {
+			ids[i] = d.ID
+			if first {
+				first = false
+				fillAndLinger(t, d.File)
+				done = true
+			}
+			d.File.Close()
+		}
+		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
+			return
+		}
+		if done {
+			close(lingered)
+			done = false
+		}
+	}
+}
+
+// fillAndLinger writes to f until its send buffer and its peer's receive
+// buffer are full (the peer does not read), then sets SO_LINGER 30 s.
+func fillAndLinger(t *testing.T, f *os.File) {
+	fd := int(f.Fd())
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Error(err)
+		return
+	}
+	chunk := make([]byte, 64<<10)
+	for {
+		if _, err := unix.Write(fd, chunk); err != nil {
+			if !errors.Is(err, unix.EAGAIN) {
+				t.Error(err)
+			}
+			break
+		}
+	}
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 30}); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestLingeringConnectionDoesNotBlockTheLoop: a worker may set SO_LINGER
+// on a connection and close it while its client does not read. The
+// dispatcher's copy is then the last reference, and a plain close of it
+// waits up to the linger time for the client, with the event loop
+// stopped: no other connection is accepted meanwhile. The dispatcher
+// must close its copies without waiting.
+func TestLingeringConnectionDoesNotBlockTheLoop(t *testing.T) {
+	lingered := make(chan struct{})
+	addr, _ := testBalancerOf(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second}, 1,
+		func(_ int, end *os.File) { lingerWorker(t, end, lingered) })
+
+	// The client that does not read: a small receive buffer so the
+	// worker fills it quickly.
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
+		return err
+	}}
+	stuck, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	select {
+	case <-lingered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the worker did not get the first connection within 10 s")
+	}
+	time.Sleep(50 * time.Millisecond) // the loop reads the ACK (within 1 ms) and closes its copy
+
+	// Another client must be served meanwhile: its connection reaches
+	// the worker, which closes it at once, so the client reads EOF.
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.SetReadDeadline(start.Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if !errors.Is(err, io.EOF) {
+		t.Fatalf("the next client read %v after %v, want EOF: the event loop waits in the close of a lingering connection", err, time.Since(start).Round(time.Millisecond))
+	}
+}
