@@ -87,7 +87,7 @@ func recvResult(b, oob []byte, n, oobn, flags int, err error) ([]byte, []int, er
 
 // tryRecvMsg reads one message into b, using oob (at least oobSize bytes)
 // for control data, without waiting (MSG_DONTWAIT): with nothing queued
-// it returns an error wrapping unix.EAGAIN. It returns the payload and the
+// it returns unix.EAGAIN itself, unwrapped. It returns the payload and the
 // received fds, opened close-on-exec, which the caller then owns. On any
 // error, including a truncated message or control data (MSG_TRUNC,
 // MSG_CTRUNC), it closes every fd it received and returns none. At end of

@@ -18,8 +18,10 @@ import (
 
 // fakeWorker serves one channel end as a cohort worker does, without
 // HTTP: HELLO, then for each CONNS an ACK, close, and a CLOSED, until
-// the channel ends; served counts the connections.
-func fakeWorker(end *os.File, served *atomic.Int64) {
+// the channel ends; served counts the connections, after their CLOSED
+// is sent. beforeClose, if not nil, gets each connection before the
+// worker closes it.
+func fakeWorker(end *os.File, served *atomic.Int64, beforeClose func(*os.File)) {
 	w, err := rr.NewWorker(end)
 	if err != nil {
 		return
@@ -36,6 +38,9 @@ func fakeWorker(end *os.File, served *atomic.Int64) {
 		ids := make([]uint64, len(ds))
 		for i, d := range ds {
 			ids[i] = d.ID
+			if beforeClose != nil {
+				beforeClose(d.File)
+			}
 			d.File.Close()
 		}
 		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
@@ -99,15 +104,12 @@ func acceptRate(b testing.TB, threads, total, clients int) float64 {
 // test's cleanup calls stop too.
 func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *atomic.Int64, stop func()) {
 	t.Helper()
-	served = new(atomic.Int64)
-	addr, stop = testBalancerOf(t, cfg, workers, func(_ int, end *os.File) { fakeWorker(end, served) })
-	return addr, served, stop
+	return testBalancerHooked(t, cfg, workers, nil)
 }
 
-// testBalancerOf is testBalancer with workers of the test's own: serve
-// runs in a goroutine of its own for worker i and must return when its
-// channel ends.
-func testBalancerOf(t testing.TB, cfg Config, workers int, serve func(i int, end *os.File)) (addr string, stop func()) {
+// testBalancerHooked is testBalancer whose workers hand each connection
+// to beforeClose before they close it (fakeWorker).
+func testBalancerHooked(t testing.TB, cfg Config, workers int, beforeClose func(*os.File)) (addr string, served *atomic.Int64, stop func()) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -128,6 +130,7 @@ func testBalancerOf(t testing.TB, cfg Config, workers int, serve func(i int, end
 		lf.Close()
 		t.Fatal(err)
 	}
+	served = new(atomic.Int64)
 	var wg sync.WaitGroup
 	stop = sync.OnceFunc(func() {
 		bal.Stop()
@@ -148,9 +151,9 @@ func testBalancerOf(t testing.TB, cfg Config, workers int, serve func(i int, end
 		end := os.NewFile(uintptr(fd), rr.FDName)
 		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
 		bal.Ready(1000 + i)
-		wg.Go(func() { serve(i, end) })
+		wg.Go(func() { fakeWorker(end, served, beforeClose) })
 	}
-	return addr, stop
+	return addr, served, stop
 }
 
 // acceptRun is acceptRate's run: how many connections the workers got,

@@ -5,55 +5,13 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cohort-dev/cohort/activation/rr"
 	"golang.org/x/sys/unix"
 )
-
-// lingerWorker serves one channel end as fakeWorker does, except that
-// before it closes the first connection it fills the socket's send
-// buffer and sets SO_LINGER to 30 s, as some servers do to have close
-// wait for delivery; it acknowledges only after its close, so the
-// dispatcher's copy is the last one and the dispatcher's close is the
-// one that would linger. lingered is closed once that is done.
-func lingerWorker(t *testing.T, end *os.File, lingered chan<- struct{}) {
-	w, err := rr.NewWorker(end)
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	defer w.Close()
-	if w.Hello() != nil {
-		return
-	}
-	first, done := true, false
-	for {
-		ds, err := w.Recv()
-		if err != nil {
-			return
-		}
-		ids := make([]uint64, len(ds))
-		for i, d := range ds {
-			ids[i] = d.ID
-			if first {
-				first = false
-				fillAndLinger(t, d.File)
-				done = true
-			}
-			d.File.Close()
-		}
-		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
-			return
-		}
-		if done {
-			close(lingered)
-			done = false
-		}
-	}
-}
 
 // fillAndLinger writes to f until its send buffer and its peer's receive
 // buffer are full (the peer does not read), then sets SO_LINGER 30 s.
@@ -84,9 +42,12 @@ func fillAndLinger(t *testing.T, f *os.File) {
 // stopped: no other connection is accepted meanwhile. The dispatcher
 // must close its copies without waiting.
 func TestLingeringConnectionDoesNotBlockTheLoop(t *testing.T) {
-	lingered := make(chan struct{})
-	addr, _ := testBalancerOf(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second}, 1,
-		func(_ int, end *os.File) { lingerWorker(t, end, lingered) })
+	// The worker lingers on the first connection only; it closes its
+	// copy before it acknowledges, so the dispatcher's copy is the last
+	// one and the dispatcher's close is the one that would wait.
+	var first sync.Once
+	addr, served, _ := testBalancerHooked(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second}, 1,
+		func(f *os.File) { first.Do(func() { fillAndLinger(t, f) }) })
 
 	// The client that does not read: a small receive buffer so the
 	// worker fills it quickly.
@@ -100,10 +61,10 @@ func TestLingeringConnectionDoesNotBlockTheLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stuck.Close()
-	select {
-	case <-lingered:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the worker did not get the first connection within 10 s")
+	for deadline := time.Now().Add(10 * time.Second); served.Load() < 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the worker did not serve the first connection within 10 s")
+		}
 	}
 	time.Sleep(50 * time.Millisecond) // the loop reads the ACK (within 1 ms) and closes its copy
 
