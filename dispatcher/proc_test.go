@@ -82,16 +82,38 @@ func TestWorkersDieWithDispatcher(t *testing.T) {
 	if len(workers) != 2 {
 		t.Fatalf("children %v, want 2", workers)
 	}
-	d.cmd.Process.Kill()
-	<-d.done
-	testsync.WaitFor(t, 10*time.Second, "workers gone", func() bool {
+	t.Cleanup(func() { // when the test fails, they are orphans of ours
 		for _, w := range workers {
 			if alive(w) {
-				return false
+				syscall.Kill(w, syscall.SIGKILL)
 			}
 		}
-		return true
 	})
+	d.cmd.Process.Kill()
+	<-d.done
+	// Without PR_SET_PDEATHSIG they would never go, so a generous bound
+	// costs nothing: once, on a loaded CI machine, a worker was still
+	// there after 10 s, for a reason that run did not show. On a timeout
+	// the report tells a signal never sent from one slow to act on.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var left []int
+		for _, w := range workers {
+			if alive(w) {
+				left = append(left, w)
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			for _, w := range left {
+				t.Error(procReport(w))
+			}
+			t.Fatalf("workers %v outlived the dispatcher by 30s", left)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // TestDispatcherListenerMismatch: fds from systemd that do not match the

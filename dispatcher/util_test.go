@@ -243,6 +243,33 @@ func procState(pid int) (string, int) {
 	return f[0], ppid
 }
 
+// procReport describes pid for a failure message: the lines of
+// /proc/PID/status that tell a process that never got a signal (SigPnd,
+// ShdPnd without bit 9, SIGKILL) from one slow to act on it (State D,
+// wchan), and its kernel stack where readable.
+func procReport(pid int) string {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return fmt.Sprintf("pid %d: %v", pid, err)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "pid %d:", pid)
+	for _, l := range strings.Split(string(status), "\n") {
+		for _, k := range []string{"Name:", "State:", "PPid:", "Threads:", "SigPnd:", "ShdPnd:", "SigBlk:"} {
+			if strings.HasPrefix(l, k) {
+				b.WriteString(" " + strings.Join(strings.Fields(l), " ") + ";")
+			}
+		}
+	}
+	if w, err := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", pid)); err == nil {
+		fmt.Fprintf(&b, " wchan %s;", w)
+	}
+	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stack", pid)); err == nil {
+		fmt.Fprintf(&b, " stack:\n%s", st)
+	}
+	return b.String()
+}
+
 // alive reports whether pid runs (a zombie is not alive).
 func alive(pid int) bool {
 	st, _ := procState(pid)
