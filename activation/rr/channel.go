@@ -41,7 +41,9 @@ type Conn struct {
 // (SO_LINGER on with 0 s) never waits and is left as the worker set it.
 //
 // A worker that sets a linger time again between the check and the close
-// can still make the close wait; Conn does not defend against that race.
+// can still make the close wait: no option closes that window. The
+// dispatcher's balancer ends such a close with a signal
+// (dispatcher/internal/balance, closeguard.go).
 func (c Conn) Close() error {
 	fd := int(c.File.Fd()) // the copy is in blocking mode: Fd changes nothing
 	if l, err := unix.GetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER); err == nil && l.Onoff != 0 && l.Linger > 0 {

@@ -40,7 +40,9 @@
 //     loop from reading acknowledgements;
 //   - one that ends the loops when New's ctx ends;
 //   - one watcher: takes the channel back from a worker that has left a
-//     connection unacknowledged for ack_timeout.
+//     connection unacknowledged for ack_timeout, and ends a close of the
+//     dispatcher's that waits for a lingering connection's client
+//     (closeguard.go).
 //
 // Sends never wait: a worker whose queue is full is skipped until its
 // writer sees room, and what did not fit goes to the others. So a worker

@@ -15,17 +15,20 @@ import (
 )
 
 // watch takes the channel back from every worker that has left a
-// connection unacknowledged for ack_timeout, and reports it to the loop.
+// connection unacknowledged for ack_timeout, and reports it to the loop;
+// it also runs the close guard (closeguard.go).
 func (b *Balancer) watch() {
 	every := min(max(b.ackTimeout/4, 10*time.Millisecond), time.Second)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	guard := newCloseGuard(every, b.warnf) // closeguard.go
 	for {
 		select {
 		case <-t.C:
 		case <-b.ctx.Done():
 			return
 		}
+		guard.tick()
 		now := time.Now()
 		if b.proxy {
 			b.expireHeaders(now)

@@ -3,7 +3,10 @@
 // accept or accept4 on one of them, blocked in poll or select with one of
 // them among the fds asked for input, or one of them in an epoll set of
 // the process. It is how the dispatcher's ready = "listening" knows that a
-// worker accepts without any cooperation from the program.
+// worker accepts without any cooperation from the program. Blocked, the
+// list of the system calls a process's threads are blocked in that this
+// rests on, is also how round-robin's balancer finds a close of its own
+// that waits (dispatcher/internal/balance).
 //
 // What it reads needs the access the kernel gives a tracer: fd links and
 // fdinfo need PTRACE_MODE_READ, /proc/PID/task/TID/syscall and
@@ -117,9 +120,9 @@ func inspect(pid int, t Targets) (Found, error) {
 		}
 	}
 
-	tasks, err := readNames(base+"/task", maxTasks)
+	calls, err := Blocked(pid)
 	if err != nil {
-		return Found{}, accessErr(pid, err)
+		return Found{}, err
 	}
 	var mem *os.File
 	defer func() {
@@ -141,37 +144,63 @@ func inspect(pid int, t Targets) (Found, error) {
 		got, _ := mem.ReadAt(b, int64(addr))
 		return b[:got]
 	}
-	for i, tid := range tasks {
-		b, err := readBounded(base+"/task/"+tid+"/syscall", maxSmall)
-		if err != nil {
-			if i == 0 && errors.Is(err, fs.ErrPermission) {
-				return Found{}, accessErr(pid, err)
-			}
-			continue
-		}
-		s, ok := parseSyscall(b)
-		if !ok {
-			continue
-		}
-		fd := int(int32(s.args[0]))
-		switch k := kindOf(s.nr); {
+	for _, c := range calls {
+		fd := int(int32(c.Args[0]))
+		switch k := kindOf(c.NR); {
 		case k == waitAccept && !t.Channel, k == waitRead && t.Channel:
 			if slices.Contains(fds, fd) {
-				return found("%s on fd %d (thread %s)", syscallName(s.nr), fd, tid)
+				return found("%s on fd %d (thread %d)", syscallName(c.NR), fd, c.TID)
 			}
 		case k == waitPoll:
-			n := min(s.args[1], maxPollfds)
-			if pollWaits(read(s.args[0], int(n)*8), func(fd int) bool { return slices.Contains(fds, fd) }) {
-				return found("%s on one of fds %v (thread %s)", syscallName(s.nr), fds, tid)
+			n := min(c.Args[1], maxPollfds)
+			if pollWaits(read(c.Args[0], int(n)*8), func(fd int) bool { return slices.Contains(fds, fd) }) {
+				return found("%s on one of fds %v (thread %d)", syscallName(c.NR), fds, c.TID)
 			}
 		case k == waitSelect:
-			nfds := int(min(s.args[0], maxSelect))
-			if s.args[1] != 0 && selectWaits(read(s.args[1], (nfds+63)/64*8), nfds, fds) {
-				return found("%s on one of fds %v (thread %s)", syscallName(s.nr), fds, tid)
+			nfds := int(min(c.Args[0], maxSelect))
+			if c.Args[1] != 0 && selectWaits(read(c.Args[1], (nfds+63)/64*8), nfds, fds) {
+				return found("%s on one of fds %v (thread %d)", syscallName(c.NR), fds, c.TID)
 			}
 		}
 	}
 	return Found{}, nil
+}
+
+// Call is a system call that a thread is blocked in.
+type Call struct {
+	TID  int
+	NR   int64     // the call's number (unix.SYS_…)
+	Args [6]uint64 // its arguments, as the thread passed them
+}
+
+// Blocked lists the threads of pid (at most maxTasks of them) that are
+// blocked in a system call, with the call. Threads that run or wait to
+// run, or sleep outside a system call, are not listed; neither are
+// threads that end meanwhile. When pid cannot be inspected the error wraps
+// ErrNoAccess; a process that has exited has no threads (no error).
+func Blocked(pid int) ([]Call, error) {
+	base := "/proc/" + strconv.Itoa(pid) + "/task/"
+	tasks, err := readNames(base, maxTasks)
+	if err != nil {
+		return nil, accessErr(pid, err)
+	}
+	var calls []Call
+	for i, tid := range tasks {
+		b, err := readBounded(base+tid+"/syscall", maxSmall)
+		if err != nil {
+			if i == 0 && errors.Is(err, fs.ErrPermission) {
+				return nil, accessErr(pid, err)
+			}
+			continue
+		}
+		s, ok := parseSyscall(b)
+		n, err := strconv.Atoi(tid)
+		if !ok || err != nil {
+			continue
+		}
+		calls = append(calls, Call{TID: n, NR: s.nr, Args: s.args})
+	}
+	return calls, nil
 }
 
 // accessErr turns a permission error into ErrNoAccess, and "the process

@@ -265,3 +265,63 @@ func BenchmarkAccepting(b *testing.B) {
 		}
 	}
 }
+
+// TestBlocked: a thread of this process blocked in read(2) on a pipe is
+// listed with its call and fd; one that has returned is not.
+func TestBlocked(t *testing.T) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	tids := make(chan int, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tids <- unix.Gettid()
+		unix.Read(p[0], make([]byte, 1)) // blocking: a plain pipe fd, not Go's
+	}()
+	tid := <-tids
+	listed := func() bool {
+		calls, err := Blocked(os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range calls {
+			if c.TID == tid && c.NR == unix.SYS_READ && c.Args[0] == uint64(p[0]) {
+				return true // until then it may be on its way (a futex)
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(5 * time.Second); !listed(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			unix.Close(p[1])
+			t.Fatalf("thread %d, blocked in read(%d), is not listed within 5s", tid, p[0])
+		}
+	}
+	unix.Write(p[1], []byte{1})
+	unix.Close(p[1])
+	<-done
+	if listed() {
+		t.Errorf("thread %d is listed after its read returned", tid)
+	}
+}
+
+// BenchmarkBlockedSelf is what a look of the balancer's close guard
+// costs: Blocked on the test process (its thread count is in the output).
+func BenchmarkBlockedSelf(b *testing.B) {
+	var n int
+	for b.Loop() {
+		calls, err := Blocked(os.Getpid())
+		if err != nil {
+			b.Fatal(err)
+		}
+		n = len(calls)
+	}
+	tasks, _ := os.ReadDir("/proc/self/task")
+	b.ReportMetric(float64(len(tasks)), "threads")
+	b.ReportMetric(float64(n), "blocked")
+}
