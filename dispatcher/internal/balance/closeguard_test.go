@@ -6,7 +6,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -25,16 +24,7 @@ func lingeringSocket(t *testing.T) *os.File {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		var err error
-		c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
-		return err
-	}}
-	client, err := d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
+	dialNonReading(t, ln.Addr().String())
 	sc, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)

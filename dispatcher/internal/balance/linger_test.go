@@ -35,6 +35,24 @@ func fillAndLinger(t *testing.T, f *os.File) {
 	}
 }
 
+// dialNonReading connects to addr as a client that will not read, with a
+// small receive buffer so that the server fills it quickly; it is closed
+// at the end of the test.
+func dialNonReading(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
+		return err
+	}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // TestLingeringConnectionDoesNotBlockTheLoop: a worker may set SO_LINGER
 // on a connection and close it while its client does not read. The
 // dispatcher's copy is then the last reference, and a plain close of it
@@ -49,18 +67,7 @@ func TestLingeringConnectionDoesNotBlockTheLoop(t *testing.T) {
 	addr, served, _ := testBalancerHooked(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second}, 1,
 		func(f *os.File) { first.Do(func() { fillAndLinger(t, f) }) })
 
-	// The client that does not read: a small receive buffer so the
-	// worker fills it quickly.
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		var err error
-		c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
-		return err
-	}}
-	stuck, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stuck.Close()
+	dialNonReading(t, addr)
 	for deadline := time.Now().Add(10 * time.Second); served.Load() < 1; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the worker did not serve the first connection within 10 s")
