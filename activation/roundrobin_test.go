@@ -465,3 +465,74 @@ func TestRoundRobinNoUseWithoutAck(t *testing.T) {
 		t.Fatalf("client of conn 2 read %d bytes, %v; want EOF (every copy closed)", n, err)
 	}
 }
+
+// TestRoundRobinCloseEndsTheConnection: a worker's Close of a handed-over
+// connection ends it for the client at once, although the dispatcher has
+// not read the ACK and still holds its copy; an abort (SetLinger(0)) is
+// still a reset, sent when the dispatcher's copy goes.
+func TestRoundRobinCloseEndsTheConnection(t *testing.T) {
+	ch, d := rrSetup(t, 1)
+	l, err := d.listen(0, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clients := sendConns(t, ch, 0, 1, 2)
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.SetNonblock(pair[0], true) // os.File's deadlines need the poller
+	unixClient := os.NewFile(uintptr(pair[0]), "unix-client")
+	t.Cleanup(func() { unixClient.Close() })
+	if err := ch.Send(rr.Conn{ID: 3, File: os.NewFile(uintptr(pair[1]), "unix-server")}); err != nil {
+		t.Fatal(err)
+	}
+	var served [3]net.Conn
+	for i := range served {
+		c, err := acceptWithin(t, l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		served[i] = c
+	}
+
+	// Graceful: the reply, then EOF, while the dispatcher's copies are open.
+	for i, client := range []io.Reader{clients[0], unixClient} {
+		c := served[[]int{0, 2}[i]]
+		if _, err := c.Write([]byte("bye")); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		done := make(chan error, 1)
+		go func() { // ends at the read deadline at the latest
+			b, err := io.ReadAll(client)
+			if err == nil && string(b) != "bye" {
+				err = fmt.Errorf("read %q, want %q", b, "bye")
+			}
+			done <- err
+		}()
+		if err := client.(interface{ SetReadDeadline(time.Time) error }).SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("client %d after the worker's Close, with the dispatcher's copy open: %v", i, err)
+		}
+	}
+
+	// Abort: nothing reaches the client until the dispatcher's copy goes,
+	// and then a reset, not an end of stream.
+	ab := served[1].(interface{ SetLinger(int) error })
+	if err := ab.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	served[1].Close()
+	clients[1].SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := clients[1].Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("aborted connection, dispatcher's copy open: read %d, %v; want a timeout", n, err)
+	}
+	recvIDs(t, ch, rr.TypeAck, 3) // closes the dispatcher's copies
+	clients[1].SetReadDeadline(time.Now().Add(wait))
+	if _, err := clients[1].Read(make([]byte, 1)); !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("aborted connection after the dispatcher's close: %v; want ECONNRESET", err)
+	}
+}
