@@ -149,6 +149,10 @@ type App struct {
 	// and hand connections on at the same time (1..MaxAcceptThreads); 0
 	// (unset) lets the dispatcher choose from the number of workers.
 	AcceptThreads int
+	// AcceptInterval is, in round-robin mode, the least time between two
+	// accept rounds of an event loop while connections keep coming
+	// (0..MaxAcceptInterval; 0: accept each connection as it comes).
+	AcceptInterval time.Duration
 
 	// LogRateLimit is the dispatcher's budget of each worker slot's
 	// output lines (log_rate_limit_interval, log_rate_limit_burst); the
@@ -418,6 +422,7 @@ const (
 	MaxWeight             = 100
 	MaxWeights            = 1024
 	MaxAcceptThreads      = 64
+	MaxAcceptInterval     = 10 * time.Millisecond
 	DefaultAckTimeout     = 10 * time.Second
 	MinAckTimeout         = 100 * time.Millisecond
 	MaxAckTimeout         = time.Hour

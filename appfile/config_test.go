@@ -85,6 +85,16 @@ tasks_max = 64
 				t.Errorf("balance %q sticky %q accept_threads %d", app.Balance, app.Sticky, app.AcceptThreads)
 			}
 		}},
+		{"accept interval", "mode = \"round-robin\"\naccept_interval = \"500us\"\n" + minimal, func(t *testing.T, app *App) {
+			if app.AcceptInterval != 500*time.Microsecond {
+				t.Errorf("accept_interval %v, want 500µs", app.AcceptInterval)
+			}
+		}},
+		{"no accept interval", "mode = \"round-robin\"\n" + minimal, func(t *testing.T, app *App) {
+			if app.AcceptInterval != 0 {
+				t.Errorf("accept_interval %v, want 0", app.AcceptInterval)
+			}
+		}},
 		{"log rate limit", "log_rate_limit_interval = \"1min\"\nlog_rate_limit_burst = 250\n" + minimal, func(t *testing.T, app *App) {
 			if want := (LogRateLimit{Interval: time.Minute, Burst: 250}); app.LogRateLimit != want || app.LogRateLimit.Off() {
 				t.Errorf("log rate limit %+v, want %+v", app.LogRateLimit, want)
@@ -466,6 +476,12 @@ Description = "multi\nline"
 				`web.toml:3:1: sticky: want "client-ip" or "proxy-protocol", got "client_ip" (did you mean "client-ip"?)`,
 				`web.toml:4:1: accept_threads: want a number from 1 to 64, got integer 0`,
 			}},
+		{"accept interval", "command = [\"/bin/app\"]\nmode = \"round-robin\"\naccept_interval = \"20ms\"\n" + listenHTTP,
+			[]string{`web.toml:3:1: accept_interval: want a duration from 0 to 10ms, got "20ms"`}},
+		{"accept interval type", "command = [\"/bin/app\"]\nmode = \"round-robin\"\naccept_interval = 1\n" + listenHTTP,
+			[]string{`web.toml:3:1: accept_interval: want a duration such as "1ms" or "500us", got integer (write "1s")`}},
+		{"accept interval in shared mode", "command = [\"/bin/app\"]\naccept_interval = \"1ms\"\n" + listenHTTP,
+			[]string{`web.toml:2:1: accept_interval applies only to mode = "round-robin": in mode = "shared" the workers accept on their own`}},
 		{"weighted without weights", "command = [\"/bin/app\"]\nbalance = \"weighted\"\n" + listenHTTP,
 			[]string{`web.toml:2:1: balance = "weighted" needs weights = [...], one per worker slot`}},
 		{"round-robin knob types", "command = [\"/bin/app\"]\nmax_pending = \"64\"\nbalance = 1\nmax_pendng = 3\n" + listenHTTP,

@@ -234,7 +234,7 @@ func (d *decoder) errorAt(path, suggestion, format string, args ...any) {
 // The keys of each table, for unknown-key suggestions.
 var (
 	appKeys = []string{"command", "environment", "environment_file", "working_directory", "user", "group",
-		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
+		"workers", "mode", "max_pending", "ack_timeout", "balance", "weights", "sticky", "accept_threads", "accept_interval", "cpu_affinity", "node_preload", "ready", "ready_settle", "ready_timeout", "stop_signal", "kill_mode", "stop_timeout",
 		"restart", "watchdog", "limits", "enable", "hardening", "listen", "unit", "service", "socket",
 		"reload_batch", "log_rate_limit_interval", "log_rate_limit_burst", "recycle", "metrics", "drain_delay"}
 	restartKeys = []string{"initial", "max", "min_uptime"}
@@ -316,6 +316,14 @@ func (d *decoder) app(raw map[string]any, app *App) {
 		case "accept_threads":
 			if n, ok := d.integer(k, v, 1, MaxAcceptThreads, fmt.Sprintf("a number from 1 to %d", MaxAcceptThreads)); ok {
 				app.AcceptThreads = n
+			}
+		case "accept_interval":
+			if t, s, ok := d.durationText(k, v, `"1ms" or "500us"`); ok {
+				if t < 0 || t > MaxAcceptInterval {
+					d.errorAt(k, "", "accept_interval: want a duration from 0 to %s, got %q", MaxAcceptInterval, s)
+					break
+				}
+				app.AcceptInterval = t
 			}
 		case "cpu_affinity":
 			app.CPUAffinity, _ = d.boolean(k, v)

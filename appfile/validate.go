@@ -56,6 +56,9 @@ func (d *decoder) validate(app *App) {
 			d.errorAt("ready_settle", "", "ready_settle (%s) must be shorter than ready_timeout (%s), or no worker would ever be ready", app.ReadySettle, app.ReadyTimeout)
 		}
 	}
+	if _, set := d.idx["accept_interval"]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
+		d.errorAt("accept_interval", "", "accept_interval applies only to mode = \"round-robin\": in mode = %q the workers accept on their own", app.Mode)
+	}
 	if _, set := d.idx["recycle.max_connections"]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
 		d.errorAt("recycle.max_connections", "", "max_connections applies only to mode = \"round-robin\": in mode = %q the workers accept on their own and the dispatcher cannot count their connections (use max_lifetime or memory)", app.Mode)
 	}

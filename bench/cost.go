@@ -28,7 +28,7 @@ type CostConfig struct {
 	Total int64
 	Rate  float64
 	// Only limits the run to these setups (cost setup ids: node-cluster-rr,
-	// cohort-rr-go, cohort-shared-go); empty: all three.
+	// cohort-rr-go, cohort-rr-go-1ms, cohort-shared-go); empty: all four.
 	Only []string
 	Log  func(format string, args ...any)
 }
@@ -56,7 +56,7 @@ type CostReport struct {
 	Rows             []CostRow
 }
 
-var costSetups = []string{"node-cluster-rr", "cohort-rr-go", "cohort-shared-go"}
+var costSetups = []string{"node-cluster-rr", "cohort-rr-go", "cohort-rr-go-1ms", "cohort-shared-go"}
 
 // Cost runs the cost benchmark: for each setup, a warm-up, then Total
 // requests paced at Rate, then Total requests as fast as they are
@@ -217,12 +217,15 @@ func (c *CostReport) Markdown() string {
 	}
 	b.WriteString("\n")
 	for _, phase := range []string{"paced", "saturated"} {
-		node, rr, sh := get("node-cluster-rr", phase), get("cohort-rr-go", phase), get("cohort-shared-go", phase)
-		if node != nil && rr != nil && rr.Balancer > 0 {
-			fmt.Fprintf(&b, "* %s: Node's primary ÷ cohort's dispatcher, CPU per connection: %.1f×\n", phase, float64(node.Balancer)/float64(rr.Balancer))
-		}
-		if rr != nil && sh != nil && sh.Total > 0 {
-			fmt.Fprintf(&b, "* %s: round-robin ÷ shared, total CPU per request: %.2f×\n", phase, float64(rr.Total)/float64(sh.Total))
+		node, sh := get("node-cluster-rr", phase), get("cohort-shared-go", phase)
+		for _, v := range []struct{ id, what string }{{"cohort-rr-go", ""}, {"cohort-rr-go-1ms", " (accept_interval 1ms)"}} {
+			rr := get(v.id, phase)
+			if node != nil && rr != nil && rr.Balancer > 0 {
+				fmt.Fprintf(&b, "* %s: Node's primary ÷ cohort's dispatcher%s, CPU per connection: %.1f×\n", phase, v.what, float64(node.Balancer)/float64(rr.Balancer))
+			}
+			if rr != nil && sh != nil && sh.Total > 0 {
+				fmt.Fprintf(&b, "* %s: round-robin%s ÷ shared, total CPU per request: %.2f×\n", phase, v.what, float64(rr.Total)/float64(sh.Total))
+			}
 		}
 	}
 	return b.String()

@@ -145,6 +145,7 @@ var setups = []setup{
 	{id: "go-reuseport", name: "Go prefork SO_REUSEPORT", app: "go", start: (*runner).goReuseport},
 	{id: "cohort-shared-go", name: "cohort shared (Go)", app: "go", cohort: true, start: cohortRun("shared", "go")},
 	{id: "cohort-rr-go", name: "cohort round-robin (Go)", app: "go", cohort: true, start: cohortRun("round-robin", "go")},
+	{id: "cohort-rr-go-1ms", name: "cohort round-robin, accept_interval 1ms (Go)", app: "go", cohort: true, start: cohortRunApp("round-robin", "go", `accept_interval = "1ms"`)},
 	{id: "cohort-reuseport-go", name: "cohort reuseport (Go)", app: "go", cohort: true, start: cohortRun("reuseport", "go")},
 	{id: "reload-node", name: "Node rolling restart (SIGHUP)", app: "node", reload: true, start: nodeCluster("rr")},
 	{id: "reload-pm2", name: "pm2 reload", app: "node", reload: true, start: (*runner).pm2},
@@ -601,6 +602,37 @@ func cohortRun(mode, app string) func(r *runner, addr string) (*instance, error)
 		}
 		argv := append([]string{r.cfg.Cohort, "run", "--listen", addr, "--workers", strconv.Itoa(r.cfg.Workers), "--mode", mode, "--"}, cmd...)
 		p, err := r.procs.start("cohort-"+mode+"-"+app, argv, nil, r.cfg.Root)
+		if err != nil {
+			return nil, err
+		}
+		inst := &instance{alive: procAlive(p, 1)}
+		inst.reload = func(ctx context.Context) (string, error) {
+			return cohortReload(ctx, p, addr, r.cfg.Workers)
+		}
+		return inst, nil
+	}
+}
+
+// cohortRunApp is cohortRun for settings that have no flag: `cohort run`
+// reads them from an app file, in the work directory, with extra (TOML
+// lines) added.
+func cohortRunApp(mode, app, extra string) func(r *runner, addr string) (*instance, error) {
+	return func(r *runner, addr string) (*instance, error) {
+		cmd := []string{r.node, r.js}
+		if app == "go" {
+			cmd = []string{r.hello}
+		}
+		quoted := make([]string, len(cmd))
+		for i, a := range cmd {
+			quoted[i] = strconv.Quote(a) // a TOML basic string, for the paths the harness builds
+		}
+		toml := fmt.Sprintf("command = [%s]\nworkers = %d\nmode = %q\n%s\n\n[[listen]]\nname = \"http\"\naddress = %q\n",
+			strings.Join(quoted, ", "), r.cfg.Workers, mode, extra, addr)
+		file := filepath.Join(r.cfg.Work, "hello.toml")
+		if err := os.WriteFile(file, []byte(toml), 0o644); err != nil {
+			return nil, fmt.Errorf("app file: %w", err)
+		}
+		p, err := r.procs.start("cohort-"+mode+"-"+app, []string{r.cfg.Cohort, "run", file}, nil, r.cfg.Root)
 		if err != nil {
 			return nil, err
 		}

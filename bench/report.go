@@ -316,7 +316,7 @@ var modeRows = []struct {
 	name string
 	ids  []string
 }{
-	{"Go", []string{"cohort-shared-go", "cohort-rr-go", "cohort-reuseport-go"}},
+	{"Go", []string{"cohort-shared-go", "cohort-rr-go", "cohort-rr-go-1ms", "cohort-reuseport-go"}},
 	{"Node", []string{"cohort-shared-node", "cohort-reuseport-node"}},
 }
 

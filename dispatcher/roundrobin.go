@@ -27,16 +27,17 @@ func newRoundRobin(app *appfile.App, listeners []*os.File, names []string, out *
 		ackTimeout = appfile.DefaultAckTimeout
 	}
 	return &roundRobin{cfg: balance.Config{
-		Listeners:     listeners,
-		Names:         names,
-		MaxPending:    app.MaxPending,
-		AckTimeout:    ackTimeout,
-		Policy:        policyOf(app),
-		Sticky:        app.Sticky == appfile.StickyClientIP,
-		ProxyProtocol: app.Sticky == appfile.StickyProxyProtocol,
-		AcceptThreads: app.AcceptThreads,
-		Warnf:         out.warnf,
-		Infof:         out.infof,
+		Listeners:      listeners,
+		Names:          names,
+		MaxPending:     app.MaxPending,
+		AckTimeout:     ackTimeout,
+		Policy:         policyOf(app),
+		Sticky:         app.Sticky == appfile.StickyClientIP,
+		ProxyProtocol:  app.Sticky == appfile.StickyProxyProtocol,
+		AcceptThreads:  app.AcceptThreads,
+		AcceptInterval: app.AcceptInterval,
+		Warnf:          out.warnf,
+		Infof:          out.infof,
 	}}
 }
 

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -246,5 +247,70 @@ func TestIdleLoopLetsTheWorldStop(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("runtime.GC did not return within 5 s: an idle event loop keeps the world from stopping")
+	}
+}
+
+// TestAcceptInterval: with an accept interval, a loop that keeps getting
+// connections accepts them in rounds at least the interval apart, so 12
+// connections 5 ms apart reach the workers in a few batches instead of
+// one by one, none later than the interval (plus scheduling) after its
+// connect.
+func TestAcceptInterval(t *testing.T) {
+	const (
+		conns    = 12
+		spacing  = 5 * time.Millisecond
+		interval = 40 * time.Millisecond
+	)
+	for _, every := range []time.Duration{0, interval} {
+		var mu sync.Mutex
+		var got []time.Time
+		addr, served, stop := testBalancerHooked(t, Config{MaxPending: 64, MaxHandoffs: 8, AckTimeout: 10 * time.Second, AcceptInterval: every}, 2, func(*os.File) {
+			mu.Lock()
+			got = append(got, time.Now())
+			mu.Unlock()
+		})
+		time.Sleep(50 * time.Millisecond) // the HELLOs are read
+		var dialed []time.Time
+		for range conns {
+			dialed = append(dialed, time.Now())
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			time.Sleep(spacing)
+		}
+		for deadline := time.Now().Add(10 * time.Second); served.Load() < conns && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+		stop()
+		mu.Lock()
+		arrived := slices.Clone(got)
+		mu.Unlock()
+		if len(arrived) != conns {
+			t.Fatalf("interval %v: the workers got %d of %d connections", every, len(arrived), conns)
+		}
+		slices.SortFunc(arrived, func(a, b time.Time) int { return a.Compare(b) })
+		batches := 1
+		for i := 1; i < len(arrived); i++ {
+			if arrived[i].Sub(arrived[i-1]) > spacing/2 {
+				batches++
+			}
+		}
+		// The connections arrive in order; the i-th to reach a worker
+		// waited at most this long after the i-th connect.
+		var worst time.Duration
+		for i := range arrived {
+			worst = max(worst, arrived[i].Sub(dialed[i]))
+		}
+		t.Logf("interval %v: %d connections in %d batches, the longest wait %v", every, conns, batches, worst)
+		switch {
+		case every == 0 && batches < conns/2:
+			t.Errorf("no interval: %d connections %v apart reached the workers in %d batches; want about one each", conns, spacing, batches)
+		case every > 0 && batches > 5:
+			t.Errorf("interval %v: %d connections %v apart reached the workers in %d batches; want at most 5", every, conns, spacing, batches)
+		case every > 0 && worst > every+250*time.Millisecond:
+			t.Errorf("interval %v: a connection waited %v to reach a worker", every, worst)
+		}
 	}
 }

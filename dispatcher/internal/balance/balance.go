@@ -124,6 +124,10 @@ type Config struct {
 	// AcceptThreads is the number of event loops (at least 1): how many
 	// connections can be accepted and handed on at the same time.
 	AcceptThreads int
+	// AcceptInterval, when above 0, is the least time between two accept
+	// rounds of an event loop while connections keep coming: more
+	// connections per wake-up, for at most that much delay (run).
+	AcceptInterval time.Duration
 	// Warnf and Infof log a line each; they must not block for long.
 	Warnf, Infof func(format string, args ...any)
 }
@@ -136,6 +140,7 @@ type Balancer struct {
 	maxPending   int
 	maxHandoffs  int // a connection handed back this often is closed
 	ackTimeout   time.Duration
+	acceptEvery  time.Duration // Config.AcceptInterval
 	policy       Policy
 	sticky       bool
 	proxy        bool
@@ -242,6 +247,7 @@ func New(ctx context.Context, cfg Config) (*Balancer, error) {
 		maxPending:  max(1, cfg.MaxPending),
 		maxHandoffs: cfg.MaxHandoffs,
 		ackTimeout:  cfg.AckTimeout,
+		acceptEvery: cfg.AcceptInterval,
 		policy:      cfg.Policy,
 		sticky:      cfg.Sticky || cfg.ProxyProtocol,
 		proxy:       cfg.ProxyProtocol,
