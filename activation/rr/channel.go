@@ -101,7 +101,7 @@ type Channel struct {
 	sendMu sync.Mutex // held for a whole Send, so Close never hands back a File that sendmsg is using
 	buf    []byte     // under sendMu
 
-	rbuf, roob []byte // Recv's buffers
+	in *inbox // what Recv and TryRecv read and have not returned
 
 	mu        sync.Mutex
 	closed    bool
@@ -149,8 +149,7 @@ func NewPair() (ch *Channel, worker *os.File, err error) {
 	}
 	return &Channel{
 		s:       s,
-		rbuf:    make([]byte, MaxMessage+1),
-		roob:    make([]byte, oobSize),
+		in:      newInbox(),
 		unacked: make(map[uint64]inflight),
 		open:    make(map[uint64]struct{}),
 	}, os.NewFile(uintptr(fds[1]), FDName), nil
@@ -317,8 +316,12 @@ func (ch *Channel) register(conns []Conn) error {
 // timeout (see SetReadDeadline) the caller should Close the Channel and
 // re-send what Close returns.
 func (ch *Channel) Recv() (Event, error) {
-	b, fds, err := ch.s.recv(ch.rbuf, ch.roob)
-	return ch.apply(b, fds, err)
+	if ch.in.buffered() == 0 {
+		if err := ch.s.recvBatch(ch.in); err != nil {
+			return ch.apply(nil, nil, err)
+		}
+	}
+	return ch.applyNext()
 }
 
 // TryRecv is Recv without waiting: when no message is queued it returns
@@ -327,12 +330,41 @@ func (ch *Channel) Recv() (Event, error) {
 // channels), so that one thread serves every worker's acknowledgements
 // without a goroutine, and a wake-up, per channel. Like Recv, it must not
 // be called concurrently with itself or with Recv.
+//
+// Messages are read several at a time (recvmmsg(2)); after a read that
+// found fewer than it could take, the call that finds none read reports
+// ErrWouldBlock without asking the kernel again (a message that came
+// meanwhile makes the channel readable: the next call reads it).
 func (ch *Channel) TryRecv() (Event, error) {
-	b, fds, err := ch.s.tryRecv(ch.rbuf, ch.roob)
-	if err == unix.EAGAIN {
-		return Event{}, errRecvWouldBlock
+	if ch.in.buffered() == 0 {
+		if ch.in.short {
+			ch.in.short = false
+			return Event{}, errRecvWouldBlock
+		}
+		if err := ch.s.tryRecvBatch(ch.in); err == unix.EAGAIN {
+			return Event{}, errRecvWouldBlock
+		} else if err != nil {
+			return ch.apply(nil, nil, err)
+		}
 	}
-	return ch.apply(b, fds, err)
+	return ch.applyNext()
+}
+
+// Buffered is how many messages Recv and TryRecv have read from the
+// socket and not yet returned: a caller that bounds its TryRecv calls
+// per readiness event must not stop while some are, since the socket
+// itself no longer reports them.
+func (ch *Channel) Buffered() int { return ch.in.buffered() }
+
+// applyNext applies the next message read; after an error it drops the
+// rest, closing any fds they carry.
+func (ch *Channel) applyNext() (Event, error) {
+	b, fds, err := ch.in.pop()
+	ev, err := ch.apply(b, fds, err)
+	if err != nil {
+		ch.in.drop()
+	}
+	return ev, err
 }
 
 // FD calls f with the channel's descriptor, for adding it to an epoll

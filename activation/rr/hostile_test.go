@@ -3,6 +3,7 @@ package rr
 import (
 	"errors"
 	"net"
+	"os"
 	"slices"
 	"syscall"
 	"testing"
@@ -297,5 +298,91 @@ func TestOldest(t *testing.T) {
 	recvEvent(t, ch)
 	if !ch.Oldest().IsZero() {
 		t.Fatal("Oldest is set with nothing in flight")
+	}
+}
+
+// TryRecv reads what is queued in one system call and hands it out a
+// message at a time; a hostile message among them (fds attached) ends
+// the channel there, and neither its fds nor those of the messages read
+// with it stay open. A message that comes after a short read is read by
+// the call after the one that reports ErrWouldBlock.
+func TestBatchedRecv(t *testing.T) {
+	ch, w := newPair(t)
+	cs := conns(t, 1, 4)
+	if err := ch.Send(cs...); err != nil {
+		t.Fatal(err)
+	}
+	if ds, err := w.Recv(); err != nil || len(ds) != 4 {
+		t.Fatalf("Recv = %v, %v", ds, err)
+	} else {
+		for _, d := range ds {
+			d.File.Close()
+		}
+	}
+	tryRecv := func(what string) Event {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			ev, err := ch.TryRecv()
+			if errors.Is(err, ErrWouldBlock) && time.Now().Before(deadline) {
+				continue
+			}
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			return ev
+		}
+	}
+
+	// A short read, then a message that comes later.
+	if err := w.Send(TypeAck, []uint64{1}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := tryRecv("ACK 1"); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{1}) {
+		t.Fatalf("ACK 1: %+v", ev)
+	}
+	if _, err := ch.TryRecv(); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("TryRecv after the only message: %v, want ErrWouldBlock", err)
+	}
+	if err := w.Send(TypeAck, []uint64{2}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := tryRecv("ACK 2"); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{2}) {
+		t.Fatalf("ACK 2: %+v", ev)
+	}
+	if _, err := ch.TryRecv(); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("TryRecv after ACK 2: %v, want ErrWouldBlock", err)
+	}
+
+	// Three messages queued together: one read, and the hostile one ends it.
+	before := countFDs(t)
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dn := int(devnull.Fd())
+	if err := w.Send(TypeAck, []uint64{3}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		// A worker must not send fds; reach under Worker.Send to do it.
+		if err := w.s.send(appendIDs(nil, TypeClosed, []uint64{3}), []int{dn, dn, dn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	devnull.Close()
+	if ev := tryRecv("ACK 3"); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{3}) {
+		t.Fatalf("ACK 3: %+v", ev)
+	}
+	if n := ch.Buffered(); n != 2 {
+		t.Fatalf("after the first of three queued messages: %d buffered, want 2 (one read)", n)
+	}
+	if _, err := ch.TryRecv(); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("a CLOSED with fds: %v, want ErrProtocol", err)
+	}
+	if n := ch.Buffered(); n != 0 {
+		t.Fatalf("after a protocol error: %d buffered, want 0", n)
+	}
+	if after := countFDs(t); after != before-1 { // ACK 3 closed the dispatcher's copy of connection 3
+		t.Fatalf("%d fds before the hostile messages, %d after, want %d", before, after, before-1)
 	}
 }

@@ -136,6 +136,32 @@ func (s *sock) recv(b, oob []byte) ([]byte, []int, error) {
 	}
 }
 
+// tryRecvBatch is in.tryRead on the socket.
+func (s *sock) tryRecvBatch(in *inbox) error {
+	if s.closed.Load() {
+		return fmt.Errorf("recvmmsg: %w", net.ErrClosed)
+	}
+	err := in.tryRead(s.rc)
+	if err == unix.EAGAIN {
+		return err
+	}
+	return s.closedErr(err)
+}
+
+// recvBatch is tryRecvBatch that waits for a message, up to the read
+// deadline.
+func (s *sock) recvBatch(in *inbox) error {
+	for {
+		err := s.tryRecvBatch(in)
+		if err != unix.EAGAIN {
+			return err
+		}
+		if err := s.wait(unix.POLLIN, true); err != nil {
+			return fmt.Errorf("recvmmsg: %w", err)
+		}
+	}
+}
+
 // wait blocks in poll(2) until the socket reports one of events (or an
 // error or hang-up), the sock is closed, or, with reading, the read
 // deadline passes (os.ErrDeadlineExceeded) or moves (wait looks again).

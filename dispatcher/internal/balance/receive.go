@@ -91,7 +91,7 @@ func (b *Balancer) fault(f fault) {
 // which raises its limit). Only the event loop holding w's channel calls
 // it.
 func (b *Balancer) drain(w *worker) (got, flush bool) {
-	for range maxRecvPerEvent {
+	for i := 0; i < maxRecvPerEvent || w.ch.Buffered() > 0; i++ {
 		ev, err := w.ch.TryRecv()
 		if errors.Is(err, rr.ErrWouldBlock) {
 			return got, flush
