@@ -97,14 +97,16 @@ func targets(rows []Row) []Target {
 			ts = append(ts, busy(t, rr, sh, nrr, nnone))
 		}
 	}
-	{
-		name := "cohort round-robin ≥ 90 % of shared (Go, new-conn; issue 19)"
-		rr, why1 := pick(rows, "cohort-rr-go", false)
+	for _, v := range []struct{ id, name, why string }{
+		{"cohort-rr-go", "cohort round-robin ≥ 90 % of shared (Go, new-conn; issue 19)", "the dispatcher's accept+SCM_RIGHTS hop costs more than 10 % here"},
+		{"cohort-rr-go-1ms", "cohort round-robin, accept_interval 1ms ≥ 90 % of shared (Go, new-conn; issue 19)", "the hop costs more than 10 % here even with fewer wake-ups"},
+	} {
+		rr, why1 := pick(rows, v.id, false)
 		sh, why2 := pick(rows, "cohort-shared-go", false)
 		if why := firstOf(why1, why2); why != "" {
-			ts = append(ts, na(name, why))
+			ts = append(ts, na(v.name, why))
 		} else {
-			ts = append(ts, busy(atLeast(name, rr.RPS/sh.RPS, 0.90, "the dispatcher's accept+SCM_RIGHTS hop costs more than 10 % here"), rr, sh))
+			ts = append(ts, busy(atLeast(v.name, rr.RPS/sh.RPS, 0.90, v.why), rr, sh))
 		}
 	}
 	for _, base := range []struct{ id, name string }{{"node-cluster-none", "Node SCHED_NONE"}, {"pm2", "PM2"}} {

@@ -3,6 +3,9 @@ package dispatcher
 import (
 	"os"
 	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/appfile"
 )
 
 // TestForkArgsCgroup: the seam for per-worker cgroups (issue 17) asks
@@ -29,5 +32,15 @@ func TestAutoAcceptThreads(t *testing.T) {
 		if got := autoAcceptThreads(workers); got != want {
 			t.Errorf("autoAcceptThreads(%d) = %d, want %d", workers, got, want)
 		}
+	}
+}
+
+// TestRoundRobinConfig: the app file's round-robin settings reach the
+// balancer.
+func TestRoundRobinConfig(t *testing.T) {
+	app := &appfile.App{MaxPending: 5, AckTimeout: 3 * time.Second, AcceptThreads: 3, AcceptInterval: 2 * time.Millisecond, Sticky: appfile.StickyProxyProtocol}
+	cfg := newRoundRobin(app, nil, nil, &output{}).cfg
+	if cfg.MaxPending != 5 || cfg.AckTimeout != 3*time.Second || cfg.AcceptThreads != 3 || cfg.AcceptInterval != 2*time.Millisecond || !cfg.ProxyProtocol || cfg.Sticky {
+		t.Errorf("balance.Config %+v from %+v", cfg, app)
 	}
 }

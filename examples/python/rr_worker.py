@@ -83,6 +83,13 @@ def serve(conn):
     except OSError as e:
         print("connection: %s" % e, file=sys.stderr)
     finally:
+        # In round-robin mode the dispatcher holds a copy of the socket
+        # until it reads the ACK (up to 1 ms late): close() alone would
+        # leave the client waiting for the FIN until then.
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         conn.close()
 
 
