@@ -595,44 +595,33 @@ func (r *runner) goReuseport(addr string) (*instance, error) {
 // dispatcher is its rolling reload; a build without it either exits on the
 // signal or keeps the old workers, and the reload row says so.
 func cohortRun(mode, app string) func(r *runner, addr string) (*instance, error) {
-	return func(r *runner, addr string) (*instance, error) {
-		cmd := []string{r.node, r.js}
-		if app == "go" {
-			cmd = []string{r.hello}
-		}
-		argv := append([]string{r.cfg.Cohort, "run", "--listen", addr, "--workers", strconv.Itoa(r.cfg.Workers), "--mode", mode, "--"}, cmd...)
-		p, err := r.procs.start("cohort-"+mode+"-"+app, argv, nil, r.cfg.Root)
-		if err != nil {
-			return nil, err
-		}
-		inst := &instance{alive: procAlive(p, 1)}
-		inst.reload = func(ctx context.Context) (string, error) {
-			return cohortReload(ctx, p, addr, r.cfg.Workers)
-		}
-		return inst, nil
-	}
+	return cohortRunApp(mode, app, "")
 }
 
-// cohortRunApp is cohortRun for settings that have no flag: `cohort run`
-// reads them from an app file, in the work directory, with extra (TOML
-// lines) added.
+// cohortRunApp is cohortRun with settings that have no flag (TOML lines,
+// extra): `cohort run` then reads the app from a file in the work
+// directory.
 func cohortRunApp(mode, app, extra string) func(r *runner, addr string) (*instance, error) {
 	return func(r *runner, addr string) (*instance, error) {
 		cmd := []string{r.node, r.js}
 		if app == "go" {
 			cmd = []string{r.hello}
 		}
-		quoted := make([]string, len(cmd))
-		for i, a := range cmd {
-			quoted[i] = strconv.Quote(a) // a TOML basic string, for the paths the harness builds
+		argv := append([]string{r.cfg.Cohort, "run", "--listen", addr, "--workers", strconv.Itoa(r.cfg.Workers), "--mode", mode, "--"}, cmd...)
+		if extra != "" {
+			quoted := make([]string, len(cmd))
+			for i, a := range cmd {
+				quoted[i] = strconv.Quote(a) // a TOML basic string, for the paths the harness builds
+			}
+			toml := fmt.Sprintf("command = [%s]\nworkers = %d\nmode = %q\n%s\n\n[[listen]]\nname = \"http\"\naddress = %q\n",
+				strings.Join(quoted, ", "), r.cfg.Workers, mode, extra, addr)
+			file := filepath.Join(r.cfg.Work, "hello.toml")
+			if err := os.WriteFile(file, []byte(toml), 0o644); err != nil {
+				return nil, fmt.Errorf("app file: %w", err)
+			}
+			argv = []string{r.cfg.Cohort, "run", file}
 		}
-		toml := fmt.Sprintf("command = [%s]\nworkers = %d\nmode = %q\n%s\n\n[[listen]]\nname = \"http\"\naddress = %q\n",
-			strings.Join(quoted, ", "), r.cfg.Workers, mode, extra, addr)
-		file := filepath.Join(r.cfg.Work, "hello.toml")
-		if err := os.WriteFile(file, []byte(toml), 0o644); err != nil {
-			return nil, fmt.Errorf("app file: %w", err)
-		}
-		p, err := r.procs.start("cohort-"+mode+"-"+app, []string{r.cfg.Cohort, "run", file}, nil, r.cfg.Root)
+		p, err := r.procs.start("cohort-"+mode+"-"+app, argv, nil, r.cfg.Root)
 		if err != nil {
 			return nil, err
 		}

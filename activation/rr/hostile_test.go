@@ -2,6 +2,7 @@ package rr
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"slices"
@@ -333,24 +334,17 @@ func TestBatchedRecv(t *testing.T) {
 		}
 	}
 
-	// A short read, then a message that comes later.
-	if err := w.Send(TypeAck, []uint64{1}); err != nil {
-		t.Fatal(err)
-	}
-	if ev := tryRecv("ACK 1"); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{1}) {
-		t.Fatalf("ACK 1: %+v", ev)
-	}
-	if _, err := ch.TryRecv(); !errors.Is(err, ErrWouldBlock) {
-		t.Fatalf("TryRecv after the only message: %v, want ErrWouldBlock", err)
-	}
-	if err := w.Send(TypeAck, []uint64{2}); err != nil {
-		t.Fatal(err)
-	}
-	if ev := tryRecv("ACK 2"); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{2}) {
-		t.Fatalf("ACK 2: %+v", ev)
-	}
-	if _, err := ch.TryRecv(); !errors.Is(err, ErrWouldBlock) {
-		t.Fatalf("TryRecv after ACK 2: %v, want ErrWouldBlock", err)
+	// A short read, then a message that comes later, read in its turn.
+	for id := uint64(1); id <= 2; id++ {
+		if err := w.Send(TypeAck, []uint64{id}); err != nil {
+			t.Fatal(err)
+		}
+		if ev := tryRecv(fmt.Sprintf("ACK %d", id)); ev.Type != TypeAck || !slices.Equal(ev.IDs, []uint64{id}) {
+			t.Fatalf("ACK %d: %+v", id, ev)
+		}
+		if _, err := ch.TryRecv(); !errors.Is(err, ErrWouldBlock) {
+			t.Fatalf("TryRecv after the only message (ACK %d): %v, want ErrWouldBlock", id, err)
+		}
 	}
 
 	// Three messages queued together: one read, and the hostile one ends it.
