@@ -192,7 +192,10 @@ const ackReadDelay = time.Millisecond
 // messages. A wake-up costs this VM's dispatcher 17–19 µs, about a third
 // of a connection's cost at 4,000/s; the price is up to the interval of
 // delay for a connection that arrives during the sleep. A loop whose
-// connections stop returns to waiting at the end of the sleep.
+// connections stop returns to waiting at the end of the sleep. A round
+// that stopped at one message's worth of connections with more waiting
+// is followed by another at once: the interval paces a stream, it does
+// not cap its rate.
 func (b *Balancer) run(li int, l *loop) {
 	defer l.close()
 	events := make([]unix.EpollEvent, maxEvents)
@@ -216,7 +219,8 @@ func (b *Balancer) run(li int, l *loop) {
 		}
 		held := false
 		heard := false
-		accepted := false
+		accepted := false // this round accepted connections
+		backlog := false  // and may have left some waiting
 		if lazy {
 			// Channels with ACKs due are read on every wake-up, the rest
 			// (CLOSED, HELLO) once per ackReadDelay.
@@ -240,8 +244,10 @@ func (b *Balancer) run(li int, l *loop) {
 				continue
 			}
 			if int(ev.Fd) < len(b.lfds) {
-				batch = b.acceptOn(li, int(ev.Fd), batch[:0])
+				var more bool
+				batch, more = b.acceptOn(li, int(ev.Fd), batch[:0])
 				accepted = accepted || len(batch) > 0
+				backlog = backlog || more
 				continue
 			}
 			b.mu.Lock()
@@ -257,7 +263,7 @@ func (b *Balancer) run(li int, l *loop) {
 			b.flush()
 		}
 		lazy = b.pace(li, n > 0 || heard)
-		if accepted && b.acceptEvery > 0 {
+		if accepted && !backlog && b.acceptEvery > 0 {
 			now := time.Now()
 			if now.Sub(lastRound) < b.acceptEvery {
 				l.sleep(b.acceptEvery)
@@ -317,8 +323,9 @@ func (b *Balancer) pace(li int, busy bool) bool {
 
 // acceptOn accepts on listener index as many connections as ready
 // workers have room for (at most one message's worth), numbers them and
-// sends them on.
-func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) []rr.Conn {
+// sends them on. more reports that it stopped at that bound, not because
+// the listener had nothing left.
+func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) (_ []rr.Conn, more bool) {
 	b.mu.Lock()
 	room := min(b.roomLocked(), rr.MaxFDs)
 	if room == 0 {
@@ -328,6 +335,7 @@ func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) []rr.Conn {
 	fd := b.lfds[index]
 	var aerr unix.Errno
 	var keys [rr.MaxFDs]uint64
+	more = true
 	for len(batch) < room {
 		var nfd uintptr
 		var errno unix.Errno
@@ -346,6 +354,7 @@ func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) []rr.Conn {
 		if errno != unix.EAGAIN {
 			aerr = errno
 		}
+		more = false
 		break
 	}
 	ks := keys[:len(batch)]
@@ -359,7 +368,7 @@ func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) []rr.Conn {
 	if aerr != 0 {
 		b.acceptFailed(index, aerr)
 	}
-	return batch
+	return batch, more
 }
 
 // acceptFailed disarms the listeners for acceptPause after accept failed

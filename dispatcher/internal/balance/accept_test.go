@@ -112,6 +112,16 @@ func testBalancer(t testing.TB, cfg Config, workers int) (addr string, served *a
 // to beforeClose before they close it (fakeWorker).
 func testBalancerHooked(t testing.TB, cfg Config, workers int, beforeClose func(*os.File)) (addr string, served *atomic.Int64, stop func()) {
 	t.Helper()
+	addr, served, ready, stop := testBalancerUnready(t, cfg, workers, beforeClose)
+	ready()
+	return addr, served, stop
+}
+
+// testBalancerUnready is testBalancerHooked whose workers are ready only
+// once ready is called: until then nothing is accepted, and connections
+// wait in the listener's backlog.
+func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func(*os.File)) (addr string, served *atomic.Int64, ready, stop func()) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -151,10 +161,14 @@ func testBalancerHooked(t testing.TB, cfg Config, workers int, beforeClose func(
 		}
 		end := os.NewFile(uintptr(fd), rr.FDName)
 		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
-		bal.Ready(1000 + i)
 		wg.Go(func() { fakeWorker(end, served, beforeClose) })
 	}
-	return addr, served, stop
+	ready = func() {
+		for i := range workers {
+			bal.Ready(1000 + i)
+		}
+	}
+	return addr, served, ready, stop
 }
 
 // acceptRun is acceptRate's run: how many connections the workers got,
@@ -312,5 +326,48 @@ func TestAcceptInterval(t *testing.T) {
 		case every > 0 && worst > every+250*time.Millisecond:
 			t.Errorf("interval %v: a connection waited %v to reach a worker", every, worst)
 		}
+	}
+}
+
+// TestAcceptIntervalBurst: a round that stopped at one message's worth of
+// connections (rr.MaxFDs) with more waiting is not followed by a sleep:
+// an interval paces the rounds of a stream, it does not cap the rate at
+// MaxFDs per interval. 200 connections waiting in the backlog when the
+// workers become ready reach them within one interval, not in 7 rounds
+// an interval apart.
+func TestAcceptIntervalBurst(t *testing.T) {
+	const (
+		conns    = 200
+		interval = 50 * time.Millisecond
+	)
+	var mu sync.Mutex
+	var got []time.Time
+	addr, served, ready, stop := testBalancerUnready(t, Config{MaxPending: 256, MaxHandoffs: 8, AckTimeout: 10 * time.Second, AcceptInterval: interval}, 2, func(*os.File) {
+		mu.Lock()
+		got = append(got, time.Now())
+		mu.Unlock()
+	})
+	time.Sleep(50 * time.Millisecond) // the HELLOs are read
+	for range conns {
+		c, err := net.Dial("tcp", addr) // completes in the kernel: the listener's backlog
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	ready()
+	for deadline := time.Now().Add(10 * time.Second); served.Load() < conns && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != conns {
+		t.Fatalf("the workers got %d of %d connections", len(got), conns)
+	}
+	first, last := slices.MinFunc(got, time.Time.Compare), slices.MaxFunc(got, time.Time.Compare)
+	t.Logf("%d waiting connections reached the workers within %v (interval %v)", conns, last.Sub(first), interval)
+	if spread := last.Sub(first); spread > interval {
+		t.Errorf("%d waiting connections took %v to reach the workers; want less than the interval, %v (rounds of %d an interval apart?)", conns, spread, interval, rr.MaxFDs)
 	}
 }
