@@ -56,11 +56,13 @@ func (d *decoder) validate(app *App) {
 			d.errorAt("ready_settle", "", "ready_settle (%s) must be shorter than ready_timeout (%s), or no worker would ever be ready", app.ReadySettle, app.ReadyTimeout)
 		}
 	}
-	if _, set := d.idx["accept_interval"]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
-		d.errorAt("accept_interval", "", "accept_interval applies only to mode = \"round-robin\": in mode = %q the workers accept on their own", app.Mode)
-	}
-	if _, set := d.idx["recycle.max_connections"]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
-		d.errorAt("recycle.max_connections", "", "max_connections applies only to mode = \"round-robin\": in mode = %q the workers accept on their own and the dispatcher cannot count their connections (use max_lifetime or memory)", app.Mode)
+	for _, only := range []struct{ key, label, why string }{
+		{"accept_interval", "accept_interval", ""},
+		{"recycle.max_connections", "max_connections", " and the dispatcher cannot count their connections (use max_lifetime or memory)"},
+	} {
+		if _, set := d.idx[only.key]; set && app.Mode != ModeRoundRobin && slices.Contains(modes, string(app.Mode)) {
+			d.errorAt(only.key, "", "%s applies only to mode = \"round-robin\": in mode = %q the workers accept on their own%s", only.label, app.Mode, only.why)
+		}
 	}
 	balances := []string{BalanceRoundRobin, BalanceLeastConnections, BalanceP2C, BalanceWeighted}
 	if !slices.Contains(balances, app.Balance) {

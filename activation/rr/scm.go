@@ -98,22 +98,12 @@ func tryRecvMsg(rc syscall.RawConn, b, oob []byte) ([]byte, []int, error) {
 		rerr           error
 	)
 	err := rc.Read(func(fd uintptr) bool {
-		for i := 0; ; {
-			n, oobn, flags, rerr = rawMsg(unix.SYS_RECVMSG, int(fd), b, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
-			switch {
-			case rerr == unix.EINTR:
-				continue
-			case rerr == unix.ECONNRESET && i < 4:
-				// A peer that closes its end with messages it did
-				// not read makes the kernel report ECONNRESET once,
-				// before the messages it sent that we have not read
-				// yet (an ACK, say). Read on: they follow, then end
-				// of stream.
-				i++
-				continue
-			}
-			return true
-		}
+		rerr = recvRetrying(func() error {
+			var err error
+			n, oobn, flags, err = rawMsg(unix.SYS_RECVMSG, int(fd), b, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			return err
+		})
+		return true
 	})
 	if err == nil {
 		err = rerr
@@ -232,6 +222,25 @@ func rawSendmsg(fd int, b, oob []byte, flags int) (int, error) {
 	return n, err
 }
 
+// recvRetrying calls recv until it fails with something other than
+// EINTR, or with ECONNRESET a fifth time. A peer that closes its end with
+// messages it did not read makes the kernel report ECONNRESET once,
+// before the messages it sent that we have not read yet (an ACK, say):
+// read on, they follow, then end of stream.
+func recvRetrying(recv func() error) error {
+	for resets := 0; ; {
+		err := recv()
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.ECONNRESET && resets < 4:
+			resets++
+			continue
+		}
+		return err
+	}
+}
+
 // recvBatch is how many messages one recvmmsg(2) of the dispatcher's end
 // reads: a loop serving a stream of connections finds several ACKs (and
 // CLOSEDs) queued per worker, and each recvmsg(2) costs at least 1.1 µs
@@ -264,6 +273,9 @@ func newInbox() *inbox {
 	for i := range recvBatch {
 		in.bufs[i] = make([]byte, MaxMessage+1) // +1: a longer message is truncated, and refused
 		in.oobs[i] = make([]byte, oobSize)
+		in.iovs[i].Base = &in.bufs[i][0]
+		in.iovs[i].SetLen(len(in.bufs[i]))
+		in.hdrs[i].hdr = unix.Msghdr{Iov: &in.iovs[i], Iovlen: 1, Control: &in.oobs[i][0]}
 	}
 	return in
 }
@@ -273,29 +285,21 @@ func newInbox() *inbox {
 // reports it) when the read failed.
 func (in *inbox) tryRead(rc syscall.RawConn) error {
 	for i := range recvBatch {
-		in.iovs[i].Base = &in.bufs[i][0]
-		in.iovs[i].SetLen(len(in.bufs[i]))
-		in.hdrs[i] = mmsghdr{hdr: unix.Msghdr{Iov: &in.iovs[i], Iovlen: 1, Control: &in.oobs[i][0]}}
-		in.hdrs[i].hdr.SetControllen(len(in.oobs[i]))
+		in.hdrs[i].hdr.SetControllen(len(in.oobs[i])) // the kernel wrote what it used
 	}
 	var n int
 	var rerr error
 	err := rc.Read(func(fd uintptr) bool {
-		for i := 0; ; {
+		rerr = recvRetrying(func() error {
 			r, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&in.hdrs[0])), recvBatch, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC, 0, 0)
-			n, rerr = int(r), nil
 			if errno != 0 {
-				n, rerr = 0, errno
+				n = 0
+				return errno
 			}
-			switch {
-			case rerr == unix.EINTR:
-				continue
-			case rerr == unix.ECONNRESET && i < 4:
-				i++ // as in tryRecvMsg: the messages the peer sent follow
-				continue
-			}
-			return true
-		}
+			n = int(r)
+			return nil
+		})
+		return true
 	})
 	if err == nil {
 		err = rerr

@@ -45,8 +45,7 @@ type loop struct {
 	// wake is an eventfd in the set (token wakeToken): stop makes it
 	// readable, which ends the wait. Only run closes it, after its last
 	// wait: a closed fd would leave the set before the wait saw it.
-	wake   *os.File
-	wakeFD int // wake's, for sleep
+	wake *os.File
 }
 
 // wakeToken names the loop's eventfd in its events: listeners have
@@ -83,7 +82,7 @@ func newLoop() (*loop, error) {
 		ep.Close()
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	l := &loop{ep: ep, rc: rc, wake: os.NewFile(uintptr(efd), "cohort-rr-wake"), wakeFD: efd}
+	l := &loop{ep: ep, rc: rc, wake: os.NewFile(uintptr(efd), "cohort-rr-wake")}
 	if err := l.ctl(unix.EPOLL_CTL_ADD, efd, wakeToken, unix.EPOLLIN); err != nil {
 		l.close()
 		return nil, fmt.Errorf("epoll_ctl: %w", err)
@@ -151,7 +150,7 @@ func (l *loop) wait(events []unix.EpollEvent, timeoutMs int) (int, bool, error) 
 // of the sleep. Only run calls it (wake is open).
 func (l *loop) sleep(d time.Duration) {
 	until := time.Now().Add(d)
-	pfd := unix.PollFd{Fd: int32(l.wakeFD), Events: unix.POLLIN}
+	pfd := unix.PollFd{Fd: int32(l.wake.Fd()), Events: unix.POLLIN} // blocking already: Fd changes nothing
 	for d > 0 {
 		ts := unix.NsecToTimespec(int64(d))
 		_, _, errno := unix.RawSyscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
