@@ -106,7 +106,13 @@ func dispatch(t *testing.T, ln net.Listener, ch *rr.Channel, listener uint16) {
 			t.Error(err)
 			return
 		}
-		if err := ch.Send(rr.Conn{ID: id, Listener: listener, File: f}); err != nil {
+		conn, err := rr.FileConn(f, listener)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		conn.ID = id
+		if err := ch.Send(conn); err != nil {
 			t.Error(err)
 			return
 		}
@@ -135,7 +141,7 @@ func TestRoundRobinModeChild(t *testing.T) {
 	t.Cleanup(func() { // on failure; the test closes ch itself
 		left, _ := ch.Close()
 		for _, c := range left {
-			c.File.Close()
+			c.Close()
 		}
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

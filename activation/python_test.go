@@ -37,7 +37,7 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 	t.Cleanup(func() {
 		left, _ := ch.Close()
 		for _, c := range left {
-			c.File.Close()
+			c.Close()
 		}
 	})
 	notify, next := notifySocket(t)
@@ -63,9 +63,17 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, _ := s.(*net.TCPConn).File()
+	f, err := s.(*net.TCPConn).File()
 	s.Close()
-	if err := ch.Send(rr.Conn{ID: 99, Listener: 0, File: f}); err != nil {
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := rr.FileConn(f, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.ID = 99
+	if err := ch.Send(conn); err != nil {
 		t.Fatal(err)
 	}
 	ch.SetReadDeadline(time.Now().Add(childWait))
@@ -74,7 +82,7 @@ func TestPythonWorkerRoundRobin(t *testing.T) {
 	if err != nil || ev.Type != rr.TypeReject || len(ev.Rejected) != 1 || ev.Rejected[0].ID != 99 {
 		t.Fatalf("Recv = %+v, %v, want REJECT 99", ev, err)
 	}
-	ev.Rejected[0].File.Close()
+	ev.Rejected[0].Close()
 
 	dispatched := make(chan struct{})
 	go func() { // ends when ln is closed

@@ -30,7 +30,7 @@ func rrSetup(t *testing.T, n int) (*rr.Channel, *demux) {
 	t.Cleanup(func() {
 		left, _ := ch.Close()
 		for _, c := range left {
-			c.File.Close()
+			c.Close()
 		}
 		d.mu.Lock()
 		if !d.sockClosed {
@@ -74,7 +74,7 @@ func sendConns(t *testing.T, ch *rr.Channel, idx uint16, first uint64, n int) []
 			t.Fatal(err)
 		}
 		clients = append(clients, c)
-		conns = append(conns, rr.Conn{ID: first + uint64(i), Listener: idx, File: f})
+		conns = append(conns, rrConn(t, first+uint64(i), idx, f))
 	}
 	if err := ch.Send(conns...); err != nil {
 		t.Fatal(err)
@@ -100,7 +100,7 @@ func recvUntil(t *testing.T, ch *rr.Channel, what string, done func(evs []rr.Eve
 			t.Fatalf("waiting for %s (got %v): %v", what, evs, err)
 		}
 		for _, c := range ev.Rejected {
-			c.File.Close()
+			c.Close()
 		}
 		evs = append(evs, ev)
 	}
@@ -247,7 +247,7 @@ func TestRoundRobinClose(t *testing.T) {
 			rejected = append(rejected, ev.IDs...)
 		}
 		for _, c := range ev.Rejected {
-			c.File.Close()
+			c.Close()
 		}
 	}
 	if !slices.Equal(acked, []uint64{1}) || !slices.Equal(rejected, []uint64{2}) || ch.Unacked() != 0 {
@@ -415,7 +415,7 @@ func sendMixed(t *testing.T, ch *rr.Channel, id uint64) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		conns = append(conns, rr.Conn{ID: id + i, Listener: uint16(i % 2), File: f})
+		conns = append(conns, rrConn(t, id+i, uint16(i%2), f))
 	}
 	if err := ch.Send(conns...); err != nil {
 		t.Fatal(err)
@@ -451,7 +451,7 @@ func TestRoundRobinNoUseWithoutAck(t *testing.T) {
 	if len(left) != 1 || left[0].ID != 2 {
 		t.Fatalf("dispatcher took back %+v, want conn 2", left)
 	}
-	left[0].File.Close() // as if handed to, and served by, another worker
+	left[0].Close() // as if handed to, and served by, another worker
 	c2, err := acceptWithin(t, l)
 	if err == nil {
 		c2.Close()
@@ -484,7 +484,7 @@ func TestRoundRobinCloseEndsTheConnection(t *testing.T) {
 	unix.SetNonblock(pair[0], true) // os.File's deadlines need the poller
 	unixClient := os.NewFile(uintptr(pair[0]), "unix-client")
 	t.Cleanup(func() { unixClient.Close() })
-	if err := ch.Send(rr.Conn{ID: 3, File: os.NewFile(uintptr(pair[1]), "unix-server")}); err != nil {
+	if err := ch.Send(rrConn(t, 3, 0, os.NewFile(uintptr(pair[1]), "unix-server"))); err != nil {
 		t.Fatal(err)
 	}
 	var served [3]net.Conn
@@ -535,4 +535,16 @@ func TestRoundRobinCloseEndsTheConnection(t *testing.T) {
 	if _, err := clients[1].Read(make([]byte, 1)); !errors.Is(err, unix.ECONNRESET) {
 		t.Fatalf("aborted connection after the dispatcher's close: %v; want ECONNRESET", err)
 	}
+}
+
+// rrConn makes the round-robin Conn id of f (which it closes), accepted
+// on listener; the external tests (package activation_test) use it too.
+func rrConn(t testing.TB, id uint64, listener uint16, f *os.File) rr.Conn {
+	t.Helper()
+	c, err := rr.FileConn(f, listener)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ID = id
+	return c
 }

@@ -22,13 +22,47 @@ type Conn struct {
 	// Listener is the index of the listener that accepted it, in the
 	// order of the worker's COHORT_RR_LISTENERS.
 	Listener uint16
-	// File is the dispatcher's copy of the connection; close it with
-	// Close.
-	File *os.File
+	// fd is the dispatcher's copy of the connection plus one, so that the
+	// zero Conn holds none. A bare descriptor, not an *os.File: the
+	// dispatcher never reads or writes it, and os.NewFile costs an fcntl,
+	// three allocations and a finalizer per connection, and every use a
+	// reference count (1.9 µs of the dispatcher's ~30 per connection on
+	// the 2-CPU test VM, issue 19). The price is the care an fd needs: a
+	// Conn is closed exactly once, by whoever holds it last.
+	fd int
 }
 
+// NewConn makes the Conn of fd, a connected stream socket accepted on
+// listener, which the Conn then owns: close it with Close. fd should be
+// close-on-exec and in blocking mode (accept4 with SOCK_CLOEXEC makes it
+// so); the worker sets the mode it wants.
+func NewConn(fd int, listener uint16) Conn {
+	return Conn{Listener: listener, fd: fd + 1}
+}
+
+// FileConn makes a Conn of the connection f holds, for a caller that has
+// it as an *os.File: the Conn gets a close-on-exec duplicate of its
+// descriptor (sharing the open file description, so its mode too), and f
+// is closed either way.
+func FileConn(f *os.File, listener uint16) (Conn, error) {
+	defer f.Close()
+	fd, err := rawFD(f)
+	if err != nil {
+		return Conn{}, fmt.Errorf("connection %s: %w", f.Name(), err)
+	}
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return Conn{}, fmt.Errorf("duplicate connection %s: %w", f.Name(), err)
+	}
+	return NewConn(dup, listener), nil
+}
+
+// FD is the connection's descriptor (-1 for the zero Conn); it stays the
+// Conn's.
+func (c Conn) FD() int { return c.fd - 1 }
+
 // Close closes the dispatcher's copy of the connection without waiting
-// for its client.
+// for its client. Only one copy of a Conn may be closed, once.
 //
 // The copy shares its socket with the worker's, and a worker may have set
 // SO_LINGER (some servers do, to have close wait for delivery). Once the
@@ -45,11 +79,19 @@ type Conn struct {
 // dispatcher's balancer ends such a close with a signal
 // (dispatcher/internal/balance, closeguard.go).
 func (c Conn) Close() error {
-	fd := int(c.File.Fd()) // the copy is in blocking mode: Fd changes nothing
+	fd := c.FD()
+	if fd < 0 {
+		return fmt.Errorf("close connection %d: %w", c.ID, ErrInvalidConn)
+	}
 	if l, err := unix.GetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER); err == nil && l.Onoff != 0 && l.Linger > 0 {
 		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{})
 	}
-	return c.File.Close()
+	// EINTR: Linux has released the descriptor already (close(2)); a
+	// retry could close one opened meanwhile.
+	if err := unix.Close(fd); err != nil && err != unix.EINTR {
+		return fmt.Errorf("close connection %d: %w", c.ID, err)
+	}
+	return nil
 }
 
 // Event is one message from a worker, already applied to the Channel's
@@ -60,7 +102,7 @@ type Event struct {
 	// IDs are the ids the message carried.
 	IDs []uint64
 	// Rejected holds, for TypeReject, the connections the Channel still
-	// held for those ids. The caller owns their Files: hand them to another
+	// held for those ids. The caller owns them: hand them to another
 	// worker or close them.
 	Rejected []Conn
 	// Ignored is how many of IDs the Channel did not apply: an ACK or
@@ -71,7 +113,7 @@ type Event struct {
 }
 
 // ErrInvalidConn is wrapped by Send's error when a Conn cannot be sent; the
-// caller then still owns every File it passed.
+// caller then still owns every Conn it passed.
 var ErrInvalidConn = errors.New("invalid connection")
 
 // ErrWouldBlock is wrapped by TrySend's error when the worker's receive
@@ -84,10 +126,10 @@ var ErrWouldBlock = errors.New("channel full")
 var errRecvWouldBlock = fmt.Errorf("recv: %w", ErrWouldBlock)
 
 // ErrNotSent is wrapped by Send's error when it sent nothing and took
-// nothing: the caller still owns every File it passed. It distinguishes a
+// nothing: the caller still owns every Conn it passed. It distinguishes a
 // Channel that was already closed (also net.ErrClosed) from a sendmsg that
 // failed because the channel broke or was closed meanwhile (also
-// net.ErrClosed, but the Channel then owns the Files).
+// net.ErrClosed, but the Channel then owns the Conns).
 var ErrNotSent = errors.New("nothing sent")
 
 // Channel is the dispatcher's end of one worker's round-robin channel. It
@@ -98,7 +140,7 @@ var ErrNotSent = errors.New("nothing sent")
 type Channel struct {
 	s *sock
 
-	sendMu sync.Mutex // held for a whole Send, so Close never hands back a File that sendmsg is using
+	sendMu sync.Mutex // held for a whole Send, so Close never hands back a Conn that sendmsg is using
 	buf    []byte     // under sendMu
 
 	in *inbox // what Recv and TryRecv read and have not returned
@@ -158,11 +200,12 @@ func NewPair() (ch *Channel, worker *os.File, err error) {
 // Send hands conns to the worker, in messages of at most MaxFDs
 // connections. It blocks while the worker's receive buffer is full.
 //
-// If a Conn has no File, a duplicate ID or an ID the Channel already holds,
-// Send returns an error wrapping ErrInvalidConn and sends nothing; after
-// Close it returns an error wrapping net.ErrClosed. Both errors also wrap
-// ErrNotSent: the caller keeps ownership of every File. Otherwise the Channel owns all the Files,
-// whether or not sending succeeds: it closes each when the worker
+// If a Conn holds no descriptor, or has a duplicate ID or an ID the
+// Channel already holds, Send returns an error wrapping ErrInvalidConn and
+// sends nothing; after Close it returns an error wrapping net.ErrClosed.
+// Both errors also wrap ErrNotSent: the caller keeps ownership of every
+// Conn. Otherwise the Channel owns all the Conns, whether or not sending
+// succeeds: it closes each when the worker
 // acknowledges it, returns it in an Event when the worker rejects it, and
 // returns the rest from Close (so after a failed Send, typically because
 // the worker died, call Close and re-send what it returns).
@@ -177,11 +220,7 @@ func (ch *Channel) Send(conns ...Conn) error {
 	for batch := range slices.Chunk(conns, MaxFDs) {
 		fds, es = fds[:0], es[:0]
 		for _, c := range batch {
-			fd, err := rawFD(c.File)
-			if err != nil {
-				return fmt.Errorf("send conn %d: %w", c.ID, err)
-			}
-			fds = append(fds, fd)
+			fds = append(fds, c.FD())
 			es = append(es, entry{id: c.ID, listener: c.Listener})
 		}
 		ch.buf = appendConns(ch.buf[:0], es)
@@ -194,8 +233,8 @@ func (ch *Channel) Send(conns ...Conn) error {
 
 // TrySend is Send without waiting: it sends as many whole messages as the
 // worker's receive queue has room for and returns how many of conns went
-// out (a prefix). The Channel owns the Files of those; the caller keeps
-// the Files of conns[n:] and may send them elsewhere. When the queue is
+// out (a prefix). The Channel owns those; the caller keeps
+// conns[n:] and may send them elsewhere. When the queue is
 // full the error wraps ErrWouldBlock; after Close or Shutdown, or for an
 // invalid Conn, it wraps ErrNotSent (n is 0); any other error (the worker
 // closed its end: EPIPE; too many fds in flight: ETOOMANYREFS) wraps the
@@ -211,21 +250,12 @@ func (ch *Channel) TrySend(conns ...Conn) (int, error) {
 	n := 0
 	for batch := range slices.Chunk(conns, MaxFDs) {
 		fds, es = fds[:0], es[:0]
-		var err error
 		for _, c := range batch {
-			fd, ferr := rawFD(c.File)
-			if ferr != nil {
-				err = fmt.Errorf("send conn %d: %w", c.ID, ferr)
-				break
-			}
-			fds = append(fds, fd)
+			fds = append(fds, c.FD())
 			es = append(es, entry{id: c.ID, listener: c.Listener})
 		}
-		if err == nil {
-			ch.buf = appendConns(ch.buf[:0], es)
-			err = ch.s.trySend(ch.buf, fds)
-		}
-		if err != nil {
+		ch.buf = appendConns(ch.buf[:0], es)
+		if err := ch.s.trySend(ch.buf, fds); err != nil {
 			ch.unregister(conns[n:])
 			if errors.Is(err, unix.EAGAIN) {
 				err = fmt.Errorf("send %d conns: %w: %w", len(batch), ErrWouldBlock, err)
@@ -289,8 +319,8 @@ func (ch *Channel) register(conns []Conn) error {
 	for _, c := range conns {
 		_, held := ch.unacked[c.ID]
 		switch {
-		case c.File == nil:
-			return fmt.Errorf("send conn %d: %w: %w: no file", c.ID, ErrNotSent, ErrInvalidConn)
+		case c.fd <= 0:
+			return fmt.Errorf("send conn %d: %w: %w: no descriptor", c.ID, ErrNotSent, ErrInvalidConn)
 		case held || seen[c.ID]:
 			return fmt.Errorf("send conn %d: %w: %w: id already in flight", c.ID, ErrNotSent, ErrInvalidConn)
 		}
@@ -518,11 +548,11 @@ func (ch *Channel) Open() int {
 // Close closes the dispatcher's end of the channel, which makes blocked
 // Send and Recv calls return, and returns every connection not yet
 // acknowledged or rejected, in the order they were sent. The caller owns
-// their Files: hand them to another worker or close them. Later calls
+// them: hand them to another worker or close them. Later calls
 // return nothing.
 func (ch *Channel) Close() ([]Conn, error) {
 	err := ch.s.close()
-	ch.sendMu.Lock() // wait for a running Send to let go of the Files
+	ch.sendMu.Lock() // wait for a running Send to let go of the Conns
 	defer ch.sendMu.Unlock()
 	ch.mu.Lock()
 	defer ch.mu.Unlock()

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // processCPU is this process's CPU time (user + system) from /proc/self/stat.
@@ -36,11 +38,12 @@ func BenchmarkChannelRoundTrip(b *testing.B) {
 			ids := make([]uint64, 1)
 			cpu0 := processCPU(b)
 			for i := 0; b.Loop(); i++ {
-				f, err := os.Open(os.DevNull)
+				fd, err := unix.Open(os.DevNull, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 				if err != nil {
 					b.Fatal(err)
 				}
-				c := Conn{ID: uint64(i), File: f}
+				c := NewConn(fd, 0)
+				c.ID = uint64(i)
 				if mode == "Send" {
 					err = ch.Send(c)
 				} else {

@@ -79,7 +79,7 @@ func FuzzRecv(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			conns = append(conns, Conn{ID: id, File: f})
+			conns = append(conns, fileConn(t, id, 0, f))
 		}
 		if err := ch.Send(conns...); err != nil {
 			t.Fatal(err)
@@ -137,7 +137,7 @@ func FuzzRecv(f *testing.F) {
 				if !slices.Contains(ev.IDs, c.ID) {
 					t.Fatalf("REJECT %v handed back conn %d", ev.IDs, c.ID)
 				}
-				c.File.Close()
+				c.Close()
 			}
 			if ch.Unacked() != len(unacked) || ch.Open() != len(open) || ch.Ignored() != ignored {
 				t.Fatalf("after %v %v: Unacked, Open, Ignored = %d, %d, %d; want %d, %d, %d",
@@ -152,7 +152,7 @@ func FuzzRecv(f *testing.F) {
 			if !unacked[c.ID] {
 				t.Fatalf("Close returned conn %d, which was not in flight", c.ID)
 			}
-			c.File.Close()
+			c.Close()
 		}
 		if after := countFDs(t); after != before {
 			t.Fatalf("%d fds before, %d after", before, after)

@@ -17,7 +17,7 @@ func conns(t testing.TB, first uint64, n int) []Conn {
 	_, files := tcpConns(t, n)
 	cs := make([]Conn, n)
 	for i, f := range files {
-		cs[i] = Conn{ID: first + uint64(i), File: f}
+		cs[i] = fileConn(t, first+uint64(i), 0, f)
 	}
 	t.Cleanup(func() {
 		for _, f := range files {
@@ -249,7 +249,7 @@ func TestShutdownKeepsEarlierAcks(t *testing.T) {
 		t.Fatalf("Close returned %v, want [2 3 4]", ids)
 	}
 	for _, c := range left {
-		c.File.Close()
+		c.Close()
 	}
 }
 

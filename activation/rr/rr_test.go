@@ -14,7 +14,7 @@ import (
 )
 
 // tcpConns returns n connected pairs over 127.0.0.1: the client side and
-// the accepted side as an *os.File (as the dispatcher holds it).
+// the accepted side as an *os.File (fileConn makes a Conn of it).
 func tcpConns(t testing.TB, n int) (clients []net.Conn, files []*os.File) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -43,6 +43,18 @@ func tcpConns(t testing.TB, n int) (clients []net.Conn, files []*os.File) {
 	return clients, files
 }
 
+// fileConn makes the Conn id of f (which it closes), accepted on
+// listener.
+func fileConn(t testing.TB, id uint64, listener uint16, f *os.File) Conn {
+	t.Helper()
+	c, err := FileConn(f, listener)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ID = id
+	return c
+}
+
 func newPair(t testing.TB) (*Channel, *Worker) {
 	t.Helper()
 	ch, wf, err := NewPair()
@@ -57,7 +69,7 @@ func newPair(t testing.TB) (*Channel, *Worker) {
 		w.Close()
 		left, _ := ch.Close()
 		for _, c := range left {
-			c.File.Close()
+			c.Close()
 		}
 	})
 	if _, bench := t.(*testing.B); !bench {
@@ -91,7 +103,7 @@ func TestSendRecvAckClosedReject(t *testing.T) {
 	clients, files := tcpConns(t, n+2)
 	conns := make([]Conn, n)
 	for i := range conns {
-		conns[i] = Conn{ID: uint64(100 + i), Listener: uint16(i % 2), File: files[i]}
+		conns[i] = fileConn(t, uint64(100+i), uint16(i%2), files[i])
 	}
 	if err := ch.Send(conns...); err != nil {
 		t.Fatal(err)
@@ -155,7 +167,7 @@ func TestSendRecvAckClosedReject(t *testing.T) {
 	}
 
 	// REJECT hands the dispatcher's copies back.
-	if err := ch.Send(Conn{ID: 1, File: files[n]}, Conn{ID: 2, File: files[n+1]}); err != nil {
+	if err := ch.Send(fileConn(t, 1, 0, files[n]), fileConn(t, 2, 0, files[n+1])); err != nil {
 		t.Fatal(err)
 	}
 	ds, err := w.Recv()
@@ -169,11 +181,11 @@ func TestSendRecvAckClosedReject(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev, err = ch.Recv()
-	if err != nil || ev.Type != TypeReject || len(ev.Rejected) != 2 || ev.Rejected[0].File != files[n] {
+	if err != nil || ev.Type != TypeReject || len(ev.Rejected) != 2 || ev.Rejected[0].ID != 1 {
 		t.Fatalf("after REJECT: %+v, %v", ev, err)
 	}
 	for _, c := range ev.Rejected {
-		c.File.Close()
+		c.Close()
 	}
 	if ch.Unacked() != 0 {
 		t.Fatalf("Unacked = %d after REJECT", ch.Unacked())
@@ -183,10 +195,11 @@ func TestSendRecvAckClosedReject(t *testing.T) {
 func TestSendInvalid(t *testing.T) {
 	ch, _ := newPair(t)
 	_, files := tcpConns(t, 1)
-	defer files[0].Close()
+	c := fileConn(t, 1, 0, files[0])
+	defer c.Close()
 	for _, conns := range [][]Conn{
 		{{ID: 1}},
-		{{ID: 1, File: files[0]}, {ID: 1, File: files[0]}},
+		{c, c},
 	} {
 		if err := ch.Send(conns...); !errors.Is(err, ErrInvalidConn) || !errors.Is(err, ErrNotSent) {
 			t.Errorf("Send(%v) = %v, want ErrInvalidConn and ErrNotSent", conns, err)
@@ -201,10 +214,10 @@ func TestSendInvalid(t *testing.T) {
 // which gets them back from Close in send order.
 func TestWorkerExitReturnsUnacked(t *testing.T) {
 	ch, w := newPair(t)
-	_, files := tcpConns(t, 5)
+	_, files := tcpConns(t, 7)
 	var conns []Conn
-	for i, f := range files {
-		conns = append(conns, Conn{ID: uint64(i), File: f})
+	for i, f := range files[:5] {
+		conns = append(conns, fileConn(t, uint64(i), 0, f))
 	}
 	if err := ch.Send(conns...); err != nil {
 		t.Fatal(err)
@@ -226,8 +239,8 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Recv after worker exit = %v, want net.ErrClosed", err)
 	}
-	if err := ch.Send(Conn{ID: 9, File: files[1]}); err == nil || errors.Is(err, ErrNotSent) {
-		t.Fatalf("Send to an exited worker = %v, want a failed sendmsg (the Channel owns the File)", err)
+	if err := ch.Send(fileConn(t, 9, 0, files[5])); err == nil || errors.Is(err, ErrNotSent) {
+		t.Fatalf("Send to an exited worker = %v, want a failed sendmsg (the Channel owns the Conn)", err)
 	}
 	left, err := ch.Close()
 	if err != nil {
@@ -236,7 +249,7 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	var ids []uint64
 	for _, c := range left {
 		ids = append(ids, c.ID)
-		c.File.Close()
+		c.Close()
 	}
 	if want := []uint64{0, 2, 3, 4, 9}; !slices.Equal(ids, want) {
 		t.Fatalf("Close returned %v, want %v", ids, want)
@@ -244,7 +257,9 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 	if _, err := ch.Recv(); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Recv after Close = %v, want net.ErrClosed", err)
 	}
-	if err := ch.Send(Conn{ID: 10, File: files[0]}); !errors.Is(err, ErrNotSent) || !errors.Is(err, net.ErrClosed) {
+	late := fileConn(t, 10, 0, files[6])
+	defer late.Close() // not sent: still the caller's
+	if err := ch.Send(late); !errors.Is(err, ErrNotSent) || !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Send after Close = %v, want ErrNotSent and net.ErrClosed", err)
 	}
 }
@@ -256,7 +271,7 @@ func TestWorkerExitReturnsUnacked(t *testing.T) {
 func TestAckBeforeResetIsRead(t *testing.T) {
 	ch, w := newPair(t)
 	_, files := tcpConns(t, 2)
-	if err := ch.Send(Conn{ID: 1, File: files[0]}); err != nil {
+	if err := ch.Send(fileConn(t, 1, 0, files[0])); err != nil {
 		t.Fatal(err)
 	}
 	ds, err := w.Recv()
@@ -264,7 +279,7 @@ func TestAckBeforeResetIsRead(t *testing.T) {
 		t.Fatal(err)
 	}
 	ds[0].File.Close()
-	if err := ch.Send(Conn{ID: 2, File: files[1]}); err != nil { // never read
+	if err := ch.Send(fileConn(t, 2, 0, files[1])); err != nil { // never read
 		t.Fatal(err)
 	}
 	if err := w.Send(TypeAck, []uint64{1}); err != nil {
@@ -282,7 +297,7 @@ func TestAckBeforeResetIsRead(t *testing.T) {
 	if len(left) != 1 || left[0].ID != 2 {
 		t.Fatalf("Close returned %+v, want only conn 2", left)
 	}
-	left[0].File.Close()
+	left[0].Close()
 }
 
 func countFDs(t testing.TB) int {
@@ -389,5 +404,45 @@ func TestNewWorkerRejectsStreamSocket(t *testing.T) {
 	defer unix.Close(fds[1])
 	if _, err := NewWorker(os.NewFile(uintptr(fds[0]), FDName)); err == nil {
 		t.Fatal("NewWorker accepted a SOCK_STREAM socket")
+	}
+}
+
+// A Conn owns one descriptor: FileConn takes a close-on-exec duplicate of
+// the File's and closes the File, Close closes the descriptor once, and
+// the zero Conn holds none (so it never closes fd 0).
+func TestConnOwnsItsDescriptor(t *testing.T) {
+	before := countFDs(t)
+	var zero Conn
+	if zero.FD() != -1 || !errors.Is(zero.Close(), ErrInvalidConn) {
+		t.Fatalf("zero Conn: FD = %d, Close = %v; want -1 and ErrInvalidConn", zero.FD(), zero.Close())
+	}
+	clients, files := tcpConns(t, 1)
+	c := fileConn(t, 7, 3, files[0])
+	if c.ID != 7 || c.Listener != 3 {
+		t.Fatalf("Conn = %+v", c)
+	}
+	if err := files[0].Close(); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("FileConn left its File open (Close = %v)", err)
+	}
+	flags, err := unix.FcntlInt(uintptr(c.FD()), unix.F_GETFD, 0)
+	if err != nil || flags&unix.FD_CLOEXEC == 0 {
+		t.Fatalf("F_GETFD = %#x, %v; want close-on-exec", flags, err)
+	}
+	if _, err := unix.Write(c.FD(), []byte("x")); err != nil {
+		t.Fatalf("write through the Conn: %v", err)
+	}
+	buf := make([]byte, 1)
+	clients[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(clients[0], buf); err != nil || buf[0] != 'x' {
+		t.Fatalf("client read %q, %v", buf, err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.FcntlInt(uintptr(c.FD()), unix.F_GETFD, 0); err != unix.EBADF {
+		t.Fatalf("after Close, F_GETFD = %v, want EBADF", err)
+	}
+	if after := countFDs(t); after != before+1 { // the client's end, closed at cleanup
+		t.Fatalf("%d fds before, %d after", before, after)
 	}
 }

@@ -134,7 +134,7 @@ func TestChannelCloseWakesWaiters(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range left {
-		c.File.Close()
+		c.Close()
 	}
 	for name, done := range map[string]chan error{"Recv": recvd, "WaitWritable": waited} {
 		select {

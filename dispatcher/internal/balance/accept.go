@@ -344,7 +344,7 @@ func (b *Balancer) acceptOn(l, index int, batch []rr.Conn) (_ []rr.Conn, more bo
 			nfd, errno = accept4(fd)
 		}
 		if errno == 0 {
-			batch = append(batch, rr.Conn{Listener: uint16(index), File: os.NewFile(nfd, "conn")})
+			batch = append(batch, rr.NewConn(int(nfd), uint16(index)))
 			continue
 		}
 		if errno == unix.EINTR || errno == unix.ECONNABORTED || errno == unix.EPROTO {
@@ -392,10 +392,8 @@ func (b *Balancer) acceptFailed(index int, err error) {
 
 // accept4 accepts one connection on the listening socket fd, close-on-exec
 // and without asking for the peer's address. The connection is left in
-// blocking mode: os.NewFile then keeps it out of the dispatcher's
-// netpoller (which would watch, for nothing, every connection until the
-// worker acknowledges it), and the worker sets the mode it wants, as
-// net.FileConn and Python's socket timeouts do.
+// blocking mode, the mode a worker expects to start from: it sets the
+// one it wants, as net.FileConn and Python's socket timeouts do.
 func accept4(fd int) (uintptr, unix.Errno) {
 	nfd, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), 0, 0, unix.SOCK_CLOEXEC, 0, 0)
 	return nfd, errno

@@ -14,7 +14,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"net/netip"
-	"os"
 	"strings"
 	"time"
 
@@ -161,12 +160,8 @@ func peekKey(fd int) (key uint64, wait bool) {
 func (b *Balancer) proxyKeys(l int, batch []rr.Conn, keys []uint64) ([]rr.Conn, []uint64) {
 	out, outKeys := batch[:0], keys[:0]
 	for _, c := range batch {
-		fd, err := rawConnFD(c.File)
-		var key uint64
-		wait := false
-		if err == nil {
-			key, wait = peekKey(fd)
-		}
+		fd := c.FD()
+		key, wait := peekKey(fd)
 		if wait && b.await(l, c, fd) {
 			continue
 		}
@@ -251,15 +246,4 @@ func (b *Balancer) closeWaitingLocked() {
 		w.conn.Close()
 		delete(b.waiting, tok)
 	}
-}
-
-// rawConnFD is f's descriptor without touching its blocking mode.
-func rawConnFD(f *os.File) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	err = rc.Control(func(u uintptr) { fd = int(u) })
-	return fd, err
 }
