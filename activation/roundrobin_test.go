@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/activation/rr"
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"golang.org/x/sys/unix"
 )
 
@@ -293,11 +294,11 @@ func TestRoundRobinProtocolError(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	before := countFDs(t)
+	before := testproc.OpenFDs(t)
 	if _, err := acceptWithin(t, l); !errors.Is(err, rr.ErrProtocol) {
 		t.Fatalf("Accept = %v, want ErrProtocol", err)
 	}
-	if after := countFDs(t); after != before-2 { // the channel itself is closed: its socket and the eventfd that wakes its Recv
+	if after := testproc.OpenFDs(t); after != before-2 { // the channel itself is closed: its socket and the eventfd that wakes its Recv
 		t.Fatalf("%d fds before, %d after", before, after)
 	}
 	unix.SetsockoptTimeval(raw, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 10})
@@ -420,15 +421,6 @@ func sendMixed(t *testing.T, ch *rr.Channel, id uint64) {
 	if err := ch.Send(conns...); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	es, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(es)
 }
 
 // A connection whose ACK cannot be sent is not the worker's: the

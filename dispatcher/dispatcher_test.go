@@ -15,6 +15,7 @@ import (
 
 	"github.com/cohort-dev/cohort/appfile"
 	"github.com/cohort-dev/cohort/internal/cpuset"
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"github.com/cohort-dev/cohort/internal/testsync"
 	"golang.org/x/sys/unix"
 )
@@ -327,7 +328,7 @@ func TestReadyTimeout(t *testing.T) {
 func TestRestartsLeakNothing(t *testing.T) {
 	// Not parallel: it counts this process's fds and children.
 	const restarts = 1000
-	before := countFDs(t)
+	before := testproc.OpenFDs(t)
 	settle := filepath.Join(t.TempDir(), "settle")
 	app := appfile.New("leak")
 	// Exits at once (as /bin/true) until the file settle exists.
@@ -340,7 +341,7 @@ func TestRestartsLeakNothing(t *testing.T) {
 	rec, stop := startRun(t, Options{App: app, Listeners: []*os.File{l}})
 	from := 0
 	rec.wait(t, &from, 10*time.Second, "the first exit", func(e Event) bool { return e.Kind == WorkerExited })
-	during := countFDs(t)
+	during := testproc.OpenFDs(t)
 	// A restart is a fork and two execs (the trampoline, a race build,
 	// then sh): 60-65 s for 1,000 on this VM alone, more than 90 s under
 	// CI's parallel load on a slow day (at f9e89f3 as after).
@@ -356,14 +357,14 @@ func TestRestartsLeakNothing(t *testing.T) {
 	writeFile(t, settle, "")
 	n := 0
 	testsync.WaitFor(t, 20*time.Second, fmt.Sprintf("at most %d fds once restarts stop (%d after the first exit)", during+2*4, during), func() bool {
-		n = countFDs(t)
+		n = testproc.OpenFDs(t)
 		return n <= during+2*4
 	})
 	t.Logf("after %d restarts: %d fds, %d after the first exit", restarts, n, during)
 	if err := stop(); err != nil {
 		t.Fatal(err)
 	}
-	if n := countFDs(t); n != before {
+	if n := testproc.OpenFDs(t); n != before {
 		t.Errorf("after Run: %d fds, %d before", n, before)
 	}
 	pids := map[int]bool{}
@@ -378,15 +379,6 @@ func TestRestartsLeakNothing(t *testing.T) {
 	if len(pids) < restarts {
 		t.Errorf("only %d workers started", len(pids))
 	}
-}
-
-func countFDs(t testing.TB) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents) - 1 // the directory being read
 }
 
 // TestOutputLines: worker output comes out line by line with the

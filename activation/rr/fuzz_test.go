@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,7 +69,7 @@ func FuzzRecv(f *testing.F) {
 			parts = append(parts, in[:n])
 			in = in[n:]
 		}
-		before := countFDs(t)
+		before := testproc.OpenFDs(t)
 		ch, wf, err := NewPair()
 		if err != nil {
 			t.Fatal(err)
@@ -154,7 +155,7 @@ func FuzzRecv(f *testing.F) {
 			}
 			c.Close()
 		}
-		if after := countFDs(t); after != before {
+		if after := testproc.OpenFDs(t); after != before {
 			t.Fatalf("%d fds before, %d after", before, after)
 		}
 	})

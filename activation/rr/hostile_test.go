@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cohort-dev/cohort/internal/testproc"
 )
 
 // conns makes n Conns with ids from first on, over real TCP connections.
@@ -348,7 +350,7 @@ func TestBatchedRecv(t *testing.T) {
 	}
 
 	// Three messages queued together: one read, and the hostile one ends it.
-	before := countFDs(t)
+	before := testproc.OpenFDs(t)
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		t.Fatal(err)
@@ -376,7 +378,7 @@ func TestBatchedRecv(t *testing.T) {
 	if n := ch.Buffered(); n != 0 {
 		t.Fatalf("after a protocol error: %d buffered, want 0", n)
 	}
-	if after := countFDs(t); after != before-1 { // ACK 3 closed the dispatcher's copy of connection 3
+	if after := testproc.OpenFDs(t); after != before-1 { // ACK 3 closed the dispatcher's copy of connection 3
 		t.Fatalf("%d fds before the hostile messages, %d after, want %d", before, after, before-1)
 	}
 }

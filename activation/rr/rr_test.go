@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/testproc"
 	"golang.org/x/sys/unix"
 )
 
@@ -300,15 +301,6 @@ func TestAckBeforeResetIsRead(t *testing.T) {
 	left[0].Close()
 }
 
-func countFDs(t testing.TB) int {
-	t.Helper()
-	es, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(es)
-}
-
 // rawPair returns a raw peer fd and the other end as a Worker and as a
 // Channel's socket, for sending hand-made messages.
 func rawPair(t *testing.T) (raw int, other *os.File) {
@@ -365,7 +357,7 @@ func TestMalformedMessagesLeakNoFDs(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer w.Close()
-			before := countFDs(t)
+			before := testproc.OpenFDs(t)
 			if err := unix.Sendmsg(raw, tc.msg, unix.UnixRights(tc.fds...), nil, 0); err != nil {
 				t.Fatal(err)
 			}
@@ -374,14 +366,14 @@ func TestMalformedMessagesLeakNoFDs(t *testing.T) {
 			if !errors.Is(err, ErrProtocol) {
 				t.Fatalf("Recv = %v, %v, want ErrProtocol", ds, err)
 			}
-			if after := countFDs(t); after != before {
+			if after := testproc.OpenFDs(t); after != before {
 				t.Fatalf("%d fds before, %d after", before, after)
 			}
 		})
 	}
 	t.Run("dispatcher end", func(t *testing.T) {
 		ch, w := newPair(t)
-		before := countFDs(t)
+		before := testproc.OpenFDs(t)
 		// A worker must not send fds; reach under Worker.Send to do it.
 		if err := w.s.send(appendIDs(nil, TypeAck, []uint64{1}), fdsOf(3)); err != nil {
 			t.Fatal(err)
@@ -389,7 +381,7 @@ func TestMalformedMessagesLeakNoFDs(t *testing.T) {
 		if _, err := ch.Recv(); !errors.Is(err, ErrProtocol) {
 			t.Fatalf("Recv = %v, want ErrProtocol", err)
 		}
-		if after := countFDs(t); after != before {
+		if after := testproc.OpenFDs(t); after != before {
 			t.Fatalf("%d fds before, %d after", before, after)
 		}
 	})
@@ -411,7 +403,7 @@ func TestNewWorkerRejectsStreamSocket(t *testing.T) {
 // the File's and closes the File, Close closes the descriptor once, and
 // the zero Conn holds none (so it never closes fd 0).
 func TestConnOwnsItsDescriptor(t *testing.T) {
-	before := countFDs(t)
+	before := testproc.OpenFDs(t)
 	var zero Conn
 	if zero.FD() != -1 || !errors.Is(zero.Close(), ErrInvalidConn) {
 		t.Fatalf("zero Conn: FD = %d, Close = %v; want -1 and ErrInvalidConn", zero.FD(), zero.Close())
@@ -442,7 +434,7 @@ func TestConnOwnsItsDescriptor(t *testing.T) {
 	if _, err := unix.FcntlInt(uintptr(c.FD()), unix.F_GETFD, 0); err != unix.EBADF {
 		t.Fatalf("after Close, F_GETFD = %v, want EBADF", err)
 	}
-	if after := countFDs(t); after != before+1 { // the client's end, closed at cleanup
+	if after := testproc.OpenFDs(t); after != before+1 { // the client's end, closed at cleanup
 		t.Fatalf("%d fds before, %d after", before, after)
 	}
 }

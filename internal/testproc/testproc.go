@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"testing"
 )
 
 // pids lists the processes of the machine but this one.
@@ -86,4 +87,15 @@ func State(pid int) string {
 		return string(st[i+2])
 	}
 	return ""
+}
+
+// OpenFDs is how many descriptors this process holds, not counting the one
+// that reads /proc/self/fd: for tests that check that nothing leaks.
+func OpenFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents) - 1
 }

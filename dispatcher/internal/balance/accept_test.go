@@ -23,6 +23,20 @@ import (
 // is sent. beforeClose, if not nil, gets each connection before the
 // worker closes it.
 func fakeWorker(end *os.File, served *atomic.Int64, beforeClose func(*os.File)) {
+	serveChannel(end, beforeClose, func(w *rr.Worker, ids []uint64) bool {
+		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
+			return false
+		}
+		served.Add(int64(len(ids)))
+		return true
+	})
+}
+
+// serveChannel says HELLO on the channel end, then for each CONNS message
+// closes its connections (after beforeClose, if not nil) and has answer
+// reply with their ids, until the channel ends or answer reports false;
+// then it closes the end.
+func serveChannel(end *os.File, beforeClose func(*os.File), answer func(w *rr.Worker, ids []uint64) bool) {
 	w, err := rr.NewWorker(end)
 	if err != nil {
 		return
@@ -44,10 +58,9 @@ func fakeWorker(end *os.File, served *atomic.Int64, beforeClose func(*os.File)) 
 			}
 			d.File.Close()
 		}
-		if w.Send(rr.TypeAck, ids) != nil || w.Send(rr.TypeClosed, ids) != nil {
+		if !answer(w, ids) {
 			return
 		}
-		served.Add(int64(len(ds)))
 	}
 }
 
@@ -122,6 +135,23 @@ func testBalancerHooked(t testing.TB, cfg Config, workers int, beforeClose func(
 // wait in the listener's backlog.
 func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func(*os.File)) (addr string, served *atomic.Int64, ready, stop func()) {
 	t.Helper()
+	served = new(atomic.Int64)
+	runs := make([]func(*os.File), workers)
+	for i := range runs {
+		runs[i] = func(end *os.File) { fakeWorker(end, served, beforeClose) }
+	}
+	addr, ready, stop = testBalancerRuns(t, cfg, runs)
+	return addr, served, ready, stop
+}
+
+// testBalancerRuns starts a balancer with cfg (its listener, names and
+// loggers filled in) on a new 127.0.0.1 listener, and a worker per run
+// (slot i, pid 1000+i: a pid of its own; the balancer sends no signals),
+// which serves a copy of its channel's end. The workers are ready once
+// ready is called; stop, which the test's cleanup calls too, ends the
+// balancer and waits for the runs to return.
+func testBalancerRuns(t testing.TB, cfg Config, runs []func(end *os.File)) (addr string, ready, stop func()) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -141,7 +171,6 @@ func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func
 		lf.Close()
 		t.Fatal(err)
 	}
-	served = new(atomic.Int64)
 	var wg sync.WaitGroup
 	stop = sync.OnceFunc(func() {
 		bal.Stop()
@@ -150,7 +179,7 @@ func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func
 		lf.Close()
 	})
 	t.Cleanup(stop)
-	for i := range workers {
+	for i, run := range runs {
 		st, err := bal.NewChannel(i)
 		if err != nil {
 			t.Fatal(err)
@@ -160,15 +189,15 @@ func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func
 			t.Fatal(err)
 		}
 		end := os.NewFile(uintptr(fd), rr.FDName)
-		st.Forked(1000 + i) // a pid of its own; the balancer sends no signals
-		wg.Go(func() { fakeWorker(end, served, beforeClose) })
+		st.Forked(1000 + i)
+		wg.Go(func() { run(end) })
 	}
 	ready = func() {
-		for i := range workers {
+		for i := range runs {
 			bal.Ready(1000 + i)
 		}
 	}
-	return addr, served, ready, stop
+	return addr, ready, stop
 }
 
 // acceptRun is acceptRate's run: how many connections the workers got,
