@@ -120,7 +120,6 @@ func parseProxyV2(b []byte) (netip.Addr, proxyState) {
 // waiting is a connection whose PROXY header has not arrived yet.
 type waiting struct {
 	conn     rr.Conn // no ID yet
-	fd       int
 	loop     int
 	deadline time.Time
 }
@@ -160,9 +159,8 @@ func peekKey(fd int) (key uint64, wait bool) {
 func (b *Balancer) proxyKeys(l int, batch []rr.Conn, keys []uint64) ([]rr.Conn, []uint64) {
 	out, outKeys := batch[:0], keys[:0]
 	for _, c := range batch {
-		fd := c.FD()
-		key, wait := peekKey(fd)
-		if wait && b.await(l, c, fd) {
+		key, wait := peekKey(c.FD())
+		if wait && b.await(l, c) {
 			continue
 		}
 		out, outKeys = append(out, c), append(outKeys, key)
@@ -172,7 +170,7 @@ func (b *Balancer) proxyKeys(l int, batch []rr.Conn, keys []uint64) ([]rr.Conn, 
 
 // await puts c into loop l's set until its header is whole; false when
 // it cannot wait (too many wait).
-func (b *Balancer) await(l int, c rr.Conn, fd int) bool {
+func (b *Balancer) await(l int, c rr.Conn) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if len(b.waiting) >= maxProxyWaiting || b.closed {
@@ -187,10 +185,10 @@ func (b *Balancer) await(l int, c rr.Conn, fd int) bool {
 	// read), so level-triggered epoll would report them again at once
 	// and the loop would spin until the header is whole; an edge comes
 	// with each new segment, and with the client's hang-up.
-	if err := b.loops[l].ctl(unix.EPOLL_CTL_ADD, fd, tok, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
+	if err := b.loops[l].ctl(unix.EPOLL_CTL_ADD, c.FD(), tok, unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLET); err != nil {
 		return false
 	}
-	b.waiting[tok] = &waiting{conn: c, fd: fd, loop: l, deadline: time.Now().Add(proxyWait)}
+	b.waiting[tok] = &waiting{conn: c, loop: l, deadline: time.Now().Add(proxyWait)}
 	return true
 }
 
@@ -203,7 +201,7 @@ func (b *Balancer) headerReady(tok int32) {
 	if w == nil {
 		return
 	}
-	key, wait := peekKey(w.fd)
+	key, wait := peekKey(w.conn.FD())
 	if wait {
 		return
 	}
@@ -216,7 +214,7 @@ func (b *Balancer) release(tok int32, key uint64) {
 	w := b.waiting[tok]
 	if w != nil {
 		delete(b.waiting, tok)
-		b.loops[w.loop].ctl(unix.EPOLL_CTL_DEL, w.fd, 0, 0)
+		b.loops[w.loop].ctl(unix.EPOLL_CTL_DEL, w.conn.FD(), 0, 0)
 	}
 	b.mu.Unlock()
 	if w != nil {
