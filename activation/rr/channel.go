@@ -155,6 +155,10 @@ type Channel struct {
 	untracked int // acknowledged beyond maxOpenTracked and not reported closed
 	ignored   uint64
 	spoke     bool
+
+	// closeConn closes the copies of acknowledged connections: Conn.Close,
+	// unless a test puts a close that waits in its place.
+	closeConn func(Conn) error
 }
 
 // inflight is a connection sent and not yet acknowledged or rejected.
@@ -190,10 +194,11 @@ func NewPair() (ch *Channel, worker *os.File, err error) {
 		return nil, nil, err
 	}
 	return &Channel{
-		s:       s,
-		in:      newInbox(),
-		unacked: make(map[uint64]inflight),
-		open:    make(map[uint64]struct{}),
+		s:         s,
+		in:        newInbox(),
+		unacked:   make(map[uint64]inflight),
+		open:      make(map[uint64]struct{}),
+		closeConn: Conn.Close,
 	}, os.NewFile(uintptr(fds[1]), FDName), nil
 }
 
@@ -423,6 +428,18 @@ func (ch *Channel) apply(b []byte, fds []int, err error) (Event, error) {
 		return Event{}, fmt.Errorf("recv: %w: worker sent %v", ErrProtocol, m.typ)
 	}
 	ev := Event{Type: m.typ, IDs: m.ids}
+	// The copies of acknowledged connections are closed after the lock
+	// is released: a close can wait (a worker that set SO_LINGER again
+	// after Conn.Close turned it off; the dispatcher's close guard ends
+	// that wait), and every other method, Oldest for the guard's own
+	// watcher among them, must not wait with it.
+	var ackedBuf [MaxIDs]Conn
+	acked := ackedBuf[:0]
+	defer func() {
+		for _, c := range acked {
+			ch.closeConn(c)
+		}
+	}()
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	ch.spoke = true
@@ -435,7 +452,7 @@ func (ch *Channel) apply(b []byte, fds []int, err error) (Event, error) {
 				continue
 			}
 			delete(ch.unacked, id)
-			c.Close()
+			acked = append(acked, c.Conn)
 			if len(ch.open) < maxOpenTracked {
 				ch.open[id] = struct{}{}
 			} else {

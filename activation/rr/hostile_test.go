@@ -382,3 +382,48 @@ func TestBatchedRecv(t *testing.T) {
 		t.Fatalf("%d fds before the hostile messages, %d after, want %d", before, after, before-1)
 	}
 }
+
+// A close of an acknowledged connection can wait (a worker set SO_LINGER
+// again after Conn.Close turned it off, and its client does not read; the
+// dispatcher's close guard ends such a wait). The Channel must not hold
+// its lock meanwhile: the guard's own watcher asks Oldest, and a
+// watcher stuck behind the close it should end leaves the close to wait
+// out the linger time, whatever the guard. (Until this test, ACK's close
+// ran under the lock.)
+func TestWaitingCloseHoldsNoLock(t *testing.T) {
+	ch, w := newPair(t)
+	closing := make(chan struct{})
+	release := make(chan struct{})
+	defer close(release)
+	ch.closeConn = func(c Conn) error {
+		close(closing)
+		<-release // the close that waits
+		return c.Close()
+	}
+	cs := conns(t, 1, 2)
+	if err := ch.Send(cs...); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Send(TypeAck, []uint64{1}); err != nil {
+		t.Fatal(err)
+	}
+	go ch.Recv() // applies the ACK, and waits in the close of conn 1
+	select {
+	case <-closing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the ACK was not applied within 5 s")
+	}
+	done := make(chan int)
+	go func() {
+		ch.Oldest()
+		done <- ch.Unacked()
+	}()
+	select {
+	case n := <-done:
+		if n != 1 {
+			t.Fatalf("Unacked = %d during the close, want 1", n)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Oldest waited for the close of an acknowledged connection: it holds the Channel's lock")
+	}
+}
