@@ -27,6 +27,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -46,6 +47,13 @@ type loop struct {
 	// readable, which ends the wait. Only run closes it, after its last
 	// wait: a closed fd would leave the set before the wait saw it.
 	wake *os.File
+
+	// draining is the worker whose channel run reads and applies (drain),
+	// nil between; drains counts those calls. By them the close guard
+	// tells whose connection a close that waits in this loop closes: a
+	// drain that has not ended between two of its looks is waiting.
+	draining atomic.Pointer[worker]
+	drains   atomic.Uint64
 }
 
 // wakeToken names the loop's eventfd in its events: listeners have
@@ -229,7 +237,7 @@ func (b *Balancer) run(li int, l *loop) {
 			}
 			mine = b.speakers(li, mine[:0], all)
 			for _, w := range mine {
-				got, flush := b.drain(w)
+				got, flush := b.drainOn(l, w)
 				heard = heard || got
 				held = held || flush
 			}
@@ -253,7 +261,7 @@ func (b *Balancer) run(li int, l *loop) {
 			w := b.byToken[ev.Fd]
 			b.mu.Unlock()
 			if w != nil {
-				if _, flush := b.drain(w); flush {
+				if _, flush := b.drainOn(l, w); flush {
 					held = true
 				}
 			}

@@ -152,6 +152,14 @@ func testBalancerUnready(t testing.TB, cfg Config, workers int, beforeClose func
 // balancer and waits for the runs to return.
 func testBalancerRuns(t testing.TB, cfg Config, runs []func(end *os.File)) (addr string, ready, stop func()) {
 	t.Helper()
+	_, addr, ready, stop = startBalancer(t, cfg, runs)
+	return addr, ready, stop
+}
+
+// startBalancer is testBalancerRuns that also returns the Balancer, for
+// tests that look at its state.
+func startBalancer(t testing.TB, cfg Config, runs []func(end *os.File)) (bal *Balancer, addr string, ready, stop func()) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +174,7 @@ func testBalancerRuns(t testing.TB, cfg Config, runs []func(end *os.File)) (addr
 	if cfg.Warnf == nil {
 		cfg.Warnf, cfg.Infof = func(string, ...any) {}, func(string, ...any) {}
 	}
-	bal, err := New(context.Background(), cfg)
+	bal, err = New(context.Background(), cfg)
 	if err != nil {
 		lf.Close()
 		t.Fatal(err)
@@ -197,7 +205,7 @@ func testBalancerRuns(t testing.TB, cfg Config, runs []func(end *os.File)) (addr
 			bal.Ready(1000 + i)
 		}
 	}
-	return addr, ready, stop
+	return bal, addr, ready, stop
 }
 
 // acceptRun is acceptRate's run: how many connections the workers got,

@@ -24,6 +24,16 @@ package balance
 // Go runtime itself sends threads to preempt them, which every Go program
 // handles and ignores when it did not ask for it. A close so ended waited
 // less than two closeGuardEvery.
+//
+// That would still let the worker stop a loop for that long once per
+// connection it is given. So when a loop's close waited, the worker whose
+// channel that loop was draining (the one that acknowledged or rejected
+// the connection) is named, and the watcher takes its channel back and
+// reports it like a worker past ack_timeout: the supervisor stops it
+// and restarts its slot under the app's restart policy. For the guard to work at all,
+// nothing closes a connection while holding a lock the watcher takes (the
+// balancer's, a Channel's): the watcher would wait behind the very close
+// it is to end.
 
 import (
 	"os"
@@ -45,34 +55,59 @@ type closeGuard struct {
 	apart   time.Duration  // between two looks
 	ticks   int            // since the last look
 	closing map[int]uint64 // tid → fd of the closes seen at the last look
+	loops   []*loop
+	drains  []drainSeen // what each loop was draining at the last look
 	warnf   func(format string, args ...any)
 }
 
-// newCloseGuard makes the guard of a watcher that ticks every tick.
-func newCloseGuard(tick time.Duration, warnf func(format string, args ...any)) *closeGuard {
+// drainSeen is a loop's drain at one look: which worker's channel, and
+// the how-manieth drain it was.
+type drainSeen struct {
+	w *worker
+	n uint64
+}
+
+// newCloseGuard makes the guard of a watcher that ticks every tick, for
+// the closes of loops (and of any other thread of the dispatcher).
+func newCloseGuard(tick time.Duration, loops []*loop, warnf func(format string, args ...any)) *closeGuard {
 	every := max(1, int(closeGuardEvery/tick)) // the watcher ticks at most every second: looks are 0.5–1 s apart
-	return &closeGuard{pid: os.Getpid(), every: every, apart: time.Duration(every) * tick, warnf: warnf}
+	return &closeGuard{pid: os.Getpid(), every: every, apart: time.Duration(every) * tick,
+		loops: loops, drains: make([]drainSeen, len(loops)), warnf: warnf}
 }
 
 // tick is called on each of the watcher's ticks; every g.every ticks it
-// looks.
-func (g *closeGuard) tick() {
+// looks. It returns the workers whose connections' closes it ended.
+func (g *closeGuard) tick() []*worker {
 	if g.ticks++; g.ticks < g.every {
-		return
+		return nil
 	}
 	g.ticks = 0
-	g.look()
+	return g.look()
 }
 
 // look lists the threads blocked in close(2), and interrupts those that
-// were blocked in a close of the same fd at the last look.
-func (g *closeGuard) look() {
+// were blocked in a close of the same fd at the last look. When it
+// interrupts any, it names the workers whose channels the loops had been
+// draining, in one call, since the last look: a drain does not wait for
+// anything but such a close (it reads without waiting, and nothing closes
+// a connection holding the lock it takes), so the close was of a
+// connection that worker acknowledged or rejected.
+func (g *closeGuard) look() (culprits []*worker) {
+	stuck := make([]*worker, 0, len(g.loops))
+	for i, l := range g.loops {
+		now := drainSeen{w: l.draining.Load(), n: l.drains.Load()}
+		if now.w != nil && now == g.drains[i] {
+			stuck = append(stuck, now.w)
+		}
+		g.drains[i] = now
+	}
 	calls, err := probe.Blocked(g.pid)
 	if err != nil {
-		return // our own /proc: nothing to do about it but try again
+		return nil // our own /proc: nothing to do about it but try again
 	}
 	was := g.closing
 	g.closing = nil
+	interrupted := false
 	for _, c := range calls {
 		if c.NR != unix.SYS_CLOSE {
 			continue
@@ -88,6 +123,11 @@ func (g *closeGuard) look() {
 		if err := unix.Tgkill(g.pid, c.TID, unix.SIGURG); err != nil {
 			continue // the thread has ended
 		}
+		interrupted = true
 		g.warnf("round-robin: thread %d waited over %s in the close of fd %d (a connection with SO_LINGER whose client does not read); interrupted it", c.TID, g.apart, int32(fd))
 	}
+	if !interrupted {
+		return nil
+	}
+	return stuck
 }

@@ -21,14 +21,23 @@ func (b *Balancer) watch() {
 	every := min(max(b.ackTimeout/4, 10*time.Millisecond), time.Second)
 	t := time.NewTicker(every)
 	defer t.Stop()
-	guard := newCloseGuard(every, b.warnf) // closeguard.go
+	guard := newCloseGuard(every, b.loops, b.warnf) // closeguard.go
 	for {
 		select {
 		case <-t.C:
 		case <-b.ctx.Done():
 			return
 		}
-		guard.tick()
+		for _, w := range guard.tick() {
+			// Only a worker makes a close wait (it set SO_LINGER again
+			// after the dispatcher turned it off): it could stop the
+			// loop once per connection it is given, so it gets no
+			// other.
+			why := "made the dispatcher's close of one of its connections wait for the client (SO_LINGER set again after the dispatcher turned it off)"
+			if b.revoke(w, why) {
+				b.fault(fault{pid: w.pid, why: why})
+			}
+		}
 		now := time.Now()
 		if b.proxy {
 			b.expireHeaders(now)
@@ -108,6 +117,15 @@ func (b *Balancer) drain(w *worker) (got, flush bool) {
 	return got, flush
 }
 
+// drainOn is drain(w) run by loop l, which tells the close guard whose
+// channel it is reading.
+func (b *Balancer) drainOn(l *loop, w *worker) (got, flush bool) {
+	l.drains.Add(1)
+	l.draining.Store(w)
+	defer l.draining.Store(nil)
+	return b.drain(w)
+}
+
 // ended retires w, whose channel ended with err, and tells the loop.
 func (b *Balancer) ended(w *worker, err error) {
 	b.mu.Lock()
@@ -129,6 +147,7 @@ func (b *Balancer) ended(w *worker, err error) {
 // apply takes one message of w into account; it reports whether a flush
 // should follow.
 func (b *Balancer) apply(w *worker, ev rr.Event) bool {
+	var drop []rr.Conn
 	b.mu.Lock()
 	first := !w.spoke
 	w.spoke = true
@@ -137,7 +156,7 @@ func (b *Balancer) apply(w *worker, ev rr.Event) bool {
 	ignored := w.ignored
 	switch ev.Type {
 	case rr.TypeReject:
-		b.requeueLocked(ev.Rejected, true)
+		drop = b.requeueLocked(ev.Rejected, true)
 	case rr.TypeAck:
 		if len(b.handoffs) > 0 || len(b.keys) > 0 {
 			for _, id := range ev.IDs {
@@ -151,6 +170,7 @@ func (b *Balancer) apply(w *worker, ev rr.Event) bool {
 		b.wakeLocked() // room: its limit grew from 1 to max_pending, or it took or gave back some
 	}
 	b.mu.Unlock()
+	closeConns(drop)
 	if bits.Len64(ignored) != bits.Len64(prevIgnored) { // past 1, 2, 4, 8…: log without flooding
 		b.warnf("worker %d (pid %d) sent %v for %d ids it does not hold; ignored (%d so far)", w.index, w.pid, ev.Type, ev.Ignored, ignored)
 	}

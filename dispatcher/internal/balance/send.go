@@ -21,19 +21,21 @@ func (b *Balancer) requeue(conns []rr.Conn) {
 		return
 	}
 	b.mu.Lock()
-	b.requeueLocked(conns, true)
+	drop := b.requeueLocked(conns, true)
 	b.mu.Unlock()
+	closeConns(drop)
 	b.flushLater()
 }
 
 // requeueLocked puts conns at the head of what is held. A connection that
 // a worker had been given (handedBack) and that comes back more than
-// maxHandoffs times is closed: no worker takes it, or it kills the ones
-// that do.
-func (b *Balancer) requeueLocked(conns []rr.Conn, handedBack bool) {
+// maxHandoffs times is dropped: no worker takes it, or it kills the ones
+// that do. The caller closes what it returns once it has released b.mu:
+// a close can wait (closeguard.go), and nothing may wait holding the
+// lock that the watcher, which ends such waits, takes.
+func (b *Balancer) requeueLocked(conns []rr.Conn, handedBack bool) (drop []rr.Conn) {
 	if b.closed {
-		closeConns(conns)
-		return
+		return conns
 	}
 	keep := make([]rr.Conn, 0, len(conns)+len(b.held))
 	for _, c := range conns {
@@ -43,13 +45,14 @@ func (b *Balancer) requeueLocked(conns []rr.Conn, handedBack bool) {
 				delete(b.handoffs, c.ID)
 				delete(b.keys, c.ID)
 				b.warnf("connection %d came back from a worker %d times (rejected, not acknowledged, or its worker died; does any worker serve listener %d?); closed it", c.ID, b.maxHandoffs+1, c.Listener)
-				c.Close()
+				drop = append(drop, c)
 				continue
 			}
 		}
 		keep = append(keep, c)
 	}
 	b.held = append(keep, b.held...)
+	return drop
 }
 
 // flushLater has the flusher goroutine send what is held.
@@ -109,6 +112,7 @@ func (b *Balancer) flush() {
 		for _, bt := range plan {
 			n, err := bt.w.ch.TrySend(bt.conns...)
 			broken, refused := false, 0
+			var drop []rr.Conn
 			b.mu.Lock()
 			bt.w.sending -= len(bt.conns)
 			bt.w.handed += uint64(n)
@@ -131,9 +135,10 @@ func (b *Balancer) flush() {
 					broken = true
 				}
 				// They never reached the worker: no handoff.
-				b.requeueLocked(bt.conns[n:], false)
+				drop = b.requeueLocked(bt.conns[n:], false)
 			}
 			b.mu.Unlock()
+			closeConns(drop)
 			if refused&(refused-1) == 0 && refused > 0 {
 				b.warnf("round-robin: sending to worker %d: %v (%d times so far; raise LimitNOFILE= or lower max_pending)", bt.w.index, err, refused)
 			}
