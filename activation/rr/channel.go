@@ -159,6 +159,7 @@ type Channel struct {
 	// closeConn closes the copies of acknowledged connections: Conn.Close,
 	// unless a test puts a close that waits in its place.
 	closeConn func(Conn) error
+	acked     []Conn // apply's scratch: only the one reader (Recv, TryRecv) applies
 }
 
 // inflight is a connection sent and not yet acknowledged or rejected.
@@ -433,12 +434,13 @@ func (ch *Channel) apply(b []byte, fds []int, err error) (Event, error) {
 	// after Conn.Close turned it off; the dispatcher's close guard ends
 	// that wait), and every other method, Oldest for the guard's own
 	// watcher among them, must not wait with it.
-	var ackedBuf [MaxIDs]Conn
-	acked := ackedBuf[:0]
+	acked := ch.acked[:0]
 	defer func() {
-		for _, c := range acked {
+		for i, c := range acked {
 			ch.closeConn(c)
+			acked[i] = Conn{}
 		}
+		ch.acked = acked[:0]
 	}()
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
