@@ -1,12 +1,15 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -273,6 +276,7 @@ func printAll(env *environment, all []appStatus, now time.Time) {
 	w.Flush()
 	for _, a := range all {
 		if a.Status != nil {
+			printRestarts(env, a.Name, a.Status)
 			printRecycles(env, a.Name, a.Status)
 		}
 	}
@@ -328,7 +332,28 @@ func printStatus(env *environment, st *control.Status, now time.Time) {
 	}
 	w.Flush()
 	printCgroups(env, st)
+	printRestarts(env, st.App, st)
 	printRecycles(env, st.App, st)
+}
+
+// printRestarts says, below the table, why each worker slot was
+// restarted: the RESTARTS column counts, this line tells a crash loop from
+// OOM kills or an unhealthy round-robin channel ("web.0: restarted 3
+// times: crashed 2, unhealthy 1"), most frequent cause first.
+func printRestarts(env *environment, app string, st *control.Status) {
+	for _, wk := range st.Workers {
+		if len(wk.RestartCauses) == 0 {
+			continue
+		}
+		causes := slices.SortedFunc(maps.Keys(wk.RestartCauses), func(a, b string) int {
+			return cmp.Or(cmp.Compare(wk.RestartCauses[b], wk.RestartCauses[a]), cmp.Compare(a, b))
+		})
+		parts := make([]string, len(causes))
+		for i, c := range causes {
+			parts[i] = fmt.Sprintf("%s %d", c, wk.RestartCauses[c])
+		}
+		fmt.Fprintf(env.stdout, "%s.%d: restarted %d time%s: %s\n", app, wk.Index, wk.Restarts, map[bool]string{true: "", false: "s"}[wk.Restarts == 1], strings.Join(parts, ", "))
+	}
 }
 
 // printCgroups is what the workers' own cgroups say, when they have

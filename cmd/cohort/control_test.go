@@ -26,7 +26,7 @@ func (s *stubDispatcher) Status(ctx context.Context) (*control.Status, error) {
 	return &control.Status{App: "web", Mode: "round-robin", Generation: 2, State: "ready", PID: 4242, Since: started.Add(-time.Hour), Line: "2/2 workers ready · gen 2 · round-robin · 1 restart",
 		CPUs: control.CPUs{Count: 1, How: "affinity 2, cgroup cpu quota 1.50", WorkersAuto: true},
 		Workers: []control.Worker{
-			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 1, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
+			{Index: 0, PID: 101, Generation: 2, State: "ready", Started: started, Restarts: 4, RestartCauses: map[string]int{"unhealthy": 1, "crashed": 2, "oom_killed": 1}, Handed: 500, Active: 3, RSS: 30 << 20, CPUPercent: 12.5},
 			{Index: 1, Generation: 2, State: "backoff", Recycles: 2, LastRecycle: "memory 512M > 400M"},
 		}, Recycles: 2, RecycleMemory: "over 400M, each worker's process-tree RSS from /proc (no per-worker cgroup)"}, nil
 }
@@ -59,7 +59,8 @@ func TestStatusAndScale(t *testing.T) {
 	for _, want := range []string{
 		"web: 2/2 workers ready · gen 2 · round-robin · 1 restart\nweb: workers auto = 1 (affinity 2, cgroup cpu quota 1.50)\n",
 		"WORKER  PID  GEN  STATE    UPTIME  RESTARTS  CONNS  RSS    CPU%",
-		"0       101  2    ready    1m30s   1         3/500  30.0M  12.5",
+		"0       101  2    ready    1m30s   4         3/500  30.0M  12.5",
+		"web.0: restarted 4 times: crashed 2, oom_killed 1, unhealthy 1\n", // most frequent first, then by name
 		"1       -    2    backoff  -       0         0/0    -      0.0",
 		"web: recycle memory over 400M, each worker's process-tree RSS from /proc (no per-worker cgroup)\n",
 		"web.1: recycled 2 times, last: memory 512M > 400M\n",

@@ -182,8 +182,9 @@ func TestStatusAll(t *testing.T) {
 	}
 	for _, re := range []string{
 		`(?m)^APP\s+PID\s+GEN\s+STATE\s+UPTIME\s+RESTARTS\s+CONNS\s+RSS\s+CPU%$`,
-		`(?m)^api\s+4242\s+2\s+ready 1/2\s+1h1m30s\s+1\s+3/500\s+30\.0M\s+12\.5$`,
-		`(?m)^  api\.0\s+101\s+2\s+ready\s+1m30s\s+1\s+3/500\s+30\.0M\s+12\.5$`,
+		`(?m)^api\s+4242\s+2\s+ready 1/2\s+1h1m30s\s+4\s+3/500\s+30\.0M\s+12\.5$`,
+		`(?m)^  api\.0\s+101\s+2\s+ready\s+1m30s\s+4\s+3/500\s+30\.0M\s+12\.5$`,
+		`(?m)^api\.0: restarted 4 times: crashed 2, oom_killed 1, unhealthy 1$`,
 		`(?m)^  api\.1\s+-\s+2\s+backoff\s+-\s+0\s+0/0\s+-\s+0\.0$`,
 		`(?m)^db\s+-\s+-\s+waiting\s+-\s+-\s+-\s+-\s+-$`,
 		`(?m)^web\s+\d+\s+2\s+ready 1/2`,
