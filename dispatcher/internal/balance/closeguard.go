@@ -30,10 +30,10 @@ package balance
 // channel that loop was draining (the one that acknowledged or rejected
 // the connection) is named, and the watcher takes its channel back and
 // reports it like a worker past ack_timeout: the supervisor stops it
-// and restarts its slot under the app's restart policy. For the guard to work at all,
-// nothing closes a connection while holding a lock the watcher takes (the
-// balancer's, a Channel's): the watcher would wait behind the very close
-// it is to end.
+// and restarts its slot under the app's restart policy. For the guard to
+// work at all, nothing closes a connection while holding a lock the
+// watcher takes (the balancer's, a Channel's): the watcher would wait
+// behind the very close it is to end.
 
 import (
 	"os"
@@ -92,7 +92,7 @@ func (g *closeGuard) tick() []*worker {
 // anything but such a close (it reads without waiting, and nothing closes
 // a connection holding the lock it takes), so the close was of a
 // connection that worker acknowledged or rejected.
-func (g *closeGuard) look() (culprits []*worker) {
+func (g *closeGuard) look() []*worker {
 	stuck := make([]*worker, 0, len(g.loops))
 	for i, l := range g.loops {
 		now := drainSeen{w: l.draining.Load(), n: l.drains.Load()}
