@@ -295,7 +295,7 @@ func printRecycles(env *environment, app string, st *control.Status) {
 	}
 	for _, wk := range st.Workers {
 		if wk.Recycles > 0 {
-			fmt.Fprintf(env.stdout, "%s.%d: recycled %d time%s, last: %s\n", app, wk.Index, wk.Recycles, map[bool]string{true: "", false: "s"}[wk.Recycles == 1], wk.LastRecycle)
+			fmt.Fprintf(env.stdout, "%s.%d: recycled %s, last: %s\n", app, wk.Index, times(wk.Recycles), wk.LastRecycle)
 		}
 	}
 }
@@ -352,8 +352,16 @@ func printRestarts(env *environment, app string, st *control.Status) {
 		for i, c := range causes {
 			parts[i] = fmt.Sprintf("%s %d", c, wk.RestartCauses[c])
 		}
-		fmt.Fprintf(env.stdout, "%s.%d: restarted %d time%s: %s\n", app, wk.Index, wk.Restarts, map[bool]string{true: "", false: "s"}[wk.Restarts == 1], strings.Join(parts, ", "))
+		fmt.Fprintf(env.stdout, "%s.%d: restarted %s: %s\n", app, wk.Index, times(wk.Restarts), strings.Join(parts, ", "))
 	}
+}
+
+// times is "1 time", "2 times"…
+func times(n int) string {
+	if n == 1 {
+		return "1 time"
+	}
+	return strconv.Itoa(n) + " times"
 }
 
 // printCgroups is what the workers' own cgroups say, when they have
