@@ -180,10 +180,13 @@ func TestFailUnready(t *testing.T) {
 		t.Parallel()
 		// Ready at exec, then a crash every 100ms: restarted, not failed;
 		// the context ends the run (nil) long after ready_timeout.
+		// ready_timeout leaves room for the trampoline (this race-built
+		// test binary) to start on a loaded machine: a CI run took 300ms
+		// to exec, and a worker not ready in time is not the case here.
 		app := shApp(t, "sleep 0.1; exit 3")
-		app.ReadyTimeout = 300 * time.Millisecond
+		app.ReadyTimeout = 1500 * time.Millisecond
 		app.Restart.Max = 100 * time.Millisecond
-		logs, err := run(t, app, 2*time.Second)
+		logs, err := run(t, app, 6*time.Second)
 		if err != nil {
 			t.Fatalf("Run: %v\n%s", err, logs)
 		}
