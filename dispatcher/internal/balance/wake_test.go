@@ -23,6 +23,9 @@ func TestMain(m *testing.M) {
 	if v := os.Getenv(wakeWriterEnv); v != "" {
 		os.Exit(wakeWriter(v))
 	}
+	if v := os.Getenv(loopMechEnv); v != "" {
+		os.Exit(loopProcess(v))
+	}
 	os.Exit(m.Run())
 }
 
