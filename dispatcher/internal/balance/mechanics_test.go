@@ -144,9 +144,12 @@ func loopProcess(mech string) int {
 	runtime.LockOSThread()
 	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1) // the loop holds a P, as in the balancer
 	r := &rig{lfd: 3, ch: 4, stop: 5, held: map[uint64]int{}}
-	cpu0 := processCPUNow()
+	cpu0, err := selfCPU() // its runtime's threads and io_uring's workers count, as for the dispatcher
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loop:", err)
+		return 1
+	}
 	var wakes int
-	var err error
 	switch mech {
 	case "epoll":
 		wakes, err = r.epollLoop(false)
@@ -161,8 +164,8 @@ func loopProcess(mech string) int {
 	default:
 		err = fmt.Errorf("no mechanism %q", mech)
 	}
-	cpu := processCPUNow() - cpu0
-	if err != nil {
+	cpu1, cerr := selfCPU()
+	if err = errors.Join(err, cerr); err != nil {
 		fmt.Fprintln(os.Stderr, "loop:", err)
 		return 1
 	}
@@ -170,7 +173,7 @@ func loopProcess(mech string) int {
 	if mech == "balancer" {
 		leaked = 0 // its own tests see to that
 	}
-	fmt.Println(cpu.Nanoseconds(), wakes, r.handed, leaked) // all but the listener, the channel and the copies not acknowledged yet
+	fmt.Println((cpu1 - cpu0).Nanoseconds(), wakes, r.handed, leaked)
 	return 0
 }
 
@@ -220,16 +223,6 @@ func openSockets() int {
 		}
 	}
 	return n
-}
-
-// processCPUNow is this process's CPU time, all its threads (io_uring's
-// workers among them).
-func processCPUNow() time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // runMechanism starts a listener, a loop process of kind mech and a
