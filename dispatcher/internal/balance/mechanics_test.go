@@ -371,53 +371,41 @@ func request(addr string) error {
 	return nil
 }
 
-// benchWorker is the worker's side of the channel on fd: it acknowledges
-// each CONNS message at once and answers its connections.
+// benchWorker is the worker's side of the channel on fd, served with
+// cohort's own rr.Worker (which also refuses a malformed CONNS from the
+// minimal loops): it acknowledges each message at once and answers its
+// connections. It sends no HELLO, so the balancer gives it one
+// connection until its first ACK, as for a worker older than HELLO.
 func benchWorker(fd int) {
-	defer unix.Close(fd)
-	buf := make([]byte, 8+rr.MaxFDs*16+1)
-	oob := make([]byte, unix.CmsgSpace((rr.MaxFDs+1)*4))
-	ack := make([]byte, 8+rr.MaxFDs*8)
-	for {
-		n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil || n < 8 {
-			return
-		}
-		var fds []int
-		msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
-		for i := range msgs {
-			f, _ := unix.ParseUnixRights(&msgs[i])
-			fds = append(fds, f...)
-		}
-		count := int(binary.LittleEndian.Uint16(buf[2:]))
-		ack = ack[:8+8*count]
-		ack[0], ack[1] = 1, byte(rr.TypeAck)
-		binary.LittleEndian.PutUint16(ack[2:], uint16(count))
-		for i := range count {
-			copy(ack[8+8*i:], buf[8+16*i:8+16*i+8])
-		}
-		if _, err := unix.Write(fd, ack); err != nil {
-			closeAll(fds)
-			return
-		}
-		for _, c := range fds {
-			go answer(c)
-		}
-	}
-}
-
-func closeAll(fds []int) {
-	for _, fd := range fds {
+	w, err := rr.NewWorker(os.NewFile(uintptr(fd), rr.FDName))
+	if err != nil {
 		unix.Close(fd)
+		return
+	}
+	defer w.Close()
+	for {
+		ds, err := w.Recv()
+		if err != nil {
+			return
+		}
+		ids := make([]uint64, len(ds))
+		for i, d := range ds {
+			ids[i] = d.ID
+		}
+		if err := w.Send(rr.TypeAck, ids); err != nil {
+			for _, d := range ds {
+				d.File.Close()
+			}
+			return
+		}
+		for _, d := range ds {
+			go answer(d.File)
+		}
 	}
 }
 
-// answer reads a request on fd and answers it as the hello worker does.
-func answer(fd int) {
-	f := os.NewFile(uintptr(fd), "conn")
+// answer reads a request on f and answers it as the hello worker does.
+func answer(f *os.File) {
 	c, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
@@ -469,7 +457,8 @@ func (r *rig) acked(msg []byte, out []int) []int {
 	return out
 }
 
-// lingerOff is rr.Conn.Close's check before the close of a copy.
+// lingerOff is rr.Conn.Close's check before the close of a copy, for
+// the io_uring loop, whose ring does the close itself.
 func lingerOff(fd int) {
 	if l, err := unix.GetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER); err == nil && l.Onoff != 0 && l.Linger > 0 {
 		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{})
@@ -524,8 +513,7 @@ func (r *rig) epollLoop(closeAtSend bool) (wakes int, _ error) {
 					}
 					done = r.acked(in[:got], done[:0])
 					for _, fd := range done {
-						lingerOff(fd)
-						unix.Close(fd)
+						rr.NewConn(fd, 0).Close() // the balancer's own close of a copy
 					}
 				}
 			case r.lfd:
